@@ -1,0 +1,1 @@
+"""rock_serve.deployments (see ARCHITECTURE.md)."""

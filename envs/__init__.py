@@ -1,0 +1,1 @@
+"""rock_serve.envs (see ARCHITECTURE.md)."""

@@ -1,0 +1,308 @@
+"""The one table: ErrorCode <-> exception class <-> HTTP status.
+
+Servers render :class:`rock_serve.protocol.ErrorBody` from an exception with :func:`to_body`;
+clients re-raise with :func:`from_body`. Each exception also inherits the builtin it means,
+so ``except LookupError`` catches :class:`SandboxNotFound`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadFrame",
+    "Conflict",
+    "ErrorCode",
+    "FileNotFound",
+    "ImageNotFound",
+    "InternalError",
+    "InvalidConfig",
+    "InvalidRequest",
+    "IsADirectory",
+    "NotADirectory",
+    "NotFound",
+    "PathOutsideSandbox",
+    "PermissionDenied",
+    "RateLimited",
+    "RockError",
+    "RockletUnavailable",
+    "RuntimeUnavailable",
+    "SandboxFailed",
+    "SandboxNotFound",
+    "SandboxNotRunning",
+    "SessionBusy",
+    "SessionExists",
+    "SessionNotFound",
+    "Timeout",
+    "Unauthorized",
+    "UnknownOperation",
+    "error_class",
+    "from_body",
+    "http_status",
+    "to_body",
+]
+
+
+class ErrorCode(str, Enum):
+    """Every error code that crosses a process boundary."""
+
+    INVALID_REQUEST = "invalid_request"
+    INVALID_CONFIG = "invalid_config"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_OPERATION = "unknown_operation"
+    PATH_OUTSIDE_SANDBOX = "path_outside_sandbox"
+    IS_A_DIRECTORY = "is_a_directory"
+    NOT_A_DIRECTORY = "not_a_directory"
+    UNAUTHORIZED = "unauthorized"
+    PERMISSION_DENIED = "permission_denied"
+    NOT_FOUND = "not_found"
+    SANDBOX_NOT_FOUND = "sandbox_not_found"
+    SESSION_NOT_FOUND = "session_not_found"
+    FILE_NOT_FOUND = "file_not_found"
+    IMAGE_NOT_FOUND = "image_not_found"
+    CONFLICT = "conflict"
+    SESSION_EXISTS = "session_exists"
+    SESSION_BUSY = "session_busy"
+    SANDBOX_NOT_RUNNING = "sandbox_not_running"
+    SANDBOX_FAILED = "sandbox_failed"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
+    ROCKLET_UNAVAILABLE = "rocklet_unavailable"
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"
+    TIMEOUT = "timeout"
+
+
+class RockError(Exception):
+    """Base of every rock-serve error; carries a code, a message and an optional Retry-After."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self, message: str = "", *, retry_after: float | None = None, **details: Any
+    ) -> None:
+        super().__init__(message or self.code.value)
+        self.message = message or self.code.value
+        self.retry_after = retry_after
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(RockError, ValueError):
+    """The request is malformed or a field is out of range."""
+
+    code = ErrorCode.INVALID_REQUEST
+    status = 400
+
+
+class InvalidConfig(RockError, ValueError):
+    """A configuration (runtime, server) is invalid or names something unusable."""
+
+    code = ErrorCode.INVALID_CONFIG
+    status = 400
+
+
+class BadFrame(RockError, ValueError):
+    """A rocklet frame could not be decoded."""
+
+    code = ErrorCode.BAD_FRAME
+    status = 400
+
+
+class UnknownOperation(RockError, ValueError):
+    """The rocklet does not know the requested operation."""
+
+    code = ErrorCode.UNKNOWN_OPERATION
+    status = 400
+
+
+class PathOutsideSandbox(RockError, PermissionError):
+    """A path resolves outside the sandbox's root."""
+
+    code = ErrorCode.PATH_OUTSIDE_SANDBOX
+    status = 400
+
+
+class IsADirectory(RockError, IsADirectoryError):
+    """A file operation named a directory."""
+
+    code = ErrorCode.IS_A_DIRECTORY
+    status = 400
+
+
+class NotADirectory(RockError, NotADirectoryError):
+    """A directory operation named something that is not a directory."""
+
+    code = ErrorCode.NOT_A_DIRECTORY
+    status = 400
+
+
+class Unauthorized(RockError, PermissionError):
+    """No or a wrong credential."""
+
+    code = ErrorCode.UNAUTHORIZED
+    status = 401
+
+
+class PermissionDenied(RockError, PermissionError):
+    """The credential is valid but may not do this."""
+
+    code = ErrorCode.PERMISSION_DENIED
+    status = 403
+
+
+class NotFound(RockError, LookupError):
+    """Something that was named does not exist."""
+
+    code = ErrorCode.NOT_FOUND
+    status = 404
+
+
+class SandboxNotFound(NotFound):
+    """No sandbox with that id."""
+
+    code = ErrorCode.SANDBOX_NOT_FOUND
+
+
+class SessionNotFound(NotFound):
+    """No session with that name in the sandbox."""
+
+    code = ErrorCode.SESSION_NOT_FOUND
+
+
+class FileNotFound(RockError, FileNotFoundError):
+    """No file or directory at that path."""
+
+    code = ErrorCode.FILE_NOT_FOUND
+    status = 404
+
+
+class ImageNotFound(NotFound):
+    """The image or rootfs does not exist."""
+
+    code = ErrorCode.IMAGE_NOT_FOUND
+
+
+class Conflict(RockError, RuntimeError):
+    """The request conflicts with the current state."""
+
+    code = ErrorCode.CONFLICT
+    status = 409
+
+
+class SessionExists(Conflict):
+    """A session with that name already exists."""
+
+    code = ErrorCode.SESSION_EXISTS
+
+
+class SessionBusy(Conflict):
+    """A command is already running in that session."""
+
+    code = ErrorCode.SESSION_BUSY
+
+
+class SandboxNotRunning(Conflict):
+    """The sandbox is not running (stopped, removed or not yet started)."""
+
+    code = ErrorCode.SANDBOX_NOT_RUNNING
+
+
+class SandboxFailed(Conflict):
+    """The sandbox failed (for example it was OOM-killed); ``details['reason']`` says why."""
+
+    code = ErrorCode.SANDBOX_FAILED
+
+
+class RateLimited(RockError, RuntimeError):
+    """Too many requests; retry after ``retry_after`` seconds."""
+
+    code = ErrorCode.RATE_LIMITED
+    status = 429
+
+
+class InternalError(RockError, RuntimeError):
+    """A bug or an unexpected failure on the server side."""
+
+    code = ErrorCode.INTERNAL
+    status = 500
+
+
+class RockletUnavailable(RockError, ConnectionError):
+    """The sandbox's rocklet is gone (its process died or its pipe closed)."""
+
+    code = ErrorCode.ROCKLET_UNAVAILABLE
+    status = 503
+
+
+class RuntimeUnavailable(RockError, ConnectionError):
+    """The runtime backend (bwrap binary, Docker daemon) cannot be used right now."""
+
+    code = ErrorCode.RUNTIME_UNAVAILABLE
+    status = 503
+
+
+class Timeout(RockError, TimeoutError):
+    """An operation did not finish in time (a command's own timeout is a result, not this)."""
+
+    code = ErrorCode.TIMEOUT
+    status = 504
+
+
+_TABLE: dict[ErrorCode, type[RockError]] = {}
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, RockError) and _cls is not RockError:
+        _TABLE.setdefault(_cls.code, _cls)
+_TABLE[ErrorCode.INTERNAL] = InternalError
+_TABLE[ErrorCode.NOT_FOUND] = NotFound
+_TABLE[ErrorCode.CONFLICT] = Conflict
+assert set(_TABLE) == set(ErrorCode), set(ErrorCode) - set(_TABLE)
+
+
+def error_class(code: ErrorCode | str) -> type[RockError]:
+    """The exception class for a code; unknown codes map to :class:`InternalError`."""
+    try:
+        return _TABLE[ErrorCode(code)]
+    except ValueError:
+        return InternalError
+
+
+def http_status(code: ErrorCode | str) -> int:
+    """The HTTP status for a code."""
+    return error_class(code).status
+
+
+def to_body(exc: BaseException) -> dict[str, Any]:
+    """Render an exception as the one error body ``{"error": {"code", "message", ...}}``.
+
+    Exceptions that are not :class:`RockError` become ``internal`` with a generic message, so
+    no class path or traceback ever leaves the process.
+    """
+    if isinstance(exc, RockError):
+        err: dict[str, Any] = {"code": exc.code.value, "message": exc.message}
+        if exc.retry_after is not None:
+            err["retry_after"] = exc.retry_after
+        if exc.details:
+            err["details"] = exc.details
+        return {"error": err}
+    return {"error": {"code": ErrorCode.INTERNAL.value, "message": "internal error"}}
+
+
+def from_body(body: Any, *, status: int | None = None) -> RockError:
+    """Rebuild the typed exception from an error body (the inverse of :func:`to_body`)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        cls: type[RockError] = InternalError
+        if status is not None:
+            cls = next((c for c in _TABLE.values() if c.status == status), InternalError)
+        return cls(f"unexpected error response (HTTP {status}): {str(body)[:200]}")
+    cls = error_class(str(err.get("code", "")))
+    details = err.get("details") if isinstance(err.get("details"), dict) else {}
+    return cls(
+        str(err.get("message", "")),
+        retry_after=err.get("retry_after"),
+        **(details or {}),
+    )

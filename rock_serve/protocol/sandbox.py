@@ -1,0 +1,95 @@
+"""Sandbox spec, state and info."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import Field
+
+from rock_serve.protocol._base import WireModel
+
+
+class SandboxState(str, Enum):
+    """Lifecycle state of a sandbox."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    REMOVED = "removed"
+    FAILED = "failed"
+
+
+class FailureReason(str, Enum):
+    """Why a sandbox is in state ``failed``."""
+
+    OOM_KILLED = "oom_killed"
+    AGENT_EXITED = "agent_exited"
+    START_FAILED = "start_failed"
+    LOST = "lost"
+
+
+class Resources(WireModel):
+    """Limits enforced on the whole sandbox (all of its processes)."""
+
+    cpus: float | None = Field(default=None, gt=0, le=1024, description="CPU quota in cores.")
+    memory_mb: int | None = Field(
+        default=None, ge=16, le=4 * 1024 * 1024, description="Memory limit in MiB (no swap)."
+    )
+    pids: int | None = Field(
+        default=None, ge=8, le=1_000_000, description="Maximum number of processes and threads."
+    )
+    disk_mb: int | None = Field(
+        default=None,
+        ge=1,
+        description="Writable-layer size limit in MiB, where the runtime supports it.",
+    )
+
+
+class SandboxSpec(WireModel):
+    """What to create."""
+
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Image (docker) or rootfs directory (bwrap); None = the runtime's default.",
+    )
+    resources: Resources = Field(default_factory=Resources, description="Resource limits.")
+    network: Literal["none", "host", "bridge"] = Field(
+        default="none",
+        description="'none' gives loopback only; 'host'/'bridge' give outside access if allowed.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for every process."
+    )
+    workdir: str = Field(default="/root", max_length=4096, description="Initial working dir.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
+    owner: str = Field(default="", max_length=256, description="Who owns the sandbox.")
+
+
+class SandboxInfo(WireModel):
+    """What a runtime knows about one sandbox."""
+
+    id: str = Field(description="Sandbox id.")
+    state: SandboxState = Field(description="Current lifecycle state.")
+    reason: FailureReason | None = Field(default=None, description="Why it failed, if it did.")
+    runtime: str = Field(description="Name of the runtime that owns it (bwrap, local, ...).")
+    image: str | None = Field(default=None, description="Image or rootfs it was made from.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels, incl. owner/id.")
+    created_at: float = Field(description="Creation time, seconds since the epoch.")
+    pid: int | None = Field(default=None, description="Host pid of its first process, if any.")
+
+
+class SandboxStats(WireModel):
+    """Usage and limits as the sandbox sees them (its cgroup, not the host)."""
+
+    cpu_limit: float | None = Field(default=None, description="CPU quota in cores, if limited.")
+    cpu_count: int = Field(description="CPUs visible to the sandbox.")
+    cpu_usage_seconds: float | None = Field(default=None, description="CPU time used so far.")
+    memory_limit_bytes: int | None = Field(default=None, description="Memory limit, if any.")
+    memory_usage_bytes: int | None = Field(default=None, description="Memory in use.")
+    pids_limit: int | None = Field(default=None, description="Process limit, if any.")
+    pids_current: int = Field(description="Processes currently in the sandbox.")
+    cgroup: str | None = Field(default=None, description="Which cgroup interface was read.")

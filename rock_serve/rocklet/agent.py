@@ -1,0 +1,1162 @@
+"""rocklet: the agent that runs inside every sandbox.
+
+Standard library only (Python >= 3.8), so it runs with whatever ``python3`` an image has:
+``python3 -I agent.py [--root DIR]``. It reads requests from stdin and writes replies to stdout.
+
+Framing (both directions)::
+
+    frame := header_len:u32be  payload_len:u32be  header:JSON(UTF-8)  payload:bytes
+
+Host -> agent headers:
+
+- ``{"id": n, "op": "session.run", "args": {...}}``: start request ``n`` (payload: op input).
+  With ``"more": true`` further ``{"id": n, "type": "chunk"}`` frames carry input bytes and
+  ``{"id": n, "type": "end"}`` ends them (``file.write``, ``tar.upload``).
+- ``{"id": n, "type": "cancel"}``: give up on request ``n``.
+
+Agent -> host headers:
+
+- ``{"id": n, "type": "chunk", "stream": "output"|"stdout"|"stderr"|"data"}``: streamed bytes.
+- ``{"id": n, "type": "result", "data": {...}}``: the final reply (payload: bulk output).
+- ``{"id": n, "type": "error", "error": {"code", "message"}}``: the final error reply.
+
+Many requests run at once; replies are matched by id. EOF on stdin closes every session and
+exits with status 0.
+"""
+
+import asyncio
+import base64
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat as stat_mod
+import struct
+import sys
+import tarfile
+import threading
+import time
+
+VERSION = "1"
+HEADER = struct.Struct(">II")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 64 << 20
+CHUNK = 256 << 10
+READ_SIZE = 256 << 10
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_OUTPUT = 1 << 20
+#: Seconds between SIGINT and SIGKILL of a timed-out command, and before a shell restart.
+KILL_GRACE = 1.0
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+def encode_frame(header, payload=b""):
+    """Encode one frame (header dict + payload bytes)."""
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return HEADER.pack(len(head), len(payload)) + head + payload
+
+
+class FrameError(Exception):
+    """A frame could not be decoded; the stream cannot be trusted after it."""
+
+
+async def read_frame(reader):
+    """Read one frame; ``None`` on clean EOF; :class:`FrameError` when malformed."""
+    try:
+        prefix = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise FrameError("truncated frame prefix") from None
+        return None
+    head_len, payload_len = HEADER.unpack(prefix)
+    if head_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
+        raise FrameError("frame too large: header %d, payload %d" % (head_len, payload_len))
+    try:
+        head = await reader.readexactly(head_len)
+        payload = await reader.readexactly(payload_len) if payload_len else b""
+    except asyncio.IncompleteReadError:
+        raise FrameError("truncated frame") from None
+    try:
+        header = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise FrameError("frame header is not JSON") from None
+    if not isinstance(header, dict):
+        raise FrameError("frame header is not an object")
+    return header, payload
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class AgentError(Exception):
+    """An error with a code from rock_serve.errors.ErrorCode."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _os_error(exc, path=""):
+    code = {
+        errno.ENOENT: "file_not_found",
+        errno.EISDIR: "is_a_directory",
+        errno.ENOTDIR: "not_a_directory",
+        errno.EACCES: "permission_denied",
+        errno.EPERM: "permission_denied",
+        errno.EEXIST: "conflict",
+        errno.ENOTEMPTY: "conflict",
+    }.get(exc.errno, "invalid_request")
+    return AgentError(code, "%s: %s" % (exc.strerror or exc, path or exc.filename or ""))
+
+
+def _require(args, key, kind, default=None, optional=False):
+    value = args.get(key, default)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise AgentError("invalid_request", "field %r must be %s" % (key, kind.__name__))
+    return value
+
+
+def _number(args, key, default):
+    value = args.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise AgentError("invalid_request", "field %r must be a non-negative number" % key)
+    return float(value)
+
+
+def _env(args):
+    env = args.get("env")
+    if env is None:
+        return {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+        for k, v in env.items()
+    ):
+        raise AgentError("invalid_request", "env must map names to strings")
+    return env
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def _children_map():
+    """Map pid -> list of child pids, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid):
+    """All descendant pids of ``pid`` (not ``pid`` itself)."""
+    children = _children_map()
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _kill(pids, sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _killpg(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exit_code(returncode):
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Capture:
+    """Bytes kept up to a cap; later bytes are counted and dropped."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.data = bytearray()
+        self.truncated = False
+
+    def add(self, data):
+        room = self.cap - len(self.data)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        self.data += data
+        return data
+
+
+# ---------------------------------------------------------------------------- sessions
+
+_PRELUDE = (
+    "trap ':' INT\n"
+    "__rock_ret() { return $1; }\n"
+    "__rock_rc=0\n"
+    "export PAGER=cat GIT_PAGER=cat MANPAGER=cat\n"
+)
+
+
+class Session:
+    """A persistent bash; completion is detected with a fresh random nonce per command."""
+
+    def __init__(self, agent, name, env, cwd):
+        self.agent = agent
+        self.name = name
+        self.env = env
+        self.cwd = cwd
+        self.proc = None
+        self.buf = bytearray()
+        self.data_event = asyncio.Event()
+        self.eof = False
+        self.busy = False
+        self.stdin_w = None
+        self.reader_task = None
+        self.interrupted = False
+
+    async def start(self):
+        env = dict(os.environ)
+        env.update(self.env)
+        env.pop("BASH_ENV", None)
+        env.pop("ENV", None)
+        bash = shutil.which("bash", path=env.get("PATH")) or "/bin/bash"
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                bash,
+                "--noprofile",
+                "--norc",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=self.cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise AgentError("invalid_request", "cannot start bash: %s" % exc) from None
+        self.buf = bytearray()
+        self.eof = False
+        self.reader_task = asyncio.ensure_future(self._read())
+        self.proc.stdin.write(_PRELUDE.encode())
+
+    async def _read(self):
+        out = self.proc.stdout
+        while True:
+            data = await out.read(READ_SIZE)
+            if not data:
+                self.eof = True
+                self.data_event.set()
+                return
+            self.buf += data
+            self.data_event.set()
+
+    async def run(self, command, timeout, cap, emit=None):
+        if self.busy:
+            raise AgentError("session_busy", "a command is already running in session %r" % self.name)
+        if self.proc is None or self.eof:
+            raise AgentError("session_not_found", "session %r has ended" % self.name)
+        self.busy = True
+        self.interrupted = False
+        try:
+            return await self._run(command, timeout, cap, emit)
+        finally:
+            self.busy = False
+
+    async def _run(self, command, timeout, cap, emit):
+        nonce = secrets.token_hex(12)
+        marker = re.compile(b"\x1e" + nonce.encode() + b":(-?[0-9]+)\x1e")
+        keep = len(nonce) + 16
+        r, w = os.pipe()
+        self.stdin_w = w
+        started = time.monotonic()
+        script = (
+            "IFS= read -r -d '' __rock_cmd <<'R%s'\n%s\nR%s\n"
+            "__rock_ret $__rock_rc; eval \"$__rock_cmd\" </proc/%d/fd/%d; __rock_rc=$?; "
+            "printf '\\036%s:%%d\\036' \"$__rock_rc\"\n"
+        ) % (nonce, command.replace("\0", ""), nonce, os.getpid(), r, nonce)
+        self.proc.stdin.write(script.encode("utf-8", "surrogateescape"))
+        capture = Capture(cap)
+        emitted = 0
+        exit_code = None
+        timed_out = restarted = False
+        deadline = None if timeout is None else started + timeout
+        stage = 0
+        try:
+            while True:
+                m = marker.search(self.buf)
+                if m:
+                    exit_code = int(m.group(1))
+                    body = self.buf[: m.start()]
+                    del self.buf[: m.end()]
+                    self._take(body, capture, emit, emitted, final=True)
+                    break
+                if self.buf:
+                    # Hand over everything but a tail that might be the start of the marker.
+                    cut = self.buf.rfind(b"\x1e", max(0, len(self.buf) - keep))
+                    cut = len(self.buf) if cut < 0 else cut
+                    if cut:
+                        head = bytes(self.buf[:cut])
+                        del self.buf[:cut]
+                        emitted = self._take(head, capture, emit, emitted, final=False)
+                if self.eof:
+                    await self.proc.wait()
+                    exit_code = _exit_code(self.proc.returncode)
+                    self._take(bytes(self.buf), capture, emit, emitted, final=True)
+                    self.buf.clear()
+                    break
+                self.data_event.clear()
+                wait = None if deadline is None else max(deadline - time.monotonic(), 0)
+                if wait is None or wait > 0:
+                    try:
+                        await asyncio.wait_for(self.data_event.wait(), wait)
+                        continue
+                    except asyncio.TimeoutError:
+                        pass
+                # Deadline passed: escalate one stage and wait a grace period for the marker.
+                stage += 1
+                if stage == 1:
+                    timed_out = not self.interrupted
+                    self._close_stdin()
+                    _killpg(self.proc.pid, signal.SIGINT)
+                elif stage == 2:
+                    _kill(descendants(self.proc.pid), signal.SIGKILL)
+                else:
+                    restarted = True
+                    await self._restart()
+                    exit_code = 137
+                    self._take(bytes(self.buf), capture, emit, emitted, final=True)
+                    break
+                deadline = time.monotonic() + KILL_GRACE
+        finally:
+            # w is closed exactly once, by _close_stdin: its number may be reused right after.
+            self._close_stdin()
+            os.close(r)
+        ended = self.eof and not restarted
+        return {
+            "session": self.name,
+            "exit_code": exit_code,
+            "duration": time.monotonic() - started,
+            "timed_out": timed_out,
+            "truncated": capture.truncated,
+            "session_restarted": restarted,
+            "session_ended": ended,
+        }, bytes(capture.data)
+
+    def _take(self, data, capture, emit, emitted, final):
+        kept = capture.add(data)
+        if emit is not None and kept:
+            emit(kept)
+        return emitted + len(kept)
+
+    def _close_stdin(self):
+        if self.stdin_w is not None:
+            try:
+                os.close(self.stdin_w)
+            except OSError:
+                pass
+            self.stdin_w = None
+
+    async def _restart(self):
+        await self.kill()
+        await self.start()
+
+    def write_stdin(self, data, eof):
+        if not self.busy or self.stdin_w is None:
+            raise AgentError("conflict", "no command is running in session %r" % self.name)
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.stdin_w, view)
+            except BlockingIOError:
+                raise AgentError("conflict", "stdin buffer of the command is full") from None
+            view = view[n:]
+        if eof:
+            self._close_stdin()
+
+    def interrupt(self):
+        if self.proc is not None:
+            self.interrupted = True
+            _killpg(self.proc.pid, signal.SIGINT)
+
+    async def kill(self):
+        if self.proc is None:
+            return
+        pid = self.proc.pid
+        victims = descendants(pid)
+        _killpg(pid, signal.SIGKILL)
+        _kill(victims, signal.SIGKILL)
+        try:
+            self.proc.stdin.close()
+        except Exception:
+            pass
+        await self.proc.wait()
+        if self.reader_task is not None:
+            await asyncio.gather(self.reader_task, return_exceptions=True)
+        self.proc = None
+
+
+# ---------------------------------------------------------------------------- agent
+
+
+class Agent:
+    """Serves requests from one stream pair."""
+
+    def __init__(self, reader, writer, root="/"):
+        self.reader = reader
+        self.writer = writer
+        self.root = os.path.realpath(root)
+        self.sessions = {}
+        self.tasks = {}
+        self.inputs = {}
+        self.closing = False
+
+    # -- output
+
+    def send(self, header, payload=b""):
+        if not self.closing or header.get("type") in ("result", "error"):
+            try:
+                self.writer.write(encode_frame(header, payload))
+            except (ConnectionError, RuntimeError):
+                pass
+
+    async def flush(self):
+        try:
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    # -- main loop
+
+    async def serve(self):
+        try:
+            while True:
+                try:
+                    frame = await read_frame(self.reader)
+                except FrameError as exc:
+                    self.send({"id": None, "type": "error", "error": {"code": "bad_frame", "message": str(exc)}})
+                    break
+                if frame is None:
+                    break
+                self.dispatch(*frame)
+        finally:
+            await self.shutdown()
+
+    def dispatch(self, header, payload):
+        rid = header.get("id")
+        kind = header.get("type")
+        if kind == "chunk" or kind == "end":
+            queue = self.inputs.get(rid)
+            if queue is not None:
+                queue.put_nowait(payload if kind == "chunk" else None)
+            return
+        if kind == "cancel":
+            task = self.tasks.get(rid)
+            if task is not None:
+                task.cancel()
+            return
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            self.send({"id": None, "type": "error", "error": {"code": "bad_frame", "message": "request id must be an integer"}})
+            return
+        op = header.get("op")
+        args = header.get("args") or {}
+        if not isinstance(args, dict):
+            self.send({"id": rid, "type": "error", "error": {"code": "invalid_request", "message": "args must be an object"}})
+            return
+        handler = OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self.send({"id": rid, "type": "error", "error": {"code": "unknown_operation", "message": "unknown operation: %r" % (op,)}})
+            return
+        if header.get("more"):
+            queue = asyncio.Queue()
+            if payload:
+                queue.put_nowait(payload)
+            self.inputs[rid] = queue
+            payload = queue
+        task = asyncio.ensure_future(self.handle(rid, handler, args, payload))
+        self.tasks[rid] = task
+
+    async def handle(self, rid, handler, args, payload):
+        try:
+            result = await handler(self, rid, args, payload)
+            data, out = result if isinstance(result, tuple) else (result, b"")
+            self.send({"id": rid, "type": "result", "data": data}, out)
+        except asyncio.CancelledError:
+            pass  # the host gave up on it (or the agent is shutting down): nobody waits
+        except AgentError as exc:
+            self.send({"id": rid, "type": "error", "error": {"code": exc.code, "message": exc.message}})
+        except OSError as exc:
+            err = _os_error(exc)
+            self.send({"id": rid, "type": "error", "error": {"code": err.code, "message": err.message}})
+        except Exception as exc:  # a bug: report it without a traceback
+            self.send({"id": rid, "type": "error", "error": {"code": "internal", "message": "%s: %s" % (type(exc).__name__, exc)}})
+        finally:
+            self.tasks.pop(rid, None)
+            self.inputs.pop(rid, None)
+            await self.flush()
+
+    async def shutdown(self):
+        self.closing = True
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*[s.kill() for s in self.sessions.values()], return_exceptions=True)
+        self.sessions.clear()
+        await self.flush()
+
+    # -- paths
+
+    def path(self, args, key="path"):
+        """Resolve a path argument: relative to the agent's cwd, confined to the root."""
+        raw = _require(args, key, str)
+        if not raw or "\0" in raw:
+            raise AgentError("invalid_request", "%s must be a non-empty path" % key)
+        full = os.path.abspath(raw)
+        if self.root == "/":
+            return full
+        real = os.path.realpath(full)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            raise AgentError("path_outside_sandbox", "path %r is outside the sandbox" % raw)
+        return real
+
+    def session(self, args):
+        name = _require(args, "session", str, "default")
+        s = self.sessions.get(name)
+        if s is None:
+            raise AgentError("session_not_found", "no session named %r" % name)
+        return s
+
+    def streamer(self, rid, stream):
+        def emit(data):
+            for i in range(0, len(data), CHUNK):
+                self.send({"id": rid, "type": "chunk", "stream": stream}, bytes(data[i : i + CHUNK]))
+
+        return emit
+
+
+# ---------------------------------------------------------------------------- operations
+
+OPS = {}
+
+
+def op(name):
+    def register(fn):
+        OPS[name] = fn
+        return fn
+
+    return register
+
+
+@op("ping")
+async def op_ping(agent, rid, args, payload):
+    return {"version": VERSION, "pid": os.getpid(), "python": sys.version.split()[0], "root": agent.root}
+
+
+@op("session.create")
+async def op_session_create(agent, rid, args, payload):
+    name = _require(args, "session", str, "default")
+    if not SESSION_NAME.match(name):
+        raise AgentError("invalid_request", "bad session name %r" % name)
+    if name in agent.sessions:
+        raise AgentError("session_exists", "session %r exists already" % name)
+    cwd = agent.path(args, "cwd") if args.get("cwd") else None
+    if cwd is not None and not os.path.isdir(cwd):
+        raise AgentError("file_not_found", "cwd %r is not a directory" % cwd)
+    session = Session(agent, name, _env(args), cwd)
+    agent.sessions[name] = session
+    try:
+        await session.start()
+        output = bytearray()
+        for cmd in _require(args, "startup_commands", list, []):
+            if not isinstance(cmd, str):
+                raise AgentError("invalid_request", "startup_commands must be strings")
+            _, out = await session.run(cmd, DEFAULT_TIMEOUT, DEFAULT_MAX_OUTPUT)
+            output += out
+    except BaseException:
+        agent.sessions.pop(name, None)
+        await session.kill()
+        raise
+    return {"session": name}, bytes(output)
+
+
+@op("session.run")
+async def op_session_run(agent, rid, args, payload):
+    session = agent.session(args)
+    command = _require(args, "command", str)
+    timeout = _number(args, "timeout", DEFAULT_TIMEOUT)
+    cap = int(_number(args, "max_output_bytes", DEFAULT_MAX_OUTPUT))
+    emit = agent.streamer(rid, "output") if args.get("stream") else None
+    result, out = await session.run(command, timeout, cap, emit)
+    if result["session_ended"]:
+        agent.sessions.pop(session.name, None)
+        await session.kill()
+    return result, (b"" if emit else out)
+
+
+@op("session.stdin")
+async def op_session_stdin(agent, rid, args, payload):
+    agent.session(args).write_stdin(payload, bool(args.get("eof")))
+    return {}
+
+
+@op("session.interrupt")
+async def op_session_interrupt(agent, rid, args, payload):
+    agent.session(args).interrupt()
+    return {}
+
+
+@op("session.close")
+async def op_session_close(agent, rid, args, payload):
+    session = agent.session(args)
+    agent.sessions.pop(session.name, None)
+    await session.kill()
+    return {}
+
+
+@op("session.list")
+async def op_session_list(agent, rid, args, payload):
+    return {"sessions": sorted(agent.sessions)}
+
+
+async def _pump(stream, capture, emit):
+    while True:
+        data = await stream.read(READ_SIZE)
+        if not data:
+            return
+        kept = capture.add(data)
+        if emit is not None and kept:
+            emit(kept)
+
+
+@op("exec")
+async def op_exec(agent, rid, args, payload):
+    command = args.get("command")
+    shell = args.get("shell")
+    if isinstance(command, str):
+        argv = ["bash", "-c", command] if shell is not False else command.split()
+    elif isinstance(command, list) and command and all(isinstance(a, str) for a in command):
+        argv = ["bash", "-c", " ".join(command)] if shell else list(command)
+    else:
+        raise AgentError("invalid_request", "command must be a string or a non-empty argv list")
+    if argv and argv[0] == "bash" and shutil.which("bash") is None:
+        argv[0] = "/bin/sh"
+    timeout = _number(args, "timeout", DEFAULT_TIMEOUT)
+    cap = int(_number(args, "max_output_bytes", DEFAULT_MAX_OUTPUT))
+    env = dict(os.environ)
+    env.update(_env(args))
+    cwd = agent.path(args, "cwd") if args.get("cwd") else None
+    stream = bool(args.get("stream"))
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if payload else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        return {"exit_code": 127, "stdout_len": 0, "duration": time.monotonic() - started,
+                "timed_out": False, "truncated": False}, ("%s\n" % exc).encode()
+    except OSError as exc:
+        raise _os_error(exc) from None
+    out, err = Capture(cap), Capture(cap)
+    pumps = asyncio.gather(
+        _pump(proc.stdout, out, agent.streamer(rid, "stdout") if stream else None),
+        _pump(proc.stderr, err, agent.streamer(rid, "stderr") if stream else None),
+    )
+    if payload:
+        proc.stdin.write(payload)
+
+        async def feed():
+            try:
+                await proc.stdin.drain()
+                proc.stdin.close()
+            except (ConnectionError, BrokenPipeError):
+                pass
+
+        asyncio.ensure_future(feed())
+    timed_out = False
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:
+        timed_out = True
+        _killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    except asyncio.CancelledError:
+        _killpg(proc.pid, signal.SIGKILL)
+        raise
+    # The command is done; a background child may still hold the pipes: take what is there.
+    try:
+        await asyncio.wait_for(asyncio.shield(pumps), 0.05 if not timed_out else 0.5)
+    except asyncio.TimeoutError:
+        pumps.cancel()
+    result = {
+        "exit_code": _exit_code(proc.returncode),
+        "stdout_len": 0 if stream else len(out.data),
+        "duration": time.monotonic() - started,
+        "timed_out": timed_out,
+        "truncated": out.truncated or err.truncated,
+    }
+    return result, (b"" if stream else bytes(out.data) + bytes(err.data))
+
+
+def _run_in_thread(fn, *args):
+    return asyncio.get_event_loop().run_in_executor(None, fn, *args)
+
+
+@op("file.read")
+async def op_file_read(agent, rid, args, payload):
+    path = agent.path(args)
+    offset = int(_number(args, "offset", 0))
+    length = args.get("length")
+    length = None if length is None else int(_number(args, "length", 0))
+    if os.path.isdir(path):
+        raise AgentError("is_a_directory", "%s is a directory" % path)
+    f = await _run_in_thread(open, path, "rb")
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(offset)
+        remaining = length
+        first = True
+        sent = 0
+        while remaining is None or remaining > 0:
+            n = CHUNK if remaining is None else min(CHUNK, remaining)
+            data = await _run_in_thread(f.read, n)
+            if not data:
+                break
+            if remaining is not None:
+                remaining -= len(data)
+            sent += len(data)
+            if first and len(data) < n:
+                # Small file: one frame, no chunk.
+                return {"size": size, "length": sent}, data
+            first = False
+            agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
+            await agent.flush()
+        return {"size": size, "length": sent}, b""
+    finally:
+        f.close()
+
+
+async def _input_chunks(payload):
+    if isinstance(payload, asyncio.Queue):
+        while True:
+            data = await payload.get()
+            if data is None:
+                return
+            yield data
+    elif payload:
+        yield payload
+
+
+@op("file.write")
+async def op_file_write(agent, rid, args, payload):
+    path = agent.path(args)
+    if os.path.isdir(path):
+        raise AgentError("is_a_directory", "%s is a directory" % path)
+    if args.get("make_parents", True):
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    mode = args.get("mode")
+    tmp = "%s.rock-%s.tmp" % (path, secrets.token_hex(4))
+    size = 0
+    f = await _run_in_thread(open, tmp, "wb")
+    try:
+        async for data in _input_chunks(payload):
+            await _run_in_thread(f.write, data)
+            size += len(data)
+        f.close()
+        if isinstance(mode, int) and not isinstance(mode, bool):
+            os.chmod(tmp, mode & 0o7777)
+        elif os.path.exists(path):
+            os.chmod(tmp, stat_mod.S_IMODE(os.stat(path).st_mode))
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return {"size": size}
+
+
+def _info(path, name=None):
+    st = os.lstat(path)
+    if stat_mod.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    elif stat_mod.S_ISDIR(st.st_mode):
+        kind = "dir"
+    elif stat_mod.S_ISREG(st.st_mode):
+        kind = "file"
+    else:
+        kind = "other"
+    return {
+        "path": path,
+        "name": name if name is not None else os.path.basename(path) or "/",
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat_mod.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+
+
+@op("file.stat")
+async def op_file_stat(agent, rid, args, payload):
+    return _info(agent.path(args))
+
+
+@op("file.list")
+async def op_file_list(agent, rid, args, payload):
+    path = agent.path(args)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise AgentError("not_a_directory", "%s is not a directory" % path)
+        raise AgentError("file_not_found", "no such directory: %s" % path)
+
+    def listing():
+        out = []
+        for name in sorted(os.listdir(path)):
+            try:
+                out.append(_info(os.path.join(path, name), name))
+            except FileNotFoundError:
+                pass
+        return out
+
+    return {"path": path, "entries": await _run_in_thread(listing)}
+
+
+@op("file.mkdir")
+async def op_file_mkdir(agent, rid, args, payload):
+    path = agent.path(args)
+    if args.get("parents", True):
+        os.makedirs(path, exist_ok=bool(args.get("exist_ok", True)))
+    else:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not args.get("exist_ok", True) or not os.path.isdir(path):
+                raise
+    return {}
+
+
+@op("file.remove")
+async def op_file_remove(agent, rid, args, payload):
+    path = agent.path(args)
+    if path == agent.root or path == "/":
+        raise AgentError("permission_denied", "refusing to remove the sandbox root")
+    if not os.path.lexists(path):
+        if args.get("missing_ok"):
+            return {}
+        raise AgentError("file_not_found", "no such file: %s" % path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        if not args.get("recursive"):
+            raise AgentError("is_a_directory", "%s is a directory (use recursive)" % path)
+        await _run_in_thread(shutil.rmtree, path)
+    else:
+        os.unlink(path)
+    return {}
+
+
+class _QueueWriter:
+    """File-like object for a worker thread that hands bytes to the event loop."""
+
+    def __init__(self, loop, queue):
+        self.loop = loop
+        self.queue = queue
+        self.buf = bytearray()
+
+    def write(self, data):
+        self.buf += data
+        if len(self.buf) >= CHUNK:
+            self._put(bytes(self.buf))
+            self.buf.clear()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def _put(self, item):
+        asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop).result()
+
+    def close(self):
+        if self.buf:
+            self._put(bytes(self.buf))
+            self.buf.clear()
+
+
+class _QueueReader:
+    """File-like object for a worker thread that reads bytes fed by the event loop."""
+
+    def __init__(self, loop, queue):
+        self.loop = loop
+        self.queue = queue
+        self.buf = b""
+        self.done = False
+
+    def read(self, n=-1):
+        while not self.done and (n < 0 or len(self.buf) < n):
+            item = asyncio.run_coroutine_threadsafe(self.queue.get(), self.loop).result()
+            if item is None:
+                self.done = True
+            else:
+                self.buf += item
+        if n < 0:
+            data, self.buf = self.buf, b""
+        else:
+            data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+
+@op("tar.download")
+async def op_tar_download(agent, rid, args, payload):
+    path = agent.path(args)
+    if not os.path.exists(path):
+        raise AgentError("file_not_found", "no such file or directory: %s" % path)
+    loop = asyncio.get_event_loop()
+    queue = asyncio.Queue(maxsize=8)
+    writer = _QueueWriter(loop, queue)
+    errors = []
+
+    def produce():
+        try:
+            with tarfile.open(fileobj=writer, mode="w|") as tar:
+                tar.add(path, arcname=".")
+            writer.close()
+        except BaseException as exc:  # reported by the loop below
+            errors.append(exc)
+        finally:
+            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while True:
+        data = await queue.get()
+        if data is None:
+            break
+        agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
+        await agent.flush()
+    if errors:
+        raise errors[0]
+    return {}
+
+
+def _safe_members(tar, dest):
+    for member in tar:
+        name = member.name
+        target = os.path.realpath(os.path.join(dest, name))
+        if name.startswith("/") or (target != dest and not target.startswith(dest + os.sep)):
+            raise AgentError("path_outside_sandbox", "tar member %r escapes the target" % name)
+        if member.islnk() or member.issym():
+            link = member.linkname
+            base = dest if member.islnk() else os.path.dirname(target)
+            resolved = os.path.realpath(os.path.join(base, link))
+            if os.path.isabs(link) or (resolved != dest and not resolved.startswith(dest + os.sep)):
+                raise AgentError("path_outside_sandbox", "tar link %r escapes the target" % name)
+        if member.isdev():
+            continue
+        member.mode &= 0o7777 & ~0o6000
+        yield member
+
+
+@op("tar.upload")
+async def op_tar_upload(agent, rid, args, payload):
+    dest = agent.path(args)
+    os.makedirs(dest, exist_ok=True)
+    dest = os.path.realpath(dest)
+    loop = asyncio.get_event_loop()
+    queue = asyncio.Queue(maxsize=8)
+    reader = _QueueReader(loop, queue)
+
+    def consume():
+        with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            for member in _safe_members(tar, dest):
+                tar.extract(member, dest, set_attrs=not member.issym())
+        # Drain whatever follows the end-of-archive blocks.
+        reader.read()
+
+    future = loop.run_in_executor(None, consume)
+    try:
+        async for data in _input_chunks(payload):
+            if future.done():
+                break
+            await queue.put(data)
+    finally:
+        if not future.done():
+            await queue.put(None)
+    try:
+        await future
+    except tarfile.TarError as exc:
+        raise AgentError("invalid_request", "bad tar stream: %s" % exc) from None
+    return {}
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text in ("max", ""):
+        return None
+    try:
+        return int(text.split()[0])
+    except ValueError:
+        return None
+
+
+def _cgroup_dirs():
+    """Map controller -> directory of this process's cgroup ('' for cgroup v2)."""
+    dirs = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return dirs
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        for ctrl in (controllers.split(",") if controllers else [""]):
+            base = "/sys/fs/cgroup/" + ctrl if ctrl else "/sys/fs/cgroup"
+            for cand in (base + rel, base):
+                if os.path.isdir(cand):
+                    dirs[ctrl] = cand
+                    break
+    return dirs
+
+
+@op("stats")
+async def op_stats(agent, rid, args, payload):
+    dirs = _cgroup_dirs()
+    out = {"cpu_count": os.cpu_count() or 1, "cgroup": None}
+    pids = sum(1 for e in os.listdir("/proc") if e.isdigit())
+    if "" in dirs and os.path.exists(os.path.join(dirs[""], "cgroup.controllers")):
+        d = dirs[""]
+        out["cgroup"] = "v2"
+        try:
+            with open(os.path.join(d, "cpu.max")) as f:
+                quota, period = f.read().split()
+            out["cpu_limit"] = None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(os.path.join(d, "cpu.stat")) as f:
+                for line in f:
+                    if line.startswith("usage_usec"):
+                        out["cpu_usage_seconds"] = int(line.split()[1]) / 1e6
+        except OSError:
+            pass
+        out["memory_limit_bytes"] = _read_int(os.path.join(d, "memory.max"))
+        out["memory_usage_bytes"] = _read_int(os.path.join(d, "memory.current"))
+        out["pids_limit"] = _read_int(os.path.join(d, "pids.max"))
+        pids = _read_int(os.path.join(d, "pids.current")) or pids
+    elif dirs:
+        out["cgroup"] = "v1"
+        cpu = dirs.get("cpu")
+        if cpu:
+            quota = _read_int(os.path.join(cpu, "cpu.cfs_quota_us"))
+            period = _read_int(os.path.join(cpu, "cpu.cfs_period_us"))
+            if quota is not None and quota > 0 and period:
+                out["cpu_limit"] = quota / period
+        acct = dirs.get("cpuacct")
+        if acct:
+            usage = _read_int(os.path.join(acct, "cpuacct.usage"))
+            if usage is not None:
+                out["cpu_usage_seconds"] = usage / 1e9
+        mem = dirs.get("memory")
+        if mem:
+            limit = _read_int(os.path.join(mem, "memory.limit_in_bytes"))
+            out["memory_limit_bytes"] = limit if limit is not None and limit < (1 << 60) else None
+            out["memory_usage_bytes"] = _read_int(os.path.join(mem, "memory.usage_in_bytes"))
+        pd = dirs.get("pids")
+        if pd:
+            out["pids_limit"] = _read_int(os.path.join(pd, "pids.max"))
+            pids = _read_int(os.path.join(pd, "pids.current")) or pids
+    out["pids_current"] = pids
+    if out.get("cpu_limit"):
+        out["cpu_count"] = min(out["cpu_count"], max(1, int(-(-out["cpu_limit"] // 1))))
+    return out
+
+
+@op("shutdown")
+async def op_shutdown(agent, rid, args, payload):
+    await asyncio.gather(*[s.kill() for s in agent.sessions.values()], return_exceptions=True)
+    agent.sessions.clear()
+    return {}
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+async def amain(root):
+    """Serve the agent on this process's stdin/stdout until EOF."""
+    # stdout belongs to the framing: anything else printing must go to stderr.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    reader, writer = await _stdio_on(out_fd)
+    await Agent(reader, writer, root).serve()
+
+
+async def _stdio_on(out_fd):
+    loop = asyncio.get_event_loop()
+    reader = asyncio.StreamReader(limit=MAX_PAYLOAD + MAX_HEADER)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0))
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(out_fd, "wb", 0)
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return reader, writer
+
+
+def main(argv=None):
+    """Command-line entry: ``python3 agent.py [--root DIR]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    root = "/"
+    if len(argv) >= 2 and argv[0] == "--root":
+        root = os.path.realpath(argv[1])
+        if not os.path.isdir(root):
+            sys.stderr.write("rocklet: --root %s is not a directory\n" % root)
+            return 2
+        cwd = os.path.realpath(os.getcwd())
+        if cwd != root and not cwd.startswith(root + os.sep):
+            os.chdir(root)
+    elif argv:
+        sys.stderr.write("usage: agent.py [--root DIR]\n")
+        return 2
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        asyncio.run(amain(root))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""rock_serve.sdk (see ARCHITECTURE.md)."""

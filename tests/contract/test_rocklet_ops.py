@@ -1,0 +1,318 @@
+"""Every rocklet operation, run unchanged against every runtime the machine has."""
+
+import asyncio
+import hashlib
+import io
+import tarfile
+import time
+
+import pytest
+
+from rock_serve import errors
+from rock_serve.protocol import (
+    ExecRequest,
+    OutputChunk,
+    SessionCreateRequest,
+    SessionRunRequest,
+    SessionRunResult,
+)
+
+
+@pytest.fixture
+def h(sandbox):
+    return sandbox[2]
+
+
+@pytest.fixture
+async def sh(h):
+    await h.create_session(SessionCreateRequest())
+    return h
+
+
+async def run(h, command, **kw):
+    return await h.run_in_session(SessionRunRequest(command=command, **kw))
+
+
+# ---------------------------------------------------------------- sessions
+
+
+async def test_state_persists_between_commands(sh):
+    await run(sh, "mkdir -p work && cd work && export GREETING=hi && greet() { echo $GREETING $1; }")
+    result = await run(sh, "basename $(pwd); greet there")
+    assert result.output == "work\nhi there\n"
+    assert result.exit_code == 0
+
+
+async def test_exit_code_and_dollar_question_survive(sh):
+    assert (await run(sh, "false")).exit_code == 1
+    assert (await run(sh, "echo $?")).output == "1\n", "$? is the previous command's status"
+    assert (await run(sh, "(exit 42)")).exit_code == 42
+
+
+async def test_multiline_heredoc_and_syntax_error(sh):
+    result = await run(sh, "cat <<'EOF'\nline 1\n  line 2\nEOF")
+    assert result.output == "line 1\n  line 2\n"
+    bad = await run(sh, "echo 'unterminated")
+    assert bad.exit_code == 2
+    assert "unexpected EOF" in bad.output
+    assert (await run(sh, "echo still here")).output == "still here\n"
+
+
+async def test_output_without_trailing_newline_and_binary(sh):
+    assert (await run(sh, "printf abc")).output == "abc"
+    binary = await run(sh, r"printf '\xff\x00\xfe'")
+    assert binary.encoding == "base64"
+    assert binary.output_bytes() == b"\xff\x00\xfe"
+
+
+async def test_timeout_interrupts_the_command_not_the_session(sh):
+    await run(sh, "export KEEP=1")
+    started = time.monotonic()
+    result = await run(sh, "sleep 30", timeout=0.3)
+    assert result.timed_out
+    assert result.exit_code == 130
+    assert time.monotonic() - started < 5
+    after = await run(sh, "echo $KEEP")
+    assert after.output == "1\n", "the session and its state survive a timeout"
+
+
+@pytest.mark.parametrize("command", ["read x", "python3", "cat", "python3 -c 'input()'"])
+async def test_commands_waiting_for_input_end_by_their_timeout(sh, command):
+    result = await run(sh, command, timeout=0.3)
+    assert result.timed_out
+    assert (await run(sh, "echo ok")).output == "ok\n"
+
+
+async def test_sigint_ignoring_command_is_killed(sh):
+    result = await run(sh, "trap '' INT; python3 -c 'import signal,time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(30)'", timeout=0.3)
+    assert result.timed_out
+    assert not result.session_restarted
+    assert (await run(sh, "echo ok")).output == "ok\n"
+
+
+async def test_busy_shell_loop_restarts_the_session(sh):
+    result = await run(sh, "while :; do :; done", timeout=0.2)
+    assert result.timed_out
+    assert result.session_restarted
+    assert (await run(sh, "echo fresh")).output == "fresh\n"
+
+
+async def test_output_cap_sets_truncated_and_keeps_the_head(sh):
+    result = await run(sh, "seq 1 200000", max_output_bytes=1000)
+    assert result.truncated
+    assert len(result.output) == 1000
+    assert result.output.startswith("1\n2\n3\n")
+    assert (await run(sh, "echo next")).output == "next\n"
+
+
+@pytest.mark.slow
+async def test_a_gigabyte_of_output_is_drained_not_held(sh):
+    result = await run(sh, "head -c 1000000000 /dev/zero | tr '\\0' x", max_output_bytes=4096)
+    assert result.truncated
+    assert result.exit_code == 0
+    assert len(result.output) == 4096
+
+
+async def test_streaming_arrives_as_it_is_produced(sh):
+    times = []
+    items = []
+    req = SessionRunRequest(command="for i in 1 2 3; do echo $i; sleep 0.15; done")
+    async for item in sh.stream_in_session(req):
+        times.append(time.monotonic())
+        items.append(item)
+    chunks = [i for i in items if isinstance(i, OutputChunk)]
+    assert "".join(c.data for c in chunks) == "1\n2\n3\n"
+    assert len(chunks) >= 3
+    assert times[-1] - times[0] > 0.25, "chunks came as they were printed"
+    assert isinstance(items[-1], SessionRunResult)
+    assert items[-1].exit_code == 0
+
+
+async def test_stdin_reaches_the_running_command(sh):
+    task = asyncio.ensure_future(run(sh, "read a; read b; echo got $a $b", timeout=10))
+    await asyncio.sleep(0.1)
+    await sh.session_stdin("default", b"one\n")
+    await sh.session_stdin("default", b"two\n", eof=True)
+    result = await task
+    assert result.output == "got one two\n"
+    assert not result.timed_out
+
+
+async def test_interrupt_stops_the_running_command(sh):
+    task = asyncio.ensure_future(run(sh, "sleep 30", timeout=60))
+    await asyncio.sleep(0.2)
+    await sh.interrupt_session("default")
+    result = await asyncio.wait_for(task, 5)
+    assert result.exit_code == 130
+    assert not result.timed_out
+
+
+async def test_second_command_in_a_busy_session_is_refused(sh):
+    task = asyncio.ensure_future(run(sh, "sleep 0.5"))
+    await asyncio.sleep(0.1)
+    with pytest.raises(errors.SessionBusy):
+        await run(sh, "echo no")
+    assert (await task).exit_code == 0
+
+
+async def test_sessions_run_in_parallel(h):
+    for i in range(8):
+        await h.create_session(SessionCreateRequest(session=f"s{i}"))
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *[h.run_in_session(SessionRunRequest(session=f"s{i}", command="sleep 0.2")) for i in range(8)]
+    )
+    assert all(r.exit_code == 0 for r in results)
+    assert time.monotonic() - started < 1.0, "8 x sleep 0.2 must overlap"
+
+
+async def test_session_lifecycle_errors(h):
+    with pytest.raises(errors.SessionNotFound):
+        await run(h, "echo")
+    await h.create_session(SessionCreateRequest(session="a", env={"FOO": "bar"}))
+    with pytest.raises(errors.SessionExists):
+        await h.create_session(SessionCreateRequest(session="a"))
+    assert (await h.run_in_session(SessionRunRequest(session="a", command="echo $FOO"))).output == "bar\n"
+    assert await h.list_sessions() == ["a"]
+    await h.close_session("a")
+    with pytest.raises(errors.SessionNotFound):
+        await h.close_session("a")
+
+
+async def test_exit_ends_the_session(sh):
+    result = await run(sh, "exit 3")
+    assert result.exit_code == 3
+    assert result.session_ended
+    with pytest.raises(errors.SessionNotFound):
+        await run(sh, "echo")
+
+
+async def test_startup_commands_run_once(h):
+    created = await h.create_session(
+        SessionCreateRequest(session="s", startup_commands=["X=7", "echo started"])
+    )
+    assert created.output == "started\n"
+    assert (await h.run_in_session(SessionRunRequest(session="s", command="echo $X"))).output == "7\n"
+
+
+# ---------------------------------------------------------------- exec
+
+
+async def test_exec_keeps_stdout_and_stderr_apart(h):
+    result = await h.exec(ExecRequest(command="echo out; echo err >&2; exit 3"))
+    assert (result.stdout, result.stderr, result.exit_code) == ("out\n", "err\n", 3)
+    assert not result.timed_out
+    assert result.duration > 0
+
+
+async def test_exec_argv_env_cwd_stdin(h):
+    await h.mkdir("sub")
+    result = await h.exec(
+        ExecRequest(
+            command=["python3", "-c", "import os,sys; print(os.environ['V'], os.path.basename(os.getcwd()), sys.stdin.read())"],
+            env={"V": "val"},
+            cwd="sub",
+            stdin="piped",
+        )
+    )
+    assert result.stdout == "val sub piped\n"
+    argv = await h.exec(ExecRequest(command=["echo", "a b", "$HOME"]))
+    assert argv.stdout == "a b $HOME\n", "argv lists are not shell-interpreted"
+
+
+async def test_exec_timeout_kills_the_process_group(h):
+    started = time.monotonic()
+    result = await h.exec(ExecRequest(command="sleep 30 & sleep 30; echo never", timeout=0.3))
+    assert result.timed_out
+    assert result.stdout == ""
+    assert time.monotonic() - started < 3
+
+
+async def test_exec_caps_and_missing_program(h):
+    result = await h.exec(ExecRequest(command="seq 1 100000", max_output_bytes=100))
+    assert result.truncated
+    assert len(result.stdout) == 100
+    missing = await h.exec(ExecRequest(command=["definitely-not-a-program"]))
+    assert missing.exit_code == 127
+
+
+async def test_exec_streaming(h):
+    items = [i async for i in h.stream_exec(ExecRequest(command="echo a; echo b >&2"))]
+    streams = {(i.stream, i.data) for i in items if isinstance(i, OutputChunk)}
+    assert streams == {("stdout", "a\n"), ("stderr", "b\n")}
+    assert items[-1].exit_code == 0
+
+
+# ---------------------------------------------------------------- files
+
+
+async def test_write_read_stat_list_remove(h):
+    size = await h.write_file("d/hello.txt", b"hello\n", mode=0o640)
+    assert size == 6
+    assert await h.read_file("d/hello.txt") == b"hello\n"
+    assert await h.read_file("d/hello.txt", offset=1, length=3) == b"ell"
+    info = await h.stat("d/hello.txt")
+    assert (info.type, info.size, info.mode) == ("file", 6, 0o640)
+    listing = await h.list_dir("d")
+    assert [e.name for e in listing.entries] == ["hello.txt"]
+    with pytest.raises(errors.IsADirectory):
+        await h.remove("d")
+    await h.remove("d", recursive=True)
+    with pytest.raises(errors.FileNotFound):
+        await h.stat("d")
+    await h.remove("d", missing_ok=True)
+
+
+async def test_large_binary_file_round_trip(h):
+    blob = bytes(range(256)) * (12 * 4096)  # 12 MiB, every byte value
+    assert await h.write_file("big.bin", blob) == len(blob)
+    assert await h.read_file("big.bin") == blob
+    parts = [c async for c in h.iter_file("big.bin")]
+    assert len(parts) > 1
+    assert b"".join(parts) == blob
+    result = await h.exec(ExecRequest(command="md5sum big.bin"))
+    assert result.stdout.split()[0] == hashlib.md5(blob).hexdigest()
+
+
+async def test_file_errors_are_typed(h):
+    with pytest.raises(errors.FileNotFound):
+        await h.read_file("no/such/file")
+    await h.mkdir("adir")
+    with pytest.raises(errors.IsADirectory):
+        await h.read_file("adir")
+    await h.write_file("f", b"x")
+    with pytest.raises(errors.NotADirectory):
+        await h.list_dir("f")
+    with pytest.raises(errors.InvalidRequest):
+        await h.request("file.read", {"path": 7})
+
+
+async def test_tar_round_trip_of_a_directory(h):
+    await h.write_file("src/a.txt", b"A")
+    await h.write_file("src/deep/b.bin", b"\x00\xff")
+    tar = b"".join([c async for c in h.download_tar("src")])
+    names = tarfile.open(fileobj=io.BytesIO(tar)).getnames()
+    assert "./deep/b.bin" in names
+    await h.upload_tar("dst", tar)
+    assert await h.read_file("dst/deep/b.bin") == b"\x00\xff"
+
+
+async def test_tar_upload_refuses_escaping_members(h):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(errors.PathOutsideSandbox):
+        await h.upload_tar("dst", buf.getvalue())
+    with pytest.raises(errors.FileNotFound):
+        await h.stat("escape.txt")
+
+
+# ---------------------------------------------------------------- stats
+
+
+async def test_stats_report_the_sandbox_view(h):
+    stats = await h.stats()
+    assert stats.cpu_count >= 1
+    assert stats.pids_current >= 1

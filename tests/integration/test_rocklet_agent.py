@@ -1,0 +1,170 @@
+"""The agent's framing and failure behaviour, over real pipes to a real agent process."""
+
+import asyncio
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from rock_serve import errors
+from rock_serve.protocol import SessionCreateRequest, SessionRunRequest
+from rock_serve.rocklet import AGENT_PATH, RockletHandle
+from rock_serve.rocklet.agent import encode_frame, read_frame
+
+
+async def _raw_agent(tmp_path):
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        AGENT_PATH,
+        "--root",
+        str(tmp_path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=1 << 27,
+    )
+
+
+async def _reply(proc):
+    return await asyncio.wait_for(read_frame(proc.stdout), 10)
+
+
+@pytest.fixture
+async def handle(tmp_path):
+    h = await RockletHandle.spawn([sys.executable, "-I", AGENT_PATH, "--root", str(tmp_path)])
+    yield h
+    await h.close()
+
+
+async def test_many_requests_multiplexed_out_of_order(handle):
+    await handle.create_session(SessionCreateRequest(session="slow"))
+    await handle.create_session(SessionCreateRequest(session="fast"))
+    slow = asyncio.ensure_future(
+        handle.run_in_session(SessionRunRequest(session="slow", command="sleep 0.3; echo slow"))
+    )
+    fast = [
+        await handle.run_in_session(SessionRunRequest(session="fast", command=f"echo {i}"))
+        for i in range(20)
+    ]
+    assert not slow.done(), "a slow session must not delay another one"
+    assert [r.output for r in fast] == [f"{i}\n" for i in range(20)]
+    assert (await slow).output == "slow\n"
+
+
+async def test_clean_exit_on_eof(tmp_path):
+    proc = await _raw_agent(tmp_path)
+    proc.stdin.write(encode_frame({"id": 1, "op": "session.create", "args": {}}))
+    header, _ = await _reply(proc)
+    assert header["type"] == "result"
+    proc.stdin.close()
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_unknown_operation_and_bad_args_are_typed(tmp_path):
+    proc = await _raw_agent(tmp_path)
+    proc.stdin.write(encode_frame({"id": 1, "op": "rm_rf_everything", "args": {}}))
+    header, _ = await _reply(proc)
+    assert header == {
+        "id": 1,
+        "type": "error",
+        "error": {"code": "unknown_operation", "message": "unknown operation: 'rm_rf_everything'"},
+    }
+    proc.stdin.write(encode_frame({"id": 2, "op": "exec", "args": {"command": 5}}))
+    header, _ = await _reply(proc)
+    assert header["error"]["code"] == "invalid_request"
+    proc.stdin.write(encode_frame({"id": "x", "op": "ping"}))
+    header, _ = await _reply(proc)
+    assert header["error"]["code"] == "bad_frame"
+    proc.stdin.write(encode_frame({"id": 3, "op": "ping"}))
+    header, _ = await _reply(proc)
+    assert header["type"] == "result", "the agent keeps serving after bad requests"
+    proc.stdin.close()
+    await proc.wait()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        struct.pack(">II", 1 << 30, 0),  # absurd header length
+        struct.pack(">II", 5, 0) + b"nope!",  # header is not JSON
+        struct.pack(">II", 2, 0) + b"[]",  # header is not an object
+    ],
+)
+async def test_malformed_frames_get_a_typed_error_and_a_clean_exit(tmp_path, garbage):
+    proc = await _raw_agent(tmp_path)
+    proc.stdin.write(garbage)
+    await proc.stdin.drain()
+    header, _ = await _reply(proc)
+    assert header["type"] == "error"
+    assert header["error"]["code"] == "bad_frame"
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_bad_frame_fails_the_handle_not_hangs(tmp_path):
+    r, w = os.pipe()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb"))
+    sink = await asyncio.create_subprocess_exec(
+        "cat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+    )
+    h = RockletHandle(reader, sink.stdin, name="garbled")
+    pending = asyncio.ensure_future(h.ping())
+    await asyncio.sleep(0)
+    os.write(w, struct.pack(">II", 3, 0) + b"{{{")
+    with pytest.raises(errors.RockletUnavailable, match="bad frame"):
+        await asyncio.wait_for(pending, 5)
+    assert not h.alive
+    os.close(w)
+    sink.stdin.close()
+    await sink.wait()
+
+
+async def test_rocklet_killed_mid_request_fails_every_waiter_at_once(handle):
+    await handle.create_session(SessionCreateRequest())
+    await handle.create_session(SessionCreateRequest(session="other"))
+    waiters = [
+        asyncio.ensure_future(handle.run_in_session(SessionRunRequest(command="sleep 30"))),
+        asyncio.ensure_future(
+            handle.run_in_session(SessionRunRequest(session="other", command="sleep 30"))
+        ),
+    ]
+    await asyncio.sleep(0.2)
+    handle.process.kill()
+    done, _ = await asyncio.wait(waiters, timeout=5)
+    assert len(done) == 2
+    for task in done:
+        with pytest.raises(errors.RockletUnavailable):
+            task.result()
+    with pytest.raises(errors.RockletUnavailable):
+        await handle.ping()
+
+
+async def test_cancelled_call_is_cancelled_in_the_agent(handle):
+    await handle.create_session(SessionCreateRequest())
+    slow = asyncio.ensure_future(
+        handle.request("exec", {"command": "sleep 30", "timeout": 60})
+    )
+    await asyncio.sleep(0.2)
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    # The agent killed the process: nothing named 'sleep 30' is left under it.
+    agent_pid = handle.process.pid
+    await asyncio.sleep(0.1)
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes() for c in children]
+    assert not any(b"sleep\x0030" in c for c in cmdlines)
+    assert (await handle.ping())["version"]
+
+
+def test_frame_encoding_is_binary_safe():
+    payload = bytes(range(256)) * 4
+    frame = encode_frame({"id": 1, "type": "chunk"}, payload)
+    head_len, body_len = struct.unpack(">II", frame[:8])
+    assert json.loads(frame[8 : 8 + head_len]) == {"id": 1, "type": "chunk"}
+    assert frame[8 + head_len :] == payload
+    assert body_len == len(payload)
