@@ -25,7 +25,6 @@ exits with status 0.
 """
 
 import asyncio
-import base64
 import errno
 import json
 import os
@@ -39,6 +38,7 @@ import sys
 import tarfile
 import threading
 import time
+from typing import Any, Dict, Optional, Tuple
 
 VERSION = "1"
 HEADER = struct.Struct(">II")
@@ -56,7 +56,7 @@ SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # ---------------------------------------------------------------------------- framing
 
 
-def encode_frame(header, payload=b""):
+def encode_frame(header: "Dict[str, Any]", payload: bytes = b"") -> bytes:
     """Encode one frame (header dict + payload bytes)."""
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return HEADER.pack(len(head), len(payload)) + head + payload
@@ -66,7 +66,9 @@ class FrameError(Exception):
     """A frame could not be decoded; the stream cannot be trusted after it."""
 
 
-async def read_frame(reader):
+async def read_frame(
+    reader: "asyncio.StreamReader",
+) -> "Optional[Tuple[Dict[str, Any], bytes]]":
     """Read one frame; ``None`` on clean EOF; :class:`FrameError` when malformed."""
     try:
         prefix = await reader.readexactly(HEADER.size)
@@ -277,7 +279,9 @@ class Session:
 
     async def run(self, command, timeout, cap, emit=None):
         if self.busy:
-            raise AgentError("session_busy", "a command is already running in session %r" % self.name)
+            raise AgentError(
+                "session_busy", "a command is already running in session %r" % self.name
+            )
         if self.proc is None or self.eof:
             raise AgentError("session_not_found", "session %r has ended" % self.name)
         self.busy = True
@@ -296,7 +300,7 @@ class Session:
         started = time.monotonic()
         script = (
             "IFS= read -r -d '' __rock_cmd <<'R%s'\n%s\nR%s\n"
-            "__rock_ret $__rock_rc; eval \"$__rock_cmd\" </proc/%d/fd/%d; __rock_rc=$?; "
+            '__rock_ret $__rock_rc; eval "$__rock_cmd" </proc/%d/fd/%d; __rock_rc=$?; '
             "printf '\\036%s:%%d\\036' \"$__rock_rc\"\n"
         ) % (nonce, command.replace("\0", ""), nonce, os.getpid(), r, nonce)
         self.proc.stdin.write(script.encode("utf-8", "surrogateescape"))
@@ -458,7 +462,13 @@ class Agent:
                 try:
                     frame = await read_frame(self.reader)
                 except FrameError as exc:
-                    self.send({"id": None, "type": "error", "error": {"code": "bad_frame", "message": str(exc)}})
+                    self.send(
+                        {
+                            "id": None,
+                            "type": "error",
+                            "error": {"code": "bad_frame", "message": str(exc)},
+                        }
+                    )
                     break
                 if frame is None:
                     break
@@ -480,16 +490,37 @@ class Agent:
                 task.cancel()
             return
         if not isinstance(rid, int) or isinstance(rid, bool):
-            self.send({"id": None, "type": "error", "error": {"code": "bad_frame", "message": "request id must be an integer"}})
+            self.send(
+                {
+                    "id": None,
+                    "type": "error",
+                    "error": {"code": "bad_frame", "message": "request id must be an integer"},
+                }
+            )
             return
         op = header.get("op")
         args = header.get("args") or {}
         if not isinstance(args, dict):
-            self.send({"id": rid, "type": "error", "error": {"code": "invalid_request", "message": "args must be an object"}})
+            self.send(
+                {
+                    "id": rid,
+                    "type": "error",
+                    "error": {"code": "invalid_request", "message": "args must be an object"},
+                }
+            )
             return
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            self.send({"id": rid, "type": "error", "error": {"code": "unknown_operation", "message": "unknown operation: %r" % (op,)}})
+            self.send(
+                {
+                    "id": rid,
+                    "type": "error",
+                    "error": {
+                        "code": "unknown_operation",
+                        "message": "unknown operation: %r" % (op,),
+                    },
+                }
+            )
             return
         if header.get("more"):
             queue = asyncio.Queue()
@@ -508,12 +539,22 @@ class Agent:
         except asyncio.CancelledError:
             pass  # the host gave up on it (or the agent is shutting down): nobody waits
         except AgentError as exc:
-            self.send({"id": rid, "type": "error", "error": {"code": exc.code, "message": exc.message}})
+            self.send(
+                {"id": rid, "type": "error", "error": {"code": exc.code, "message": exc.message}}
+            )
         except OSError as exc:
             err = _os_error(exc)
-            self.send({"id": rid, "type": "error", "error": {"code": err.code, "message": err.message}})
+            self.send(
+                {"id": rid, "type": "error", "error": {"code": err.code, "message": err.message}}
+            )
         except Exception as exc:  # a bug: report it without a traceback
-            self.send({"id": rid, "type": "error", "error": {"code": "internal", "message": "%s: %s" % (type(exc).__name__, exc)}})
+            self.send(
+                {
+                    "id": rid,
+                    "type": "error",
+                    "error": {"code": "internal", "message": "%s: %s" % (type(exc).__name__, exc)},
+                }
+            )
         finally:
             self.tasks.pop(rid, None)
             self.inputs.pop(rid, None)
@@ -552,14 +593,16 @@ class Agent:
     def streamer(self, rid, stream):
         def emit(data):
             for i in range(0, len(data), CHUNK):
-                self.send({"id": rid, "type": "chunk", "stream": stream}, bytes(data[i : i + CHUNK]))
+                self.send(
+                    {"id": rid, "type": "chunk", "stream": stream}, bytes(data[i : i + CHUNK])
+                )
 
         return emit
 
 
 # ---------------------------------------------------------------------------- operations
 
-OPS = {}
+OPS = {}  # type: Dict[str, Any]
 
 
 def op(name):
@@ -572,7 +615,12 @@ def op(name):
 
 @op("ping")
 async def op_ping(agent, rid, args, payload):
-    return {"version": VERSION, "pid": os.getpid(), "python": sys.version.split()[0], "root": agent.root}
+    return {
+        "version": VERSION,
+        "pid": os.getpid(),
+        "python": sys.version.split()[0],
+        "root": agent.root,
+    }
 
 
 @op("session.create")
@@ -681,8 +729,13 @@ async def op_exec(agent, rid, args, payload):
             start_new_session=True,
         )
     except FileNotFoundError as exc:
-        return {"exit_code": 127, "stdout_len": 0, "duration": time.monotonic() - started,
-                "timed_out": False, "truncated": False}, ("%s\n" % exc).encode()
+        return {
+            "exit_code": 127,
+            "stdout_len": 0,
+            "duration": time.monotonic() - started,
+            "timed_out": False,
+            "truncated": False,
+        }, ("%s\n" % exc).encode()
     except OSError as exc:
         raise _os_error(exc) from None
     out, err = Capture(cap), Capture(cap)
@@ -1043,7 +1096,7 @@ def _cgroup_dirs():
         if len(parts) != 3:
             continue
         _, controllers, rel = parts
-        for ctrl in (controllers.split(",") if controllers else [""]):
+        for ctrl in controllers.split(",") if controllers else [""]:
             base = "/sys/fs/cgroup/" + ctrl if ctrl else "/sys/fs/cgroup"
             for cand in (base + rel, base):
                 if os.path.isdir(cand):
@@ -1127,7 +1180,9 @@ async def amain(root):
 async def _stdio_on(out_fd):
     loop = asyncio.get_event_loop()
     reader = asyncio.StreamReader(limit=MAX_PAYLOAD + MAX_HEADER)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0))
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0)
+    )
     transport, protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(out_fd, "wb", 0)
     )

@@ -118,7 +118,8 @@ class RockletHandle:
                 if frame is None:
                     break
                 header, payload = frame
-                call = self._calls.get(header.get("id"))  # type: ignore[arg-type]
+                rid = header.get("id")
+                call = self._calls.get(rid) if isinstance(rid, int) else None
                 if call is not None:
                     call.queue.put_nowait((header, payload))
                 elif header.get("type") == "error":
@@ -327,11 +328,15 @@ class RockletHandle:
                 yield ExecResult(stdout="", stderr="", **result)
             else:
                 (text,), encoding = encode_bytes(data)
-                yield OutputChunk(stream=header.get("stream", "stdout"), data=text, encoding=encoding)
+                yield OutputChunk(
+                    stream=header.get("stream", "stdout"), data=text, encoding=encoding
+                )
 
     async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
         """Read a file's bytes (any size; they arrive in chunks)."""
-        _, data = await self.request("file.read", {"path": path, "offset": offset, "length": length})
+        _, data = await self.request(
+            "file.read", {"path": path, "offset": offset, "length": length}
+        )
         return data
 
     async def iter_file(self, path: str) -> AsyncIterator[bytes]:

@@ -37,7 +37,9 @@ async def run(h, command, **kw):
 
 
 async def test_state_persists_between_commands(sh):
-    await run(sh, "mkdir -p work && cd work && export GREETING=hi && greet() { echo $GREETING $1; }")
+    await run(
+        sh, "mkdir -p work && cd work && export GREETING=hi && greet() { echo $GREETING $1; }"
+    )
     result = await run(sh, "basename $(pwd); greet there")
     assert result.output == "work\nhi there\n"
     assert result.exit_code == 0
@@ -84,7 +86,12 @@ async def test_commands_waiting_for_input_end_by_their_timeout(sh, command):
 
 
 async def test_sigint_ignoring_command_is_killed(sh):
-    result = await run(sh, "trap '' INT; python3 -c 'import signal,time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(30)'", timeout=0.3)
+    result = await run(
+        sh,
+        "trap '' INT; python3 -c 'import signal,time; "
+        "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(30)'",
+        timeout=0.3,
+    )
     assert result.timed_out
     assert not result.session_restarted
     assert (await run(sh, "echo ok")).output == "ok\n"
@@ -160,7 +167,10 @@ async def test_sessions_run_in_parallel(h):
         await h.create_session(SessionCreateRequest(session=f"s{i}"))
     started = time.monotonic()
     results = await asyncio.gather(
-        *[h.run_in_session(SessionRunRequest(session=f"s{i}", command="sleep 0.2")) for i in range(8)]
+        *[
+            h.run_in_session(SessionRunRequest(session=f"s{i}", command="sleep 0.2"))
+            for i in range(8)
+        ]
     )
     assert all(r.exit_code == 0 for r in results)
     assert time.monotonic() - started < 1.0, "8 x sleep 0.2 must overlap"
@@ -172,7 +182,9 @@ async def test_session_lifecycle_errors(h):
     await h.create_session(SessionCreateRequest(session="a", env={"FOO": "bar"}))
     with pytest.raises(errors.SessionExists):
         await h.create_session(SessionCreateRequest(session="a"))
-    assert (await h.run_in_session(SessionRunRequest(session="a", command="echo $FOO"))).output == "bar\n"
+    assert (
+        await h.run_in_session(SessionRunRequest(session="a", command="echo $FOO"))
+    ).output == "bar\n"
     assert await h.list_sessions() == ["a"]
     await h.close_session("a")
     with pytest.raises(errors.SessionNotFound):
@@ -192,7 +204,9 @@ async def test_startup_commands_run_once(h):
         SessionCreateRequest(session="s", startup_commands=["X=7", "echo started"])
     )
     assert created.output == "started\n"
-    assert (await h.run_in_session(SessionRunRequest(session="s", command="echo $X"))).output == "7\n"
+    assert (
+        await h.run_in_session(SessionRunRequest(session="s", command="echo $X"))
+    ).output == "7\n"
 
 
 # ---------------------------------------------------------------- exec
@@ -209,7 +223,12 @@ async def test_exec_argv_env_cwd_stdin(h):
     await h.mkdir("sub")
     result = await h.exec(
         ExecRequest(
-            command=["python3", "-c", "import os,sys; print(os.environ['V'], os.path.basename(os.getcwd()), sys.stdin.read())"],
+            command=[
+                "python3",
+                "-c",
+                "import os,sys; "
+                "print(os.environ['V'], os.path.basename(os.getcwd()), sys.stdin.read())",
+            ],
             env={"V": "val"},
             cwd="sub",
             stdin="piped",

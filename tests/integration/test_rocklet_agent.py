@@ -3,7 +3,9 @@
 import asyncio
 import json
 import os
+import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -145,9 +147,7 @@ async def test_rocklet_killed_mid_request_fails_every_waiter_at_once(handle):
 
 async def test_cancelled_call_is_cancelled_in_the_agent(handle):
     await handle.create_session(SessionCreateRequest())
-    slow = asyncio.ensure_future(
-        handle.request("exec", {"command": "sleep 30", "timeout": 60})
-    )
+    slow = asyncio.ensure_future(handle.request("exec", {"command": "sleep 30", "timeout": 60}))
     await asyncio.sleep(0.2)
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -168,3 +168,34 @@ def test_frame_encoding_is_binary_safe():
     assert json.loads(frame[8 : 8 + head_len]) == {"id": 1, "type": "chunk"}
     assert frame[8 + head_len :] == payload
     assert body_len == len(payload)
+
+
+def _old_pythons():
+    found = []
+    for version in ("3.8", "3.9"):
+        candidates = [
+            *sorted(Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python{version}")),
+            shutil.which(f"python{version}"),
+        ]
+        for candidate in candidates:
+            if (
+                candidate
+                and subprocess.run([candidate, "-c", ""], capture_output=True).returncode == 0
+            ):
+                found.append(str(candidate))
+                break
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no Python 3.8/3.9 here"))]
+
+
+@pytest.mark.parametrize("python", _old_pythons())
+async def test_agent_runs_on_old_python(python, tmp_path):
+    h = await RockletHandle.spawn([python, "-I", AGENT_PATH, "--root", str(tmp_path)])
+    try:
+        assert (await h.ping())["python"].startswith(Path(python).name[len("python") :])
+        await h.create_session(SessionCreateRequest())
+        result = await h.run_in_session(SessionRunRequest(command="echo $((6*7))"))
+        assert result.output == "42\n"
+        await h.write_file("f.bin", b"\x00\x01" * 300_000)
+        assert len(await h.read_file("f.bin")) == 600_000
+    finally:
+        await h.close()
