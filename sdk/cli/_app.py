@@ -1,0 +1,69 @@
+"""``rock``: typer app; each command's work lives in its own module."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+
+from rock_serve import __version__
+from rock_serve.config import parse_runtime_config
+from rock_serve.errors import RockError
+
+app = typer.Typer(
+    name="rock",
+    help="rock-serve: sandboxes for agentic RL.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _runtime_config(runtime: str, config: Path | None) -> object:
+    if config is not None:
+        data = yaml.safe_load(config.read_text()) or {}
+        return data.get("runtime", data) if isinstance(data, dict) else data
+    return {"type": runtime}
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"rock-serve {__version__}")
+
+
+@app.command()
+def demo(
+    runtime: Annotated[
+        str, typer.Option(help="Runtime to use: bwrap (default), local or fake.")
+    ] = "bwrap",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML file with a runtime config (a 'runtime:' block or the config)."),
+    ] = None,
+    state_dir: Annotated[
+        str | None, typer.Option(help="Override the runtime's state directory.")
+    ] = None,
+) -> None:
+    """Create a sandbox, run a short bash session in it, show the timings, remove it."""
+    from rock_serve.sdk.cli._demo import run_demo
+
+    data = _runtime_config(runtime, config)
+    if state_dir is not None and isinstance(data, dict):
+        data = {**data, "state_dir": state_dir}
+    try:
+        cfg = parse_runtime_config(data)
+        asyncio.run(run_demo(cfg, console))
+    except RockError as exc:
+        console.print(f"[red]error[/red] [bold]{exc.code.value}[/bold]: {exc.message}")
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    """Entry point of the ``rock`` console script."""
+    app()
