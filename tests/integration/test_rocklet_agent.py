@@ -199,3 +199,21 @@ async def test_agent_runs_on_old_python(python, tmp_path):
         assert len(await h.read_file("f.bin")) == 600_000
     finally:
         await h.close()
+
+
+@pytest.mark.parametrize("path", ["../outside.txt", "/etc/hostname", "link/escaped.txt", "link"])
+async def test_paths_are_confined_to_the_root(handle, tmp_path, path):
+    outside = tmp_path.parent / "outside.txt"
+    outside.write_text("secret")
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(errors.PathOutsideSandbox):
+        await handle.read_file(path)
+    with pytest.raises(errors.PathOutsideSandbox):
+        await handle.write_file(path, b"overwrite")
+    assert outside.read_text() == "secret"
+
+
+async def test_inside_paths_work_relative_and_absolute(handle, tmp_path):
+    await handle.write_file("a/b.txt", b"x")
+    assert await handle.read_file(str(tmp_path / "a" / "b.txt")) == b"x"
+    assert (tmp_path / "a" / "b.txt").read_bytes() == b"x"
