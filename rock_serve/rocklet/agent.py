@@ -29,16 +29,14 @@ import errno
 import json
 import os
 import re
-import secrets
-import shutil
 import signal
 import stat as stat_mod
 import struct
 import sys
-import tarfile
-import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
+
+# shutil, tarfile and threading are imported where used: start-up time is sandbox create time.
 
 VERSION = "1"
 HEADER = struct.Struct(">II")
@@ -56,7 +54,7 @@ SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # ---------------------------------------------------------------------------- framing
 
 
-def encode_frame(header: "Dict[str, Any]", payload: bytes = b"") -> bytes:
+def encode_frame(header: "dict[str, Any]", payload: bytes = b"") -> bytes:
     """Encode one frame (header dict + payload bytes)."""
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return HEADER.pack(len(head), len(payload)) + head + payload
@@ -68,7 +66,7 @@ class FrameError(Exception):
 
 async def read_frame(
     reader: "asyncio.StreamReader",
-) -> "Optional[Tuple[Dict[str, Any], bytes]]":
+) -> "tuple[dict[str, Any], bytes] | None":
     """Read one frame; ``None`` on clean EOF; :class:`FrameError` when malformed."""
     try:
         prefix = await reader.readexactly(HEADER.size)
@@ -246,7 +244,7 @@ class Session:
         env.update(self.env)
         env.pop("BASH_ENV", None)
         env.pop("ENV", None)
-        bash = shutil.which("bash", path=env.get("PATH")) or "/bin/bash"
+        bash = _which("bash", env.get("PATH")) or "/bin/bash"
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 bash,
@@ -292,7 +290,7 @@ class Session:
             self.busy = False
 
     async def _run(self, command, timeout, cap, emit):
-        nonce = secrets.token_hex(12)
+        nonce = os.urandom(12).hex()
         marker = re.compile(b"\x1e" + nonce.encode() + b":(-?[0-9]+)\x1e")
         keep = len(nonce) + 16
         r, w = os.pipe()
@@ -602,7 +600,7 @@ class Agent:
 
 # ---------------------------------------------------------------------------- operations
 
-OPS = {}  # type: Dict[str, Any]
+OPS = {}  # type: dict[str, Any]
 
 
 def op(name):
@@ -709,12 +707,12 @@ async def op_exec(agent, rid, args, payload):
         argv = ["bash", "-c", " ".join(command)] if shell else list(command)
     else:
         raise AgentError("invalid_request", "command must be a string or a non-empty argv list")
-    if argv and argv[0] == "bash" and shutil.which("bash") is None:
-        argv[0] = "/bin/sh"
     timeout = _number(args, "timeout", DEFAULT_TIMEOUT)
     cap = int(_number(args, "max_output_bytes", DEFAULT_MAX_OUTPUT))
     env = dict(os.environ)
     env.update(_env(args))
+    if argv[0] == "bash" and _which("bash", env.get("PATH")) is None:
+        argv[0] = "/bin/sh"
     cwd = agent.path(args, "cwd") if args.get("cwd") else None
     stream = bool(args.get("stream"))
     started = time.monotonic()
@@ -836,7 +834,7 @@ async def op_file_write(agent, rid, args, payload):
     if args.get("make_parents", True):
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
     mode = args.get("mode")
-    tmp = "%s.rock-%s.tmp" % (path, secrets.token_hex(4))
+    tmp = "%s.rock-%s.tmp" % (path, os.urandom(4).hex())
     size = 0
     f = await _run_in_thread(open, tmp, "wb")
     try:
@@ -930,6 +928,8 @@ async def op_file_remove(agent, rid, args, payload):
     if os.path.isdir(path) and not os.path.islink(path):
         if not args.get("recursive"):
             raise AgentError("is_a_directory", "%s is a directory (use recursive)" % path)
+        import shutil
+
         await _run_in_thread(shutil.rmtree, path)
     else:
         os.unlink(path)
@@ -988,6 +988,9 @@ class _QueueReader:
 
 @op("tar.download")
 async def op_tar_download(agent, rid, args, payload):
+    import tarfile
+    import threading
+
     path = agent.path(args)
     if not os.path.exists(path):
         raise AgentError("file_not_found", "no such file or directory: %s" % path)
@@ -1019,6 +1022,14 @@ async def op_tar_download(agent, rid, args, payload):
     return {}
 
 
+def _which(name, path):
+    for d in (path or os.defpath).split(os.pathsep):
+        cand = os.path.join(d, name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
 def _safe_members(tar, dest):
     for member in tar:
         name = member.name
@@ -1039,6 +1050,8 @@ def _safe_members(tar, dest):
 
 @op("tar.upload")
 async def op_tar_upload(agent, rid, args, payload):
+    import tarfile
+
     dest = agent.path(args)
     os.makedirs(dest, exist_ok=True)
     dest = os.path.realpath(dest)
