@@ -1,0 +1,122 @@
+"""On-disk sandbox records shared by the process-based runtimes (local, bwrap).
+
+Each sandbox has ``<state_dir>/<id>/meta.json``; a new runtime instance on the same state dir
+finds, inspects and removes what an earlier one made by scanning these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rock_serve.errors import InvalidRequest
+from rock_serve.protocol import SandboxSpec
+from rock_serve.runtime.base import LABEL_ID, LABEL_OWNER, LABEL_RUNTIME
+
+__all__ = [
+    "META",
+    "SandboxMeta",
+    "check_id",
+    "labels_for",
+    "list_metas",
+    "matches",
+    "process_start",
+    "read_meta",
+    "write_meta",
+]
+
+META = "meta.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class SandboxMeta(BaseModel):
+    """What a runtime persists about one sandbox."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(description="Sandbox id.")
+    runtime: str = Field(description="Runtime that made it.")
+    image: str | None = Field(default=None, description="Image or rootfs.")
+    labels: dict[str, str] = Field(default_factory=dict, description="All labels.")
+    created_at: float = Field(default_factory=time.time, description="Creation time.")
+    spec: dict[str, Any] = Field(default_factory=dict, description="The spec it was made from.")
+    started: bool = Field(default=False, description="start() was called at least once.")
+    stopped: bool = Field(default=False, description="stop() was called after the last start.")
+    pid: int | None = Field(default=None, description="Host pid of the first process.")
+    pid_start: int | None = Field(default=None, description="Start time of pid (clock ticks).")
+
+
+def check_id(sandbox_id: str) -> str:
+    """Validate a sandbox id (it names a directory and a cgroup).
+
+    Raises:
+        InvalidRequest: not 1-128 characters of ``[A-Za-z0-9_.-]`` starting alphanumeric.
+    """
+    if not isinstance(sandbox_id, str) or not _ID.match(sandbox_id):
+        raise InvalidRequest(f"bad sandbox id {sandbox_id!r}")
+    return sandbox_id
+
+
+def labels_for(sandbox_id: str, spec: SandboxSpec, runtime: str) -> dict[str, str]:
+    """The spec's labels plus the ``rock.*`` labels every sandbox carries."""
+    labels = dict(spec.labels)
+    labels[LABEL_ID] = sandbox_id
+    labels[LABEL_OWNER] = spec.owner
+    labels[LABEL_RUNTIME] = runtime
+    return labels
+
+
+def read_meta(sandbox_dir: str) -> SandboxMeta | None:
+    """Read one record; None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(sandbox_dir, META), "rb") as f:
+            return SandboxMeta.model_validate_json(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def write_meta(sandbox_dir: str, meta: SandboxMeta) -> None:
+    """Write one record atomically."""
+    path = os.path.join(sandbox_dir, META)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta.model_dump(mode="json"), f)
+    os.replace(tmp, path)
+
+
+def list_metas(state_dir: str, runtime: str) -> list[SandboxMeta]:
+    """Every readable record of ``runtime`` under ``state_dir``, sorted by creation time."""
+    out: list[SandboxMeta] = []
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        meta = read_meta(os.path.join(state_dir, name))
+        if meta is not None and meta.runtime == runtime and meta.id == name:
+            out.append(meta)
+    out.sort(key=lambda m: (m.created_at, m.id))
+    return out
+
+
+def matches(labels: dict[str, str], want: dict[str, str] | None) -> bool:
+    """True when ``labels`` include every item of ``want``."""
+    return not want or all(labels.get(k) == v for k, v in want.items())
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks (to tell a reused pid apart); None if gone/zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
