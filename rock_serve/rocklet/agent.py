@@ -238,6 +238,8 @@ class Session:
         self.stdin_w = None
         self.reader_task = None
         self.interrupted = False
+        self.abandoned = False
+        self.deadline = None
 
     async def start(self):
         env = dict(os.environ)
@@ -284,10 +286,24 @@ class Session:
             raise AgentError("session_not_found", "session %r has ended" % self.name)
         self.busy = True
         self.interrupted = False
+        self.abandoned = False
+        self.deadline = None
+        task = asyncio.ensure_future(self._run(command, timeout, cap, emit))
+        task.add_done_callback(self._done)
         try:
-            return await self._run(command, timeout, cap, emit)
-        finally:
-            self.busy = False
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Nobody waits for the result any more: stop the command now and let the task
+            # read up to its marker, so the next command's output starts clean.
+            self.abandoned = True
+            self.deadline = time.monotonic()
+            self.data_event.set()
+            raise
+
+    def _done(self, task):
+        self.busy = False
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned run's error has no reader
 
     async def _run(self, command, timeout, cap, emit):
         nonce = os.urandom(12).hex()
@@ -306,7 +322,7 @@ class Session:
         emitted = 0
         exit_code = None
         timed_out = restarted = False
-        deadline = None if timeout is None else started + timeout
+        self.deadline = None if timeout is None else started + timeout
         stage = 0
         try:
             while True:
@@ -332,7 +348,7 @@ class Session:
                     self.buf.clear()
                     break
                 self.data_event.clear()
-                wait = None if deadline is None else max(deadline - time.monotonic(), 0)
+                wait = None if self.deadline is None else max(self.deadline - time.monotonic(), 0)
                 if wait is None or wait > 0:
                     try:
                         await asyncio.wait_for(self.data_event.wait(), wait)
@@ -342,7 +358,7 @@ class Session:
                 # Deadline passed: escalate one stage and wait a grace period for the marker.
                 stage += 1
                 if stage == 1:
-                    timed_out = not self.interrupted
+                    timed_out = not self.interrupted and not self.abandoned
                     self._close_stdin()
                     _killpg(self.proc.pid, signal.SIGINT)
                 elif stage == 2:
@@ -353,7 +369,7 @@ class Session:
                     exit_code = 137
                     self._take(bytes(self.buf), capture, emit, emitted, final=True)
                     break
-                deadline = time.monotonic() + KILL_GRACE
+                self.deadline = time.monotonic() + KILL_GRACE
         finally:
             # w is closed exactly once, by _close_stdin: its number may be reused right after.
             self._close_stdin()
@@ -371,7 +387,7 @@ class Session:
 
     def _take(self, data, capture, emit, emitted, final):
         kept = capture.add(data)
-        if emit is not None and kept:
+        if emit is not None and kept and not self.abandoned:
             emit(kept)
         return emitted + len(kept)
 
@@ -533,6 +549,10 @@ class Agent:
         try:
             result = await handler(self, rid, args, payload)
             data, out = result if isinstance(result, tuple) else (result, b"")
+            if len(out) > CHUNK:
+                # Bulk output goes ahead as chunks: no frame outgrows MAX_PAYLOAD.
+                self.streamer(rid, "data")(out)
+                out = b""
             self.send({"id": rid, "type": "result", "data": data}, out)
         except asyncio.CancelledError:
             pass  # the host gave up on it (or the agent is shutting down): nobody waits

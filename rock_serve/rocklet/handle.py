@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
@@ -27,12 +28,49 @@ from rock_serve.rocklet import agent as _agent
 from rock_serve.rocklet.agent import CHUNK, MAX_HEADER, MAX_PAYLOAD, FrameError, encode_frame
 from rock_serve.rocklet.agent import read_frame as _read_frame
 
-__all__ = ["AGENT_PATH", "RockletHandle"]
+__all__ = ["AGENT_PATH", "RockletHandle", "agent_argv", "install_agent"]
 
 log = logging.getLogger(__name__)
 
 #: The agent program; runtimes copy or bind-mount it into sandboxes.
 AGENT_PATH: str = _agent.__file__
+
+# Imported as a module (not run as a script) so that a compiled .pyc is used; ssl is blocked
+# because the agent never uses it and asyncio would spend ~10 ms importing it.
+_BOOT = (
+    "import sys;sys.modules['ssl']=None;sys.path[:0]=[{dir!r}];import agent;"
+    "sys.exit(agent.main(sys.argv[1:]))"
+)
+
+
+def agent_argv(python: str, agent_dir: str, *args: str) -> list[str]:
+    """The command line that starts the rocklet found in ``agent_dir`` (as seen by ``python``).
+
+    Start-up time is sandbox create time: the agent is imported with ``-I -S`` from
+    ``agent_dir``, whose ``__pycache__`` (see :func:`install_agent`) saves compiling it.
+    """
+    return [python, "-I", "-S", "-c", _BOOT.format(dir=agent_dir), *args]
+
+
+def install_agent(target_dir: str) -> str:
+    """Copy the agent into ``target_dir`` with a compiled ``__pycache__``; returns the dir.
+
+    Runtimes bind-mount that dir read-only into sandboxes. The .pyc is for this interpreter's
+    version; another Python in an image simply compiles the source in memory.
+    """
+    import py_compile
+    import shutil
+
+    os.makedirs(target_dir, exist_ok=True)
+    dest = os.path.join(target_dir, "agent.py")
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    shutil.copy2(AGENT_PATH, tmp)
+    os.replace(tmp, dest)
+    py_compile.compile(
+        dest, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP
+    )
+    return target_dir
+
 
 Frame = tuple[dict[str, Any], bytes]
 
@@ -234,9 +272,8 @@ class RockletHandle:
 
     async def close(self) -> None:
         """Close the pipe (the rocklet exits on EOF) and wait for the process to end."""
-        if self._error is None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
+        with contextlib.suppress(Exception):
+            self._writer.close()
         if self.process is not None and self.process.returncode is None:
             try:
                 await asyncio.wait_for(self.process.wait(), 5)

@@ -11,7 +11,7 @@ A sandbox ``<id>`` is:
 - A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and (unless the spec asks for
   and the config allows network) net namespace, ``--die-with-parent``, capabilities reduced
   to a Docker-like set, ``merged/`` as ``/``, a fresh ``/proc``, ``/dev`` and tmpfs ``/tmp``.
-  It runs ``python3 -I -S /.rock/agent.py --root /`` (the agent file is bind-mounted read-only)
+  It runs the rocklet from ``/.rock`` (agent.py and its .pyc, bind-mounted read-only)
   as the sandbox's first process. A ``/bin/sh`` wrapper writes its own pid into the cgroup's
   ``cgroup.procs`` files and then ``exec``-s bwrap, so bwrap and everything it starts are
   inside the limits from their first instruction (no ``nsenter``, no race).
@@ -47,7 +47,7 @@ from rock_serve.errors import (
     SandboxNotFound,
 )
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec, SandboxState
-from rock_serve.rocklet.handle import AGENT_PATH, RockletHandle
+from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
 from rock_serve.runtime._state import (
     SandboxMeta,
@@ -66,8 +66,8 @@ __all__ = ["AGENT_MOUNT", "BwrapRuntime", "mounts_under"]
 
 log = logging.getLogger(__name__)
 
-#: Where the rocklet program appears inside a sandbox.
-AGENT_MOUNT = "/.rock/agent.py"
+#: Where the rocklet program (and its compiled __pycache__) appears inside a sandbox.
+AGENT_MOUNT = "/.rock"
 #: Seconds to wait for a fresh rocklet's first reply.
 START_TIMEOUT = 30.0
 _MNT_DETACH = 2
@@ -206,6 +206,7 @@ class BwrapRuntime(Runtime):
                 raise InvalidConfig(f"bwrap runtime: hide path {pattern!r} must be absolute")
         if any(not c.startswith("CAP_") for c in config.capabilities):
             raise InvalidConfig("bwrap runtime: capabilities must be named like CAP_CHOWN")
+        self.agent_dir = install_agent(os.path.join(self.state_dir, ".agent"))
         self._hides: dict[str, list[_Hide]] = {}
         self._handles: dict[str, RockletHandle] = {}
 
@@ -357,7 +358,7 @@ class BwrapRuntime(Runtime):
         else:
             for ctrl, d in sorted(cg.dirs.items()):
                 args += ["--ro-bind", d, f"/sys/fs/cgroup/{ctrl}"]
-        args += ["--ro-bind", AGENT_PATH, AGENT_MOUNT]
+        args += ["--ro-bind", self.agent_dir, AGENT_MOUNT]
         args += ["--dir", workdir, "--chdir", workdir]
         env = {"PATH": cfg.path, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": sandbox_id[:63]}
         env.update(spec.env)
@@ -367,7 +368,7 @@ class BwrapRuntime(Runtime):
         args += ["--cap-drop", "ALL"]
         for cap in cfg.capabilities:
             args += ["--cap-add", cap]
-        args += ["--", cfg.python, "-I", "-S", AGENT_MOUNT, "--root", "/"]
+        args += ["--", *agent_argv(cfg.python, AGENT_MOUNT, "--root", "/")]
         return ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", *cg.procs_files, "--", *args]
 
     # ------------------------------------------------------------------ Runtime API

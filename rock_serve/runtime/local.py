@@ -27,7 +27,7 @@ from rock_serve.errors import (
     SandboxNotFound,
 )
 from rock_serve.protocol import FailureReason, SandboxInfo, SandboxSpec, SandboxState
-from rock_serve.rocklet.handle import AGENT_PATH, RockletHandle
+from rock_serve.rocklet.handle import AGENT_PATH, RockletHandle, agent_argv
 from rock_serve.runtime._state import (
     SandboxMeta,
     check_id,
@@ -129,7 +129,7 @@ class LocalRuntime(Runtime):
         env[MARKER_ENV] = path
         with open(os.path.join(path, "agent.log"), "ab") as logf:
             handle = await RockletHandle.spawn(
-                [self.python, "-I", "-S", AGENT_PATH, "--root", root],
+                agent_argv(self.python, os.path.dirname(AGENT_PATH), "--root", root),
                 env=env,
                 cwd=root,
                 name=sandbox_id,

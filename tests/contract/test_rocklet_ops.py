@@ -335,3 +335,26 @@ async def test_stats_report_the_sandbox_view(h):
     stats = await h.stats()
     assert stats.cpu_count >= 1
     assert stats.pids_current >= 1
+
+
+async def test_a_cancelled_run_leaves_the_next_output_clean(sh):
+    task = asyncio.ensure_future(run(sh, "sleep 1; echo late", timeout=30))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    started = time.monotonic()
+    while True:
+        try:
+            result = await run(sh, "echo next")
+            break
+        except errors.SessionBusy:
+            assert time.monotonic() - started < 5, "the abandoned command must be stopped"
+            await asyncio.sleep(0.05)
+    assert result.output == "next\n"
+
+
+async def test_output_larger_than_a_frame_arrives_whole(sh):
+    size = 70_000_000  # over the 64 MiB frame limit
+    result = await run(sh, f"head -c {size} /dev/zero | tr '\\0' a", max_output_bytes=size)
+    assert not result.truncated
+    assert len(result.output) == size
+    assert sh.alive

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("module", "expected"),
     [
-        (rock_serve.rocklet, {"AGENT_PATH", "RockletHandle"}),
+        (rock_serve.rocklet, {"AGENT_PATH", "RockletHandle", "agent_argv", "install_agent"}),
         (rock_serve, {"__version__"}),
     ],
 )
