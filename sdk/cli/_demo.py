@@ -16,8 +16,10 @@ DEMO_COMMANDS = [
     ("state persists", "cd /tmp && export GREETING=hello && greet() { echo $GREETING $1; }"),
     ("...in the session", "pwd; greet sandbox"),
     ("exit codes", "false; echo status=$?"),
-    ("no network", "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 80), 1)' "
-     "2>&1 | tail -1"),
+    (
+        "no network",
+        "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 80), 1)' 2>&1 | tail -1",
+    ),
     ("timeout kills the command", "sleep 30"),
     ("...not the session", "echo still $GREETING"),
 ]
@@ -68,7 +70,8 @@ async def run_demo(
             f"pids {stats.pids_limit or 'none'}, processes now {stats.pids_current}"
         )
         exec_res = await handle.exec(ExecRequest(command=["uname", "-sr"]))
-        console.print(f"one-shot exec: {exec_res.stdout.strip()} ({exec_res.duration * 1000:.2f} ms)")
+        took = exec_res.duration * 1000
+        console.print(f"one-shot exec: {exec_res.stdout.strip()} ({took:.2f} ms)")
         assert first.output == "ready\n"
         await handle.close()
     finally:
