@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rock_serve.errors import InvalidRequest
-from rock_serve.protocol import SandboxSpec
+from rock_serve.protocol import FailureReason, SandboxInfo, SandboxSpec, SandboxState
 from rock_serve.runtime.base import LABEL_ID, LABEL_OWNER, LABEL_RUNTIME
 
 __all__ = [
@@ -120,3 +120,34 @@ def process_start(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def alive(meta: SandboxMeta) -> bool:
+    """True while the sandbox's first process runs; a reused pid does not count (start time)."""
+    return meta.pid is not None and process_start(meta.pid) == meta.pid_start
+
+
+def to_info(meta: SandboxMeta, *, failure: FailureReason | None = None) -> SandboxInfo:
+    """The runtime-independent view of a record: running while its first process lives,
+    pending before the first start, stopped after a stop, else failed (``failure`` says why;
+    default ``agent_exited``).
+    """
+    reason = None
+    if alive(meta):
+        state = SandboxState.RUNNING
+    elif not meta.started:
+        state = SandboxState.PENDING
+    elif meta.stopped:
+        state = SandboxState.STOPPED
+    else:
+        state, reason = SandboxState.FAILED, failure or FailureReason.AGENT_EXITED
+    return SandboxInfo(
+        id=meta.id,
+        state=state,
+        reason=reason,
+        runtime=meta.runtime,
+        image=meta.image,
+        labels=meta.labels,
+        created_at=meta.created_at,
+        pid=meta.pid if state == SandboxState.RUNNING else None,
+    )

@@ -34,7 +34,6 @@ import os
 import posixpath
 import shutil
 import stat
-import time
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.errors import (
@@ -46,17 +45,19 @@ from rock_serve.errors import (
     RuntimeUnavailable,
     SandboxNotFound,
 )
-from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec, SandboxState
+from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
 from rock_serve.runtime._state import (
     SandboxMeta,
+    alive,
     check_id,
     labels_for,
     list_metas,
     matches,
     process_start,
     read_meta,
+    to_info,
     write_meta,
 )
 from rock_serve.runtime._sync import run_sync
@@ -134,13 +135,6 @@ def _unmount_all(path: str) -> None:
 def _check_path_option(path: str, what: str) -> None:
     if any(c in path for c in ",:\\\n") or not os.path.isabs(path):
         raise InvalidConfig(f"{what} {path!r} must be absolute and free of ',', ':' and '\\'")
-
-
-def _alive(meta: SandboxMeta) -> bool:
-    """True while the sandbox's first process (bwrap, our child) runs; a pid reused by another
-    process does not count (its start time differs).
-    """
-    return meta.pid is not None and process_start(meta.pid) == meta.pid_start
 
 
 class _Hide:
@@ -391,7 +385,7 @@ class BwrapRuntime(Runtime):
         meta = self._meta(sandbox_id)
         spec = SandboxSpec.model_validate(meta.spec)
         cg = self._cgroup(sandbox_id)
-        if _alive(meta):
+        if alive(meta):
             raise Conflict(f"sandbox {sandbox_id!r} is running already")
         if cg.pids():
             await run_sync(cg.kill_all)  # stragglers of a sandbox whose bwrap is gone
@@ -475,30 +469,12 @@ class BwrapRuntime(Runtime):
         self._handles.clear()
 
     def _info(self, meta: SandboxMeta) -> SandboxInfo:
-        cg = self._cgroup(meta.id)
-        reason = None
-        if _alive(meta):
-            state = SandboxState.RUNNING
-        elif not meta.started:
-            state = SandboxState.PENDING
-        elif meta.stopped:
-            state = SandboxState.STOPPED
-        else:
-            state = SandboxState.FAILED
-            oom = cg.oom_kills() > 0
-            handle = self._handles.get(meta.id)
-            proc = handle.process if handle is not None else None
-            if proc is not None and proc.returncode is not None:
-                # bwrap exits with 128+N when the rocklet died of signal N (OOM kill: 9).
-                oom = oom and proc.returncode in (137, -9)
-            reason = FailureReason.OOM_KILLED if oom else FailureReason.AGENT_EXITED
-        return SandboxInfo(
-            id=meta.id,
-            state=state,
-            reason=reason,
-            runtime=self.name,
-            image=meta.image,
-            labels=meta.labels,
-            created_at=meta.created_at or time.time(),
-            pid=meta.pid if state == SandboxState.RUNNING else None,
-        )
+        if alive(meta) or not meta.started or meta.stopped:
+            return to_info(meta)
+        oom = self._cgroup(meta.id).oom_kills() > 0
+        handle = self._handles.get(meta.id)
+        proc = handle.process if handle is not None else None
+        if proc is not None and proc.returncode is not None:
+            # bwrap exits with 128+N when the rocklet died of signal N (OOM kill: 9).
+            oom = oom and proc.returncode in (137, -9)
+        return to_info(meta, failure=FailureReason.OOM_KILLED if oom else None)

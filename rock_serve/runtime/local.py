@@ -26,16 +26,18 @@ from rock_serve.errors import (
     RuntimeUnavailable,
     SandboxNotFound,
 )
-from rock_serve.protocol import FailureReason, SandboxInfo, SandboxSpec, SandboxState
+from rock_serve.protocol import SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import AGENT_PATH, RockletHandle, agent_argv
 from rock_serve.runtime._state import (
     SandboxMeta,
+    alive,
     check_id,
     labels_for,
     list_metas,
     matches,
     process_start,
     read_meta,
+    to_info,
     write_meta,
 )
 from rock_serve.runtime._sync import run_sync
@@ -114,7 +116,7 @@ class LocalRuntime(Runtime):
     async def start(self, sandbox_id: str) -> RockletHandle:
         """Start the rocklet in the sandbox directory and return a connected handle."""
         meta = self._meta(sandbox_id)
-        if self._alive(meta):
+        if alive(meta):
             raise Conflict(f"sandbox {sandbox_id!r} is running already")
         path = self._dir(sandbox_id)
         root = os.path.join(path, "root")
@@ -185,29 +187,8 @@ class LocalRuntime(Runtime):
         """Forget the handles; sandboxes keep running until stopped or removed."""
         self._handles.clear()
 
-    def _alive(self, meta: SandboxMeta) -> bool:
-        return meta.pid is not None and process_start(meta.pid) == meta.pid_start
-
     def _info(self, meta: SandboxMeta) -> SandboxInfo:
-        reason = None
-        if self._alive(meta):
-            state = SandboxState.RUNNING
-        elif not meta.started:
-            state = SandboxState.PENDING
-        elif meta.stopped:
-            state = SandboxState.STOPPED
-        else:
-            state, reason = SandboxState.FAILED, FailureReason.AGENT_EXITED
-        return SandboxInfo(
-            id=meta.id,
-            state=state,
-            reason=reason,
-            runtime=self.name,
-            image=meta.image,
-            labels=meta.labels,
-            created_at=meta.created_at,
-            pid=meta.pid if state == SandboxState.RUNNING else None,
-        )
+        return to_info(meta)
 
 
 def sandbox_pids(path: str, meta: SandboxMeta) -> set[int]:
