@@ -370,16 +370,19 @@ class FakeRuntime(Runtime):
         self._set(box, SandboxState.RUNNING)
         return box.handle
 
-    async def _disconnect(self, box: _Box) -> None:
+    @staticmethod
+    async def _stop_agent(box: _Box) -> None:
+        """End the in-process agent: its side of the pipe closes, the handle sees EOF."""
         if box.agent_writer is not None:
             box.agent_writer.close()
         if box.task is not None:
             box.task.cancel()
             await asyncio.gather(box.task, return_exceptions=True)
+
+    async def _disconnect(self, box: _Box) -> None:
+        await self._stop_agent(box)
         if box.handle is not None:
             await box.handle.close()
-        if box.host_writer is not None:
-            box.host_writer.close()  # the handle leaves it open after a failure
         box.agent_writer = box.host_writer = box.task = box.handle = None
 
     async def kill_agent(
@@ -387,11 +390,7 @@ class FakeRuntime(Runtime):
     ) -> None:
         """Simulate the rocklet dying (e.g. ``reason=FailureReason.OOM_KILLED``)."""
         box = self._box(sandbox_id)
-        if box.agent_writer is not None:
-            box.agent_writer.close()
-        if box.task is not None:
-            box.task.cancel()
-            await asyncio.gather(box.task, return_exceptions=True)
+        await self._stop_agent(box)
         if box.handle is not None:
             await box.handle.wait_closed()  # every waiting call fails with RockletUnavailable
         self._set(box, SandboxState.FAILED, reason)
