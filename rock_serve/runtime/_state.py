@@ -6,16 +6,19 @@ finds, inspects and removes what an earlier one made by scanning these files.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rock_serve.errors import InvalidRequest
+from rock_serve.errors import InvalidRequest, RockletUnavailable, RuntimeUnavailable
 from rock_serve.protocol import FailureReason, SandboxInfo, SandboxSpec, SandboxState
+from rock_serve.rocklet.handle import RockletHandle
 from rock_serve.runtime.base import LABEL_ID, LABEL_OWNER, LABEL_RUNTIME
 
 __all__ = [
@@ -151,3 +154,53 @@ def to_info(meta: SandboxMeta, *, failure: FailureReason | None = None) -> Sandb
         created_at=meta.created_at,
         pid=meta.pid if state == SandboxState.RUNNING else None,
     )
+
+
+def log_tail(sandbox_dir: str, size: int = 2000) -> str:
+    """The end of the rocklet's stderr log, for error messages."""
+    try:
+        with open(os.path.join(sandbox_dir, "agent.log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace").strip() or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+async def launch(
+    sandbox_dir: str,
+    meta: SandboxMeta,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    handles: dict[str, RockletHandle],
+    stop: Callable[[], Awaitable[None]],
+    timeout: float,
+    cwd: str | None = None,
+) -> RockletHandle:
+    """Start a sandbox's first process (the rocklet), record its pid and wait for its first reply.
+
+    stderr goes to ``agent.log``; the handle is registered in ``handles`` before the first reply
+    so that ``stop`` can find it when the rocklet does not come up.
+
+    Raises:
+        RuntimeUnavailable: the rocklet died or did not answer within ``timeout``.
+    """
+    with open(os.path.join(sandbox_dir, "agent.log"), "ab") as logf:
+        handle = await RockletHandle.spawn(
+            argv, env=env, cwd=cwd, name=meta.id, stderr=logf, start_new_session=True
+        )
+    proc = handle.process
+    assert proc is not None
+    handles[meta.id] = handle
+    meta.started, meta.stopped = True, False
+    meta.pid, meta.pid_start = proc.pid, process_start(proc.pid)
+    write_meta(sandbox_dir, meta)
+    try:
+        await asyncio.wait_for(handle.ping(), timeout)
+    except (RockletUnavailable, asyncio.TimeoutError) as exc:
+        await stop()
+        raise RuntimeUnavailable(
+            f"rocklet of {meta.id!r} did not start ({exc}): {log_tail(sandbox_dir)}"
+        ) from None
+    return handle

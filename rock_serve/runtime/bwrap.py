@@ -24,7 +24,6 @@ are listed, inspected and removed the same way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -41,7 +40,6 @@ from rock_serve.errors import (
     ImageNotFound,
     InvalidConfig,
     InvalidRequest,
-    RockletUnavailable,
     RuntimeUnavailable,
     SandboxNotFound,
 )
@@ -53,9 +51,9 @@ from rock_serve.runtime._state import (
     alive,
     check_id,
     labels_for,
+    launch,
     list_metas,
     matches,
-    process_start,
     read_meta,
     to_info,
     write_meta,
@@ -392,38 +390,15 @@ class BwrapRuntime(Runtime):
         if not os.path.ismount(os.path.join(self._dir(sandbox_id), "merged")) or not cg.exists():
             cg = await run_sync(self._prepare_start, sandbox_id, meta, spec)
         argv = self.argv(sandbox_id, spec, cg)
-        path = self._dir(sandbox_id)
-        with open(os.path.join(path, "agent.log"), "ab") as logf:
-            handle = await RockletHandle.spawn(
-                argv,
-                env={"PATH": os.environ.get("PATH", os.defpath)},
-                name=sandbox_id,
-                stderr=logf,
-                start_new_session=True,
-            )
-        proc = handle.process
-        assert proc is not None
-        self._handles[sandbox_id] = handle
-        meta.started, meta.stopped = True, False
-        meta.pid, meta.pid_start = proc.pid, process_start(proc.pid)
-        write_meta(path, meta)
-        try:
-            await asyncio.wait_for(handle.ping(), START_TIMEOUT)
-        except (RockletUnavailable, asyncio.TimeoutError) as exc:
-            await self.stop(sandbox_id)
-            raise RuntimeUnavailable(
-                f"rocklet of {sandbox_id!r} did not start ({exc}): {self._log_tail(path)}"
-            ) from None
-        return handle
-
-    def _log_tail(self, path: str) -> str:
-        try:
-            with open(os.path.join(path, "agent.log"), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 2000))
-                return f.read().decode("utf-8", "replace").strip() or "(no output)"
-        except OSError:
-            return "(no log)"
+        return await launch(
+            self._dir(sandbox_id),
+            meta,
+            argv,
+            env={"PATH": os.environ.get("PATH", os.defpath)},
+            handles=self._handles,
+            stop=lambda: self.stop(sandbox_id),
+            timeout=START_TIMEOUT,
+        )
 
     async def stop(self, sandbox_id: str) -> None:
         """Kill every process in the sandbox's cgroup; the overlay and files stay."""

@@ -8,7 +8,6 @@ files, and resource limits are ignored. The runtime logs a loud warning saying s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -22,8 +21,6 @@ from rock_serve.config import LocalRuntimeConfig
 from rock_serve.errors import (
     Conflict,
     InvalidConfig,
-    RockletUnavailable,
-    RuntimeUnavailable,
     SandboxNotFound,
 )
 from rock_serve.protocol import SandboxInfo, SandboxSpec
@@ -33,6 +30,7 @@ from rock_serve.runtime._state import (
     alive,
     check_id,
     labels_for,
+    launch,
     list_metas,
     matches,
     process_start,
@@ -129,27 +127,16 @@ class LocalRuntime(Runtime):
         }
         env.update(spec.env)
         env[MARKER_ENV] = path
-        with open(os.path.join(path, "agent.log"), "ab") as logf:
-            handle = await RockletHandle.spawn(
-                agent_argv(self.python, os.path.dirname(AGENT_PATH), "--root", root),
-                env=env,
-                cwd=root,
-                name=sandbox_id,
-                stderr=logf,
-                start_new_session=True,
-            )
-        proc = handle.process
-        assert proc is not None
-        self._handles[sandbox_id] = handle
-        meta.started, meta.stopped = True, False
-        meta.pid, meta.pid_start = proc.pid, process_start(proc.pid)
-        write_meta(path, meta)
-        try:
-            await asyncio.wait_for(handle.ping(), 30)
-        except (RockletUnavailable, asyncio.TimeoutError) as exc:
-            await self.stop(sandbox_id)
-            raise RuntimeUnavailable(f"rocklet of {sandbox_id!r} did not start: {exc}") from None
-        return handle
+        return await launch(
+            path,
+            meta,
+            agent_argv(self.python, os.path.dirname(AGENT_PATH), "--root", root),
+            env=env,
+            cwd=root,
+            handles=self._handles,
+            stop=lambda: self.stop(sandbox_id),
+            timeout=30,
+        )
 
     async def stop(self, sandbox_id: str) -> None:
         """Kill the rocklet, its sessions and anything else carrying the sandbox's marker."""
