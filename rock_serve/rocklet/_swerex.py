@@ -393,6 +393,17 @@ def _chunk_bytes(chunk: OutputChunk) -> bytes:
 # ---------------------------------------------------------------------------- routes
 
 
+def _run_request(action: SwxBashAction, timeout: float) -> SessionRunRequest:
+    """Our session run for a SWE-ReX bash action."""
+    return _swx_session_model(
+        SessionRunRequest,
+        session=action.session,
+        command=action.command,
+        timeout=timeout,
+        max_output_bytes=SESSION_OUTPUT_CAP,
+    )
+
+
 class SwerexRoutes:
     """The SWE-ReX endpoints and their state: background commands and the retry cache.
 
@@ -499,13 +510,7 @@ class SwerexRoutes:
         if bg is not None or action.is_interactive_command or action.is_interactive_quit:
             return await self._run_interactive(action, bg)
         timeout = action.timeout if action.timeout is not None else DEFAULT_TIMEOUT
-        req = _swx_session_model(
-            SessionRunRequest,
-            session=action.session,
-            command=action.command,
-            timeout=timeout,
-            max_output_bytes=SESSION_OUTPUT_CAP,
-        )
+        req = _run_request(action, timeout)
         h = await self.handle()
         self.running[action.session] = self.running.get(action.session, 0) + 1
         try:
@@ -555,14 +560,7 @@ class SwerexRoutes:
         h = await self.handle()
         timeout = action.timeout if action.timeout is not None else DEFAULT_TIMEOUT
         if bg is None:
-            req = _swx_session_model(
-                SessionRunRequest,
-                session=action.session,
-                command=action.command,
-                timeout=INTERACTIVE_LIFETIME,
-                max_output_bytes=SESSION_OUTPUT_CAP,
-            )
-            bg = _Background(h.stream_in_session(req))
+            bg = _Background(h.stream_in_session(_run_request(action, INTERACTIVE_LIFETIME)))
             self.background[action.session] = bg
         else:
             try:

@@ -204,3 +204,15 @@ async def launch(
             f"rocklet of {meta.id!r} did not start ({exc}): {log_tail(sandbox_dir)}"
         ) from None
     return handle
+
+
+async def finish_stop(
+    sandbox_dir: str, meta: SandboxMeta, handles: dict[str, RockletHandle]
+) -> None:
+    """After a sandbox's processes were killed: close its handle and record it as stopped."""
+    handle = handles.pop(meta.id, None)
+    if handle is not None:
+        await handle.close()
+    if meta.started and not meta.stopped:
+        meta.stopped = True
+        write_meta(sandbox_dir, meta)

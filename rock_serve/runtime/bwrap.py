@@ -50,6 +50,7 @@ from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
     check_id,
+    finish_stop,
     labels_for,
     launch,
     list_metas,
@@ -406,12 +407,7 @@ class BwrapRuntime(Runtime):
         cg = self._cgroup(sandbox_id)
         if cg.pids():
             await run_sync(cg.kill_all)
-        handle = self._handles.pop(sandbox_id, None)
-        if handle is not None:
-            await handle.close()
-        if meta.started and not meta.stopped:
-            meta.stopped = True
-            write_meta(self._dir(sandbox_id), meta)
+        await finish_stop(self._dir(sandbox_id), meta, self._handles)
 
     async def remove(self, sandbox_id: str) -> None:
         """Kill processes, unmount, remove the cgroup and the files. Idempotent."""

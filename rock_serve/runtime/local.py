@@ -29,6 +29,7 @@ from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
     check_id,
+    finish_stop,
     labels_for,
     launch,
     list_metas,
@@ -142,12 +143,7 @@ class LocalRuntime(Runtime):
         """Kill the rocklet, its sessions and anything else carrying the sandbox's marker."""
         meta = self._meta(sandbox_id)
         await run_sync(_kill_sandbox, self._dir(sandbox_id), meta)
-        handle = self._handles.pop(sandbox_id, None)
-        if handle is not None:
-            await handle.close()
-        if meta.started and not meta.stopped:
-            meta.stopped = True
-            write_meta(self._dir(sandbox_id), meta)
+        await finish_stop(self._dir(sandbox_id), meta, self._handles)
 
     async def remove(self, sandbox_id: str) -> None:
         """Kill everything and delete the directory; a missing sandbox is no error."""
