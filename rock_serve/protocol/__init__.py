@@ -1,6 +1,16 @@
 """Wire models: everything that crosses a process boundary."""
 
 from rock_serve.protocol._base import Encoding, WireModel, decode_text, encode_bytes
+from rock_serve.protocol.api import (
+    CreateSandboxRequest,
+    FileWritten,
+    Health,
+    SandboxList,
+    SandboxRecord,
+    SessionRunBody,
+    SessionStdinBody,
+    WorkerStatus,
+)
 from rock_serve.protocol.commands import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -34,6 +44,14 @@ from rock_serve.protocol.sandbox import (
 )
 
 __all__ = [
+    "CreateSandboxRequest",
+    "FileWritten",
+    "Health",
+    "SandboxList",
+    "SandboxRecord",
+    "SessionRunBody",
+    "SessionStdinBody",
+    "WorkerStatus",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT",
     "Encoding",

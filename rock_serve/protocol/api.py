@@ -1,0 +1,136 @@
+"""REST v1 bodies of the platform (Admin) that are not rocklet operations.
+
+Routes (all under ``/v1``; every error is :class:`~rock_serve.protocol.ErrorBody`):
+
+==========  ==========================================  ==========================================
+method      path                                        body -> reply
+==========  ==========================================  ==========================================
+GET         /health                                     -> :class:`Health`
+POST        /sandboxes                                  :class:`CreateSandboxRequest` ->
+                                                        :class:`SandboxRecord` (201)
+GET         /sandboxes?owner=&state=&label=k=v          -> :class:`SandboxList`
+GET         /sandboxes/{id}                             -> :class:`SandboxRecord`
+DELETE      /sandboxes/{id}                             -> 204
+POST        /sandboxes/{id}/exec[?stream=true]          ExecRequest -> ExecResult (or NDJSON of
+                                                        OutputChunk lines, then the ExecResult)
+POST        /sandboxes/{id}/sessions                    SessionCreateRequest ->
+                                                        SessionCreateResponse
+POST        /sandboxes/{id}/sessions/{name}/run         :class:`SessionRunBody` -> SessionRunResult
+            [?stream=true]                              (or NDJSON as for exec)
+POST        /sandboxes/{id}/sessions/{name}/stdin       :class:`SessionStdinBody` -> 204
+POST        /sandboxes/{id}/sessions/{name}/interrupt   -> 204
+DELETE      /sandboxes/{id}/sessions/{name}             -> 204
+GET         /sandboxes/{id}/files?path=                 -> raw bytes (streamed)
+PUT         /sandboxes/{id}/files?path=&mode=           raw bytes (streamed) -> :class:`FileWritten`
+GET         /sandboxes/{id}/files/stat?path=            -> FileInfo
+GET         /sandboxes/{id}/files/list?path=            -> ListDirResult
+POST        /sandboxes/{id}/files/mkdir                 MkdirRequest -> 204
+POST        /sandboxes/{id}/files/remove                RemoveRequest -> 204
+GET         /sandboxes/{id}/archive?path=               -> tar stream
+PUT         /sandboxes/{id}/archive?path=               tar stream (plain or compressed) -> 204
+GET         /sandboxes/{id}/stats                       -> SandboxStats
+==========  ==========================================  ==========================================
+
+Sandbox ids name their owning Worker: ``sb-<worker>-<random>``, so data-plane calls go to that
+Worker without a lookup.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rock_serve.protocol._base import WireModel
+from rock_serve.protocol.commands import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TIMEOUT,
+    MAX_OUTPUT,
+    MAX_TIMEOUT,
+)
+from rock_serve.protocol.sandbox import FailureReason, Resources, SandboxSpec, SandboxState
+
+SANDBOX_ID = r"^sb-[a-z0-9]{1,16}-[a-z0-9]{8,32}$"
+
+
+class CreateSandboxRequest(SandboxSpec):
+    """What to create, plus lifetime and idempotency."""
+
+    ttl_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86_400,
+        description="Hard deadline after which the sandbox is removed; None = server default.",
+    )
+    client_token: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Idempotency key: the same token returns the same sandbox.",
+    )
+
+
+class SandboxRecord(WireModel):
+    """A sandbox as the platform knows it."""
+
+    id: str = Field(description="Sandbox id (names its Worker).")
+    state: SandboxState = Field(description="Lifecycle state.")
+    reason: FailureReason | None = Field(default=None, description="Why it failed, if it did.")
+    owner: str = Field(default="", description="Who owns it.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels given at create.")
+    image: str | None = Field(default=None, description="Image or rootfs it was made from.")
+    resources: Resources = Field(default_factory=Resources, description="Limits it runs with.")
+    network: str = Field(default="none", description="Network mode.")
+    worker: str = Field(description="Name of the owning Worker.")
+    node_id: str = Field(description="Ray node id of the owning Worker.")
+    created_at: float = Field(description="Creation time, seconds since the epoch.")
+    expires_at: float | None = Field(default=None, description="Hard deadline (TTL), if any.")
+
+
+class SandboxList(WireModel):
+    """Sandboxes matching a list query, newest first."""
+
+    items: list[SandboxRecord] = Field(description="The sandboxes.")
+
+
+class SessionRunBody(WireModel):
+    """Body of ``POST /sandboxes/{id}/sessions/{name}/run`` (the session is in the path)."""
+
+    command: str = Field(description="Bash source; may span lines.")
+    timeout: float | None = Field(
+        default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT, description="Seconds before interrupt."
+    )
+    max_output_bytes: int = Field(
+        default=DEFAULT_MAX_OUTPUT, ge=0, le=MAX_OUTPUT, description="Output cap."
+    )
+
+
+class SessionStdinBody(WireModel):
+    """Body of ``POST /sandboxes/{id}/sessions/{name}/stdin``."""
+
+    data: str = Field(description="Text to write to the running command's stdin.")
+    eof: bool = Field(default=False, description="Close stdin after writing.")
+
+
+class FileWritten(WireModel):
+    """Reply of a file upload."""
+
+    path: str = Field(description="Path written.")
+    size: int = Field(description="Bytes written.")
+
+
+class WorkerStatus(WireModel):
+    """One Worker as the Scheduler sees it."""
+
+    name: str = Field(description="Actor name.")
+    node_id: str = Field(description="Ray node id.")
+    alive: bool = Field(description="False once its node is gone.")
+    sandboxes: int = Field(description="Sandboxes it owns.")
+    capacity: int = Field(description="Most sandboxes it may own.")
+    runtime: str = Field(description="Runtime it uses.")
+
+
+class Health(WireModel):
+    """Reply of ``GET /v1/health``."""
+
+    status: str = Field(description="'ok' when the Scheduler and at least one Worker answer.")
+    version: str = Field(description="rock-serve version.")
+    workers: list[WorkerStatus] = Field(default_factory=list, description="Known Workers.")
