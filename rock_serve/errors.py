@@ -262,6 +262,20 @@ _TABLE[ErrorCode.CONFLICT] = Conflict
 assert set(_TABLE) == set(ErrorCode), set(ErrorCode) - set(_TABLE)
 
 
+#: The class for a bare status (a proxy's HTML page, say): the generic one, never a specific
+#: one such as rocklet_unavailable that would claim more than is known.
+_BY_STATUS: dict[int, type[RockError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    429: RateLimited,
+    503: RuntimeUnavailable,
+    504: Timeout,
+}
+
+
 def error_class(code: ErrorCode | str) -> type[RockError]:
     """The exception class for a code; unknown codes map to :class:`InternalError`."""
     try:
@@ -295,9 +309,7 @@ def from_body(body: Any, *, status: int | None = None) -> RockError:
     """Rebuild the typed exception from an error body (the inverse of :func:`to_body`)."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
-        cls: type[RockError] = InternalError
-        if status is not None:
-            cls = next((c for c in _TABLE.values() if c.status == status), InternalError)
+        cls = _BY_STATUS.get(status or 0, InternalError)
         return cls(f"unexpected error response (HTTP {status}): {str(body)[:200]}")
     cls = error_class(str(err.get("code", "")))
     details = err.get("details") if isinstance(err.get("details"), dict) else {}

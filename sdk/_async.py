@@ -1,0 +1,552 @@
+"""The asynchronous HTTP client of REST v1.
+
+The sync module is generated from the async one by ``scripts/unasync.py``. Every method builds its
+request with :mod:`rock_serve.sdk._base`, sends it through one retrying ``_send`` and parses
+the reply there too; this file holds only the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from rock_serve.protocol import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TIMEOUT,
+    CreateSandboxRequest,
+    ExecRequest,
+    ExecResult,
+    FileInfo,
+    FileWritten,
+    Health,
+    ListDirResult,
+    MkdirRequest,
+    OutputChunk,
+    RemoveRequest,
+    SandboxList,
+    SandboxRecord,
+    SandboxState,
+    SandboxStats,
+    SessionCreateRequest,
+    SessionCreateResponse,
+    SessionRunBody,
+    SessionRunResult,
+    SessionStdinBody,
+)
+from rock_serve.sdk import _base
+from rock_serve.sdk._async_sandbox import AsyncSandbox
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """Asynchronous client of the rock-serve REST v1 API.
+
+    Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.
+    Calls answered 429 or 503 are retried with backoff (honouring ``Retry-After``), and GETs
+    also after connection failures; see :class:`~rock_serve.sdk.RetryPolicy`. Error replies
+    raise the typed exceptions of :mod:`rock_serve.errors`; transport failures that are not
+    retried (or no longer) raise ``httpx.TransportError``.
+
+    Example::
+
+        async with AsyncClient() as client:
+            async with client.sandbox(image="python:3.12") as sb:
+                result = await sb.run("echo hi")
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        retry: _base.RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create a client; it owns an ``httpx.AsyncClient`` until :meth:`aclose`.
+
+        Args:
+            base_url: Root URL of the platform (default ``ROCK_BASE_URL`` or
+                ``http://127.0.0.1:8000``).
+            token: Bearer token (default ``ROCK_TOKEN``).
+            timeout: Seconds per HTTP call (default ``ROCK_TIMEOUT`` or 60); commands get their
+                own timeout plus a margin.
+            retry: Retry policy (default :class:`~rock_serve.sdk.RetryPolicy`).
+            transport: An httpx transport to send through (tests, proxies, ASGI apps).
+            headers: Extra headers sent with every request.
+        """
+        self.settings = _base.ClientSettings.from_env(
+            base_url=base_url, token=token, timeout=timeout
+        )
+        self.retry = retry if retry is not None else _base.RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=self.settings.base_url,
+            headers={**_base.default_headers(self.settings), **(headers or {})},
+            timeout=self.settings.timeout,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the underlying connections."""
+        await self._http.aclose()
+
+    # -----------------------------------------------------------------------------------------
+    # I/O: the only places that touch the network
+
+    async def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
+        """Send ``call`` with retries; return a successful reply or raise the typed error."""
+        state = _base.RetryState(self.retry)
+        while True:
+            request = self._http.build_request(**_base.request_kwargs(call, self.settings))
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                delay = state.after_transport_error(call, exc)
+                if delay is None:
+                    raise
+                await _base.asleep(delay)
+                continue
+            if response.is_success:
+                return response
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            error = _base.error_from_response(response)
+            delay = state.after_error(response.status_code, error)
+            if delay is None:
+                raise error
+            await _base.asleep(delay)
+
+    async def _stream(
+        self, call: _base.Call, final: type[_base.R]
+    ) -> AsyncIterator[OutputChunk | _base.R]:
+        """Yield the NDJSON items of a streamed call, ending with its final result."""
+        response = await self._send(call, stream=True)
+        try:
+            async for line in response.aiter_lines():
+                item = _base.parse_stream_line(line, final)
+                if item is None:
+                    continue
+                yield item
+                if isinstance(item, final):
+                    return
+        finally:
+            await response.aclose()
+        raise _base.stream_ended_early()
+
+    # -----------------------------------------------------------------------------------------
+    # Platform and sandboxes
+
+    async def health(self) -> Health:
+        """Ask the platform whether it is up.
+
+        Returns:
+            The platform's status and its Workers.
+        """
+        return _base.parse(await self._send(_base.health()), Health)
+
+    async def create_sandbox(
+        self, request: CreateSandboxRequest | None = None, /, **spec: Any
+    ) -> SandboxRecord:
+        """Create a sandbox.
+
+        Args:
+            request: The whole request; or give its fields as keyword arguments.
+            **spec: Fields of :class:`~rock_serve.protocol.CreateSandboxRequest` (``image``,
+                ``resources``, ``network``, ``env``, ``ttl_seconds``, ``owner``, ``labels``,
+                ``client_token``, ...).
+
+        Returns:
+            The new sandbox's record.
+        """
+        if request is None:
+            request = CreateSandboxRequest(**spec)
+        elif spec:
+            request = request.model_copy(update=spec)
+        return _base.parse(await self._send(_base.create_sandbox(request)), SandboxRecord)
+
+    def sandbox(self, request: CreateSandboxRequest | None = None, /, **spec: Any) -> AsyncSandbox:
+        """A sandbox to be created on entering ``async with`` and deleted on leaving it.
+
+        Args:
+            request: The whole create request; or give its fields as keyword arguments.
+            **spec: Fields of :class:`~rock_serve.protocol.CreateSandboxRequest`.
+
+        Returns:
+            The (not yet created) sandbox object.
+        """
+        if request is None:
+            request = CreateSandboxRequest(**spec)
+        elif spec:
+            request = request.model_copy(update=spec)
+        return AsyncSandbox(self, request=request)
+
+    async def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Look up one sandbox.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record.
+
+        Raises:
+            SandboxNotFound: No sandbox has that id.
+        """
+        return _base.parse(await self._send(_base.get_sandbox(sandbox_id)), SandboxRecord)
+
+    async def list_sandboxes(
+        self,
+        *,
+        owner: str | None = None,
+        state: SandboxState | str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[SandboxRecord]:
+        """List sandboxes, newest first.
+
+        Args:
+            owner: Only those of this owner.
+            state: Only those in this state.
+            labels: Only those carrying all these labels.
+
+        Returns:
+            The matching sandboxes.
+        """
+        call = _base.list_sandboxes(owner=owner, state=state, labels=labels)
+        return _base.parse(await self._send(call), SandboxList).items
+
+    async def delete_sandbox(self, sandbox_id: str) -> None:
+        """Delete a sandbox and everything in it.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Raises:
+            SandboxNotFound: No sandbox has that id.
+        """
+        await self._send(_base.delete_sandbox(sandbox_id))
+
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        """Resource usage and limits of a sandbox.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its usage and limits, as seen from its cgroup.
+        """
+        return _base.parse(await self._send(_base.stats(sandbox_id)), SandboxStats)
+
+    # -----------------------------------------------------------------------------------------
+    # One-shot commands
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        command: str | list[str] | ExecRequest,
+        *,
+        shell: bool | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run one command to completion in a fresh process.
+
+        Args:
+            sandbox_id: The sandbox id.
+            command: A shell string (run with ``bash -c``), an argv list, or a whole request.
+            shell: Force (or refuse) shell interpretation.
+            env: Extra environment variables.
+            cwd: Working directory.
+            stdin: Data written to the command's stdin.
+            timeout: Seconds before the command is killed (None: no limit).
+            max_output_bytes: Cap per stream.
+
+        Returns:
+            Exit code, output and timing. A non-zero exit or a timeout is a result, not an error.
+        """
+        request = _base.exec_request(
+            command,
+            shell=shell,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            timeout=timeout,
+            max_output_bytes=max_output_bytes,
+        )
+        return _base.parse(await self._send(_base.exec_(sandbox_id, request)), ExecResult)
+
+    def stream_exec(
+        self,
+        sandbox_id: str,
+        command: str | list[str] | ExecRequest,
+        *,
+        shell: bool | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> AsyncIterator[OutputChunk | ExecResult]:
+        """Run one command and stream its output as it comes.
+
+        Args are those of :meth:`exec`. Leaving the loop early closes the connection once the
+        iterator is closed (wrap it in ``contextlib.aclosing`` to close it at once).
+
+        Returns:
+            An iterator of :class:`~rock_serve.protocol.OutputChunk` items, ending with the
+            :class:`~rock_serve.protocol.ExecResult`.
+        """
+        request = _base.exec_request(
+            command,
+            shell=shell,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            timeout=timeout,
+            max_output_bytes=max_output_bytes,
+        )
+        return self._stream(_base.exec_(sandbox_id, request, stream=True), ExecResult)
+
+    # -----------------------------------------------------------------------------------------
+    # Sessions
+
+    async def create_session(
+        self,
+        sandbox_id: str,
+        session: str = "default",
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        startup_commands: list[str] | None = None,
+    ) -> SessionCreateResponse:
+        """Start a persistent bash session.
+
+        Args:
+            sandbox_id: The sandbox id.
+            session: Session name.
+            env: Extra environment variables.
+            cwd: Initial directory.
+            startup_commands: Commands run once in the new session.
+
+        Returns:
+            The session name and the output of the startup commands.
+
+        Raises:
+            SessionExists: A session with that name exists.
+        """
+        request = SessionCreateRequest(
+            session=session,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            startup_commands=list(startup_commands or []),
+        )
+        call = _base.create_session(sandbox_id, request)
+        return _base.parse(await self._send(call), SessionCreateResponse)
+
+    async def run(
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        session: str = "default",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> SessionRunResult:
+        """Run a command in an existing session (cwd, env and functions persist).
+
+        Args:
+            sandbox_id: The sandbox id.
+            command: Bash source; may span lines.
+            session: Session name.
+            timeout: Seconds before the command is interrupted (None: no limit).
+            max_output_bytes: Output cap.
+
+        Returns:
+            Merged output and exit code.
+
+        Raises:
+            SessionNotFound: The session does not exist.
+        """
+        body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
+        return _base.parse(await self._send(_base.run(sandbox_id, session, body)), SessionRunResult)
+
+    def stream_run(
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        session: str = "default",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> AsyncIterator[OutputChunk | SessionRunResult]:
+        """Run a command in a session and stream its output as it comes.
+
+        Args are those of :meth:`run`.
+
+        Returns:
+            An iterator of :class:`~rock_serve.protocol.OutputChunk` items, ending with the
+            :class:`~rock_serve.protocol.SessionRunResult`.
+        """
+        body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
+        return self._stream(_base.run(sandbox_id, session, body, stream=True), SessionRunResult)
+
+    async def session_stdin(
+        self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False
+    ) -> None:
+        """Write to the stdin of the command running in a session.
+
+        Args:
+            sandbox_id: The sandbox id.
+            data: Text to write (add a newline to end a line).
+            session: Session name.
+            eof: Close stdin after writing.
+        """
+        body = SessionStdinBody(data=data, eof=eof)
+        await self._send(_base.session_stdin(sandbox_id, session, body))
+
+    async def interrupt(self, sandbox_id: str, *, session: str = "default") -> None:
+        """Interrupt the command running in a session (like Ctrl-C).
+
+        Args:
+            sandbox_id: The sandbox id.
+            session: Session name.
+        """
+        await self._send(_base.interrupt(sandbox_id, session))
+
+    async def close_session(self, sandbox_id: str, *, session: str = "default") -> None:
+        """Close a session and kill its processes.
+
+        Args:
+            sandbox_id: The sandbox id.
+            session: Session name.
+        """
+        await self._send(_base.close_session(sandbox_id, session))
+
+    # -----------------------------------------------------------------------------------------
+    # Files
+
+    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        """Read a whole file.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+
+        Returns:
+            Its bytes.
+
+        Raises:
+            FileNotFound: Nothing is at that path.
+        """
+        return (await self._send(_base.read_file(sandbox_id, path))).content
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None
+    ) -> FileWritten:
+        """Write a whole file, creating missing parent directories.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+            data: The content.
+            mode: Permission bits (e.g. ``0o755``).
+
+        Returns:
+            The path and the number of bytes written.
+        """
+        call = _base.write_file(sandbox_id, path, data, mode)
+        return _base.parse(await self._send(call), FileWritten)
+
+    async def stat(self, sandbox_id: str, path: str) -> FileInfo:
+        """Describe one file or directory.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+
+        Returns:
+            Its type, size, mode and mtime.
+        """
+        return _base.parse(await self._send(_base.stat(sandbox_id, path)), FileInfo)
+
+    async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
+        """List a directory.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+
+        Returns:
+            Its entries, sorted by name.
+        """
+        return _base.parse(await self._send(_base.list_dir(sandbox_id, path)), ListDirResult)
+
+    async def mkdir(
+        self, sandbox_id: str, path: str, *, parents: bool = True, exist_ok: bool = True
+    ) -> None:
+        """Create a directory.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+            parents: Create missing parents.
+            exist_ok: No error if it exists.
+        """
+        request = MkdirRequest(path=path, parents=parents, exist_ok=exist_ok)
+        await self._send(_base.mkdir(sandbox_id, request))
+
+    async def remove(
+        self, sandbox_id: str, path: str, *, recursive: bool = False, missing_ok: bool = False
+    ) -> None:
+        """Remove a file or directory.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+            recursive: Remove directories and their contents.
+            missing_ok: No error if it does not exist.
+        """
+        request = RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
+        await self._send(_base.remove(sandbox_id, request))
+
+    async def download_archive(self, sandbox_id: str, path: str) -> bytes:
+        """Download a file or directory tree as a tar archive.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Path inside the sandbox.
+
+        Returns:
+            The tar archive's bytes.
+        """
+        return (await self._send(_base.download_archive(sandbox_id, path))).content
+
+    async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
+        """Unpack a tar archive (plain or compressed) into a directory.
+
+        Args:
+            sandbox_id: The sandbox id.
+            path: Directory inside the sandbox to unpack into.
+            data: The archive's bytes.
+        """
+        await self._send(_base.upload_archive(sandbox_id, path, data))

@@ -1,0 +1,493 @@
+"""The sans-IO core shared by :class:`AsyncClient` and :class:`Client`.
+
+Everything here is pure: it builds the requests of the REST v1 routes (see
+:mod:`rock_serve.protocol.api`), parses replies into protocol models, maps error replies to the
+typed exceptions of :mod:`rock_serve.errors`, and decides whether and how long to wait before a
+retry. The two clients only send, sleep and read; they differ in ``await`` alone.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import anyio
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rock_serve import __version__
+from rock_serve.errors import InternalError, RockError, RockletUnavailable, from_body
+from rock_serve.protocol import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TIMEOUT,
+    CreateSandboxRequest,
+    ExecRequest,
+    ExecResult,
+    MkdirRequest,
+    OutputChunk,
+    RemoveRequest,
+    SandboxState,
+    SessionCreateRequest,
+    SessionRunBody,
+    SessionRunResult,
+    SessionStdinBody,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_HTTP_TIMEOUT",
+    "ClientSettings",
+    "RetryPolicy",
+]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+#: Seconds for connect/read/write of control-plane calls (``ROCK_TIMEOUT`` overrides it).
+DEFAULT_HTTP_TIMEOUT = 60.0
+#: Extra read time granted to a command on top of its own timeout.
+COMMAND_TIMEOUT_MARGIN = 30.0
+API_PREFIX = "/v1"
+
+Method = Literal["GET", "POST", "PUT", "DELETE"]
+M = TypeVar("M", bound=BaseModel)
+
+
+class ClientSettings(BaseModel):
+    """Where and how an SDK client connects; read from ``ROCK_*`` environment variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL, description="Root URL of the platform (``ROCK_BASE_URL``)."
+    )
+    token: str | None = Field(
+        default=None, description="Bearer token sent as ``Authorization`` (``ROCK_TOKEN``)."
+    )
+    timeout: float = Field(
+        default=DEFAULT_HTTP_TIMEOUT,
+        gt=0,
+        description="Seconds for connect/read/write of one HTTP call (``ROCK_TIMEOUT``).",
+    )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        timeout: float | None = None,
+    ) -> ClientSettings:
+        """Settings from explicit arguments, falling back to ``ROCK_*`` variables, then defaults.
+
+        Args:
+            environ: The environment to read (default: ``os.environ``).
+            base_url: Overrides ``ROCK_BASE_URL``.
+            token: Overrides ``ROCK_TOKEN``.
+            timeout: Overrides ``ROCK_TIMEOUT``.
+
+        Returns:
+            The validated settings.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if (url := base_url or env.get("ROCK_BASE_URL")) is not None and url != "":
+            values["base_url"] = url
+        if (tok := token if token is not None else env.get("ROCK_TOKEN")) is not None:
+            values["token"] = tok or None
+        if timeout is not None:
+            values["timeout"] = timeout
+        elif env.get("ROCK_TIMEOUT"):
+            values["timeout"] = env["ROCK_TIMEOUT"]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before retrying a call.
+
+    Only 429 and 503 replies are retried (any method; not ``rocklet_unavailable``, whose
+    sandbox is gone for good), plus connection failures of GETs, which
+    are idempotent. The wait is the server's ``Retry-After`` (header, else the error body's
+    ``retry_after``) when it gives one, otherwise exponential backoff with jitter: attempt ``n``
+    (1-based) waits a uniform time in ``[d/2, d]`` with ``d = min(max_backoff, base * 2**(n-1))``.
+    A call gives up after ``max_attempts`` sends, or when the next wait would end after
+    ``max_total`` seconds from the first send; the last error is raised as is (for instance
+    :class:`~rock_serve.errors.RateLimited` with its ``retry_after``).
+    """
+
+    max_attempts: int = 5
+    base: float = 0.5
+    max_backoff: float = 8.0
+    max_total: float = 60.0
+    retry_statuses: frozenset[int] = frozenset({429, 503})
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``attempt``-th failed send (1-based)."""
+        if retry_after is not None and retry_after >= 0:
+            return float(retry_after)
+        ceiling = min(self.max_backoff, self.base * 2.0 ** (attempt - 1))
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+
+#: Transport failures after which a GET is resent (the request may not have arrived, and a GET
+#: changes nothing if it did). Read timeouts are not among them: the server is slow, not gone.
+RETRYABLE_TRANSPORT_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+)
+
+
+class RetryState:
+    """The retry bookkeeping of one logical call (one per call, not per client)."""
+
+    def __init__(self, policy: RetryPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._start: float = clock()
+        self._attempt = 0
+
+    def _next(self, retry_after: float | None) -> float | None:
+        self._attempt += 1
+        if self._attempt >= self._policy.max_attempts:
+            return None
+        delay = self._policy.backoff(self._attempt, retry_after)
+        if self._clock() - self._start + delay > self._policy.max_total:
+            return None
+        return delay
+
+    def after_error(self, status: int, error: RockError) -> float | None:
+        """Seconds to wait before resending after an error reply, or None to raise it."""
+        if status not in self._policy.retry_statuses or isinstance(error, RockletUnavailable):
+            # A dead rocklet stays dead: its sandbox must be recreated, not the call resent.
+            return None
+        return self._next(error.retry_after)
+
+    def after_transport_error(self, call: Call, exc: httpx.TransportError) -> float | None:
+        """Seconds to wait before resending after a transport failure, or None to raise it."""
+        if call.method != "GET" or not isinstance(exc, RETRYABLE_TRANSPORT_ERRORS):
+            return None
+        return self._next(None)
+
+
+async def asleep(seconds: float) -> None:
+    """Wait without blocking the event loop (the async twin of :func:`sleep`)."""
+    await anyio.sleep(seconds)
+
+
+def sleep(seconds: float) -> None:
+    """Block the calling thread (the sync twin of :func:`asleep`)."""
+    time.sleep(seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True)
+class Call:
+    """One REST v1 request, independent of any HTTP library's client object."""
+
+    method: Method
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+    json: Any = None
+    content: bytes | None = None
+    #: Read timeout for this call; ``"default"`` uses the client's, None waits forever.
+    read_timeout: float | None | Literal["default"] = "default"
+
+
+def _seg(value: str) -> str:
+    """Quote one path segment so an id or name can never change the route."""
+    return quote(value, safe="")
+
+
+def _sandbox(sandbox_id: str, *rest: str) -> str:
+    return "/".join([f"{API_PREFIX}/sandboxes/{_seg(sandbox_id)}", *rest])
+
+
+def _session(sandbox_id: str, session: str, *rest: str) -> str:
+    return _sandbox(sandbox_id, "sessions", _seg(session), *rest)
+
+
+def _command_read_timeout(timeout: float | None) -> float | None:
+    """A command may take its own timeout; the HTTP read waits that long plus a margin."""
+    return None if timeout is None else timeout + COMMAND_TIMEOUT_MARGIN
+
+
+def _dump(model: BaseModel) -> Any:
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+def health() -> Call:
+    """``GET /v1/health``."""
+    return Call("GET", f"{API_PREFIX}/health")
+
+
+def create_sandbox(request: CreateSandboxRequest) -> Call:
+    """``POST /v1/sandboxes``."""
+    return Call("POST", f"{API_PREFIX}/sandboxes", json=_dump(request))
+
+
+def get_sandbox(sandbox_id: str) -> Call:
+    """``GET /v1/sandboxes/{id}``."""
+    return Call("GET", _sandbox(sandbox_id))
+
+
+def list_sandboxes(
+    owner: str | None = None,
+    state: SandboxState | str | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Call:
+    """``GET /v1/sandboxes?owner=&state=&label=k=v``."""
+    params: list[tuple[str, str]] = []
+    if owner is not None:
+        params.append(("owner", owner))
+    if state is not None:
+        params.append(("state", SandboxState(state).value))
+    for key, value in (labels or {}).items():
+        params.append(("label", f"{key}={value}"))
+    return Call("GET", f"{API_PREFIX}/sandboxes", params=tuple(params))
+
+
+def delete_sandbox(sandbox_id: str) -> Call:
+    """``DELETE /v1/sandboxes/{id}``."""
+    return Call("DELETE", _sandbox(sandbox_id))
+
+
+def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Call:
+    """``POST /v1/sandboxes/{id}/exec[?stream=true]``."""
+    return Call(
+        "POST",
+        _sandbox(sandbox_id, "exec"),
+        params=(("stream", "true"),) if stream else (),
+        json=_dump(request),
+        read_timeout=_command_read_timeout(request.timeout),
+    )
+
+
+def exec_request(
+    command: str | list[str] | ExecRequest,
+    *,
+    shell: bool | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: str | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+) -> ExecRequest:
+    """The :class:`ExecRequest` for the keyword arguments of ``exec``/``stream_exec``."""
+    if isinstance(command, ExecRequest):
+        return command
+    return ExecRequest(
+        command=command,
+        shell=shell,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        stdin=stdin,
+        timeout=timeout,
+        max_output_bytes=max_output_bytes,
+    )
+
+
+def create_session(sandbox_id: str, request: SessionCreateRequest) -> Call:
+    """``POST /v1/sandboxes/{id}/sessions``."""
+    return Call("POST", _sandbox(sandbox_id, "sessions"), json=_dump(request))
+
+
+def run(sandbox_id: str, session: str, body: SessionRunBody, *, stream: bool = False) -> Call:
+    """``POST /v1/sandboxes/{id}/sessions/{name}/run[?stream=true]``."""
+    return Call(
+        "POST",
+        _session(sandbox_id, session, "run"),
+        params=(("stream", "true"),) if stream else (),
+        json=body.model_dump(mode="json"),
+        read_timeout=_command_read_timeout(body.timeout),
+    )
+
+
+def session_stdin(sandbox_id: str, session: str, body: SessionStdinBody) -> Call:
+    """``POST /v1/sandboxes/{id}/sessions/{name}/stdin``."""
+    return Call("POST", _session(sandbox_id, session, "stdin"), json=body.model_dump(mode="json"))
+
+
+def interrupt(sandbox_id: str, session: str) -> Call:
+    """``POST /v1/sandboxes/{id}/sessions/{name}/interrupt``."""
+    return Call("POST", _session(sandbox_id, session, "interrupt"))
+
+
+def close_session(sandbox_id: str, session: str) -> Call:
+    """``DELETE /v1/sandboxes/{id}/sessions/{name}``."""
+    return Call("DELETE", _session(sandbox_id, session))
+
+
+def read_file(sandbox_id: str, path: str) -> Call:
+    """``GET /v1/sandboxes/{id}/files?path=``."""
+    return Call("GET", _sandbox(sandbox_id, "files"), params=(("path", path),))
+
+
+def write_file(sandbox_id: str, path: str, data: bytes, mode: int | None = None) -> Call:
+    """``PUT /v1/sandboxes/{id}/files?path=&mode=`` with the raw bytes as the body."""
+    params = [("path", path)]
+    if mode is not None:
+        params.append(("mode", str(mode)))
+    return Call("PUT", _sandbox(sandbox_id, "files"), params=tuple(params), content=bytes(data))
+
+
+def stat(sandbox_id: str, path: str) -> Call:
+    """``GET /v1/sandboxes/{id}/files/stat?path=``."""
+    return Call("GET", _sandbox(sandbox_id, "files", "stat"), params=(("path", path),))
+
+
+def list_dir(sandbox_id: str, path: str) -> Call:
+    """``GET /v1/sandboxes/{id}/files/list?path=``."""
+    return Call("GET", _sandbox(sandbox_id, "files", "list"), params=(("path", path),))
+
+
+def mkdir(sandbox_id: str, request: MkdirRequest) -> Call:
+    """``POST /v1/sandboxes/{id}/files/mkdir``."""
+    return Call("POST", _sandbox(sandbox_id, "files", "mkdir"), json=request.model_dump())
+
+
+def remove(sandbox_id: str, request: RemoveRequest) -> Call:
+    """``POST /v1/sandboxes/{id}/files/remove``."""
+    return Call("POST", _sandbox(sandbox_id, "files", "remove"), json=request.model_dump())
+
+
+def download_archive(sandbox_id: str, path: str) -> Call:
+    """``GET /v1/sandboxes/{id}/archive?path=`` (a tar stream)."""
+    return Call("GET", _sandbox(sandbox_id, "archive"), params=(("path", path),))
+
+
+def upload_archive(sandbox_id: str, path: str, data: bytes) -> Call:
+    """``PUT /v1/sandboxes/{id}/archive?path=`` with a (possibly compressed) tar as the body."""
+    return Call("PUT", _sandbox(sandbox_id, "archive"), params=(("path", path),), content=data)
+
+
+def stats(sandbox_id: str) -> Call:
+    """``GET /v1/sandboxes/{id}/stats``."""
+    return Call("GET", _sandbox(sandbox_id, "stats"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building httpx requests
+
+
+def default_headers(settings: ClientSettings) -> dict[str, str]:
+    """Headers sent with every request (auth when a token is set)."""
+    headers = {"User-Agent": f"rock-serve-sdk/{__version__}", "Accept": "application/json"}
+    if settings.token:
+        headers["Authorization"] = f"Bearer {settings.token}"
+    return headers
+
+
+def request_kwargs(call: Call, settings: ClientSettings) -> dict[str, Any]:
+    """Keyword arguments of ``httpx.Client.build_request`` (same for the async client)."""
+    kwargs: dict[str, Any] = {"method": call.method, "url": call.path}
+    if call.params:
+        kwargs["params"] = list(call.params)
+    if call.json is not None:
+        kwargs["json"] = call.json
+    if call.content is not None:
+        kwargs["content"] = call.content
+        kwargs["headers"] = {"Content-Type": "application/octet-stream"}
+    if call.read_timeout != "default":
+        kwargs["timeout"] = httpx.Timeout(settings.timeout, read=call.read_timeout)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def error_from_response(response: httpx.Response) -> RockError:
+    """The typed exception for an error reply (its body must have been read).
+
+    The one error body is mapped through :func:`rock_serve.errors.from_body`; a body that is not
+    JSON (a proxy's HTML page, say) maps by HTTP status. A ``Retry-After`` header fills in
+    ``retry_after`` when the body does not give one.
+    """
+    try:
+        body: Any = json.loads(response.content) if response.content else None
+    except (ValueError, UnicodeDecodeError):
+        body = response.content.decode("utf-8", "replace")
+    error = from_body(body, status=response.status_code)
+    # from_body passes the body's retry_after through as it came; keep only a usable number.
+    raw: object = error.retry_after
+    if raw is not None and not isinstance(raw, int | float):
+        error.retry_after = parse_retry_after(str(raw))
+    if error.retry_after is None:
+        error.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    return error
+
+
+def parse(response: httpx.Response, model: type[M]) -> M:
+    """The reply body as ``model``; a body that does not fit is an :class:`InternalError`."""
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise InternalError(
+            f"unexpected reply to {response.request.method} {response.request.url.path}: "
+            f"{exc.error_count()} validation error(s) for {model.__name__}"
+        ) from exc
+
+
+R = TypeVar("R", ExecResult, SessionRunResult)
+
+
+def parse_stream_line(line: str, final: type[R]) -> OutputChunk | R | None:
+    """One NDJSON line of a streamed exec/run: a chunk, the final result, or None if blank.
+
+    Raises:
+        RockError: The line is an error body (the command failed mid-stream), or malformed.
+    """
+    if not line.strip():
+        return None
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise InternalError(f"malformed stream line: {line[:200]!r}") from exc
+    if not isinstance(item, dict):
+        raise InternalError(f"malformed stream line: {line[:200]!r}")
+    if "error" in item:
+        raise from_body(item)
+    try:
+        if item.get("type") == "output":
+            return OutputChunk.model_validate(item)
+        return final.model_validate(item)
+    except ValidationError as exc:
+        raise InternalError(f"malformed stream line: {line[:200]!r}") from exc
+
+
+def stream_ended_early() -> RockError:
+    """The error for a stream that closed before its final result."""
+    return InternalError("the stream ended before the command's result arrived")
