@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from rock_serve.errors import InvalidConfig
 from rock_serve.protocol import Resources
@@ -24,7 +24,9 @@ __all__ = [
     "FakeRuntimeConfig",
     "LocalRuntimeConfig",
     "RuntimeConfig",
+    "ServerArgs",
     "parse_runtime_config",
+    "parse_server_args",
 ]
 
 #: Paths of the lower rootfs that a sandbox never sees (globs allowed). Directories appear
@@ -176,3 +178,69 @@ def parse_runtime_config(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
         )
         raise InvalidConfig(f"bad runtime config: {problems}") from None
+
+
+class ServerArgs(_Config):
+    """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
+
+    runtime: RuntimeConfig = Field(
+        default_factory=BwrapRuntimeConfig,
+        description="Sandbox backend every Worker uses (bwrap by default).",
+    )
+    namespace: str = Field(
+        default="rock-serve",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Ray namespace holding the Scheduler and the Workers (detached actors).",
+    )
+    max_sandboxes_per_node: int = Field(
+        default=256, ge=1, le=100_000, description="Most sandboxes one Worker (node) may own."
+    )
+    default_ttl_seconds: float = Field(
+        default=3600.0, gt=0, description="TTL of a sandbox whose create request sets none."
+    )
+    max_ttl_seconds: float = Field(
+        default=86_400.0, gt=0, description="Largest TTL a create request may ask for."
+    )
+    reap_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often Workers remove expired sandboxes and the Scheduler re-syncs "
+        "its registry and its Workers with the cluster's nodes.",
+    )
+    worker_max_concurrency: int = Field(
+        default=1000, ge=1, le=100_000, description="Concurrent calls one Worker actor serves."
+    )
+    create_retry_after_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Retry-After sent with 'rate_limited' when every Worker is full.",
+    )
+    max_file_bytes: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="Largest file body the REST API reads or writes in one request.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_bounds(self) -> ServerArgs:
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError("default_ttl_seconds is over max_ttl_seconds")
+        return self
+
+
+def parse_server_args(data: object) -> ServerArgs:
+    """Parse :class:`ServerArgs` from plain data (``serve_config.yaml``'s ``args:``).
+
+    Raises:
+        InvalidConfig: unknown fields or bad values.
+    """
+    try:
+        return ServerArgs.model_validate(data or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidConfig(f"bad server args: {problems}") from None

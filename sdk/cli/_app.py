@@ -13,6 +13,7 @@ from rich.console import Console
 from rock_serve import __version__
 from rock_serve.config import parse_runtime_config
 from rock_serve.errors import RockError
+from rock_serve.sdk.cli._sandbox import sandbox_app
 
 app = typer.Typer(
     name="rock",
@@ -20,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(sandbox_app, name="sandbox")
 console = Console()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -62,6 +64,47 @@ def demo(
     except RockError as exc:
         console.print(f"[red]error[/red] [bold]{exc.code.value}[/bold]: {exc.message}")
         raise typer.Exit(1) from None
+
+
+API = "http://127.0.0.1:8000"
+DASHBOARD = "http://127.0.0.1:8265"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@app.command()
+def up(
+    config: Annotated[Path, typer.Option(help="Serve config to deploy.")] = ROOT
+    / "serve_config.yaml",
+    api: Annotated[str, typer.Option(help="Where the platform's HTTP API answers.")] = API,
+    dashboard: Annotated[str, typer.Option(help="Ray dashboard address.")] = DASHBOARD,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step.")] = 300,
+) -> None:
+    """Start a local Ray head if none runs, deploy the platform, wait until it is healthy."""
+    from rock_serve.sdk.cli._platform import up as do_up
+
+    ends = do_up(config, api, dashboard, timeout, console)
+    console.print(f"API:       [bold]{ends.api}[/bold]  (OpenAPI: {ends.api}/docs)")
+    console.print(f"dashboard: [bold]{ends.dashboard}[/bold]")
+
+
+@app.command()
+def down(
+    dashboard: Annotated[str, typer.Option(help="Ray dashboard address.")] = DASHBOARD,
+) -> None:
+    """Shut the platform down (and the Ray head, if ``rock up`` started it)."""
+    from rock_serve.sdk.cli._platform import down as do_down
+
+    do_down(dashboard, console)
+
+
+@app.command()
+def status(
+    api: Annotated[str, typer.Option(help="Where the platform's HTTP API answers.")] = API,
+) -> None:
+    """Table of Workers and sandboxes."""
+    from rock_serve.sdk.cli._platform import status as do_status
+
+    raise typer.Exit(do_status(api, console))
 
 
 def main() -> None:

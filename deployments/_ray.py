@@ -1,0 +1,212 @@
+"""The one module that calls ``ray.*``: actors by name, placement, and error unwrapping.
+
+Everything else in ``deployments/`` talks to Ray through this seam, so the Scheduler and the
+Worker are plain classes that run (and can be tested) without Ray.
+
+Errors: an actor method that raises a :class:`~rock_serve.errors.RockError` reaches the caller
+as ``RayTaskError``; :func:`call` and :func:`stream` re-raise the original typed error (its
+message, ``retry_after`` and details survive pickling). Any other failure becomes a typed error
+too: a dead or unreachable actor is :class:`RuntimeUnavailable`, anything else
+:class:`InternalError` (its text is logged, never sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from rock_serve.config import ServerArgs
+from rock_serve.errors import InternalError, RockError, RuntimeUnavailable, SandboxNotFound
+from rock_serve.protocol import CreateSandboxRequest, SandboxRecord, WorkerStatus
+from rock_serve.runtime._sync import run_sync
+
+__all__ = [
+    "SCHEDULER_NAME",
+    "WORKER_PREFIX",
+    "RayWorker",
+    "RayWorkerDirectory",
+    "WorkerHandles",
+    "call",
+    "get_or_create_scheduler",
+    "short_name",
+    "stream",
+    "worker_actor_name",
+]
+
+log = logging.getLogger(__name__)
+
+#: Actor name of the Scheduler (in ``ServerArgs.namespace``).
+SCHEDULER_NAME = "rock-scheduler"
+#: Actor names of Workers are this prefix plus the short node name.
+WORKER_PREFIX = "rock-worker-"
+
+ActorHandle = Any
+
+
+def short_name(node_id: str) -> str:
+    """The short, id-safe name of a node's Worker (``[a-z0-9]{12}``)."""
+    return node_id[:12].lower()
+
+
+def worker_actor_name(short: str) -> str:
+    """Actor name of the Worker whose short name is ``short``."""
+    return WORKER_PREFIX + short
+
+
+def _translate(exc: BaseException, what: str) -> RockError:
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, RockError):
+            return cause
+        if isinstance(cause, RayActorError):
+            return RuntimeUnavailable(f"{what}: a Ray actor is unavailable")
+        log.error("%s failed: %r", what, cause)
+        return InternalError(f"{what} failed")
+    if isinstance(exc, RayActorError):
+        return RuntimeUnavailable(f"{what}: the actor is unavailable, retry shortly", retry_after=1)
+    log.error("%s failed: %r", what, exc)
+    return InternalError(f"{what} failed")
+
+
+async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors."""
+    try:
+        return await getattr(actor, method).remote(*args, **kwargs)
+    except (RayTaskError, RayActorError) as exc:
+        raise _translate(exc, method) from None
+
+
+async def stream(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    """Iterate over an async-generator actor method's items as they come.
+
+    If the consumer stops early (a client went away), the actor task is cancelled.
+    """
+    try:
+        gen = getattr(actor, method).options(num_returns="streaming").remote(*args, **kwargs)
+    except (RayTaskError, RayActorError) as exc:
+        raise _translate(exc, method) from None
+    finished = False
+    try:
+        async for ref in gen:
+            try:
+                item = await ref
+            except (RayTaskError, RayActorError) as exc:
+                finished = True
+                raise _translate(exc, method) from None
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            with contextlib.suppress(Exception):
+                ray.cancel(gen)
+
+
+# --------------------------------------------------------------------------- Workers
+
+
+class RayWorker:
+    """The Scheduler's wrapper around one Worker actor (see ``scheduler.WorkerRef``)."""
+
+    def __init__(self, name: str, node_id: str, actor: ActorHandle) -> None:
+        self.name = name
+        self.node_id = node_id
+        self.actor = actor
+
+    async def create(self, sandbox_id: str, req: CreateSandboxRequest, ttl: float) -> SandboxRecord:
+        """Create and start a sandbox on this Worker."""
+        record: SandboxRecord = await call(self.actor, "create", sandbox_id, req, ttl)
+        return record
+
+    async def remove(self, sandbox_id: str) -> None:
+        """Remove a sandbox."""
+        await call(self.actor, "remove", sandbox_id)
+
+    async def list(self) -> list[SandboxRecord]:
+        """Every sandbox the Worker owns."""
+        records: list[SandboxRecord] = await call(self.actor, "list")
+        return records
+
+    async def status(self) -> WorkerStatus:
+        """The Worker's load and capacity."""
+        status: WorkerStatus = await call(self.actor, "status")
+        return status
+
+
+class RayWorkerDirectory:
+    """Finds alive nodes and gets or creates one Worker actor pinned to each."""
+
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+
+    async def alive_nodes(self) -> list[str]:
+        """Ids of the cluster's alive nodes."""
+        nodes = await run_sync(ray.nodes)
+        return [str(n["NodeID"]) for n in nodes if n.get("Alive")]
+
+    async def ensure(self, node_id: str) -> RayWorker:
+        """Get or create the detached Worker pinned to ``node_id``."""
+        from rock_serve.deployments.worker import Worker
+
+        short = short_name(node_id)
+        name = worker_actor_name(short)
+        cls = ray.remote(Worker)
+        actor = cls.options(
+            name=name,
+            namespace=self.args.namespace,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+            max_concurrency=self.args.worker_max_concurrency,
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        ).remote(self.args, short, node_id)
+        await call(actor, "ready")
+        return RayWorker(short, node_id, actor)
+
+
+def get_or_create_scheduler(args: ServerArgs) -> ActorHandle:
+    """The cluster's detached Scheduler actor (created on first use)."""
+    from rock_serve.deployments.scheduler import Scheduler
+
+    cls = ray.remote(Scheduler)
+    return cls.options(
+        name=SCHEDULER_NAME,
+        namespace=args.namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_concurrency=1000,
+        max_restarts=-1,
+        max_task_retries=0,
+    ).remote(args)
+
+
+class WorkerHandles:
+    """The Admin's cache of Worker actor handles, looked up by the short name in an id."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._cache: dict[str, ActorHandle] = {}
+
+    async def get(self, short: str) -> ActorHandle:
+        """The Worker actor named by ``short``.
+
+        Raises:
+            SandboxNotFound: no such Worker (so no such sandbox).
+        """
+        actor = self._cache.get(short)
+        if actor is not None:
+            return actor
+        try:
+            actor = await run_sync(ray.get_actor, worker_actor_name(short), self.namespace)
+        except ValueError:
+            raise SandboxNotFound(f"no Worker {short!r} (so no such sandbox)") from None
+        self._cache[short] = actor
+        return actor

@@ -1,0 +1,389 @@
+"""The Admin: the stateless REST v1 ingress (see ``rock_serve/protocol/api.py`` for the routes).
+
+Control-plane calls (create, get, list, delete, health) go to the Scheduler actor; data-plane
+calls go straight to the Worker named in the sandbox id. Every error, ours or FastAPI's, leaves
+as the one body ``{"error": {"code", "message", "retry_after"?}}`` with the table's status and,
+on 429/503, a ``Retry-After`` header.
+
+File bodies are buffered whole, up to ``ServerArgs.max_file_bytes`` (64 MiB by default);
+streaming them through the object store is future work.
+"""
+
+# No "from __future__ import annotations": Serve pickles the FastAPI app to its replicas, and
+# FastAPI must see the real types (not strings) there to build the OpenAPI schema.
+
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import rock_serve
+from rock_serve.config import ServerArgs, parse_server_args
+from rock_serve.deployments._ray import (
+    ActorHandle,
+    WorkerHandles,
+    call,
+    get_or_create_scheduler,
+    stream,
+)
+from rock_serve.errors import (
+    ErrorCode,
+    InvalidRequest,
+    RockError,
+    SandboxNotFound,
+    http_status,
+    to_body,
+)
+from rock_serve.protocol import (
+    CreateSandboxRequest,
+    ExecRequest,
+    ExecResult,
+    FileInfo,
+    FileWritten,
+    Health,
+    ListDirResult,
+    MkdirRequest,
+    RemoveRequest,
+    SandboxList,
+    SandboxRecord,
+    SandboxState,
+    SandboxStats,
+    SessionCreateRequest,
+    SessionCreateResponse,
+    SessionRunBody,
+    SessionRunRequest,
+    SessionRunResult,
+    SessionStdinBody,
+)
+from rock_serve.protocol.api import SANDBOX_ID
+from rock_serve.protocol.commands import SESSION_NAME
+
+__all__ = ["Admin", "app"]
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(SANDBOX_ID)
+_NDJSON = "application/x-ndjson"
+
+app = FastAPI(
+    title="rock-serve",
+    version=rock_serve.__version__,
+    description="Sandbox platform for agentic RL. Errors: "
+    '`{"error": {"code", "message", "retry_after"?}}`.',
+    docs_url="/docs",
+)
+
+# ----------------------------------------------------------------------------- errors
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The one error body, with the table's status and Retry-After on 429/503."""
+    body = to_body(exc)
+    status = http_status(body["error"]["code"])
+    headers: dict[str, str] = {}
+    retry_after = body["error"].get("retry_after")
+    if retry_after is not None and status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(float(retry_after))))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(RockError)
+async def _rock_error(request: Request, exc: RockError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
+        for err in exc.errors()
+    )
+    return error_response(InvalidRequest(problems[:2000] or "invalid request"))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
+    return JSONResponse(
+        {"error": {"code": code.value, "message": str(exc.detail)}}, status_code=exc.status_code
+    )
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(exc)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+SessionName = Annotated[str, PathParam(pattern=SESSION_NAME, description="Session name.")]
+PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Path in sandbox.")]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": 'Error body `{"error": {"code", "message"}}`.'}
+    for status in (400, 404, 409, 429, 500, 503)
+}
+
+
+def _worker_of(sandbox_id: str) -> str:
+    if not _ID.match(sandbox_id):
+        raise SandboxNotFound(f"no sandbox {sandbox_id!r} (malformed id)")
+    return sandbox_id.split("-")[1]
+
+
+def _parse_labels(labels: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"label filter {item!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def _parse_mode(mode: str | None) -> int | None:
+    if mode is None:
+        return None
+    try:
+        value = int(mode, 8)
+    except ValueError:
+        raise InvalidRequest(f"mode {mode!r} is not octal permission bits") from None
+    if not 0 <= value <= 0o7777:
+        raise InvalidRequest(f"mode {mode!r} is out of range")
+    return value
+
+
+async def _ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """Stream models as NDJSON; an error before the first item is a normal error response."""
+    first = await items.__anext__()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first.model_dump_json().encode() + b"\n"
+            async for item in items:
+                yield item.model_dump_json().encode() + b"\n"
+        except RockError as exc:
+            yield json.dumps(to_body(exc)).encode() + b"\n"
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(body(), media_type=_NDJSON)
+
+
+# ----------------------------------------------------------------------------- deployment
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Admin:
+    """REST v1: validation, error mapping and routing; no state of its own."""
+
+    def __init__(self, args: dict[str, Any] | ServerArgs) -> None:
+        self.args = args if isinstance(args, ServerArgs) else parse_server_args(args)
+        self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
+        self._workers = WorkerHandles(self.args.namespace)
+        # A redeploy's new limits reach the long-lived Scheduler; start it up early.
+        self._scheduler.configure.remote(self.args)
+        self._scheduler.ready.remote()
+
+    async def _worker(self, sandbox_id: str) -> ActorHandle:
+        return await self._workers.get(_worker_of(sandbox_id))
+
+    async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
+        return await call(await self._worker(sandbox_id), method, sandbox_id, *args)
+
+    # ---------------------------------------------------------------- control plane
+
+    @app.get("/v1/health", response_model=Health, responses=_ERRORS)
+    async def health(self) -> Health:
+        """The Scheduler's and every Worker's status."""
+        result: Health = await call(self._scheduler, "health")
+        return result
+
+    @app.post("/v1/sandboxes", status_code=201, response_model=SandboxRecord, responses=_ERRORS)
+    async def create_sandbox(self, req: CreateSandboxRequest) -> SandboxRecord:
+        """Create and start a sandbox."""
+        record: SandboxRecord = await call(self._scheduler, "create", req)
+        return record
+
+    @app.get("/v1/sandboxes", response_model=SandboxList, responses=_ERRORS)
+    async def list_sandboxes(
+        self,
+        owner: str | None = None,
+        state: SandboxState | None = None,
+        label: Annotated[list[str] | None, Query(description="k=v; repeatable.")] = None,
+    ) -> SandboxList:
+        """Sandboxes matching every filter, newest first."""
+        labels = _parse_labels(label or [])
+        result: SandboxList = await call(self._scheduler, "list", owner, state, labels)
+        return result
+
+    @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxRecord, responses=_ERRORS)
+    async def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """One sandbox."""
+        _worker_of(sandbox_id)
+        record: SandboxRecord = await call(self._scheduler, "get", sandbox_id)
+        return record
+
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS)
+    async def delete_sandbox(self, sandbox_id: str) -> Response:
+        """Remove a sandbox and everything in it."""
+        _worker_of(sandbox_id)
+        await call(self._scheduler, "delete", sandbox_id)
+        return Response(status_code=204)
+
+    # ---------------------------------------------------------------- commands
+
+    @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResult, responses=_ERRORS)
+    async def exec(
+        self,
+        sandbox_id: str,
+        req: ExecRequest,
+        stream_: bool = Query(
+            False, alias="stream", description="Stream NDJSON OutputChunk lines, then the result."
+        ),
+    ) -> Any:
+        """Run one command to completion (optionally streaming its output)."""
+        if stream_:
+            worker = await self._worker(sandbox_id)
+            return await _ndjson(stream(worker, "stream_exec", sandbox_id, req))
+        return await self._data(sandbox_id, "exec", req)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/sessions",
+        response_model=SessionCreateResponse,
+        responses=_ERRORS,
+    )
+    async def create_session(
+        self, sandbox_id: str, req: SessionCreateRequest
+    ) -> SessionCreateResponse:
+        """Start a persistent bash session."""
+        result: SessionCreateResponse = await self._data(sandbox_id, "create_session", req)
+        return result
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/sessions/{session}/run",
+        response_model=SessionRunResult,
+        responses=_ERRORS,
+    )
+    async def run_in_session(
+        self,
+        sandbox_id: str,
+        session: SessionName,
+        body: SessionRunBody,
+        stream_: bool = Query(False, alias="stream", description="Stream NDJSON output."),
+    ) -> Any:
+        """Run a command in a session (cwd, env and functions persist)."""
+        req = SessionRunRequest(session=session, **body.model_dump())
+        if stream_:
+            worker = await self._worker(sandbox_id)
+            return await _ndjson(stream(worker, "stream_in_session", sandbox_id, req))
+        return await self._data(sandbox_id, "run_in_session", req)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/sessions/{session}/stdin", status_code=204, responses=_ERRORS
+    )
+    async def session_stdin(
+        self, sandbox_id: str, session: SessionName, body: SessionStdinBody
+    ) -> Response:
+        """Write to the stdin of the command running in a session."""
+        await self._data(sandbox_id, "session_stdin", session, body.data.encode(), body.eof)
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/sessions/{session}/interrupt",
+        status_code=204,
+        responses=_ERRORS,
+    )
+    async def interrupt_session(self, sandbox_id: str, session: SessionName) -> Response:
+        """Interrupt (SIGINT) the command running in a session."""
+        await self._data(sandbox_id, "interrupt_session", session)
+        return Response(status_code=204)
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/sessions/{session}", status_code=204, responses=_ERRORS)
+    async def close_session(self, sandbox_id: str, session: SessionName) -> Response:
+        """Close a session and kill its processes."""
+        await self._data(sandbox_id, "close_session", session)
+        return Response(status_code=204)
+
+    # ---------------------------------------------------------------- files
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files",
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
+    )
+    async def read_file(self, sandbox_id: str, path: PathQuery) -> Response:
+        """A file's raw bytes (buffered, up to ``max_file_bytes``)."""
+        data: bytes = await self._data(sandbox_id, "read_file", path)
+        return Response(content=data, media_type="application/octet-stream")
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, responses=_ERRORS)
+    async def write_file(
+        self,
+        sandbox_id: str,
+        request: Request,
+        path: PathQuery,
+        mode: Annotated[
+            str | None, Query(pattern=r"^[0-7]{1,4}$", description="Octal bits, e.g. 644.")
+        ] = None,
+    ) -> FileWritten:
+        """Write a file atomically from the raw request body (up to ``max_file_bytes``)."""
+        limit = self.args.max_file_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise InvalidRequest(f"body of {declared} bytes is over the {limit}-byte limit")
+        worker = await self._worker(sandbox_id)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        written: int = await call(
+            worker, "write_file", sandbox_id, path, b"".join(chunks), _parse_mode(mode)
+        )
+        return FileWritten(path=path, size=written)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)
+    async def stat(self, sandbox_id: str, path: PathQuery) -> FileInfo:
+        """Stat a path (symlinks are not followed)."""
+        result: FileInfo = await self._data(sandbox_id, "stat", path)
+        return result
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files/list", response_model=ListDirResult, responses=_ERRORS
+    )
+    async def list_dir(self, sandbox_id: str, path: PathQuery) -> ListDirResult:
+        """List a directory."""
+        result: ListDirResult = await self._data(sandbox_id, "list_dir", path)
+        return result
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
+    async def mkdir(self, sandbox_id: str, req: MkdirRequest) -> Response:
+        """Create a directory."""
+        await self._data(sandbox_id, "mkdir", req)
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/remove", status_code=204, responses=_ERRORS)
+    async def remove_path(self, sandbox_id: str, req: RemoveRequest) -> Response:
+        """Remove a file, or a directory with ``recursive``."""
+        await self._data(sandbox_id, "remove_path", req)
+        return Response(status_code=204)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/stats", response_model=SandboxStats, responses=_ERRORS)
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        """CPU, memory and process usage and limits of a sandbox."""
+        result: SandboxStats = await self._data(sandbox_id, "stats")
+        return result

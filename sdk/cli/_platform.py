@@ -1,0 +1,183 @@
+"""``rock up|down|status``: run the platform on a local Ray head through Ray's own CLIs.
+
+Nothing here imports ``ray``: the CLI talks to Ray through ``ray``/``serve`` subprocesses and to
+the platform through its HTTP API, so it works from any Python that has rock-serve installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+#: Where ``rock up`` keeps what it started, so ``rock down`` stops only that.
+STATE_FILE = Path(os.environ.get("ROCK_STATE_FILE", Path.home() / ".rock" / "platform.json"))
+#: Ray's temp dir for a head started by ``rock up`` (a short path: Ray's sockets live in it).
+RAY_TEMP_DIR = os.environ.get("ROCK_RAY_TEMP_DIR", "/tmp/rock-ray")
+
+
+@dataclass
+class Endpoints:
+    """Where the platform answers."""
+
+    api: str
+    dashboard: str
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"rock: '{name}' not found; install rock-serve[server]")
+    return found
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def _run(argv: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _head_running(dashboard: str) -> bool:
+    try:
+        return httpx.get(f"{dashboard}/api/version", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_healthy(api: str, deadline: float, progress: Progress, task: object) -> dict[str, object]:
+    delay = 0.2
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(f"{api}/v1/health", timeout=5)
+            if resp.status_code == 200 and resp.json().get("status") == "ok":
+                return dict(resp.json())
+            last = f"HTTP {resp.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        progress.update(task, description=f"waiting for the platform ({last})")  # type: ignore[arg-type]
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+    raise SystemExit(f"rock: the platform did not become healthy in time (last: {last})")
+
+
+def up(config: Path, api: str, dashboard: str, timeout: float, console: Console) -> Endpoints:
+    """Start a local Ray head unless one answers, deploy ``config``, wait until healthy."""
+    started_head = False
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("checking for a running Ray head", total=None)
+        if not _head_running(dashboard):
+            progress.update(task, description="starting a local Ray head")
+            res = _run(
+                [
+                    _bin("ray"),
+                    "start",
+                    "--head",
+                    "--dashboard-host",
+                    "127.0.0.1",
+                    f"--temp-dir={RAY_TEMP_DIR}",
+                    "--disable-usage-stats",
+                ],
+                timeout=timeout,
+            )
+            if res.returncode != 0:
+                raise SystemExit(f"rock: ray start failed:\n{res.stderr[-2000:]}")
+            started_head = True
+        progress.update(task, description=f"serve deploy {config}")
+        res = _run([_bin("serve"), "deploy", str(config), "-a", dashboard], timeout=timeout)
+        if res.returncode != 0:
+            raise SystemExit(f"rock: serve deploy failed:\n{res.stderr[-2000:]}")
+        health = _wait_healthy(api, time.monotonic() + timeout, progress, task)
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(
+        json.dumps({"started_head": started_head, "temp_dir": RAY_TEMP_DIR, "api": api})
+    )
+    workers = health.get("workers") or []
+    console.print(f"platform up: {len(workers)} worker(s)")  # type: ignore[arg-type]
+    return Endpoints(api=api, dashboard=dashboard)
+
+
+def _our_ray_pids(temp_dir: str) -> list[int]:
+    pids = []
+    needle = temp_dir.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def down(dashboard: str, console: Console) -> None:
+    """Shut Serve down; stop the Ray head only if ``rock up`` started it (never others)."""
+    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
+    if _head_running(dashboard):
+        res = _run([_bin("serve"), "shutdown", "-y", "-a", dashboard], timeout=120)
+        console.print("serve: shut down" if res.returncode == 0 else res.stderr[-500:])
+    if state.get("started_head"):
+        pids = _our_ray_pids(str(state.get("temp_dir", RAY_TEMP_DIR)))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        console.print(f"ray: stopped the head rock up started ({len(pids)} processes)")
+    STATE_FILE.unlink(missing_ok=True)
+
+
+def status(api: str, console: Console) -> int:
+    """Print the Workers and sandboxes; returns an exit code."""
+    try:
+        health = httpx.get(f"{api}/v1/health", timeout=5).json()
+        sandboxes = httpx.get(f"{api}/v1/sandboxes", timeout=5).json().get("items", [])
+    except (httpx.HTTPError, ValueError) as exc:
+        console.print(f"[red]platform not reachable at {api}[/red]: {exc}")
+        return 1
+    workers = Table("worker", "node", "alive", "sandboxes", "capacity", "runtime")
+    for w in health.get("workers", []):
+        workers.add_row(
+            w["name"],
+            w["node_id"][:12],
+            str(w["alive"]),
+            str(w["sandboxes"]),
+            str(w["capacity"]),
+            w["runtime"],
+        )
+    console.print(workers)
+    boxes = Table("sandbox", "state", "owner", "worker", "age s")
+    now = time.time()
+    for sb in sandboxes:
+        boxes.add_row(
+            sb["id"],
+            sb["state"],
+            sb.get("owner", ""),
+            sb["worker"],
+            f"{now - sb['created_at']:.0f}",
+        )
+    console.print(boxes)
+    return 0

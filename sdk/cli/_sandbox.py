@@ -1,0 +1,147 @@
+"""``rock sandbox create|ls|exec|cp|rm`` through the SDK's sync client."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rock_serve.errors import RockError
+from rock_serve.protocol import OutputChunk, decode_text
+from rock_serve.sdk import Client
+
+sandbox_app = typer.Typer(help="Create, list, use and remove sandboxes.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+BaseUrl = Annotated[str | None, typer.Option("--url", envvar="ROCK_BASE_URL", help="Platform URL.")]
+Token = Annotated[str | None, typer.Option(envvar="ROCK_TOKEN", help="Bearer token.")]
+
+
+def _client(url: str | None, token: str | None) -> Client:
+    return Client(url, token=token)
+
+
+def _fail(exc: RockError) -> typer.Exit:
+    err.print(f"[red]error[/red] [bold]{exc.code.value}[/bold]: {exc.message}")
+    return typer.Exit(1)
+
+
+@sandbox_app.command("create")
+def create(
+    image: Annotated[str | None, typer.Option(help="Image or rootfs.")] = None,
+    ttl: Annotated[float | None, typer.Option(help="Hard deadline in seconds.")] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Memory limit in MiB.")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPU quota in cores.")] = None,
+    owner: Annotated[str, typer.Option(help="Owner recorded on the sandbox.")] = "",
+    label: Annotated[list[str] | None, typer.Option(help="k=v label (repeatable).")] = None,
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """Create a sandbox and print its id."""
+    labels = dict(item.split("=", 1) for item in (label or []) if "=" in item)
+    resources = {k: v for k, v in {"memory_mb": memory_mb, "cpus": cpus}.items() if v is not None}
+    with _client(url, token) as client:
+        try:
+            rec = client.create_sandbox(
+                image=image, ttl_seconds=ttl, owner=owner, labels=labels, resources=resources
+            )
+        except RockError as exc:
+            raise _fail(exc) from None
+    console.print(rec.id)
+
+
+@sandbox_app.command("ls")
+def ls(
+    owner: Annotated[str | None, typer.Option(help="Only this owner's sandboxes.")] = None,
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """List sandboxes."""
+    with _client(url, token) as client:
+        try:
+            items = client.list_sandboxes(owner=owner)
+        except RockError as exc:
+            raise _fail(exc) from None
+    table = Table("id", "state", "owner", "worker", "age s", "expires in s")
+    now = time.time()
+    for rec in items:
+        expires = f"{rec.expires_at - now:.0f}" if rec.expires_at else "-"
+        table.add_row(
+            rec.id, rec.state.value, rec.owner, rec.worker, f"{now - rec.created_at:.0f}", expires
+        )
+    console.print(table)
+
+
+@sandbox_app.command("exec")
+def exec_(
+    sandbox_id: str,
+    command: Annotated[list[str], typer.Argument(help="Command; one argument runs in bash.")],
+    timeout: Annotated[float, typer.Option(help="Seconds before it is killed.")] = 300,
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """Run a command, stream its output, exit with its exit code."""
+    cmd: str | list[str] = command[0] if len(command) == 1 else command
+    code = 1
+    with _client(url, token) as client:
+        try:
+            for item in client.stream_exec(sandbox_id, cmd, timeout=timeout):
+                if isinstance(item, OutputChunk):
+                    out = sys.stdout if item.stream != "stderr" else sys.stderr
+                    out.buffer.write(decode_text(item.data, item.encoding))
+                    out.flush()
+                else:
+                    code = item.exit_code
+                    if item.timed_out:
+                        err.print(f"[yellow]timed out after {timeout} s[/yellow]")
+        except RockError as exc:
+            raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+@sandbox_app.command("cp")
+def cp(
+    source: Annotated[str, typer.Argument(help="LOCAL_PATH or SANDBOX_ID:PATH.")],
+    dest: Annotated[str, typer.Argument(help="LOCAL_PATH or SANDBOX_ID:PATH.")],
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """Copy one file into or out of a sandbox."""
+    with _client(url, token) as client:
+        try:
+            if ":" in source and not Path(source).exists():
+                sandbox_id, path = source.split(":", 1)
+                Path(dest).write_bytes(client.read_file(sandbox_id, path))
+            elif ":" in dest:
+                sandbox_id, path = dest.split(":", 1)
+                client.write_file(sandbox_id, path, Path(source).read_bytes())
+            else:
+                err.print("one side must be SANDBOX_ID:PATH")
+                raise typer.Exit(2)
+        except RockError as exc:
+            raise _fail(exc) from None
+
+
+@sandbox_app.command("rm")
+def rm(
+    sandbox_ids: Annotated[list[str], typer.Argument(help="Sandboxes to delete.")],
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """Delete sandboxes."""
+    failed = False
+    with _client(url, token) as client:
+        for sandbox_id in sandbox_ids:
+            try:
+                client.delete_sandbox(sandbox_id)
+                console.print(f"removed {sandbox_id}")
+            except RockError as exc:
+                failed = True
+                err.print(f"[red]{sandbox_id}[/red]: {exc.code.value}: {exc.message}")
+    raise typer.Exit(1 if failed else 0)

@@ -1,0 +1,180 @@
+"""One real Ray + Serve per test session, running the rock-serve app on the local runtime.
+
+Ray is started with ``address="local"`` (never another cluster on the machine), its own short
+temp dir and a free HTTP port. Teardown deletes every sandbox through the API, then stops Serve
+and this Ray only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rock_serve.config import BwrapRuntimeConfig, LocalRuntimeConfig
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+#: Small limits so that capacity and TTL behaviour show quickly.
+CAPACITY = 4
+
+
+@dataclass
+class Platform:
+    url: str
+    state_dir: Path
+    python: str | None = None
+    runtime: str = "local"
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def _runtime_config(self) -> LocalRuntimeConfig | BwrapRuntimeConfig:
+        if self.runtime == "bwrap":
+            from tests.contract.conftest import TEST_CGROUP_PARENT
+
+            return BwrapRuntimeConfig(
+                state_dir=str(self.state_dir), cgroup_parent=TEST_CGROUP_PARENT
+            )
+        return LocalRuntimeConfig(state_dir=str(self.state_dir), python=self.python)
+
+    def runtime_ids(self) -> list[str]:
+        """Ids the runtime itself still knows (what a leak would show up in)."""
+
+        async def _list() -> list[str]:
+            rt = self._runtime_config().build()
+            try:
+                return [info.id for info in await rt.list()]
+            finally:
+                await rt.close()
+
+        return asyncio.run(_list())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, deadline: float) -> None:
+    last: object = None
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                resp = client.get("/v1/health")
+                last = resp.text
+                if resp.status_code == 200 and resp.json()["status"] == "ok":
+                    return
+            time.sleep(0.2)
+    raise AssertionError(f"platform not healthy: {last}")
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from rock_serve.deployments.app import build_app
+
+    temp_dir = tempfile.mkdtemp(prefix="rse2e-", dir="/tmp")  # short: socket paths
+    state_dir = tmp_path_factory.mktemp("rock-state")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {
+            "runtime": {"type": "local", "state_dir": str(state_dir)},
+            "namespace": "rock-e2e",
+            "max_sandboxes_per_node": CAPACITY,
+            "default_ttl_seconds": 600,
+            "max_ttl_seconds": 3600,
+            "reap_interval_seconds": 0.2,
+        }
+        serve.run(build_app(args), name="rock", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, time.monotonic() + 60)
+        yield Platform(url=url, state_dir=state_dir)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for item in client.get("/v1/sandboxes").json().get("items", []):
+                client.delete(f"/v1/sandboxes/{item['id']}")
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        if not os.environ.get("ROCK_E2E_KEEP_TMP"):  # keep Ray logs for debugging
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def api(platform: Platform) -> Iterator[httpx.Client]:
+    with platform.client() as client:
+        yield client
+        # Every test leaves the platform empty.
+        for item in client.get("/v1/sandboxes").json()["items"]:
+            client.delete(f"/v1/sandboxes/{item['id']}")
+
+
+@pytest.fixture(scope="session")
+def broken_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Platform:
+    """A second app in the same Ray whose sandboxes cannot start (their rocklet exits at once).
+
+    It has its own Ray namespace (so its own Scheduler and Worker) and answers under /broken.
+    """
+    from ray import serve
+
+    from rock_serve.deployments.app import build_app
+
+    state_dir = tmp_path_factory.mktemp("rock-broken-state")
+    args = {
+        "runtime": {"type": "local", "state_dir": str(state_dir), "python": "/bin/false"},
+        "namespace": "rock-e2e-broken",
+        "reap_interval_seconds": 0.2,
+    }
+    serve.run(build_app(args), name="broken", route_prefix="/broken")
+    url = f"{platform.url}/broken"
+    _wait_healthy(url, time.monotonic() + 60)
+    return Platform(url=url, state_dir=state_dir, python="/bin/false")
+
+
+@pytest.fixture(scope="session")
+def bwrap_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Platform:
+    """A third app in the same Ray on the bwrap runtime, under /bwrap (skipped without bwrap)."""
+    from tests.contract.conftest import TEST_CGROUP_PARENT, bwrap_unavailable
+
+    reason = bwrap_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    from ray import serve
+
+    from rock_serve.deployments.app import build_app
+
+    state_dir = tmp_path_factory.mktemp("rock-bwrap-state")
+    args = {
+        "runtime": {
+            "type": "bwrap",
+            "state_dir": str(state_dir),
+            "cgroup_parent": TEST_CGROUP_PARENT,
+        },
+        "namespace": "rock-e2e-bwrap",
+        "reap_interval_seconds": 0.2,
+    }
+    serve.run(build_app(args), name="bwrap", route_prefix="/bwrap")
+    url = f"{platform.url}/bwrap"
+    _wait_healthy(url, time.monotonic() + 60)
+    return Platform(url=url, state_dir=state_dir, runtime="bwrap")
