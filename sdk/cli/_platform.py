@@ -133,19 +133,44 @@ def _our_ray_pids(temp_dir: str) -> list[int]:
     return pids
 
 
+def _delete_all_sandboxes(api: str) -> int:
+    """Delete every sandbox through the API, so mounts and cgroups go with them."""
+    try:
+        with httpx.Client(base_url=api, timeout=60) as client:
+            items = client.get("/v1/sandboxes").json().get("items", [])
+            for item in items:
+                client.delete(f"/v1/sandboxes/{item['id']}")
+            return len(items)
+    except (httpx.HTTPError, ValueError):
+        return 0
+
+
+def _stop_pids(pids: list[int], grace: float = 10.0) -> list[int]:
+    """SIGTERM ``pids``, then SIGKILL what is still there after ``grace`` seconds (as ray stop)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.1)
+    return pids
+
+
 def down(dashboard: str, console: Console) -> None:
     """Shut Serve down; stop the Ray head only if ``rock up`` started it (never others)."""
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
+    api = str(state.get("api", "http://127.0.0.1:8000"))
+    removed = _delete_all_sandboxes(api)
+    if removed:
+        console.print(f"removed {removed} sandbox(es)")
     if _head_running(dashboard):
         res = _run([_bin("serve"), "shutdown", "-y", "-a", dashboard], timeout=120)
         console.print("serve: shut down" if res.returncode == 0 else res.stderr[-500:])
     if state.get("started_head"):
-        pids = _our_ray_pids(str(state.get("temp_dir", RAY_TEMP_DIR)))
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        pids = _stop_pids(_our_ray_pids(str(state.get("temp_dir", RAY_TEMP_DIR))))
         console.print(f"ray: stopped the head rock up started ({len(pids)} processes)")
     STATE_FILE.unlink(missing_ok=True)
 

@@ -92,3 +92,21 @@ def test_cli_sandbox_commands(platform, api, tmp_path):
     missing = _rock(platform, "sandbox", "rm", sandbox_id, check=False)
     assert missing.returncode == 1
     assert "sandbox_not_found" in missing.stderr
+
+
+def test_quickstart_example_runs(platform, api):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
+    result = subprocess.run(
+        [sys.executable, str(example)],
+        env={**os.environ, "ROCK_BASE_URL": platform.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "python3 says 42 (exit 0)" in result.stdout
+    assert "timed_out=True" in result.stdout
+    assert "the session survived: rock" in result.stdout
