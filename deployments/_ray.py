@@ -6,7 +6,8 @@ Worker are plain classes that run (and can be tested) without Ray.
 Errors: an actor method that raises a :class:`~rock_serve.errors.RockError` reaches the caller
 as ``RayTaskError``; :func:`call` and :func:`stream` re-raise the original typed error (its
 message, ``retry_after`` and details survive pickling). Any other failure becomes a typed error
-too: a dead or unreachable actor is :class:`RuntimeUnavailable`, anything else
+too: a dead or unreachable actor is :class:`RuntimeUnavailable`, a Worker whose node is gone
+:class:`SandboxFailed` (``reason="lost"``), anything else
 :class:`InternalError` (its text is logged, never sent).
 """
 
@@ -18,11 +19,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rock_serve.config import ServerArgs
-from rock_serve.errors import InternalError, RockError, RuntimeUnavailable, SandboxNotFound
+from rock_serve.errors import (
+    InternalError,
+    RockError,
+    RuntimeUnavailable,
+    SandboxFailed,
+    SandboxNotFound,
+)
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord, WorkerStatus
 from rock_serve.runtime._sync import run_sync
 
@@ -34,6 +41,8 @@ __all__ = [
     "WorkerHandles",
     "call",
     "get_or_create_scheduler",
+    "get_scheduler",
+    "put",
     "short_name",
     "stream",
     "worker_actor_name",
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: Actor name of the Scheduler (in ``ServerArgs.namespace``).
 SCHEDULER_NAME = "rock-scheduler"
+#: A resource every Ray head node has (and no other node).
+_HEAD_RESOURCE = "node:__internal_head__"
 #: Actor names of Workers are this prefix plus the short node name.
 WORKER_PREFIX = "rock-worker-"
 
@@ -59,6 +70,9 @@ def worker_actor_name(short: str) -> str:
     return WORKER_PREFIX + short
 
 
+_RAY_ERRORS = (RayTaskError, RayActorError, ActorUnschedulableError)
+
+
 def _translate(exc: BaseException, what: str) -> RockError:
     if isinstance(exc, RayTaskError):
         cause = exc.cause
@@ -70,6 +84,9 @@ def _translate(exc: BaseException, what: str) -> RockError:
         return InternalError(f"{what} failed")
     if isinstance(exc, RayActorError):
         return RuntimeUnavailable(f"{what}: the actor is unavailable, retry shortly", retry_after=1)
+    if isinstance(exc, ActorUnschedulableError):
+        # A node-pinned Worker whose node is gone: its sandboxes are lost for good.
+        return SandboxFailed(f"{what}: the sandbox's node is gone", reason="lost")
     log.error("%s failed: %r", what, exc)
     return InternalError(f"{what} failed")
 
@@ -78,7 +95,7 @@ async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> An
     """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors."""
     try:
         return await getattr(actor, method).remote(*args, **kwargs)
-    except (RayTaskError, RayActorError) as exc:
+    except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None
 
 
@@ -89,14 +106,14 @@ async def stream(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> 
     """
     try:
         gen = getattr(actor, method).options(num_returns="streaming").remote(*args, **kwargs)
-    except (RayTaskError, RayActorError) as exc:
+    except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None
     finished = False
     try:
         async for ref in gen:
             try:
                 item = await ref
-            except (RayTaskError, RayActorError) as exc:
+            except _RAY_ERRORS as exc:
                 finished = True
                 raise _translate(exc, method) from None
             yield item
@@ -185,7 +202,33 @@ def get_or_create_scheduler(args: ServerArgs) -> ActorHandle:
         max_concurrency=1000,
         max_restarts=-1,
         max_task_retries=0,
+        # On the head node: the registry (which sandboxes were lost with their node) lives in
+        # its memory, and the head outlives every other node. A resource, not the head's node
+        # id, so a restarted head (GCS fault tolerance) takes the Scheduler back.
+        resources={_HEAD_RESOURCE: 0.001},
     ).remote(args)
+
+
+def get_scheduler(namespace: str) -> ActorHandle:
+    """The running Scheduler actor of the platform deployed in ``namespace``.
+
+    Raises:
+        RuntimeUnavailable: Ray is not initialized, or no platform runs in ``namespace``.
+    """
+    if not ray.is_initialized():
+        raise RuntimeUnavailable("Ray is not initialized: call ray.init(address=...) first")
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=namespace)
+    except ValueError:
+        raise RuntimeUnavailable(
+            f"no rock-serve Scheduler in namespace {namespace!r} (is the platform deployed?)",
+            retry_after=1,
+        ) from None
+
+
+def put(value: Any) -> Any:
+    """Put ``value`` in the object store; an actor call given the ref receives the value."""
+    return ray.put(value)
 
 
 class WorkerHandles:

@@ -12,23 +12,28 @@ streaming them through the object store is future work.
 # No "from __future__ import annotations": Serve pickles the FastAPI app to its replicas, and
 # FastAPI must see the real types (not strings) there to build the OpenAPI schema.
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 import rock_serve
 from rock_serve.config import ServerArgs, parse_server_args
+from rock_serve.deployments._metrics import Metrics, metrics
 from rock_serve.deployments._ray import (
     ActorHandle,
     WorkerHandles,
@@ -39,6 +44,7 @@ from rock_serve.deployments._ray import (
 from rock_serve.errors import (
     ErrorCode,
     InvalidRequest,
+    NotFound,
     RockError,
     SandboxNotFound,
     http_status,
@@ -68,7 +74,7 @@ from rock_serve.protocol import (
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.commands import SESSION_NAME
 
-__all__ = ["Admin", "app"]
+__all__ = ["Admin", "PtyResize", "app"]
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +103,20 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_METRICS: list[Metrics] = []
+
+
+def _count_error(request: Request, code: str) -> None:
+    """Errors by route and code on the Admin (metrics are made once per replica process)."""
+    if not _METRICS:
+        _METRICS.append(metrics("admin"))
+    route = request.scope.get("route")
+    _METRICS[0].error(getattr(route, "path", "unmatched"), code)
+
+
 @app.exception_handler(RockError)
 async def _rock_error(request: Request, exc: RockError) -> JSONResponse:
+    _count_error(request, exc.code.value)
     return error_response(exc)
 
 
@@ -108,6 +126,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
         for err in exc.errors()
     )
+    _count_error(request, ErrorCode.INVALID_REQUEST.value)
     return error_response(InvalidRequest(problems[:2000] or "invalid request"))
 
 
@@ -122,6 +141,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
+    _count_error(request, ErrorCode.INTERNAL.value)
     return error_response(exc)
 
 
@@ -178,6 +198,63 @@ async def _ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
             await items.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(body(), media_type=_NDJSON)
+
+
+class PtyResize(BaseModel):
+    """A WebSocket pty control message (a text frame): resize the terminal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["resize"] = Field(description="Message kind.")
+    cols: int = Field(ge=1, le=65535, description="Columns.")
+    rows: int = Field(ge=1, le=65535, description="Rows.")
+
+
+def _pty_dimension(value: str, name: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise InvalidRequest(f"query {name}={value!r} must be an integer in 1..65535")
+    return int(value)
+
+
+async def _ws_error(ws: WebSocket, exc: BaseException, code: int) -> None:
+    """Send the one error body as a text frame, then close with ``code``."""
+    if isinstance(exc, StopAsyncIteration):
+        exc = InvalidRequest("the pty ended before it started")
+    if ws.application_state == WebSocketState.CONNECTED:
+        await ws.send_text(json.dumps(to_body(exc)))
+        await ws.close(code=code)
+
+
+async def _pty_output(ws: WebSocket, items: AsyncIterator[Any]) -> int:
+    """Forward output to the client; returns the exit code."""
+    async for item in items:
+        if isinstance(item, bytes):
+            if item:
+                await ws.send_bytes(item)
+        else:
+            return int(item)
+    raise InvalidRequest("the pty ended without an exit code")
+
+
+async def _pty_input(ws: WebSocket, worker: ActorHandle, pty_id: str) -> None:
+    """Forward keystrokes and control messages until the client goes away."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            if message.get("bytes") is not None:
+                await call(worker, "pty_input", pty_id, message["bytes"])
+            elif message.get("text") is not None:
+                try:
+                    resize = PtyResize.model_validate_json(message["text"])
+                except ValidationError as exc:
+                    problem = InvalidRequest(f"bad control message: {exc.errors()[0]['msg']}")
+                    await ws.send_text(json.dumps(to_body(problem)))
+                    continue
+                await call(worker, "pty_resize", pty_id, resize.cols, resize.rows)
+        except NotFound:
+            pass  # the pty just ended: the output side sends the exit code
 
 
 # ----------------------------------------------------------------------------- deployment
@@ -339,11 +416,17 @@ class Admin:
         ] = None,
     ) -> FileWritten:
         """Write a file atomically from the raw request body (up to ``max_file_bytes``)."""
+        worker = await self._worker(sandbox_id)
+        body = await self._body(request)
+        written: int = await call(worker, "write_file", sandbox_id, path, body, _parse_mode(mode))
+        return FileWritten(path=path, size=written)
+
+    async def _body(self, request: Request) -> bytes:
+        """The raw request body, refused once it passes ``max_file_bytes``."""
         limit = self.args.max_file_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise InvalidRequest(f"body of {declared} bytes is over the {limit}-byte limit")
-        worker = await self._worker(sandbox_id)
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
@@ -351,10 +434,25 @@ class Admin:
             if size > limit:
                 raise InvalidRequest(f"body is over the {limit}-byte limit")
             chunks.append(chunk)
-        written: int = await call(
-            worker, "write_file", sandbox_id, path, b"".join(chunks), _parse_mode(mode)
-        )
-        return FileWritten(path=path, size=written)
+        return b"".join(chunks)
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/archive",
+        response_class=Response,
+        responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
+    )
+    async def download_archive(self, sandbox_id: str, path: PathQuery) -> Response:
+        """An uncompressed tar of a file or directory (buffered, up to ``max_file_bytes``)."""
+        data: bytes = await self._data(sandbox_id, "download_archive", path)
+        return Response(content=data, media_type="application/x-tar")
+
+    @app.put("/v1/sandboxes/{sandbox_id}/archive", status_code=204, responses=_ERRORS)
+    async def upload_archive(self, sandbox_id: str, request: Request, path: PathQuery) -> Response:
+        """Extract a tar (plain or compressed) from the request body into directory ``path``."""
+        worker = await self._worker(sandbox_id)
+        body = await self._body(request)
+        await call(worker, "upload_archive", sandbox_id, path, body)
+        return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)
     async def stat(self, sandbox_id: str, path: PathQuery) -> FileInfo:
@@ -387,3 +485,52 @@ class Admin:
         """CPU, memory and process usage and limits of a sandbox."""
         result: SandboxStats = await self._data(sandbox_id, "stats")
         return result
+
+    # ---------------------------------------------------------------- pty
+
+    @app.websocket("/v1/sandboxes/{sandbox_id}/pty")
+    async def pty(self, ws: WebSocket, sandbox_id: str) -> None:
+        """An interactive bash on a pty (query ``cols``, ``rows``; see :class:`PtyResize`).
+
+        Client -> server: binary frames are keystrokes, text frames JSON control messages.
+        Server -> client: binary frames are output; at exit a text frame
+        ``{"type": "exit", "exit_code": N}``, then a normal close. An error is a text frame
+        with the one error body, then close code 1008 (bad request) or 1011 (failure).
+        """
+        await ws.accept()
+        pty_id = uuid.uuid4().hex
+        worker: ActorHandle = None
+        items: AsyncIterator[Any] | None = None
+        try:
+            cols = _pty_dimension(ws.query_params.get("cols", "80"), "cols")
+            rows = _pty_dimension(ws.query_params.get("rows", "24"), "rows")
+            worker = await self._worker(sandbox_id)
+            items = stream(worker, "stream_pty", sandbox_id, pty_id, cols, rows)
+            await items.__anext__()  # registered: input may flow
+        except (RockError, StopAsyncIteration) as exc:
+            await _ws_error(ws, exc, 1008)
+            if items is not None:
+                await items.aclose()  # type: ignore[attr-defined]
+            return
+        output = asyncio.ensure_future(_pty_output(ws, items))
+        inputs = asyncio.ensure_future(_pty_input(ws, worker, pty_id))
+        try:
+            done, _ = await asyncio.wait({output, inputs}, return_when=asyncio.FIRST_COMPLETED)
+            if output in done:
+                code = output.result()
+                await ws.send_text(json.dumps({"type": "exit", "exit_code": code}))
+                await ws.close()
+            else:
+                inputs.result()  # the client went away (or sent what we cannot handle)
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client went away while we were sending
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await _ws_error(ws, exc, 1011)
+        finally:
+            for task in (output, inputs):
+                task.cancel()
+            await asyncio.gather(output, inputs, return_exceptions=True)
+            await items.aclose()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                await call(worker, "pty_close", pty_id)

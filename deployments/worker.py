@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._metrics import metrics
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
+    NotFound,
     RateLimited,
     RockError,
     SandboxNotFound,
@@ -45,7 +47,7 @@ from rock_serve.protocol import (
     SessionRunResult,
     WorkerStatus,
 )
-from rock_serve.rocklet.handle import RockletHandle
+from rock_serve.rocklet.handle import PtyProcess, RockletHandle
 from rock_serve.runtime.base import Runtime
 
 __all__ = ["LABEL_WORKER", "Worker"]
@@ -82,6 +84,8 @@ class Worker:
         self._broken: RockError | None = None
         self._startup: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._ptys: dict[str, PtyProcess] = {}
+        self._metrics = metrics("worker", name)
         try:
             self._runtime = args.runtime.build()
         except RockError as exc:
@@ -130,6 +134,7 @@ class Worker:
             log.info("worker %s: sandbox %s expired", self.name, sid)
             with contextlib.suppress(SandboxNotFound):
                 await self.remove(sid)
+        self._metrics.reaped("ttl", len(expired))
         return expired
 
     async def shutdown(self) -> int:
@@ -162,6 +167,7 @@ class Worker:
         spec = SandboxSpec.model_validate(req.model_dump(exclude={"ttl_seconds", "client_token"}))
         spec.labels = {**spec.labels, LABEL_WORKER: self.name}
         self._creating.add(sandbox_id)
+        started = time.perf_counter()
         try:
             info = await runtime.create(sandbox_id, spec)
             handle = await runtime.start(sandbox_id)
@@ -179,10 +185,22 @@ class Worker:
                 expires_at=self._clock() + ttl,
             )
             self._boxes[sandbox_id] = _Box(record, handle)
+            self._metrics.created(time.perf_counter() - started, ok=True)
+            self._publish()
+            log.info(
+                "worker %s: created sandbox %s owner=%r in %.1f ms",
+                self.name,
+                sandbox_id,
+                req.owner,
+                (time.perf_counter() - started) * 1000,
+            )
             return record
         except Conflict:
             raise  # the id belongs to someone else: leave it alone
-        except BaseException:
+        except BaseException as exc:
+            self._metrics.created(time.perf_counter() - started, ok=False)
+            code = exc.code.value if isinstance(exc, RockError) else "internal"
+            self._metrics.error("create", code)
             # Removal is idempotent, so this also cleans up a half-made sandbox.
             with contextlib.suppress(Exception):
                 await asyncio.shield(runtime.remove(sandbox_id))
@@ -203,7 +221,17 @@ class Worker:
         assert runtime is not None
         with contextlib.suppress(Exception):
             await box.handle.close()
-        await runtime.remove(sandbox_id)
+        try:
+            await runtime.remove(sandbox_id)
+        finally:
+            self._publish()
+            log.info("worker %s: removed sandbox %s", self.name, sandbox_id)
+
+    def _publish(self) -> None:
+        counts: dict[str, int] = {}
+        for box in self._boxes.values():
+            counts[box.record.state.value] = counts.get(box.record.state.value, 0) + 1
+        self._metrics.sandboxes(counts)
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""
@@ -241,7 +269,10 @@ class Worker:
 
     async def exec(self, sandbox_id: str, req: ExecRequest) -> ExecResult:
         """Run one command to completion."""
-        return await self._box(sandbox_id).handle.exec(req)
+        started = time.perf_counter()
+        result = await self._box(sandbox_id).handle.exec(req)
+        self._metrics.op("exec", time.perf_counter() - started)
+        return result
 
     async def stream_exec(
         self, sandbox_id: str, req: ExecRequest
@@ -258,7 +289,10 @@ class Worker:
 
     async def run_in_session(self, sandbox_id: str, req: SessionRunRequest) -> SessionRunResult:
         """Run a command in a session."""
-        return await self._box(sandbox_id).handle.run_in_session(req)
+        started = time.perf_counter()
+        result = await self._box(sandbox_id).handle.run_in_session(req)
+        self._metrics.op("session_run", time.perf_counter() - started)
+        return result
 
     async def stream_in_session(
         self, sandbox_id: str, req: SessionRunRequest
@@ -296,8 +330,41 @@ class Worker:
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes, mode: int | None = None
     ) -> int:
-        """Write a file atomically; returns its size."""
+        """Write a file atomically; returns its size.
+
+        Raises:
+            InvalidRequest: ``data`` is larger than ``max_file_bytes`` (the Admin checks this
+                too; the Ray transport reaches the Worker directly).
+        """
+        self._check_size(len(data), path)
         return await self._box(sandbox_id).handle.write_file(path, data, mode=mode)
+
+    def _check_size(self, size: int, what: str) -> None:
+        if size > self.args.max_file_bytes:
+            raise InvalidRequest(
+                f"{what}: {size} bytes is over the {self.args.max_file_bytes}-byte limit"
+            )
+
+    async def download_archive(self, sandbox_id: str, path: str) -> bytes:
+        """A tar of ``path``, up to ``max_file_bytes``.
+
+        Raises:
+            InvalidRequest: the tar is larger than ``max_file_bytes``.
+        """
+        limit = self.args.max_file_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self._box(sandbox_id).handle.download_tar(path):
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"a tar of {path} is over the {limit}-byte limit")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
+        """Extract a tar stream into directory ``path``."""
+        self._check_size(len(data), path)
+        await self._box(sandbox_id).handle.upload_tar(path, data)
 
     async def stat(self, sandbox_id: str, path: str) -> FileInfo:
         """Stat a path."""
@@ -322,3 +389,48 @@ class Worker:
     async def stats(self, sandbox_id: str) -> SandboxStats:
         """Usage and limits of a sandbox."""
         return await self._box(sandbox_id).handle.stats()
+
+    # ------------------------------------------------------------------ pty
+
+    async def stream_pty(
+        self, sandbox_id: str, pty_id: str, cols: int = 80, rows: int = 24
+    ) -> AsyncIterator[bytes | int]:
+        """Run an interactive bash on a pty in the sandbox.
+
+        Yields ``b""`` once the pty is registered under ``pty_id`` (from then on
+        :meth:`pty_input` and :meth:`pty_resize` reach it), then output bytes, and last the exit
+        code (an ``int``). Stopping the iteration kills the process tree.
+        """
+        handle = self._box(sandbox_id).handle
+        if pty_id in self._ptys:
+            raise Conflict(f"pty {pty_id!r} exists already")
+        async with handle.pty(cols=cols, rows=rows) as p:
+            self._ptys[pty_id] = p
+            try:
+                yield b""
+                async for data in p:
+                    yield data
+                assert p.exit_code is not None
+                yield p.exit_code
+            finally:
+                self._ptys.pop(pty_id, None)
+
+    def _pty(self, pty_id: str) -> PtyProcess:
+        p = self._ptys.get(pty_id)
+        if p is None:
+            raise NotFound(f"no pty {pty_id!r} (it has ended)")
+        return p
+
+    async def pty_input(self, pty_id: str, data: bytes) -> None:
+        """Write keystrokes to the pty opened by :meth:`stream_pty`."""
+        await self._pty(pty_id).send(data)
+
+    async def pty_resize(self, pty_id: str, cols: int, rows: int) -> None:
+        """Resize the pty opened by :meth:`stream_pty`."""
+        await self._pty(pty_id).resize(cols, rows)
+
+    async def pty_close(self, pty_id: str) -> None:
+        """Kill the pty's process tree (a no-op once it has ended)."""
+        p = self._ptys.get(pty_id)
+        if p is not None:
+            await p.kill()

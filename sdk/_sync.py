@@ -92,6 +92,33 @@ class Client:
             transport=transport,
         )
 
+    @classmethod
+    def from_ray(
+        cls, namespace: str = "rock-serve", *, retry: _base.RetryPolicy | None = None
+    ) -> Client:
+        """A client that talks to the platform's actors over Ray instead of HTTP.
+
+        For code running on the platform's own Ray cluster (a Ray job or actor, same Ray
+        version, ``ray.init`` done): control-plane calls go to the Scheduler actor and
+        data-plane calls straight to the sandbox's Worker actor, with no HTTP hop. The methods,
+        typed errors and retry policy are those of this class; archives need HTTP. Only the
+        async client has this transport.
+
+        Args:
+            namespace: The Ray namespace the platform runs in (``ServerArgs.namespace``).
+            retry: Retry policy (default :class:`~rock_serve.sdk.RetryPolicy`).
+
+        Returns:
+            The Ray-transport client.
+
+        Raises:
+            RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
+            InvalidRequest: called on the sync client.
+        """
+        from rock_serve.deployments.client import ray_client
+
+        return ray_client(cls, namespace, retry=retry)
+
     def __enter__(self) -> Client:
         return self
 

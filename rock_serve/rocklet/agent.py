@@ -451,6 +451,7 @@ class Agent:
         self.sessions = {}
         self.tasks = {}
         self.inputs = {}
+        self.ptys = {}
         self.closing = False
 
     # -- output
@@ -1189,6 +1190,174 @@ async def op_stats(agent, rid, args, payload):
     if out.get("cpu_limit"):
         out["cpu_count"] = min(out["cpu_count"], max(1, int(-(-out["cpu_limit"] // 1))))
     return out
+
+
+# ---------------------------------------------------------------------------- pty
+
+# Run in the child (after setsid): make the pty on stdin the controlling terminal, then exec.
+# A tiny interpreter hop instead of preexec_fn, which is unsafe in a process with threads.
+_PTY_BOOT = (
+    "import os,sys,fcntl,termios\n"
+    "fcntl.ioctl(0,termios.TIOCSCTTY,0)\n"
+    "try:\n"
+    " os.execvpe(sys.argv[1],sys.argv[1:],os.environ)\n"
+    "except OSError as e:\n"
+    " sys.stderr.write('%s: %s\\r\\n'%(sys.argv[1],e.strerror));os._exit(127)\n"
+)
+PTY_COMMAND = ["bash", "--noprofile", "--norc", "-i"]
+
+
+def _winsize(args):
+    cols = _require(args, "cols", int, 80)
+    rows = _require(args, "rows", int, 24)
+    if not (0 < cols < 65536 and 0 < rows < 65536):
+        raise AgentError("invalid_request", "cols and rows must be in 1..65535")
+    return struct.pack("HHHH", rows, cols, 0, 0)
+
+
+class Pty:
+    """One process on a pseudo-terminal: output is read from the master, input written to it."""
+
+    def __init__(self, master, proc):
+        self.master = master
+        self.proc = proc
+
+    def resize(self, winsize):
+        import fcntl
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, winsize)
+
+    async def write(self, data):
+        loop = asyncio.get_event_loop()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.master, view) :]
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_writer(self.master, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(self.master)
+
+    async def read(self):
+        """Bytes from the terminal; ``b""`` once every holder of the slave side closed it."""
+        loop = asyncio.get_event_loop()
+        while True:
+            try:
+                return os.read(self.master, READ_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # Linux: the slave side is closed
+                    return b""
+                raise
+            ready = loop.create_future()
+            loop.add_reader(self.master, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self.master)
+
+    def kill(self):
+        pid = self.proc.pid
+        victims = descendants(pid)
+        _killpg(pid, signal.SIGKILL)
+        _kill(victims, signal.SIGKILL)
+
+
+@op("pty.open")
+async def op_pty_open(agent, rid, args, payload):
+    """Run ``command`` on a new pty; input arrives as chunks, output leaves as "pty" chunks.
+
+    The result ``{"exit_code"}`` comes when the process exits; cancel or end of input kills
+    its process tree. ``pty.resize`` with ``{"pty": <this request id>}`` resizes it.
+    """
+    command = args.get("command") or PTY_COMMAND
+    if not isinstance(command, list) or not all(isinstance(a, str) and a for a in command):
+        raise AgentError("invalid_request", "command must be a non-empty argv list")
+    winsize = _winsize(args)
+    env = dict(os.environ)
+    env.setdefault("TERM", "xterm-256color")
+    env.update(_env(args))
+    cwd = agent.path(args, "cwd") if args.get("cwd") else None
+    if cwd is not None and not os.path.isdir(cwd):
+        raise AgentError("file_not_found", "cwd %r is not a directory" % cwd)
+    if os.sep not in command[0] and _which(command[0], env.get("PATH")) is None:
+        raise AgentError("invalid_request", "command not found: %s" % command[0])
+    master, slave = os.openpty()
+    try:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable or "python3",
+            "-I",
+            "-S",
+            "-c",
+            _PTY_BOOT,
+            *command,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    os.set_blocking(master, False)
+    pty = Pty(master, proc)
+    agent.ptys[rid] = pty
+    emit = agent.streamer(rid, "pty")
+
+    async def pump_out():
+        while True:
+            data = await pty.read()
+            if not data:
+                return
+            emit(data)
+            await agent.flush()
+
+    async def pump_in():
+        async for data in _input_chunks(payload):
+            await pty.write(data)
+        pty.kill()  # end of input: the client is gone
+
+    reader = asyncio.ensure_future(pump_out())
+    writer = asyncio.ensure_future(pump_in())
+    try:
+        await proc.wait()
+        # Output still in the terminal; a background child may keep the slave open: cap it.
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), 0.5)
+        except asyncio.TimeoutError:
+            pass
+        return {"exit_code": _exit_code(proc.returncode)}
+    finally:
+        agent.ptys.pop(rid, None)
+        pty.kill()
+        reader.cancel()
+        writer.cancel()
+        await asyncio.gather(reader, writer, return_exceptions=True)
+        if proc.returncode is None:
+            await proc.wait()
+        os.close(master)
+
+
+@op("pty.resize")
+async def op_pty_resize(agent, rid, args, payload):
+    pty = agent.ptys.get(_require(args, "pty", int))
+    if pty is None:
+        raise AgentError("not_found", "no pty %r" % args.get("pty"))
+    pty.resize(_winsize(args))
+    return {}
 
 
 @op("shutdown")

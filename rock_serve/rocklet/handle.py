@@ -28,7 +28,7 @@ from rock_serve.rocklet import agent as _agent
 from rock_serve.rocklet.agent import CHUNK, MAX_HEADER, MAX_PAYLOAD, FrameError, encode_frame
 from rock_serve.rocklet.agent import read_frame as _read_frame
 
-__all__ = ["AGENT_PATH", "RockletHandle", "agent_argv", "install_agent"]
+__all__ = ["AGENT_PATH", "PtyProcess", "RockletHandle", "agent_argv", "install_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,144 @@ class RockletHandle:
         """CPU, memory and process usage and limits as the sandbox sees them."""
         data, _ = await self.request("stats")
         return SandboxStats(**data)
+
+    def pty(
+        self,
+        *,
+        cols: int = 80,
+        rows: int = 24,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> PtyProcess:
+        """An interactive process (default: ``bash -i``) on a pseudo-terminal in the sandbox.
+
+        Use it as ``async with handle.pty() as p:``; leaving the block kills the process tree.
+        """
+        args: dict[str, Any] = {"cols": cols, "rows": rows}
+        if command is not None:
+            args["command"] = command
+        if env:
+            args["env"] = env
+        if cwd is not None:
+            args["cwd"] = cwd
+        return PtyProcess(self, args)
+
+
+class PtyProcess:
+    """A process on a pty: :meth:`send` keystrokes, iterate over its output bytes, :meth:`wait`.
+
+    Output is read by one consumer: iterate it, or call :meth:`wait`, which discards what was
+    not read.
+    """
+
+    def __init__(self, handle: RockletHandle, args: dict[str, Any]) -> None:
+        self._handle = handle
+        self._args = args
+        self._rid: int | None = None
+        self._call = _Call()
+        self._finished = False
+        self._killed = False
+        #: The exit code, once the process has exited (128+N when killed by signal N).
+        self.exit_code: int | None = None
+
+    async def open(self) -> PtyProcess:
+        """Start the process (done by ``async with``)."""
+        h = self._handle
+        if self._rid is not None:
+            raise RuntimeError("this pty is open already")
+        if h._error is not None:
+            raise h._error
+        rid = next(h._ids)
+        h._calls[rid] = self._call
+        self._rid = rid
+        h._send({"id": rid, "op": "pty.open", "args": self._args, "more": True})
+        await h._drain()
+        return self
+
+    async def __aenter__(self) -> PtyProcess:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _id(self) -> int:
+        if self._rid is None:
+            raise RuntimeError("this pty is not open")
+        return self._rid
+
+    async def send(self, data: bytes) -> None:
+        """Write input (keystrokes) to the terminal."""
+        rid = self._id()
+        for i in range(0, len(data), CHUNK):
+            self._handle._send({"id": rid, "type": "chunk"}, bytes(data[i : i + CHUNK]))
+            await self._handle._drain()
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Change the terminal size (the foreground job gets SIGWINCH)."""
+        await self._handle.request("pty.resize", {"pty": self._id(), "cols": cols, "rows": rows})
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._output()
+
+    async def _output(self) -> AsyncIterator[bytes]:
+        self._id()
+        while not self._finished:
+            item = await self._call.queue.get()
+            if isinstance(item, BaseException):
+                self._finish()
+                raise item
+            header, data = item
+            kind = header.get("type")
+            if kind == "error":
+                self._finish()
+                err = header.get("error") or {}
+                raise error_class(str(err.get("code")))(str(err.get("message", "")))
+            if kind == "result":
+                self.exit_code = int((header.get("data") or {})["exit_code"])
+                self._finish()
+                return
+            if data:
+                yield data
+
+    def _finish(self) -> None:
+        self._finished = True
+        if self._rid is not None:
+            self._handle._calls.pop(self._rid, None)
+
+    async def wait(self) -> int:
+        """Wait for the process to exit (discarding unread output); returns its exit code."""
+        async for _ in self._output():
+            pass
+        if self.exit_code is None:  # pragma: no cover - the rocklet always sends a result
+            raise RockletUnavailable("rocklet ended the pty without a result")
+        return self.exit_code
+
+    async def kill(self) -> None:
+        """Ask the rocklet to kill the process tree; the exit code still ends the output."""
+        if self._rid is None or self._finished or self._killed:
+            return
+        self._killed = True
+        self._handle._send({"id": self._rid, "type": "end"})
+        await self._handle._drain()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Kill the process tree (unless it exited) and wait for the rocklet to confirm."""
+        if self._rid is None or self._finished:
+            return
+        h = self._handle
+        confirmed = False
+        try:
+            await self.kill()
+            await asyncio.wait_for(self.wait(), timeout)
+            confirmed = True
+        except Exception:
+            pass  # the rocklet is gone or did not answer: cancel below
+        finally:
+            if not confirmed:
+                with contextlib.suppress(Exception):
+                    h._send({"id": self._rid, "type": "cancel"})
+            self._finish()
 
 
 async def _chunks(blob: bytes) -> AsyncIterator[bytes]:

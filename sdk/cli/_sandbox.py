@@ -1,11 +1,16 @@
-"""``rock sandbox create|ls|exec|cp|rm`` through the SDK's sync client."""
+"""``rock sandbox create|ls|exec|shell|cp|rm`` through the SDK's sync client."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,7 +18,7 @@ from rich.table import Table
 
 from rock_serve.errors import RockError
 from rock_serve.protocol import OutputChunk, decode_text
-from rock_serve.sdk import Client
+from rock_serve.sdk import Client, ClientSettings
 
 sandbox_app = typer.Typer(help="Create, list, use and remove sandboxes.", no_args_is_help=True)
 console = Console()
@@ -102,6 +107,114 @@ def exec_(
                         err.print(f"[yellow]timed out after {timeout} s[/yellow]")
         except RockError as exc:
             raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+def _pty_url(settings: ClientSettings, sandbox_id: str, cols: int, rows: int) -> str:
+    base = settings.base_url.rstrip("/")
+    scheme, sep, rest = base.partition("://")
+    ws_scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme)
+    return f"{ws_scheme}{sep}{rest}/v1/sandboxes/{sandbox_id}/pty?cols={cols}&rows={rows}"
+
+
+def _terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return 80, 24
+    return size.columns or 80, size.lines or 24
+
+
+def _forward_stdin(ws: Any, interactive: bool) -> None:
+    """Send local stdin to the pty; at the end of a piped stdin, type the terminal's EOF."""
+    fd = sys.stdin.fileno()
+    try:
+        while data := os.read(fd, 4096):
+            ws.send(data)
+        while not interactive:
+            # Ctrl-D until the shell exits: one typed while the terminal is still in canonical
+            # mode (before bash's line editor starts, or while a command runs) can be lost.
+            ws.send(b"\x04")
+            time.sleep(0.2)
+    except Exception:
+        pass  # the connection is gone: the main loop reports why
+
+
+@sandbox_app.command("shell")
+def shell(
+    sandbox_id: str,
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """Open an interactive shell in a sandbox; exit with the shell's exit code.
+
+    With a terminal on stdin it runs in raw mode and follows window resizes; with a pipe,
+    the piped text is typed into the shell, followed by Ctrl-D.
+    """
+    try:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+    except ImportError:
+        err.print("[red]error[/red]: `rock sandbox shell` needs the websockets package")
+        raise typer.Exit(2) from None
+    settings = ClientSettings.from_env(base_url=url, token=token)
+    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+    cols, rows = _terminal_size()
+    interactive = sys.stdin.isatty()
+    code = 1
+    try:
+        ws = connect(
+            _pty_url(settings, sandbox_id, cols, rows),
+            additional_headers=headers,
+            open_timeout=settings.timeout,
+        )
+    except (OSError, TimeoutError) as exc:
+        err.print(f"[red]error[/red]: cannot connect to {settings.base_url}: {exc}")
+        raise typer.Exit(1) from None
+    restore: Any = None
+    old_winch: Any = None
+    with ws:
+        if interactive:
+            import termios
+            import tty
+
+            fd = sys.stdin.fileno()
+            attrs = termios.tcgetattr(fd)
+            restore = lambda: termios.tcsetattr(fd, termios.TCSADRAIN, attrs)  # noqa: E731
+            tty.setraw(fd)
+
+            def _resend_size(*_: object) -> None:
+                c, r = _terminal_size()
+                message = json.dumps({"type": "resize", "cols": c, "rows": r})
+                # Not from the handler itself: the main thread may hold the socket's lock.
+                threading.Thread(target=ws.send, args=(message,), daemon=True).start()
+
+            old_winch = signal.signal(signal.SIGWINCH, _resend_size)
+        try:
+            threading.Thread(target=_forward_stdin, args=(ws, interactive), daemon=True).start()
+            while True:
+                try:
+                    message = ws.recv()
+                except ConnectionClosed:
+                    break
+                if isinstance(message, bytes):
+                    sys.stdout.buffer.write(message)
+                    sys.stdout.flush()
+                    continue
+                body = json.loads(message)
+                if body.get("type") == "exit":
+                    code = int(body["exit_code"])
+                elif "error" in body:
+                    if restore is not None:
+                        restore()
+                    error = body["error"]
+                    err.print(f"[red]error[/red] [bold]{error['code']}[/bold]: {error['message']}")
+        finally:
+            if old_winch is not None:
+                signal.signal(signal.SIGWINCH, old_winch)
+            if restore is not None:
+                with contextlib.suppress(Exception):
+                    restore()
     raise typer.Exit(code)
 
 

@@ -35,6 +35,7 @@ class Platform:
     state_dir: Path
     python: str | None = None
     runtime: str = "local"
+    metrics_port: int | None = None
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
@@ -88,11 +89,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 
     temp_dir = tempfile.mkdtemp(prefix="rse2e-", dir="/tmp")  # short: socket paths
     state_dir = tmp_path_factory.mktemp("rock-state")
+    metrics_port = _free_port()
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,
+        _metrics_export_port=metrics_port,
         log_to_driver=False,
     )
     try:
@@ -109,7 +112,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         serve.run(build_app(args), name="rock", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, time.monotonic() + 60)
-        yield Platform(url=url, state_dir=state_dir)
+        yield Platform(url=url, state_dir=state_dir, metrics_port=metrics_port)
         with httpx.Client(base_url=url, timeout=30) as client:
             for item in client.get("/v1/sandboxes").json().get("items", []):
                 client.delete(f"/v1/sandboxes/{item['id']}")

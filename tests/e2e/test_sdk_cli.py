@@ -110,3 +110,31 @@ def test_quickstart_example_runs(platform, api):
     assert "python3 says 42 (exit 0)" in result.stdout
     assert "timed_out=True" in result.stdout
     assert "the session survived: rock" in result.stdout
+
+
+def test_archive_round_trip_through_the_sdk(platform, api):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("pkg/mod.py")
+        payload = b"VALUE = 42\n"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with Client(platform.url) as client, client.sandbox() as sb:
+        client.upload_archive(sb.id, "project", buf.getvalue())
+        assert (
+            sb.exec(
+                [
+                    "python3",
+                    "-c",
+                    "import sys; sys.path.insert(0, 'project');import pkg.mod as m; print(m.VALUE)",
+                ]
+            ).stdout
+            == "42\n"
+        )
+        names = tarfile.open(
+            fileobj=io.BytesIO(client.download_archive(sb.id, "project"))
+        ).getnames()
+        assert "./pkg/mod.py" in names

@@ -1,0 +1,102 @@
+"""Platform metrics on Ray's metrics system (exported on each node's Prometheus endpoint).
+
+Names (Ray prefixes them with ``ray_``): ``rock_sandboxes{worker,state}`` gauge,
+``rock_create_seconds{worker,outcome}`` and ``rock_op_seconds{worker,op}`` histograms,
+``rock_errors_total{component,op,code}`` counter, ``rock_reaped_total{worker,reason}`` counter.
+Outside a Ray process every call is a no-op, so the Worker and Scheduler stay testable without
+Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Metrics", "metrics"]
+
+_LATENCY_BOUNDARIES = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+_STATES = ("pending", "starting", "running", "stopping", "stopped", "removed", "failed")
+
+
+class Metrics:
+    """Records what the platform does; a no-op unless built inside a Ray process."""
+
+    def __init__(self, component: str, worker: str = "") -> None:
+        self.component = component
+        self.worker = worker
+        self._m: dict[str, Any] = {}
+        try:
+            import ray
+            from ray.util import metrics as rm
+        except ImportError:  # pragma: no cover - the server extra is not installed
+            return
+        if not ray.is_initialized():
+            return
+        self._m = {
+            "sandboxes": rm.Gauge(
+                "rock_sandboxes",
+                description="Sandboxes owned by a Worker, by state.",
+                tag_keys=("worker", "state"),
+            ),
+            "create": rm.Histogram(
+                "rock_create_seconds",
+                description="Sandbox create + start latency.",
+                boundaries=_LATENCY_BOUNDARIES,
+                tag_keys=("worker", "outcome"),
+            ),
+            "op": rm.Histogram(
+                "rock_op_seconds",
+                description="Data-plane call latency at the Worker (exec, session run, ...).",
+                boundaries=_LATENCY_BOUNDARIES,
+                tag_keys=("worker", "op"),
+            ),
+            "errors": rm.Counter(
+                "rock_errors_total",
+                description="Errors returned, by component, operation and error code.",
+                tag_keys=("component", "op", "code"),
+            ),
+            "reaped": rm.Counter(
+                "rock_reaped_total",
+                description="Sandboxes removed by the reaper, by reason.",
+                tag_keys=("worker", "reason"),
+            ),
+        }
+
+    @property
+    def enabled(self) -> bool:
+        """True when the metrics are exported (inside Ray)."""
+        return bool(self._m)
+
+    def sandboxes(self, by_state: Mapping[str, int]) -> None:
+        """Set the sandbox gauge; states not in ``by_state`` are set to 0."""
+        if self._m:
+            for state in _STATES:
+                self._m["sandboxes"].set(
+                    by_state.get(state, 0), tags={"worker": self.worker, "state": state}
+                )
+
+    def created(self, seconds: float, ok: bool) -> None:
+        """One create finished (or failed) after ``seconds``."""
+        if self._m:
+            outcome = "ok" if ok else "error"
+            self._m["create"].observe(seconds, tags={"worker": self.worker, "outcome": outcome})
+
+    def op(self, op: str, seconds: float) -> None:
+        """One data-plane call took ``seconds``."""
+        if self._m:
+            self._m["op"].observe(seconds, tags={"worker": self.worker, "op": op})
+
+    def error(self, op: str, code: str) -> None:
+        """One error with ``code`` was returned by ``op``."""
+        if self._m:
+            self._m["errors"].inc(tags={"component": self.component, "op": op, "code": code})
+
+    def reaped(self, reason: str, n: int = 1) -> None:
+        """``n`` sandboxes were reaped for ``reason`` (e.g. ``ttl``)."""
+        if self._m and n:
+            self._m["reaped"].inc(n, tags={"worker": self.worker, "reason": reason})
+
+
+def metrics(component: str, worker: str = "") -> Metrics:
+    """The metrics recorder of one component (``worker`` or ``admin``)."""
+    return Metrics(component, worker)

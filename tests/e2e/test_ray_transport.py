@@ -1,0 +1,136 @@
+"""The SDK's Ray transport against the session's platform, from this process (a Ray driver).
+
+The same operations as the HTTP tests, through ``AsyncClient.from_ray``: actor calls to the
+Scheduler and the Workers, no HTTP hop, the same typed errors. Latency of an in-session echo is
+measured next to the same echo over HTTP and printed (``-s`` shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import pytest
+
+from rock_serve.errors import (
+    FileNotFound,
+    InvalidRequest,
+    RuntimeUnavailable,
+    SandboxNotFound,
+    SessionNotFound,
+)
+from rock_serve.protocol import OutputChunk, SandboxState, SessionRunResult
+from rock_serve.sdk import AsyncClient, Client
+
+pytestmark = pytest.mark.ray
+
+NAMESPACE = "rock-e2e"
+
+
+def _p(samples: list[float], q: float) -> float:
+    return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))] * 1000
+
+
+def test_ray_transport_sandbox_life_cycle(platform, api):
+    async def scenario() -> str:
+        client = AsyncClient.from_ray(namespace=NAMESPACE)
+        assert (await client.health()).status == "ok"
+        async with client, client.sandbox(ttl_seconds=300, labels={"via": "ray"}) as sb:
+            assert sb.record.state == SandboxState.RUNNING
+            assert (await client.get_sandbox(sb.id)).id == sb.id
+            listed = await client.list_sandboxes(labels={"via": "ray"})
+            assert [r.id for r in listed] == [sb.id]
+
+            assert (await sb.run("mkdir -p w && cd w && X=41")).exit_code == 0
+            result = await sb.run("echo $((X+1)) $(basename $PWD)")
+            assert result.output == "42 w\n"
+            items = [item async for item in sb.stream_run("echo a; echo b")]
+            assert isinstance(items[-1], SessionRunResult)
+            assert "".join(i.data for i in items if isinstance(i, OutputChunk)) == "a\nb\n"
+            out = await sb.exec(["printf", "%s", "one-shot"])
+            assert (out.exit_code, out.stdout) == (0, "one-shot")
+            streamed = [item async for item in sb.stream_exec("echo streamed")]
+            assert streamed[-1].exit_code == 0  # type: ignore[union-attr]
+
+            small = await sb.files.write("d/small.txt", b"hello\n", mode=0o600)
+            assert small.size == 6
+            assert await sb.files.read("d/small.txt") == b"hello\n"
+            assert (await sb.files.stat("d/small.txt")).size == 6
+            big = bytes(range(256)) * (3 * 4096 + 1)  # ~3 MiB: goes as an object ref
+            assert (await sb.files.write("d/big.bin", big)).size == len(big)
+            assert await sb.files.read("d/big.bin") == big
+            names = [e.name for e in (await sb.files.list("d")).entries]
+            assert names == ["big.bin", "small.txt"]
+            await sb.files.remove("d", recursive=True)
+
+            # The same typed errors as over HTTP.
+            with pytest.raises(FileNotFound):
+                await sb.files.read("d/small.txt")
+            with pytest.raises(SessionNotFound):
+                await client.run(sb.id, "true", session="nope")
+            with pytest.raises(SandboxNotFound):
+                await client.get_sandbox("sb-nosuchworker-0123456789abcdef")
+            with pytest.raises(SandboxNotFound):
+                await client.run("not-an-id", "true")
+            with pytest.raises(InvalidRequest):
+                await client.create_sandbox(ttl_seconds=7200)  # over max_ttl_seconds
+            await sb.files.write("d/arch.txt", b"tarred")
+            tar = await client.download_archive(sb.id, "d")
+            await client.upload_archive(sb.id, "copy", tar)
+            assert await sb.files.read("copy/arch.txt") == b"tarred"
+            sid = sb.id
+        with pytest.raises(SandboxNotFound):
+            await client.get_sandbox(sid)
+        return sid
+
+    sid = asyncio.run(scenario())
+    assert api.get(f"/v1/sandboxes/{sid}").status_code == 404
+    assert sid not in platform.runtime_ids()
+
+
+def test_ray_transport_refuses_what_it_cannot_do(platform):
+    with pytest.raises(InvalidRequest):
+        Client.from_ray(namespace=NAMESPACE)
+    with pytest.raises(RuntimeUnavailable):
+        AsyncClient.from_ray(namespace="rock-e2e-nothing-here")
+
+
+def test_ray_transport_echo_latency_beside_http(platform, api):
+    """In-session echo p50 over Ray <= 3 ms (the target), printed beside HTTP's."""
+    n = 200
+
+    async def ray_samples() -> list[float]:
+        client = AsyncClient.from_ray(namespace=NAMESPACE)
+        async with client.sandbox(ttl_seconds=300) as sb:
+            await sb.run("true")
+            for _ in range(20):
+                await sb.run("echo hi")
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await sb.run("echo hi")
+                samples.append(time.perf_counter() - t0)
+            return samples
+
+    def http_samples() -> list[float]:
+        with Client(base_url=platform.url) as client, client.sandbox(ttl_seconds=300) as sb:
+            sb.run("true")
+            for _ in range(20):
+                sb.run("echo hi")
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                sb.run("echo hi")
+                samples.append(time.perf_counter() - t0)
+            return samples
+
+    ray_s = asyncio.run(ray_samples())
+    http_s = http_samples()
+    print(
+        f"\nin-session echo, n={n}: ray p50 {_p(ray_s, 0.5):.2f} ms p99 {_p(ray_s, 0.99):.2f} ms"
+        f" | http p50 {_p(http_s, 0.5):.2f} ms p99 {_p(http_s, 0.99):.2f} ms"
+    )
+    # The target is 3 ms; allow a loaded CI machine twice that, and Ray must beat HTTP.
+    assert statistics.median(ray_s) * 1000 <= 6.0
+    assert statistics.median(ray_s) < statistics.median(http_s)
