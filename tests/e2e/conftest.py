@@ -22,6 +22,8 @@ import httpx
 import pytest
 
 from rock_serve.config import BwrapRuntimeConfig, LocalRuntimeConfig
+from tests.e2e._head import BIN, Head
+from tests.e2e._head import ray_head as start_ray_head
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -181,3 +183,12 @@ def bwrap_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory)
     url = f"{platform.url}/bwrap"
     _wait_healthy(url, time.monotonic() + 60)
     return Platform(url=url, state_dir=state_dir, runtime="bwrap")
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Head]:
+    """A separate `ray start --head` (own ports, temp dir, process group) for deploy tests."""
+    if shutil.which("ray", path=str(BIN)) is None:
+        pytest.skip("the ray CLI is not installed")
+    with start_ray_head() as head:
+        yield head
