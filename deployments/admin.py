@@ -20,13 +20,13 @@ import math
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -59,6 +59,8 @@ from rock_serve.protocol import (
     Health,
     ListDirResult,
     MkdirRequest,
+    PtyExit,
+    PtyResize,
     RemoveRequest,
     SandboxList,
     SandboxRecord,
@@ -74,7 +76,7 @@ from rock_serve.protocol import (
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.commands import SESSION_NAME
 
-__all__ = ["Admin", "PtyResize", "app"]
+__all__ = ["Admin", "app"]
 
 log = logging.getLogger(__name__)
 
@@ -198,16 +200,6 @@ async def _ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
             await items.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(body(), media_type=_NDJSON)
-
-
-class PtyResize(BaseModel):
-    """A WebSocket pty control message (a text frame): resize the terminal."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["resize"] = Field(description="Message kind.")
-    cols: int = Field(ge=1, le=65535, description="Columns.")
-    rows: int = Field(ge=1, le=65535, description="Rows.")
 
 
 def _pty_dimension(value: str, name: str) -> int:
@@ -518,7 +510,7 @@ class Admin:
             done, _ = await asyncio.wait({output, inputs}, return_when=asyncio.FIRST_COMPLETED)
             if output in done:
                 code = output.result()
-                await ws.send_text(json.dumps({"type": "exit", "exit_code": code}))
+                await ws.send_text(PtyExit(exit_code=code).model_dump_json())
                 await ws.close()
             else:
                 inputs.result()  # the client went away (or sent what we cannot handle)

@@ -29,6 +29,8 @@ POST        /sandboxes/{id}/files/remove                RemoveRequest -> 204
 GET         /sandboxes/{id}/archive?path=               -> tar stream
 PUT         /sandboxes/{id}/archive?path=               tar stream (plain or compressed) -> 204
 GET         /sandboxes/{id}/stats                       -> SandboxStats
+WebSocket   /sandboxes/{id}/pty?cols=&rows=             binary frames in/out; text frames
+                                                        :class:`PtyResize` in, :class:`PtyExit` out
 ==========  ==========================================  ==========================================
 
 Sandbox ids name their owning Worker: ``sb-<worker>-<random>``, so data-plane calls go to that
@@ -36,6 +38,8 @@ Worker without a lookup.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -134,3 +138,18 @@ class Health(WireModel):
     status: str = Field(description="'ok' when the Scheduler and at least one Worker answer.")
     version: str = Field(description="rock-serve version.")
     workers: list[WorkerStatus] = Field(default_factory=list, description="Known Workers.")
+
+
+class PtyResize(WireModel):
+    """WebSocket pty control message (client -> server text frame): resize the terminal."""
+
+    type: Literal["resize"] = Field(default="resize", description="Message kind.")
+    cols: int = Field(ge=1, le=65535, description="Columns.")
+    rows: int = Field(ge=1, le=65535, description="Rows.")
+
+
+class PtyExit(WireModel):
+    """WebSocket pty message (server -> client text frame) sent when the shell exits."""
+
+    type: Literal["exit"] = Field(default="exit", description="Message kind.")
+    exit_code: int = Field(description="Exit status of the shell.")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rock_serve.errors import RockError
-from rock_serve.protocol import OutputChunk, decode_text
+from rock_serve.protocol import OutputChunk, PtyResize, decode_text
 from rock_serve.sdk import Client, ClientSettings
 
 sandbox_app = typer.Typer(help="Create, list, use and remove sandboxes.", no_args_is_help=True)
@@ -185,7 +185,7 @@ def shell(
 
             def _resend_size(*_: object) -> None:
                 c, r = _terminal_size()
-                message = json.dumps({"type": "resize", "cols": c, "rows": r})
+                message = PtyResize(cols=c, rows=r).model_dump_json()
                 # Not from the handler itself: the main thread may hold the socket's lock.
                 threading.Thread(target=ws.send, args=(message,), daemon=True).start()
 
