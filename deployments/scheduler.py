@@ -104,6 +104,9 @@ class Scheduler:
         self._records: dict[str, SandboxRecord] = {}
         self._inflight: dict[str, int] = {}  # worker name -> creates in flight
         self._inflight_ids: set[str] = set()
+        #: When this Scheduler registered each sandbox: a Worker listing taken before that
+        #: moment must not drop it (the listing may predate the sandbox).
+        self._registered: dict[str, float] = {}
         self._tombstones: dict[str, float] = {}
         self._tokens: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._sync_lock = asyncio.Lock()
@@ -182,9 +185,10 @@ class Scheduler:
                 record.worker == worker
                 and sid not in ids
                 and sid not in self._inflight_ids
-                and record.created_at < listed_at
+                and self._registered.get(sid, record.created_at) < listed_at
             ):
                 del self._records[sid]
+                self._registered.pop(sid, None)
         for record in owned:
             if record.id not in self._records and record.id not in self._tombstones:
                 self._records[record.id] = record
@@ -267,6 +271,7 @@ class Scheduler:
             self._inflight[worker.name] -= 1
             self._inflight_ids.discard(sandbox_id)
         self._records[sandbox_id] = record
+        self._registered[sandbox_id] = self._clock()
         log.info("scheduler: created %s on %s", sandbox_id, worker.name)
         return record
 
@@ -320,6 +325,7 @@ class Scheduler:
                     await worker.remove(sandbox_id)
         finally:
             self._records.pop(sandbox_id, None)
+            self._registered.pop(sandbox_id, None)
 
     async def health(self) -> Health:
         """Every Worker's status; ``ok`` when at least one answers."""

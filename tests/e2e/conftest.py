@@ -185,9 +185,13 @@ def bwrap_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory)
     return Platform(url=url, state_dir=state_dir, runtime="bwrap")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
-    """A separate `ray start --head` (own ports, temp dir, process group) for deploy tests."""
+    """A separate `ray start --head` (own ports, temp dir, process group) per test module.
+
+    Not shared across modules: a redeploy with other args does not rebuild the Workers, which
+    keep the runtime they started with (a known gap), so each deploy test gets a fresh head.
+    """
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed")
     with start_ray_head() as head:

@@ -5,6 +5,8 @@ These belong in tests/unit; they live here until that folder is free to edit.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from rock_serve.config import ServerArgs
@@ -152,3 +154,33 @@ async def test_registry_is_rebuilt_from_workers_and_lost_nodes_are_reported():
     assert states["aaaaaaaaaaaa"] == ("running", None)
     health = await fresh.health()
     assert [w.name for w in health.workers] == ["aaaaaaaaaaaa"] and health.status == "ok"
+
+
+async def test_a_listing_older_than_a_create_does_not_drop_it():
+    scheduler, directory, clock = _scheduler([A])
+    await scheduler.ready()
+    worker = directory.workers[A]
+    stale = list(worker.records.values())  # the Worker's answer, taken before the create
+    gate = asyncio.Event()
+
+    async def slow_list():
+        await gate.wait()
+        return stale
+
+    create = worker.create
+
+    async def create_started_earlier(sandbox_id, req, ttl):
+        # The runtime stamps created_at when it began making the sandbox: before the listing.
+        record = await create(sandbox_id, req, ttl)
+        return record.model_copy(update={"created_at": clock() - 2})
+
+    worker.list = slow_list
+    worker.create = create_started_earlier
+    clock.now += 1
+    syncing = asyncio.ensure_future(scheduler.sync())  # lists now; the answer comes late
+    await asyncio.sleep(0)
+    clock.now += 1
+    record = await scheduler.create(CreateSandboxRequest())
+    gate.set()
+    await syncing
+    assert (await scheduler.get(record.id)).id == record.id
