@@ -63,5 +63,19 @@ class Runtime(abc.ABC):
     async def list(self, labels: dict[str, str] | None = None) -> list[SandboxInfo]:
         """Every sandbox of this runtime whose labels include all of ``labels``."""
 
+    async def attach(self, sandbox_id: str) -> RockletHandle:
+        """Reconnect to a sandbox still running from an earlier owner (a restarted Worker).
+
+        Runtimes whose sandboxes die with their owner (bwrap, local: the rocklet is a child
+        of the Worker) cannot; the Worker then removes the leftover instead.
+
+        Raises:
+            SandboxNotRunning: the sandbox cannot be reattached (this default, or it stopped).
+            SandboxNotFound: no such sandbox.
+        """
+        from rock_serve.errors import SandboxNotRunning
+
+        raise SandboxNotRunning(f"the {self.name} runtime cannot reattach {sandbox_id!r}")
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources held by the runtime itself (not the sandboxes)."""
