@@ -47,6 +47,7 @@ from rock_serve.protocol import (
     SessionRunResult,
     WorkerStatus,
 )
+from rock_serve.protocol.api import LIFECYCLE_FIELDS
 from rock_serve.rocklet.handle import PtyProcess, RockletHandle
 from rock_serve.runtime.base import Runtime
 
@@ -164,7 +165,7 @@ class Worker:
             )
         if sandbox_id in self._boxes or sandbox_id in self._creating:
             raise Conflict(f"sandbox {sandbox_id!r} exists already")
-        spec = SandboxSpec.model_validate(req.model_dump(exclude={"ttl_seconds", "client_token"}))
+        spec = SandboxSpec.model_validate(req.model_dump(exclude=set(LIFECYCLE_FIELDS)))
         spec.labels = {**spec.labels, LABEL_WORKER: self.name}
         self._creating.add(sandbox_id)
         started = time.perf_counter()

@@ -11,6 +11,7 @@ from rock_serve.protocol.api import (
     SandboxRecord,
     SessionRunBody,
     SessionStdinBody,
+    StateChange,
     WorkerStatus,
 )
 from rock_serve.protocol.commands import (
@@ -55,6 +56,7 @@ __all__ = [
     "SandboxRecord",
     "SessionRunBody",
     "SessionStdinBody",
+    "StateChange",
     "WorkerStatus",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT",

@@ -70,6 +70,39 @@ class CreateSandboxRequest(SandboxSpec):
         max_length=128,
         description="Idempotency key: the same token returns the same sandbox.",
     )
+    lease_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="Lease: the sandbox is reaped when no call or heartbeat renews it for this "
+        "long; None = server default.",
+    )
+    ray_job_id: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[0-9a-fA-F]+$",
+        description="Ray job that owns it: reaped when that job's driver dies.",
+    )
+    trajectory_id: str | None = Field(
+        default=None, max_length=256, description="Trajectory (episode) it serves, if any."
+    )
+
+
+#: Fields of :class:`CreateSandboxRequest` that are not part of the runtime's spec.
+LIFECYCLE_FIELDS = frozenset(
+    {"ttl_seconds", "client_token", "lease_seconds", "ray_job_id", "trajectory_id"}
+)
+
+
+class StateChange(WireModel):
+    """One step of a sandbox's lifecycle."""
+
+    state: SandboxState = Field(description="The state entered.")
+    at: float = Field(description="When, seconds since the epoch.")
+    reason: str | None = Field(
+        default=None,
+        description="Why (e.g. 'ttl_expired', 'lease_expired', 'job_dead', 'oom_killed').",
+    )
 
 
 class SandboxRecord(WireModel):
@@ -87,6 +120,18 @@ class SandboxRecord(WireModel):
     node_id: str = Field(description="Ray node id of the owning Worker.")
     created_at: float = Field(description="Creation time, seconds since the epoch.")
     expires_at: float | None = Field(default=None, description="Hard deadline (TTL), if any.")
+    namespace: str = Field(
+        default="default", description="Namespace (set from the caller's token)."
+    )
+    ray_job_id: str | None = Field(default=None, description="Owning Ray job, if any.")
+    trajectory_id: str | None = Field(default=None, description="Trajectory it serves, if any.")
+    lease_seconds: float | None = Field(default=None, description="Lease length, if leased.")
+    lease_expires_at: float | None = Field(
+        default=None, description="When the lease runs out unless renewed."
+    )
+    history: list[StateChange] = Field(
+        default_factory=list, description="Lifecycle steps, oldest first."
+    )
 
 
 class SandboxList(WireModel):
