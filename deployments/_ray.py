@@ -135,10 +135,21 @@ class RayWorker:
         self.node_id = node_id
         self.actor = actor
 
-    async def create(self, sandbox_id: str, req: CreateSandboxRequest, ttl: float) -> SandboxRecord:
+    async def create(
+        self, sandbox_id: str, req: CreateSandboxRequest, ttl: float, namespace: str
+    ) -> SandboxRecord:
         """Create and start a sandbox on this Worker."""
-        record: SandboxRecord = await call(self.actor, "create", sandbox_id, req, ttl)
+        record: SandboxRecord = await call(self.actor, "create", sandbox_id, req, ttl, namespace)
         return record
+
+    async def reap_ids(self, ids: list[str], reason: str) -> list[str]:
+        """Remove these sandboxes."""
+        removed: list[str] = await call(self.actor, "reap_ids", ids, reason)
+        return removed
+
+    async def reconfigure(self, args: ServerArgs) -> None:
+        """Hand the Worker a redeploy's args."""
+        await call(self.actor, "reconfigure", args)
 
     async def remove(self, sandbox_id: str) -> None:
         """Remove a sandbox."""
@@ -184,8 +195,16 @@ class RayWorkerDirectory:
             max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         ).remote(self.args, short, node_id)
+        await call(actor, "reconfigure", self.args)  # an existing actor may have older args
         await call(actor, "ready")
         return RayWorker(short, node_id, actor)
+
+    async def dead_jobs(self, job_ids: set[str]) -> set[str]:
+        """Which of ``job_ids`` are Ray jobs whose driver has died (from the GCS job table)."""
+        from ray._private import state
+
+        jobs = await run_sync(state.jobs)
+        return {str(j["JobID"]) for j in jobs if j.get("IsDead") and str(j["JobID"]) in job_ids}
 
 
 def get_or_create_scheduler(args: ServerArgs) -> ActorHandle:

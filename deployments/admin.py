@@ -5,8 +5,10 @@ calls go straight to the Worker named in the sandbox id. Every error, ours or Fa
 as the one body ``{"error": {"code", "message", "retry_after"?}}`` with the table's status and,
 on 429/503, a ``Retry-After`` header.
 
-File bodies are buffered whole, up to ``ServerArgs.max_file_bytes`` (64 MiB by default);
-streaming them through the object store is future work.
+File and archive bodies are streamed both ways: downloads are relayed chunk by chunk from the
+rocklet, uploads are sent to the Worker in chunks of ``_UPLOAD_CHUNK`` bytes with
+backpressure, so no body is ever held whole in a replica (``max_file_bytes`` caps an upload's
+size, not memory).
 """
 
 # No "from __future__ import annotations": Serve pickles the FastAPI app to its replicas, and
@@ -82,6 +84,8 @@ log = logging.getLogger(__name__)
 
 _ID = re.compile(SANDBOX_ID)
 _NDJSON = "application/x-ndjson"
+#: Bytes per chunk of an upload sent to a Worker (one actor call each).
+_UPLOAD_CHUNK = 1 << 20
 
 app = FastAPI(
     title="rock-serve",
@@ -202,6 +206,24 @@ async def _ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
     return StreamingResponse(body(), media_type=_NDJSON)
 
 
+async def _relay(chunks: AsyncIterator[bytes], media_type: str) -> Response:
+    """Relay a byte stream; an error before the first chunk is a normal error response."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        return Response(content=b"", media_type=media_type)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(body(), media_type=media_type)
+
+
 def _pty_dimension(value: str, name: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 65535:
         raise InvalidRequest(f"query {name}={value!r} must be an integer in 1..65535")
@@ -311,6 +333,25 @@ class Admin:
         await call(self._scheduler, "delete", sandbox_id)
         return Response(status_code=204)
 
+    @app.post("/v1/sandboxes/{sandbox_id}/renew", response_model=SandboxRecord, responses=_ERRORS)
+    async def renew(self, sandbox_id: str) -> SandboxRecord:
+        """Renew the sandbox's lease (a heartbeat; any call naming the sandbox also renews)."""
+        record: SandboxRecord = await self._data(sandbox_id, "renew")
+        return record
+
+    @app.delete("/v1/sandboxes", status_code=204, responses=_ERRORS)
+    async def delete_by_token(
+        self,
+        client_token: Annotated[
+            str, Query(min_length=1, max_length=128, description="The create's client_token.")
+        ],
+    ) -> Response:
+        """Remove the sandbox created with ``client_token``, waiting for that create if it is
+        still running (so a delete that races a create leaves nothing behind).
+        """
+        await call(self._scheduler, "delete_by_token", client_token)
+        return Response(status_code=204)
+
     # ---------------------------------------------------------------- commands
 
     @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResult, responses=_ERRORS)
@@ -393,9 +434,11 @@ class Admin:
         responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
     )
     async def read_file(self, sandbox_id: str, path: PathQuery) -> Response:
-        """A file's raw bytes (buffered, up to ``max_file_bytes``)."""
-        data: bytes = await self._data(sandbox_id, "read_file", path)
-        return Response(content=data, media_type="application/octet-stream")
+        """A file's raw bytes, streamed (any size)."""
+        worker = await self._worker(sandbox_id)
+        return await _relay(
+            stream(worker, "iter_file", sandbox_id, path), "application/octet-stream"
+        )
 
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, responses=_ERRORS)
     async def write_file(
@@ -408,25 +451,46 @@ class Admin:
         ] = None,
     ) -> FileWritten:
         """Write a file atomically from the raw request body (up to ``max_file_bytes``)."""
-        worker = await self._worker(sandbox_id)
-        body = await self._body(request)
-        written: int = await call(worker, "write_file", sandbox_id, path, body, _parse_mode(mode))
+        written = await self._upload(sandbox_id, request, "file", path, _parse_mode(mode))
         return FileWritten(path=path, size=written)
 
-    async def _body(self, request: Request) -> bytes:
-        """The raw request body, refused once it passes ``max_file_bytes``."""
+    async def _upload(
+        self, sandbox_id: str, request: Request, kind: str, path: str, mode: int | None = None
+    ) -> int:
+        """Send the request body to the Worker: one call when small, else chunk by chunk."""
         limit = self.args.max_file_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise InvalidRequest(f"body of {declared} bytes is over the {limit}-byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise InvalidRequest(f"body is over the {limit}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        worker = await self._worker(sandbox_id)
+        body = request.stream()
+        buffer = bytearray()
+        async for chunk in body:
+            buffer += chunk
+            if len(buffer) > _UPLOAD_CHUNK:
+                break
+        else:  # the whole body fits one chunk: one call
+            data = bytes(buffer)
+            if kind == "file":
+                size: int = await call(worker, "write_file", sandbox_id, path, data, mode)
+                return size
+            await call(worker, "upload_archive", sandbox_id, path, data)
+            return len(data)
+        upload_id: str = await call(worker, "upload_open", sandbox_id, kind, path, mode)
+        try:
+            async for chunk in body:
+                buffer += chunk
+                while len(buffer) >= _UPLOAD_CHUNK:
+                    await call(worker, "upload_chunk", upload_id, bytes(buffer[:_UPLOAD_CHUNK]))
+                    del buffer[:_UPLOAD_CHUNK]
+            if buffer:
+                await call(worker, "upload_chunk", upload_id, bytes(buffer))
+            written: int = await call(worker, "upload_close", upload_id)
+            return written
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await call(worker, "upload_abort", upload_id)
+            raise
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/archive",
@@ -434,16 +498,14 @@ class Admin:
         responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
     )
     async def download_archive(self, sandbox_id: str, path: PathQuery) -> Response:
-        """An uncompressed tar of a file or directory (buffered, up to ``max_file_bytes``)."""
-        data: bytes = await self._data(sandbox_id, "download_archive", path)
-        return Response(content=data, media_type="application/x-tar")
+        """An uncompressed tar of a file or directory, streamed (any size)."""
+        worker = await self._worker(sandbox_id)
+        return await _relay(stream(worker, "iter_archive", sandbox_id, path), "application/x-tar")
 
     @app.put("/v1/sandboxes/{sandbox_id}/archive", status_code=204, responses=_ERRORS)
     async def upload_archive(self, sandbox_id: str, request: Request, path: PathQuery) -> Response:
         """Extract a tar (plain or compressed) from the request body into directory ``path``."""
-        worker = await self._worker(sandbox_id)
-        body = await self._body(request)
-        await call(worker, "upload_archive", sandbox_id, path, body)
+        await self._upload(sandbox_id, request, "archive", path)
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)

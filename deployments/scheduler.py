@@ -7,6 +7,13 @@ through an injected clock, so its logic runs without Ray.
 The registry lives in memory and is rebuilt from the Workers (``sync``), which also happens
 periodically: Workers reap expired sandboxes on their own, and a sync drops what they removed.
 Sandboxes of a Worker whose node left the cluster are reported ``failed`` with reason ``lost``.
+The sync also reaps sandboxes whose owning Ray job (``ray_job_id``) has died.
+
+Admission control: at most ``max_creates_in_flight`` creates run at once in the cluster and
+``max_creates_in_flight_per_node`` per Worker; further creates wait in a FIFO queue (at most
+``max_queued_creates`` of them, each for at most ``create_queue_timeout_seconds``). A full
+queue, a queue wait that times out, a full cluster or a namespace over its quota all answer
+``rate_limited`` (HTTP 429) with ``retry_after`` and the queue position in the details.
 """
 
 from __future__ import annotations
@@ -54,8 +61,18 @@ class WorkerRef(Protocol):
     name: str
     node_id: str
 
-    async def create(self, sandbox_id: str, req: CreateSandboxRequest, ttl: float) -> SandboxRecord:
+    async def create(
+        self, sandbox_id: str, req: CreateSandboxRequest, ttl: float, namespace: str
+    ) -> SandboxRecord:
         """Create and start a sandbox with this id."""
+        ...
+
+    async def reap_ids(self, ids: list[str], reason: str) -> list[str]:
+        """Remove these sandboxes (e.g. their Ray job died)."""
+        ...
+
+    async def reconfigure(self, args: ServerArgs) -> None:
+        """Take a redeploy's args."""
         ...
 
     async def remove(self, sandbox_id: str) -> None:
@@ -80,6 +97,10 @@ class WorkerDirectory(Protocol):
 
     async def ensure(self, node_id: str) -> WorkerRef:
         """Get or create the Worker pinned to ``node_id``."""
+        ...
+
+    async def dead_jobs(self, job_ids: set[str]) -> set[str]:
+        """Which of these Ray job ids belong to jobs whose driver has died."""
         ...
 
 
@@ -110,6 +131,10 @@ class Scheduler:
         self._tombstones: dict[str, float] = {}
         self._tokens: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._sync_lock = asyncio.Lock()
+        self._queue: list[object] = []  # FIFO of waiting creates (tickets)
+        self._queue_changed = asyncio.Event()
+        self._inflight_total = 0
+        self._inflight_ns: dict[str, int] = {}
         self._startup: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -145,11 +170,27 @@ class Scheduler:
             self._loop_task = None
 
     async def configure(self, args: ServerArgs) -> None:
-        """Take new limits (capacity, TTLs, intervals) from a redeploy.
+        """Take a redeploy's args and hand them to every Worker.
 
-        The runtime of existing Workers does not change; that needs restarting them.
+        Limits apply at once; a changed runtime is used for new sandboxes (existing ones keep
+        theirs). Workers that do not answer get the args when they are next ensured.
         """
+        changed = args != self.args
         self.args = args
+        if hasattr(self._directory, "args"):
+            self._directory.args = args
+        if changed:
+            results = await asyncio.gather(
+                *(
+                    asyncio.wait_for(w.reconfigure(args), _PROBE_TIMEOUT)
+                    for w in self._workers.values()
+                ),
+                return_exceptions=True,
+            )
+            for worker, result in zip(list(self._workers.values()), results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("scheduler: reconfiguring %s failed: %r", worker.name, result)
+        self._wake()
 
     async def sync(self) -> None:
         """Match Workers to alive nodes and the registry to what the Workers own."""
@@ -174,6 +215,35 @@ class Scheduler:
                 if isinstance(result, BaseException):
                     continue
                 self._reconcile(worker.name, result, now)
+        self._wake()  # reaped sandboxes freed capacity
+        await self._reap_dead_jobs()
+
+    async def _reap_dead_jobs(self) -> None:
+        """Remove the sandboxes of Ray jobs whose driver has died."""
+        jobs = {r.ray_job_id for r in self._records.values() if r.ray_job_id}
+        if not jobs:
+            return
+        try:
+            dead = await self._directory.dead_jobs(jobs)
+        except Exception as exc:  # pragma: no cover - best effort, retried next sync
+            log.warning("scheduler: cannot read Ray jobs: %r", exc)
+            return
+        if not dead:
+            return
+        by_worker: dict[str, list[str]] = {}
+        for sid, record in self._records.items():
+            if record.ray_job_id in dead:
+                by_worker.setdefault(record.worker, []).append(sid)
+        for worker in list(self._workers.values()):
+            ids = by_worker.get(worker.name)
+            if not ids:
+                continue
+            log.warning(
+                "scheduler: reaping %d sandboxes of dead Ray jobs on %s", len(ids), worker.name
+            )
+            with contextlib.suppress(RockError):
+                for sid in await worker.reap_ids(ids, "job_dead"):
+                    self._forget(sid)
 
     async def _list_worker(self, worker: WorkerRef) -> list[SandboxRecord]:
         return await asyncio.wait_for(worker.list(), _PROBE_TIMEOUT)
@@ -190,8 +260,8 @@ class Scheduler:
                 del self._records[sid]
                 self._registered.pop(sid, None)
         for record in owned:
-            if record.id not in self._records and record.id not in self._tombstones:
-                self._records[record.id] = record
+            if record.id not in self._tombstones:
+                self._records[record.id] = record  # the Worker is the source of truth
 
     def _mark_lost(self, worker: str) -> None:
         for sid, record in self._records.items():
@@ -209,28 +279,127 @@ class Scheduler:
         owned = sum(1 for r in self._records.values() if r.worker == worker and self._live(r, now))
         return owned + self._inflight.get(worker, 0)
 
-    def _place(self) -> WorkerRef:
+    def _place(self) -> WorkerRef | None:
+        """The least loaded Worker with room, or None while in-flight caps hold every one back.
+
+        Raises:
+            RuntimeUnavailable: no Worker at all.
+            RateLimited: every Worker is at capacity.
+        """
         if not self._workers:
             raise RuntimeUnavailable("no Worker is available", retry_after=1.0)
         now = self._clock()
-        load, worker = min(
+        loads = sorted(
             ((self._load(w.name, now), w) for w in self._workers.values()),
             key=lambda pair: pair[0],
         )
-        if load >= self.args.max_sandboxes_per_node:
+        if loads[0][0] >= self.args.max_sandboxes_per_node:
             raise RateLimited(
                 f"all {len(self._workers)} Workers are full "
                 f"({self.args.max_sandboxes_per_node} sandboxes each)",
                 retry_after=self.args.create_retry_after_seconds,
             )
-        return worker
+        if self._inflight_total >= self.args.max_creates_in_flight:
+            return None
+        for load, worker in loads:
+            if (
+                load < self.args.max_sandboxes_per_node
+                and self._inflight.get(worker.name, 0) < self.args.max_creates_in_flight_per_node
+            ):
+                return worker
+        return None
 
-    async def create(self, req: CreateSandboxRequest) -> SandboxRecord:
-        """Place, create and start a sandbox; the same ``client_token`` gives the same one.
+    def _wake(self) -> None:
+        self._queue_changed.set()
+        self._queue_changed = asyncio.Event()
+
+    def _check_quota(self, namespace: str, req: CreateSandboxRequest) -> None:
+        quota = self.args.quotas.get(namespace, self.args.default_quota)
+        if quota is None:
+            return
+        now = self._clock()
+        mine = [
+            r for r in self._records.values() if r.namespace == namespace and self._live(r, now)
+        ]
+        count = len(mine) + self._inflight_ns.get(namespace, 0)
+        retry = self.args.create_retry_after_seconds
+        if quota.max_sandboxes is not None and count + 1 > quota.max_sandboxes:
+            raise RateLimited(
+                f"namespace {namespace!r} is at its quota of {quota.max_sandboxes} sandboxes",
+                retry_after=retry,
+                quota="sandboxes",
+            )
+        if quota.max_cpus is not None:
+            cpus = sum(r.resources.cpus or 0 for r in mine) + (req.resources.cpus or 0)
+            if cpus > quota.max_cpus:
+                raise RateLimited(
+                    f"namespace {namespace!r} would use {cpus:g} cpus, over its quota of "
+                    f"{quota.max_cpus:g}",
+                    retry_after=retry,
+                    quota="cpus",
+                )
+        if quota.max_memory_mb is not None:
+            memory = sum(r.resources.memory_mb or 0 for r in mine) + (req.resources.memory_mb or 0)
+            if memory > quota.max_memory_mb:
+                raise RateLimited(
+                    f"namespace {namespace!r} would use {memory} MiB, over its quota of "
+                    f"{quota.max_memory_mb} MiB",
+                    retry_after=retry,
+                    quota="memory_mb",
+                )
+
+    async def _admit(self, namespace: str, req: CreateSandboxRequest) -> WorkerRef:
+        """Wait (FIFO, bounded) for a Worker with room and a free create slot; reserve it."""
+        self._check_quota(namespace, req)
+        retry = self.args.create_retry_after_seconds
+        if len(self._queue) >= self.args.max_queued_creates:
+            raise RateLimited(
+                f"{len(self._queue)} creates are queued already; retry later",
+                retry_after=retry,
+                queue_length=len(self._queue),
+            )
+        ticket = object()
+        self._queue.append(ticket)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.args.create_queue_timeout_seconds
+        try:
+            while True:
+                worker = self._place() if self._queue[0] is ticket else None
+                if worker is not None:
+                    self._check_quota(namespace, req)
+                    self._inflight[worker.name] = self._inflight.get(worker.name, 0) + 1
+                    self._inflight_total += 1
+                    self._inflight_ns[namespace] = self._inflight_ns.get(namespace, 0) + 1
+                    return worker
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    position = self._queue.index(ticket) + 1
+                    raise RateLimited(
+                        f"no create slot within {self.args.create_queue_timeout_seconds:g} s "
+                        f"(queue position {position} of {len(self._queue)})",
+                        retry_after=retry,
+                        queue_position=position,
+                        queue_length=len(self._queue),
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._queue_changed.wait(), remaining)
+        finally:
+            self._queue.remove(ticket)
+            self._wake()
+
+    def _release(self, worker: str, namespace: str) -> None:
+        self._inflight[worker] -= 1
+        self._inflight_total -= 1
+        self._inflight_ns[namespace] -= 1
+        self._wake()
+
+    async def create(self, req: CreateSandboxRequest, namespace: str = "default") -> SandboxRecord:
+        """Admit, place, create and start a sandbox; the same ``client_token`` gives the same one.
 
         Raises:
-            InvalidRequest: ``ttl_seconds`` is over ``max_ttl_seconds``.
-            RateLimited: every Worker is at capacity (with ``retry_after``).
+            InvalidRequest: ``ttl_seconds`` or ``lease_seconds`` is over its limit.
+            RateLimited: the cluster is full, the create queue is full or timed out, or the
+                namespace is over its quota (with ``retry_after``).
             RuntimeUnavailable: no Worker is available.
         """
         await self.ready()
@@ -239,9 +408,15 @@ class Scheduler:
             raise InvalidRequest(
                 f"ttl_seconds {ttl} is over the limit of {self.args.max_ttl_seconds}"
             )
+        if req.lease_seconds is not None and req.lease_seconds > self.args.max_lease_seconds:
+            raise InvalidRequest(
+                f"lease_seconds {req.lease_seconds} is over the limit of "
+                f"{self.args.max_lease_seconds}"
+            )
         token = req.client_token
         if token is None:
-            return await self._create(req, ttl)
+            return await self._create(req, ttl, namespace)
+        token = f"{namespace}/{token}"
         known = self._tokens.get(token)
         if known is not None:
             record = await asyncio.shield(known)
@@ -251,7 +426,7 @@ class Scheduler:
         future: asyncio.Future[SandboxRecord] = asyncio.get_running_loop().create_future()
         self._tokens[token] = future
         try:
-            record = await self._create(req, ttl)
+            record = await self._create(req, ttl, namespace)
         except BaseException as exc:
             self._tokens.pop(token, None)
             future.set_exception(exc)
@@ -260,15 +435,14 @@ class Scheduler:
         future.set_result(record)
         return record
 
-    async def _create(self, req: CreateSandboxRequest, ttl: float) -> SandboxRecord:
-        worker = self._place()
+    async def _create(self, req: CreateSandboxRequest, ttl: float, namespace: str) -> SandboxRecord:
+        worker = await self._admit(namespace, req)
         sandbox_id = f"sb-{worker.name}-{secrets.token_hex(8)}"
-        self._inflight[worker.name] = self._inflight.get(worker.name, 0) + 1
         self._inflight_ids.add(sandbox_id)
         try:
-            record = await worker.create(sandbox_id, req, ttl)
+            record = await worker.create(sandbox_id, req, ttl, namespace)
         finally:
-            self._inflight[worker.name] -= 1
+            self._release(worker.name, namespace)
             self._inflight_ids.discard(sandbox_id)
         self._records[sandbox_id] = record
         self._registered[sandbox_id] = self._clock()
@@ -324,8 +498,33 @@ class Scheduler:
                 with contextlib.suppress(SandboxNotFound):  # reaped meanwhile: same outcome
                     await worker.remove(sandbox_id)
         finally:
-            self._records.pop(sandbox_id, None)
-            self._registered.pop(sandbox_id, None)
+            self._forget(sandbox_id)
+
+    async def delete_by_token(self, client_token: str, namespace: str = "default") -> str:
+        """Remove the sandbox a create with this ``client_token`` made, waiting for the create
+        if it is still in flight (so a delete racing a create leaves nothing behind).
+
+        Raises:
+            SandboxNotFound: no create with this token is known.
+        """
+        future = self._tokens.get(f"{namespace}/{client_token}")
+        if future is None:
+            raise SandboxNotFound(f"no sandbox was created with client_token {client_token!r}")
+        try:
+            record = await asyncio.shield(future)
+        except RockError:
+            raise SandboxNotFound(
+                f"the create with client_token {client_token!r} failed; nothing to delete"
+            ) from None
+        self._tokens.pop(f"{namespace}/{client_token}", None)
+        with contextlib.suppress(SandboxNotFound):
+            await self.delete(record.id)
+        return record.id
+
+    def _forget(self, sandbox_id: str) -> None:
+        self._records.pop(sandbox_id, None)
+        self._registered.pop(sandbox_id, None)
+        self._wake()  # capacity freed: a queued create may go
 
     async def health(self) -> Health:
         """Every Worker's status; ``ok`` when at least one answers."""

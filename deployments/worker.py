@@ -4,9 +4,19 @@ A plain async class; ``_ray.py`` runs it as a detached, node-pinned Ray actor na
 ``rock-worker-<short>``. Models cross Ray as pydantic objects. Errors are typed
 :class:`~rock_serve.errors.RockError` subclasses; callers unwrap them with ``_ray.call``.
 
-Every sandbox it makes carries the label ``rock.worker=<short>``. On start it removes the
-sandboxes a previous incarnation left behind (adopting them instead is future work), so a
-restarted Worker leaks nothing. A reaper task removes sandboxes past their TTL.
+Every sandbox it makes carries the label ``rock.worker=<short>`` and, in ``rock.record``, the
+JSON of its record. A restarted Worker (after ``kill -9`` or a node restart) lists its runtime
+by that label: sandboxes still running whose runtime can reattach (``Runtime.attach``, e.g.
+docker) are adopted with a fresh lease; the rest (bwrap and local sandboxes die with their
+Worker) are removed. Nothing leaks either way.
+
+Lifetime: every sandbox has a hard deadline (TTL) and usually a lease, renewed by every call
+that names it and by :meth:`renew` (the SDK's heartbeat). A reaper task removes sandboxes past
+either, and remembers why for a while, so a late call says "reaped: lease_expired" rather than
+a bare "not found".
+
+A redeploy with new args reaches :meth:`reconfigure`: limits apply at once; a changed runtime
+is used for new sandboxes while existing ones keep the runtime that made them.
 """
 
 from __future__ import annotations
@@ -15,10 +25,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
-from rock_serve.config import ServerArgs
+from rock_serve.config import RuntimeConfig, ServerArgs
 from rock_serve.deployments._metrics import metrics
 from rock_serve.errors import (
     Conflict,
@@ -32,11 +44,13 @@ from rock_serve.protocol import (
     CreateSandboxRequest,
     ExecRequest,
     ExecResult,
+    FailureReason,
     FileInfo,
     ListDirResult,
     MkdirRequest,
     OutputChunk,
     RemoveRequest,
+    SandboxInfo,
     SandboxRecord,
     SandboxSpec,
     SandboxState,
@@ -45,24 +59,58 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunRequest,
     SessionRunResult,
+    StateChange,
     WorkerStatus,
 )
 from rock_serve.protocol.api import LIFECYCLE_FIELDS
 from rock_serve.rocklet.handle import PtyProcess, RockletHandle
 from rock_serve.runtime.base import Runtime
 
-__all__ = ["LABEL_WORKER", "Worker"]
+__all__ = ["LABEL_RECORD", "LABEL_WORKER", "Worker"]
 
 log = logging.getLogger(__name__)
 
 #: Label on every sandbox a Worker makes: the Worker's short name.
 LABEL_WORKER = "rock.worker"
+#: Label holding the sandbox's record as JSON, so a restarted Worker can adopt it.
+LABEL_RECORD = "rock.record"
+#: How many removed sandboxes a Worker remembers (and why) for late callers.
+_GRAVEYARD = 4096
+#: Chunks an upload may queue ahead of the rocklet (backpressure on the sender).
+_UPLOAD_QUEUE = 4
 
 
 @dataclass
 class _Box:
     record: SandboxRecord
     handle: RockletHandle
+    runtime: Runtime
+
+
+@dataclass
+class _Upload:
+    """A file or tar body arriving in chunks (``upload_open`` .. ``upload_close``)."""
+
+    sandbox_id: str
+    queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_UPLOAD_QUEUE))
+    size: int = 0
+    task: asyncio.Task[int] | None = None
+    last: float = 0.0
+
+
+async def _size_of(done: Awaitable[None]) -> int:
+    await done
+    return 0
+
+
+async def _drain_queue(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    while (chunk := await queue.get()) is not None:
+        yield chunk
+
+
+def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | None = None) -> None:
+    record.state = state
+    record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
 class Worker:
@@ -74,6 +122,7 @@ class Worker:
         name: str,
         node_id: str,
         clock: Callable[[], float] = time.time,
+        runtime: Runtime | None = None,
     ) -> None:
         self.args = args
         self.name = name
@@ -81,16 +130,24 @@ class Worker:
         self._clock = clock
         self._boxes: dict[str, _Box] = {}
         self._creating: set[str] = set()
-        self._runtime: Runtime | None = None
+        self._runtime: Runtime | None = runtime
+        self._old_runtimes: list[Runtime] = []
         self._broken: RockError | None = None
         self._startup: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._ptys: dict[str, PtyProcess] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._graveyard: OrderedDict[str, StateChange] = OrderedDict()
         self._metrics = metrics("worker", name)
+        if runtime is None:
+            self._build_runtime(args.runtime)
+
+    def _build_runtime(self, config: RuntimeConfig) -> None:
         try:
-            self._runtime = args.runtime.build()
+            self._runtime = config.build()
+            self._broken = None
         except RockError as exc:
-            log.error("worker %s: runtime unusable: %s", name, exc)
+            log.error("worker %s: runtime unusable: %s", self.name, exc)
             self._broken = exc
 
     # ------------------------------------------------------------------ life cycle
@@ -110,10 +167,41 @@ class Worker:
 
     async def _start(self, runtime: Runtime) -> None:
         for info in await runtime.list(labels={LABEL_WORKER: self.name}):
+            if info.id in self._boxes:
+                continue
+            if await self._adopt(runtime, info):
+                continue
             log.warning("worker %s: removing leftover sandbox %s", self.name, info.id)
+            self._metrics.reaped("leftover")
             with contextlib.suppress(Exception):
                 await runtime.remove(info.id)
         self._reaper = asyncio.ensure_future(self._reap_loop())
+
+    async def _adopt(self, runtime: Runtime, info: SandboxInfo) -> bool:
+        """Take back a sandbox an earlier incarnation left running; False if it cannot be."""
+        raw = info.labels.get(LABEL_RECORD)
+        if info.state != SandboxState.RUNNING or raw is None:
+            return False
+        try:
+            record = SandboxRecord.model_validate_json(raw)
+        except ValueError:
+            return False
+        now = self._clock()
+        if record.expires_at is not None and record.expires_at <= now:
+            return False
+        try:
+            handle = await runtime.attach(info.id)
+        except RockError as exc:
+            log.info("worker %s: cannot adopt %s: %s", self.name, info.id, exc)
+            return False
+        record.worker, record.node_id = self.name, self.node_id
+        _step(record, SandboxState.RUNNING, now, "adopted")
+        self._boxes[info.id] = _Box(record, handle, runtime)
+        self._touch(self._boxes[info.id], now)
+        self._metrics.reaped("adopted", 0)
+        log.warning("worker %s: adopted sandbox %s owner=%r", self.name, info.id, record.owner)
+        self._publish()
+        return True
 
     async def _reap_loop(self) -> None:
         while True:
@@ -124,19 +212,61 @@ class Worker:
                 log.exception("worker %s: reaping failed", self.name)
 
     async def reap(self) -> list[str]:
-        """Remove every sandbox past its TTL; returns their ids."""
+        """Remove every sandbox past its TTL or its lease; returns their ids."""
         now = self._clock()
-        expired = [
-            sid
-            for sid, box in self._boxes.items()
-            if box.record.expires_at is not None and box.record.expires_at <= now
-        ]
-        for sid in expired:
-            log.info("worker %s: sandbox %s expired", self.name, sid)
+        await self._reap_uploads(now)
+        expired: list[tuple[str, str]] = []
+        for sid, box in self._boxes.items():
+            record = box.record
+            if record.expires_at is not None and record.expires_at <= now:
+                expired.append((sid, "ttl_expired"))
+            elif record.lease_expires_at is not None and record.lease_expires_at <= now:
+                expired.append((sid, "lease_expired"))
+        for sid, reason in expired:
+            log.info(
+                "worker %s: reaping sandbox %s (%s)",
+                self.name,
+                sid,
+                reason,
+                extra={"sandbox_id": sid, "reason": reason},
+            )
             with contextlib.suppress(SandboxNotFound):
-                await self.remove(sid)
-        self._metrics.reaped("ttl", len(expired))
-        return expired
+                await self.remove(sid, reason=reason)
+            self._metrics.reaped(reason)
+        return [sid for sid, _ in expired]
+
+    async def reap_ids(self, ids: list[str], reason: str) -> list[str]:
+        """Remove the given sandboxes (e.g. their Ray job died); returns those removed."""
+        removed = []
+        for sid in ids:
+            if sid in self._boxes:
+                with contextlib.suppress(SandboxNotFound):
+                    await self.remove(sid, reason=reason)
+                    removed.append(sid)
+        self._metrics.reaped(reason, len(removed))
+        return removed
+
+    async def reconfigure(self, args: ServerArgs) -> None:
+        """Take a redeploy's args: limits at once; a changed runtime for new sandboxes."""
+        old = self.args
+        self.args = args
+        if args.runtime != old.runtime:
+            log.warning(
+                "worker %s: runtime changed from %s to %s; existing sandboxes keep theirs",
+                self.name,
+                old.runtime.type,
+                args.runtime.type,
+            )
+            if self._runtime is not None:
+                self._old_runtimes.append(self._runtime)
+            previous = self._runtime
+            self._build_runtime(args.runtime)
+            if self._broken is None and self._runtime is not None and previous is not None:
+                # Leftovers of the new runtime from an earlier life of this Worker.
+                for info in await self._runtime.list(labels={LABEL_WORKER: self.name}):
+                    if info.id not in self._boxes and not await self._adopt(self._runtime, info):
+                        with contextlib.suppress(Exception):
+                            await self._runtime.remove(info.id)
 
     async def shutdown(self) -> int:
         """Remove every sandbox and stop reaping; returns how many were removed."""
@@ -145,12 +275,18 @@ class Worker:
         ids = list(self._boxes)
         for sid in ids:
             with contextlib.suppress(SandboxNotFound):
-                await self.remove(sid)
+                await self.remove(sid, reason="shutdown")
         return len(ids)
 
     # ------------------------------------------------------------------ control plane
 
-    async def create(self, sandbox_id: str, req: CreateSandboxRequest, ttl: float) -> SandboxRecord:
+    async def create(
+        self,
+        sandbox_id: str,
+        req: CreateSandboxRequest,
+        ttl: float,
+        namespace: str = "default",
+    ) -> SandboxRecord:
         """Create and start a sandbox. On any failure nothing is left behind.
 
         Raises:
@@ -166,26 +302,43 @@ class Worker:
         if sandbox_id in self._boxes or sandbox_id in self._creating:
             raise Conflict(f"sandbox {sandbox_id!r} exists already")
         spec = SandboxSpec.model_validate(req.model_dump(exclude=set(LIFECYCLE_FIELDS)))
-        spec.labels = {**spec.labels, LABEL_WORKER: self.name}
+        now = self._clock()
+        lease = (
+            req.lease_seconds if req.lease_seconds is not None else self.args.default_lease_seconds
+        )
+        record = SandboxRecord(
+            id=sandbox_id,
+            state=SandboxState.PENDING,
+            owner=req.owner,
+            labels=dict(req.labels),
+            image=req.image,
+            resources=req.resources,
+            network=req.network,
+            worker=self.name,
+            node_id=self.node_id,
+            created_at=now,
+            expires_at=now + ttl,
+            namespace=namespace,
+            ray_job_id=req.ray_job_id,
+            trajectory_id=req.trajectory_id,
+            lease_seconds=lease,
+            history=[StateChange(state=SandboxState.PENDING, at=now)],
+        )
+        spec.labels = {
+            **spec.labels,
+            LABEL_WORKER: self.name,
+            LABEL_RECORD: record.model_dump_json(exclude={"history"}),
+        }
         self._creating.add(sandbox_id)
         started = time.perf_counter()
         try:
-            info = await runtime.create(sandbox_id, spec)
+            _step(record, SandboxState.STARTING, self._clock())
+            await runtime.create(sandbox_id, spec)
             handle = await runtime.start(sandbox_id)
-            record = SandboxRecord(
-                id=sandbox_id,
-                state=SandboxState.RUNNING,
-                owner=req.owner,
-                labels=dict(req.labels),
-                image=req.image,
-                resources=req.resources,
-                network=req.network,
-                worker=self.name,
-                node_id=self.node_id,
-                created_at=info.created_at,
-                expires_at=self._clock() + ttl,
-            )
-            self._boxes[sandbox_id] = _Box(record, handle)
+            _step(record, SandboxState.RUNNING, self._clock())
+            box = _Box(record, handle, runtime)
+            self._touch(box, self._clock())
+            self._boxes[sandbox_id] = box
             self._metrics.created(time.perf_counter() - started, ok=True)
             self._publish()
             log.info(
@@ -194,6 +347,7 @@ class Worker:
                 sandbox_id,
                 req.owner,
                 (time.perf_counter() - started) * 1000,
+                extra={"sandbox_id": sandbox_id, "owner": req.owner, "namespace": namespace},
             )
             return record
         except Conflict:
@@ -209,7 +363,7 @@ class Worker:
         finally:
             self._creating.discard(sandbox_id)
 
-    async def remove(self, sandbox_id: str) -> None:
+    async def remove(self, sandbox_id: str, reason: str = "deleted") -> None:
         """Stop and remove a sandbox.
 
         Raises:
@@ -217,16 +371,44 @@ class Worker:
         """
         box = self._boxes.pop(sandbox_id, None)
         if box is None:
-            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
-        runtime = self._runtime
-        assert runtime is not None
+            raise self._not_found(sandbox_id)
+        self._graveyard[sandbox_id] = StateChange(
+            state=SandboxState.REMOVED, at=self._clock(), reason=reason
+        )
+        while len(self._graveyard) > _GRAVEYARD:
+            self._graveyard.popitem(last=False)
         with contextlib.suppress(Exception):
             await box.handle.close()
         try:
-            await runtime.remove(sandbox_id)
+            await box.runtime.remove(sandbox_id)
         finally:
             self._publish()
-            log.info("worker %s: removed sandbox %s", self.name, sandbox_id)
+            log.info(
+                "worker %s: removed sandbox %s (%s)",
+                self.name,
+                sandbox_id,
+                reason,
+                extra={"sandbox_id": sandbox_id, "owner": box.record.owner, "reason": reason},
+            )
+
+    def _not_found(self, sandbox_id: str) -> SandboxNotFound:
+        gone = self._graveyard.get(sandbox_id)
+        if gone is None:
+            return SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        return SandboxNotFound(
+            f"sandbox {sandbox_id!r} was removed ({gone.reason})",
+            reason=gone.reason,
+            removed_at=gone.at,
+        )
+
+    def _touch(self, box: _Box, now: float) -> None:
+        lease = box.record.lease_seconds
+        if lease is not None:
+            box.record.lease_expires_at = now + lease
+
+    async def renew(self, sandbox_id: str) -> SandboxRecord:
+        """Renew a sandbox's lease (any call naming it does too); returns its record."""
+        return self._box(sandbox_id).record
 
     def _publish(self) -> None:
         counts: dict[str, int] = {}
@@ -238,11 +420,12 @@ class Worker:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""
         box = self._box(sandbox_id)
         if not box.handle.alive and box.record.state == SandboxState.RUNNING:
-            assert self._runtime is not None
             with contextlib.suppress(RockError):
-                info = await self._runtime.inspect(sandbox_id)
+                info = await box.runtime.inspect(sandbox_id)
                 state = info.state if info.state != SandboxState.RUNNING else SandboxState.FAILED
-                box.record = box.record.model_copy(update={"state": state, "reason": info.reason})
+                reason = info.reason or FailureReason.AGENT_EXITED
+                _step(box.record, state, self._clock(), reason.value)
+                box.record.reason = reason
         return box.record
 
     async def list(self) -> list[SandboxRecord]:
@@ -263,9 +446,11 @@ class Worker:
     # ------------------------------------------------------------------ data plane
 
     def _box(self, sandbox_id: str) -> _Box:
+        """The sandbox named by a call; the call renews its lease."""
         box = self._boxes.get(sandbox_id)
         if box is None:
-            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            raise self._not_found(sandbox_id)
+        self._touch(box, self._clock())
         return box
 
     async def exec(self, sandbox_id: str, req: ExecRequest) -> ExecResult:
@@ -366,6 +551,93 @@ class Worker:
         """Extract a tar stream into directory ``path``."""
         self._check_size(len(data), path)
         await self._box(sandbox_id).handle.upload_tar(path, data)
+
+    async def iter_file(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+        """Yield a file's bytes in chunks (any size; nothing is held whole)."""
+        async for chunk in self._box(sandbox_id).handle.iter_file(path):
+            yield chunk
+
+    async def iter_archive(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+        """Yield an uncompressed tar of ``path`` in chunks (any size)."""
+        async for chunk in self._box(sandbox_id).handle.download_tar(path):
+            yield chunk
+
+    async def upload_open(
+        self, sandbox_id: str, kind: str, path: str, mode: int | None = None
+    ) -> str:
+        """Start a chunked upload of a file (``kind="file"``) or a tar (``"archive"``).
+
+        Send the body with :meth:`upload_chunk` and finish with :meth:`upload_close`. An
+        upload idle for longer than ``upload_idle_seconds`` is aborted by the reaper.
+        """
+        handle = self._box(sandbox_id).handle
+        upload = _Upload(sandbox_id, last=self._clock())
+        body = _drain_queue(upload.queue)
+        if kind == "file":
+            upload.task = asyncio.ensure_future(handle.write_file(path, body, mode=mode))
+        elif kind == "archive":
+            upload.task = asyncio.ensure_future(_size_of(handle.upload_tar(path, body)))
+        else:
+            raise InvalidRequest(f"unknown upload kind {kind!r}")
+        upload_id = uuid.uuid4().hex
+        self._uploads[upload_id] = upload
+        return upload_id
+
+    def _upload(self, upload_id: str) -> _Upload:
+        upload = self._uploads.get(upload_id)
+        if upload is None:
+            raise NotFound(f"no upload {upload_id!r} (finished, aborted or timed out)")
+        upload.last = self._clock()
+        return upload
+
+    async def upload_chunk(self, upload_id: str, data: bytes) -> None:
+        """Queue one chunk; waits while the rocklet is behind (backpressure)."""
+        upload = self._upload(upload_id)
+        assert upload.task is not None
+        upload.size += len(data)
+        if upload.size > self.args.max_file_bytes:
+            await self._abort_upload(upload_id)
+            raise InvalidRequest(f"body is over the {self.args.max_file_bytes}-byte limit")
+        self._touch(self._box(upload.sandbox_id), self._clock())
+        put = asyncio.ensure_future(upload.queue.put(data))
+        await asyncio.wait({put, upload.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():  # the write failed while we waited: report its error
+            put.cancel()
+            self._uploads.pop(upload_id, None)
+            upload.task.result()
+            raise InvalidRequest("the upload ended early")
+
+    async def upload_close(self, upload_id: str) -> int:
+        """Finish an upload; returns the bytes written (file) or received (archive)."""
+        upload = self._upload(upload_id)
+        assert upload.task is not None
+        try:
+            put = asyncio.ensure_future(upload.queue.put(None))
+            await asyncio.wait({put, upload.task}, return_when=asyncio.FIRST_COMPLETED)
+            written = await upload.task
+        finally:
+            self._uploads.pop(upload_id, None)
+        return written if written else upload.size
+
+    async def upload_abort(self, upload_id: str) -> None:
+        """Abandon an upload (the client went away); nothing partial is kept for files."""
+        await self._abort_upload(upload_id)
+
+    async def _abort_upload(self, upload_id: str) -> None:
+        upload = self._uploads.pop(upload_id, None)
+        if upload is not None and upload.task is not None:
+            upload.task.cancel()
+            await asyncio.gather(upload.task, return_exceptions=True)
+
+    async def _reap_uploads(self, now: float) -> None:
+        idle = [
+            uid
+            for uid, up in self._uploads.items()
+            if now - up.last > self.args.upload_idle_seconds
+        ]
+        for uid in idle:
+            log.warning("worker %s: aborting idle upload %s", self.name, uid)
+            await self._abort_upload(uid)
 
     async def stat(self, sandbox_id: str, path: str) -> FileInfo:
         """Stat a path."""

@@ -20,11 +20,17 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CAPABILITIES",
     "DEFAULT_HIDE_PATHS",
+    "AuditConfig",
+    "AuthConfig",
+    "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
+    "DockerRuntimeConfig",
     "FakeRuntimeConfig",
     "LocalRuntimeConfig",
     "RuntimeConfig",
     "ServerArgs",
+    "StateConfig",
+    "TokenEntry",
     "parse_runtime_config",
     "parse_server_args",
 ]
@@ -153,19 +159,123 @@ class BwrapRuntimeConfig(_Config):
         return BwrapRuntime(self)
 
 
+#: The offline test image that ``scripts/build-test-image`` builds (Debian bookworm minbase with
+#: python3, made with debootstrap and ``docker import``); the tests and configs/docker.yaml use it.
+DOCKER_TEST_IMAGE = "rock-serve/test:bookworm"
+
+
+class DockerRuntimeConfig(_Config):
+    """One container per sandbox on a local Docker engine, the rocklet in a long-lived exec."""
+
+    type: Literal["docker"] = Field(default="docker", description="Selects the docker runtime.")
+    docker_host: str | None = Field(
+        default=None,
+        pattern=r"^(unix|tcp|http)://",
+        description="Daemon address: unix:///path/docker.sock or tcp://host:port (no TLS). "
+        "None = $DOCKER_HOST, else unix:///var/run/docker.sock. The daemon must run on this "
+        "node: the rocklet is bind-mounted from agent_dir.",
+    )
+    image: str = Field(
+        default="python:3.12-slim",
+        min_length=1,
+        max_length=512,
+        description="Image of sandboxes whose spec names none. Any image with /bin/sh and "
+        "'sleep' works; without python3 >= 3.8 the node's interpreter is mounted (node_python).",
+    )
+    pull: Literal["never", "if-missing", "always"] = Field(
+        default="if-missing",
+        description="When to pull an image: never (a missing image fails at once with "
+        "image_not_found), if-missing, or always (before every create).",
+    )
+    pull_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Longest one pull may take before the create fails."
+    )
+    scope: str = Field(
+        default="rock-serve",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="Marks this runtime's containers (label rock-serve.scope, name prefix "
+        "'<scope>.'): runtimes with other scopes on the same daemon never see them.",
+    )
+    agent_dir: str = Field(
+        default="/var/lib/rock-serve/docker/agent",
+        description="Host directory the rocklet is installed into; bind-mounted read-only at "
+        "/.rock in every container (the only host mount).",
+    )
+    python: str = Field(
+        default="python3",
+        min_length=1,
+        description="Interpreter in the image that runs the rocklet: a name looked up in the "
+        "image's PATH, or an absolute path.",
+    )
+    node_python: bool = Field(
+        default=True,
+        description="When an image has no python3 >= 3.8, mount this node's interpreter "
+        "read-only at /.rock-python and run the rocklet with it. That interpreter must run "
+        "in the image: a relocatable build (python-build-standalone, uv) needs only glibc; "
+        "a distribution's python needs its shared libraries (glibc, libz, libexpat) in the "
+        "image. False = such images fail to start.",
+    )
+    allow_network: bool = Field(
+        default=False,
+        description="Allow specs with network 'host' (the node's network) or 'bridge' "
+        "(the docker network named bridge_network). Default: only 'none' (loopback).",
+    )
+    bridge_network: str = Field(
+        default="bridge",
+        min_length=1,
+        description="Docker network that a spec's network 'bridge' joins; it must exist.",
+    )
+    capabilities: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CAPABILITIES),
+        description="Capabilities kept by root in the container; all others are dropped "
+        "(and no-new-privileges is set).",
+    )
+    default_resources: Resources = Field(
+        default_factory=lambda: Resources(memory_mb=4096, pids=4096),
+        description="Limits for fields a spec leaves unset.",
+    )
+    keepalive: list[str] = Field(
+        default_factory=lambda: ["sleep", "infinity"],
+        min_length=1,
+        description="Main process of every container, under Docker's init (which reaps "
+        "orphans); the rocklet runs beside it in an exec, so that a new Worker can reattach.",
+    )
+    oci_runtime: str | None = Field(
+        default=None, description="OCI runtime of the containers (e.g. runsc); None = default."
+    )
+    cgroup_parent: str | None = Field(
+        default=None, description="Parent cgroup of the containers; None = the daemon's."
+    )
+    stop_timeout_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=300,
+        description="stop() sends SIGTERM to the container's init, then SIGKILL after this.",
+    )
+    timeout_seconds: float = Field(
+        default=60.0, gt=0, description="Timeout of one call to the daemon."
+    )
+
+    def build(self) -> Runtime:
+        """Create the runtime; installs the rocklet into agent_dir (no daemon call yet)."""
+        from rock_serve.runtime.docker import DockerRuntime
+
+        return DockerRuntime(self)
+
+
+AnyRuntimeConfig = (
+    FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
+)
+
 RuntimeConfig = Annotated[
-    FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig,
+    AnyRuntimeConfig,
     Field(discriminator="type"),
 ]
 
-_RUNTIME_ADAPTER: TypeAdapter[FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig] = (
-    TypeAdapter(RuntimeConfig)
-)
+_RUNTIME_ADAPTER: TypeAdapter[AnyRuntimeConfig] = TypeAdapter(RuntimeConfig)
 
 
-def parse_runtime_config(
-    data: object,
-) -> FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig:
+def parse_runtime_config(data: object) -> AnyRuntimeConfig:
     """Parse a runtime config from plain data (a dict from YAML/JSON).
 
     Raises:
@@ -180,12 +290,173 @@ def parse_runtime_config(
         raise InvalidConfig(f"bad runtime config: {problems}") from None
 
 
+class Quota(_Config):
+    """Limits on what one namespace may hold at once (None = unlimited)."""
+
+    max_sandboxes: int | None = Field(default=None, ge=0, description="Sandboxes at once.")
+    max_cpus: float | None = Field(
+        default=None, ge=0, description="Sum of the sandboxes' ``resources.cpus``."
+    )
+    max_memory_mb: int | None = Field(
+        default=None, ge=0, description="Sum of the sandboxes' ``resources.memory_mb``."
+    )
+
+
+#: Names of tokens and namespaces: short, printable, safe in logs, labels and metric tags.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class TokenEntry(_Config):
+    """One bearer token as the server knows it: its SHA-256, never the token itself."""
+
+    name: str = Field(
+        pattern=NAME_PATTERN, description="Who holds the token; recorded in the audit log."
+    )
+    namespace: str = Field(
+        default="default",
+        pattern=NAME_PATTERN,
+        description="The namespace its sandboxes belong to; it sees only that namespace's.",
+    )
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="Lower-case hex SHA-256 of the token's UTF-8 bytes (`rock token hash`).",
+    )
+    admin: bool = Field(
+        default=False,
+        description="May act on every namespace's sandboxes and see cluster-wide details.",
+    )
+
+
+class AuthConfig(_Config):
+    """Bearer-token authentication of the REST API (see ``rock_serve/auth.py``)."""
+
+    mode: Literal["required", "disabled"] | None = Field(
+        default=None,
+        description="'required': every call but /v1/health needs a valid token. 'disabled': "
+        "no token is checked and every caller is an admin in namespace 'default' (loopback "
+        "only!). None = 'required' when tokens or token_file are set, else 'disabled'.",
+    )
+    tokens: list[TokenEntry] = Field(
+        default_factory=list, description="Tokens accepted (hashed), in addition to token_file."
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="YAML/JSON file of more entries (a list, or {tokens: [...]}), as written by "
+        "`rock up` and `rock token create --file`; '~' expands on the Admin's host. It must "
+        "exist where each Admin replica runs; changes are picked up within seconds.",
+    )
+
+    @property
+    def required(self) -> bool:
+        """True when callers must present a valid token."""
+        if self.mode is not None:
+            return self.mode == "required"
+        return bool(self.tokens) or self.token_file is not None
+
+    @model_validator(mode="after")
+    def _has_tokens(self) -> AuthConfig:
+        if self.mode == "required" and not self.tokens and self.token_file is None:
+            raise ValueError("auth.mode is 'required' but neither tokens nor token_file is set")
+        return self
+
+
+class AuditConfig(_Config):
+    """Where the audit log goes: who created, deleted and ran what, when, with what outcome."""
+
+    path: str | None = Field(
+        default=None,
+        description="JSONL file (one event per line, appended, mode 0600) on each Admin "
+        "replica's host; '~' expands there. None = no file.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://[:password@]host:port/db); events are XADDed to "
+        "redis_stream. None = no Redis sink.",
+    )
+    redis_stream: str = Field(
+        default="rock:audit", min_length=1, max_length=256, description="Redis stream key."
+    )
+    redis_maxlen: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Approximate cap on the stream's length (XADD MAXLEN ~).",
+    )
+    max_command_chars: int = Field(
+        default=4096, ge=16, description="Longer command texts are cut to this many characters."
+    )
+    queue_size: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events buffered per Admin replica while sinks write; beyond it events "
+        "are dropped and counted, never blocking a request.",
+    )
+
+
+class StateConfig(_Config):
+    """Where the Scheduler keeps its registry, leases and idempotency tokens.
+
+    Without ``redis_url`` they live in the Scheduler's memory (rebuilt from the Workers after a
+    restart); with it they live in Redis and survive Scheduler restarts.
+    """
+
+    redis_url: str | None = Field(
+        default=None,
+        repr=False,  # may carry a password
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis to keep the state in (redis://, rediss:// or unix:// URL); "
+        "None = in memory.",
+    )
+    key_prefix: str = Field(
+        default="rock",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of every Redis key, so several clusters can share one Redis.",
+    )
+    token_ttl_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long a create's client_token stays bound to the sandbox it made.",
+    )
+    tombstone_ttl_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a deleted sandbox id stays ignored by registry syncs.",
+    )
+    socket_timeout_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Timeout of one Redis connect or reply.",
+    )
+    call_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="Most one state-store call may take, reconnects included, before it fails "
+        "with runtime_unavailable (503). Bulk loads and writes get more, by size.",
+    )
+    health_check_interval_seconds: int = Field(
+        default=10,
+        ge=0,
+        description="A pooled Redis connection idle this long is checked with PING before use.",
+    )
+    max_connections: int = Field(
+        default=32, ge=1, le=10_000, description="Size of the Redis connection pool."
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
     runtime: RuntimeConfig = Field(
         default_factory=BwrapRuntimeConfig,
         description="Sandbox backend every Worker uses (bwrap by default).",
+    )
+    state: StateConfig = Field(
+        default_factory=StateConfig,
+        description="Where the Scheduler keeps its registry: memory, or Redis when "
+        "state.redis_url is set.",
     )
     namespace: str = Field(
         default="rock-serve",
@@ -219,9 +490,51 @@ class ServerArgs(_Config):
         description="Retry-After sent with 'rate_limited' when every Worker is full.",
     )
     max_file_bytes: int = Field(
-        default=64 << 20,
+        default=1 << 30,
         ge=1,
-        description="Largest file body the REST API reads or writes in one request.",
+        description="Largest file or archive body one upload may carry, and one buffered read "
+        "(SDK ``read_file``) may return. REST bodies are streamed, so this caps disk use, "
+        "not memory.",
+    )
+    default_lease_seconds: float | None = Field(
+        default=600.0,
+        gt=0,
+        description="Lease of a sandbox whose create request sets none: it is reaped when no "
+        "call or heartbeat names it for this long. None = no lease (TTL only).",
+    )
+    max_lease_seconds: float = Field(
+        default=86_400.0, gt=0, description="Largest lease a create request may ask for."
+    )
+    max_creates_in_flight: int = Field(
+        default=64, ge=1, description="Creates running at once in the whole cluster."
+    )
+    max_creates_in_flight_per_node: int = Field(
+        default=16, ge=1, description="Creates running at once on one Worker (node)."
+    )
+    max_queued_creates: int = Field(
+        default=2048,
+        ge=0,
+        description="Creates that may wait for a slot; beyond this they get 429 at once.",
+    )
+    create_queue_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Longest a create waits in the queue before it gets 429 with its position.",
+    )
+    quotas: dict[str, Quota] = Field(
+        default_factory=dict, description="Per-namespace quotas, by namespace name."
+    )
+    default_quota: Quota | None = Field(
+        default=None, description="Quota of namespaces not listed in ``quotas``."
+    )
+    upload_idle_seconds: float = Field(
+        default=60.0, gt=0, description="A chunked upload idle this long is aborted."
+    )
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="Bearer tokens and namespaces of the REST API."
+    )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig, description="Audit log sinks (JSONL file, Redis stream)."
     )
 
     @model_validator(mode="after")

@@ -1023,7 +1023,7 @@ async def op_tar_download(agent, rid, args, payload):
     def produce():
         try:
             with tarfile.open(fileobj=writer, mode="w|") as tar:
-                tar.add(path, arcname=".")
+                tar.add(path, arcname="." if os.path.isdir(path) else os.path.basename(path))
             writer.close()
         except BaseException as exc:  # reported by the loop below
             errors.append(exc)

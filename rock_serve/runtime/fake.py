@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rock_serve.errors import Conflict, SandboxNotFound
+from rock_serve.errors import Conflict, SandboxNotFound, SandboxNotRunning
 from rock_serve.protocol import FailureReason, SandboxInfo, SandboxSpec, SandboxState
 from rock_serve.rocklet.agent import FrameError, encode_frame, read_frame
 from rock_serve.rocklet.handle import RockletHandle
@@ -369,6 +369,16 @@ class FakeRuntime(Runtime):
         box.handle = RockletHandle(reader, writer, name=sandbox_id)
         self._set(box, SandboxState.RUNNING)
         return box.handle
+
+    async def attach(self, sandbox_id: str) -> RockletHandle:
+        """Reconnect to a running sandbox: the old handle is dropped, files survive."""
+        self._maybe_fail("attach")
+        box = self._box(sandbox_id)
+        if box.info.state != SandboxState.RUNNING:
+            raise SandboxNotRunning(f"sandbox {sandbox_id!r} is {box.info.state.value}")
+        await self._disconnect(box)
+        self._set(box, SandboxState.STOPPED)
+        return await self.start(sandbox_id)
 
     @staticmethod
     async def _stop_agent(box: _Box) -> None:

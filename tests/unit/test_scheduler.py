@@ -1,7 +1,5 @@
-"""Scheduler logic through its seam (a fake WorkerDirectory and clock): no Ray needed.
-
-These belong in tests/unit; they live here until that folder is free to edit.
-"""
+"""Scheduler logic through its seams (a WorkerDirectory of real Workers on the fake runtime,
+and an injected clock): no Ray needed."""
 
 from __future__ import annotations
 
@@ -11,8 +9,10 @@ import pytest
 
 from rock_serve.config import ServerArgs
 from rock_serve.deployments.scheduler import Scheduler
+from rock_serve.deployments.worker import Worker
 from rock_serve.errors import InvalidRequest, RateLimited, RuntimeUnavailable, SandboxNotFound
-from rock_serve.protocol import CreateSandboxRequest, SandboxRecord, WorkerStatus
+from rock_serve.protocol import CreateSandboxRequest
+from rock_serve.runtime.fake import FakeRuntime
 
 
 class Clock:
@@ -23,47 +23,14 @@ class Clock:
         return self.now
 
 
-class FakeWorker:
-    def __init__(self, name: str, node_id: str, clock: Clock) -> None:
-        self.name, self.node_id, self.clock = name, node_id, clock
-        self.records: dict[str, SandboxRecord] = {}
-
-    async def create(self, sandbox_id, req, ttl):
-        record = SandboxRecord(
-            id=sandbox_id,
-            state="running",
-            owner=req.owner,
-            labels=req.labels,
-            worker=self.name,
-            node_id=self.node_id,
-            created_at=self.clock(),
-            expires_at=self.clock() + ttl,
-        )
-        self.records[sandbox_id] = record
-        return record
-
-    async def remove(self, sandbox_id):
-        if self.records.pop(sandbox_id, None) is None:
-            raise SandboxNotFound(sandbox_id)
-
-    async def list(self):
-        return list(self.records.values())
-
-    async def status(self):
-        return WorkerStatus(
-            name=self.name,
-            node_id=self.node_id,
-            alive=True,
-            sandboxes=len(self.records),
-            capacity=2,
-            runtime="fake",
-        )
-
-
 class FakeDirectory:
-    def __init__(self, clock: Clock, nodes: list[str]) -> None:
-        self.clock, self.nodes = clock, nodes
-        self.workers: dict[str, FakeWorker] = {}
+    """The seam: nodes are a list, each node's Worker is a real Worker on the fake runtime."""
+
+    def __init__(self, clock: Clock, nodes: list[str], args: ServerArgs) -> None:
+        self.clock, self.nodes, self.args = clock, nodes, args
+        self.workers: dict[str, Worker] = {}
+        self.runtimes: dict[str, GatedRuntime] = {}
+        self.dead: set[str] = set()
 
     async def alive_nodes(self):
         return list(self.nodes)
@@ -71,8 +38,29 @@ class FakeDirectory:
     async def ensure(self, node_id):
         worker = self.workers.get(node_id)
         if worker is None:
-            worker = self.workers[node_id] = FakeWorker(node_id[:12], node_id, self.clock)
+            runtime = self.runtimes[node_id] = GatedRuntime()
+            worker = Worker(self.args, node_id[:12], node_id, self.clock, runtime=runtime)
+            await worker.ready()
+            self.workers[node_id] = worker
         return worker
+
+    async def dead_jobs(self, job_ids):
+        return job_ids & self.dead
+
+
+class GatedRuntime(FakeRuntime):
+    """The fake runtime, whose creates can be held at a gate (to keep them in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.waiting = 0
+
+    async def create(self, sandbox_id, spec):
+        if self.gate is not None:
+            self.waiting += 1
+            await self.gate.wait()
+        return await super().create(sandbox_id, spec)
 
 
 _MADE: list[Scheduler] = []
@@ -82,15 +70,20 @@ _MADE: list[Scheduler] = []
 async def _close_schedulers():
     yield
     while _MADE:
-        await _MADE.pop().close()
+        scheduler = _MADE.pop()
+        await scheduler.close()
+        directory = scheduler._directory
+        assert isinstance(directory, FakeDirectory)
+        for worker in directory.workers.values():
+            await worker.shutdown()
 
 
 def _scheduler(nodes: list[str], **args) -> tuple[Scheduler, FakeDirectory, Clock]:
     clock = Clock()
-    directory = FakeDirectory(clock, nodes)
     server_args = ServerArgs.model_validate(
         {"runtime": {"type": "fake"}, "max_sandboxes_per_node": 2, **args}
     )
+    directory = FakeDirectory(clock, nodes, server_args)
     scheduler = Scheduler(server_args, directory, clock)
     _MADE.append(scheduler)
     return scheduler, directory, clock
@@ -136,7 +129,7 @@ async def test_expired_records_are_hidden_and_dropped_after_the_worker_reaps():
     with pytest.raises(SandboxNotFound):
         await scheduler.get(record.id)
     assert (await scheduler.list()).items == []
-    directory.workers[A].records.clear()  # the Worker reaped it
+    assert await directory.workers[A].reap() == [record.id]
     await scheduler.sync()
     assert record.id not in scheduler._records
 
@@ -160,7 +153,7 @@ async def test_a_listing_older_than_a_create_does_not_drop_it():
     scheduler, directory, clock = _scheduler([A])
     await scheduler.ready()
     worker = directory.workers[A]
-    stale = list(worker.records.values())  # the Worker's answer, taken before the create
+    stale = await worker.list()  # the Worker's answer, taken before the create
     gate = asyncio.Event()
 
     async def slow_list():
@@ -169,9 +162,9 @@ async def test_a_listing_older_than_a_create_does_not_drop_it():
 
     create = worker.create
 
-    async def create_started_earlier(sandbox_id, req, ttl):
+    async def create_started_earlier(sandbox_id, req, ttl, namespace):
         # The runtime stamps created_at when it began making the sandbox: before the listing.
-        record = await create(sandbox_id, req, ttl)
+        record = await create(sandbox_id, req, ttl, namespace)
         return record.model_copy(update={"created_at": clock() - 2})
 
     worker.list = slow_list
@@ -184,3 +177,115 @@ async def test_a_listing_older_than_a_create_does_not_drop_it():
     gate.set()
     await syncing
     assert (await scheduler.get(record.id)).id == record.id
+
+
+async def _until(predicate, what: str) -> None:
+    """Let the event loop run until ``predicate()`` holds (bounded)."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_creates_over_the_in_flight_cap_queue_in_order_and_then_go():
+    scheduler, directory, _ = _scheduler([A], max_creates_in_flight=1, max_sandboxes_per_node=8)
+    await scheduler.ready()
+    runtime = directory.runtimes[A]
+    runtime.gate = asyncio.Event()
+    creates = [
+        asyncio.ensure_future(scheduler.create(CreateSandboxRequest(labels={"n": str(i)})))
+        for i in range(3)
+    ]
+    await _until(lambda: runtime.waiting == 1 and len(scheduler._queue) == 2, "one in flight")
+    runtime.gate.set()
+    records = await asyncio.gather(*creates)
+    assert [r.labels["n"] for r in sorted(records, key=lambda r: r.created_at)] == ["0", "1", "2"]
+    assert scheduler._inflight_total == 0 and scheduler._queue == []
+
+
+async def test_a_full_queue_and_a_queue_timeout_answer_429_with_the_position():
+    scheduler, directory, _ = _scheduler(
+        [A],
+        max_creates_in_flight=1,
+        max_queued_creates=2,
+        create_queue_timeout_seconds=0.05,
+        max_sandboxes_per_node=8,
+    )
+    await scheduler.ready()
+    runtime = directory.runtimes[A]
+    runtime.gate = asyncio.Event()
+    first = asyncio.ensure_future(scheduler.create(CreateSandboxRequest()))
+    await _until(lambda: runtime.waiting == 1, "first create in flight")
+    queued = [asyncio.ensure_future(scheduler.create(CreateSandboxRequest())) for _ in range(2)]
+    await _until(lambda: len(scheduler._queue) == 2, "two queued")
+    with pytest.raises(RateLimited) as full:
+        await scheduler.create(CreateSandboxRequest())
+    assert full.value.details["queue_length"] == 2 and full.value.retry_after == 1.0
+    timed_out = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(e, RateLimited) for e in timed_out)
+    positions = sorted(e.details["queue_position"] for e in timed_out)  # type: ignore[union-attr]
+    assert positions[0] == 1
+    runtime.gate.set()
+    await first
+    assert len((await scheduler.list()).items) == 1  # nothing stuck, nothing extra
+
+
+async def test_namespace_quotas_refuse_with_429():
+    scheduler, _, _ = _scheduler(
+        [A],
+        max_sandboxes_per_node=8,
+        quotas={"small": {"max_sandboxes": 1, "max_memory_mb": 512}},
+        default_quota={"max_cpus": 2},
+    )
+    await scheduler.create(CreateSandboxRequest(), namespace="small")
+    with pytest.raises(RateLimited) as info:
+        await scheduler.create(CreateSandboxRequest(), namespace="small")
+    assert info.value.details["quota"] == "sandboxes"
+    await scheduler.create(CreateSandboxRequest(resources={"cpus": 2}), namespace="other")
+    with pytest.raises(RateLimited) as cpus:
+        await scheduler.create(CreateSandboxRequest(resources={"cpus": 0.5}), namespace="other")
+    assert cpus.value.details["quota"] == "cpus"
+
+
+async def test_client_tokens_are_per_namespace_and_a_delete_racing_a_create_leaves_nothing():
+    scheduler, directory, _ = _scheduler([A], max_sandboxes_per_node=8)
+    await scheduler.ready()
+    one = await scheduler.create(CreateSandboxRequest(client_token="t"), namespace="x")
+    other = await scheduler.create(CreateSandboxRequest(client_token="t"), namespace="y")
+    assert one.id != other.id
+    runtime = directory.runtimes[A]
+    runtime.gate = asyncio.Event()
+    create = asyncio.ensure_future(
+        scheduler.create(CreateSandboxRequest(client_token="race"), namespace="x")
+    )
+    await _until(lambda: runtime.waiting == 1, "create in flight")
+    delete = asyncio.ensure_future(scheduler.delete_by_token("race", namespace="x"))
+    runtime.gate.set()
+    made = await create
+    assert await delete == made.id
+    assert made.id not in {info.id for info in await runtime.list()}
+    with pytest.raises(SandboxNotFound):
+        await scheduler.delete_by_token("never", namespace="x")
+
+
+async def test_sandboxes_of_a_dead_ray_job_are_reaped_on_sync():
+    scheduler, directory, _ = _scheduler([A], max_sandboxes_per_node=8)
+    mine = await scheduler.create(CreateSandboxRequest(ray_job_id="0a000000"))
+    theirs = await scheduler.create(CreateSandboxRequest(ray_job_id="0b000000"))
+    directory.dead.add("0a000000")
+    await scheduler.sync()
+    assert [r.id for r in (await scheduler.list()).items] == [theirs.id]
+    assert mine.id not in {info.id for info in await directory.runtimes[A].list()}
+    with pytest.raises(SandboxNotFound, match="job_dead"):
+        await directory.workers[A].exec(mine.id, None)  # type: ignore[arg-type]
+
+
+async def test_configure_reaches_the_workers_and_changes_limits():
+    scheduler, directory, _ = _scheduler([A])
+    await scheduler.ready()
+    await scheduler.configure(scheduler.args.model_copy(update={"max_sandboxes_per_node": 1}))
+    assert directory.workers[A].args.max_sandboxes_per_node == 1
+    await scheduler.create(CreateSandboxRequest())
+    with pytest.raises(RateLimited):
+        await scheduler.create(CreateSandboxRequest())

@@ -1,0 +1,144 @@
+"""The Worker on the fake runtime with an injected clock: leases, TTLs, adoption, reconfigure."""
+
+from __future__ import annotations
+
+import pytest
+
+from rock_serve.config import ServerArgs
+from rock_serve.deployments.worker import LABEL_RECORD, Worker
+from rock_serve.errors import SandboxNotFound
+from rock_serve.protocol import (
+    CreateSandboxRequest,
+    ExecRequest,
+    SandboxRecord,
+    SandboxState,
+    SessionCreateRequest,
+    SessionRunRequest,
+)
+from rock_serve.runtime.fake import FakeRuntime
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _args(**extra) -> ServerArgs:
+    return ServerArgs.model_validate({"runtime": {"type": "fake"}, **extra})
+
+
+@pytest.fixture
+async def made():
+    workers: list[Worker] = []
+    yield workers
+    for worker in workers:
+        await worker.shutdown()
+
+
+async def _worker(made, runtime: FakeRuntime, clock: Clock, **extra) -> Worker:
+    worker = Worker(_args(**extra), "w1", "node-1", clock, runtime=runtime)
+    await worker.ready()
+    made.append(worker)
+    return worker
+
+
+async def test_a_lease_is_renewed_by_calls_and_reaped_when_it_runs_out(made):
+    clock, runtime = Clock(), FakeRuntime()
+    worker = await _worker(made, runtime, clock)
+    req = CreateSandboxRequest(lease_seconds=10, owner="trainer")
+    record = await worker.create("sb-w1-aaaaaaaa", req, ttl=3600)
+    assert record.lease_expires_at == 1010.0
+    assert [h.state for h in record.history] == ["pending", "starting", "running"]
+    clock.now += 8
+    await worker.exec(record.id, ExecRequest(command="echo hi"))  # renews
+    clock.now += 8
+    assert await worker.reap() == []
+    assert (await worker.renew(record.id)).lease_expires_at == clock.now + 10
+    clock.now += 11
+    assert await worker.reap() == [record.id]
+    assert await runtime.list() == []
+    with pytest.raises(SandboxNotFound) as gone:
+        await worker.exec(record.id, ExecRequest(command="echo hi"))
+    assert gone.value.details["reason"] == "lease_expired"
+    assert "lease_expired" in str(gone.value)
+
+
+async def test_the_ttl_is_a_hard_deadline_whatever_the_lease(made):
+    clock, runtime = Clock(), FakeRuntime()
+    worker = await _worker(made, runtime, clock, default_lease_seconds=None)
+    record = await worker.create("sb-w1-bbbbbbbb", CreateSandboxRequest(), ttl=5)
+    assert record.lease_expires_at is None
+    clock.now += 4
+    assert await worker.reap() == []
+    clock.now += 2
+    assert await worker.reap() == [record.id]
+    with pytest.raises(SandboxNotFound, match="ttl_expired"):
+        await worker.get(record.id)
+
+
+async def test_a_restarted_worker_adopts_running_sandboxes_with_their_files(made):
+    clock, runtime = Clock(), FakeRuntime()
+    first = await _worker(made, runtime, clock)
+    req = CreateSandboxRequest(owner="o", labels={"k": "v"}, trajectory_id="traj-1")
+    record = await first.create("sb-w1-cccccccc", req, ttl=3600, namespace="team")
+    await first.write_file(record.id, "/tmp/f", b"kept")
+    made.remove(first)  # it "dies": its process and handles are gone, the sandbox is not
+    stored = SandboxRecord.model_validate_json((await runtime.list())[0].labels[LABEL_RECORD])
+    assert stored.namespace == "team" and stored.trajectory_id == "traj-1"
+
+    clock.now += 30
+    second = await _worker(made, runtime, clock)
+    [adopted] = await second.list()
+    assert adopted.id == record.id and adopted.owner == "o" and adopted.labels == {"k": "v"}
+    assert adopted.namespace == "team" and adopted.expires_at == record.expires_at
+    assert adopted.history[-1].reason == "adopted"
+    assert adopted.lease_expires_at == clock.now + 600
+    assert await second.read_file(record.id, "/tmp/f") == b"kept"
+    # Files survive; bash sessions lived in the old rocklet and start afresh.
+    await second.create_session(record.id, SessionCreateRequest(session="default"))
+    result = await second.run_in_session(
+        record.id, SessionRunRequest(session="default", command="echo again")
+    )
+    assert result.output == "again\n"
+
+
+async def test_a_restarted_worker_removes_what_it_cannot_adopt(made):
+    clock, runtime = Clock(), FakeRuntime()
+    first = await _worker(made, runtime, clock)
+    expired = await first.create("sb-w1-dddddddd", CreateSandboxRequest(), ttl=10)
+    stopped = await first.create("sb-w1-eeeeeeee", CreateSandboxRequest(), ttl=3600)
+    await runtime.stop(stopped.id)
+    made.remove(first)
+    clock.now += 11
+    second = await _worker(made, runtime, clock)
+    assert await second.list() == []
+    assert {i.id for i in await runtime.list()} == set()
+    assert expired.id and stopped.id
+
+
+async def test_reconfigure_applies_limits_and_keeps_old_sandboxes_on_their_runtime(made, tmp_path):
+    clock, runtime = Clock(), FakeRuntime()
+    worker = await _worker(made, runtime, clock)
+    old = await worker.create("sb-w1-ffffffff", CreateSandboxRequest(), ttl=3600)
+    local = {"type": "local", "state_dir": str(tmp_path / "local")}
+    await worker.reconfigure(_args(runtime=local, max_sandboxes_per_node=5))
+    assert worker.args.max_sandboxes_per_node == 5
+    new = await worker.create("sb-w1-gggggggg", CreateSandboxRequest(), ttl=3600)
+    out = await worker.exec(new.id, ExecRequest(command="echo $((6*7))"))
+    assert out.stdout == "42\n"  # a real bash: the local runtime
+    assert (await worker.exec(old.id, ExecRequest(command="echo hi"))).stdout == "hi\n"
+    assert [i.id for i in await runtime.list()] == [old.id]
+    await worker.remove(old.id)
+    await worker.remove(new.id)
+    assert list((tmp_path / "local").iterdir()) == []
+
+
+async def test_session_create_is_still_a_data_plane_call(made):
+    clock, runtime = Clock(), FakeRuntime()
+    worker = await _worker(made, runtime, clock)
+    record = await worker.create("sb-w1-hhhhhhhh", CreateSandboxRequest(), ttl=3600)
+    await worker.create_session(record.id, SessionCreateRequest(session="s2"))
+    assert (await worker.get(record.id)).state == SandboxState.RUNNING
