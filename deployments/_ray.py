@@ -40,6 +40,7 @@ __all__ = [
     "RayWorkerDirectory",
     "WorkerHandles",
     "call",
+    "current_job_id",
     "get_or_create_scheduler",
     "get_scheduler",
     "put",
@@ -243,6 +244,14 @@ def get_scheduler(namespace: str) -> ActorHandle:
             f"no rock-serve Scheduler in namespace {namespace!r} (is the platform deployed?)",
             retry_after=1,
         ) from None
+
+
+def current_job_id() -> str | None:
+    """The Ray job id of the calling driver, actor or task (hex), or None outside Ray."""
+    if not ray.is_initialized():
+        return None
+    job = ray.get_runtime_context().get_job_id()
+    return str(job) if job else None
 
 
 def put(value: Any) -> Any:

@@ -8,20 +8,28 @@ actor call, no Serve proxy, no Admin). It has the methods of
 SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only). File
 contents over :data:`OBJECT_REF_THRESHOLD` bytes travel as one object in Ray's object store.
 
+Sandboxes created through it are owned by the calling Ray job (``ray_job_id``), so the
+platform reaps them when that job's driver dies. :class:`RayClient` is the synchronous twin: it
+runs an :class:`AsyncRayClient` on a private event loop thread (``Client.from_ray()``).
+
 This module lives in ``deployments/`` because only ``deployments/`` imports Ray; the SDK
 imports it lazily, so the HTTP client never needs Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
-from collections.abc import AsyncIterator, Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from rock_serve.deployments._ray import (
     ActorHandle,
     WorkerHandles,
     call,
+    current_job_id,
     get_scheduler,
     put,
     stream,
@@ -52,8 +60,15 @@ from rock_serve.protocol import (
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.sdk import _base
 from rock_serve.sdk._async import AsyncClient
+from rock_serve.sdk._sync import Client
 
-__all__ = ["DEFAULT_NAMESPACE", "OBJECT_REF_THRESHOLD", "AsyncRayClient", "ray_client"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "OBJECT_REF_THRESHOLD",
+    "AsyncRayClient",
+    "RayClient",
+    "ray_client",
+]
 
 #: The Ray namespace of the platform's actors when ``ServerArgs.namespace`` is not set.
 DEFAULT_NAMESPACE = "rock-serve"
@@ -76,14 +91,17 @@ def ray_client(
     *,
     retry: _base.RetryPolicy | None = None,
 ) -> C:
-    """A Ray-transport client for ``cls`` (what ``AsyncClient.from_ray`` returns).
+    """A Ray-transport client for ``cls`` (what ``AsyncClient.from_ray`` / ``Client.from_ray``
+    return).
 
     Raises:
-        InvalidRequest: ``cls`` is not an async client (the Ray transport is async only).
+        InvalidRequest: ``cls`` is neither SDK client.
     """
-    if not issubclass(cls, AsyncClient):
-        raise InvalidRequest("the Ray transport is async only: use AsyncClient.from_ray")
-    return cast(C, AsyncRayClient(namespace, retry=retry))
+    if issubclass(cls, AsyncClient):
+        return cast(C, AsyncRayClient(namespace, retry=retry))
+    if issubclass(cls, Client):
+        return cast(C, RayClient(namespace, retry=retry))
+    raise InvalidRequest(f"no Ray transport for {cls.__name__}")
 
 
 class AsyncRayClient(AsyncClient):
@@ -149,7 +167,18 @@ class AsyncRayClient(AsyncClient):
             request = CreateSandboxRequest(**spec)
         elif spec:
             request = request.model_copy(update=spec)
+        if request.ray_job_id is None:
+            request = request.model_copy(update={"ray_job_id": current_job_id()})
         record: SandboxRecord = await self._call(None, "create", request)
+        return record
+
+    async def delete_by_token(self, client_token: str) -> None:
+        """Delete the sandbox a create with ``client_token`` made (see ``AsyncClient``)."""
+        await self._call(None, "delete_by_token", client_token)
+
+    async def renew(self, sandbox_id: str) -> SandboxRecord:
+        """Renew a sandbox's lease."""
+        record: SandboxRecord = await self._data(sandbox_id, "renew")
         return record
 
     async def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
@@ -351,3 +380,102 @@ class AsyncRayClient(AsyncClient):
         """Extract a tar (plain or compressed) into directory ``path``."""
         payload: Any = put(bytes(data)) if len(data) > OBJECT_REF_THRESHOLD else bytes(data)
         await self._data(sandbox_id, "upload_archive", path, payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# The synchronous twin
+
+
+def _bridge(name: str) -> Callable[..., Any]:
+    """A sync method that runs ``AsyncRayClient.<name>`` on the client's loop thread."""
+    target = getattr(AsyncRayClient, name)
+
+    if inspect.isasyncgenfunction(target):
+
+        def iterate(self: RayClient, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            agen = getattr(self._async, name)(*args, **kwargs)
+            try:
+                while True:
+                    try:
+                        yield self._run(agen.__anext__())
+                    except StopAsyncIteration:
+                        return
+            finally:
+                self._run(agen.aclose())
+
+        iterate.__name__ = iterate.__qualname__ = name
+        iterate.__doc__ = target.__doc__
+        return iterate
+
+    def method(self: RayClient, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self._async, name)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            return self._run(result)
+        if isinstance(result, AsyncIterator):
+            return self._iterate(result)
+        return result
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = target.__doc__
+    return method
+
+
+class RayClient(Client):
+    """A :class:`~rock_serve.sdk.Client` over the Ray transport (see :class:`AsyncRayClient`).
+
+    The async client runs on a private event-loop thread; each method blocks until its call
+    is done. Thread-safe; :meth:`close` stops the thread.
+    """
+
+    def __init__(
+        self, namespace: str = DEFAULT_NAMESPACE, *, retry: _base.RetryPolicy | None = None
+    ) -> None:
+        """Connect to the platform whose actors live in Ray namespace ``namespace``.
+
+        Raises:
+            RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
+        """
+        self._async = AsyncRayClient(namespace, retry=retry)
+        self.namespace = namespace
+        self.settings = self._async.settings
+        self.retry = self._async.retry
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="rock-ray-client", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, Any] | Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _iterate(self, items: AsyncIterator[Any]) -> Iterator[Any]:
+        try:
+            while True:
+                try:
+                    yield self._run(items.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                self._run(aclose())
+
+    def close(self) -> None:
+        """Stop the loop thread (idempotent)."""
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        if not self._loop.is_closed():
+            self._loop.close()
+
+
+_SKIP = {"aclose", "sandbox", "from_ray"}
+for _name, _member in inspect.getmembers(AsyncRayClient):
+    if _name.startswith("_") or _name in _SKIP or not callable(_member):
+        continue
+    if hasattr(Client, _name) and (
+        inspect.iscoroutinefunction(_member)
+        or inspect.isasyncgenfunction(_member)
+        or _name.startswith("stream")
+    ):
+        setattr(RayClient, _name, _bridge(_name))

@@ -28,6 +28,7 @@ SUBS = {
     "AsyncClient": "Client",
     "AsyncSandbox": "Sandbox",
     "AsyncSandboxFiles": "SandboxFiles",
+    "AsyncHeartbeat": "Heartbeat",
     "AsyncBaseTransport": "BaseTransport",
     "AsyncIterator": "Iterator",
     "AsyncIterable": "Iterable",

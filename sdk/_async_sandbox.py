@@ -2,7 +2,8 @@
 
 A sandbox object binds a client to one sandbox id, so its methods drop the id argument. Used
 as a context manager it creates the sandbox on entry (unless it wraps an existing one) and
-deletes it on exit, also when the block raises.
+deletes it on exit, also when the block raises. Inside the block a heartbeat renews the
+sandbox's lease in the background, so the platform reaps it one lease after this process dies.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.sdk._heartbeat import AsyncHeartbeat, interval_for
 
 if TYPE_CHECKING:
     from rock_serve.sdk._async import AsyncClient
@@ -52,6 +54,7 @@ class AsyncSandbox:
         *,
         request: CreateSandboxRequest | None = None,
         delete_on_exit: bool = True,
+        heartbeat: bool = True,
     ) -> None:
         """Bind a client to a sandbox.
 
@@ -60,6 +63,7 @@ class AsyncSandbox:
             record: An existing sandbox; None to create one from ``request`` on entry.
             request: What to create on entry when ``record`` is None.
             delete_on_exit: Delete the sandbox when the ``async with`` block ends.
+            heartbeat: Renew the sandbox's lease in the background inside the block.
         """
         if record is None and request is None:
             request = CreateSandboxRequest()
@@ -69,6 +73,8 @@ class AsyncSandbox:
         self.delete_on_exit = delete_on_exit
         self._sessions: set[str] = set()
         self.files = AsyncSandboxFiles(self)
+        self.heartbeat_enabled = heartbeat
+        self._heartbeat: AsyncHeartbeat | None = None
 
     @property
     def record(self) -> SandboxRecord:
@@ -86,6 +92,10 @@ class AsyncSandbox:
         if self._record is None:
             assert self._request is not None
             self._record = await self.client.create_sandbox(self._request)
+        interval = interval_for(self._record.lease_seconds)
+        if self.heartbeat_enabled and interval is not None:
+            self._heartbeat = AsyncHeartbeat(self, interval)
+            self._heartbeat.start()
         return self
 
     async def __aexit__(
@@ -94,6 +104,9 @@ class AsyncSandbox:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
+            self._heartbeat = None
         if not self.delete_on_exit or self._record is None:
             return
         if exc is None:
@@ -112,6 +125,15 @@ class AsyncSandbox:
         except SandboxNotFound:
             pass
         self._sessions.clear()
+
+    async def renew(self) -> SandboxRecord:
+        """Renew the sandbox's lease now (the heartbeat does this in the background).
+
+        Returns:
+            The record with its new ``lease_expires_at`` (also kept as :attr:`record`).
+        """
+        self._record = await self.client.renew(self.id)
+        return self._record
 
     async def refresh(self) -> SandboxRecord:
         """Fetch the sandbox's record again.

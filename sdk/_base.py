@@ -24,6 +24,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rock_serve import __version__
+from rock_serve.auth import CREDENTIALS_ENV, credentials_path, read_credentials
 from rock_serve.errors import InternalError, RockError, RockletUnavailable, from_body
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
@@ -87,10 +88,14 @@ class ClientSettings(BaseModel):
     ) -> ClientSettings:
         """Settings from explicit arguments, falling back to ``ROCK_*`` variables, then defaults.
 
+        Without a token argument or ``ROCK_TOKEN``, the token saved for this base URL in the
+        credentials file (``ROCK_CREDENTIALS``, else ``~/.rock/credentials``, as ``rock up``
+        writes it) is used. With an explicit ``environ``, only its ``ROCK_CREDENTIALS`` is read.
+
         Args:
             environ: The environment to read (default: ``os.environ``).
             base_url: Overrides ``ROCK_BASE_URL``.
-            token: Overrides ``ROCK_TOKEN``.
+            token: Overrides ``ROCK_TOKEN`` (``""`` means no token).
             timeout: Overrides ``ROCK_TIMEOUT``.
 
         Returns:
@@ -102,6 +107,11 @@ class ClientSettings(BaseModel):
             values["base_url"] = url
         if (tok := token if token is not None else env.get("ROCK_TOKEN")) is not None:
             values["token"] = tok or None
+        elif environ is None or CREDENTIALS_ENV in env:
+            saved = read_credentials(
+                credentials_path(env), values.get("base_url", DEFAULT_BASE_URL)
+            )
+            values["token"] = saved
         if timeout is not None:
             values["timeout"] = timeout
         elif env.get("ROCK_TIMEOUT"):
@@ -264,6 +274,16 @@ def list_sandboxes(
 def delete_sandbox(sandbox_id: str) -> Call:
     """``DELETE /v1/sandboxes/{id}``."""
     return Call("DELETE", _sandbox(sandbox_id))
+
+
+def delete_by_token(client_token: str) -> Call:
+    """``DELETE /v1/sandboxes?client_token=``."""
+    return Call("DELETE", f"{API_PREFIX}/sandboxes", params=(("client_token", client_token),))
+
+
+def renew(sandbox_id: str) -> Call:
+    """``POST /v1/sandboxes/{id}/renew``."""
+    return Call("POST", f"{_sandbox(sandbox_id)}/renew")
 
 
 def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Call:

@@ -101,8 +101,9 @@ class Client:
         For code running on the platform's own Ray cluster (a Ray job or actor, same Ray
         version, ``ray.init`` done): control-plane calls go to the Scheduler actor and
         data-plane calls straight to the sandbox's Worker actor, with no HTTP hop. The methods,
-        typed errors and retry policy are those of this class; archives need HTTP. Only the
-        async client has this transport.
+        typed errors and retry policy are those of this class; archives need HTTP. Sandboxes
+        it creates belong to the calling Ray job and are reaped when its driver dies. The sync
+        client's twin runs the async one on a private event-loop thread.
 
         Args:
             namespace: The Ray namespace the platform runs in (``ServerArgs.namespace``).
@@ -113,7 +114,6 @@ class Client:
 
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
-            InvalidRequest: called on the sync client.
         """
         from rock_serve.deployments.client import ray_client
 
@@ -268,6 +268,34 @@ class Client:
             SandboxNotFound: No sandbox has that id.
         """
         self._send(_base.delete_sandbox(sandbox_id))
+
+    def delete_by_token(self, client_token: str) -> None:
+        """Delete the sandbox a create with ``client_token`` made, even one still being made.
+
+        Use it when a create's answer was lost (a timeout, an interrupt): the platform waits
+        for that create and removes its sandbox, so nothing is left behind.
+
+        Args:
+            client_token: The create request's ``client_token``.
+
+        Raises:
+            SandboxNotFound: No create with that token is known.
+        """
+        self._send(_base.delete_by_token(client_token))
+
+    def renew(self, sandbox_id: str) -> SandboxRecord:
+        """Renew a sandbox's lease (a heartbeat; every call naming the sandbox also renews).
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record, with the new ``lease_expires_at``.
+
+        Raises:
+            SandboxNotFound: No sandbox has that id (the message says if it was reaped).
+        """
+        return _base.parse(self._send(_base.renew(sandbox_id)), SandboxRecord)
 
     def stats(self, sandbox_id: str) -> SandboxStats:
         """Resource usage and limits of a sandbox.

@@ -3,7 +3,8 @@
 
 A sandbox object binds a client to one sandbox id, so its methods drop the id argument. Used
 as a context manager it creates the sandbox on entry (unless it wraps an existing one) and
-deletes it on exit, also when the block raises.
+deletes it on exit, also when the block raises. Inside the block a heartbeat renews the
+sandbox's lease in the background, so the platform reaps it one lease after this process dies.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.sdk._heartbeat import Heartbeat, interval_for
 
 if TYPE_CHECKING:
     from rock_serve.sdk._sync import Client
@@ -53,6 +55,7 @@ class Sandbox:
         *,
         request: CreateSandboxRequest | None = None,
         delete_on_exit: bool = True,
+        heartbeat: bool = True,
     ) -> None:
         """Bind a client to a sandbox.
 
@@ -61,6 +64,7 @@ class Sandbox:
             record: An existing sandbox; None to create one from ``request`` on entry.
             request: What to create on entry when ``record`` is None.
             delete_on_exit: Delete the sandbox when the ``with`` block ends.
+            heartbeat: Renew the sandbox's lease in the background inside the block.
         """
         if record is None and request is None:
             request = CreateSandboxRequest()
@@ -70,6 +74,8 @@ class Sandbox:
         self.delete_on_exit = delete_on_exit
         self._sessions: set[str] = set()
         self.files = SandboxFiles(self)
+        self.heartbeat_enabled = heartbeat
+        self._heartbeat: Heartbeat | None = None
 
     @property
     def record(self) -> SandboxRecord:
@@ -87,6 +93,10 @@ class Sandbox:
         if self._record is None:
             assert self._request is not None
             self._record = self.client.create_sandbox(self._request)
+        interval = interval_for(self._record.lease_seconds)
+        if self.heartbeat_enabled and interval is not None:
+            self._heartbeat = Heartbeat(self, interval)
+            self._heartbeat.start()
         return self
 
     def __exit__(
@@ -95,6 +105,9 @@ class Sandbox:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if not self.delete_on_exit or self._record is None:
             return
         if exc is None:
@@ -113,6 +126,15 @@ class Sandbox:
         except SandboxNotFound:
             pass
         self._sessions.clear()
+
+    def renew(self) -> SandboxRecord:
+        """Renew the sandbox's lease now (the heartbeat does this in the background).
+
+        Returns:
+            The record with its new ``lease_expires_at`` (also kept as :attr:`record`).
+        """
+        self._record = self.client.renew(self.id)
+        return self._record
 
     def refresh(self) -> SandboxRecord:
         """Fetch the sandbox's record again.

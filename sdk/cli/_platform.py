@@ -2,12 +2,18 @@
 
 Nothing here imports ``ray``: the CLI talks to Ray through ``ray``/``serve`` subprocesses and to
 the platform through its HTTP API, so it works from any Python that has rock-serve installed.
+
+Auth: when the deployed config sets ``auth.token_file``, ``rock up`` makes sure the SDK's
+credentials file (``~/.rock/credentials`` or ``ROCK_CREDENTIALS``) holds an admin token for
+the API that the token file accepts, creating both (mode 0600) as needed, before deploying.
+``status`` and ``down`` send that token (or ``ROCK_TOKEN``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,9 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import yaml
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from rock_serve.auth import (
+    TokenTable,
+    credentials_path,
+    generate_token,
+    hash_token,
+    load_token_file,
+    read_credentials,
+    save_token_file,
+    write_credentials,
+)
+from rock_serve.config import TokenEntry
+from rock_serve.errors import InvalidConfig
+from rock_serve.sdk._base import ClientSettings
 
 #: Where ``rock up`` keeps what it started, so ``rock down`` stops only that.
 STATE_FILE = Path(os.environ.get("ROCK_STATE_FILE", Path.home() / ".rock" / "platform.json"))
@@ -63,12 +84,56 @@ def _head_running(dashboard: str) -> bool:
         return False
 
 
+def _headers(api: str) -> dict[str, str]:
+    """The Authorization header for ``api`` (``ROCK_TOKEN`` or the credentials file), if any."""
+    token = ClientSettings.from_env(base_url=api).token
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _token_file(config: Path) -> Path | None:
+    """The ``auth.token_file`` of the rock-serve app in a Serve config, unless auth is off."""
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # serve deploy reports it
+    for application in data.get("applications") or []:
+        if application.get("import_path") != "rock_serve.deployments.app:build_app":
+            continue
+        auth = (application.get("args") or {}).get("auth") or {}
+        if auth.get("mode") != "disabled" and auth.get("token_file"):
+            return Path(str(auth["token_file"])).expanduser()
+    return None
+
+
+def ensure_admin_token(token_file: Path, api: str) -> str | None:
+    """Make sure the credentials file holds an admin token for ``api`` that ``token_file``
+    accepts; add one to both (mode 0600) if not. Returns the new token's name, or None.
+    """
+    try:
+        entries = load_token_file(token_file) if token_file.exists() else []
+    except InvalidConfig as exc:
+        raise SystemExit(f"rock: {exc}") from None
+    credentials = credentials_path()
+    saved = read_credentials(credentials, api)
+    if saved is not None:
+        principal = TokenTable(entries).verify(saved)
+        if principal is not None and principal.admin:
+            return None
+    names = {e.name for e in entries}
+    name = "admin" if "admin" not in names else f"admin-{secrets.token_hex(3)}"
+    token = generate_token()
+    entry = TokenEntry(name=name, namespace="default", sha256=hash_token(token), admin=True)
+    save_token_file(token_file, [*entries, entry])
+    write_credentials(credentials, api, token)
+    return name
+
+
 def _wait_healthy(api: str, deadline: float, progress: Progress, task: object) -> dict[str, object]:
     delay = 0.2
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            resp = httpx.get(f"{api}/v1/health", timeout=5)
+            resp = httpx.get(f"{api}/v1/health", headers=_headers(api), timeout=5)
             if resp.status_code == 200 and resp.json().get("status") == "ok":
                 return dict(resp.json())
             last = f"HTTP {resp.status_code}"
@@ -104,6 +169,14 @@ def up(config: Path, api: str, dashboard: str, timeout: float, console: Console)
             if res.returncode != 0:
                 raise SystemExit(f"rock: ray start failed:\n{res.stderr[-2000:]}")
             started_head = True
+        token_file = _token_file(config)
+        if token_file is not None:
+            made = ensure_admin_token(token_file, api)
+            if made is not None:
+                progress.console.print(
+                    f"auth: admin token {made!r} saved in {credentials_path()} "
+                    f"(its hash in {token_file})"
+                )
         progress.update(task, description=f"serve deploy {config}")
         res = _run([_bin("serve"), "deploy", str(config), "-a", dashboard], timeout=timeout)
         if res.returncode != 0:
@@ -136,7 +209,7 @@ def _our_ray_pids(temp_dir: str) -> list[int]:
 def _delete_all_sandboxes(api: str) -> int:
     """Delete every sandbox through the API, so mounts and cgroups go with them."""
     try:
-        with httpx.Client(base_url=api, timeout=60) as client:
+        with httpx.Client(base_url=api, headers=_headers(api), timeout=60) as client:
             items = client.get("/v1/sandboxes").json().get("items", [])
             for item in items:
                 client.delete(f"/v1/sandboxes/{item['id']}")
@@ -178,8 +251,14 @@ def down(dashboard: str, console: Console) -> None:
 def status(api: str, console: Console) -> int:
     """Print the Workers and sandboxes; returns an exit code."""
     try:
-        health = httpx.get(f"{api}/v1/health", timeout=5).json()
-        sandboxes = httpx.get(f"{api}/v1/sandboxes", timeout=5).json().get("items", [])
+        headers = _headers(api)
+        health = httpx.get(f"{api}/v1/health", headers=headers, timeout=5).json()
+        listing = httpx.get(f"{api}/v1/sandboxes", headers=headers, timeout=5)
+        if listing.status_code in (401, 403):
+            error = listing.json().get("error", {})
+            console.print(f"[red]{error.get('code')}[/red]: {error.get('message')} (ROCK_TOKEN?)")
+            return 1
+        sandboxes = listing.json().get("items", [])
     except (httpx.HTTPError, ValueError) as exc:
         console.print(f"[red]platform not reachable at {api}[/red]: {exc}")
         return 1
@@ -194,12 +273,13 @@ def status(api: str, console: Console) -> int:
             w["runtime"],
         )
     console.print(workers)
-    boxes = Table("sandbox", "state", "owner", "worker", "age s")
+    boxes = Table("sandbox", "state", "namespace", "owner", "worker", "age s")
     now = time.time()
     for sb in sandboxes:
         boxes.add_row(
             sb["id"],
             sb["state"],
+            sb.get("namespace", "default"),
             sb.get("owner", ""),
             sb["worker"],
             f"{now - sb['created_at']:.0f}",

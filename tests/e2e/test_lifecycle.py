@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -112,10 +113,34 @@ def test_a_failed_streamed_upload_leaves_no_partial_file(api):
             f"{base}/files", params={"path": "../../outside"}, content=_body(os.urandom(3 << 20))
         )
         assert resp.status_code >= 400 and "error" in resp.json()
-        resp = api.put(
-            f"{base}/archive", params={"path": "t"}, content=_body(b"x" * (3 << 20))
-        )
+        resp = api.put(f"{base}/archive", params={"path": "t"}, content=_body(b"x" * (3 << 20)))
         assert resp.status_code == 400, resp.text
         assert api.post(f"{base}/exec", json={"command": "true"}).status_code == 200
     finally:
         api.delete(base)
+
+
+def test_the_sdk_heartbeat_keeps_a_leased_sandbox_alive(platform):
+    from rock_serve.sdk import AsyncClient, Client
+
+    with Client(base_url=platform.url) as client:
+        with client.sandbox(lease_seconds=0.6) as sb:
+            beat = sb._heartbeat
+            assert beat is not None and beat.interval == 0.2
+            deadline = time.monotonic() + 10
+            while beat.beats < 8 and time.monotonic() < deadline:  # > 2 leases of beats
+                time.sleep(0.1)
+            assert sb.run("echo alive").output == "alive\n"
+        assert beat._thread is None  # stopped on exit
+
+    async def scenario() -> None:
+        async with AsyncClient(base_url=platform.url) as client:
+            async with client.sandbox(lease_seconds=0.6) as sb:
+                beat = sb._heartbeat
+                assert beat is not None
+                loop_deadline = time.monotonic() + 10
+                while beat.beats < 8 and time.monotonic() < loop_deadline:
+                    await asyncio.sleep(0.1)
+                assert (await sb.run("echo alive")).output == "alive\n"
+
+    asyncio.run(scenario())

@@ -90,10 +90,33 @@ def test_ray_transport_sandbox_life_cycle(platform, api):
 
 
 def test_ray_transport_refuses_what_it_cannot_do(platform):
-    with pytest.raises(InvalidRequest):
-        Client.from_ray(namespace=NAMESPACE)
     with pytest.raises(RuntimeUnavailable):
         AsyncClient.from_ray(namespace="rock-e2e-nothing-here")
+    with pytest.raises(RuntimeUnavailable):
+        Client.from_ray(namespace="rock-e2e-nothing-here")
+
+
+def test_sync_ray_transport_and_job_ownership(platform, api):
+    import ray
+
+    client = Client.from_ray(namespace=NAMESPACE)
+    try:
+        assert client.health().status == "ok"
+        with client.sandbox(ttl_seconds=300, lease_seconds=30) as sb:
+            assert sb.record.ray_job_id == ray.get_runtime_context().get_job_id()
+            assert sb.run("X=5; cd /").exit_code == 0
+            assert sb.run("echo $((X*2))").output == "10\n"
+            items = list(sb.stream_exec("echo one; echo two"))
+            assert items[-1].exit_code == 0  # type: ignore[union-attr]
+            sb.files.write("f.bin", b"x" * (2 << 20))
+            assert len(sb.files.read("f.bin")) == 2 << 20
+            before = sb.record.lease_expires_at
+            assert before is not None and sb.renew().lease_expires_at >= before
+            with pytest.raises(SandboxNotFound):
+                client.get_sandbox("sb-nosuchworker-00000000")
+        assert api.get(f"/v1/sandboxes/{sb.id}").status_code == 404
+    finally:
+        client.close()
 
 
 def test_ray_transport_echo_latency_beside_http(platform, api):
