@@ -550,4 +550,9 @@ class Scheduler:
                     )
                 )
         status = "ok" if any(s.alive for s in statuses) else "degraded"
-        return Health(status=status, version=rock_serve.__version__, workers=statuses)
+        return Health(
+            status=status,
+            version=rock_serve.__version__,
+            namespace=self.args.namespace,
+            workers=statuses,
+        )

@@ -263,9 +263,8 @@ class DockerRuntimeConfig(_Config):
         return DockerRuntime(self)
 
 
-AnyRuntimeConfig = (
-    FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
-)
+#: Any one runtime config.
+AnyRuntimeConfig = FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
 
 RuntimeConfig = Annotated[
     AnyRuntimeConfig,
@@ -433,8 +432,9 @@ class StateConfig(_Config):
         default=2.0,
         gt=0,
         le=300,
-        description="Most one state-store call may take, reconnects included, before it fails "
-        "with runtime_unavailable (503). Bulk loads and writes get more, by size.",
+        description="Most one Redis round trip of the state store may take, reconnects "
+        "included, before it fails with runtime_unavailable (503); a bulk write gets 1 ms more "
+        "per record, a load this much per batch of about 1,000 records.",
     )
     health_check_interval_seconds: int = Field(
         default=10,

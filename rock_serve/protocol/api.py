@@ -182,6 +182,7 @@ class Health(WireModel):
 
     status: str = Field(description="'ok' when the Scheduler and at least one Worker answer.")
     version: str = Field(description="rock-serve version.")
+    namespace: str = Field(default="", description="Ray namespace of the platform's actors.")
     workers: list[WorkerStatus] = Field(default_factory=list, description="Known Workers.")
 
 

@@ -110,16 +110,28 @@ def ray_head() -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def deploy(head: Head, tmp_path: Path, namespace: str) -> Path:
-    """`serve deploy` serve_config.yaml (local runtime) and wait until healthy; the state dir."""
+def deploy(
+    head: Head,
+    tmp_path: Path,
+    namespace: str,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    state: str = "state",
+) -> Path:
+    """`serve deploy` serve_config.yaml (local runtime) and wait until healthy; the state dir.
+
+    ``edit`` may change the application's entry (``args``, ``deployments``) before deploying,
+    as a user editing the YAML would.
+    """
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": head.http_port}
     config.pop("grpc_options", None)
     app = config["applications"][0]
-    state_dir = tmp_path / "state"
+    state_dir = tmp_path / state
     app["args"]["runtime"] = {"type": "local", "state_dir": str(state_dir)}
     app["args"]["namespace"] = namespace
-    path = tmp_path / "serve_config.yaml"
+    if edit is not None:
+        edit(app)
+    path = tmp_path / f"serve_config-{state}.yaml"
     path.write_text(yaml.safe_dump(config))
     wait_for(
         lambda: httpx.get(f"{head.dashboard}/api/version", timeout=5).status_code == 200,
@@ -136,9 +148,10 @@ def deploy(head: Head, tmp_path: Path, namespace: str) -> Path:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    wait_for(
-        lambda: httpx.get(f"{head.url}/v1/health", timeout=10).json().get("status") == "ok",
-        time.monotonic() + 90,
-        "the deployed app",
-    )
+
+    def deployed() -> bool:
+        health = httpx.get(f"{head.url}/v1/health", timeout=10).json()
+        return bool(health.get("status") == "ok" and health.get("namespace") == namespace)
+
+    wait_for(deployed, time.monotonic() + 90, "the deployed app")
     return state_dir

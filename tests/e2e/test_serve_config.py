@@ -27,11 +27,25 @@ def test_serve_config_is_a_valid_serve_deploy_file():
     assert args.runtime.state_dir == "/var/lib/rock-serve/bwrap"
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_presets_parse(preset):
-    data = yaml.safe_load(preset.read_text())
-    args = ServerArgs.model_validate({**data.get("server", {}), "runtime": data["runtime"]})
-    assert args.runtime.type == data["runtime"]["type"]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_presets_are_there():
+    assert {p.stem for p in PRESETS} >= {"bwrap", "local", "docker", "cluster"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_are_serve_deploy_files(preset):
+    """Each preset deploys as is: ``serve deploy configs/<name>.yaml``."""
+    schema = pytest.importorskip("ray.serve.schema")
+    config = schema.ServeDeploySchema.model_validate(yaml.safe_load(preset.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "rock_serve.deployments.app:build_app"
+    (admin,) = app.deployments
+    assert admin.name == "Admin" and admin.ray_actor_options.num_cpus == 0
+    args = parse_server_args(app.args)
+    assert isinstance(args, ServerArgs)
+    assert args.runtime.type == (preset.stem if preset.stem != "cluster" else "bwrap")
 
 
 def test_bad_server_args_are_typed_errors():

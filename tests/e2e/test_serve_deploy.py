@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import httpx
 import pytest
+import yaml
 
-from tests.e2e._head import deploy
+from tests.e2e._head import BIN, deploy, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -21,3 +25,52 @@ def test_serve_deploy_serve_config_yaml(ray_head, tmp_path):
         assert out["stdout"] == "deployed\n"
         assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
     assert list(state_dir.iterdir()) == []
+
+
+def test_an_edited_yaml_redeployed_changes_behaviour_and_sandboxes_survive(ray_head, tmp_path):
+    first = deploy(ray_head, tmp_path, "rock-e2e-redeploy", state="first")
+    with httpx.Client(base_url=ray_head.url, timeout=60) as api:
+        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 300})
+        assert resp.status_code == 201, resp.text
+        old = resp.json()["id"]
+        api.put(f"/v1/sandboxes/{old}/files", params={"path": "kept.txt"}, content=b"kept")
+
+        def edit(app):
+            app["args"]["max_sandboxes_per_node"] = 1
+            app["deployments"][0]["autoscaling_config"]["min_replicas"] = 2
+
+        second = deploy(ray_head, tmp_path, "rock-e2e-redeploy", edit=edit, state="second")
+        wait_for(
+            lambda: api.get("/v1/health").json()["workers"][0]["capacity"] == 1,
+            time.monotonic() + 60,
+            "the new limits",
+        )
+        # The sandbox outlived the Admin redeploy: it belongs to its Worker.
+        out = api.post(f"/v1/sandboxes/{old}/exec", json={"command": "cat kept.txt"}).json()
+        assert out.get("stdout") == "kept", out
+        # New limit: one sandbox per node, so a second create is refused with 429.
+        refused = api.post("/v1/sandboxes", json={})
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        # New runtime config: new sandboxes live under the new state dir.
+        assert api.delete(f"/v1/sandboxes/{old}").status_code == 204
+        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 300})
+        assert resp.status_code == 201, resp.text
+        new = resp.json()["id"]
+        assert [p.name for p in second.iterdir()] == [new]
+        assert list(first.iterdir()) == []
+
+        # New autoscaling floor: two Admin replicas.
+        def running_admins() -> bool:
+            status = subprocess.run(
+                [str(BIN / "serve"), "status", "--address", ray_head.dashboard],
+                env=ray_head.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+            admin = yaml.safe_load(status)["applications"]["rock"]["deployments"]["Admin"]
+            return bool(admin["replica_states"].get("RUNNING", 0) >= 2)
+
+        wait_for(running_admins, time.monotonic() + 60, "two Admin replicas")
+        assert api.delete(f"/v1/sandboxes/{new}").status_code == 204
