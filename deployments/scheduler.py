@@ -9,6 +9,12 @@ periodically: Workers reap expired sandboxes on their own, and a sync drops what
 Sandboxes of a Worker whose node left the cluster are reported ``failed`` with reason ``lost``.
 The sync also reaps sandboxes whose owning Ray job (``ray_job_id``) has died.
 
+State: with ``state.redis_url`` set, the registry and idempotency tokens are also written to
+Redis (``_store.py``), and a restarted Scheduler loads them before it asks the Workers, so
+clients keep their ``client_token`` answers across restarts. Writes are best effort: while Redis
+is down the Scheduler keeps working from memory (creates never fail for it), logs it, and the
+next sync writes the whole registry again.
+
 Admission control: at most ``max_creates_in_flight`` creates run at once in the cluster and
 ``max_creates_in_flight_per_node`` per Worker; further creates wait in a FIFO queue (at most
 ``max_queued_creates`` of them, each for at most ``create_queue_timeout_seconds``). A full
@@ -28,6 +34,7 @@ from typing import Protocol
 
 import rock_serve
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._store import StateStore, open_store
 from rock_serve.errors import (
     InvalidRequest,
     RateLimited,
@@ -112,6 +119,7 @@ class Scheduler:
         args: ServerArgs,
         directory: WorkerDirectory | None = None,
         clock: Callable[[], float] = time.time,
+        store: StateStore | None = None,
     ) -> None:
         if directory is None:
             from rock_serve.deployments._ray import RayWorkerDirectory
@@ -131,6 +139,10 @@ class Scheduler:
         self._tombstones: dict[str, float] = {}
         self._tokens: dict[str, asyncio.Future[SandboxRecord]] = {}
         self._sync_lock = asyncio.Lock()
+        self._store = store if store is not None else open_store(args.state)
+        self._persist = self._store.name != "memory"
+        self._store_ok = True
+        self._dropped: list[str] = []
         self._queue: list[object] = []  # FIFO of waiting creates (tickets)
         self._queue_changed = asyncio.Event()
         self._inflight_total = 0
@@ -151,6 +163,17 @@ class Scheduler:
             raise
 
     async def _start(self) -> None:
+        if self._persist:
+            try:
+                loaded = await self._store.load()
+            except RockError as exc:
+                log.error("scheduler: cannot load the registry from %s: %s", self._store.name, exc)
+            else:
+                now = self._clock()
+                for record in loaded:
+                    self._records.setdefault(record.id, record)
+                    self._registered.setdefault(record.id, now)
+                log.info("scheduler: loaded %d records from %s", len(loaded), self._store.name)
         await self.sync()
         if self._loop_task is None:
             self._loop_task = asyncio.ensure_future(self._sync_loop())
@@ -164,10 +187,11 @@ class Scheduler:
                 log.exception("scheduler: sync failed")
 
     async def close(self) -> None:
-        """Stop the sync loop (the Workers and their sandboxes are not touched)."""
+        """Stop the sync loop and close the store (the Workers and sandboxes are untouched)."""
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._loop_task = None
+        await self._store.close()
 
     async def configure(self, args: ServerArgs) -> None:
         """Take a redeploy's args and hand them to every Worker.
@@ -216,6 +240,8 @@ class Scheduler:
                     continue
                 self._reconcile(worker.name, result, now)
         self._wake()  # reaped sandboxes freed capacity
+        dropped, self._dropped = tuple(self._dropped), []
+        await self._save(*self._records.values(), gone=dropped)
         await self._reap_dead_jobs()
 
     async def _reap_dead_jobs(self) -> None:
@@ -244,6 +270,7 @@ class Scheduler:
             with contextlib.suppress(RockError):
                 for sid in await worker.reap_ids(ids, "job_dead"):
                     self._forget(sid)
+                    self._dropped.append(sid)
 
     async def _list_worker(self, worker: WorkerRef) -> list[SandboxRecord]:
         return await asyncio.wait_for(worker.list(), _PROBE_TIMEOUT)
@@ -259,9 +286,28 @@ class Scheduler:
             ):
                 del self._records[sid]
                 self._registered.pop(sid, None)
+                self._dropped.append(sid)
         for record in owned:
             if record.id not in self._tombstones:
                 self._records[record.id] = record  # the Worker is the source of truth
+
+    async def _save(self, *records: SandboxRecord, gone: tuple[str, ...] = ()) -> None:
+        """Write registry changes to the store (best effort: see the module docstring)."""
+        if not self._persist:
+            return
+        try:
+            if records:
+                await self._store.put_many(list(records))
+            for sid in gone:
+                await self._store.delete(sid)
+        except RockError as exc:
+            if self._store_ok:
+                log.error("scheduler: state store unavailable, running from memory: %s", exc)
+            self._store_ok = False
+        else:
+            if not self._store_ok:
+                log.warning("scheduler: state store is back")
+            self._store_ok = True
 
     def _mark_lost(self, worker: str) -> None:
         for sid, record in self._records.items():
@@ -423,6 +469,11 @@ class Scheduler:
             current = self._records.get(record.id)
             if current is not None:
                 return current
+        elif self._persist:  # made before this Scheduler (re)started?
+            with contextlib.suppress(RockError):
+                bound = await self._store.token_of(token)
+                if bound is not None and bound in self._records:
+                    return self._records[bound]
         future: asyncio.Future[SandboxRecord] = asyncio.get_running_loop().create_future()
         self._tokens[token] = future
         try:
@@ -433,6 +484,9 @@ class Scheduler:
             future.exception()  # retrieved: no "never retrieved" warning
             raise
         future.set_result(record)
+        if self._persist:
+            with contextlib.suppress(RockError):
+                await self._store.claim_token(token, record.id, self.args.state.token_ttl_seconds)
         return record
 
     async def _create(self, req: CreateSandboxRequest, ttl: float, namespace: str) -> SandboxRecord:
@@ -446,7 +500,13 @@ class Scheduler:
             self._inflight_ids.discard(sandbox_id)
         self._records[sandbox_id] = record
         self._registered[sandbox_id] = self._clock()
-        log.info("scheduler: created %s on %s", sandbox_id, worker.name)
+        await self._save(record)
+        log.info(
+            "scheduler: created %s on %s",
+            sandbox_id,
+            worker.name,
+            extra={"sandbox_id": sandbox_id, "owner": req.owner, "namespace": namespace},
+        )
         return record
 
     # ------------------------------------------------------------------ registry
@@ -499,6 +559,7 @@ class Scheduler:
                     await worker.remove(sandbox_id)
         finally:
             self._forget(sandbox_id)
+        await self._save(gone=(sandbox_id,))
 
     async def delete_by_token(self, client_token: str, namespace: str = "default") -> str:
         """Remove the sandbox a create with this ``client_token`` made, waiting for the create
@@ -549,10 +610,15 @@ class Scheduler:
                         runtime=self.args.runtime.type,
                     )
                 )
-        status = "ok" if any(s.alive for s in statuses) else "degraded"
+        if self._persist:
+            self._store_ok = await self._store.ping()
+        alive = any(s.alive for s in statuses)
+        status = "ok" if alive and self._store_ok else "degraded"
         return Health(
             status=status,
             version=rock_serve.__version__,
             namespace=self.args.namespace,
+            state_store=self._store.name,
+            state_store_ok=self._store_ok,
             workers=statuses,
         )

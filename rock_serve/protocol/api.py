@@ -183,6 +183,10 @@ class Health(WireModel):
     status: str = Field(description="'ok' when the Scheduler and at least one Worker answer.")
     version: str = Field(description="rock-serve version.")
     namespace: str = Field(default="", description="Ray namespace of the platform's actors.")
+    state_store: str = Field(default="memory", description="Where the registry is kept.")
+    state_store_ok: bool = Field(
+        default=True, description="False while the state store cannot be reached."
+    )
     workers: list[WorkerStatus] = Field(default_factory=list, description="Known Workers.")
 
 
