@@ -240,6 +240,7 @@ class Scheduler:
                     continue
                 self._reconcile(worker.name, result, now)
         self._wake()  # reaped sandboxes freed capacity
+        self._prune_tokens()
         dropped, self._dropped = tuple(self._dropped), []
         await self._save(*self._records.values(), gone=dropped)
         await self._reap_dead_jobs()
@@ -290,6 +291,18 @@ class Scheduler:
         for record in owned:
             if record.id not in self._tombstones:
                 self._records[record.id] = record  # the Worker is the source of truth
+
+    def _prune_tokens(self) -> None:
+        """Forget the client tokens of finished creates whose sandbox is gone (every SDK
+        create carries a token, so this map would otherwise only grow).
+        """
+        for token, future in list(self._tokens.items()):
+            if future.done() and (
+                future.cancelled()
+                or future.exception() is not None
+                or future.result().id not in self._records
+            ):
+                del self._tokens[token]
 
     async def _save(self, *records: SandboxRecord, gone: tuple[str, ...] = ()) -> None:
         """Write registry changes to the store (best effort: see the module docstring)."""

@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
 from rock_serve.deployments._metrics import metrics
@@ -68,6 +70,8 @@ from rock_serve.runtime.base import Runtime
 
 __all__ = ["LABEL_RECORD", "LABEL_WORKER", "Worker"]
 
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 
 #: Label on every sandbox a Worker makes: the Worker's short name.
@@ -76,6 +80,9 @@ LABEL_WORKER = "rock.worker"
 LABEL_RECORD = "rock.record"
 #: How many removed sandboxes a Worker remembers (and why) for late callers.
 _GRAVEYARD = 4096
+#: Idempotency keys of commands a Worker remembers, and for how long (seconds).
+_KEYS = 10_000
+_KEY_SECONDS = 600.0
 #: Chunks an upload may queue ahead of the rocklet (backpressure on the sender).
 _UPLOAD_QUEUE = 4
 
@@ -138,6 +145,7 @@ class Worker:
         self._ptys: dict[str, PtyProcess] = {}
         self._uploads: dict[str, _Upload] = {}
         self._graveyard: OrderedDict[str, StateChange] = OrderedDict()
+        self._done_keys: OrderedDict[str, tuple[float, asyncio.Future[Any]]] = OrderedDict()
         self._metrics = metrics("worker", name)
         if runtime is None:
             self._build_runtime(args.runtime)
@@ -429,8 +437,14 @@ class Worker:
         return box.record
 
     async def list(self) -> list[SandboxRecord]:
-        """Every sandbox this Worker owns."""
+        """Every sandbox this Worker owns (a restarted Worker adopts its leftovers first)."""
+        if self._broken is None:
+            await self._ready()
         return [box.record for box in self._boxes.values()]
+
+    async def pid(self) -> int:
+        """The Worker's process id (for operators and chaos tests)."""
+        return os.getpid()
 
     async def status(self) -> WorkerStatus:
         """Load, capacity and runtime."""
@@ -453,10 +467,33 @@ class Worker:
         self._touch(box, self._clock())
         return box
 
-    async def exec(self, sandbox_id: str, req: ExecRequest) -> ExecResult:
-        """Run one command to completion."""
+    async def _once(self, sandbox_id: str, key: str | None, work: Awaitable[T]) -> T:
+        """Do ``work`` once per idempotency key: a resend awaits (or gets) the first result."""
+        if key is None:
+            return await work
+        slot = f"{sandbox_id}/{key}"
+        known = self._done_keys.get(slot)
+        if known is not None:
+            if asyncio.iscoroutine(work):
+                work.close()
+            return cast("T", await asyncio.shield(known[1]))
+        future: asyncio.Future[T] = asyncio.ensure_future(work)
+        self._done_keys[slot] = (self._clock(), future)
+        horizon = self._clock() - _KEY_SECONDS
+        while self._done_keys:  # forget the oldest finished keys past the bounds
+            oldest_at, oldest = next(iter(self._done_keys.values()))
+            if not oldest.done() or (len(self._done_keys) <= _KEYS and oldest_at >= horizon):
+                break
+            self._done_keys.popitem(last=False)
+        return await asyncio.shield(future)
+
+    async def exec(
+        self, sandbox_id: str, req: ExecRequest, idempotency_key: str | None = None
+    ) -> ExecResult:
+        """Run one command to completion (once per ``idempotency_key``, when given)."""
         started = time.perf_counter()
-        result = await self._box(sandbox_id).handle.exec(req)
+        handle = self._box(sandbox_id).handle
+        result = await self._once(sandbox_id, idempotency_key, handle.exec(req))
         self._metrics.op("exec", time.perf_counter() - started)
         return result
 
@@ -473,10 +510,13 @@ class Worker:
         """Start a bash session."""
         return await self._box(sandbox_id).handle.create_session(req)
 
-    async def run_in_session(self, sandbox_id: str, req: SessionRunRequest) -> SessionRunResult:
-        """Run a command in a session."""
+    async def run_in_session(
+        self, sandbox_id: str, req: SessionRunRequest, idempotency_key: str | None = None
+    ) -> SessionRunResult:
+        """Run a command in a session (once per ``idempotency_key``, when given)."""
         started = time.perf_counter()
-        result = await self._box(sandbox_id).handle.run_in_session(req)
+        handle = self._box(sandbox_id).handle
+        result = await self._once(sandbox_id, idempotency_key, handle.run_in_session(req))
         self._metrics.op("session_run", time.perf_counter() - started)
         return result
 

@@ -156,7 +156,7 @@ class AsyncClient:
             finally:
                 await response.aclose()
             error = _base.error_from_response(response)
-            delay = state.after_error(response.status_code, error)
+            delay = state.after_error(response.status_code, error, call)
             if delay is None:
                 raise error
             await _base.asleep(delay)

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -123,10 +124,14 @@ class ClientSettings(BaseModel):
 class RetryPolicy:
     """When and how long to wait before retrying a call.
 
-    Only 429 and 503 replies are retried (any method; not ``rocklet_unavailable``, whose
-    sandbox is gone for good), plus connection failures of GETs, which
-    are idempotent. The wait is the server's ``Retry-After`` (header, else the error body's
-    ``retry_after``) when it gives one, otherwise exponential backoff with jitter: attempt ``n``
+    Retried: 429 and 503 replies (any method; not ``rocklet_unavailable``, whose sandbox is
+    gone for good); and failures on the way, before our server answered: connection errors,
+    and 500/502/503/504 replies that do not carry our error body (a Serve proxy whose Admin
+    replica died). Those are resent only when a resend is safe: GET/PUT/DELETE, creates (the
+    SDK gives each one a ``client_token``) and commands (each carries an ``Idempotency-Key``:
+    the Worker runs a command once per key and answers a resend with the first result).
+    The wait is the server's ``Retry-After`` (header, else the error body's ``retry_after``)
+    when it gives one, otherwise exponential backoff with jitter: attempt ``n``
     (1-based) waits a uniform time in ``[d/2, d]`` with ``d = min(max_backoff, base * 2**(n-1))``.
     A call gives up after ``max_attempts`` sends, or when the next wait would end after
     ``max_total`` seconds from the first send; the last error is raised as is (for instance
@@ -177,18 +182,33 @@ class RetryState:
             return None
         return delay
 
-    def after_error(self, status: int, error: RockError) -> float | None:
+    def after_error(self, status: int, error: RockError, call: Call | None = None) -> float | None:
         """Seconds to wait before resending after an error reply, or None to raise it."""
-        if status not in self._policy.retry_statuses or isinstance(error, RockletUnavailable):
+        if isinstance(error, RockletUnavailable):
             # A dead rocklet stays dead: its sandbox must be recreated, not the call resent.
             return None
-        return self._next(error.retry_after)
+        if status in self._policy.retry_statuses:
+            return self._next(error.retry_after)
+        if status in UPSTREAM_STATUSES and error.details.get("upstream") and safe_to_resend(call):
+            return self._next(error.retry_after)
+        return None
 
     def after_transport_error(self, call: Call, exc: httpx.TransportError) -> float | None:
         """Seconds to wait before resending after a transport failure, or None to raise it."""
-        if call.method != "GET" or not isinstance(exc, RETRYABLE_TRANSPORT_ERRORS):
+        if not safe_to_resend(call) or not isinstance(exc, RETRYABLE_TRANSPORT_ERRORS):
             return None
         return self._next(None)
+
+
+#: Statuses a proxy answers when the server behind it failed mid-request.
+UPSTREAM_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def safe_to_resend(call: Call | None) -> bool:
+    """Whether resending ``call`` cannot do its work twice."""
+    if call is None:
+        return False
+    return call.method in ("GET", "PUT", "DELETE") or call.idempotency_key is not None
 
 
 async def asleep(seconds: float) -> None:
@@ -216,6 +236,13 @@ class Call:
     content: bytes | None = None
     #: Read timeout for this call; ``"default"`` uses the client's, None waits forever.
     read_timeout: float | None | Literal["default"] = "default"
+    #: Sent as ``Idempotency-Key``: the server does the work once per key (resends are safe).
+    idempotency_key: str | None = None
+
+
+def new_key() -> str:
+    """A fresh idempotency key (or client token)."""
+    return uuid.uuid4().hex
 
 
 def _seg(value: str) -> str:
@@ -246,8 +273,17 @@ def health() -> Call:
 
 
 def create_sandbox(request: CreateSandboxRequest) -> Call:
-    """``POST /v1/sandboxes``."""
-    return Call("POST", f"{API_PREFIX}/sandboxes", json=_dump(request))
+    """``POST /v1/sandboxes``; a request without ``client_token`` gets a fresh one, so that a
+    resend after a lost answer returns the same sandbox instead of making a second.
+    """
+    if request.client_token is None:
+        request = request.model_copy(update={"client_token": new_key()})
+    return Call(
+        "POST",
+        f"{API_PREFIX}/sandboxes",
+        json=_dump(request),
+        idempotency_key=request.client_token,
+    )
 
 
 def get_sandbox(sandbox_id: str) -> Call:
@@ -294,6 +330,7 @@ def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Cal
         params=(("stream", "true"),) if stream else (),
         json=_dump(request),
         read_timeout=_command_read_timeout(request.timeout),
+        idempotency_key=None if stream else new_key(),
     )
 
 
@@ -334,6 +371,7 @@ def run(sandbox_id: str, session: str, body: SessionRunBody, *, stream: bool = F
         params=(("stream", "true"),) if stream else (),
         json=body.model_dump(mode="json"),
         read_timeout=_command_read_timeout(body.timeout),
+        idempotency_key=None if stream else new_key(),
     )
 
 
@@ -419,9 +457,14 @@ def request_kwargs(call: Call, settings: ClientSettings) -> dict[str, Any]:
         kwargs["params"] = list(call.params)
     if call.json is not None:
         kwargs["json"] = call.json
+    headers: dict[str, str] = {}
     if call.content is not None:
         kwargs["content"] = call.content
-        kwargs["headers"] = {"Content-Type": "application/octet-stream"}
+        headers["Content-Type"] = "application/octet-stream"
+    if call.idempotency_key is not None:
+        headers["Idempotency-Key"] = call.idempotency_key
+    if headers:
+        kwargs["headers"] = headers
     if call.read_timeout != "default":
         kwargs["timeout"] = httpx.Timeout(settings.timeout, read=call.read_timeout)
     return kwargs
@@ -461,6 +504,8 @@ def error_from_response(response: httpx.Response) -> RockError:
     except (ValueError, UnicodeDecodeError):
         body = response.content.decode("utf-8", "replace")
     error = from_body(body, status=response.status_code)
+    if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+        error.details["upstream"] = True  # not our server's answer: a proxy's, mid-failure
     # from_body passes the body's retry_after through as it came; keep only a usable number.
     raw: object = error.retry_after
     if raw is not None and not isinstance(raw, int | float):

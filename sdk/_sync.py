@@ -157,7 +157,7 @@ class Client:
             finally:
                 response.close()
             error = _base.error_from_response(response)
-            delay = state.after_error(response.status_code, error)
+            delay = state.after_error(response.status_code, error, call)
             if delay is None:
                 raise error
             _base.sleep(delay)

@@ -387,8 +387,10 @@ async def test_sandbox_lifecycle(client, platform):
     assert record.id in platform.sandboxes
     request = platform.requests[-1]
     assert (request.method, request.url.path) == ("POST", "/v1/sandboxes")
-    # Only what was set goes on the wire; the server applies its defaults.
-    assert _body(request) == {
+    # Only what was set goes on the wire (plus a fresh client_token, so a resend is safe).
+    sent = _body(request)
+    assert re.fullmatch(r"[0-9a-f]{32}", sent.pop("client_token"))
+    assert sent == {
         "image": "alpine",
         "ttl_seconds": 60,
         "owner": "me",
@@ -569,9 +571,24 @@ async def test_500_is_not_retried(client, platform):
 async def test_non_json_error_body_maps_by_status(client, platform, status, expected):
     platform.injected.append(httpx.Response(status, text="<html>Bad Gateway</html>"))
     with pytest.raises(expected) as info:
-        await call(client.health())
+        await call(client.session_stdin("sb-a-00000000", "x") if status == 502 else client.health())
     assert isinstance(info.value, RockError)
     assert str(status) in str(info.value)
+
+
+async def test_a_proxy_500_is_resent_only_when_safe(client, platform):
+    """A bare 500 is the Serve proxy's (its Admin replica died mid-call): resend safe calls."""
+    platform.injected.append(httpx.Response(500, text="Internal Server Error"))
+    assert (await call(client.health())).status == "ok"
+    platform.injected.append(httpx.Response(500, text="Internal Server Error"))
+    record = await call(client.create_sandbox())
+    creates = [r for r in platform.requests if r.url.path == "/v1/sandboxes" and r.method == "POST"]
+    assert len(creates) == 2
+    assert creates[0].headers["Idempotency-Key"] == creates[1].headers["Idempotency-Key"]
+    assert _body(creates[0])["client_token"] == _body(creates[1])["client_token"]
+    platform.injected.append(httpx.Response(500, text="Internal Server Error"))
+    with pytest.raises(InternalError):  # stdin cannot be resent safely
+        await call(client.session_stdin(record.id, "hello"))
 
 
 async def test_non_json_503_is_retried(client, platform):
@@ -579,15 +596,18 @@ async def test_non_json_503_is_retried(client, platform):
     assert (await call(client.health())).status == "ok"
 
 
-async def test_connection_errors_retry_gets_only(client, platform):
+async def test_connection_errors_retry_safe_calls_only(client, platform):
     platform.injected.append(httpx.ConnectError("refused"))
     assert (await call(client.health())).status == "ok"
     assert len(platform.requests) == 2
 
     platform.injected.append(httpx.ConnectError("refused"))
+    record = await call(client.create_sandbox())  # carries a client_token: safe
+    assert len(platform.requests) == 4
+
+    platform.injected.append(httpx.ConnectError("refused"))
     with pytest.raises(httpx.ConnectError):
-        await call(client.create_sandbox())
-    assert len(platform.requests) == 3
+        await call(client.session_stdin(record.id, "x"))
 
 
 async def test_a_reply_that_does_not_fit_the_model_is_an_internal_error(client, platform):

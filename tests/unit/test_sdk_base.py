@@ -18,7 +18,14 @@ from rock_serve.errors import (
     RockletUnavailable,
     RuntimeUnavailable,
 )
-from rock_serve.protocol import CreateSandboxRequest, ExecRequest, ExecResult, OutputChunk
+from rock_serve.protocol import (
+    CreateSandboxRequest,
+    ExecRequest,
+    ExecResult,
+    OutputChunk,
+    SessionRunBody,
+    SessionStdinBody,
+)
 from rock_serve.sdk import Client, ClientSettings, RetryPolicy, _base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,11 +133,19 @@ def test_retry_state_bounds_attempts_and_time():
     assert state.after_error(429, RateLimited("x", retry_after=0.5)) is None  # past max_total
 
 
-def test_only_gets_are_resent_after_connection_errors():
+def test_only_safe_calls_are_resent_after_connection_errors():
     state = _base.RetryState(RetryPolicy())
-    get, post = _base.health(), _base.create_sandbox(CreateSandboxRequest())
+    get, create = _base.health(), _base.create_sandbox(CreateSandboxRequest())
+    assert create.idempotency_key == create.json["client_token"]  # a resend is the same create
+    run = _base.run("sb-a-00000000", "s", SessionRunBody(command="true"))
+    assert run.idempotency_key is not None
+    streamed = _base.run("sb-a-00000000", "s", SessionRunBody(command="true"), stream=True)
+    stdin = _base.session_stdin("sb-a-00000000", "s", SessionStdinBody(data="x"))
     assert state.after_transport_error(get, httpx.ConnectError("x")) is not None
-    assert state.after_transport_error(post, httpx.ConnectError("x")) is None
+    assert state.after_transport_error(create, httpx.ConnectError("x")) is not None
+    assert state.after_transport_error(run, httpx.ConnectError("x")) is not None
+    assert state.after_transport_error(streamed, httpx.ConnectError("x")) is None
+    assert state.after_transport_error(stdin, httpx.ConnectError("x")) is None
     assert state.after_transport_error(get, httpx.ReadTimeout("x")) is None
 
 

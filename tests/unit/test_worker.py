@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from rock_serve.config import ServerArgs
@@ -142,3 +144,25 @@ async def test_session_create_is_still_a_data_plane_call(made):
     record = await worker.create("sb-w1-hhhhhhhh", CreateSandboxRequest(), ttl=3600)
     await worker.create_session(record.id, SessionCreateRequest(session="s2"))
     assert (await worker.get(record.id)).state == SandboxState.RUNNING
+
+
+async def test_a_command_runs_once_per_idempotency_key(made, tmp_path):
+    from rock_serve.config import LocalRuntimeConfig
+
+    runtime = LocalRuntimeConfig(state_dir=str(tmp_path / "local")).build()
+    worker = await _worker(made, runtime, Clock())
+    record = await worker.create("sb-w1-iiiiiiii", CreateSandboxRequest(), ttl=3600)
+    await worker.create_session(record.id, SessionCreateRequest(session="default"))
+    run = SessionRunRequest(session="default", command="echo x >> count; wc -l < count")
+    first, again = await asyncio.gather(
+        worker.run_in_session(record.id, run, "key-1"),
+        worker.run_in_session(record.id, run, "key-1"),  # a resend racing the first
+    )
+    later = await worker.run_in_session(record.id, run, "key-1")
+    assert first == again == later and first.output == "1\n"
+    assert (await worker.run_in_session(record.id, run, "key-2")).output == "2\n"
+    once = ExecRequest(command="echo y >> other; wc -l < other")
+    assert (await worker.exec(record.id, once, "key-3")).stdout == "1\n"
+    assert (await worker.exec(record.id, once, "key-3")).stdout == "1\n"
+    assert (await worker.exec(record.id, once)).stdout == "2\n"
+    assert len(worker._done_keys) == 3
