@@ -417,6 +417,19 @@ class Scheduler:
                 retry_after=retry,
                 queue_length=len(self._queue),
             )
+        if self._workers:
+            # Queued creates will need room too: refuse at once what cannot fit, rather than
+            # after a wait in the queue.
+            now = self._clock()
+            room = len(self._workers) * self.args.max_sandboxes_per_node
+            used = sum(self._load(w.name, now) for w in self._workers.values())
+            if used + len(self._queue) >= room:
+                raise RateLimited(
+                    f"the cluster is full ({used} sandboxes and {len(self._queue)} queued "
+                    f"creates for {room} places)",
+                    retry_after=retry,
+                    queue_length=len(self._queue),
+                )
         ticket = object()
         self._queue.append(ticket)
         loop = asyncio.get_running_loop()
