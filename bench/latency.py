@@ -8,7 +8,9 @@ app (the floor: Serve proxy -> replica -> reply). Then measures, p50/p99 in ms:
 - ``GET /ping`` on the bare app (keep-alive httpx client);
 - in-session ``echo hi`` over HTTP (proxy -> Admin -> Worker -> rocklet), via the SDK;
 - the same echo through the Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
-- ``GET /v1/health`` (Admin -> Scheduler).
+- ``GET /v1/health`` (Admin -> Scheduler);
+- create -> first command (``exec echo``) over HTTP, with and without a warm pool of 4, each
+  followed by a delete (not timed).
 
 Targets (../shared/TARGETS.md): HTTP echo <= ping + 3 ms; Ray echo <= 3 ms. Never a test.
 """
@@ -70,6 +72,8 @@ def start(runtime: str) -> str:
         rt["cgroup_parent"] = "rock-serve-bench"
     args = {"runtime": rt, "namespace": "rock-bench", "auth": {"mode": "disabled"}}
     serve.run(build_app(args), name="rock", route_prefix="/")
+    warm = {**args, "namespace": "rock-bench-warm", "warm_pool_size": 4}
+    serve.run(build_app(warm), name="warm", route_prefix="/warm")
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -123,6 +127,20 @@ async def measure(url: str, n: int) -> dict[str, list[float]]:
                 await rsb.run("echo hi")
 
             await timed("in-session echo over Ray", ray_echo)
+
+    for name, base in (("create -> first command", url), ("  ... from a warm pool", f"{url}/warm")):
+        async with AsyncClient(base_url=base) as client:
+            samples = []
+            for i in range(40):
+                t0 = time.perf_counter()
+                record = await client.create_sandbox()
+                await client.exec(record.id, "echo hi")
+                if i >= 5:
+                    samples.append(time.perf_counter() - t0)
+                await client.delete_sandbox(record.id)
+                if "warm" in name:  # give the pool its refill, as between episodes
+                    await asyncio.sleep(0.3)
+            out[name] = samples
     return out
 
 

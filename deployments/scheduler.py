@@ -524,6 +524,7 @@ class Scheduler:
         finally:
             self._release(worker.name, namespace)
             self._inflight_ids.discard(sandbox_id)
+        sandbox_id = record.id  # a Worker may serve the create from its warm pool
         self._records[sandbox_id] = record
         self._registered[sandbox_id] = self._clock()
         await self._save(record)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -78,6 +79,10 @@ log = logging.getLogger(__name__)
 LABEL_WORKER = "rock.worker"
 #: Label holding the sandbox's record as JSON, so a restarted Worker can adopt it.
 LABEL_RECORD = "rock.record"
+#: Label of sandboxes made for the warm pool (a restarted Worker removes them).
+LABEL_WARM = "rock.warm"
+#: Spec fields a create must leave at their defaults to be served from the warm pool.
+_WARM_SPEC = SandboxSpec().model_dump(exclude={"labels", "owner"})
 #: How many removed sandboxes a Worker remembers (and why) for late callers.
 _GRAVEYARD = 4096
 #: Idempotency keys of commands a Worker remembers, and for how long (seconds).
@@ -146,6 +151,9 @@ class Worker:
         self._uploads: dict[str, _Upload] = {}
         self._graveyard: OrderedDict[str, StateChange] = OrderedDict()
         self._done_keys: OrderedDict[str, tuple[float, asyncio.Future[Any]]] = OrderedDict()
+        self._warm: list[_Box] = []
+        self._warm_wanted = asyncio.Event()
+        self._warmer: asyncio.Task[None] | None = None
         self._metrics = metrics("worker", name)
         if runtime is None:
             self._build_runtime(args.runtime)
@@ -184,11 +192,77 @@ class Worker:
             with contextlib.suppress(Exception):
                 await runtime.remove(info.id)
         self._reaper = asyncio.ensure_future(self._reap_loop())
+        self._warmer = asyncio.ensure_future(self._warm_loop())
+        self._warm_wanted.set()
+
+    # ------------------------------------------------------------------ warm pool
+
+    def _warm_target(self) -> int:
+        if self._runtime is None or self._runtime.name == "docker":
+            return 0
+        room = self.args.max_sandboxes_per_node - len(self._boxes) - len(self._creating)
+        return max(0, min(self.args.warm_pool_size, room))
+
+    async def _warm_loop(self) -> None:
+        """Keep the pool at its target: one sandbox at a time, so it never crowds creates."""
+        while True:
+            await self._warm_wanted.wait()
+            self._warm_wanted.clear()
+            while len(self._warm) < self._warm_target() and self._broken is None:
+                try:
+                    self._warm.append(await self._make_warm())
+                except Exception as exc:
+                    log.warning("worker %s: warm pool refill failed: %r", self.name, exc)
+                    break
+            while len(self._warm) > self._warm_target():
+                await self._discard(self._warm.pop())
+            self._publish()
+
+    async def _make_warm(self) -> _Box:
+        runtime = self._runtime
+        assert runtime is not None
+        sandbox_id = f"sb-{self.name}-{secrets.token_hex(8)}"
+        now = self._clock()
+        record = SandboxRecord(
+            id=sandbox_id,
+            state=SandboxState.RUNNING,
+            worker=self.name,
+            node_id=self.node_id,
+            created_at=now,
+        )
+        spec = SandboxSpec(labels={LABEL_WORKER: self.name, LABEL_WARM: "1"})
+        try:
+            await runtime.create(sandbox_id, spec)
+            handle = await runtime.start(sandbox_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(runtime.remove(sandbox_id))
+            raise
+        return _Box(record, handle, runtime)
+
+    async def _discard(self, box: _Box) -> None:
+        with contextlib.suppress(Exception):
+            await box.handle.close()
+        with contextlib.suppress(Exception):
+            await box.runtime.remove(box.record.id)
+
+    def _take_warm(self, spec: SandboxSpec) -> _Box | None:
+        """A started sandbox from the pool for a create of the default spec, if any."""
+        if not self._warm or spec.model_dump(exclude={"labels", "owner"}) != _WARM_SPEC:
+            return None
+        while self._warm:
+            box = self._warm.pop(0)
+            if box.handle.alive and box.runtime is self._runtime:
+                self._warm_wanted.set()
+                return box
+            asyncio.ensure_future(self._discard(box))
+        self._warm_wanted.set()
+        return None
 
     async def _adopt(self, runtime: Runtime, info: SandboxInfo) -> bool:
         """Take back a sandbox an earlier incarnation left running; False if it cannot be."""
         raw = info.labels.get(LABEL_RECORD)
-        if info.state != SandboxState.RUNNING or raw is None:
+        if info.state != SandboxState.RUNNING or raw is None or LABEL_WARM in info.labels:
             return False
         try:
             record = SandboxRecord.model_validate_json(raw)
@@ -258,6 +332,7 @@ class Worker:
         """Take a redeploy's args: limits at once; a changed runtime for new sandboxes."""
         old = self.args
         self.args = args
+        self._warm_wanted.set()
         if args.runtime != old.runtime:
             log.warning(
                 "worker %s: runtime changed from %s to %s; existing sandboxes keep theirs",
@@ -269,6 +344,8 @@ class Worker:
                 self._old_runtimes.append(self._runtime)
             previous = self._runtime
             self._build_runtime(args.runtime)
+            while self._warm:
+                await self._discard(self._warm.pop())
             if self._broken is None and self._runtime is not None and previous is not None:
                 # Leftovers of the new runtime from an earlier life of this Worker.
                 for info in await self._runtime.list(labels={LABEL_WORKER: self.name}):
@@ -277,9 +354,12 @@ class Worker:
                             await self._runtime.remove(info.id)
 
     async def shutdown(self) -> int:
-        """Remove every sandbox and stop reaping; returns how many were removed."""
-        if self._reaper is not None:
-            self._reaper.cancel()
+        """Remove every sandbox (and the warm pool) and stop reaping; returns how many."""
+        for task in (self._reaper, self._warmer):
+            if task is not None:
+                task.cancel()
+        while self._warm:
+            await self._discard(self._warm.pop())
         ids = list(self._boxes)
         for sid in ids:
             with contextlib.suppress(SandboxNotFound):
@@ -337,6 +417,24 @@ class Worker:
             LABEL_WORKER: self.name,
             LABEL_RECORD: record.model_dump_json(exclude={"history"}),
         }
+        warm = self._take_warm(spec)
+        if warm is not None:
+            record.id = warm.record.id  # the pool's sandbox keeps its id
+            _step(record, SandboxState.STARTING, now, "warm_pool")
+            _step(record, SandboxState.RUNNING, now, "warm_pool")
+            box = _Box(record, warm.handle, warm.runtime)
+            self._touch(box, now)
+            self._boxes[record.id] = box
+            self._metrics.created(0.0, ok=True)
+            self._publish()
+            log.info(
+                "worker %s: created sandbox %s from the warm pool owner=%r",
+                self.name,
+                record.id,
+                req.owner,
+                extra={"sandbox_id": record.id, "owner": req.owner, "namespace": namespace},
+            )
+            return record
         self._creating.add(sandbox_id)
         started = time.perf_counter()
         try:
@@ -347,6 +445,7 @@ class Worker:
             box = _Box(record, handle, runtime)
             self._touch(box, self._clock())
             self._boxes[sandbox_id] = box
+            self._warm_wanted.set()  # less room: the pool may have to shrink
             self._metrics.created(time.perf_counter() - started, ok=True)
             self._publish()
             log.info(
@@ -390,6 +489,7 @@ class Worker:
         try:
             await box.runtime.remove(sandbox_id)
         finally:
+            self._warm_wanted.set()
             self._publish()
             log.info(
                 "worker %s: removed sandbox %s (%s)",
@@ -455,6 +555,7 @@ class Worker:
             sandboxes=len(self._boxes) + len(self._creating),
             capacity=self.args.max_sandboxes_per_node,
             runtime=self.args.runtime.type,
+            warm=len(self._warm),
         )
 
     # ------------------------------------------------------------------ data plane

@@ -175,6 +175,7 @@ class WorkerStatus(WireModel):
     sandboxes: int = Field(description="Sandboxes it owns.")
     capacity: int = Field(description="Most sandboxes it may own.")
     runtime: str = Field(description="Runtime it uses.")
+    warm: int = Field(default=0, description="Started sandboxes waiting in its warm pool.")
 
 
 class Health(WireModel):

@@ -166,3 +166,33 @@ async def test_a_command_runs_once_per_idempotency_key(made, tmp_path):
     assert (await worker.exec(record.id, once, "key-3")).stdout == "1\n"
     assert (await worker.exec(record.id, once)).stdout == "2\n"
     assert len(worker._done_keys) == 3
+
+
+async def _pool(worker: Worker, size: int) -> None:
+    for _ in range(2000):
+        if len(worker._warm) == size:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"the pool never reached {size}: {len(worker._warm)}")
+
+
+async def test_the_warm_pool_serves_default_creates_and_refills(made):
+    clock, runtime = Clock(), FakeRuntime()
+    worker = await _worker(made, runtime, clock, warm_pool_size=2, max_sandboxes_per_node=3)
+    await _pool(worker, 2)
+    warm_ids = {box.record.id for box in worker._warm}
+    record = await worker.create("sb-w1-jjjjjjjj", CreateSandboxRequest(owner="o"), ttl=60)
+    assert record.id in warm_ids and record.owner == "o" and record.expires_at == 1060.0
+    assert [h.reason for h in record.history] == [None, "warm_pool", "warm_pool"]
+    assert (await worker.exec(record.id, ExecRequest(command="echo hi"))).stdout == "hi\n"
+    await _pool(worker, 2)  # refilled (3 places: 1 used, 2 warm)
+    custom = await worker.create("sb-w1-kkkkkkkk", CreateSandboxRequest(image="img"), ttl=60)
+    assert custom.id == "sb-w1-kkkkkkkk"  # not the default spec: made afresh
+    await _pool(worker, 1)  # the pool shrinks to the room left
+    assert (await worker.status()).warm == 1
+    made.remove(worker)
+    # A restart removes what came from the pool (runtimes with a pool cannot reattach anyway:
+    # bwrap and local sandboxes die with their Worker) and adopts the rest.
+    second = await _worker(made, runtime, clock)
+    assert {r.id for r in await second.list()} == {custom.id}
+    assert [i.id for i in await runtime.list()] == [custom.id]
