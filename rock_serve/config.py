@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CAPABILITIES",
     "DEFAULT_HIDE_PATHS",
+    "NAME_PATTERN",
     "AuditConfig",
     "AuthConfig",
     "DOCKER_TEST_IMAGE",
@@ -179,8 +180,8 @@ class DockerRuntimeConfig(_Config):
         default="python:3.12-slim",
         min_length=1,
         max_length=512,
-        description="Image of sandboxes whose spec names none. Any image with /bin/sh and "
-        "'sleep' works; without python3 >= 3.8 the node's interpreter is mounted (node_python).",
+        description="Image of sandboxes whose spec names none. Any image with /bin/sh works; "
+        "without python3 >= 3.8 the node's interpreter is mounted (node_python).",
     )
     pull: Literal["never", "if-missing", "always"] = Field(
         default="if-missing",
@@ -210,10 +211,16 @@ class DockerRuntimeConfig(_Config):
     node_python: bool = Field(
         default=True,
         description="When an image has no python3 >= 3.8, mount this node's interpreter "
-        "read-only at /.rock-python and run the rocklet with it. That interpreter must run "
-        "in the image: a relocatable build (python-build-standalone, uv) needs only glibc; "
-        "a distribution's python needs its shared libraries (glibc, libz, libexpat) in the "
-        "image. False = such images fail to start.",
+        "read-only and run the rocklet with it. A self-contained install (pyenv, uv, "
+        "python-build-standalone) is mounted whole at its own path and needs only the "
+        "image's glibc; a distribution's python (prefix /usr) is mounted at /.rock-python "
+        "and needs its shared libraries (glibc, libz, libexpat) in the image. "
+        "False = such images fail with invalid_config.",
+    )
+    node_python_executable: str | None = Field(
+        default=None,
+        description="The node interpreter that node_python mounts (a path on the node); "
+        "None = the Worker's own (the base interpreter of its venv).",
     )
     allow_network: bool = Field(
         default=False,
@@ -235,10 +242,12 @@ class DockerRuntimeConfig(_Config):
         description="Limits for fields a spec leaves unset.",
     )
     keepalive: list[str] = Field(
-        default_factory=lambda: ["sleep", "infinity"],
+        default_factory=lambda: ["/.rock/keepalive"],
         min_length=1,
         description="Main process of every container, under Docker's init (which reaps "
-        "orphans); the rocklet runs beside it in an exec, so that a new Worker can reattach.",
+        "orphans); the rocklet runs beside it in an exec, so that a new Worker can reattach. "
+        "The default, installed with the rocklet, is a /bin/sh script blocked reading its "
+        "stdin (held open by the daemon): no child process, nothing but its name in ps.",
     )
     oci_runtime: str | None = Field(
         default=None, description="OCI runtime of the containers (e.g. runsc); None = default."
@@ -526,6 +535,15 @@ class ServerArgs(_Config):
     )
     default_quota: Quota | None = Field(
         default=None, description="Quota of namespaces not listed in ``quotas``."
+    )
+    warm_pool_size: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Started sandboxes each Worker keeps ready for creates that ask for the "
+        "default spec (no image, resources, network, env or workdir of their own): such a "
+        "create takes one instead of starting a sandbox. They count against "
+        "max_sandboxes_per_node. bwrap and local only (a docker Worker ignores it).",
     )
     upload_idle_seconds: float = Field(
         default=60.0, gt=0, description="A chunked upload idle this long is aborted."
