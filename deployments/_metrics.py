@@ -2,7 +2,9 @@
 
 Names (Ray prefixes them with ``ray_``): ``rock_sandboxes{worker,state}`` gauge,
 ``rock_create_seconds{worker,outcome}`` and ``rock_op_seconds{worker,op}`` histograms,
-``rock_errors_total{component,op,code}`` counter, ``rock_reaped_total{worker,reason}`` counter.
+``rock_errors_total{component,op,code}`` counter, ``rock_reaped_total{worker,reason}`` counter,
+``rock_rejected_total{component,namespace,code}`` (401/403/429) and
+``rock_audit_errors_total{component,sink}`` counters.
 Outside a Ray process every call is a no-op, so the Worker and Scheduler stay testable without
 Ray.
 """
@@ -60,6 +62,16 @@ class Metrics:
                 description="Sandboxes removed by the reaper, by reason.",
                 tag_keys=("worker", "reason"),
             ),
+            "rejected": rm.Counter(
+                "rock_rejected_total",
+                description="Calls refused with 401, 403 or 429, by caller namespace and code.",
+                tag_keys=("component", "namespace", "code"),
+            ),
+            "audit_errors": rm.Counter(
+                "rock_audit_errors_total",
+                description="Audit events a sink failed to write (or dropped), by sink.",
+                tag_keys=("component", "sink"),
+            ),
         }
 
     @property
@@ -95,6 +107,18 @@ class Metrics:
         """``n`` sandboxes were reaped for ``reason`` (e.g. ``ttl``)."""
         if self._m and n:
             self._m["reaped"].inc(n, tags={"worker": self.worker, "reason": reason})
+
+    def rejected(self, namespace: str, code: str) -> None:
+        """One call by ``namespace`` was refused with ``code`` (unauthorized, rate_limited...)."""
+        if self._m:
+            self._m["rejected"].inc(
+                tags={"component": self.component, "namespace": namespace, "code": code}
+            )
+
+    def audit_error(self, sink: str, n: int = 1) -> None:
+        """``n`` audit events were not written by ``sink`` (``file``, ``redis``, ``queue``)."""
+        if self._m and n:
+            self._m["audit_errors"].inc(n, tags={"component": self.component, "sink": sink})
 
 
 def metrics(component: str, worker: str = "") -> Metrics:

@@ -20,21 +20,34 @@ import json
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StringConstraints, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 import rock_serve
-from rock_serve.config import ServerArgs, parse_server_args
+from rock_serve.auth import Authenticator, Principal, bearer_token
+from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
+from rock_serve.deployments import _compat, _gem
+from rock_serve.deployments._audit import AuditEvent, AuditLog
+from rock_serve.deployments._auth import (
+    Auth,
+    NamespaceGuard,
+    authenticate_header_or_query,
+    caller,
+    set_caller,
+)
 from rock_serve.deployments._metrics import Metrics, metrics
 from rock_serve.deployments._ray import (
     ActorHandle,
@@ -54,6 +67,7 @@ from rock_serve.errors import (
 )
 from rock_serve.protocol import (
     CreateSandboxRequest,
+    ErrorBody,
     ExecRequest,
     ExecResult,
     FileInfo,
@@ -106,18 +120,30 @@ def error_response(exc: BaseException) -> JSONResponse:
     retry_after = body["error"].get("retry_after")
     if retry_after is not None and status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(float(retry_after))))
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="rock-serve"'
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 _METRICS: list[Metrics] = []
+#: Codes counted by caller namespace too (``rock_rejected_total``).
+_REJECTED = {ErrorCode.UNAUTHORIZED.value, ErrorCode.PERMISSION_DENIED.value, "rate_limited"}
+
+
+def _admin_metrics() -> Metrics:
+    """The Admin's metrics (made once per replica process)."""
+    if not _METRICS:
+        _METRICS.append(metrics("admin"))
+    return _METRICS[0]
 
 
 def _count_error(request: Request, code: str) -> None:
-    """Errors by route and code on the Admin (metrics are made once per replica process)."""
-    if not _METRICS:
-        _METRICS.append(metrics("admin"))
+    """Errors by route and code on the Admin; refusals also by the caller's namespace."""
     route = request.scope.get("route")
-    _METRICS[0].error(getattr(route, "path", "unmatched"), code)
+    _admin_metrics().error(getattr(route, "path", "unmatched"), code)
+    if code in _REJECTED:
+        principal = getattr(request.state, "principal", None)
+        _admin_metrics().rejected(principal.namespace if principal else "-", code)
 
 
 @app.exception_handler(RockError)
@@ -154,11 +180,53 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 # ----------------------------------------------------------------------------- helpers
 
 SessionName = Annotated[str, PathParam(pattern=SESSION_NAME, description="Session name.")]
+LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=")]
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Path in sandbox.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": 'Error body `{"error": {"code", "message"}}`.'}
-    for status in (400, 404, 409, 429, 500, 503)
+    status: {"model": ErrorBody, "description": 'Error body `{"error": {"code", "message"}}`.'}
+    for status in (400, 401, 403, 404, 409, 429, 500, 503, 504)
 }
+#: The 200 reply of exec and session run with ``?stream=true``.
+_STREAMED: dict[str, Any] = {
+    "description": "JSON; with `stream=true` NDJSON: OutputChunk lines, then the result "
+    "(or an error body line).",
+    "content": {_NDJSON: {"schema": {"type": "string"}}},
+}
+#: /v1/health needs no token (a wrong one is still refused).
+_HEALTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: _ERRORS[status] for status in (401, 500, 503, 504)
+}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema without its 422 replies: validation errors are our 400 error body."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            openapi_version=app.openapi_version,
+            description=app.description,
+            routes=app.routes,
+            servers=app.servers,
+        )
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+# SandboxFusion's /run_code (issue 7); included before @serve.ingress freezes the app. Its
+# clients (verl) cannot set headers: the token may also come as ``?token=``.
+app.include_router(
+    _compat.router, dependencies=[Depends(authenticate_header_or_query)], responses=_ERRORS
+)
+# ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
+app.include_router(_gem.router, responses=_ERRORS)
 
 
 def _worker_of(sandbox_id: str) -> str:
@@ -224,6 +292,16 @@ async def _relay(chunks: AsyncIterator[bytes], media_type: str) -> Response:
     return StreamingResponse(body(), media_type=media_type)
 
 
+def _idem(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` (1-128 printable characters), if any."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 128 or not key.isprintable():
+        raise InvalidRequest("Idempotency-Key must be 1 to 128 printable characters")
+    return key
+
+
 def _pty_dimension(value: str, name: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 65535:
         raise InvalidRequest(f"query {name}={value!r} must be an integer in 1..65535")
@@ -283,58 +361,174 @@ class Admin:
         self.args = args if isinstance(args, ServerArgs) else parse_server_args(args)
         self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
         self._workers = WorkerHandles(self.args.namespace)
+        _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
+        _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
         # A redeploy's new limits reach the long-lived Scheduler; start it up early.
         self._scheduler.configure.remote(self.args)
         self._scheduler.ready.remote()
+        self.authenticator = Authenticator(self.args.auth)
+        self._guard = NamespaceGuard(self._lookup)
+        self._audit = AuditLog(self.args.audit, on_error=_admin_metrics().audit_error)
+        if not self.authenticator.required:
+            log.warning(
+                "AUTH IS DISABLED: every caller acts as an admin of namespace 'default'. Keep "
+                "the API on loopback, or set auth.tokens / auth.token_file (see `rock token`)."
+            )
+
+    async def __del__(self) -> None:
+        await self._audit.aclose()
+
+    async def _lookup(self, sandbox_id: str) -> SandboxRecord:
+        record: SandboxRecord = await call(self._scheduler, "get", sandbox_id)
+        return record
 
     async def _worker(self, sandbox_id: str) -> ActorHandle:
-        return await self._workers.get(_worker_of(sandbox_id))
+        short = _worker_of(sandbox_id)
+        await self._guard.check(caller(), sandbox_id)  # every data-plane call passes here
+        return await self._workers.get(short)
+
+    def auth_failed(self, conn: HTTPConnection, exc: RockError) -> None:
+        """Audit a refused credential (called by the ``Auth`` dependency and the pty)."""
+        self._audit.record(
+            AuditEvent(
+                action="auth",
+                token_name="-",
+                namespace="-",
+                status=exc.status,
+                code=exc.code.value,
+                client=conn.client.host if conn.client else None,
+                detail={"method": conn.scope.get("method", "WEBSOCKET"), "path": conn.url.path},
+            )
+        )
+
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self,
+        conn: HTTPConnection,
+        principal: Principal,
+        action: str,
+        sandbox_id: str | None = None,
+        *,
+        status: int = 200,
+        **fields: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Record one audit event for the block: its outcome is the block's (or its error's).
+
+        The block may add to the yielded dict (``sandbox_id``, ``detail`` entries...).
+        """
+        started = time.perf_counter()
+        event: dict[str, Any] = {"sandbox_id": sandbox_id, "detail": {}, **fields}
+        if "command" in event and event["command"] is not None:
+            event["command"] = self._audit.command(event["command"])
+        code = "ok"
+        try:
+            yield event
+        except BaseException as exc:
+            if isinstance(exc, RockError):
+                status, code = exc.status, exc.code.value
+            elif isinstance(exc, asyncio.CancelledError):
+                status, code = 499, "cancelled"
+            else:
+                status, code = 500, ErrorCode.INTERNAL.value
+            raise
+        finally:
+            if self._audit.enabled:
+                self._audit.record(
+                    AuditEvent(
+                        action=action,
+                        token_name=principal.name,
+                        namespace=principal.namespace,
+                        admin=principal.admin,
+                        status=status,
+                        code=code,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                        client=conn.client.host if conn.client else None,
+                        **event,
+                    )
+                )
 
     async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         return await call(await self._worker(sandbox_id), method, sandbox_id, *args)
 
     # ---------------------------------------------------------------- control plane
 
-    @app.get("/v1/health", response_model=Health, responses=_ERRORS)
-    async def health(self) -> Health:
-        """The Scheduler's and every Worker's status."""
+    @app.get("/v1/health", response_model=Health, responses=_HEALTH_ERRORS)
+    async def health(self, request: Request) -> Health:
+        """The platform's status; the Workers' details only for an admin token.
+
+        Needs no token (for probes). With auth disabled every caller counts as an admin.
+        """
+        token = bearer_token(request.headers.get("authorization"))
+        principal = (
+            self.authenticator.authenticate(token)
+            if token or not self.authenticator.required
+            else None
+        )
         result: Health = await call(self._scheduler, "health")
+        if principal is None or not principal.admin:
+            return result.model_copy(update={"workers": []})
         return result
 
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxRecord, responses=_ERRORS)
-    async def create_sandbox(self, req: CreateSandboxRequest) -> SandboxRecord:
-        """Create and start a sandbox."""
-        record: SandboxRecord = await call(self._scheduler, "create", req)
+    async def create_sandbox(
+        self, req: CreateSandboxRequest, request: Request, principal: Auth
+    ) -> SandboxRecord:
+        """Create and start a sandbox in the caller's namespace."""
+        detail = {"owner": req.owner, "image": req.image, "network": req.network}
+        async with self._audited(
+            request, principal, "create", status=201, env_keys=sorted(req.env), detail=detail
+        ) as event:
+            record: SandboxRecord = await call(self._scheduler, "create", req, principal.namespace)
+            event["sandbox_id"] = record.id
+        self._guard.remember(record.id, record.namespace)
         return record
 
     @app.get("/v1/sandboxes", response_model=SandboxList, responses=_ERRORS)
     async def list_sandboxes(
         self,
+        principal: Auth,
         owner: str | None = None,
         state: SandboxState | None = None,
-        label: Annotated[list[str] | None, Query(description="k=v; repeatable.")] = None,
+        label: Annotated[list[LabelFilter] | None, Query(description="k=v; repeatable.")] = None,
+        namespace: Annotated[
+            str | None,
+            Query(
+                pattern=NAME_PATTERN,
+                description="Only this namespace (admins; others see only their own).",
+            ),
+        ] = None,
     ) -> SandboxList:
-        """Sandboxes matching every filter, newest first."""
+        """Sandboxes matching every filter, newest first (admins: every namespace's)."""
+        only = NamespaceGuard.check_namespace_filter(principal, namespace)
         labels = _parse_labels(label or [])
         result: SandboxList = await call(self._scheduler, "list", owner, state, labels)
+        for record in result.items:
+            self._guard.remember(record.id, record.namespace)
+        if only is not None:
+            result = SandboxList(items=[r for r in result.items if r.namespace == only])
         return result
 
     @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxRecord, responses=_ERRORS)
-    async def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
+    async def get_sandbox(self, sandbox_id: str, principal: Auth) -> SandboxRecord:
         """One sandbox."""
         _worker_of(sandbox_id)
         record: SandboxRecord = await call(self._scheduler, "get", sandbox_id)
+        self._guard.remember(record.id, record.namespace)
+        if not principal.may_see(record.namespace):
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
         return record
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS)
-    async def delete_sandbox(self, sandbox_id: str) -> Response:
+    async def delete_sandbox(self, sandbox_id: str, request: Request, principal: Auth) -> Response:
         """Remove a sandbox and everything in it."""
-        _worker_of(sandbox_id)
-        await call(self._scheduler, "delete", sandbox_id)
+        async with self._audited(request, principal, "delete", sandbox_id, status=204):
+            _worker_of(sandbox_id)
+            await self._guard.check(principal, sandbox_id)
+            await call(self._scheduler, "delete", sandbox_id)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/renew", response_model=SandboxRecord, responses=_ERRORS)
-    async def renew(self, sandbox_id: str) -> SandboxRecord:
+    async def renew(self, sandbox_id: str, principal: Auth) -> SandboxRecord:
         """Renew the sandbox's lease (a heartbeat; any call naming the sandbox also renews)."""
         record: SandboxRecord = await self._data(sandbox_id, "renew")
         return record
@@ -342,6 +536,8 @@ class Admin:
     @app.delete("/v1/sandboxes", status_code=204, responses=_ERRORS)
     async def delete_by_token(
         self,
+        request: Request,
+        principal: Auth,
         client_token: Annotated[
             str, Query(min_length=1, max_length=128, description="The create's client_token.")
         ],
@@ -349,25 +545,51 @@ class Admin:
         """Remove the sandbox created with ``client_token``, waiting for that create if it is
         still running (so a delete that races a create leaves nothing behind).
         """
-        await call(self._scheduler, "delete_by_token", client_token)
+        async with self._audited(
+            request, principal, "delete", status=204, detail={"by": "client_token"}
+        ) as event:
+            event["sandbox_id"] = await call(
+                self._scheduler, "delete_by_token", client_token, principal.namespace
+            )
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- commands
 
-    @app.post("/v1/sandboxes/{sandbox_id}/exec", response_model=ExecResult, responses=_ERRORS)
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/exec",
+        response_model=ExecResult,
+        responses={200: _STREAMED, **_ERRORS},
+    )
     async def exec(
         self,
         sandbox_id: str,
         req: ExecRequest,
+        request: Request,
+        principal: Auth,
         stream_: bool = Query(
             False, alias="stream", description="Stream NDJSON OutputChunk lines, then the result."
         ),
     ) -> Any:
-        """Run one command to completion (optionally streaming its output)."""
-        if stream_:
-            worker = await self._worker(sandbox_id)
-            return await _ndjson(stream(worker, "stream_exec", sandbox_id, req))
-        return await self._data(sandbox_id, "exec", req)
+        """Run one command to completion (optionally streaming its output).
+
+        An ``Idempotency-Key`` header makes a resend safe: the command runs once per key and a
+        resend gets the first run's result.
+        """
+        async with self._audited(
+            request,
+            principal,
+            "exec",
+            sandbox_id,
+            command=req.command,
+            env_keys=sorted(req.env or {}),
+            detail={"stream": stream_, "cwd": req.cwd, "stdin_bytes": len(req.stdin or "")},
+        ) as event:
+            if stream_:
+                worker = await self._worker(sandbox_id)
+                return await _ndjson(stream(worker, "stream_exec", sandbox_id, req))
+            result: ExecResult = await self._data(sandbox_id, "exec", req, _idem(request))
+            event["detail"]["exit_code"] = result.exit_code
+            return result
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/sessions",
@@ -375,39 +597,81 @@ class Admin:
         responses=_ERRORS,
     )
     async def create_session(
-        self, sandbox_id: str, req: SessionCreateRequest
+        self, sandbox_id: str, req: SessionCreateRequest, request: Request, principal: Auth
     ) -> SessionCreateResponse:
         """Start a persistent bash session."""
-        result: SessionCreateResponse = await self._data(sandbox_id, "create_session", req)
+        async with self._audited(
+            request,
+            principal,
+            "session.create",
+            sandbox_id,
+            session=req.session,
+            command="\n".join(req.startup_commands) if req.startup_commands else None,
+            env_keys=sorted(req.env or {}),
+        ):
+            result: SessionCreateResponse = await self._data(sandbox_id, "create_session", req)
         return result
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/sessions/{session}/run",
         response_model=SessionRunResult,
-        responses=_ERRORS,
+        responses={200: _STREAMED, **_ERRORS},
     )
     async def run_in_session(
         self,
         sandbox_id: str,
         session: SessionName,
         body: SessionRunBody,
+        request: Request,
+        principal: Auth,
         stream_: bool = Query(False, alias="stream", description="Stream NDJSON output."),
     ) -> Any:
-        """Run a command in a session (cwd, env and functions persist)."""
+        """Run a command in a session (cwd, env and functions persist).
+
+        An ``Idempotency-Key`` header makes a resend safe (see ``exec``).
+        """
         req = SessionRunRequest(session=session, **body.model_dump())
-        if stream_:
-            worker = await self._worker(sandbox_id)
-            return await _ndjson(stream(worker, "stream_in_session", sandbox_id, req))
-        return await self._data(sandbox_id, "run_in_session", req)
+        async with self._audited(
+            request,
+            principal,
+            "session.run",
+            sandbox_id,
+            session=session,
+            command=body.command,
+            detail={"stream": stream_},
+        ) as event:
+            if stream_:
+                worker = await self._worker(sandbox_id)
+                return await _ndjson(stream(worker, "stream_in_session", sandbox_id, req))
+            result: SessionRunResult = await self._data(
+                sandbox_id, "run_in_session", req, _idem(request)
+            )
+            event["detail"]["exit_code"] = result.exit_code
+            return result
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/sessions/{session}/stdin", status_code=204, responses=_ERRORS
     )
     async def session_stdin(
-        self, sandbox_id: str, session: SessionName, body: SessionStdinBody
+        self,
+        sandbox_id: str,
+        session: SessionName,
+        body: SessionStdinBody,
+        request: Request,
+        principal: Auth,
     ) -> Response:
         """Write to the stdin of the command running in a session."""
-        await self._data(sandbox_id, "session_stdin", session, body.data.encode(), body.eof)
+        data = body.data.encode()
+        async with self._audited(
+            request,
+            principal,
+            "session.stdin",
+            sandbox_id,
+            status=204,
+            session=session,
+            detail={"bytes": len(data), "eof": body.eof},  # never the data: it may be a secret
+        ):
+            await self._data(sandbox_id, "session_stdin", session, data, body.eof)
         return Response(status_code=204)
 
     @app.post(
@@ -415,15 +679,25 @@ class Admin:
         status_code=204,
         responses=_ERRORS,
     )
-    async def interrupt_session(self, sandbox_id: str, session: SessionName) -> Response:
+    async def interrupt_session(
+        self, sandbox_id: str, session: SessionName, request: Request, principal: Auth
+    ) -> Response:
         """Interrupt (SIGINT) the command running in a session."""
-        await self._data(sandbox_id, "interrupt_session", session)
+        async with self._audited(
+            request, principal, "session.interrupt", sandbox_id, status=204, session=session
+        ):
+            await self._data(sandbox_id, "interrupt_session", session)
         return Response(status_code=204)
 
     @app.delete("/v1/sandboxes/{sandbox_id}/sessions/{session}", status_code=204, responses=_ERRORS)
-    async def close_session(self, sandbox_id: str, session: SessionName) -> Response:
+    async def close_session(
+        self, sandbox_id: str, session: SessionName, request: Request, principal: Auth
+    ) -> Response:
         """Close a session and kill its processes."""
-        await self._data(sandbox_id, "close_session", session)
+        async with self._audited(
+            request, principal, "session.close", sandbox_id, status=204, session=session
+        ):
+            await self._data(sandbox_id, "close_session", session)
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- files
@@ -433,7 +707,7 @@ class Admin:
         response_class=Response,
         responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
     )
-    async def read_file(self, sandbox_id: str, path: PathQuery) -> Response:
+    async def read_file(self, sandbox_id: str, path: PathQuery, principal: Auth) -> Response:
         """A file's raw bytes, streamed (any size)."""
         worker = await self._worker(sandbox_id)
         return await _relay(
@@ -446,12 +720,17 @@ class Admin:
         sandbox_id: str,
         request: Request,
         path: PathQuery,
+        principal: Auth,
         mode: Annotated[
             str | None, Query(pattern=r"^[0-7]{1,4}$", description="Octal bits, e.g. 644.")
         ] = None,
     ) -> FileWritten:
         """Write a file atomically from the raw request body (up to ``max_file_bytes``)."""
-        written = await self._upload(sandbox_id, request, "file", path, _parse_mode(mode))
+        async with self._audited(
+            request, principal, "file.write", sandbox_id, path=path, detail={"mode": mode}
+        ) as event:
+            written = await self._upload(sandbox_id, request, "file", path, _parse_mode(mode))
+            event["detail"]["bytes"] = written
         return FileWritten(path=path, size=written)
 
     async def _upload(
@@ -497,19 +776,24 @@ class Admin:
         response_class=Response,
         responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
     )
-    async def download_archive(self, sandbox_id: str, path: PathQuery) -> Response:
+    async def download_archive(self, sandbox_id: str, path: PathQuery, principal: Auth) -> Response:
         """An uncompressed tar of a file or directory, streamed (any size)."""
         worker = await self._worker(sandbox_id)
         return await _relay(stream(worker, "iter_archive", sandbox_id, path), "application/x-tar")
 
     @app.put("/v1/sandboxes/{sandbox_id}/archive", status_code=204, responses=_ERRORS)
-    async def upload_archive(self, sandbox_id: str, request: Request, path: PathQuery) -> Response:
+    async def upload_archive(
+        self, sandbox_id: str, request: Request, path: PathQuery, principal: Auth
+    ) -> Response:
         """Extract a tar (plain or compressed) from the request body into directory ``path``."""
-        await self._upload(sandbox_id, request, "archive", path)
+        async with self._audited(
+            request, principal, "archive.upload", sandbox_id, status=204, path=path
+        ) as event:
+            event["detail"]["bytes"] = await self._upload(sandbox_id, request, "archive", path)
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)
-    async def stat(self, sandbox_id: str, path: PathQuery) -> FileInfo:
+    async def stat(self, sandbox_id: str, path: PathQuery, principal: Auth) -> FileInfo:
         """Stat a path (symlinks are not followed)."""
         result: FileInfo = await self._data(sandbox_id, "stat", path)
         return result
@@ -517,25 +801,41 @@ class Admin:
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files/list", response_model=ListDirResult, responses=_ERRORS
     )
-    async def list_dir(self, sandbox_id: str, path: PathQuery) -> ListDirResult:
+    async def list_dir(self, sandbox_id: str, path: PathQuery, principal: Auth) -> ListDirResult:
         """List a directory."""
         result: ListDirResult = await self._data(sandbox_id, "list_dir", path)
         return result
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
-    async def mkdir(self, sandbox_id: str, req: MkdirRequest) -> Response:
+    async def mkdir(
+        self, sandbox_id: str, req: MkdirRequest, request: Request, principal: Auth
+    ) -> Response:
         """Create a directory."""
-        await self._data(sandbox_id, "mkdir", req)
+        async with self._audited(
+            request, principal, "file.mkdir", sandbox_id, status=204, path=req.path
+        ):
+            await self._data(sandbox_id, "mkdir", req)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/remove", status_code=204, responses=_ERRORS)
-    async def remove_path(self, sandbox_id: str, req: RemoveRequest) -> Response:
+    async def remove_path(
+        self, sandbox_id: str, req: RemoveRequest, request: Request, principal: Auth
+    ) -> Response:
         """Remove a file, or a directory with ``recursive``."""
-        await self._data(sandbox_id, "remove_path", req)
+        async with self._audited(
+            request,
+            principal,
+            "file.remove",
+            sandbox_id,
+            status=204,
+            path=req.path,
+            detail={"recursive": req.recursive},
+        ):
+            await self._data(sandbox_id, "remove_path", req)
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/stats", response_model=SandboxStats, responses=_ERRORS)
-    async def stats(self, sandbox_id: str) -> SandboxStats:
+    async def stats(self, sandbox_id: str, principal: Auth) -> SandboxStats:
         """CPU, memory and process usage and limits of a sandbox."""
         result: SandboxStats = await self._data(sandbox_id, "stats")
         return result
@@ -550,28 +850,42 @@ class Admin:
         Server -> client: binary frames are output; at exit a text frame
         ``{"type": "exit", "exit_code": N}``, then a normal close. An error is a text frame
         with the one error body, then close code 1008 (bad request) or 1011 (failure).
+
+        The token comes from ``Authorization: Bearer`` or, for browsers (which cannot set
+        headers on a WebSocket), the ``token`` query parameter; it is never logged.
         """
         await ws.accept()
+        token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
+        try:
+            principal = self.authenticator.authenticate(token)
+        except RockError as exc:
+            self.auth_failed(ws, exc)
+            await _ws_error(ws, exc, 1008)
+            return
+        set_caller(principal)
         pty_id = uuid.uuid4().hex
         worker: ActorHandle = None
         items: AsyncIterator[Any] | None = None
         try:
-            cols = _pty_dimension(ws.query_params.get("cols", "80"), "cols")
-            rows = _pty_dimension(ws.query_params.get("rows", "24"), "rows")
-            worker = await self._worker(sandbox_id)
-            items = stream(worker, "stream_pty", sandbox_id, pty_id, cols, rows)
-            await items.__anext__()  # registered: input may flow
+            async with self._audited(ws, principal, "pty.open", sandbox_id, status=101):
+                cols = _pty_dimension(ws.query_params.get("cols", "80"), "cols")
+                rows = _pty_dimension(ws.query_params.get("rows", "24"), "rows")
+                worker = await self._worker(sandbox_id)
+                items = stream(worker, "stream_pty", sandbox_id, pty_id, cols, rows)
+                await items.__anext__()  # registered: input may flow
         except (RockError, StopAsyncIteration) as exc:
             await _ws_error(ws, exc, 1008)
             if items is not None:
                 await items.aclose()  # type: ignore[attr-defined]
             return
+        opened = time.perf_counter()
+        exit_code: int | None = None
         output = asyncio.ensure_future(_pty_output(ws, items))
         inputs = asyncio.ensure_future(_pty_input(ws, worker, pty_id))
         try:
             done, _ = await asyncio.wait({output, inputs}, return_when=asyncio.FIRST_COMPLETED)
             if output in done:
-                code = output.result()
+                code = exit_code = output.result()
                 await ws.send_text(PtyExit(exit_code=code).model_dump_json())
                 await ws.close()
             else:
@@ -588,3 +902,18 @@ class Admin:
             await items.aclose()  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
                 await call(worker, "pty_close", pty_id)
+            if self._audit.enabled:
+                self._audit.record(
+                    AuditEvent(
+                        action="pty.close",
+                        token_name=principal.name,
+                        namespace=principal.namespace,
+                        admin=principal.admin,
+                        sandbox_id=sandbox_id,
+                        status=200,
+                        code="ok",
+                        duration_ms=round((time.perf_counter() - opened) * 1000, 3),
+                        client=ws.client.host if ws.client else None,
+                        detail={"exit_code": exit_code},
+                    )
+                )

@@ -262,7 +262,12 @@ class Worker:
     async def _adopt(self, runtime: Runtime, info: SandboxInfo) -> bool:
         """Take back a sandbox an earlier incarnation left running; False if it cannot be."""
         raw = info.labels.get(LABEL_RECORD)
-        if info.state != SandboxState.RUNNING or raw is None or LABEL_WARM in info.labels:
+        # A container outlives its Worker but its rocklet does not (EOF on its stdin): such a
+        # sandbox shows failed/agent_exited and can be reattached with a fresh rocklet.
+        alive = info.state == SandboxState.RUNNING or (
+            info.state == SandboxState.FAILED and info.reason == FailureReason.AGENT_EXITED
+        )
+        if not alive or raw is None or LABEL_WARM in info.labels:
             return False
         try:
             record = SandboxRecord.model_validate_json(raw)

@@ -1402,7 +1402,7 @@ def main(argv=None):
             sys.stderr.write("rocklet: --root %s is not a directory\n" % root)
             return 2
         cwd = os.path.realpath(os.getcwd())
-        if cwd != root and not cwd.startswith(root + os.sep):
+        if cwd != root and not cwd.startswith(root.rstrip(os.sep) + os.sep):
             os.chdir(root)
     elif argv:
         sys.stderr.write("usage: agent.py [--root DIR]\n")

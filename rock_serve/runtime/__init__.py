@@ -18,15 +18,19 @@ def build_runtime(config: Any) -> Runtime:
 
     Raises:
         InvalidConfig: unknown type, bad fields, or the backend cannot work with this config
-            (missing bwrap binary, missing rootfs, no writable cgroups, ...).
+            (missing bwrap binary, missing rootfs, no writable cgroups, a docker_host
+            that is not a local socket or TCP address, ...).
     """
     from rock_serve.config import (
         BwrapRuntimeConfig,
+        DockerRuntimeConfig,
         FakeRuntimeConfig,
         LocalRuntimeConfig,
         parse_runtime_config,
     )
 
-    if isinstance(config, FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig):
+    if isinstance(
+        config, FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
+    ):
         return config.build()
     return parse_runtime_config(config).build()

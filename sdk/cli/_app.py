@@ -13,6 +13,7 @@ from rich.console import Console
 from rock_serve import __version__
 from rock_serve.config import parse_runtime_config
 from rock_serve.errors import RockError
+from rock_serve.sdk.cli._env import env_app
 from rock_serve.sdk.cli._sandbox import sandbox_app
 from rock_serve.sdk.cli._token import token_app
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(env_app, name="env")
 app.add_typer(token_app, name="token")
 console = Console()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

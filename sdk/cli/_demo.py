@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from rock_serve.config import BwrapRuntimeConfig, FakeRuntimeConfig, LocalRuntimeConfig
+from rock_serve.config import AnyRuntimeConfig
 from rock_serve.protocol import ExecRequest, SandboxSpec, SessionCreateRequest, SessionRunRequest
 
 DEMO_COMMANDS = [
@@ -25,9 +25,7 @@ DEMO_COMMANDS = [
 ]
 
 
-async def run_demo(
-    cfg: BwrapRuntimeConfig | LocalRuntimeConfig | FakeRuntimeConfig, console: Console
-) -> None:
+async def run_demo(cfg: AnyRuntimeConfig, console: Console) -> None:
     """Run the demo on the runtime ``cfg`` describes and print what happened."""
     runtime = cfg.build()
     sandbox_id = f"sb-demo-{secrets.token_hex(4)}"

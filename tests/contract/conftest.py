@@ -1,7 +1,9 @@
 """Fixtures that run the contract suite against every runtime this machine has.
 
-``runtime`` is parametrized over ``local`` (always) and ``bwrap`` (when bubblewrap, root and
-writable cgroups are available; skipped with the reason otherwise). ``sandbox`` creates and
+``runtime`` is parametrized over ``local`` (always), ``bwrap`` (when bubblewrap, root and
+writable cgroups are available) and ``docker`` (when a daemon answers and the test image built
+by ``scripts/build-test-image`` is there); an unavailable runtime is skipped with the reason,
+except docker under ``ROCK_REQUIRE_DOCKER=1`` (CI), where it is an error. ``sandbox`` creates and
 starts one sandbox, yields ``(runtime, sandbox_id, handle)`` and always removes it.
 """
 
@@ -9,11 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 
 import pytest
 
-from rock_serve.config import BwrapRuntimeConfig, LocalRuntimeConfig
+from rock_serve.config import (
+    DOCKER_TEST_IMAGE,
+    BwrapRuntimeConfig,
+    DockerRuntimeConfig,
+    LocalRuntimeConfig,
+)
 from rock_serve.protocol import SandboxSpec
 from rock_serve.runtime._cgroup import CgroupLayout
 
@@ -37,6 +45,43 @@ def bwrap_unavailable() -> str | None:
 
 _BWRAP_SKIP = bwrap_unavailable()
 
+#: Set (CI does) to make an unavailable Docker engine or test image an error, not a skip.
+REQUIRE_DOCKER = os.environ.get("ROCK_REQUIRE_DOCKER") == "1"
+
+
+def docker_unavailable() -> str | None:
+    """Why the docker runtime cannot run here, or None when it can."""
+    try:
+        import docker
+    except ImportError:
+        return "the docker SDK is not installed (pip install 'rock-serve[docker]')"
+    from rock_serve.runtime._docker_stream import DockerAddress
+
+    address = DockerAddress.parse(None)
+    if address.path is not None:  # the SDK would leak a socket for a failed connect
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(address.path)
+        except OSError as exc:
+            return f"no Docker daemon answers at {address.url} ({exc}); run scripts/start-dockerd"
+    try:
+        client = docker.APIClient(version="auto", timeout=10)
+    except docker.errors.DockerException as exc:
+        return f"no Docker daemon answers ({exc}); run scripts/start-dockerd"
+    try:
+        client.inspect_image(DOCKER_TEST_IMAGE)
+    except docker.errors.NotFound:
+        return f"the test image {DOCKER_TEST_IMAGE} is missing; run scripts/build-test-image"
+    except docker.errors.DockerException as exc:
+        return f"the Docker daemon fails ({exc})"
+    finally:
+        client.close()
+    return None
+
+
+_DOCKER_SKIP = docker_unavailable()
+
 RUNTIMES = [
     pytest.param("local", id="local"),
     pytest.param(
@@ -47,15 +92,52 @@ RUNTIMES = [
             pytest.mark.skipif(_BWRAP_SKIP is not None, reason=str(_BWRAP_SKIP)),
         ],
     ),
+    pytest.param(
+        "docker",
+        id="docker",
+        marks=[
+            pytest.mark.docker,
+            pytest.mark.skipif(
+                _DOCKER_SKIP is not None and not REQUIRE_DOCKER, reason=str(_DOCKER_SKIP)
+            ),
+        ],
+    ),
 ]
 
 
-def make_config(kind: str, state_dir: str) -> LocalRuntimeConfig | BwrapRuntimeConfig:
+def require_docker() -> None:
+    """Fail (under ROCK_REQUIRE_DOCKER=1) or skip when the docker runtime cannot run here."""
+    if _DOCKER_SKIP is not None:
+        if REQUIRE_DOCKER:
+            pytest.fail(f"ROCK_REQUIRE_DOCKER=1 but {_DOCKER_SKIP}", pytrace=False)
+        pytest.skip(_DOCKER_SKIP)
+
+
+def docker_config(state_dir: str, **kwargs) -> DockerRuntimeConfig:
+    """A docker runtime config of its own scope (so parallel runs never see each other's
+    containers) on the local test image, which is never pulled."""
+    fields = {
+        "image": DOCKER_TEST_IMAGE,
+        "pull": "never",
+        "scope": f"t-{uuid.uuid4().hex[:12]}",
+        "agent_dir": os.path.join(state_dir, "agent"),
+        "stop_timeout_seconds": 1,
+        **kwargs,
+    }
+    return DockerRuntimeConfig.model_validate(fields)
+
+
+def make_config(
+    kind: str, state_dir: str
+) -> LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig:
     """A runtime config of ``kind`` that keeps its state in ``state_dir``."""
     if kind == "local":
         return LocalRuntimeConfig(state_dir=state_dir)
     if kind == "bwrap":
         return BwrapRuntimeConfig(state_dir=state_dir, cgroup_parent=TEST_CGROUP_PARENT)
+    if kind == "docker":
+        require_docker()
+        return docker_config(state_dir)
     raise AssertionError(kind)
 
 

@@ -129,6 +129,8 @@ def deploy(
     state_dir = tmp_path / state
     app["args"]["runtime"] = {"type": "local", "state_dir": str(state_dir)}
     app["args"]["namespace"] = namespace
+    app["args"]["auth"] = {"mode": "disabled"}
+    app["args"]["audit"] = {"path": str(tmp_path / f"audit-{state}.jsonl")}
     if edit is not None:
         edit(app)
     path = tmp_path / f"serve_config-{state}.yaml"

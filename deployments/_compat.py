@@ -1,0 +1,69 @@
+"""Compatibility routes on the Admin: SandboxFusion's ``POST /run_code``.
+
+verl's code-reward path and its SandboxFusion tool post to a SandboxFusion URL; pointing that URL
+at ``<platform>/run_code`` runs the code in one of our sandboxes instead (see
+:mod:`rock_serve.envs.integrations` for the models and the run). The route reaches the platform
+through the SDK's Ray transport: the Admin runs inside Ray, so its calls go straight to the
+Scheduler and Worker actors.
+
+Wiring (``admin.py``): ``app.include_router(compat.router)`` before the ``@serve.ingress``
+class is defined (Serve freezes the app at that point), and ``compat.bind(args.namespace)`` in
+``Admin.__init__`` so that each replica knows its platform's namespace. The route has no
+dependencies of its own but the platform client, so an app-wide auth dependency applies as is.
+"""
+
+# No "from __future__ import annotations": FastAPI reads these annotations at include time.
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from rock_serve.envs.integrations import RunCodeRequest, RunCodeResponse, run_code
+from rock_serve.errors import RuntimeUnavailable
+from rock_serve.runtime._sync import run_sync
+from rock_serve.sdk import AsyncClient
+
+__all__ = ["bind", "platform_client", "router"]
+
+router = APIRouter(tags=["compat"])
+
+#: Per-replica state: the platform namespace (set by :func:`bind`) and its client.
+_PLATFORM: dict[str, Any] = {}
+
+
+def bind(namespace: str) -> None:
+    """Tell this process's compat routes which platform they serve (from ``Admin.__init__``)."""
+    if _PLATFORM.get("namespace") != namespace:
+        _PLATFORM.clear()
+        _PLATFORM["namespace"] = namespace
+
+
+async def platform_client() -> AsyncClient:
+    """The Ray-transport SDK client of the bound platform (made once per replica).
+
+    Raises:
+        RuntimeUnavailable: :func:`bind` was not called, or the platform is not up.
+    """
+    client: AsyncClient | None = _PLATFORM.get("client")
+    if client is None:
+        namespace = _PLATFORM.get("namespace")
+        if namespace is None:
+            raise RuntimeUnavailable("the compat routes are not bound to a platform")
+        # Looking the Scheduler actor up by name blocks: keep it off the event loop.
+        client = await run_sync(AsyncClient.from_ray, namespace)
+        _PLATFORM["client"] = client
+    return client
+
+
+@router.post("/run_code", response_model=RunCodeResponse)
+async def sandbox_fusion_run_code(
+    request: RunCodeRequest,
+    client: Annotated[AsyncClient, Depends(platform_client)],
+) -> RunCodeResponse:
+    """SandboxFusion's ``/run_code``: run python or bash in a fresh sandbox, then delete it.
+
+    Request and reply are SandboxFusion's (``status``: ``Success``, ``Failed`` or
+    ``SandboxError``; ``run_result.status``: ``Finished`` or ``TimeLimitExceeded``). An
+    unsupported language is a ``SandboxError`` reply, as in SandboxFusion.
+    """
+    return await run_code(client, request)

@@ -1,0 +1,463 @@
+"""ROCK's GEM env API on the Admin: ``POST /apis/v1/envs/gem/make|reset|step|close|list``.
+
+Bodies and replies are ROCK's (see :mod:`rock_serve.envs.integrations` for the models): bare JSON
+objects, the instance id named ``sandbox_id``. Errors are the one error body: an unknown env id
+or instance 404, bad kwargs or actions 400, a step before reset or after the episode ended 409.
+
+**Where the envs live.** The Admin is stateless and runs several replicas, so env instances
+cannot live in a replica: they live in one detached actor per platform, :class:`EnvTable`
+(``rock-envs`` in the platform's Ray namespace, on the head node like the Scheduler, made on
+first use). It makes each env with :func:`rock_serve.envs.make_async` and an SDK client over the
+Ray transport, so the env's sandbox is an ordinary platform sandbox in the caller's namespace
+(quotas apply), created at the instance's first reset and deleted when it closes. Instances
+belong to the caller's namespace: another namespace sees them as unknown (admins see all).
+
+**Nothing leaks.** An instance unused for ``idle_ttl_seconds`` is closed by the table's reaper.
+Its sandbox carries a lease a bit longer than that, renewed by every step: if the table itself
+dies, the platform reaps the sandboxes on its own. Sandboxes are labelled
+``rock-serve/integration=gem-api``. They carry no Ray job id: the table outlives the job that
+happened to create it.
+
+Wiring (``admin.py``): ``app.include_router(_gem.router, ...)`` before ``@serve.ingress``, and
+``_gem.bind(args.namespace)`` in ``Admin.__init__``. Every route takes the caller (``Auth``).
+"""
+
+# No "from __future__ import annotations": FastAPI reads these annotations at include time.
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+import ray
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from rock_serve.auth import Principal
+from rock_serve.deployments._auth import Auth
+from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments.client import AsyncRayClient
+from rock_serve.envs import AsyncEnv, list_envs, make_async
+from rock_serve.envs.integrations import (
+    GEM_PREFIX,
+    GemCloseRequest,
+    GemCloseResponse,
+    GemListRequest,
+    GemListResponse,
+    GemMakeRequest,
+    GemMakeResponse,
+    GemResetRequest,
+    GemResetResponse,
+    GemStepRequest,
+    GemStepResponse,
+)
+from rock_serve.errors import (
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    RockError,
+    RuntimeUnavailable,
+)
+from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
+from rock_serve.runtime._sync import run_sync
+
+__all__ = [
+    "ENV_TABLE_NAME",
+    "GEM_LABEL",
+    "EnvTable",
+    "bind",
+    "env_table",
+    "get_or_create_env_table",
+    "router",
+]
+
+log = logging.getLogger(__name__)
+
+#: Actor name of the env table (in the platform's Ray namespace).
+ENV_TABLE_NAME = "rock-envs"
+#: Label key and value on the sandboxes of GEM env instances.
+GEM_LABEL = ("rock-serve/integration", "gem-api")
+#: Instances unused this long are closed.
+IDLE_TTL_SECONDS = 600.0
+#: How often the reaper looks for idle instances (at most).
+REAP_INTERVAL_SECONDS = 10.0
+#: Extra seconds of a sandbox's lease over the idle TTL (the lease outlives a reap cycle).
+LEASE_MARGIN_SECONDS = 60.0
+#: Most instances in the table, and per namespace.
+MAX_INSTANCES = 10_000
+MAX_INSTANCES_PER_NAMESPACE = 2_000
+_HEAD_RESOURCE = "node:__internal_head__"
+
+router = APIRouter(prefix=GEM_PREFIX, tags=["gem"])
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+class _CallerClient(AsyncRayClient):
+    """The Ray-transport client, creating sandboxes in the caller's namespace with a lease."""
+
+    def __init__(self, platform: str, caller: str, lease_seconds: Callable[[], float]) -> None:
+        super().__init__(platform)
+        self.caller = caller
+        self._lease_seconds = lease_seconds
+
+    async def create_sandbox(
+        self, request: CreateSandboxRequest | None = None, /, **spec: Any
+    ) -> SandboxRecord:
+        """Create a sandbox in the caller's namespace, labelled and leased (no Ray job)."""
+        if request is None:
+            request = CreateSandboxRequest(**spec)
+        elif spec:
+            request = request.model_copy(update=spec)
+        update: dict[str, Any] = {"labels": {**request.labels, GEM_LABEL[0]: GEM_LABEL[1]}}
+        if request.lease_seconds is None:
+            update["lease_seconds"] = self._lease_seconds()
+        request = CreateSandboxRequest.model_validate({**request.model_dump(), **update})
+        record: SandboxRecord = await self._call(None, "create", request, self.caller)
+        return record
+
+    async def delete_by_token(self, client_token: str) -> None:
+        """Delete the caller's sandbox made with ``client_token``."""
+        await self._call(None, "delete_by_token", client_token, self.caller)
+
+
+@dataclass
+class _Instance:
+    id: str
+    namespace: str
+    env_id: str
+    env: AsyncEnv[Any, Any]
+    last_used: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (numpy arrays and scalars, tuples, models, bytes)."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
+class EnvTable:
+    """The platform's GEM env instances (a detached actor; see the module docstring).
+
+    Each method takes the caller (a :class:`~rock_serve.auth.Principal`); one instance's calls
+    run one at a time, different instances' concurrently.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        idle_ttl_seconds: float = IDLE_TTL_SECONDS,
+        reap_interval_seconds: float = REAP_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Serve the platform whose actors live in Ray namespace ``namespace``."""
+        self.namespace = namespace
+        self.idle_ttl_seconds = idle_ttl_seconds
+        self.reap_interval_seconds = reap_interval_seconds
+        self._clock = clock
+        self._instances: dict[str, _Instance] = {}
+        self._clients: dict[str, AsyncRayClient] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ routes
+
+    async def make(self, caller: Principal, req: GemMakeRequest) -> GemMakeResponse:
+        """Make an instance of a registered env in the caller's namespace.
+
+        Raises:
+            EnvNotFound: Unknown env id (404).
+            InvalidRequest: Keyword arguments the env does not take, or bad values (400).
+            RateLimited: The table is full (429).
+        """
+        self._start()
+        if "client" in req.env_kwargs:
+            raise InvalidRequest("'client' cannot be given over HTTP: the platform sets it")
+        if len(self._instances) >= MAX_INSTANCES:
+            raise RateLimited(f"{len(self._instances)} env instances are open", retry_after=5)
+        mine = sum(1 for i in self._instances.values() if i.namespace == caller.namespace)
+        if mine >= MAX_INSTANCES_PER_NAMESPACE:
+            raise RateLimited(
+                f"namespace {caller.namespace!r} has {mine} env instances open; close some",
+                retry_after=5,
+            )
+        client = await self._client(caller.namespace)
+        try:
+            env = make_async(req.env_id, client=client, **req.env_kwargs)
+        except RockError:
+            raise
+        except (TypeError, ValueError) as exc:  # an env's own check of its arguments
+            raise InvalidRequest(f"{req.env_id}: {exc}") from None
+        instance_id = f"gem-{secrets.token_hex(16)}"
+        self._instances[instance_id] = _Instance(
+            id=instance_id,
+            namespace=caller.namespace,
+            env_id=req.env_id,
+            env=env,
+            last_used=self._clock(),
+        )
+        log.info("gem: made %s (%s) for namespace %s", instance_id, req.env_id, caller.namespace)
+        return GemMakeResponse(sandbox_id=instance_id)
+
+    async def reset(self, caller: Principal, req: GemResetRequest) -> GemResetResponse:
+        """Start an episode (the first one creates the instance's sandbox).
+
+        Raises:
+            NotFound: Unknown instance, or one of another namespace (404).
+        """
+        instance = self._get(caller, req.sandbox_id)
+        async with self._using(instance):
+            obs, info = await instance.env.reset(seed=req.seed, options=req.options)
+        return GemResetResponse(observation=_jsonable(obs), info=_jsonable(info))
+
+    async def step(self, caller: Principal, req: GemStepRequest) -> GemStepResponse:
+        """Apply an action.
+
+        Raises:
+            NotFound: Unknown instance (404).
+            ResetNeeded: Before the first reset, or after the episode ended (409).
+            InvalidAction: The action is not in the env's action space (400).
+        """
+        instance = self._get(caller, req.sandbox_id)
+        async with self._using(instance):
+            obs, reward, terminated, truncated, info = await instance.env.step(req.action)
+        return GemStepResponse(
+            observation=_jsonable(obs),
+            reward=float(reward),
+            terminated=bool(terminated),
+            truncated=bool(truncated),
+            info=_jsonable(info),
+        )
+
+    async def close(self, caller: Principal, req: GemCloseRequest) -> GemCloseResponse:
+        """Close an instance and delete its sandbox.
+
+        Raises:
+            NotFound: Unknown (or already closed) instance (404).
+        """
+        instance = self._get(caller, req.sandbox_id)
+        async with instance.lock:  # let a running step finish first
+            if self._instances.pop(instance.id, None) is None:
+                raise NotFound(f"no env instance {req.sandbox_id!r}")
+            await self._close(instance, "closed")
+        return GemCloseResponse(sandbox_id=instance.id)
+
+    async def list_ids(self, caller: Principal, req: GemListRequest) -> GemListResponse:
+        """The env ids ``make`` accepts.
+
+        Raises:
+            NotFound: ``sandbox_id`` is given and names no instance of the caller (404).
+        """
+        if req.sandbox_id is not None:
+            self._get(caller, req.sandbox_id)
+        return GemListResponse(env_id=[s.id for s in list_envs()])
+
+    # ------------------------------------------------------------------ operations
+
+    async def configure(
+        self, idle_ttl_seconds: float | None = None, reap_interval_seconds: float | None = None
+    ) -> None:
+        """Change the idle TTL and the reap interval (applies to open instances too)."""
+        if idle_ttl_seconds is not None:
+            self.idle_ttl_seconds = float(idle_ttl_seconds)
+        if reap_interval_seconds is not None:
+            self.reap_interval_seconds = float(reap_interval_seconds)
+        self._start()
+        self._wake.set()
+
+    async def instances(self) -> dict[str, int]:
+        """How many instances each namespace has open."""
+        counts: dict[str, int] = {}
+        for instance in self._instances.values():
+            counts[instance.namespace] = counts.get(instance.namespace, 0) + 1
+        return counts
+
+    async def reap(self) -> list[str]:
+        """Close every instance unused for ``idle_ttl_seconds``; returns their ids."""
+        deadline = self._clock() - self.idle_ttl_seconds
+        idle = [
+            i for i in self._instances.values() if i.last_used <= deadline and not i.lock.locked()
+        ]
+        for instance in idle:
+            if self._instances.get(instance.id) is instance:
+                del self._instances[instance.id]
+                await self._close(instance, "idle")
+        return [i.id for i in idle]
+
+    # ------------------------------------------------------------------ internals
+
+    def _get(self, caller: Principal, instance_id: str) -> _Instance:
+        instance = self._instances.get(instance_id)
+        if instance is None or not caller.may_see(instance.namespace):
+            raise NotFound(f"no env instance {instance_id!r} (closed, reaped or never made)")
+        return instance
+
+    @contextlib.asynccontextmanager
+    async def _using(self, instance: _Instance) -> Any:
+        async with instance.lock:
+            if self._instances.get(instance.id) is not instance:  # closed while we waited
+                raise NotFound(f"no env instance {instance.id!r} (closed)")
+            instance.last_used = self._clock()
+            try:
+                yield
+            finally:
+                instance.last_used = self._clock()
+
+    async def _close(self, instance: _Instance, why: str) -> None:
+        try:
+            await instance.env.close()
+        except Exception:
+            # The sandbox's lease ends it if this delete was lost.
+            log.warning("gem: closing %s (%s) failed", instance.id, why, exc_info=True)
+        log.info("gem: %s %s (%s)", why, instance.id, instance.env_id)
+
+    async def _client(self, caller: str) -> AsyncRayClient:
+        client = self._clients.get(caller)
+        if client is None:
+            # Looking the Scheduler actor up by name blocks: keep it off the event loop.
+            client = await run_sync(_CallerClient, self.namespace, caller, self._lease)
+            self._clients[caller] = client
+        return client
+
+    def _lease(self) -> float:
+        return self.idle_ttl_seconds + LEASE_MARGIN_SECONDS
+
+    def _start(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def _reap_loop(self) -> None:
+        while True:
+            self._wake = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                interval = min(self.reap_interval_seconds, max(self.idle_ttl_seconds / 4, 0.05))
+                await asyncio.wait_for(self._wake.wait(), interval)
+            try:
+                await self.reap()
+            except Exception:
+                log.exception("gem: reaping idle env instances failed")
+
+
+# ----------------------------------------------------------------------------- Ray wiring
+
+
+def get_or_create_env_table(namespace: str) -> ActorHandle:
+    """The platform's detached :class:`EnvTable` actor (created on first use); blocks."""
+    cls = ray.remote(EnvTable)
+    return cls.options(
+        name=ENV_TABLE_NAME,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_concurrency=1000,
+        max_restarts=-1,
+        max_task_retries=0,
+        # On the head node, as the Scheduler: it outlives every other node.
+        resources={_HEAD_RESOURCE: 0.001},
+    ).remote(namespace)
+
+
+#: Per-replica state: the platform namespace (set by :func:`bind`) and the table's handle.
+_PLATFORM: dict[str, Any] = {}
+
+
+def bind(namespace: str) -> None:
+    """Tell this process's GEM routes which platform they serve (from ``Admin.__init__``)."""
+    if _PLATFORM.get("namespace") != namespace:
+        _PLATFORM.clear()
+        _PLATFORM["namespace"] = namespace
+
+
+async def env_table() -> ActorHandle:
+    """The env table of the bound platform (looked up or created once per replica).
+
+    Raises:
+        RuntimeUnavailable: :func:`bind` was not called.
+    """
+    actor = _PLATFORM.get("table")
+    if actor is None:
+        namespace = _PLATFORM.get("namespace")
+        if namespace is None:
+            raise RuntimeUnavailable("the GEM routes are not bound to a platform")
+        actor = await run_sync(get_or_create_env_table, namespace)
+        _PLATFORM["table"] = actor
+    return actor
+
+
+Table = Annotated[ActorHandle, Depends(env_table)]
+
+
+async def _call(table: ActorHandle, method: str, caller: Principal, body: BaseModel) -> Any:
+    try:
+        return await call(table, method, caller, body)
+    except RuntimeUnavailable:
+        _PLATFORM.pop("table", None)  # a killed table: look it up (or make it) again next time
+        raise
+
+
+@router.post("/make", response_model=GemMakeResponse)
+async def gem_make(req: GemMakeRequest, caller: Auth, table: Table) -> GemMakeResponse:
+    """Make an env instance (ROCK's ``make``; ``kwargs`` reach the env).
+
+    Returns ``{"sandbox_id": <instance id>}``; the instance's sandbox is created at its first
+    reset. Unknown env id: 404; keyword arguments the env does not take: 400.
+    """
+    result: GemMakeResponse = await _call(table, "make", caller, req)
+    return result
+
+
+@router.post("/reset", response_model=GemResetResponse)
+async def gem_reset(req: GemResetRequest, caller: Auth, table: Table) -> GemResetResponse:
+    """Start an episode: ``{"observation", "info"}``. Unknown instance: 404."""
+    result: GemResetResponse = await _call(table, "reset", caller, req)
+    return result
+
+
+@router.post("/step", response_model=GemStepResponse)
+async def gem_step(req: GemStepRequest, caller: Auth, table: Table) -> GemStepResponse:
+    """Apply an action: ``{"observation", "reward", "terminated", "truncated", "info"}``.
+
+    Before the first reset or after the episode ended: 409; an action outside the action
+    space: 400; unknown instance: 404.
+    """
+    result: GemStepResponse = await _call(table, "step", caller, req)
+    return result
+
+
+@router.post("/close", response_model=GemCloseResponse)
+async def gem_close(req: GemCloseRequest, caller: Auth, table: Table) -> GemCloseResponse:
+    """Close an instance and delete its sandbox: ``{"sandbox_id"}``. Unknown instance: 404."""
+    result: GemCloseResponse = await _call(table, "close", caller, req)
+    return result
+
+
+@router.post("/list", response_model=GemListResponse)
+async def gem_list(req: GemListRequest, caller: Auth, table: Table) -> GemListResponse:
+    """The env ids ``make`` accepts: ``{"env_id": [...]}``."""
+    result: GemListResponse = await _call(table, "list_ids", caller, req)
+    return result

@@ -1,0 +1,158 @@
+"""SandboxFusion's POST /run_code on the Admin, through HTTP, on the session's platform.
+
+Every request runs in a fresh sandbox that is deleted afterwards: each test checks the platform
+is empty again (GET /v1/sandboxes). The bodies are the ones verl's code-reward path sends
+(``verl/utils/reward_score/sandbox_fusion/utils.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def _verl_body(code: str, language: str = "python", **extra) -> dict:
+    """The payload verl's call_sandbox_api posts."""
+    body = {
+        "compile_timeout": 10,
+        "run_timeout": 10,
+        "code": code,
+        "stdin": None,
+        "memory_limit_MB": 1024,
+        "language": language,
+        "files": {},
+        "fetch_files": [],
+    }
+    body.update(extra)
+    return body
+
+
+def _run(api: httpx.Client, body: dict) -> dict:
+    reply = api.post("/run_code", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def _sandboxes(api: httpx.Client) -> list[str]:
+    return [item["id"] for item in api.get("/v1/sandboxes").json()["items"]]
+
+
+def test_python_ok_with_stdin_and_files(api):
+    code = (
+        "import sys, json\n"
+        "data = json.load(open('input/data.json'))\n"
+        "line = sys.stdin.readline().strip()\n"
+        "print(data['a'] + int(line))\n"
+        "open('out.txt', 'w').write('written')\n"
+    )
+    body = _verl_body(
+        code,
+        stdin="41\n",
+        files={"input/data.json": base64.b64encode(b'{"a": 1}').decode()},
+        fetch_files=["out.txt", "missing.txt"],
+    )
+    out = _run(api, body)
+    assert out["status"] == "Success", out
+    assert out["message"] == ""
+    assert out["compile_result"] is None
+    run = out["run_result"]
+    assert (run["status"], run["return_code"], run["stdout"], run["stderr"]) == (
+        "Finished",
+        0,
+        "42\n",
+        "",
+    )
+    assert run["execution_time"] > 0
+    assert out["files"] == {"out.txt": base64.b64encode(b"written").decode()}
+    assert out["executor_pod_name"].startswith("sb-")
+    assert _sandboxes(api) == []
+
+
+def test_python_error_is_failed_with_its_traceback(api):
+    out = _run(api, _verl_body("print('before')\nraise ValueError('boom')\n"))
+    assert out["status"] == "Failed"
+    run = out["run_result"]
+    assert (run["status"], run["return_code"], run["stdout"]) == ("Finished", 1, "before\n")
+    assert "ValueError: boom" in run["stderr"]
+    assert _sandboxes(api) == []
+
+
+def test_timeout_is_time_limit_exceeded(api):
+    started = time.monotonic()
+    out = _run(
+        api,
+        _verl_body("import time\nprint('start', flush=True)\ntime.sleep(30)\n", run_timeout=1),
+    )
+    assert time.monotonic() - started < 15
+    assert out["status"] == "Failed"
+    run = out["run_result"]
+    assert run["status"] == "TimeLimitExceeded"
+    assert run["return_code"] is None
+    assert run["stdout"] == "start\n"
+    assert 0.9 <= run["execution_time"] < 10
+    assert _sandboxes(api) == []
+
+
+def test_bash_and_its_exit_code(api):
+    out = _run(api, _verl_body("echo $((20 + 22))\nexit 3\n", language="bash"))
+    assert out["status"] == "Failed"
+    assert (out["run_result"]["stdout"], out["run_result"]["return_code"]) == ("42\n", 3)
+    out = _run(api, _verl_body("cat", language="bash", stdin="piped"))
+    assert out["status"] == "Success" and out["run_result"]["stdout"] == "piped"
+    assert _sandboxes(api) == []
+
+
+@pytest.mark.parametrize("language", ["cpp", "nodejs", "cobol"])
+def test_unsupported_language_is_a_sandbox_error(api, language):
+    out = _run(api, _verl_body("int main() {}", language=language))
+    assert out["status"] == "SandboxError"
+    assert language in out["message"] and "python" in out["message"]
+    assert out["run_result"] is None
+    assert _sandboxes(api) == []
+
+
+def test_bad_input(api):
+    # Missing fields are a validation error (our error body), as FastAPI refuses them upstream.
+    reply = api.post("/run_code", json={"language": "python"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "invalid_request"
+    # Bad base64 or an escaping path is a SandboxError reply; no sandbox is made.
+    out = _run(api, _verl_body("print(1)", files={"x": "***not base64***"}))
+    assert out["status"] == "SandboxError"
+    out = _run(api, _verl_body("print(1)", fetch_files=["../../etc/passwd"]))
+    assert out["status"] == "SandboxError"
+    assert _sandboxes(api) == []
+
+
+def test_concurrent_requests_leave_nothing(api, platform):
+    code = "import sys\nprint(sum(range(int(sys.stdin.read()))))\n"
+
+    def one(n: int) -> dict:
+        with platform.client() as client:
+            return _run(client, _verl_body(code, stdin=str(n)))
+
+    with ThreadPoolExecutor(4) as pool:  # the platform's capacity: never more at once
+        results = list(pool.map(one, range(1, 9)))
+    assert [r["run_result"]["stdout"] for r in results] == [
+        f"{sum(range(n))}\n" for n in range(1, 9)
+    ]
+    assert _sandboxes(api) == []
+
+
+def test_a_client_that_goes_away_leaves_no_sandbox(api, platform):
+    body = _verl_body("import time\ntime.sleep(120)\n", run_timeout=120)
+    with httpx.Client(base_url=platform.url, timeout=httpx.Timeout(2.0)) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/run_code", json=body)
+    # The request is cancelled when its client goes away; the sandbox goes with it (long
+    # before the run's own timeout or the sandbox's TTL).
+    deadline = time.monotonic() + 20
+    while _sandboxes(api) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _sandboxes(api) == []
