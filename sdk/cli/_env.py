@@ -278,7 +278,7 @@ def make(
             try:
                 obs, info = env.reset(seed=seed)
             finally:
-                env.close()
+                env.close()  # type: ignore[no-untyped-call, unused-ignore]  # gymnasium 1.2
     except RockError as exc:
         raise _fail(exc) from None
     finally:
