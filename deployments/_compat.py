@@ -14,10 +14,13 @@ dependencies of its own but the platform client, so an app-wide auth dependency 
 
 # No "from __future__ import annotations": FastAPI reads these annotations at include time.
 
+import functools
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from rock_serve.deployments._auth import Auth
+from rock_serve.deployments.client import AsyncRayClient
 from rock_serve.envs.integrations import RunCodeRequest, RunCodeResponse, run_code
 from rock_serve.errors import RuntimeUnavailable
 from rock_serve.runtime._sync import run_sync
@@ -38,20 +41,24 @@ def bind(namespace: str) -> None:
         _PLATFORM["namespace"] = namespace
 
 
-async def platform_client() -> AsyncClient:
-    """The Ray-transport SDK client of the bound platform (made once per replica).
+async def platform_client(principal: Auth) -> AsyncClient:
+    """The Ray-transport SDK client of the bound platform for the caller's namespace (one per
+    namespace per replica), so its sandboxes count against the caller's quota.
 
     Raises:
         RuntimeUnavailable: :func:`bind` was not called, or the platform is not up.
     """
-    client: AsyncClient | None = _PLATFORM.get("client")
+    key = f"client:{principal.namespace}"
+    client: AsyncClient | None = _PLATFORM.get(key)
     if client is None:
         namespace = _PLATFORM.get("namespace")
         if namespace is None:
             raise RuntimeUnavailable("the compat routes are not bound to a platform")
         # Looking the Scheduler actor up by name blocks: keep it off the event loop.
-        client = await run_sync(AsyncClient.from_ray, namespace)
-        _PLATFORM["client"] = client
+        client = await run_sync(
+            functools.partial(AsyncRayClient, namespace, tenant=principal.namespace)
+        )
+        _PLATFORM[key] = client
     return client
 
 

@@ -501,11 +501,9 @@ class Admin:
         """Sandboxes matching every filter, newest first (admins: every namespace's)."""
         only = NamespaceGuard.check_namespace_filter(principal, namespace)
         labels = _parse_labels(label or [])
-        result: SandboxList = await call(self._scheduler, "list", owner, state, labels)
+        result: SandboxList = await call(self._scheduler, "list", owner, state, labels, only)
         for record in result.items:
             self._guard.remember(record.id, record.namespace)
-        if only is not None:
-            result = SandboxList(items=[r for r in result.items if r.namespace == only])
         return result
 
     @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxRecord, responses=_ERRORS)

@@ -111,14 +111,25 @@ class AsyncRayClient(AsyncClient):
     """
 
     def __init__(
-        self, namespace: str = DEFAULT_NAMESPACE, *, retry: _base.RetryPolicy | None = None
+        self,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        retry: _base.RetryPolicy | None = None,
+        tenant: str = "default",
     ) -> None:
         """Connect to the platform whose actors live in Ray namespace ``namespace``.
+
+        Args:
+            namespace: The platform's Ray namespace.
+            retry: Retry policy.
+            tenant: The platform namespace (auth tenant) its sandboxes are created in. The
+                Ray transport is trusted in-cluster code: it carries no token.
 
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
         self.namespace = namespace
+        self.tenant = tenant
         self.settings = _base.ClientSettings()
         self.retry = retry if retry is not None else _base.RetryPolicy()
         self._scheduler: ActorHandle = get_scheduler(namespace)
@@ -169,12 +180,12 @@ class AsyncRayClient(AsyncClient):
             request = request.model_copy(update=spec)
         if request.ray_job_id is None:
             request = request.model_copy(update={"ray_job_id": current_job_id()})
-        record: SandboxRecord = await self._call(None, "create", request)
+        record: SandboxRecord = await self._call(None, "create", request, self.tenant)
         return record
 
     async def delete_by_token(self, client_token: str) -> None:
         """Delete the sandbox a create with ``client_token`` made (see ``AsyncClient``)."""
-        await self._call(None, "delete_by_token", client_token)
+        await self._call(None, "delete_by_token", client_token, self.tenant)
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease."""

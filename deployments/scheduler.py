@@ -554,6 +554,7 @@ class Scheduler:
         owner: str | None = None,
         state: SandboxState | None = None,
         labels: dict[str, str] | None = None,
+        namespace: str | None = None,
     ) -> SandboxList:
         """Sandboxes matching every given filter, newest first."""
         await self.ready()
@@ -563,6 +564,7 @@ class Scheduler:
             for r in self._records.values()
             if self._live(r, now)
             and (owner is None or r.owner == owner)
+            and (namespace is None or r.namespace == namespace)
             and (state is None or r.state == state)
             and all(r.labels.get(k) == v for k, v in (labels or {}).items())
         ]
