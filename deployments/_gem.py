@@ -101,17 +101,20 @@ router = APIRouter(prefix=GEM_PREFIX, tags=["gem"])
 
 
 class _CallerClient(AsyncRayClient):
-    """The Ray-transport client, creating sandboxes in the caller's namespace with a lease."""
+    """The Ray-transport client of one caller namespace (its ``tenant``), whose sandboxes are
+    labelled, leased, and owned by no Ray job.
+    """
 
     def __init__(self, platform: str, caller: str, lease_seconds: Callable[[], float]) -> None:
-        super().__init__(platform)
-        self.caller = caller
+        super().__init__(platform, tenant=caller)
         self._lease_seconds = lease_seconds
 
     async def create_sandbox(
         self, request: CreateSandboxRequest | None = None, /, **spec: Any
     ) -> SandboxRecord:
-        """Create a sandbox in the caller's namespace, labelled and leased (no Ray job)."""
+        """Create a sandbox in the caller's namespace, labelled and leased (no Ray job: the
+        table outlives whichever job created it).
+        """
         if request is None:
             request = CreateSandboxRequest(**spec)
         elif spec:
@@ -120,12 +123,8 @@ class _CallerClient(AsyncRayClient):
         if request.lease_seconds is None:
             update["lease_seconds"] = self._lease_seconds()
         request = CreateSandboxRequest.model_validate({**request.model_dump(), **update})
-        record: SandboxRecord = await self._call(None, "create", request, self.caller)
+        record: SandboxRecord = await self._call(None, "create", request, self.tenant)
         return record
-
-    async def delete_by_token(self, client_token: str) -> None:
-        """Delete the caller's sandbox made with ``client_token``."""
-        await self._call(None, "delete_by_token", client_token, self.caller)
 
 
 @dataclass

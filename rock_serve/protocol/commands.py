@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -18,9 +18,8 @@ SESSION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 class ExecRequest(WireModel):
     """Run one command to completion in a fresh process."""
 
-    command: str | list[str] = Field(
-        description="A shell string (run with bash -c) or an argv list (run directly).",
-        min_length=1,
+    command: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] = (
+        Field(description="A shell string (run with bash -c) or an argv list (run directly).")
     )
     shell: bool | None = Field(
         default=None,
