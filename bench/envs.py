@@ -26,18 +26,15 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import gymnasium
-import httpx
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import _harness as harness  # noqa: E402
 
 import rock_serve.envs as envs  # noqa: E402
 from rock_serve.sdk import AsyncClient, Client  # noqa: E402
@@ -45,74 +42,21 @@ from rock_serve.sdk import AsyncClient, Client  # noqa: E402
 NAMESPACE = "rock-bench-envs"
 ENV_ID = "rock/Terminal-v0"
 ACTION = "echo hi"
-#: The Admin's ``max_ongoing_requests`` in serve_config.yaml.
-MAX_ONGOING = 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
 
 
 @contextlib.contextmanager
 def platform(capacity: int, runtime: str):
-    """Ray (local, own temp dir) + Serve + the app; yields the URL; stops only what it started."""
-    import ray
-    from ray import serve
-
-    from rock_serve.config import parse_server_args
-    from rock_serve.deployments.admin import Admin
-
-    temp = tempfile.mkdtemp(prefix="rsbe-", dir="/tmp")
-    state = tempfile.mkdtemp(prefix="rock-bench-envs-state-")
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        rt: dict[str, Any] = {"type": runtime, "state_dir": state}
-        if runtime == "bwrap":
-            rt["cgroup_parent"] = "rock-serve-bench"
-        args = {
-            "runtime": rt,
-            "namespace": NAMESPACE,
-            "max_sandboxes_per_node": capacity,
-            "default_ttl_seconds": 1800,
-            "reap_interval_seconds": 1.0,
-        }
-        # As serve_config.yaml deploys it (Serve's default of 5 ongoing requests per replica
-        # would queue a 64-env vector behind the proxy).
-        admin: Any = Admin
-        app = admin.options(max_ongoing_requests=MAX_ONGOING).bind(
-            parse_server_args(args).model_dump(mode="json")
-        )
-        serve.run(app, name="rock", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/health", timeout=5).json().get("status") == "ok":
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the platform did not become healthy")
-            time.sleep(0.2)
-        yield url
-        with Client(url) as client:
-            for record in client.list_sandboxes():
-                client.delete_sandbox(record.id)
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
+    """The platform (see bench/_harness.py) with room for ``capacity`` sandboxes; its URL."""
+    args = {
+        "runtime": runtime,
+        "namespace": NAMESPACE,
+        "max_sandboxes_per_node": capacity,
+        "default_ttl_seconds": 1800,
+        "reap_interval_seconds": 1.0,
+        "auth": {"mode": "disabled"},
+    }
+    with harness.platform({"/": args}) as urls:
+        yield urls["/"]
 
 
 async def reset_latency(client: AsyncClient, n: int) -> dict[str, tuple[float, float]]:
@@ -132,8 +76,8 @@ async def reset_latency(client: AsyncClient, n: int) -> dict[str, tuple[float, f
             first.append((t1 - t) * 1000)
             again.append((t3 - t2) * 1000)
     return {
-        "reset, new sandbox (create + setup)": (pct(first, 50), pct(first, 99)),
-        "reset, sandbox reused": (pct(again, 50), pct(again, 99)),
+        "reset, new sandbox (create + setup)": (harness.pct(first, 50), harness.pct(first, 99)),
+        "reset, sandbox reused": (harness.pct(again, 50), harness.pct(again, 99)),
     }
 
 

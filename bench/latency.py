@@ -19,42 +19,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import tempfile
 import time
+from typing import Any
 
+import _harness as harness
 import httpx
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _p(samples: list[float], q: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))] * 1000
+    return harness.pct(samples, q * 100) * 1000
 
 
-def start(runtime: str) -> str:
-    import ray
+def add_ping_app(serve: Any) -> None:
+    """The floor: a one-route FastAPI app under /bare."""
     from fastapi import FastAPI
-    from ray import serve
 
-    from rock_serve.deployments.app import build_app
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rsbench-", dir="/tmp"),
-        log_to_driver=False,
-    )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     ping_app = FastAPI()
 
     @ping_app.get("/ping")
@@ -66,23 +45,7 @@ def start(runtime: str) -> str:
     class Ping:
         pass
 
-    serve.run(Ping.bind(), name="ping", route_prefix="/bare")  # type: ignore[attr-defined]
-    rt: dict[str, object] = {"type": runtime, "state_dir": tempfile.mkdtemp(prefix="rsb-")}
-    if runtime == "bwrap":
-        rt["cgroup_parent"] = "rock-serve-bench"
-    args = {"runtime": rt, "namespace": "rock-bench", "auth": {"mode": "disabled"}}
-    serve.run(build_app(args), name="rock", route_prefix="/")
-    warm = {**args, "namespace": "rock-bench-warm", "warm_pool_size": 4}
-    serve.run(build_app(warm), name="warm", route_prefix="/warm")
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=5).json().get("status") == "ok":
-                return url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the platform did not become healthy")
+    serve.run(Ping.bind(), name="ping", route_prefix="/bare")
 
 
 async def measure(url: str, n: int) -> dict[str, list[float]]:
@@ -158,8 +121,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--runtime", default="local", choices=["local", "bwrap"])
     opts = parser.parse_args()
-    url = start(opts.runtime)
-    results = asyncio.run(measure(url, opts.n))
+    base = {"runtime": opts.runtime, "auth": {"mode": "disabled"}}
+    apps = {
+        "/": {**base, "namespace": "rock-bench"},
+        "/warm": {**base, "namespace": "rock-bench-warm", "warm_pool_size": 4},
+    }
+    with harness.platform(apps, extra=add_ping_app) as urls:
+        results = asyncio.run(measure(urls["/"], opts.n))
+    report(results, opts)
+
+
+def report(results: dict[str, list[float]], opts: argparse.Namespace) -> None:
     print(f"\n{'what':36} {'p50 ms':>8} {'p99 ms':>8}   (n={opts.n}, {opts.runtime} runtime)")
     for name, samples in results.items():
         print(f"{name:36} {_p(samples, 0.5):8.2f} {_p(samples, 0.99):8.2f}")
@@ -171,12 +143,6 @@ def main() -> None:
         f"\nHTTP echo - bare ping: {http - floor:+.2f} ms (target <= +3 ms); "
         f"Ray echo p50 {_p(results['in-session echo over Ray'], 0.5):.2f} ms (target <= 3 ms)"
     )
-
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 if __name__ == "__main__":

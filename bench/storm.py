@@ -18,66 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
 import tempfile
 import time
 from collections import Counter
 
+import _harness as harness
 import httpx
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(samples: list[float], q: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))] * 1000 if samples else 0
-
-
-def start_platform(runtime: str, capacity: int, state_dir: str) -> str:
-    import ray
-    from ray import serve
-
-    from rock_serve.deployments.app import build_app
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rsstorm-", dir="/tmp"),
-        log_to_driver=False,
-    )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    rt: dict[str, object] = {"type": runtime, "state_dir": state_dir}
-    if runtime == "bwrap":
-        rt["cgroup_parent"] = "rock-serve-bench"
-    args = {
-        "runtime": rt,
-        "namespace": "rock-bench-storm",
-        "max_sandboxes_per_node": capacity,
-        "default_ttl_seconds": 600,
-        "default_lease_seconds": 600,
-        "reap_interval_seconds": 1,
-        "auth": {"mode": "disabled"},
-    }
-    serve.run(build_app(args), name="rock", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=5).json().get("status") == "ok":
-                return url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the platform did not become healthy")
+    return harness.pct(samples, q * 100) * 1000
 
 
 async def raw_storm(url: str, n: int) -> None:
@@ -158,9 +109,7 @@ async def sdk_storm(url: str, n: int) -> None:
 def leftovers(runtime: str, state_dir: str) -> int:
     from rock_serve.config import parse_runtime_config
 
-    cfg: dict[str, object] = {"type": runtime, "state_dir": state_dir}
-    if runtime == "bwrap":
-        cfg["cgroup_parent"] = "rock-serve-bench"
+    cfg = harness.runtime_config(runtime, state_dir)
 
     async def count() -> int:
         rt = parse_runtime_config(cfg).build()
@@ -180,24 +129,28 @@ def main() -> None:
     parser.add_argument("--skip-sdk", action="store_true")
     opts = parser.parse_args()
     state_dir = tempfile.mkdtemp(prefix="rock-storm-")
-    url = start_platform(opts.runtime, opts.capacity, state_dir)
-    print(f"platform: {opts.runtime} runtime, capacity {opts.capacity}/node, 1 node, {url}")
-    print("peer: none runnable here; ROCK's published claim: 1k concurrent creates p50 4.9 s")
-    asyncio.run(raw_storm(url, opts.n))
-    if not opts.skip_sdk:
-        asyncio.run(sdk_storm(url, opts.n))
-    deadline = time.monotonic() + 60
-    left = leftovers(opts.runtime, state_dir)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
+    args = {
+        "runtime": harness.runtime_config(opts.runtime, state_dir),
+        "namespace": "rock-bench-storm",
+        "max_sandboxes_per_node": opts.capacity,
+        "default_ttl_seconds": 600,
+        "default_lease_seconds": 600,
+        "reap_interval_seconds": 1,
+        "auth": {"mode": "disabled"},
+    }
+    with harness.platform({"/": args}) as urls:
+        url = urls["/"]
+        print(f"platform: {opts.runtime} runtime, capacity {opts.capacity}/node, 1 node, {url}")
+        print("peer: none runnable here; ROCK's published claim: 1k concurrent creates p50 4.9 s")
+        asyncio.run(raw_storm(url, opts.n))
+        if not opts.skip_sdk:
+            asyncio.run(sdk_storm(url, opts.n))
+        deadline = time.monotonic() + 60
         left = leftovers(opts.runtime, state_dir)
-    print(f"\norphans in the runtime at the end: {left}")
-
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = leftovers(opts.runtime, state_dir)
+        print(f"\norphans in the runtime at the end: {left}")
 
 
 if __name__ == "__main__":
