@@ -21,7 +21,7 @@ import httpx
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 #: The Admin's ``max_ongoing_requests`` in serve_config.yaml.
-MAX_ONGOING = 200
+MAX_ONGOING = 1000
 
 
 def free_port() -> int:

@@ -352,7 +352,7 @@ async def _pty_input(ws: WebSocket, worker: ActorHandle, pty_id: str) -> None:
 # ----------------------------------------------------------------------------- deployment
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Admin:
     """REST v1: validation, error mapping and routing; no state of its own."""
