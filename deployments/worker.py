@@ -744,7 +744,7 @@ class Worker:
         if upload.size > self.args.max_file_bytes:
             await self._abort_upload(upload_id)
             raise InvalidRequest(f"body is over the {self.args.max_file_bytes}-byte limit")
-        self._touch(self._box(upload.sandbox_id), self._clock())
+        self._box(upload.sandbox_id)  # renews the lease (and fails if the sandbox is gone)
         put = asyncio.ensure_future(upload.queue.put(data))
         await asyncio.wait({put, upload.task}, return_when=asyncio.FIRST_COMPLETED)
         if not put.done():  # the write failed while we waited: report its error
