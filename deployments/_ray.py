@@ -272,7 +272,7 @@ def pin_replica_grpc() -> None:
     original = getattr(replica, "add_port_to_grpc_server", None)
     if original is None or getattr(original, "_rock_pinned", False):
         return
-    node_ip = ray.util.get_node_ip_address()
+    node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
     host = f"[{node_ip}]" if ":" in node_ip else node_ip
 
     def pinned(server: Any, address: str) -> Any:
@@ -281,7 +281,7 @@ def pin_replica_grpc() -> None:
         return original(server, address)
 
     pinned._rock_pinned = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = pinned
+    setattr(replica, "add_port_to_grpc_server", pinned)  # noqa: B010 (not an export)
 
 
 def put(value: Any) -> Any:
