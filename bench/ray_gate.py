@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
     from rock_serve.auth import generate_token, hash_token
 
     token = generate_token()
+    os.environ["ROCK_TOKEN"] = token  # the harness's clean-up lists and deletes over HTTP
     audit = Path(tempfile.mkdtemp(prefix="rock-bench-audit-")) / "audit.jsonl"
     args = {
         "runtime": opts.runtime,
