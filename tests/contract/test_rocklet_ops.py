@@ -16,6 +16,7 @@ from rock_serve.protocol import (
     SessionRunRequest,
     SessionRunResult,
 )
+from tests._wait import async_wait_until
 
 
 @pytest.fixture
@@ -31,6 +32,23 @@ async def sh(h):
 
 async def run(h, command, **kw):
     return await h.run_in_session(SessionRunRequest(command=command, **kw))
+
+
+_markers = iter(range(1_000_000))
+
+
+def started_marker():
+    """A fresh marker path: a command touches it first, the test waits for it to exist."""
+    return f"/tmp/.rock-test-started-{next(_markers)}"
+
+
+async def wait_started(h, marker):
+    """Wait until a command that touches ``marker`` first is running (no guessed sleep)."""
+
+    async def exists():
+        return (await h.exec(ExecRequest(command=f"test -e {marker}"))).exit_code == 0
+
+    await async_wait_until(exists, what=f"{marker} to exist")
 
 
 # ---------------------------------------------------------------- sessions
@@ -136,8 +154,9 @@ async def test_streaming_arrives_as_it_is_produced(sh):
 
 
 async def test_stdin_reaches_the_running_command(sh):
-    task = asyncio.ensure_future(run(sh, "read a; read b; echo got $a $b", timeout=10))
-    await asyncio.sleep(0.1)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"touch {marker}; read a; read b; echo got $a $b"))
+    await wait_started(sh, marker)
     await sh.session_stdin("default", b"one\n")
     await sh.session_stdin("default", b"two\n", eof=True)
     result = await task
@@ -146,20 +165,24 @@ async def test_stdin_reaches_the_running_command(sh):
 
 
 async def test_interrupt_stops_the_running_command(sh):
-    task = asyncio.ensure_future(run(sh, "sleep 30", timeout=60))
-    await asyncio.sleep(0.2)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"touch {marker}; sleep 30", timeout=60))
+    await wait_started(sh, marker)
     await sh.interrupt_session("default")
-    result = await asyncio.wait_for(task, 5)
+    result = await task
     assert result.exit_code == 130
     assert not result.timed_out
 
 
 async def test_second_command_in_a_busy_session_is_refused(sh):
-    task = asyncio.ensure_future(run(sh, "sleep 0.5"))
-    await asyncio.sleep(0.1)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"touch {marker}; sleep 30", timeout=60))
+    await wait_started(sh, marker)
     with pytest.raises(errors.SessionBusy):
         await run(sh, "echo no")
-    assert (await task).exit_code == 0
+    await sh.interrupt_session("default")
+    assert (await task).exit_code == 130
+    assert (await run(sh, "echo free")).output == "free\n"
 
 
 async def test_sessions_run_in_parallel(h):
@@ -338,17 +361,18 @@ async def test_stats_report_the_sandbox_view(h):
 
 
 async def test_a_cancelled_run_leaves_the_next_output_clean(sh):
-    task = asyncio.ensure_future(run(sh, "sleep 1; echo late", timeout=30))
-    await asyncio.sleep(0.2)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"touch {marker}; sleep 1; echo late", timeout=30))
+    await wait_started(sh, marker)
     task.cancel()
-    started = time.monotonic()
-    while True:
+
+    async def next_run():
         try:
-            result = await run(sh, "echo next")
-            break
+            return await run(sh, "echo next")
         except errors.SessionBusy:
-            assert time.monotonic() - started < 5, "the abandoned command must be stopped"
-            await asyncio.sleep(0.05)
+            return None  # the abandoned command is still being stopped
+
+    result = await async_wait_until(next_run, what="the abandoned command to be stopped")
     assert result.output == "next\n"
 
 
