@@ -96,7 +96,7 @@ async def rocklet_floor(clients: list[int], seconds: float) -> list[Row]:
             rows.append(
                 await drive(
                     "rocklet handle (floor)",
-                    [lambda h=h: h.run_in_session(req) for h in handles],
+                    [lambda h=h, req=req: h.run_in_session(req) for h in handles],
                     seconds,
                 )
             )
@@ -182,7 +182,7 @@ async def churn(url: str | None, loops: list[int], seconds: float) -> list[Row]:
         )
         async with client:
 
-            async def one() -> None:
+            async def one(client: AsyncClient = client) -> None:
                 record = await client.create_sandbox()
                 await client.exec(record.id, "echo hi")
                 await client.delete_sandbox(record.id)
