@@ -23,6 +23,7 @@ __all__ = [
     "NAME_PATTERN",
     "AuditConfig",
     "AuthConfig",
+    "BridgeNetworkConfig",
     "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
@@ -110,6 +111,42 @@ class LocalRuntimeConfig(_Config):
         return LocalRuntime(self)
 
 
+class BridgeNetworkConfig(_Config):
+    """The bridge a Worker sets up for networked sandboxes, and what they may reach."""
+
+    name: str = Field(
+        default="rock0",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$",
+        description="Bridge interface on the host; also prefixes the sandboxes' netns names.",
+    )
+    subnet: str = Field(
+        default="10.213.0.0/16",
+        description="IPv4 subnet of the bridge: its first address is the host's (the "
+        "gateway, unreachable from sandboxes), the others are leased to sandboxes.",
+    )
+    egress_allow: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0"],
+        description="The widest egress a sandbox may get, as cidr|host[:port] entries; a spec "
+        "without egress gets all of it, a spec's own entries must lie within it.",
+    )
+    egress_deny: list[str] = Field(
+        default_factory=lambda: ["169.254.0.0/16"],
+        description="Destinations no sandbox reaches, whatever it is allowed (default: "
+        "link-local, where cloud metadata services live). The host's own addresses and the "
+        "bridge's subnet are always denied.",
+    )
+    host_ports: list[int] = Field(
+        default_factory=list,
+        description="TCP ports of the host's bridge address that sandboxes may connect to "
+        "(e.g. a proxy); every other port and address of the host stays unreachable.",
+    )
+    isolate: bool = Field(
+        default=True,
+        description="Sandboxes cannot reach each other (isolated bridge ports); false lets "
+        "sandboxes on this bridge talk to each other.",
+    )
+
+
 class BwrapRuntimeConfig(_Config):
     """Bubblewrap sandboxes: namespaces, an overlayfs root per sandbox, cgroup limits."""
 
@@ -134,7 +171,12 @@ class BwrapRuntimeConfig(_Config):
     )
     allow_network: bool = Field(
         default=False,
-        description="Allow specs with network 'host'/'bridge' (both share the host network).",
+        description="Allow specs with network 'bridge': a network namespace of its own on "
+        "the bridge below (never the host's namespace; 'host' is always refused).",
+    )
+    bridge: BridgeNetworkConfig = Field(
+        default_factory=lambda: BridgeNetworkConfig(),
+        description="Bridge, NAT and egress policy of networked sandboxes (allow_network).",
     )
     hide_paths: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HIDE_PATHS),

@@ -46,6 +46,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -200,6 +201,7 @@ class BwrapRuntime(Runtime):
         if any(not c.startswith("CAP_") for c in config.capabilities):
             raise InvalidConfig("bwrap runtime: capabilities must be named like CAP_CHOWN")
         self.agent_dir = install_agent(os.path.join(self.state_dir, ".agent"))
+        self.net = for_runtime(config.bridge, self.state_dir) if config.allow_network else None
         self._hides: dict[str, list[_Hide]] = {}
         self._handles: dict[str, RockletHandle] = {}
 
@@ -282,6 +284,8 @@ class BwrapRuntime(Runtime):
                 hide.apply(upper)
             self._mount(path, lower)
             self._cgroup(sandbox_id).create(self._resources(spec))
+            if self.net is not None and spec.network != "none":
+                self.net.create(sandbox_id, spec.egress)
             meta = SandboxMeta(
                 id=sandbox_id,
                 runtime=self.name,
@@ -322,6 +326,8 @@ class BwrapRuntime(Runtime):
         cg = self._cgroup(sandbox_id)
         if cg.exists():
             cg.kill_all()
+        if self.net is not None:
+            self.net.remove(sandbox_id)
         if os.path.isdir(path):
             _unmount_all(path)
         if cg.exists():
@@ -362,6 +368,7 @@ class BwrapRuntime(Runtime):
         for cap in cfg.capabilities:
             args += ["--cap-add", cap]
         args += ["--", *agent_argv(cfg.python, AGENT_MOUNT, "--root", "/")]
+        args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
         return ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", *cg.procs_files, "--", *args]
 
     # ------------------------------------------------------------------ Runtime API
@@ -369,10 +376,7 @@ class BwrapRuntime(Runtime):
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> SandboxInfo:
         """Make the overlay root, the cgroup with its limits and the record; nothing runs yet."""
         check_id(sandbox_id)
-        if spec.network != "none" and not self.config.allow_network:
-            raise InvalidConfig(
-                f"network {spec.network!r} is not allowed by this runtime (allow_network=false)"
-            )
+        check_network(spec.network, spec.egress, self.net)
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         lower = self._lower(spec)
@@ -390,6 +394,8 @@ class BwrapRuntime(Runtime):
             await run_sync(cg.kill_all)  # stragglers of a sandbox whose bwrap is gone
         if not os.path.ismount(os.path.join(self._dir(sandbox_id), "merged")) or not cg.exists():
             cg = await run_sync(self._prepare_start, sandbox_id, meta, spec)
+        if self.net is not None and spec.network != "none":
+            await run_sync(self.net.ensure, sandbox_id, spec.egress)  # gone after a reboot
         argv = self.argv(sandbox_id, spec, cg)
         return await launch(
             self._dir(sandbox_id),
