@@ -24,6 +24,7 @@ __all__ = [
     "AuditConfig",
     "AuthConfig",
     "BridgeNetworkConfig",
+    "EgressPolicyConfig",
     "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
@@ -111,19 +112,9 @@ class LocalRuntimeConfig(_Config):
         return LocalRuntime(self)
 
 
-class BridgeNetworkConfig(_Config):
-    """The bridge a Worker sets up for networked sandboxes, and what they may reach."""
+class EgressPolicyConfig(_Config):
+    """What networked sandboxes may reach (the host's own addresses never)."""
 
-    name: str = Field(
-        default="rock0",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$",
-        description="Bridge interface on the host; also prefixes the sandboxes' netns names.",
-    )
-    subnet: str = Field(
-        default="10.213.0.0/16",
-        description="IPv4 subnet of the bridge: its first address is the host's (the "
-        "gateway, unreachable from sandboxes), the others are leased to sandboxes.",
-    )
     egress_allow: list[str] = Field(
         default_factory=lambda: ["0.0.0.0/0"],
         description="The widest egress a sandbox may get, as cidr|host[:port] entries; a spec "
@@ -142,8 +133,23 @@ class BridgeNetworkConfig(_Config):
     )
     isolate: bool = Field(
         default=True,
-        description="Sandboxes cannot reach each other (isolated bridge ports); false lets "
-        "sandboxes on this bridge talk to each other.",
+        description="Sandboxes cannot reach each other; false lets sandboxes on the same "
+        "bridge talk to each other.",
+    )
+
+
+class BridgeNetworkConfig(EgressPolicyConfig):
+    """The bridge a Worker sets up for networked sandboxes, and what they may reach."""
+
+    name: str = Field(
+        default="rock0",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$",
+        description="Bridge interface on the host; also prefixes the sandboxes' netns names.",
+    )
+    subnet: str = Field(
+        default="10.213.0.0/16",
+        description="IPv4 subnet of the bridge: its first address is the host's (the "
+        "gateway, unreachable from sandboxes), the others are leased to sandboxes.",
     )
 
 
@@ -266,13 +272,25 @@ class DockerRuntimeConfig(_Config):
     )
     allow_network: bool = Field(
         default=False,
-        description="Allow specs with network 'host' (the node's network) or 'bridge' "
-        "(the docker network named bridge_network). Default: only 'none' (loopback).",
+        description="Allow specs with network 'bridge' (the docker network named "
+        "bridge_network, guarded: see network_policy). Default: only 'none' (loopback).",
+    )
+    allow_host_network: bool = Field(
+        default=False,
+        description="Also allow network 'host': the node's own namespace, where sandbox code "
+        "reaches every loopback service of the node (Ray, Redis, the API). Trusted code only.",
     )
     bridge_network: str = Field(
         default="bridge",
         min_length=1,
-        description="Docker network that a spec's network 'bridge' joins; it must exist.",
+        description="Docker network (driver bridge, on this node) that a spec's network "
+        "'bridge' joins; it must exist.",
+    )
+    network_policy: EgressPolicyConfig = Field(
+        default_factory=lambda: EgressPolicyConfig(),
+        description="What containers on bridge_network may reach: the node drops whatever "
+        "they send to its own addresses; egress allow-lists are applied in each container's "
+        "namespace.",
     )
     capabilities: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CAPABILITIES),

@@ -42,8 +42,9 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from rock_serve.config import BridgeNetworkConfig
+from rock_serve.config import BridgeNetworkConfig, EgressPolicyConfig
 from rock_serve.errors import InvalidConfig, InvalidRequest, RuntimeUnavailable
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "BridgeNetwork",
     "EgressRule",
     "check_network",
+    "docker_guard",
     "enter",
     "for_runtime",
     "parse_egress",
@@ -62,7 +64,7 @@ log = logging.getLogger(__name__)
 NETNS_DIR = "/run/netns"
 #: Where address leases live (tmpfs: gone after a reboot, like the namespaces).
 LEASE_ROOT = "/run/rock-serve/net"
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d+))?$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
 
@@ -172,10 +174,11 @@ class BridgeNetwork:
         egress_deny: Sequence[str] = (),
         host_ports: Sequence[int] = (),
         isolate: bool = True,
+        gateway: str | None = None,
         resolve: Resolver | None = None,
     ) -> None:
         if not _IFNAME.match(bridge):
-            raise InvalidConfig(f"bridge name {bridge!r}: 1-12 characters [A-Za-z0-9_-]")
+            raise InvalidConfig(f"bridge name {bridge!r}: 1-15 characters [A-Za-z0-9_.-]")
         try:
             net = ipaddress.ip_network(subnet, strict=True)
         except ValueError as exc:
@@ -187,7 +190,12 @@ class BridgeNetwork:
                 raise InvalidConfig(f"networked sandboxes need {tool!r} (iproute2, nftables)")
         self.bridge = bridge
         self.subnet = net
-        self.gateway = net.network_address + 1
+        try:
+            self.gateway = ipaddress.IPv4Address(gateway or net.network_address + 1)
+        except ValueError as exc:
+            raise InvalidConfig(f"bridge gateway {gateway!r}: {exc}") from None
+        if self.gateway not in net:
+            raise InvalidConfig(f"bridge gateway {gateway} is not in {subnet}")
         self.owner = owner
         self.resolve = resolve or _resolve
         try:
@@ -229,11 +237,17 @@ class BridgeNetwork:
                 f"addr add {self.gateway}/{self.subnet.prefixlen} dev {self.bridge}",
             ]
             _run(["ip", "-b", "-"], "\n".join(batch) + "\n")
-        conf = f"/proc/sys/net/ipv4/conf/{self.bridge}"
-        _write_sysctl(f"{conf}/route_localnet", "0")
         with contextlib.suppress(OSError):  # no IPv6 at all (no link-local address to reach)
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6", "1")
         _run(["ip", "link", "set", self.bridge, "up"])
+        self.guard()
+        os.makedirs(self.lease_dir, mode=0o700, exist_ok=True)
+
+    def guard(self) -> None:
+        """Install the host's table for the bridge (made by us or by Docker). Idempotent."""
+        conf = f"/proc/sys/net/ipv4/conf/{self.bridge}"
+        if os.path.isdir(conf):
+            _write_sysctl(f"{conf}/route_localnet", "0")
         with open("/proc/sys/net/ipv4/ip_forward") as f:
             forwarding = f.read().strip() == "1"
         if not forwarding:
@@ -243,7 +257,6 @@ class BridgeNetwork:
             if f.read().strip() != "0":
                 log.warning("net.ipv4.conf.all.route_localnet is 1; table %s drops it", self.table)
         _run(["nft", "-f", "-"], self.host_rules())
-        os.makedirs(self.lease_dir, mode=0o700, exist_ok=True)
 
     def host_rules(self) -> str:
         """The host's nftables table for this bridge (replaces an earlier one atomically)."""
@@ -422,15 +435,17 @@ table inet rock {{
                 f"route add default via {self.gateway}",
             ]
             _run(["ip", "-n", name, "-b", "-"], "\n".join(inside) + "\n")
-            _run(
-                ["nsenter", f"--net={self.netns_path(sandbox_id)}", "nft", "-f", "-"],
-                self.sandbox_rules(allow),
-            )
+            self.apply(self.netns_path(sandbox_id), allow)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.remove(sandbox_id)
             raise
         return addr
+
+    def apply(self, netns_path: str, allow: Sequence[EgressRule]) -> None:
+        """Load the allow-list table into the namespace at ``netns_path`` (replacing it)."""
+        rules = "table inet rock\ndelete table inet rock\n" + self.sandbox_rules(allow)
+        _run(["nsenter", f"--net={netns_path}", "nft", "-f", "-"], rules)
 
     def ensure(self, sandbox_id: str, egress: Sequence[str] | None) -> None:
         """Re-create the namespace if it is gone (after a reboot); no-op otherwise."""
@@ -485,17 +500,19 @@ def for_runtime(config: BridgeNetworkConfig, owner: str) -> BridgeNetwork:
     return net
 
 
-def check_network(network: str, egress: Sequence[str] | None, net: BridgeNetwork | None) -> None:
+def check_network(
+    network: str, egress: Sequence[str] | None, net: BridgeNetwork | None, host_ok: bool = False
+) -> None:
     """Refuse a spec's network before anything is made.
 
     Raises:
-        InvalidConfig: a network this runtime does not give ('host' never; 'bridge' only with
-            allow_network).
-        InvalidRequest: egress without a network, or an allow-list ``net`` refuses.
+        InvalidConfig: a network this runtime does not give ('host' unless ``host_ok``;
+            'bridge' only with allow_network).
+        InvalidRequest: egress without network 'bridge', or an allow-list ``net`` refuses.
     """
-    if network == "none":
-        if egress is not None:
-            raise InvalidRequest("egress needs network 'bridge' (network 'none' reaches nothing)")
+    if network in ("none", "host") and egress is not None:
+        raise InvalidRequest(f"egress needs network 'bridge' (not {network!r})")
+    if network == "none" or (network == "host" and host_ok):
         return
     if network == "host":
         raise InvalidConfig(
@@ -516,3 +533,44 @@ def enter(net: BridgeNetwork | None, sandbox_id: str, network: str, argv: list[s
     if net is None:
         raise InvalidConfig(f"network {network!r} is not allowed by this runtime")
     return net.wrap(sandbox_id, argv)
+
+
+#: Interface option of a docker bridge network.
+_DOCKER_BRIDGE_NAME = "com.docker.network.bridge.name"
+
+
+def docker_guard(network: dict[str, Any], policy: EgressPolicyConfig, owner: str) -> BridgeNetwork:
+    """Guard a Docker bridge network (``docker network inspect`` data) like our own bridge.
+
+    The host's table for its interface is installed now; each container's allow-list is loaded
+    with :meth:`BridgeNetwork.apply` once it runs.
+
+    Raises:
+        InvalidConfig: not a bridge network, or one without an IPv4 subnet.
+    """
+    name = network.get("Name", "?")
+    if network.get("Driver") != "bridge":
+        raise InvalidConfig(f"docker network {name!r} is not a bridge network")
+    options = network.get("Options") or {}
+    iface = options.get(_DOCKER_BRIDGE_NAME) or (
+        "docker0" if name == "bridge" else "br-" + str(network.get("Id", ""))[:12]
+    )
+    v4 = [
+        c
+        for c in (network.get("IPAM") or {}).get("Config") or []
+        if "." in str(c.get("Subnet", ""))
+    ]
+    if not v4:
+        raise InvalidConfig(f"docker network {name!r} has no IPv4 subnet")
+    net = BridgeNetwork(
+        bridge=iface,
+        subnet=str(ipaddress.ip_network(v4[0]["Subnet"], strict=False)),
+        gateway=v4[0].get("Gateway") or None,
+        owner=owner,
+        egress_allow=policy.egress_allow,
+        egress_deny=policy.egress_deny,
+        host_ports=policy.host_ports,
+        isolate=policy.isolate,
+    )
+    net.guard()
+    return net
