@@ -23,7 +23,8 @@ bridge ``<br>`` (one per Worker config, set up by :meth:`BridgeNetwork.setup`):
   cannot change these rules: it has no ``CAP_NET_ADMIN`` over a namespace of the host's user
   namespace.
 
-Removal deletes the veth, the namespace and the lease (nothing else is per sandbox), also for
+Removal deletes the namespace (the kernel then deletes the veth) and the lease (nothing else is
+per sandbox), also for
 the leftovers of an earlier Worker whose sandboxes are gone (:meth:`BridgeNetwork.cleanup`).
 Everything is done with ``ip`` (iproute2), ``nft`` and ``nsenter``; all calls are blocking and
 run off the event loop through ``run_sync`` by the caller.
@@ -418,6 +419,8 @@ table inet rock {{
         allow = self.check(egress)
         addr = self._lease(sandbox_id)
         name, veth = self.netns(sandbox_id), self.veth(sandbox_id)
+        if os.path.isdir(f"/sys/class/net/{veth}"):  # of the same id, removed a moment ago
+            _run(["ip", "link", "del", veth], check=False)
         try:
             host = [
                 f"netns add {name}",
@@ -453,10 +456,12 @@ table inet rock {{
             self.create(sandbox_id, egress)
 
     def remove(self, sandbox_id: str) -> None:
-        """Delete the veth, the namespace and the lease. Idempotent."""
-        veth = self.veth(sandbox_id)
-        if os.path.isdir(f"/sys/class/net/{veth}"):
-            _run(["ip", "link", "del", veth], check=False)
+        """Delete the namespace and the lease. Idempotent.
+
+        The kernel destroys the namespace, and with it both ends of the veth and the
+        sandbox's table, once its last process is gone (the caller killed them): that happens
+        in the background, a few ms later (an ``ip link del`` first would wait ~30 ms for it).
+        """
         if os.path.exists(self.netns_path(sandbox_id)):
             _run(["ip", "netns", "del", self.netns(sandbox_id)])
         addr = self.address(sandbox_id)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -199,6 +201,13 @@ async def test_sandboxes_talk_when_the_bridge_allows_it(tmp_path, octet):
         assert not reached(verdicts[f"{runtime.net.gateway}:22"])
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def host_state(net: BridgeNetwork, sid: str) -> dict[str, object]:
     return {
         "netns": os.path.exists(net.netns_path(sid)),
@@ -212,7 +221,9 @@ async def test_nothing_is_left_after_remove(rt):
     addr = rt.net.address(sid)
     assert host_state(rt.net, sid) == {"netns": True, "veth": True, "lease": addr}
     await rt.remove(sid)
-    assert host_state(rt.net, sid) == {"netns": False, "veth": False, "lease": None}
+    assert host_state(rt.net, sid)["netns"] is False
+    assert host_state(rt.net, sid)["lease"] is None
+    wait_until(lambda: not host_state(rt.net, sid)["veth"])  # the kernel's, in the background
     assert rt.net.netns(sid) not in sh("ip", "netns", "list")
     assert addr not in sh("nft", "list", "table", "inet", rt.net.table)
     await rt.remove(sid)  # idempotent
@@ -227,7 +238,9 @@ async def test_a_new_worker_removes_the_leftovers_of_gone_sandboxes(tmp_path, oc
         assert host_state(first.net, "t-orphan")["netns"] is True
         second = runtime_config(tmp_path, bridge).build()
         assert second.net is not None
-        assert host_state(second.net, "t-orphan") == {"netns": False, "veth": False, "lease": None}
+        assert host_state(second.net, "t-orphan")["netns"] is False
+        assert host_state(second.net, "t-orphan")["lease"] is None
+        wait_until(lambda: not host_state(second.net, "t-orphan")["veth"])
         assert host_state(second.net, kept)["netns"] is True  # adopted, not removed
         await second.close()
 
