@@ -232,12 +232,10 @@ class BridgeNetwork:
 
     def setup(self) -> None:
         """Create the bridge if missing and (re)install the host's table for it. Idempotent."""
+        batch = [f"addr replace {self.gateway}/{self.subnet.prefixlen} dev {self.bridge}"]
         if not os.path.isdir(f"/sys/class/net/{self.bridge}"):
-            batch = [
-                f"link add {self.bridge} type bridge",
-                f"addr add {self.gateway}/{self.subnet.prefixlen} dev {self.bridge}",
-            ]
-            _run(["ip", "-b", "-"], "\n".join(batch) + "\n")
+            batch.insert(0, f"link add {self.bridge} type bridge")
+        _run(["ip", "-b", "-"], "\n".join(batch) + "\n")
         with contextlib.suppress(OSError):  # no IPv6 at all (no link-local address to reach)
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6", "1")
         _run(["ip", "link", "set", self.bridge, "up"])

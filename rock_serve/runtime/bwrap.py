@@ -376,7 +376,7 @@ class BwrapRuntime(Runtime):
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> SandboxInfo:
         """Make the overlay root, the cgroup with its limits and the record; nothing runs yet."""
         check_id(sandbox_id)
-        check_network(spec.network, spec.egress, self.net)
+        await run_sync(check_network, spec.network, spec.egress, self.net)  # may resolve names
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         lower = self._lower(spec)

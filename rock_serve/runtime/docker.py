@@ -454,7 +454,7 @@ class DockerRuntime(Runtime):
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         network_mode = await self._network_mode(spec.network)
-        check_network(spec.network, spec.egress, self._guard, host_ok=True)
+        await run_sync(check_network, spec.network, spec.egress, self._guard, host_ok=True)
         ref = spec.image or self.config.image
         image = await self._image(ref)
         image_id = str(image["Id"])
@@ -542,7 +542,7 @@ class DockerRuntime(Runtime):
         if not pid:
             raise RuntimeUnavailable(f"container {c['Name']} has no process to put rules in")
         raw = (c["Config"].get("Labels") or {}).get(LABEL_EGRESS)
-        allow = self._guard.check(json.loads(raw) if raw else None)
+        allow = await run_sync(self._guard.check, json.loads(raw) if raw else None)
         await run_sync(self._guard.apply, f"/proc/{pid}/ns/net", allow)
 
     async def _launch(self, sandbox_id: str, c: dict[str, Any]) -> ExecRocklet:
