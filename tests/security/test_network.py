@@ -9,6 +9,7 @@ Nothing here sends a packet beyond this machine's namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -280,3 +281,23 @@ async def test_typed_refusals(tmp_path, rt):
         await closed.create(new_id(), SandboxSpec(network="bridge"))
     assert closed.net is None
     await closed.close()
+
+
+async def test_concurrent_creates_get_distinct_addresses(rt):
+    ids = [new_id() for _ in range(6)]
+    await asyncio.gather(*(rt.create(sid, SandboxSpec(network="bridge")) for sid in ids))
+    addresses = {rt.net.address(sid) for sid in ids}
+    assert None not in addresses and len(addresses) == len(ids)
+
+
+async def test_stop_start_and_a_lost_namespace(rt, outside):
+    sid, h = await started(rt, SandboxSpec(network="bridge"))
+    target = f"{outside.allowed}:{OUT_PORT}"
+    await rt.stop(sid)
+    h = await rt.start(sid)
+    assert reached((await probe(h, target))[target])
+    await rt.stop(sid)
+    sh("ip", "netns", "del", rt.net.netns(sid))  # what a reboot does to /run/netns
+    h = await rt.start(sid)
+    assert await interfaces(h) == ["eth0", "lo"]
+    assert reached((await probe(h, target))[target])
