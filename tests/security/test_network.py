@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +21,7 @@ from rock_serve import errors
 from rock_serve.config import BridgeNetworkConfig, BwrapRuntimeConfig
 from rock_serve.protocol import ExecRequest, SandboxSpec
 from rock_serve.runtime._netns import BridgeNetwork
+from tests._wait import wait_until
 from tests.contract.conftest import _BWRAP_SKIP, TEST_CGROUP_PARENT
 from tests.security._net import (
     OTHER_PORT,
@@ -202,13 +201,6 @@ async def test_sandboxes_talk_when_the_bridge_allows_it(tmp_path, octet):
         assert not reached(verdicts[f"{runtime.net.gateway}:22"])
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def host_state(net: BridgeNetwork, sid: str) -> dict[str, object]:
     return {
         "netns": os.path.exists(net.netns_path(sid)),
@@ -224,7 +216,7 @@ async def test_nothing_is_left_after_remove(rt):
     await rt.remove(sid)
     assert host_state(rt.net, sid)["netns"] is False
     assert host_state(rt.net, sid)["lease"] is None
-    wait_until(lambda: not host_state(rt.net, sid)["veth"])  # the kernel's, in the background
+    wait_until(lambda: not host_state(rt.net, sid)["veth"], what="the veth gone")  # kernel's
     assert rt.net.netns(sid) not in sh("ip", "netns", "list")
     assert addr not in sh("nft", "list", "table", "inet", rt.net.table)
     await rt.remove(sid)  # idempotent
@@ -241,7 +233,7 @@ async def test_a_new_worker_removes_the_leftovers_of_gone_sandboxes(tmp_path, oc
         assert second.net is not None
         assert host_state(second.net, "t-orphan")["netns"] is False
         assert host_state(second.net, "t-orphan")["lease"] is None
-        wait_until(lambda: not host_state(second.net, "t-orphan")["veth"])
+        wait_until(lambda: not host_state(second.net, "t-orphan")["veth"], what="veth gone")
         assert host_state(second.net, kept)["netns"] is True  # adopted, not removed
         await second.close()
 
