@@ -186,9 +186,6 @@ class BridgeNetwork:
             raise InvalidConfig(f"bridge subnet {subnet!r}: {exc}") from None
         if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 29:
             raise InvalidConfig(f"bridge subnet {subnet!r}: an IPv4 network of /29 or wider")
-        for tool in ("ip", "nft", "nsenter"):
-            if shutil.which(tool) is None:
-                raise InvalidConfig(f"networked sandboxes need {tool!r} (iproute2, nftables)")
         self.bridge = bridge
         self.subnet = net
         try:
@@ -232,6 +229,8 @@ class BridgeNetwork:
 
     def setup(self) -> None:
         """Create the bridge if missing and (re)install the host's table for it. Idempotent."""
+        if shutil.which("ip") is None:
+            raise InvalidConfig("networked sandboxes need 'ip' (iproute2)")
         batch = [f"addr replace {self.gateway}/{self.subnet.prefixlen} dev {self.bridge}"]
         if not os.path.isdir(f"/sys/class/net/{self.bridge}"):
             batch.insert(0, f"link add {self.bridge} type bridge")
@@ -243,7 +242,14 @@ class BridgeNetwork:
         os.makedirs(self.lease_dir, mode=0o700, exist_ok=True)
 
     def guard(self) -> None:
-        """Install the host's table for the bridge (made by us or by Docker). Idempotent."""
+        """Install the host's table for the bridge (made by us or by Docker). Idempotent.
+
+        Raises:
+            InvalidConfig: ``ip``, ``nft`` or ``nsenter`` is missing.
+        """
+        for tool in ("ip", "nft", "nsenter"):
+            if shutil.which(tool) is None:
+                raise InvalidConfig(f"networked sandboxes need {tool!r} (iproute2, nftables)")
         conf = f"/proc/sys/net/ipv4/conf/{self.bridge}"
         if os.path.isdir(conf):
             _write_sysctl(f"{conf}/route_localnet", "0")
