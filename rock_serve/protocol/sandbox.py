@@ -66,9 +66,9 @@ class SandboxSpec(WireModel):
     egress: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
         default=None,
         max_length=64,
-        description="Egress allow-list for network 'bridge': cidr|host[:port] entries "
-        "('10.0.0.0/8', '192.0.2.7:443', 'pypi.org:443'; host names resolved at create), "
-        "everything else dropped. None = the runtime's default allow-list.",
+        description="Egress allow-list for network 'bridge': IPv4 cidr|host[:port] entries "
+        "('10.0.0.0/8', '192.0.2.7:443', 'pypi.org:443'; host names resolved at create, TCP "
+        "and UDP), everything else rejected. None = the runtime's default allow-list.",
     )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for every process."

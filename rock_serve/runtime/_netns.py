@@ -24,8 +24,9 @@ bridge ``<br>`` (one per Worker config, set up by :meth:`BridgeNetwork.setup`):
   namespace.
 
 Removal deletes the namespace (the kernel then deletes the veth) and the lease (nothing else is
-per sandbox), also for
-the leftovers of an earlier Worker whose sandboxes are gone (:meth:`BridgeNetwork.cleanup`).
+per sandbox), also for the leftovers of an earlier Worker whose sandboxes are gone
+(:meth:`BridgeNetwork.cleanup`). Sandboxes get IPv4 only: the bridge has no IPv6 address and the
+host forwards no IPv6 from it.
 Everything is done with ``ip`` (iproute2), ``nft`` and ``nsenter``; all calls are blocking and
 run off the event loop through ``run_sync`` by the caller.
 """
@@ -105,7 +106,7 @@ class EgressRule:
 
 def _resolve(host: str) -> list[str]:
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise InvalidRequest(f"egress host {host!r} does not resolve ({exc})") from None
     return sorted({str(info[4][0]) for info in infos})
@@ -114,11 +115,12 @@ def _resolve(host: str) -> list[str]:
 def parse_egress(entries: Iterable[str], resolve: Resolver | None = None) -> list[EgressRule]:
     """Parse ``cidr``, ``addr``, ``host`` entries, each optionally with ``:port``.
 
-    IPv6 addresses with a port go in brackets (``[2001:db8::/32]:443``). A host name is resolved
-    now (``resolve``, default ``getaddrinfo``) into one rule per address.
+    A host name is resolved now (``resolve``, default ``getaddrinfo``) into one rule per IPv4
+    address. Sandboxes get IPv4 only (the bridge routes no IPv6), so IPv6 entries are refused.
 
     Raises:
-        InvalidRequest: an entry that is not one of these forms, or a name that does not resolve.
+        InvalidRequest: an entry that is not one of these forms, an IPv6 one, or a name that
+            does not resolve to an IPv4 address.
     """
     resolve = resolve or _resolve
     out: list[EgressRule] = []
@@ -144,7 +146,12 @@ def parse_egress(entries: Iterable[str], resolve: Resolver | None = None) -> lis
                     raise InvalidRequest(
                         f"egress entry {entry!r}: not an address, network or host name"
                     ) from None
-                nets = [ipaddress.ip_network(a, strict=False) for a in resolve(target)]
+                resolved = [ipaddress.ip_network(a, strict=False) for a in resolve(target)]
+                nets = [n for n in resolved if n.version == 4]  # sandboxes get IPv4 only
+                if not nets:
+                    raise InvalidRequest(f"egress host {target!r} has no IPv4 address") from None
+        if any(n.version == 6 for n in nets):
+            raise InvalidRequest(f"egress entry {entry!r}: sandboxes get IPv4 only")
         out.extend(EgressRule(net, port) for net in nets)
     return out
 
