@@ -7,7 +7,12 @@ import ipaddress
 import pytest
 
 from rock_serve import errors
-from rock_serve.config import BridgeNetworkConfig, BwrapRuntimeConfig, parse_server_args
+from rock_serve.config import (
+    BridgeNetworkConfig,
+    BwrapRuntimeConfig,
+    LocalRuntimeConfig,
+    parse_server_args,
+)
 from rock_serve.protocol import CreateSandboxRequest, SandboxSpec
 from rock_serve.protocol.api import LIFECYCLE_FIELDS
 from rock_serve.runtime._netns import BridgeNetwork, EgressRule, check_network, parse_egress
@@ -164,3 +169,13 @@ def test_wire_and_config_fields():
     assert args.runtime.bridge == BridgeNetworkConfig(name="rk1")
     with pytest.raises(errors.InvalidConfig):
         parse_server_args({"runtime": {"type": "bwrap", "bridge": {"name": "x" * 13}}})
+
+
+async def test_the_local_runtime_refuses_an_egress_it_cannot_enforce(tmp_path):
+    runtime = LocalRuntimeConfig(state_dir=str(tmp_path)).build()
+    try:
+        with pytest.raises(errors.InvalidConfig, match="egress"):
+            await runtime.create("t-egress", SandboxSpec(network="bridge", egress=["10.0.0.0/8"]))
+        assert await runtime.list() == []
+    finally:
+        await runtime.close()
