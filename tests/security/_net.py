@@ -172,3 +172,22 @@ async def interfaces(handle) -> list[str]:
 
 def reached(verdict: str) -> bool:
     return verdict.startswith("OK")
+
+
+SERVE_IN_SANDBOX = (
+    "setsid python3 -c \"import socket\ns=socket.socket()\ns.bind(('0.0.0.0',9000))\n"
+    "s.listen()\nwhile True:\n c,_=s.accept(); c.sendall(b'peer'); c.close()\" "
+    "</dev/null >/dev/null 2>&1 &"
+)
+WAIT_LISTENING = (
+    "import socket,time,sys\nend=time.time()+20\nwhile time.time()<end:\n"
+    " try:\n  socket.create_connection((sys.argv[1],9000),timeout=1).close(); sys.exit(0)\n"
+    " except OSError: time.sleep(0.05)\nsys.exit(1)"
+)
+
+
+async def serve_inside(handle, addr: str) -> None:
+    """Start a server on port 9000 in the sandbox; return once it answers on ``addr``."""
+    await handle.exec(ExecRequest(command=["sh", "-c", SERVE_IN_SANDBOX]))
+    ready = await handle.exec(ExecRequest(command=["python3", "-c", WAIT_LISTENING, addr]))
+    assert ready.exit_code == 0, ready

@@ -32,6 +32,7 @@ from tests.security._net import (
     outside,
     probe,
     reached,
+    serve_inside,
     sh,
 )
 
@@ -161,26 +162,12 @@ async def test_sandbox_cannot_change_its_network(rt):
     assert rules.exit_code != 0  # not even readable without CAP_NET_ADMIN
 
 
-SERVE_IN_SANDBOX = (
-    "setsid python3 -c \"import socket\ns=socket.socket()\ns.bind(('0.0.0.0',9000))\n"
-    "s.listen()\nwhile True:\n c,_=s.accept(); c.sendall(b'peer'); c.close()\" "
-    "</dev/null >/dev/null 2>&1 &"
-)
-WAIT_LISTENING = (
-    "import socket,time,sys\nend=time.time()+20\nwhile time.time()<end:\n"
-    " try:\n  socket.create_connection((sys.argv[1],9000),timeout=1).close(); sys.exit(0)\n"
-    " except OSError: time.sleep(0.05)\nsys.exit(1)"
-)
-
-
 async def serving_peer(runtime) -> tuple[str, str]:
     """A networked sandbox with a server on port 9000; returns (id, address)."""
     sid, h = await started(runtime, SandboxSpec(network="bridge"))
     addr = runtime.net.address(sid)
     assert addr is not None
-    await h.exec(ExecRequest(command=["sh", "-c", SERVE_IN_SANDBOX]))
-    ready = await h.exec(ExecRequest(command=["python3", "-c", WAIT_LISTENING, addr]))
-    assert ready.exit_code == 0, ready
+    await serve_inside(h, addr)
     return sid, addr
 
 

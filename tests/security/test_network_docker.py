@@ -24,6 +24,7 @@ from tests.security._net import (
     outside,
     probe,
     reached,
+    serve_inside,
     sh,
 )
 
@@ -119,3 +120,18 @@ async def test_docker_host_network_needs_its_own_flag(drt):
     with pytest.raises(errors.InvalidRequest, match="egress"):
         await drt.create(new_id(), SandboxSpec(egress=["10.0.0.0/8"]))
     assert await drt.list() == []
+
+
+async def test_docker_containers_cannot_talk(drt, docker_net):
+    def address(sid: str) -> str:
+        return sh(
+            "docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            drt.container_name(sid),
+        ).strip()  # fmt: skip
+
+    sid, h = await started(drt, SandboxSpec(network="bridge"))
+    await serve_inside(h, address(sid))
+    _, other = await started(drt, SandboxSpec(network="bridge"))
+    target = f"{address(sid)}:9000"
+    verdicts = await probe(other, target)
+    assert not reached(verdicts[target]), verdicts
