@@ -8,7 +8,9 @@ address and on another host address do not. Only this machine's namespaces are e
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 import uuid
 
@@ -106,3 +108,21 @@ def test_network_refusals_over_rest(net_platform):
             assert resp.status_code == status, resp.text
             assert resp.json()["error"]["code"] == code, resp.text
         assert api.get("/v1/sandboxes").json()["items"] == []
+
+
+def test_cli_creates_a_bridge_sandbox_with_an_allow_list(net_platform, outside):
+    plat, _ = net_platform
+    allowed = f"{outside.allowed}:{OUT_PORT}"
+    env = {**os.environ, "ROCK_BASE_URL": plat.url}
+    argv = [sys.executable, "-m", "rock_serve.sdk.cli", "sandbox", "create"]
+    argv += ["--network", "bridge", "--egress", allowed, "--ttl", "120"]
+    created = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
+    sandbox_id = created.stdout.strip()
+    with plat.client() as api:
+        record = api.get(f"/v1/sandboxes/{sandbox_id}").json()
+        assert (record["network"], record["egress"]) == ("bridge", [allowed])
+        assert api.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
+    refused = subprocess.run(
+        [*argv[:5], "--network", "host"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "invalid_config" in refused.stderr
