@@ -336,8 +336,25 @@ table inet {self.table} {{
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(f"{self.owner}\n{sandbox_id}\n")
+            link = self._index(sandbox_id)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)  # a stale index entry (its lease is gone)
+            os.symlink(addr, link)
             return addr
         raise RuntimeUnavailable(f"bridge {self.bridge}: no free address in {self.subnet}")
+
+    def _index(self, sandbox_id: str) -> str:
+        """Symlink ``id-<hash of owner and id>`` -> the address: finds a lease without a scan."""
+        key = hashlib.sha1(f"{self.owner}\n{sandbox_id}".encode()).hexdigest()[:32]
+        return os.path.join(self.lease_dir, f"id-{key}")
+
+    def _read_lease(self, addr: str) -> tuple[str, str] | None:
+        try:
+            with open(os.path.join(self.lease_dir, addr)) as f:
+                owner, sid = (f.read().split("\n") + ["", ""])[:2]
+        except OSError:
+            return None
+        return owner, sid
 
     def _leases(self) -> dict[str, tuple[str, str]]:
         """Map each leased address to its (owner, sandbox id)."""
@@ -347,20 +364,18 @@ table inet {self.table} {{
         except FileNotFoundError:
             return out
         for name in names:
-            try:
-                with open(os.path.join(self.lease_dir, name)) as f:
-                    owner, sid = (f.read().split("\n") + ["", ""])[:2]
-            except OSError:
-                continue
-            out[name] = (owner, sid)
+            lease = None if name.startswith("id-") else self._read_lease(name)
+            if lease is not None:
+                out[name] = lease
         return out
 
     def address(self, sandbox_id: str) -> str | None:
         """The sandbox's leased address, if it has one."""
-        for addr, (owner, sid) in self._leases().items():
-            if owner == self.owner and sid == sandbox_id:
-                return addr
-        return None
+        try:
+            addr = os.readlink(self._index(sandbox_id))
+        except OSError:
+            return None
+        return addr if self._read_lease(addr) == (self.owner, sandbox_id) else None
 
     # ------------------------------------------------------------------ per sandbox
 
@@ -479,6 +494,8 @@ table inet rock {{
         if addr is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.lease_dir, addr))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._index(sandbox_id))
 
     def cleanup(self, alive: Callable[[str], bool]) -> list[str]:
         """Remove the namespaces and leases of this owner's sandboxes for which not ``alive``."""
@@ -491,6 +508,11 @@ table inet rock {{
                     log.warning("cannot remove the network of %s: %s", sid, exc)
                     continue
                 removed.append(sid)
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.lease_dir):
+                link = os.path.join(self.lease_dir, name)
+                if name.startswith("id-") and not os.path.exists(link):
+                    os.unlink(link)  # its lease is gone
         return removed
 
 
@@ -510,7 +532,7 @@ def for_runtime(config: BridgeNetworkConfig, owner: str) -> BridgeNetwork:
         isolate=config.isolate,
     )
     net.setup()
-    gone = net.cleanup(lambda sid: os.path.isdir(os.path.join(owner, sid)))
+    gone = net.cleanup(lambda sid: os.path.exists(os.path.join(owner, sid, "meta.json")))
     if gone:
         log.info("removed the networks of %d sandboxes that are gone: %s", len(gone), gone)
     return net

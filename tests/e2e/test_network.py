@@ -8,6 +8,7 @@ address and on another host address do not. Only this machine's namespaces are e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import uuid
 import pytest
 
 from rock_serve.protocol import ExecResult
+from rock_serve.runtime._netns import LEASE_ROOT
 from tests.e2e.conftest import Platform, _wait_healthy
 from tests.security._net import OUT_PORT, PROBE, host_servers, octet, outside
 
@@ -60,6 +62,8 @@ def net_platform(platform: Platform, tmp_path_factory, octet):
         serve.delete("net")
         subprocess.run(["nft", "delete", "table", "inet", f"rock-{bridge}"], check=False)
         subprocess.run(["ip", "link", "del", bridge], check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(LEASE_ROOT, bridge))  # empty: every sandbox was removed
 
 
 def test_bridge_sandbox_over_rest_reaches_its_target_and_no_host_service(
