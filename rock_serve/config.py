@@ -23,11 +23,11 @@ __all__ = [
     "NAME_PATTERN",
     "AuditConfig",
     "AuthConfig",
-    "BridgeNetworkConfig",
-    "EgressPolicyConfig",
     "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
+    "EgressPolicyConfig",
+    "BridgeNetworkConfig",
     "FakeRuntimeConfig",
     "LocalRuntimeConfig",
     "RuntimeConfig",
@@ -79,39 +79,6 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-class FakeRuntimeConfig(_Config):
-    """In-memory runtime for unit tests of everything above the runtime."""
-
-    type: Literal["fake"] = Field(default="fake", description="Selects the fake runtime.")
-
-    def build(self) -> Runtime:
-        """Create the runtime."""
-        from rock_serve.runtime.fake import FakeRuntime
-
-        return FakeRuntime()
-
-
-class LocalRuntimeConfig(_Config):
-    """A process in a temp dir per sandbox, without isolation (development only)."""
-
-    type: Literal["local"] = Field(default="local", description="Selects the local runtime.")
-    state_dir: str | None = Field(
-        default=None,
-        description="Directory holding one subdirectory per sandbox; None = a per-user "
-        "directory under the system temp dir.",
-    )
-    python: str | None = Field(
-        default=None,
-        description="Interpreter that runs the rocklet; None = the current interpreter.",
-    )
-
-    def build(self) -> Runtime:
-        """Create the runtime."""
-        from rock_serve.runtime.local import LocalRuntime
-
-        return LocalRuntime(self)
-
-
 class EgressPolicyConfig(_Config):
     """What networked sandboxes may reach (the host's own addresses never)."""
 
@@ -151,6 +118,39 @@ class BridgeNetworkConfig(EgressPolicyConfig):
         description="IPv4 subnet of the bridge: its first address is the host's (the "
         "gateway, unreachable from sandboxes), the others are leased to sandboxes.",
     )
+
+
+class FakeRuntimeConfig(_Config):
+    """In-memory runtime for unit tests of everything above the runtime."""
+
+    type: Literal["fake"] = Field(default="fake", description="Selects the fake runtime.")
+
+    def build(self) -> Runtime:
+        """Create the runtime."""
+        from rock_serve.runtime.fake import FakeRuntime
+
+        return FakeRuntime()
+
+
+class LocalRuntimeConfig(_Config):
+    """A process in a temp dir per sandbox, without isolation (development only)."""
+
+    type: Literal["local"] = Field(default="local", description="Selects the local runtime.")
+    state_dir: str | None = Field(
+        default=None,
+        description="Directory holding one subdirectory per sandbox; None = a per-user "
+        "directory under the system temp dir.",
+    )
+    python: str | None = Field(
+        default=None,
+        description="Interpreter that runs the rocklet; None = the current interpreter.",
+    )
+
+    def build(self) -> Runtime:
+        """Create the runtime."""
+        from rock_serve.runtime.local import LocalRuntime
+
+        return LocalRuntime(self)
 
 
 class BwrapRuntimeConfig(_Config):
