@@ -222,8 +222,8 @@ def test_concurrent_instances(api, platform):
 def test_idle_instances_are_reaped(api):
     import ray
 
-    table = _table()
     iid = _post(api, "make", {"env_id": "rock/GuessNumber-v0"})["sandbox_id"]
+    table = _table()  # made by the first GEM call: look it up after one (the test runs alone too)
     _post(api, "reset", {"sandbox_id": iid, "seed": 3})
     assert len(_gem_sandboxes(api)) == 1
     ray.get(table.configure.remote(idle_ttl_seconds=1.0, reap_interval_seconds=0.2))
