@@ -16,6 +16,7 @@ bridge ``<br>`` (one per Worker config, set up by :meth:`BridgeNetwork.setup`):
   every other address it has), except replies and the configured ``host_ports``; it forwards
   what the sandboxes send out (masqueraded), drops what they send to each other, and lets in
   only replies. ``route_localnet`` stays 0 on the bridge.
+- The deny-list (``egress_deny``) is also dropped there, in the host's forward chain.
 - The sandbox's own table ``inet rock`` (inside its namespace, gone with it) is the egress
   allow-list: loopback, replies and the allowed ``cidr[:port]`` entries pass; the deny-list,
   the bridge's subnet (the host and the other sandboxes) and everything else are rejected.
@@ -280,6 +281,11 @@ class BridgeNetwork:
             else ""
         )
         between = "" if self.isolate else f'iifname "{br}" oifname "{br}" accept'
+        # The deny-list again on the host: it holds even where a sandbox's own table does not
+        # see its packets (gVisor's netstack writes to its veth through a packet socket).
+        deny = "\n        ".join(
+            f'iifname "{br}" {line}' for rule in self.egress_deny for line in rule.nft("drop")
+        )
         return f"""
 table inet {self.table}
 delete table inet {self.table}
@@ -297,6 +303,7 @@ table inet {self.table} {{
         iifname "{br}" oifname "{br}" drop
         iifname "{br}" ip saddr != {net} drop
         iifname "{br}" meta nfproto ipv6 drop
+        {deny}
         iifname "{br}" accept
         oifname "{br}" ct state established,related accept
         oifname "{br}" drop

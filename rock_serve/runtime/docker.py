@@ -455,6 +455,12 @@ class DockerRuntime(Runtime):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         network_mode = await self._network_mode(spec.network)
         await run_sync(check_network, spec.network, spec.egress, self._guard, host_ok=True)
+        if spec.egress is not None and self.config.oci_runtime:
+            raise InvalidConfig(
+                f"egress allow-lists live in the container's netns, which oci_runtime "
+                f"{self.config.oci_runtime!r} bypasses (only egress_deny and the host's own "
+                "addresses are enforced there, on the host)"
+            )
         ref = spec.image or self.config.image
         image = await self._image(ref)
         image_id = str(image["Id"])

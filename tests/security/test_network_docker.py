@@ -135,3 +135,15 @@ async def test_docker_containers_cannot_talk(drt, docker_net):
     target = f"{address(sid)}:9000"
     verdicts = await probe(other, target)
     assert not reached(verdicts[target]), verdicts
+
+
+async def test_docker_refuses_an_allow_list_another_oci_runtime_would_bypass(tmp_path, docker_net):
+    rt = docker_config(
+        str(tmp_path), allow_network=True, bridge_network=docker_net[0], oci_runtime="runsc"
+    ).build()
+    try:
+        with pytest.raises(errors.InvalidConfig, match="bypasses"):
+            await rt.create(new_id(), SandboxSpec(network="bridge", egress=["10.0.0.0/8"]))
+        assert await rt.list() == []
+    finally:
+        await rt.close()

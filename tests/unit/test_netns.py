@@ -109,6 +109,10 @@ def test_host_rules_drop_everything_from_the_bridge_to_the_host():
     assert 'iifname "rkunit" oifname "rkunit" drop' in lines
     assert 'iifname "rkunit" oifname "rkunit" accept' not in lines
     assert 'ip saddr 10.215.7.0/24 oifname != "rkunit" masquerade' in lines
+    denied = [line.strip() for line in net(egress_deny=["169.254.0.0/16"]).host_rules().split("\n")]
+    assert denied.index('iifname "rkunit" ip daddr 169.254.0.0/16 drop') < denied.index(
+        'iifname "rkunit" accept'
+    )
     open_ = [line.strip() for line in net(isolate=False).host_rules().splitlines()]
     assert open_.index('iifname "rkunit" oifname "rkunit" accept') < open_.index(
         'iifname "rkunit" oifname "rkunit" drop'
