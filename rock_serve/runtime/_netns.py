@@ -16,7 +16,9 @@ bridge ``<br>`` (one per Worker config, set up by :meth:`BridgeNetwork.setup`):
   every other address it has), except replies and the configured ``host_ports``; it forwards
   what the sandboxes send out (masqueraded), drops what they send to each other, and lets in
   only replies. ``route_localnet`` stays 0 on the bridge.
-- The deny-list (``egress_deny``) is also dropped there, in the host's forward chain.
+- The deny-list (``egress_deny``) is also dropped there, in the host's forward chain, and each
+  sandbox's allow-list is kept there too (sets ``allow``/``allow_port`` keyed by its address,
+  ``known`` for "has a list"): the policy holds even where the sandbox's own table is bypassed.
 - The sandbox's own table ``inet rock`` (inside its namespace, gone with it) is the egress
   allow-list: loopback, replies and the allowed ``cidr[:port]`` entries pass; the deny-list,
   the bridge's subnet (the host and the other sandboxes) and everything else are rejected.
@@ -272,8 +274,18 @@ class BridgeNetwork:
         _run(["nft", "-f", "-"], self.host_rules())
 
     def host_rules(self) -> str:
-        """The host's nftables table for this bridge (replaces an earlier one atomically)."""
+        """The host's nftables table for this bridge (replaces an earlier one atomically).
+
+        The per-sandbox allow-lists of sandboxes that still have a namespace (their lease
+        files hold them) are put back in the same transaction.
+        """
         br, net = self.bridge, self.subnet.with_prefixlen
+        elements = "\n".join(
+            line
+            for addr, (_owner, sid) in sorted(self._leases().items())
+            if os.path.exists(os.path.join(NETNS_DIR, f"{self.bridge}-{sid}"))
+            for line in self._read_elements(addr)
+        )
         ports = ", ".join(str(p) for p in self.host_ports)
         allow_ports = (
             f'iifname "{br}" ip daddr {self.gateway} tcp dport {{ {ports} }} accept'
@@ -290,6 +302,9 @@ class BridgeNetwork:
 table inet {self.table}
 delete table inet {self.table}
 table inet {self.table} {{
+    set allow {{ type ipv4_addr . ipv4_addr; flags interval; }}
+    set allow_port {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }}
+    set known {{ type ipv4_addr; }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
         iifname "{br}" ct state established,related accept
@@ -304,6 +319,9 @@ table inet {self.table} {{
         iifname "{br}" ip saddr != {net} drop
         iifname "{br}" meta nfproto ipv6 drop
         {deny}
+        iifname "{br}" ip saddr . ip daddr @allow accept
+        iifname "{br}" ip saddr . ip daddr . meta l4proto . th dport @allow_port accept
+        iifname "{br}" ip saddr @known reject with icmpx type admin-prohibited
         iifname "{br}" accept
         oifname "{br}" ct state established,related accept
         oifname "{br}" drop
@@ -313,6 +331,7 @@ table inet {self.table} {{
         ip saddr {net} oifname != "{br}" masquerade
     }}
 }}
+{elements}
 """
 
     def teardown(self) -> None:
@@ -355,6 +374,48 @@ table inet {self.table} {{
         key = hashlib.sha1(f"{self.owner}\n{sandbox_id}".encode()).hexdigest()[:32]
         return os.path.join(self.lease_dir, f"id-{key}")
 
+    def host_elements(self, addr: str, allow: Sequence[EgressRule]) -> list[str]:
+        """``add element`` lines of the host's copy of a sandbox's allow-list.
+
+        Networks are collapsed per port (an interval set refuses overlapping elements).
+        """
+        by_port: dict[int | None, list[ipaddress.IPv4Network]] = {}
+        for rule in allow:
+            if isinstance(rule.network, ipaddress.IPv4Network):
+                by_port.setdefault(rule.port, []).append(rule.network)
+        plain, ported = [], []
+        for port, nets in sorted(by_port.items(), key=lambda kv: kv[0] or 0):
+            for net in ipaddress.collapse_addresses(nets):
+                if port is None:
+                    plain.append(f"{addr} . {net.with_prefixlen}")
+                else:
+                    ported += [
+                        f"{addr} . {net.with_prefixlen} . {p} . {port}" for p in ("tcp", "udp")
+                    ]
+        lines = [f"add element inet {self.table} known {{ {addr} }}"]
+        if plain:
+            lines.append(f"add element inet {self.table} allow {{ {', '.join(plain)} }}")
+        if ported:
+            lines.append(f"add element inet {self.table} allow_port {{ {', '.join(ported)} }}")
+        return lines
+
+    def _read_elements(self, addr: str) -> list[str]:
+        try:
+            with open(os.path.join(self.lease_dir, addr)) as f:
+                lines = f.read().split("\n")[2:]
+        except OSError:
+            return []
+        prefix = f"add element inet {self.table} "
+        return [line for line in lines if line.startswith(prefix)]
+
+    def _write_lease(self, addr: str, sandbox_id: str, elements: Sequence[str]) -> None:
+        path = os.path.join(self.lease_dir, addr)
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join([self.owner, sandbox_id, *elements, ""]))
+        os.replace(tmp, path)
+
     def _read_lease(self, addr: str) -> tuple[str, str] | None:
         try:
             with open(os.path.join(self.lease_dir, addr)) as f:
@@ -371,7 +432,8 @@ table inet {self.table} {{
         except FileNotFoundError:
             return out
         for name in names:
-            lease = None if name.startswith("id-") else self._read_lease(name)
+            skip = name.startswith("id-") or name.endswith(".tmp")
+            lease = None if skip else self._read_lease(name)
             if lease is not None:
                 out[name] = lease
         return out
@@ -472,11 +534,22 @@ table inet rock {{
             ]
             _run(["ip", "-n", name, "-b", "-"], "\n".join(inside) + "\n")
             self.apply(self.netns_path(sandbox_id), allow)
+            elements = self.host_elements(addr, allow)
+            self._drop_elements(addr)  # of an earlier namespace of this sandbox, if any
+            self._write_lease(addr, sandbox_id, elements)  # first: remove() finds them
+            _run(["nft", "-f", "-"], "\n".join(elements) + "\n")
         except BaseException:
             with contextlib.suppress(Exception):
                 self.remove(sandbox_id)
             raise
         return addr
+
+    def _drop_elements(self, addr: str) -> None:
+        """Delete the host's copy of the allow-list leased with ``addr`` (if it is there)."""
+        lines = self._read_elements(addr)
+        if lines:
+            batch = "\n".join(line.replace("add element", "delete element", 1) for line in lines)
+            _run(["nft", "-f", "-"], batch + "\n", check=False)  # absent: nothing to delete
 
     def apply(self, netns_path: str, allow: Sequence[EgressRule]) -> None:
         """Load the allow-list table into the namespace at ``netns_path`` (replacing it)."""
@@ -499,6 +572,7 @@ table inet rock {{
             _run(["ip", "netns", "del", self.netns(sandbox_id)])
         addr = self.address(sandbox_id)
         if addr is not None:
+            self._drop_elements(addr)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.lease_dir, addr))
         with contextlib.suppress(FileNotFoundError):

@@ -155,6 +155,24 @@ async def test_host_side_rules_hold_without_the_sandbox_rules(
         assert not any(reached(verdicts[t]) for t in [denied, *hosts]), verdicts
 
 
+async def test_the_allow_list_holds_on_the_host_too(rt, outside, host_servers):
+    """The host keeps a copy of each sandbox's allow-list: without the sandbox's own table,
+    only the allowed target still answers."""
+    allowed = f"{outside.allowed}:{OUT_PORT}"
+    sid, h = await started(rt, SandboxSpec(network="bridge", egress=[allowed]))
+    sh("nsenter", f"--net={rt.net.netns_path(sid)}", "nft", "delete", "table", "inet", "rock")
+    _, anyaddr = host_servers
+    others = [
+        f"{outside.denied}:{OUT_PORT}",
+        f"{outside.allowed}:{OTHER_PORT}",
+        f"{rt.net.gateway}:{anyaddr.port}",
+        f"{outside.host_ip}:{anyaddr.port}",
+    ]
+    verdicts = await probe(h, allowed, *others)
+    assert verdicts[allowed] == f"OK outside-{allowed}", verdicts
+    assert not any(reached(verdicts[t]) for t in others), verdicts
+
+
 async def test_sandbox_cannot_change_its_network(rt):
     _, h = await started(rt, SandboxSpec(network="bridge"))
     for cmd in (
@@ -207,6 +225,7 @@ async def test_nothing_is_left_after_remove(rt):
     sid, h = await started(rt, SandboxSpec(network="bridge", egress=["10.99.0.0/16"]))
     addr = rt.net.address(sid)
     assert host_state(rt.net, sid) == {"netns": True, "veth": True, "lease": addr}
+    assert f"{addr} . 10.99.0.0/16" in sh("nft", "list", "table", "inet", rt.net.table)
     await rt.remove(sid)
     assert host_state(rt.net, sid)["netns"] is False
     assert host_state(rt.net, sid)["lease"] is None
@@ -229,6 +248,9 @@ async def test_a_new_worker_removes_the_leftovers_of_gone_sandboxes(tmp_path, oc
         assert host_state(second.net, "t-orphan")["lease"] is None
         wait_until(lambda: not host_state(second.net, "t-orphan")["veth"], what="veth gone")
         assert host_state(second.net, kept)["netns"] is True  # adopted, not removed
+        kept_addr = second.net.address(kept)
+        table = sh("nft", "list", "table", "inet", second.net.table)  # replaced at set-up
+        assert f"{kept_addr} . 0.0.0.0/0" in table  # with the adopted sandbox's allow-list
         await second.close()
 
 

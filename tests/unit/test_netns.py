@@ -183,3 +183,18 @@ async def test_the_local_runtime_refuses_an_egress_it_cannot_enforce(tmp_path):
         assert await runtime.list() == []
     finally:
         await runtime.close()
+
+
+def test_host_elements_collapse_per_port():
+    bridge = net()
+    allow = bridge.check(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.7:443", "192.0.2.0/24:443"])
+    lines = bridge.host_elements("10.215.7.9", allow)
+    assert lines == [
+        "add element inet rock-rkunit known { 10.215.7.9 }",
+        "add element inet rock-rkunit allow { 10.215.7.9 . 10.0.0.0/8 }",
+        "add element inet rock-rkunit allow_port { 10.215.7.9 . 192.0.2.0/24 . tcp . 443, "
+        "10.215.7.9 . 192.0.2.0/24 . udp . 443 }",
+    ]
+    assert bridge.host_elements("10.215.7.9", []) == [
+        "add element inet rock-rkunit known { 10.215.7.9 }"
+    ]
