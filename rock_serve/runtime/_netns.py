@@ -167,6 +167,32 @@ def _run(argv: Sequence[str], stdin: str | None = None, check: bool = True) -> s
     return proc.stdout
 
 
+def _spawn(argv: Sequence[str], stdin: str) -> subprocess.Popen[str]:
+    """Start ``argv`` with ``stdin`` already in its pipe (it must fit: < 64 KiB); see _reap."""
+    data = stdin.encode()
+    if len(data) >= 65536:
+        raise RuntimeUnavailable(f"{argv[0]}: input too large to pipe ({len(data)} bytes)")
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+    finally:
+        os.close(w)
+    try:
+        return subprocess.Popen(
+            argv, stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(r)
+
+
+def _reap(proc: subprocess.Popen[str], check: bool = True) -> None:
+    """Wait for a process of :func:`_spawn`; raise like :func:`_run` when it failed."""
+    _, err = proc.communicate()
+    if check and proc.returncode != 0:
+        cmd = " ".join(map(str, proc.args))  # type: ignore[arg-type]
+        raise RuntimeUnavailable(f"{cmd} failed ({proc.returncode}): {err.strip()}")
+
+
 def _write_sysctl(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
@@ -516,6 +542,13 @@ table inet rock {{
         name, veth = self.netns(sandbox_id), self.veth(sandbox_id)
         if os.path.isdir(f"/sys/class/net/{veth}"):  # of the same id, removed a moment ago
             _run(["ip", "link", "del", veth], check=False)
+        elements = self.host_elements(addr, allow)
+        stale = self._drop_elements(addr)  # of an earlier namespace of this sandbox, if any
+        if stale is not None:
+            _reap(stale, check=False)  # absent: nothing to delete
+        self._write_lease(addr, sandbox_id, elements)  # first: remove() finds them
+        # The host's copy of the allow-list needs no namespace: load it meanwhile.
+        host_copy = _spawn(["nft", "-f", "-"], "\n".join(elements) + "\n")
         try:
             host = [
                 f"netns add {name}",
@@ -534,22 +567,29 @@ table inet rock {{
             ]
             _run(["ip", "-n", name, "-b", "-"], "\n".join(inside) + "\n")
             self.apply(self.netns_path(sandbox_id), allow)
-            elements = self.host_elements(addr, allow)
-            self._drop_elements(addr)  # of an earlier namespace of this sandbox, if any
-            self._write_lease(addr, sandbox_id, elements)  # first: remove() finds them
-            _run(["nft", "-f", "-"], "\n".join(elements) + "\n")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _reap(host_copy, check=False)
+                self.remove(sandbox_id)
+            raise
+        try:
+            _reap(host_copy)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.remove(sandbox_id)
             raise
         return addr
 
-    def _drop_elements(self, addr: str) -> None:
-        """Delete the host's copy of the allow-list leased with ``addr`` (if it is there)."""
+    def _drop_elements(self, addr: str) -> subprocess.Popen[str] | None:
+        """Delete the host's copy of the allow-list leased with ``addr``, if it has one.
+
+        Returns the running ``nft`` (for the caller to :func:`_reap`), or None.
+        """
         lines = self._read_elements(addr)
-        if lines:
-            batch = "\n".join(line.replace("add element", "delete element", 1) for line in lines)
-            _run(["nft", "-f", "-"], batch + "\n", check=False)  # absent: nothing to delete
+        if not lines:
+            return None
+        batch = "\n".join(line.replace("add element", "delete element", 1) for line in lines)
+        return _spawn(["nft", "-f", "-"], batch + "\n")
 
     def apply(self, netns_path: str, allow: Sequence[EgressRule]) -> None:
         """Load the allow-list table into the namespace at ``netns_path`` (replacing it)."""
@@ -568,11 +608,15 @@ table inet rock {{
         sandbox's table, once its last process is gone (the caller killed them): that happens
         in the background, a few ms later (an ``ip link del`` first would wait ~30 ms for it).
         """
-        if os.path.exists(self.netns_path(sandbox_id)):
-            _run(["ip", "netns", "del", self.netns(sandbox_id)])
         addr = self.address(sandbox_id)
+        dropping = self._drop_elements(addr) if addr is not None else None  # runs meanwhile
+        try:
+            if os.path.exists(self.netns_path(sandbox_id)):
+                _run(["ip", "netns", "del", self.netns(sandbox_id)])
+        finally:
+            if dropping is not None:
+                _reap(dropping, check=False)  # absent (a replaced table): nothing to delete
         if addr is not None:
-            self._drop_elements(addr)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.lease_dir, addr))
         with contextlib.suppress(FileNotFoundError):
