@@ -352,8 +352,13 @@ class DockerRuntimeConfig(_Config):
         "(and no-new-privileges is set).",
     )
     default_resources: Resources = Field(
-        default_factory=lambda: Resources(memory_mb=4096, pids=4096),
+        default_factory=lambda: Resources(cpus=1.0, memory_mb=4096, pids=4096),
         description="Limits for fields a spec leaves unset.",
+    )
+    seccomp: bool = Field(
+        default=True,
+        description="Require the daemon's seccomp support and keep Docker's default profile "
+        "on every container; a spec may opt out with seccomp 'unconfined' (admins only).",
     )
     keepalive: list[str] = Field(
         default_factory=lambda: ["/.rock/keepalive"],

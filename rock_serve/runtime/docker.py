@@ -12,7 +12,11 @@ A sandbox ``<id>`` is the container ``<scope>.<id>`` (``scope`` from the config)
   per image by looking at the created container's files); when the image has none, this
   node's interpreter is also mounted read-only (``node_python``; see :func:`node_python`
   for what that needs).
-- Limits: ``nano_cpus``, ``mem_limit`` with ``memswap_limit`` equal (no swap), ``pids_limit``,
+- Hardening: Docker's defaults, checked: its seccomp profile (the daemon must support
+  seccomp unless ``seccomp: false``; a spec's ``seccomp: unconfined`` turns it off), its
+  masked and read-only ``/proc`` paths, no-new-privileges, capabilities as below.
+- Limits: ``nano_cpus`` (1 cpu by default), ``mem_limit`` with ``memswap_limit`` equal (no
+  swap), ``pids_limit``,
   a writable-layer size where the storage driver supports it (overlay2 only on xfs with
   pquota; otherwise ignored with one warning). Network ``none`` unless the spec asks for more
   and the config allows it. All capabilities dropped but ``capabilities``, no-new-privileges,
@@ -177,13 +181,23 @@ class DockerRuntime(Runtime):
             async with self._client_lock:
                 if self._client is None:
                     await self._call(self._probe_daemon)
-                    self._client = await self._call(
+                    client = await self._call(
                         docker.APIClient,
                         base_url=self.address.url,
                         version="auto",
                         timeout=self.config.timeout_seconds,
                         max_pool_size=_POOL_SIZE,
                     )
+                    if self.config.seccomp:
+                        info = await self._call(client.info)
+                        if not any("seccomp" in o for o in info.get("SecurityOptions") or []):
+                            client.close()
+                            raise InvalidConfig(
+                                "docker runtime: the daemon has no seccomp support, so "
+                                "containers would run without a syscall filter (set "
+                                "seccomp: false to accept that)"
+                            )
+                    self._client = client
         return self._client
 
     def _probe_daemon(self) -> None:
@@ -340,7 +354,10 @@ class DockerRuntime(Runtime):
             "network_mode": network_mode,
             "cap_drop": ["ALL"],
             "cap_add": list(cfg.capabilities),
-            "security_opt": ["no-new-privileges:true"],
+            # Docker's default seccomp profile (and AppArmor profile, where the host has
+            # AppArmor) apply unless the spec opted out (admins only, checked by the Admin).
+            "security_opt": ["no-new-privileges:true"]
+            + (["seccomp=unconfined"] if spec.seccomp == "unconfined" or not cfg.seccomp else []),
             "privileged": False,
             "mounts": mounts,
             "log_config": LogConfig(type="none"),
