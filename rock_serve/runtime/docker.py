@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import posixpath
 import socket
 import subprocess
@@ -92,6 +93,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The characters and shape of an image reference (name[:tag][@digest] or an image id); a
+#: host path ("/", "/var/lib") never is one.
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$")
 
 #: The offline test image built by ``scripts/build-test-image``.
 TEST_IMAGE = DOCKER_TEST_IMAGE
@@ -235,6 +240,8 @@ class DockerRuntime(Runtime):
             ImageNotFound: not on this node and not pullable (or policy ``never``).
             Timeout: the pull took longer than ``pull_timeout_seconds``.
         """
+        if not _REF.match(ref) or ".." in ref or "//" in ref:
+            raise ImageNotFound(f"image {ref!r} is not an image reference")
         api = await self._api()
         policy = self.config.pull
         if policy != "always":
