@@ -42,8 +42,8 @@ import contextlib
 import json
 import logging
 import os
-import re
 import posixpath
+import re
 import socket
 import subprocess
 import time
