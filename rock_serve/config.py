@@ -252,6 +252,27 @@ class BwrapRuntimeConfig(_Config):
         description="Apply the default seccomp profile (Docker's default equivalent) to "
         "every sandbox process; a spec may opt out with seccomp 'unconfined' (admins only).",
     )
+    userns: bool = Field(
+        default=True,
+        description="Run each sandbox in its own user namespace: ids 0..65535 inside map to "
+        "a host range of its own (uid_base + slot * 65536), lower layers through idmapped "
+        "mounts so files keep their owners. Needs Linux >= 5.19 and util-linux setpriv.",
+    )
+    uid_base: int = Field(
+        default=100_000, ge=1, description="First host uid/gid of the sandboxes' ranges."
+    )
+    roots_dir: str = Field(
+        default="/run/rock-serve/roots",
+        description="With userns: where each sandbox's root is bind-mounted (and the rocklet "
+        "installed) for bwrap, which runs as the sandbox's uid; its parents must be "
+        "traversable by any uid. Mode 0711: not listable.",
+    )
+    uid_slots: int = Field(
+        default=4096,
+        ge=1,
+        le=60_000,
+        description="How many ranges of 65536 ids there are: the most sandboxes at once.",
+    )
     masked_paths: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MASKED_PATHS),
         description="Paths under /proc and /sys hidden in sandboxes (Docker's masked paths): "

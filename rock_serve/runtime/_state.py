@@ -52,6 +52,9 @@ class SandboxMeta(BaseModel):
     stopped: bool = Field(default=False, description="stop() was called after the last start.")
     pid: int | None = Field(default=None, description="Host pid of the first process.")
     pid_start: int | None = Field(default=None, description="Start time of pid (clock ticks).")
+    uid_base: int | None = Field(
+        default=None, description="First host uid/gid of its user namespace's range, if any."
+    )
 
 
 def check_id(sandbox_id: str) -> str:

@@ -11,6 +11,11 @@ A sandbox ``<id>`` is:
   ``/lib*`` and a filtered ``/etc``, nothing else of the host); a spec's ``image`` may only
   name a directory under ``rootfs_allow``. Hidden paths of a configured rootfs are whiteouts
   and opaque directories in ``upper/``.
+- With ``userns`` (the default): a host uid/gid range of its own (``_userns``: ids 0..65535
+  inside are ``uid_base + slot * 65536 + ...`` on the host), lower layers mounted idmapped
+  at ``lower<i>/`` so files keep their owners, and ``merged/`` bind-mounted at
+  ``<roots_dir>/<id>``, where bwrap, started as the sandbox's uid by ``setpriv``, finds it
+  and joins the slot's user namespace (``--userns``): no process of a sandbox is host root.
 - ``<hierarchy>/<cgroup_parent>/<id>`` in each cgroup hierarchy it needs, with its limits.
 - A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and (unless the spec asks for
   and the config allows network) net namespace, ``--die-with-parent``, capabilities reduced
@@ -40,6 +45,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import glob
+import hashlib
 import logging
 import os
 import posixpath
@@ -75,6 +81,7 @@ from rock_serve.runtime._state import (
     write_meta,
 )
 from rock_serve.runtime._sync import run_sync
+from rock_serve.runtime._userns import SlotPool, idmapped_mount, userns_file
 from rock_serve.runtime.base import Runtime
 
 __all__ = ["AGENT_MOUNT", "BwrapRuntime", "mounts_under"]
@@ -88,18 +95,21 @@ START_TIMEOUT = 30.0
 _MNT_DETACH = 2
 _OPAQUE = "trusted.overlay.opaque"
 #: Runs as the sandbox's host-side first process: joins the cgroups, then becomes bwrap with
-#: the seccomp program on fd 8 and the env file on fd 9 (dash takes one-digit fds).
+#: the seccomp program on fd 8, the env file on fd 9 and, with a user namespace, that
+#: namespace on fd 7, the root (merged/) on fd 6 and the rocklet's dir on fd 5: opened here,
+#: as host root, since bwrap runs as the sandbox's own uid (dash takes one-digit fds).
 _JOIN_AND_EXEC = (
-    "s=$1 e=$2; shift 2; "
+    "s=$1 e=$2 u=$3 m=$4 a=$5; shift 5; "
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; '
-    'exec "$@" 8<"$s" 9<"$e"'
+    'exec "$@" 8<"$s" 9<"$e" 7<"$u" 6<"$m" 5<"$a"'
 )
 _SECCOMP_FD = 8
 _ENV_FD = 9
-#: Prepended to the rocklet's boot code: the environment comes from fd 11 (``key\0value\0``
-#: pairs), which is then closed, as is the seccomp fd.
+#: Prepended to the rocklet's boot code: the environment comes from fd 9 (``key\0value\0``
+#: pairs), which is then closed, as are fds 5-8; then the capability bounding set is reduced
+#: to the effective set.
 _ENV_BOOT = (
-    "import os;_f=os.fdopen(9,'rb');_d=_f.read().split(b'\\0');_f.close();os.closerange(8,9);"
+    "import os;_f=os.fdopen(9,'rb');_d=_f.read().split(b'\\0');_f.close();os.closerange(5,9);"
     "os.environ.clear();[os.environb.__setitem__(_d[i],_d[i+1]) for i in range(0,len(_d)-1,2)];"
     "del _f,_d;"
     # Capability bounding set := the effective set (PR_CAPBSET_DROP; bwrap keeps it full).
@@ -109,6 +119,7 @@ _ENV_BOOT = (
 )
 _MS_NOSUID = 2
 _MS_NODEV = 4
+_MS_BIND = 4096
 
 
 def _libc() -> ctypes.CDLL:
@@ -203,12 +214,12 @@ class _Hide:
         self.is_dir = stat.S_ISDIR(st.st_mode)
         self.mode, self.uid, self.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
-    def apply(self, upper: str) -> None:
+    def apply(self, upper: str, shift: int = 0) -> None:
         target = os.path.join(upper, self.rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if self.is_dir:
             os.mkdir(target, self.mode)
-            os.chown(target, self.uid, self.gid)
+            os.chown(target, self.uid + shift, self.gid + shift)
             os.chmod(target, self.mode)
             os.setxattr(target, _OPAQUE, b"y")
         else:
@@ -285,6 +296,9 @@ class BwrapRuntime(Runtime):
                 self._masks += ["--ro-bind", p, p]
         self._mkfs = shutil.which("mkfs.ext4") or ""
         self._mount_bin = shutil.which("mount") or ""
+        self.slots: SlotPool | None = None
+        if config.userns:
+            self._init_userns()
         self._handles: dict[str, RockletHandle] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -327,6 +341,48 @@ class BwrapRuntime(Runtime):
         except OSError as exc:
             raise InvalidConfig(f"bwrap runtime: cannot mount a tmpfs at {base}: {exc}") from None
         return base
+
+    def _init_userns(self) -> None:
+        """Check that user namespaces and idmapped mounts work here; note the taken ranges."""
+        cfg = self.config
+        self._setpriv = shutil.which("setpriv") or ""
+        self._unshare = shutil.which("unshare") or ""
+        if not self._setpriv or not self._unshare:
+            raise InvalidConfig("bwrap runtime: userns needs setpriv and unshare (util-linux)")
+        self.slots = SlotPool(cfg.uid_base, cfg.uid_slots)
+        # bwrap runs as the sandbox's uid and resolves the paths it binds: the roots (a bind
+        # of each merged/) and the rocklet live under roots_dir, traversable but not listable.
+        self.roots_dir = os.path.realpath(cfg.roots_dir)
+        _check_path_option(self.roots_dir, "roots_dir")
+        os.makedirs(self.roots_dir, mode=0o711, exist_ok=True)
+        os.chmod(self.roots_dir, 0o711)
+        key = hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]
+        self.agent_dir = install_agent(os.path.join(self.roots_dir, f".agent-{key}"))
+        os.chmod(self.agent_dir, 0o755)
+        self.userns_dir = os.path.join(self.state_dir, ".userns")
+        os.makedirs(self.userns_dir, mode=0o700, exist_ok=True)
+        for meta in list_metas(self.state_dir, self.name):
+            if meta.uid_base is not None:
+                self.slots.mark(meta.uid_base)
+        probe = os.path.join(self.state_dir, ".idmap-probe")
+        os.makedirs(probe, mode=0o700, exist_ok=True)
+        try:
+            ns = userns_file(self.userns_dir, self.slots.base_of(0), self._setpriv, self._unshare)
+            idmapped_mount(self.agent_dir, probe, ns)
+            _sys_umount(probe, _MNT_DETACH)
+        except (OSError, RuntimeUnavailable) as exc:
+            raise InvalidConfig(
+                f"bwrap runtime: user namespaces with idmapped mounts do not work here ({exc}); "
+                "they need Linux >= 5.19 and a state dir on ext4/xfs/btrfs/tmpfs, or set "
+                "userns: false"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(probe)
+
+    def _userns(self, base: int) -> str:
+        assert self.slots is not None
+        return userns_file(self.userns_dir, base, self._setpriv, self._unshare)
 
     def _hide_targets(self, lower: str) -> list[str]:
         """The real paths under ``lower`` that ``hide_paths`` (and the state dir) name."""
@@ -403,6 +459,7 @@ class BwrapRuntime(Runtime):
             os.mkdir(path, 0o700)
         except FileExistsError:
             raise Conflict(f"sandbox {sandbox_id!r} exists already") from None
+        uid_base = self.slots.take() if self.slots is not None else None
         try:
             resources = self._resources(spec)
             os.mkdir(os.path.join(path, "merged"), 0o755)
@@ -411,10 +468,12 @@ class BwrapRuntime(Runtime):
             rw = self._rw_dir(path)
             for sub in ("upper", "work"):
                 os.mkdir(os.path.join(rw, sub), 0o755)
+            if uid_base is not None:
+                os.chown(os.path.join(rw, "upper"), uid_base, uid_base)  # the sandbox's root
             if self.skeleton is None or spec.image is not None:
                 for hide in self._hidden(lower[0]):
-                    hide.apply(os.path.join(rw, "upper"))
-            self._mount(path, lower)
+                    hide.apply(os.path.join(rw, "upper"), uid_base or 0)
+            self._mount(path, lower, uid_base)
             self._cgroup(sandbox_id).create(resources)
             meta = SandboxMeta(
                 id=sandbox_id,
@@ -422,11 +481,14 @@ class BwrapRuntime(Runtime):
                 image=spec.image,
                 labels=labels_for(sandbox_id, spec, self.name),
                 spec=spec.model_dump(mode="json"),
+                uid_base=uid_base,
             )
             write_meta(path, meta)
         except BaseException:
             with contextlib.suppress(Exception):
                 self._remove_sync(sandbox_id)
+            if uid_base is not None and self.slots is not None:
+                self.slots.free(uid_base)
             raise
         return meta
 
@@ -453,9 +515,40 @@ class BwrapRuntime(Runtime):
         image, target = os.path.join(path, "disk.img"), os.path.join(path, "disk")
         _run([self._mount_bin, "-o", "loop,nodev,nosuid", image, target])
 
-    def _mount(self, path: str, lower: list[str]) -> None:
+    def _mount(self, path: str, lower: list[str], uid_base: int | None = None) -> None:
         merged = os.path.join(path, "merged")
         rw = self._rw_dir(path)
+        if uid_base is not None:
+            # Each lower layer through an idmapped mount: ids 0..65535 of the rootfs appear
+            # as the sandbox's range, so files keep their owners inside.
+            ns = self._userns(uid_base)
+            mapped = []
+            for i, layer in enumerate(lower):
+                target = os.path.join(path, f"lower{i}")
+                if not os.path.isdir(target):
+                    os.mkdir(target, 0o700)
+                if not os.path.ismount(target):
+                    try:
+                        idmapped_mount(layer, target, ns)
+                    except OSError as exc:
+                        raise RuntimeUnavailable(f"cannot idmap {layer}: {exc}") from None
+                mapped.append(target)
+            lower = mapped
+        self._overlay(merged, lower, rw)
+        if uid_base is not None:
+            link = self._root_link(os.path.basename(path))
+            if not os.path.isdir(link):
+                os.mkdir(link, 0o700)
+            if not os.path.ismount(link):
+                _sys_mount(merged, link, "", "", _MS_BIND)
+
+    def _root_link(self, sandbox_id: str) -> str:
+        """Where bwrap (running as the sandbox's uid) finds the sandbox's root."""
+        return os.path.join(self.roots_dir, sandbox_id)
+
+    def _overlay(self, merged: str, lower: list[str], rw: str) -> None:
+        if os.path.ismount(merged):
+            return
         opts = f"lowerdir={':'.join(lower)},upperdir={rw}/upper,workdir={rw}/work"
         try:
             _sys_mount("overlay", merged, "overlay", opts, _MS_NODEV | _MS_NOSUID)
@@ -468,10 +561,9 @@ class BwrapRuntime(Runtime):
     def _prepare_start(self, sandbox_id: str, meta: SandboxMeta, spec: SandboxSpec) -> Cgroup:
         """Re-create what a reboot loses (the mount, the cgroup) before a start."""
         path = self._dir(sandbox_id)
-        if not os.path.ismount(os.path.join(path, "merged")):
-            if os.path.exists(f"{path}/disk.img") and not os.path.ismount(f"{path}/disk"):
-                self._mount_disk(path)
-            self._mount(path, self._lower(spec))
+        if os.path.exists(f"{path}/disk.img") and not os.path.ismount(f"{path}/disk"):
+            self._mount_disk(path)
+        self._mount(path, self._lower(spec), meta.uid_base)
         cg = self._cgroup(sandbox_id)
         if not cg.exists():
             cg.create(self._resources(spec))
@@ -479,33 +571,54 @@ class BwrapRuntime(Runtime):
 
     def _remove_sync(self, sandbox_id: str) -> None:
         path = self._dir(sandbox_id)
+        meta = read_meta(path)
         cg = self._cgroup(sandbox_id)
         if cg.exists():
             cg.kill_all()
         if os.path.isdir(path):
             _unmount_all(path)
+        if self.slots is not None:
+            link = self._root_link(sandbox_id)
+            if os.path.lexists(link):
+                _unmount_all(link)
+                os.rmdir(link)
         if cg.exists():
             cg.remove()
         if os.path.isdir(path):
             if mounts_under(path):  # pragma: no cover - _unmount_all raised already
                 raise RuntimeUnavailable(f"refusing to delete {path}: something is mounted in it")
             shutil.rmtree(path)
+        if meta is not None and meta.uid_base is not None and self.slots is not None:
+            self.slots.free(meta.uid_base)
 
     # ------------------------------------------------------------------ argv
 
-    def argv(self, sandbox_id: str, spec: SandboxSpec, cg: Cgroup) -> list[str]:
-        """The full command that starts the sandbox (cgroup join, bwrap, rocklet)."""
+    def argv(
+        self, sandbox_id: str, spec: SandboxSpec, cg: Cgroup, uid_base: int | None = None
+    ) -> list[str]:
+        """The full command that starts the sandbox (cgroup join, bwrap, rocklet).
+
+        With ``uid_base`` bwrap runs as that host uid (``setpriv``) and joins the slot's user
+        namespace; its root and the rocklet's dir come as fds opened by the wrapper.
+        """
         cfg = self.config
         workdir = posixpath.normpath(spec.workdir)
         if not workdir.startswith("/"):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         path = self._dir(sandbox_id)
+        merged = os.path.join(path, "merged")
+        fds = ["/dev/null", "/dev/null", "/dev/null"]
         args = [self.bwrap, "--die-with-parent", "--new-session"]
+        if uid_base is not None:
+            ids = [f"--reuid={uid_base}", f"--regid={uid_base}", "--clear-groups"]
+            args = [self._setpriv, *ids, "--", *args, "--userns", "7"]
+            fds[0] = self._userns(uid_base)
         args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
         if spec.network == "none":
             args.append("--unshare-net")
         args += ["--hostname", sandbox_id[:63]]
-        args += ["--bind", os.path.join(self._dir(sandbox_id), "merged"), "/"]
+        root = self._root_link(sandbox_id) if uid_base is not None else merged
+        args += ["--bind", root, "/"]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/sys"]
         args += self._masks
         if self.layout.version == 2:
@@ -528,7 +641,7 @@ class BwrapRuntime(Runtime):
         rocklet[4] = _ENV_BOOT + rocklet[4]
         args += ["--", *rocklet]
         env_file = os.path.join(path, "env")
-        wrapper = ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", seccomp, env_file]
+        wrapper = ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", seccomp, env_file, *fds]
         return [*wrapper, *cg.procs_files, "--", *args]
 
     def sandbox_env(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, str]:
@@ -566,9 +679,14 @@ class BwrapRuntime(Runtime):
             raise Conflict(f"sandbox {sandbox_id!r} is running already")
         if cg.pids():
             await run_sync(cg.kill_all)  # stragglers of a sandbox whose bwrap is gone
-        if not os.path.ismount(os.path.join(self._dir(sandbox_id), "merged")) or not cg.exists():
+        mounted = os.path.ismount(os.path.join(self._dir(sandbox_id), "merged"))
+        if meta.uid_base is not None:
+            mounted = mounted and os.path.ismount(self._root_link(sandbox_id))
+        if not mounted or not cg.exists():
             cg = await run_sync(self._prepare_start, sandbox_id, meta, spec)
-        argv = self.argv(sandbox_id, spec, cg)
+        if meta.uid_base is not None:
+            await run_sync(self._userns, meta.uid_base)  # made again after a reboot
+        argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
         env_file = os.path.join(self._dir(sandbox_id), "env")
         _write_private(env_file, env_bytes(self.sandbox_env(sandbox_id, spec)))
         return await launch(
@@ -621,6 +739,10 @@ class BwrapRuntime(Runtime):
         The skeleton's tmpfs is detached: running sandboxes keep it while they need it.
         """
         self._handles.clear()
+        if self.slots is not None:
+            for name in os.listdir(self.userns_dir):
+                with contextlib.suppress(OSError):
+                    _sys_umount(os.path.join(self.userns_dir, name), _MNT_DETACH)
         if self.skeleton is not None and os.path.ismount(self.skeleton.base):
             with contextlib.suppress(OSError):
                 _sys_umount(self.skeleton.base, _MNT_DETACH)

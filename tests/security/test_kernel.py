@@ -10,6 +10,7 @@ attack that wrongly succeeds changes nothing.
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -216,3 +217,35 @@ async def test_device_nodes_cannot_reach_host_disks(sandbox):
 async def test_no_host_device_is_there(sandbox, path):
     _, _, h = sandbox
     assert (await sh(h, f"test -e {path}")).exit_code != 0
+
+
+async def test_sandbox_root_is_not_host_root(runtime):
+    """Each sandbox's ids map to a host range of its own; files keep their owners inside."""
+    if runtime.name != "bwrap":
+        pytest.skip("docker's default (no userns-remap) keeps container root = host uid 0")
+    from rock_serve.protocol import SandboxSpec
+    from rock_serve.runtime._state import read_meta
+
+    from .conftest import new_id
+
+    bases = []
+    for _ in range(2):
+        sid = new_id()
+        await runtime.create(sid, SandboxSpec())
+        h = await runtime.start(sid)
+        base = read_meta(os.path.join(runtime.state_dir, sid)).uid_base
+        assert base is not None and base >= 65536
+        bases.append(base)
+        inside = await sh(h, "id -u; stat -c %u /etc/passwd /usr/bin; echo x > /root/mine")
+        assert inside.stdout.split() == ["0", "0", "0"], inside
+        await sh(h, "sleep 30 >/dev/null 2>&1 &")
+        # On the host, no process of the sandbox runs as root: all run in its range.
+        uids = set()
+        for pid in runtime._cgroup(sid).pids():
+            with open(f"/proc/{pid}/status") as f:
+                line = next(x for x in f if x.startswith("Uid:"))
+            uids.update(int(u) for u in line.split()[1:])
+        assert uids and all(base <= u < base + 65536 for u in uids), (base, uids)
+        upper = os.path.join(runtime._rw_dir(os.path.join(runtime.state_dir, sid)), "upper")
+        assert os.stat(os.path.join(upper, "root", "mine")).st_uid == base
+    assert bases[0] != bases[1]
