@@ -46,6 +46,7 @@ from rock_serve.deployments._auth import (
     NamespaceGuard,
     authenticate_header_or_query,
     caller,
+    check_spec_privileges,
     set_caller,
 )
 from rock_serve.deployments._metrics import Metrics, metrics
@@ -478,6 +479,7 @@ class Admin:
         async with self._audited(
             request, principal, "create", status=201, env_keys=sorted(req.env), detail=detail
         ) as event:
+            check_spec_privileges(principal, req)
             record: SandboxRecord = await call(self._scheduler, "create", req, principal.namespace)
             event["sandbox_id"] = record.id
         self._guard.remember(record.id, record.namespace)

@@ -67,6 +67,12 @@ class SandboxSpec(WireModel):
     workdir: str = Field(default="/root", max_length=4096, description="Initial working dir.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
     owner: str = Field(default="", max_length=256, description="Who owns the sandbox.")
+    seccomp: Literal["default", "unconfined"] = Field(
+        default="default",
+        description="'default' applies the runtime's seccomp profile (Docker's default "
+        "equivalent) to every process; 'unconfined' turns it off and only an admin token "
+        "may ask for it (403 otherwise).",
+    )
 
 
 class SandboxInfo(WireModel):

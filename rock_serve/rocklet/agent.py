@@ -309,14 +309,14 @@ class Session:
         nonce = os.urandom(12).hex()
         marker = re.compile(b"\x1e" + nonce.encode() + b":(-?[0-9]+)\x1e")
         keep = len(nonce) + 16
-        r, w = os.pipe()
+        r, w, fifo = _stdin_fifo(nonce)
         self.stdin_w = w
         started = time.monotonic()
         script = (
             "IFS= read -r -d '' __rock_cmd <<'R%s'\n%s\nR%s\n"
-            '__rock_ret $__rock_rc; eval "$__rock_cmd" </proc/%d/fd/%d; __rock_rc=$?; '
+            "__rock_ret $__rock_rc; eval \"$__rock_cmd\" <'%s'; __rock_rc=$?; "
             "printf '\\036%s:%%d\\036' \"$__rock_rc\"\n"
-        ) % (nonce, command.replace("\0", ""), nonce, os.getpid(), r, nonce)
+        ) % (nonce, command.replace("\0", ""), nonce, fifo, nonce)
         self.proc.stdin.write(script.encode("utf-8", "surrogateescape"))
         capture = Capture(cap)
         emitted = 0
@@ -374,6 +374,7 @@ class Session:
             # w is closed exactly once, by _close_stdin: its number may be reused right after.
             self._close_stdin()
             os.close(r)
+            _unlink(fifo)
         ended = self.eof and not restarted
         return {
             "session": self.name,
@@ -1392,6 +1393,43 @@ async def _stdio_on(out_fd):
     return reader, writer
 
 
+def _stdin_fifo(nonce):
+    """A FIFO for one session command's stdin: ``(read end, write end, path)``.
+
+    The rocklet is not dumpable, so its sessions cannot open ``/proc/<rocklet>/fd/N``; the
+    read end stays open here until the command ends (so the open never blocks), and closing
+    the write end gives the command EOF.
+    """
+    base = os.path.join(os.environ.get("TMPDIR") or "/tmp", ".rocklet-%d" % os.getpid())
+    path = os.path.join(base, nonce)
+    try:
+        os.mkfifo(path, 0o600)
+    except FileNotFoundError:
+        os.makedirs(base, 0o700, exist_ok=True)
+        os.mkfifo(path, 0o600)
+    r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    return r, os.open(path, os.O_WRONLY), path
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _not_dumpable():
+    """PR_SET_DUMPABLE 0: sandbox code without CAP_SYS_PTRACE cannot ptrace the rocklet or
+    read its /proc/PID/mem (children it starts are dumpable again after their exec).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    except Exception:  # not Linux, or no ctypes in this Python: nothing to protect with
+        pass
+
+
 def main(argv=None):
     """Command-line entry: ``python3 agent.py [--root DIR]``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1408,6 +1446,7 @@ def main(argv=None):
         sys.stderr.write("usage: agent.py [--root DIR]\n")
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _not_dumpable()
     try:
         asyncio.run(amain(root))
     except KeyboardInterrupt:
