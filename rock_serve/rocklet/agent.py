@@ -46,6 +46,8 @@ CHUNK = 256 << 10
 READ_SIZE = 256 << 10
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_OUTPUT = 1 << 20
+#: Sessions one agent keeps at once unless the host asks for another bound (``max_sessions``).
+DEFAULT_MAX_SESSIONS = 32
 #: Seconds between SIGINT and SIGKILL of a timed-out command, and before a shell restart.
 KILL_GRACE = 1.0
 SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -64,6 +66,14 @@ class FrameError(Exception):
     """A frame could not be decoded; the stream cannot be trusted after it."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame's prefix announces more than the limits; its bytes can still be skipped."""
+
+    def __init__(self, head_len, payload_len):
+        super().__init__("frame too large: header %d, payload %d" % (head_len, payload_len))
+        self.size = head_len + payload_len
+
+
 async def read_frame(
     reader: "asyncio.StreamReader",
 ) -> "tuple[dict[str, Any], bytes] | None":
@@ -76,7 +86,7 @@ async def read_frame(
         return None
     head_len, payload_len = HEADER.unpack(prefix)
     if head_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
-        raise FrameError("frame too large: header %d, payload %d" % (head_len, payload_len))
+        raise FrameTooLarge(head_len, payload_len)
     try:
         head = await reader.readexactly(head_len)
         payload = await reader.readexactly(payload_len) if payload_len else b""
@@ -91,6 +101,16 @@ async def read_frame(
     return header, payload
 
 
+async def _skip(reader, n):
+    """Discard ``n`` bytes of the stream; False on EOF first."""
+    while n > 0:
+        data = await reader.read(min(n, READ_SIZE))
+        if not data:
+            return False
+        n -= len(data)
+    return True
+
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -103,7 +123,24 @@ class AgentError(Exception):
         self.message = message
 
 
+#: Errors of a sandbox at one of its limits (pids, memory, open files, disk).
+_EXHAUSTED = {
+    errno.EAGAIN: "pids",
+    errno.ENOMEM: "memory",
+    errno.EMFILE: "files",
+    errno.ENFILE: "files",
+    errno.ENOSPC: "disk",
+    errno.EDQUOT: "disk",
+}
+
+
 def _os_error(exc, path=""):
+    if exc.errno in _EXHAUSTED:
+        return AgentError(
+            "resource_exhausted",
+            "%s: the sandbox is at its %s limit (%s)"
+            % (exc.strerror or exc, _EXHAUSTED[exc.errno], path or exc.filename or ""),
+        )
     code = {
         errno.ENOENT: "file_not_found",
         errno.EISDIR: "is_a_directory",
@@ -476,6 +513,19 @@ class Agent:
             while True:
                 try:
                     frame = await read_frame(self.reader)
+                except FrameTooLarge as exc:
+                    # Say so, skip its bytes and go on: a request too big must not kill us.
+                    self.send(
+                        {
+                            "id": None,
+                            "type": "error",
+                            "error": {"code": "too_large", "message": str(exc)},
+                        }
+                    )
+                    await self.flush()
+                    if not await _skip(self.reader, exc.size):
+                        break
+                    continue
                 except FrameError as exc:
                     self.send(
                         {
@@ -649,6 +699,12 @@ async def op_session_create(agent, rid, args, payload):
         raise AgentError("invalid_request", "bad session name %r" % name)
     if name in agent.sessions:
         raise AgentError("session_exists", "session %r exists already" % name)
+    cap = _require(args, "max_sessions", int, DEFAULT_MAX_SESSIONS)
+    if len(agent.sessions) >= cap:
+        raise AgentError(
+            "resource_exhausted",
+            "the sandbox has %d sessions, its limit: close one first" % len(agent.sessions),
+        )
     cwd = agent.path(args, "cwd") if args.get("cwd") else None
     if cwd is not None and not os.path.isdir(cwd):
         raise AgentError("file_not_found", "cwd %r is not a directory" % cwd)
@@ -802,26 +858,44 @@ def _run_in_thread(fn, *args):
     return asyncio.get_event_loop().run_in_executor(None, fn, *args)
 
 
+def _too_large(what, limit):
+    return AgentError("too_large", "%s is over the %d-byte limit of one read" % (what, limit))
+
+
 @op("file.read")
 async def op_file_read(agent, rid, args, payload):
+    """A file's bytes; ``max_bytes`` bounds them: a regular file over it is refused at once,
+    anything else (a device, a growing file) is cut off by a ``too_large`` error at the bound.
+    """
     path = agent.path(args)
     offset = int(_number(args, "offset", 0))
     length = args.get("length")
     length = None if length is None else int(_number(args, "length", 0))
+    limit = args.get("max_bytes")
+    limit = None if limit is None else int(_number(args, "max_bytes", 0))
     if os.path.isdir(path):
         raise AgentError("is_a_directory", "%s is a directory" % path)
     f = await _run_in_thread(open, path, "rb")
     try:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(offset)
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        want = length if length is not None else max(size - offset, 0)
+        if limit is not None and stat_mod.S_ISREG(st.st_mode) and want > limit:
+            raise _too_large(path, limit)
+        if offset:
+            f.seek(offset)
         remaining = length
         first = True
         sent = 0
         while remaining is None or remaining > 0:
             n = CHUNK if remaining is None else min(CHUNK, remaining)
+            if limit is not None:
+                n = min(n, limit + 1 - sent)  # one byte past the bound tells "over"
             data = await _run_in_thread(f.read, n)
             if not data:
                 break
+            if limit is not None and sent + len(data) > limit:
+                raise _too_large(path, limit)
             if remaining is not None:
                 remaining -= len(data)
             sent += len(data)
@@ -964,8 +1038,11 @@ class _QueueWriter:
         self.loop = loop
         self.queue = queue
         self.buf = bytearray()
+        self.stopped = False
 
     def write(self, data):
+        if self.stopped:
+            raise OSError(errno.ECANCELED, "the reader stopped")
         self.buf += data
         if len(self.buf) >= CHUNK:
             self._put(bytes(self.buf))
@@ -1013,6 +1090,8 @@ async def op_tar_download(agent, rid, args, payload):
     import threading
 
     path = agent.path(args)
+    limit = args.get("max_bytes")
+    limit = None if limit is None else int(_number(args, "max_bytes", 0))
     if not os.path.exists(path):
         raise AgentError("file_not_found", "no such file or directory: %s" % path)
     loop = asyncio.get_event_loop()
@@ -1032,12 +1111,23 @@ async def op_tar_download(agent, rid, args, payload):
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
-    while True:
-        data = await queue.get()
-        if data is None:
-            break
-        agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
-        await agent.flush()
+    sent = 0
+    try:
+        while True:
+            data = await queue.get()
+            if data is None:
+                break
+            sent += len(data)
+            if limit is not None and sent > limit:
+                raise AgentError(
+                    "too_large", "a tar of %s is over the %d-byte limit of one read" % (path, limit)
+                )
+            agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
+            await agent.flush()
+    finally:
+        writer.stopped = True  # the producer stops at its next write
+        while not queue.empty():
+            queue.get_nowait()
     if errors:
         raise errors[0]
     return {}
