@@ -174,7 +174,10 @@ async def test_sandboxes_do_not_see_each_other(runtime):
     for sid in (a, b):
         await runtime.create(sid, SandboxSpec())
     ha, hb = await runtime.start(a), await runtime.start(b)
-    await ha.exec(ExecRequest(command="echo a > /var/tmp/mine; sleep 30 &"))
+    # The background sleep must not hold the exec's output pipe (the exec would wait for it).
+    await ha.exec(ExecRequest(command="echo a > /var/tmp/mine; sleep 30 >/dev/null 2>&1 &"))
+    assert "sleep" in (await ha.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
+    assert (await hb.exec(ExecRequest(command="cat /proc/*/comm"))).exit_code == 0
     assert (await hb.exec(ExecRequest(command="cat /var/tmp/mine"))).exit_code != 0
     assert "sleep" not in (await hb.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
     for sid in (a, b):
