@@ -18,7 +18,7 @@ Agent -> host headers:
 
 - ``{"id": n, "type": "chunk", "stream": "output"|"stdout"|"stderr"|"data"}``: streamed bytes.
 - ``{"id": n, "type": "result", "data": {...}}``: the final reply (payload: bulk output).
-- ``{"id": n, "type": "error", "error": {"code", "message"}}``: the final error reply.
+- ``{"id": n, "type": "error", "error": {"code", "message", "details"?}}``: the final error reply.
 
 Many requests run at once; replies are matched by id. EOF on stdin closes every session and
 exits with status 0.
@@ -117,10 +117,17 @@ async def _skip(reader, n):
 class AgentError(Exception):
     """An error with a code from rock_serve.errors.ErrorCode."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, details=None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details
+
+    def body(self):
+        body = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
 
 
 #: Errors of a sandbox at one of its limits (pids, memory, open files, disk).
@@ -136,10 +143,12 @@ _EXHAUSTED = {
 
 def _os_error(exc, path=""):
     if exc.errno in _EXHAUSTED:
+        where = path or exc.filename
         return AgentError(
             "resource_exhausted",
-            "%s: the sandbox is at its %s limit (%s)"
-            % (exc.strerror or exc, _EXHAUSTED[exc.errno], path or exc.filename or ""),
+            "%s%s: the sandbox is at its %s limit"
+            % (exc.strerror or exc, " (%s)" % where if where else "", _EXHAUSTED[exc.errno]),
+            {"resource": _EXHAUSTED[exc.errno]},
         )
     code = {
         errno.ENOENT: "file_not_found",
@@ -608,14 +617,15 @@ class Agent:
         except asyncio.CancelledError:
             pass  # the host gave up on it (or the agent is shutting down): nobody waits
         except AgentError as exc:
-            self.send(
-                {"id": rid, "type": "error", "error": {"code": exc.code, "message": exc.message}}
-            )
+            self.send({"id": rid, "type": "error", "error": exc.body()})
         except OSError as exc:
-            err = _os_error(exc)
-            self.send(
-                {"id": rid, "type": "error", "error": {"code": err.code, "message": err.message}}
-            )
+            self.send({"id": rid, "type": "error", "error": _os_error(exc).body()})
+        except RuntimeError as exc:
+            # "can't start new thread": the sandbox is at its pids limit (threads count).
+            err = AgentError("internal", "%s: %s" % (type(exc).__name__, exc))
+            if "thread" in str(exc):
+                err = AgentError("resource_exhausted", err.message, {"resource": "pids"})
+            self.send({"id": rid, "type": "error", "error": err.body()})
         except Exception as exc:  # a bug: report it without a traceback
             self.send(
                 {
@@ -704,6 +714,7 @@ async def op_session_create(agent, rid, args, payload):
         raise AgentError(
             "resource_exhausted",
             "the sandbox has %d sessions, its limit: close one first" % len(agent.sessions),
+            {"resource": "sessions", "limit": cap},
         )
     cwd = agent.path(args, "cwd") if args.get("cwd") else None
     if cwd is not None and not os.path.isdir(cwd):
@@ -1465,8 +1476,25 @@ async def amain(root):
     # stdout belongs to the framing: anything else printing must go to stderr.
     out_fd = os.dup(1)
     os.dup2(2, 1)
+    _thread_free_child_watcher()
     reader, writer = await _stdio_on(out_fd)
     await Agent(reader, writer, root).serve()
+
+
+def _thread_free_child_watcher():
+    """Before 3.12, asyncio waits for each child in a thread of its own: under a pids limit
+    every session then costs two pids, and a thread that cannot start leaks the child. A
+    pidfd watcher (Linux >= 5.3; 3.12 picks it by itself) needs no thread.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_event_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 async def _stdio_on(out_fd):

@@ -303,8 +303,7 @@ class RockletHandle:
                 kind = header.get("type")
                 if kind == "error":
                     finished = True
-                    err = header.get("error") or {}
-                    raise error_class(str(err.get("code")))(str(err.get("message", "")))
+                    raise _error(header)
                 if kind == "result":
                     finished = True
                 yield header, data
@@ -620,8 +619,7 @@ class PtyProcess:
             kind = header.get("type")
             if kind == "error":
                 self._finish()
-                err = header.get("error") or {}
-                raise error_class(str(err.get("code")))(str(err.get("message", "")))
+                raise _error(header)
             if kind == "result":
                 self.exit_code = int((header.get("data") or {})["exit_code"])
                 self._finish()
@@ -667,6 +665,15 @@ class PtyProcess:
                 with contextlib.suppress(Exception):
                     h._send({"id": self._rid, "type": "cancel"})
             self._finish()
+
+
+def _error(header: dict[str, Any]) -> Exception:
+    """The typed error of a rocklet's error frame (its details kept)."""
+    err = header.get("error") or {}
+    details = err.get("details")
+    return error_class(str(err.get("code")))(
+        str(err.get("message", "")), **(details if isinstance(details, dict) else {})
+    )
 
 
 async def _chunks(blob: bytes) -> AsyncIterator[bytes]:
