@@ -591,14 +591,12 @@ class Worker:
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""
-        box = self._box(sandbox_id)
-        if not box.handle.alive and box.record.state == SandboxState.RUNNING:
-            with contextlib.suppress(RockError):
-                info = await box.runtime.inspect(sandbox_id)
-                state = info.state if info.state != SandboxState.RUNNING else SandboxState.FAILED
-                reason = info.reason or FailureReason.AGENT_EXITED
-                _step(box.record, state, self._clock(), reason.value)
-                box.record.reason = reason
+        box = self._boxes.get(sandbox_id)
+        if box is None:
+            raise self._not_found(sandbox_id)
+        self._touch(box, self._clock())
+        if not box.handle.alive:
+            await self._mark_failed(box)  # before its watcher does, if need be
         return box.record
 
     async def list(self) -> list[SandboxRecord]:
