@@ -890,7 +890,9 @@ async def op_file_read(agent, rid, args, payload):
     try:
         st = os.fstat(f.fileno())
         size = st.st_size
-        want = length if length is not None else max(size - offset, 0)
+        want = max(size - offset, 0)
+        if length is not None:
+            want = min(want, length)
         if limit is not None and stat_mod.S_ISREG(st.st_mode) and want > limit:
             raise _too_large(path, limit)
         if offset:

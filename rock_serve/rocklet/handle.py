@@ -209,15 +209,10 @@ class RockletHandle:
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         if len(head) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
             # The rocklet would drop it: refuse it here, where the caller gets the reason.
-            what = "arguments" if len(head) > MAX_HEADER else "input"
-            size, limit = (
-                (len(head), MAX_HEADER)
-                if what == "arguments"
-                else (
-                    len(payload),
-                    MAX_PAYLOAD,
-                )
-            )
+            if len(head) > MAX_HEADER:
+                what, size, limit = "arguments", len(head), MAX_HEADER
+            else:
+                what, size, limit = "input", len(payload), MAX_PAYLOAD
             raise TooLarge(
                 f"the request's {what} ({size} bytes) are over the rocklet's frame limit of "
                 f"{limit} bytes",

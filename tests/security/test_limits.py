@@ -145,6 +145,8 @@ async def test_file_reads_over_the_cap_are_refused_before_any_byte(worker: Worke
     with pytest.raises(TooLarge):
         await chunks.__anext__()  # refused before the first chunk: the REST reply is a 413
     assert len(await worker.read_file(sid, "fits")) == READ_CAP
+    handle = worker._box(sid).handle  # a length past the end is no reason to refuse
+    assert len(await handle.read_file("fits", length=4 * READ_CAP, max_bytes=READ_CAP)) == READ_CAP
     await _still_works(worker, sid)
 
 
