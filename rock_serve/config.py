@@ -451,6 +451,9 @@ class Quota(_Config):
     max_memory_mb: int | None = Field(
         default=None, ge=0, description="Sum of the sandboxes' ``resources.memory_mb``."
     )
+    max_disk_mb: int | None = Field(
+        default=None, ge=0, description="Sum of the sandboxes' ``resources.disk_mb``."
+    )
 
 
 #: Names of tokens and namespaces: short, printable, safe in logs, labels and metric tags.
@@ -647,6 +650,43 @@ class ServerArgs(_Config):
         description="Largest file or archive body one upload may carry, and one buffered read "
         "(SDK ``read_file``) may return. REST bodies are streamed, so this caps disk use, "
         "not memory.",
+    )
+    max_read_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Largest file or archive one read returns (REST download, SDK read_file, "
+        "Ray transport): a regular file over it is refused at once with too_large (413); a "
+        "stream of unknown size (a device such as /dev/zero, a growing file) is cut off there.",
+    )
+    max_request_bytes: int = Field(
+        default=16 << 20,
+        ge=1024,
+        description="Largest JSON request body the Admin accepts (413 too_large beyond it). "
+        "File and archive uploads are streamed and bounded by max_file_bytes instead.",
+    )
+    max_sessions_per_sandbox: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Bash sessions one sandbox may hold at once; one more is refused with "
+        "resource_exhausted (409).",
+    )
+    max_pids_per_sandbox: int = Field(
+        default=32_768,
+        ge=8,
+        description="Largest resources.pids a create may ask for on any node.",
+    )
+    rocklet_ping_interval_seconds: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="A rocklet silent for this long is pinged; None = never (only its exit "
+        "is noticed).",
+    )
+    rocklet_ping_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="A rocklet that does not answer a ping within this marks its sandbox "
+        "failed (reason agent_unresponsive); a stopped or wedged agent never stays 'running'.",
     )
     default_lease_seconds: float | None = Field(
         default=600.0,
