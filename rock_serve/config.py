@@ -296,7 +296,7 @@ class GvisorRuntimeConfig(DockerRuntimeConfig):
         description="Host directory the rocklet is installed into; bind-mounted read-only at "
         "/.rock in every container (the only host mount).",
     )
-    oci_runtime: str = Field(  # type: ignore[assignment]
+    oci_runtime: str = Field(
         default="runsc",
         min_length=1,
         description="Docker runtime name of runsc for sandboxes with network 'none': "

@@ -108,10 +108,10 @@ def host_stats(pid: int) -> dict[str, Any]:
     else:
         out["cgroup"] = "v1"
         if "cpu" in dirs:
-            quota = _read_int(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"))
-            period = _read_int(os.path.join(dirs["cpu"], "cpu.cfs_period_us"))
-            if quota is not None and quota > 0 and period:
-                out["cpu_limit"] = quota / period
+            cfs_quota = _read_int(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"))
+            cfs_period = _read_int(os.path.join(dirs["cpu"], "cpu.cfs_period_us"))
+            if cfs_quota is not None and cfs_quota > 0 and cfs_period:
+                out["cpu_limit"] = cfs_quota / cfs_period
         if "cpuacct" in dirs:
             usage = _read_int(os.path.join(dirs["cpuacct"], "cpuacct.usage"))
             if usage is not None:
