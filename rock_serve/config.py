@@ -300,7 +300,8 @@ class GvisorRuntimeConfig(DockerRuntimeConfig):
         default="runsc",
         min_length=1,
         description="Docker runtime name of runsc for sandboxes with network 'none': "
-        "registered with runtimeArgs ['--network=none'] (gVisor's own stack, loopback only). "
+        "registered with runtimeArgs ['--network=none', '--oci-seccomp'] (gVisor's own "
+        "stack, loopback only; Docker's seccomp profile enforced inside the sandbox too). "
         "runsc 2022 cannot use its netstack on kernels where net.core.rmem_default is per "
         "network namespace (it takes every namespace for the root one).",
     )
@@ -308,7 +309,7 @@ class GvisorRuntimeConfig(DockerRuntimeConfig):
         default="runsc-hostinet",
         min_length=1,
         description="Docker runtime name of runsc for sandboxes with network 'host' or "
-        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host'], so "
+        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host', '--oci-seccomp'], so "
         "gVisor passes socket calls to the container's network namespace (a smaller boundary "
         "for networking than for the rest). None = such specs are refused.",
     )

@@ -15,6 +15,10 @@ registers both through ``/etc/docker/daemon.json``):
 - ``network_oci_runtime`` (``runsc-hostinet``, ``--network=host``) for ``bridge`` and
   ``host`` (when ``allow_network``): socket calls go to the container's namespace.
 
+Both also get ``--oci-seccomp``: the Sentry applies Docker's default seccomp profile (which
+the daemon puts in every container's spec) to the sandbox's processes, so ``mount``,
+``unshare``, ``keyctl``... fail inside as under runc, on top of the Sentry's own boundary.
+
 Where gVisor differs from runc, and what this runtime does about it:
 
 - **Processes.** A sandbox process is a Sentry task backed by several host threads (about 9
