@@ -309,9 +309,10 @@ class GvisorRuntimeConfig(DockerRuntimeConfig):
         default="runsc-hostinet",
         min_length=1,
         description="Docker runtime name of runsc for sandboxes with network 'host' or "
-        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host', '--oci-seccomp'], so "
-        "gVisor passes socket calls to the container's network namespace (a smaller boundary "
-        "for networking than for the rest). None = such specs are refused.",
+        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host', "
+        "'--oci-seccomp'], so gVisor passes socket calls to the container's network "
+        "namespace (a smaller boundary for networking than for the rest). None = such specs "
+        "are refused.",
     )
 
     sentry_memory_mb: int = Field(
