@@ -157,6 +157,23 @@ async def test_attach_after_the_owner_dies(config):
         await first.close()
 
 
+async def test_commit_round_trip(rt, dapi):
+    """Writes through the gofer land in the container's layer: commit sees them."""
+    sid, h = await started(rt)
+    await h.write_file("/opt/made-here.txt", b"committed")
+    changed = {c["Path"] for c in dapi.diff(rt.container_name(sid))}
+    assert "/opt/made-here.txt" in changed
+    ref = await rt.commit(sid, f"rock-serve/test-gvisor-{uuid.uuid4().hex[:8]}", "v1")
+    try:
+        assert (await sh(h, "echo still running")).stdout == "still running\n"
+        _, h2 = await started(rt, SandboxSpec(image=ref))
+        assert await h2.read_file("/opt/made-here.txt") == b"committed"
+    finally:
+        for info in await rt.list():
+            await rt.remove(info.id)
+        dapi.remove_image(ref)
+
+
 async def test_network_spec_uses_the_hostinet_runsc(tmp_path, dapi):
     require_gvisor()
     rt = gvisor_config(str(tmp_path), allow_network=True).build()
