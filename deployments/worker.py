@@ -203,7 +203,7 @@ class Worker:
     # ------------------------------------------------------------------ warm pool
 
     def _warm_target(self) -> int:
-        if self._runtime is None or self._runtime.name == "docker":
+        if self._runtime is None or self._runtime.name in ("docker", "gvisor"):
             return 0
         room = self.args.max_sandboxes_per_node - len(self._boxes) - len(self._creating)
         return max(0, min(self.args.warm_pool_size, room))

@@ -31,6 +31,7 @@ __all__ = [
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
     "FakeRuntimeConfig",
+    "GvisorRuntimeConfig",
     "LocalRuntimeConfig",
     "RuntimeConfig",
     "ServerArgs",
@@ -415,8 +416,73 @@ class DockerRuntimeConfig(_Config):
         return DockerRuntime(self)
 
 
+class GvisorRuntimeConfig(DockerRuntimeConfig):
+    """The docker runtime with gVisor's ``runsc`` as the OCI runtime: a kernel boundary.
+
+    Every field of :class:`DockerRuntimeConfig` applies. Sandbox code talks to gVisor's
+    user-space kernel (the Sentry), not to the host's; the cost is measured by
+    ``bench/runtime.py``. The Docker daemon must have runsc registered under ``oci_runtime``
+    (and ``network_oci_runtime``): ``scripts/start-dockerd`` does both.
+    """
+
+    type: Literal["gvisor"] = Field(  # type: ignore[assignment]
+        default="gvisor", description="Selects the gvisor runtime."
+    )
+    scope: str = Field(
+        default="rock-gvisor",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="Marks this runtime's containers (label rock-serve.scope, name prefix "
+        "'<scope>.'): runtimes with other scopes on the same daemon never see them.",
+    )
+    agent_dir: str = Field(
+        default="/var/lib/rock-serve/gvisor/agent",
+        description="Host directory the rocklet is installed into; bind-mounted read-only at "
+        "/.rock in every container (the only host mount).",
+    )
+    oci_runtime: str = Field(
+        default="runsc",
+        min_length=1,
+        description="Docker runtime name of runsc for sandboxes with network 'none': "
+        "registered with runtimeArgs ['--network=none', '--oci-seccomp'] (gVisor's own "
+        "stack, loopback only; Docker's seccomp profile enforced inside the sandbox too). "
+        "runsc 2022 cannot use its netstack on kernels where net.core.rmem_default is per "
+        "network namespace (it takes every namespace for the root one).",
+    )
+    network_oci_runtime: str | None = Field(
+        default="runsc-hostinet",
+        min_length=1,
+        description="Docker runtime name of runsc for sandboxes with network 'host' or "
+        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host', "
+        "'--oci-seccomp'], so gVisor passes socket calls to the container's network "
+        "namespace (a smaller boundary for networking than for the rest). None = such specs "
+        "are refused.",
+    )
+
+    sentry_memory_mb: int = Field(
+        default=64,
+        ge=0,
+        le=4096,
+        description="Added to a sandbox's memory_mb in its host memory cgroup: gVisor's "
+        "kernel (the Sentry: its heap, page tables, about 0.6 MiB per sandbox process) is "
+        "charged there, where runc's processes charge only their own memory. Stats report "
+        "memory_mb as the limit.",
+    )
+
+    def build(self) -> Runtime:
+        """Create the runtime; installs the rocklet into agent_dir (no daemon call yet)."""
+        from rock_serve.runtime.gvisor import GvisorRuntime
+
+        return GvisorRuntime(self)
+
+
 #: Any one runtime config.
-AnyRuntimeConfig = FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
+AnyRuntimeConfig = (
+    FakeRuntimeConfig
+    | LocalRuntimeConfig
+    | BwrapRuntimeConfig
+    | DockerRuntimeConfig
+    | GvisorRuntimeConfig
+)
 
 RuntimeConfig = Annotated[
     AnyRuntimeConfig,
