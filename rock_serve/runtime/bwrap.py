@@ -17,8 +17,9 @@ A sandbox ``<id>`` is:
   ``<roots_dir>/<id>``, where bwrap, started as the sandbox's uid by ``setpriv``, finds it
   and joins the slot's user namespace (``--userns``): no process of a sandbox is host root.
 - ``<hierarchy>/<cgroup_parent>/<id>`` in each cgroup hierarchy it needs, with its limits.
-- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and (unless the spec asks for
-  and the config allows network) net namespace, ``--die-with-parent``, capabilities reduced
+- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and net namespace (network
+  ``none``: bwrap's, loopback only; ``bridge``: the one :mod:`._netns` made, joined with
+  ``nsenter`` before bwrap runs; never the host's), ``--die-with-parent``, capabilities reduced
   to a Docker-like set, ``merged/`` as ``/``, a fresh ``/proc``, ``/dev`` and tmpfs ``/tmp``.
   It runs the rocklet from ``/.rock`` (agent.py and its .pyc, bind-mounted read-only)
   as the sandbox's first process. Docker's hardening on top: ``/proc/sys``, ``/proc/irq``,
