@@ -784,6 +784,13 @@ class ServerArgs(_Config):
         "Ray transport): a regular file over it is refused at once with too_large (413); a "
         "stream of unknown size (a device such as /dev/zero, a growing file) is cut off there.",
     )
+    max_output_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        description="Most output one command may return per stream (exec stdout and stderr, "
+        "a session's merged output): a request asking for more is held to this, and its "
+        "result says truncated=true when the output went past it.",
+    )
     max_request_bytes: int = Field(
         default=16 << 20,
         ge=1024,
