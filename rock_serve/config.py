@@ -31,6 +31,7 @@ __all__ = [
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
     "FakeRuntimeConfig",
+    "GvisorRuntimeConfig",
     "LocalRuntimeConfig",
     "RuntimeConfig",
     "ServerArgs",
@@ -412,13 +413,81 @@ class DockerRuntimeConfig(_Config):
 
     def build(self) -> Runtime:
         """Create the runtime; installs the rocklet into agent_dir (no daemon call yet)."""
+        from rock_serve._extras import require
+
+        require("docker", "docker", "the docker runtime")
         from rock_serve.runtime.docker import DockerRuntime
 
         return DockerRuntime(self)
 
 
+class GvisorRuntimeConfig(DockerRuntimeConfig):
+    """The docker runtime with gVisor's ``runsc`` as the OCI runtime: a kernel boundary.
+
+    Every field of :class:`DockerRuntimeConfig` applies. Sandbox code talks to gVisor's
+    user-space kernel (the Sentry), not to the host's; the cost is measured by
+    ``bench/runtime.py``. The Docker daemon must have runsc registered under ``oci_runtime``
+    (and ``network_oci_runtime``): ``scripts/start-dockerd`` does both.
+    """
+
+    type: Literal["gvisor"] = Field(  # type: ignore[assignment]
+        default="gvisor", description="Selects the gvisor runtime."
+    )
+    scope: str = Field(
+        default="rock-gvisor",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="Marks this runtime's containers (label rock-serve.scope, name prefix "
+        "'<scope>.'): runtimes with other scopes on the same daemon never see them.",
+    )
+    agent_dir: str = Field(
+        default="/var/lib/rock-serve/gvisor/agent",
+        description="Host directory the rocklet is installed into; bind-mounted read-only at "
+        "/.rock in every container (the only host mount).",
+    )
+    oci_runtime: str = Field(
+        default="runsc",
+        min_length=1,
+        description="Docker runtime name of runsc for sandboxes with network 'none': "
+        "registered with runtimeArgs ['--network=none', '--oci-seccomp'] (gVisor's own "
+        "stack, loopback only; Docker's seccomp profile enforced inside the sandbox too). "
+        "runsc 2022 cannot use its netstack on kernels where net.core.rmem_default is per "
+        "network namespace (it takes every namespace for the root one).",
+    )
+    network_oci_runtime: str | None = Field(
+        default="runsc-hostinet",
+        min_length=1,
+        description="Docker runtime name of runsc for sandboxes with network 'host' or "
+        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host', "
+        "'--oci-seccomp'], so gVisor passes socket calls to the container's network "
+        "namespace (a smaller boundary for networking than for the rest). None = such specs "
+        "are refused.",
+    )
+
+    sentry_memory_mb: int = Field(
+        default=64,
+        ge=0,
+        le=4096,
+        description="Added to a sandbox's memory_mb in its host memory cgroup: gVisor's "
+        "kernel (the Sentry: its heap, page tables, about 0.6 MiB per sandbox process) is "
+        "charged there, where runc's processes charge only their own memory. Stats report "
+        "memory_mb as the limit.",
+    )
+
+    def build(self) -> Runtime:
+        """Create the runtime; installs the rocklet into agent_dir (no daemon call yet)."""
+        from rock_serve.runtime.gvisor import GvisorRuntime
+
+        return GvisorRuntime(self)
+
+
 #: Any one runtime config.
-AnyRuntimeConfig = FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
+AnyRuntimeConfig = (
+    FakeRuntimeConfig
+    | LocalRuntimeConfig
+    | BwrapRuntimeConfig
+    | DockerRuntimeConfig
+    | GvisorRuntimeConfig
+)
 
 RuntimeConfig = Annotated[
     AnyRuntimeConfig,
@@ -452,6 +521,9 @@ class Quota(_Config):
     )
     max_memory_mb: int | None = Field(
         default=None, ge=0, description="Sum of the sandboxes' ``resources.memory_mb``."
+    )
+    max_disk_mb: int | None = Field(
+        default=None, ge=0, description="Sum of the sandboxes' ``resources.disk_mb``."
     )
 
 
@@ -649,6 +721,43 @@ class ServerArgs(_Config):
         description="Largest file or archive body one upload may carry, and one buffered read "
         "(SDK ``read_file``) may return. REST bodies are streamed, so this caps disk use, "
         "not memory.",
+    )
+    max_read_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Largest file or archive one read returns (REST download, SDK read_file, "
+        "Ray transport): a regular file over it is refused at once with too_large (413); a "
+        "stream of unknown size (a device such as /dev/zero, a growing file) is cut off there.",
+    )
+    max_request_bytes: int = Field(
+        default=16 << 20,
+        ge=1024,
+        description="Largest JSON request body the Admin accepts (413 too_large beyond it). "
+        "File and archive uploads are streamed and bounded by max_file_bytes instead.",
+    )
+    max_sessions_per_sandbox: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Bash sessions one sandbox may hold at once; one more is refused with "
+        "resource_exhausted (409).",
+    )
+    max_pids_per_sandbox: int = Field(
+        default=32_768,
+        ge=8,
+        description="Largest resources.pids a create may ask for on any node.",
+    )
+    rocklet_ping_interval_seconds: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="A rocklet silent for this long is pinged; None = never (only its exit "
+        "is noticed).",
+    )
+    rocklet_ping_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="A rocklet that does not answer a ping within this marks its sandbox "
+        "failed (reason agent_unresponsive); a stopped or wedged agent never stays 'running'.",
     )
     default_lease_seconds: float | None = Field(
         default=600.0,

@@ -567,7 +567,7 @@ class DockerRuntime(Runtime):
         raw, writer = await open_exec(
             self.address, api.api_version, exec_id, timeout=self.config.timeout_seconds
         )
-        handle = ExecRocklet(raw, writer, name=sandbox_id, exec_id=exec_id)
+        handle = await self._new_handle(raw, writer, sandbox_id, exec_id)
         old = self._handles.get(sandbox_id)
         self._handles[sandbox_id] = handle
         self._exec_ids[sandbox_id] = exec_id
@@ -583,6 +583,16 @@ class DockerRuntime(Runtime):
                 f"{handle.stderr_tail() or '(no output)'}"
             ) from None
         return handle
+
+    async def _new_handle(
+        self,
+        raw: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sandbox_id: str,
+        exec_id: str,
+    ) -> ExecRocklet:
+        """The handle over a fresh rocklet exec's connection (a subclass may add to it)."""
+        return ExecRocklet(raw, writer, name=sandbox_id, exec_id=exec_id)
 
     async def stop(self, sandbox_id: str) -> None:
         """Stop the container (SIGTERM to its init, SIGKILL after ``stop_timeout_seconds``).
