@@ -310,6 +310,11 @@ class BwrapRuntimeConfig(_Config):
     uid_base: int = Field(
         default=100_000, ge=1, description="First host uid/gid of the sandboxes' ranges."
     )
+    skeleton_dir: str = Field(
+        default="/dev/shm/rock-serve-root",
+        description="With rootfs '/': where the default root's skeleton layer is built; must "
+        "be on a file system other than the host's / (a tmpfs).",
+    )
     roots_dir: str = Field(
         default="/run/rock-serve/roots",
         description="With userns: where each sandbox's root is bind-mounted (and the rocklet "
