@@ -194,7 +194,12 @@ def make_config(
     if kind == "local":
         return LocalRuntimeConfig(state_dir=state_dir)
     if kind == "bwrap":
-        return BwrapRuntimeConfig(state_dir=state_dir, cgroup_parent=TEST_CGROUP_PARENT)
+        # Tests build rootfs trees next to the state dir (the state dir itself is refused).
+        return BwrapRuntimeConfig(
+            state_dir=state_dir,
+            cgroup_parent=TEST_CGROUP_PARENT,
+            rootfs_allow=[os.path.dirname(state_dir)],
+        )
     if kind == "docker":
         require_docker()
         return docker_config(state_dir)

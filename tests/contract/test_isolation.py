@@ -177,10 +177,11 @@ async def test_writes_go_to_the_overlay(isolated):
             "bwrap-specific: checks the overlay upper dir in its state dir; a container's "
             "writes go to its own layer (test_docker.py::test_commit_round_trip checks that)"
         )
-    name = f"/opt/rock-test-{sid}"
+    name = f"/usr/local/rock-test-{sid}"
     assert (await h.exec(ExecRequest(command=f"echo x > {name} && cat {name}"))).stdout == "x\n"
     assert not os.path.exists(name)
-    assert os.path.exists(os.path.join(runtime.state_dir, sid, "upper", name.lstrip("/")))
+    upper = os.path.join(runtime._rw_dir(os.path.join(runtime.state_dir, sid)), "upper")
+    assert os.path.exists(os.path.join(upper, name.lstrip("/")))
     # The lower layer is never written, even when a sandbox deletes a system file.
     assert (await h.exec(ExecRequest(command="rm /etc/hostname && ls /etc/hostname"))).exit_code
     assert os.path.exists("/etc/hostname")
@@ -234,7 +235,7 @@ async def test_remove_leaves_nothing_behind(runtime):
     else:
         sandbox_dir = os.path.join(runtime.state_dir, sid)
         needle = sid.encode() if runtime.name == "bwrap" else sandbox_dir.encode()
-        mark = runtime.state_dir
+        mark = sandbox_dir  # (the bwrap runtime keeps its default root's skeleton mounted)
     assert len(_pids_of(needle)) >= 4
 
     await runtime.remove(sid)
