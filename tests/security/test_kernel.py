@@ -44,9 +44,8 @@ def _status(text: str) -> dict[str, str]:
 async def test_capabilities_seccomp_and_no_new_privs(sandbox):
     runtime, _, h = sandbox
     status = _status((await sh(h, "cat /proc/self/status")).stdout)
-    if runtime.name != "gvisor":  # runsc 2022: no NoNewPrivs line, seccomp on the init only
-        # (test_gvisor.py::test_dockers_seccomp_profile_holds_inside, a strict xfail)
-        assert status["Seccomp"].strip() == "2"
+    assert status["Seccomp"].strip() == "2"
+    if runtime.name != "gvisor":  # runsc 2022's /proc/PID/status has no NoNewPrivs line
         assert status["NoNewPrivs"].strip() == "1"
     eff, bnd = int(status["CapEff"], 16), int(status["CapBnd"], 16)
     assert bnd == eff, "the bounding set must not exceed the effective set"
@@ -160,14 +159,6 @@ async def test_dangerous_syscalls_fail_with_eperm(sandbox):
     assert result.exit_code == 0, result
     got = json.loads(result.stdout)
     wrong = {k: v for k, v in got.items() if v != [-1, errno.EPERM]}
-    if sandbox[0].name == "gvisor":
-        # No seccomp on exec'd processes under runsc 2022: the Sentry refuses these itself,
-        # with ENOSYS (not implemented), EPERM or EACCES. Three succeed inside the Sentry
-        # only (verified): a mount or user namespace of its own and its own fake kernel log.
-        sentry_only = {"unshare(CLONE_NEWNS)", "unshare(CLONE_NEWUSER)", "syslog(READ_ALL)"}
-        wrong = {
-            k: v for k, v in wrong.items() if k not in sentry_only and (v[0] != -1 or v[1] == 0)
-        }
     assert wrong == {}
 
 
