@@ -64,6 +64,7 @@ from rock_serve.protocol import (
     SandboxState,
     SandboxStats,
 )
+from rock_serve.runtime._docker_node import exiting
 from rock_serve.runtime._docker_stream import ExecRocklet
 from rock_serve.runtime._seccomp import compile_profile
 from rock_serve.runtime._sync import run_sync
@@ -221,12 +222,24 @@ class GvisorRocklet(ExecRocklet):
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
-    def _sentry_exited(self) -> None:
-        self._unwatch()
-        if self._on_sentry_exit is not None:
+    def _report_exit(self) -> None:
+        """Tell the runtime (once) that the Sentry is gone, with its cgroup's OOM count."""
+        report, self._on_sentry_exit = self._on_sentry_exit, None
+        if report is not None:
             # Read now: the cgroup goes with the container, and Docker does not see runsc's
             # OOM kills (State.OOMKilled stays false).
-            self._on_sentry_exit(_oom_kill_count(self._oom_control))
+            report(_oom_kill_count(self._oom_control))
+
+    async def _fail(self, reason: str) -> None:
+        # The exec stream may end before the pidfd says so (the Sentry's threads are still
+        # exiting): a Sentry that is exiting is reported here already.
+        if self.sentry_pid and exiting(self.sentry_pid):
+            self._report_exit()
+        await super()._fail(reason)
+
+    def _sentry_exited(self) -> None:
+        self._unwatch()
+        self._report_exit()
         if self.alive:
             log.info("gvisor runtime: the Sentry of %s exited", self.name)
             task = asyncio.ensure_future(self._fail("the gVisor sandbox (runsc) exited"))
@@ -261,6 +274,8 @@ class GvisorRuntime(DockerRuntime):
         self._registered: set[str] = set()
         #: OOM kills counted in a sandbox's cgroup when its Sentry exited.
         self._sentry_ooms: dict[str, int] = {}
+        #: Sandbox -> host pid of its Sentry that exited (seen by the pidfd).
+        self._sentry_gone: dict[str, int] = {}
         if self.config.seccomp:
             try:
                 _write_file(os.path.join(self.agent_dir, SECCOMP_FILE), compile_profile())
@@ -344,6 +359,7 @@ class GvisorRuntime(DockerRuntime):
         except BaseException:
             writer.close()
             raise
+        sentry_pid = int(c["State"].get("Pid") or 0)
         pids = None
         for limit in c["HostConfig"].get("Ulimits") or []:
             if limit.get("Name") == "nproc":
@@ -353,15 +369,22 @@ class GvisorRuntime(DockerRuntime):
             writer,
             name=sandbox_id,
             exec_id=exec_id,
-            sentry_pid=int(c["State"].get("Pid") or 0),
+            sentry_pid=sentry_pid,
             pids_limit=pids,
             sentry_bytes=self.config.sentry_memory_mb << 20 if c["HostConfig"].get("Memory") else 0,
-            on_sentry_exit=lambda kills: self._sentry_exit(sandbox_id, kills),
+            on_sentry_exit=lambda kills: self._sentry_exit(sandbox_id, sentry_pid, kills),
         )
 
-    def _sentry_exit(self, sandbox_id: str, kills: int | None) -> None:
+    def _sentry_exit(self, sandbox_id: str, pid: int, kills: int | None) -> None:
+        self._sentry_gone[sandbox_id] = pid
         if kills:
             self._sentry_ooms[sandbox_id] = kills
+
+    async def _rocklet_running(self, sandbox_id: str, c: dict[str, Any]) -> bool:
+        """False once the Sentry is gone, whatever Docker still says of the rocklet's exec."""
+        if self._sentry_gone.get(sandbox_id) == int(c["State"].get("Pid") or 0):
+            return False
+        return await super()._rocklet_running(sandbox_id, c)
 
     async def _info(self, c: dict[str, Any]) -> SandboxInfo:
         """As docker's, and an exited container whose Sentry was OOM-killed is failed."""
@@ -385,3 +408,4 @@ class GvisorRuntime(DockerRuntime):
         """As docker's; forgets the sandbox's OOM record."""
         await super().remove(sandbox_id)
         self._sentry_ooms.pop(sandbox_id, None)
+        self._sentry_gone.pop(sandbox_id, None)
