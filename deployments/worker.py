@@ -416,6 +416,7 @@ class Worker:
             image=req.image,
             resources=resources,
             network=req.network,
+            egress=req.egress,
             worker=self.name,
             node_id=self.node_id,
             created_at=now,
