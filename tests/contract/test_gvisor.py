@@ -179,7 +179,7 @@ async def test_commit_round_trip(rt, dapi):
 
 async def test_network_spec_uses_the_hostinet_runsc(tmp_path, dapi):
     require_gvisor()
-    rt = gvisor_config(str(tmp_path), allow_network=True).build()
+    rt = gvisor_config(str(tmp_path), allow_network=True, allow_host_network=True).build()
     try:
         sid, h = await started(rt, SandboxSpec(network="host"))
         c = dapi.inspect_container(rt.container_name(sid))
@@ -190,7 +190,9 @@ async def test_network_spec_uses_the_hostinet_runsc(tmp_path, dapi):
         for info in await rt.list():
             await rt.remove(info.id)
         await rt.close()
-    strict = gvisor_config(str(tmp_path), allow_network=True, network_oci_runtime=None).build()
+    strict = gvisor_config(
+        str(tmp_path), allow_network=True, allow_host_network=True, network_oci_runtime=None
+    ).build()
     try:
         with pytest.raises(errors.InvalidConfig, match="network_oci_runtime"):
             await strict.create(new_id(), SandboxSpec(network="host"))
