@@ -933,3 +933,27 @@ class Worker:
         p = self._ptys.get(pty_id)
         if p is not None:
             await p.kill()
+
+    # ------------------------------------------------------------------ Ray transport
+
+    def _ray_gate(self) -> Any:
+        """The Worker's :class:`~rock_serve.deployments._raygate.RayGate` (made on first use)."""
+        from rock_serve.deployments._raygate import RayGate
+
+        gate = cast("RayGate | None", getattr(self, "_gate", None))
+        if gate is None:
+            gate = self._gate = RayGate(self.args)
+        return gate.use(self.args)
+
+    async def ray_call(self, token: str | None, method: str, sandbox_id: str, *args: Any) -> Any:
+        """A data-plane call of ``AsyncClient.from_ray``: the caller's platform token is checked
+        (namespace scoping as over HTTP) and the call audited (see ``_raygate``).
+        """
+        return await self._ray_gate().data(self, token, method, sandbox_id, args)
+
+    async def ray_stream(
+        self, token: str | None, method: str, sandbox_id: str, *args: Any
+    ) -> AsyncIterator[Any]:
+        """A streaming data-plane call of ``AsyncClient.from_ray`` (see :meth:`ray_call`)."""
+        async for item in self._ray_gate().data_stream(self, token, method, sandbox_id, args):
+            yield item
