@@ -580,7 +580,7 @@ class DockerRuntime(Runtime):
         api = await self._api()
         labels = c["Config"].get("Labels") or {}
         python = labels.get(LABEL_PYTHON) or self.config.python
-        argv = agent_argv(python, AGENT_MOUNT, "--root", "/")
+        argv = agent_argv(python, AGENT_MOUNT, "--root", "/", *self._rocklet_options(c))
         try:
             created = await self._call(
                 api.exec_create,
@@ -618,6 +618,10 @@ class DockerRuntime(Runtime):
                 f"{handle.stderr_tail() or '(no output)'}"
             ) from None
         return handle
+
+    def _rocklet_options(self, c: dict[str, Any]) -> list[str]:
+        """Extra rocklet options for container ``c`` (a subclass may add some)."""
+        return []
 
     async def _new_handle(
         self,

@@ -16,8 +16,12 @@ registers both through ``/etc/docker/daemon.json``):
   ``host`` (when ``allow_network``): socket calls go to the container's namespace.
 
 Both also get ``--oci-seccomp``: the Sentry applies Docker's default seccomp profile (which
-the daemon puts in every container's spec) to the sandbox's processes, so ``mount``,
-``unshare``, ``keyctl``... fail inside as under runc, on top of the Sentry's own boundary.
+the daemon puts in every container's spec) to the container's init. runsc 2022 gives exec'd
+processes no filter, and the rocklet runs in an exec, so the rocklet loads the default profile
+(:mod:`rock_serve.runtime._seccomp`, from ``/.rock/seccomp.bpf``) itself before it serves,
+after no-new-privs; every sandbox process inherits it, so ``mount``, ``unshare``,
+``keyctl``... fail with EPERM inside as under runc, on top of the Sentry's own boundary. A
+spec's ``seccomp: unconfined`` (admins only) leaves it out.
 
 Where gVisor differs from runc, and what this runtime does about it:
 
@@ -45,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import docker.errors
@@ -52,10 +57,18 @@ from docker.types import Mount, Ulimit
 
 from rock_serve.config import GvisorRuntimeConfig
 from rock_serve.errors import InvalidConfig
-from rock_serve.protocol import SandboxInfo, SandboxSpec, SandboxStats
+from rock_serve.protocol import (
+    FailureReason,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxState,
+    SandboxStats,
+)
+from rock_serve.runtime._docker_node import exiting
 from rock_serve.runtime._docker_stream import ExecRocklet
+from rock_serve.runtime._seccomp import compile_profile
 from rock_serve.runtime._sync import run_sync
-from rock_serve.runtime.docker import DockerRuntime
+from rock_serve.runtime.docker import AGENT_MOUNT, DockerRuntime
 
 __all__ = ["HOST_TASKS_BASE", "HOST_TASKS_PER_PID", "GvisorRocklet", "GvisorRuntime", "host_stats"]
 
@@ -65,6 +78,46 @@ log = logging.getLogger(__name__)
 HOST_TASKS_PER_PID = 16
 #: ... plus the Sentry's and gofer's own threads (about 40 idle).
 HOST_TASKS_BASE = 256
+#: The default seccomp profile as BPF, in agent_dir (so at /.rock in every sandbox).
+SECCOMP_FILE = "seccomp.bpf"
+
+
+def _write_file(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _oom_control(pid: int) -> str | None:
+    """The ``memory.oom_control`` (v1) or ``memory.events`` (v2) file of ``pid``'s cgroup."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            rows = [line.strip().split(":", 2) for line in f]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) == 3 and row[2] != "/" and "memory" in row[1].split(","):
+            return f"/sys/fs/cgroup/memory{row[2]}/memory.oom_control"
+    for row in rows:
+        if len(row) == 3 and row[1] == "" and row[2] != "/":
+            return f"/sys/fs/cgroup{row[2]}/memory.events"
+    return None
+
+
+def _oom_kill_count(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            for row in f:
+                parts = row.split()
+                if len(parts) == 2 and parts[0] == "oom_kill":
+                    return int(parts[1])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _read_int(path: str) -> int | None:
@@ -143,10 +196,14 @@ class GvisorRocklet(ExecRocklet):
         sentry_pid: int = 0,
         pids_limit: int | None = None,
         sentry_bytes: int = 0,
+        on_sentry_exit: Callable[[int | None], None] | None = None,
     ) -> None:
         super().__init__(raw, writer, name=name, exec_id=exec_id)
         #: Host pid of the sandbox's Sentry (``runsc-sandbox boot``).
         self.sentry_pid = sentry_pid
+        self._on_sentry_exit = on_sentry_exit
+        #: The memory cgroup's oom_control, found while the Sentry lives (for its OOM count).
+        self._oom_control = _oom_control(sentry_pid) if sentry_pid else None
         self.pids_limit = pids_limit
         #: What the host memory limit holds beyond the sandbox's own (the Sentry's share).
         self.sentry_bytes = sentry_bytes
@@ -165,8 +222,24 @@ class GvisorRocklet(ExecRocklet):
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
+    def _report_exit(self) -> None:
+        """Tell the runtime (once) that the Sentry is gone, with its cgroup's OOM count."""
+        report, self._on_sentry_exit = self._on_sentry_exit, None
+        if report is not None:
+            # Read now: the cgroup goes with the container, and Docker does not see runsc's
+            # OOM kills (State.OOMKilled stays false).
+            report(_oom_kill_count(self._oom_control))
+
+    async def _fail(self, reason: str) -> None:
+        # The exec stream may end before the pidfd says so (the Sentry's threads are still
+        # exiting): a Sentry that is exiting is reported here already.
+        if self.sentry_pid and exiting(self.sentry_pid):
+            self._report_exit()
+        await super()._fail(reason)
+
     def _sentry_exited(self) -> None:
         self._unwatch()
+        self._report_exit()
         if self.alive:
             log.info("gvisor runtime: the Sentry of %s exited", self.name)
             task = asyncio.ensure_future(self._fail("the gVisor sandbox (runsc) exited"))
@@ -199,6 +272,25 @@ class GvisorRuntime(DockerRuntime):
     def __init__(self, config: GvisorRuntimeConfig | None = None) -> None:
         super().__init__(config or GvisorRuntimeConfig())
         self._registered: set[str] = set()
+        #: OOM kills counted in a sandbox's cgroup when its Sentry exited.
+        self._sentry_ooms: dict[str, int] = {}
+        #: Sandbox -> host pid of its Sentry that exited (seen by the pidfd).
+        self._sentry_gone: dict[str, int] = {}
+        if self.config.seccomp:
+            try:
+                _write_file(os.path.join(self.agent_dir, SECCOMP_FILE), compile_profile())
+            except OSError as exc:
+                raise InvalidConfig(
+                    f"gvisor runtime: cannot write the seccomp filter into {self.agent_dir}: {exc}"
+                ) from None
+
+    def _rocklet_options(self, c: dict[str, Any]) -> list[str]:
+        """``--seccomp``: the rocklet loads the default profile itself (see the module doc)."""
+        if not self.config.seccomp or "seccomp=unconfined" in (
+            c["HostConfig"].get("SecurityOpt") or []
+        ):
+            return []
+        return ["--seccomp", f"{AGENT_MOUNT}/{SECCOMP_FILE}"]
 
     async def _check_registered(self, runtime_name: str) -> None:
         """Fail with a hint when the daemon does not know ``runtime_name`` (asked once)."""
@@ -267,6 +359,7 @@ class GvisorRuntime(DockerRuntime):
         except BaseException:
             writer.close()
             raise
+        sentry_pid = int(c["State"].get("Pid") or 0)
         pids = None
         for limit in c["HostConfig"].get("Ulimits") or []:
             if limit.get("Name") == "nproc":
@@ -276,7 +369,43 @@ class GvisorRuntime(DockerRuntime):
             writer,
             name=sandbox_id,
             exec_id=exec_id,
-            sentry_pid=int(c["State"].get("Pid") or 0),
+            sentry_pid=sentry_pid,
             pids_limit=pids,
             sentry_bytes=self.config.sentry_memory_mb << 20 if c["HostConfig"].get("Memory") else 0,
+            on_sentry_exit=lambda kills: self._sentry_exit(sandbox_id, sentry_pid, kills),
         )
+
+    def _sentry_exit(self, sandbox_id: str, pid: int, kills: int | None) -> None:
+        self._sentry_gone[sandbox_id] = pid
+        if kills:
+            self._sentry_ooms[sandbox_id] = kills
+
+    async def _rocklet_running(self, sandbox_id: str, c: dict[str, Any]) -> bool:
+        """False once the Sentry is gone, whatever Docker still says of the rocklet's exec."""
+        if self._sentry_gone.get(sandbox_id) == int(c["State"].get("Pid") or 0):
+            return False
+        return await super()._rocklet_running(sandbox_id, c)
+
+    async def _info(self, c: dict[str, Any]) -> SandboxInfo:
+        """As docker's, and an exited container whose Sentry was OOM-killed is failed."""
+        info = await super()._info(c)
+        sid = info.id
+        if (
+            info.state == SandboxState.STOPPED
+            and sid in self._sentry_ooms
+            and c["State"].get("ExitCode") == 137
+        ):
+            info = info.model_copy(
+                update={"state": SandboxState.FAILED, "reason": FailureReason.OOM_KILLED}
+            )
+        return info
+
+    async def oom_kills(self, sandbox_id: str) -> int:
+        """As docker's, or what the cgroup counted when the Sentry exited."""
+        return max(await super().oom_kills(sandbox_id), self._sentry_ooms.get(sandbox_id, 0))
+
+    async def remove(self, sandbox_id: str) -> None:
+        """As docker's; forgets the sandbox's OOM record."""
+        await super().remove(sandbox_id)
+        self._sentry_ooms.pop(sandbox_id, None)
+        self._sentry_gone.pop(sandbox_id, None)
