@@ -29,6 +29,17 @@ from rock_serve.protocol.commands import (
     SessionStdinRequest,
 )
 from rock_serve.protocol.common import ErrorBody, ErrorDetail
+from rock_serve.protocol.console import (
+    ConsoleEvent,
+    ConsoleMetrics,
+    ConsoleRow,
+    ConsoleUser,
+    ConsoleWorkers,
+    EnvInstance,
+    EnvInstances,
+    LoginRequest,
+    MetricsSample,
+)
 from rock_serve.protocol.files import (
     FileInfo,
     ListDirResult,
@@ -58,6 +69,15 @@ __all__ = [
     "SessionStdinBody",
     "StateChange",
     "WorkerStatus",
+    "ConsoleEvent",
+    "ConsoleMetrics",
+    "ConsoleRow",
+    "ConsoleUser",
+    "ConsoleWorkers",
+    "EnvInstance",
+    "EnvInstances",
+    "LoginRequest",
+    "MetricsSample",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT",
     "Encoding",
