@@ -74,9 +74,13 @@ def test_the_terminal_runs_a_command(page, console_app):
 def test_upload_then_download_a_file(page, console_app, tmp_path: Path):
     sandbox_id = _create(console_app, "alice")
     with console_app.client("alice") as api:
-        work = api.post(
-            f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "mkdir -p up && cd up && pwd"}
-        ).json()["stdout"].strip()
+        work = (
+            api.post(
+                f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "mkdir -p up && cd up && pwd"}
+            )
+            .json()["stdout"]
+            .strip()
+        )
     login(page, console_app, "alice")
     page.goto(f"{console_app.ui}#/sandbox/{sandbox_id}")
     page.get_by_label("Directory").fill(work)
@@ -103,9 +107,7 @@ def test_metric_charts_render(page, console_app):
     login(page, console_app, "root")
     page.goto(f"{console_app.ui}#/metrics")
     # Samples come once a second here; wait for at least two and a drawn line.
-    page.wait_for_function(
-        "() => Number(document.querySelector('#charts')?.dataset.samples) >= 2"
-    )
+    page.wait_for_function("() => Number(document.querySelector('#charts')?.dataset.samples) >= 2")
     page.wait_for_selector("svg.chart polyline[data-series='running']")
     figures = page.locator("figure figcaption").all_inner_texts()
     assert "Sandboxes by state" in figures
@@ -195,7 +197,9 @@ def test_a_viewer_sees_everything_and_may_do_nothing(page, console_app):
             assert resp.status_code == 403, (method, path, resp.text)
             assert resp.json()["error"]["code"] == "permission_denied"
     ws_url = console_app.url.replace("http://", "ws://") + f"/v1/sandboxes/{sandbox_id}/pty"
-    with connect(ws_url, additional_headers={"Authorization": f"Bearer {console_app.tokens['vera']}"}) as ws:
+    with connect(
+        ws_url, additional_headers={"Authorization": f"Bearer {console_app.tokens['vera']}"}
+    ) as ws:
         assert json.loads(ws.recv(timeout=20))["error"]["code"] == "permission_denied"
     with console_app.client("alice") as alice:
         assert alice.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "running"
