@@ -1,0 +1,211 @@
+"""Roles, the console's cookie/CSRF rules, samples and request ids (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from starlette.requests import Request
+from typer.testing import CliRunner
+
+from rock_serve.auth import Principal, TokenTable, hash_token
+from rock_serve.config import TokenEntry, parse_server_args
+from rock_serve.deployments._auth import NamespaceGuard, check_cookie_request
+from rock_serve.deployments._console import Samples, _new_trace, _static
+from rock_serve.errors import NotFound, PermissionDenied, SandboxNotFound
+from rock_serve.protocol import ConsoleRow, SandboxRecord, SandboxState
+
+
+def _record(namespace: str = "team-a", **extra: object) -> SandboxRecord:
+    return SandboxRecord(
+        id="sb-abcdefabcdef-0123456789abcdef",
+        state=SandboxState.RUNNING,
+        worker="abcdefabcdef",
+        node_id="n",
+        created_at=1.0,
+        namespace=namespace,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+# Roles ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "all_namespaces", "may_act", "admin"),
+    [
+        ("tenant", False, True, False),
+        ("viewer", True, False, False),
+        ("operator", True, True, False),
+        ("admin", True, True, True),
+    ],
+)
+def test_roles_decide_what_a_caller_sees_and_does(role, all_namespaces, may_act, admin):
+    entry = TokenEntry(name="u", namespace="team-a", sha256=hash_token("t"), role=role)
+    principal = TokenTable([entry]).verify("t")
+    assert principal is not None
+    assert (principal.role, principal.all_namespaces, principal.may_act, principal.admin) == (
+        role,
+        all_namespaces,
+        may_act,
+        admin,
+    )
+    assert principal.may_see("team-a")
+    assert principal.may_see("team-b") is all_namespaces
+    if may_act:
+        principal.require_act()
+    else:
+        with pytest.raises(PermissionDenied, match="read-only"):
+            principal.require_act("delete")
+
+
+def test_admin_flag_and_role_agree():
+    assert Principal("a", "ns", admin=True).role == "admin"
+    assert Principal("a", "ns", role="admin").admin is True
+    entry = TokenEntry(name="old", sha256=hash_token("x"), admin=True)
+    principal = TokenTable([entry]).verify("x")
+    assert principal is not None and principal.role == "admin"
+    with pytest.raises(ValidationError, match="contradicts"):
+        TokenEntry(name="bad", sha256=hash_token("y"), admin=True, role="viewer")
+    with pytest.raises(ValidationError):
+        TokenEntry(name="bad", sha256=hash_token("y"), role="superuser")  # type: ignore[arg-type]
+
+
+async def test_operators_and_viewers_pass_the_namespace_guard_without_a_lookup():
+    async def lookup(sandbox_id: str) -> SandboxRecord:
+        raise AssertionError("no lookup expected")
+
+    guard = NamespaceGuard(lookup)
+    for role in ("viewer", "operator"):
+        principal = Principal("u", "ops", role=role)  # type: ignore[arg-type]
+        await guard.check(principal, "sb-abcdefabcdef-0123456789abcdef")
+        assert NamespaceGuard.check_namespace_filter(principal, None) is None
+        assert NamespaceGuard.check_namespace_filter(principal, "team-b") == "team-b"
+
+    async def team_b(sandbox_id: str) -> SandboxRecord:
+        return _record("team-b")
+
+    with pytest.raises(SandboxNotFound):
+        await NamespaceGuard(team_b).check(Principal("t", "team-a"), "sb-x")
+
+
+def test_token_cli_takes_a_role(tmp_path):
+    from rock_serve.auth import load_token_file
+    from rock_serve.sdk.cli import app
+
+    file = tmp_path / "tokens.yaml"
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["token", "create", "--name", "v", "--role", "viewer", "--file", str(file)]
+    )
+    assert result.exit_code == 0, result.output
+    assert [(e.name, e.role) for e in load_token_file(file)] == [("v", "viewer")]
+    bad = runner.invoke(app, ["token", "create", "--name", "w", "--role", "boss"])
+    assert bad.exit_code == 2
+
+
+def test_console_settings_parse_and_refuse_unknown_fields():
+    args = parse_server_args({"console": {"sample_interval_seconds": 2}})
+    assert args.console.sample_interval_seconds == 2
+    assert args.console.events_interval_seconds == 1.0
+    with pytest.raises(Exception, match="console"):
+        parse_server_args({"console": {"colour": "blue"}})
+
+
+# Cookie and CSRF -----------------------------------------------------------------------------
+
+
+def _request(method: str, headers: dict[str, str]) -> Request:
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/v1/sandboxes",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "query_string": b"",
+    }
+    return Request(scope)
+
+
+def test_cookie_calls_must_be_same_origin_and_repeat_the_csrf_cookie():
+    base = {"host": "console.local:8000", "cookie": "rock_session=t; rock_csrf=abc"}
+    check_cookie_request(_request("GET", base))  # reads: fine
+    check_cookie_request(_request("GET", {**base, "origin": "http://console.local:8000"}))
+    check_cookie_request(_request("POST", {**base, "x-csrf-token": "abc"}))
+    refused = [
+        _request("POST", base),
+        _request("POST", {**base, "x-csrf-token": "abd"}),
+        _request("DELETE", {**base, "x-csrf-token": ""}),
+        _request("GET", {**base, "origin": "http://evil.example"}),
+        _request("POST", {**base, "x-csrf-token": "abc", "origin": "https://evil.example"}),
+        _request("POST", {"host": "h", "cookie": "rock_session=t", "x-csrf-token": ""}),
+    ]
+    for request in refused:
+        with pytest.raises(PermissionDenied):
+            check_cookie_request(request)
+
+
+# Samples, request ids, static files -----------------------------------------------------------
+
+
+def test_samples_keep_an_hour_of_intervals():
+    now = [1000.0]
+    samples = Samples(interval=600, clock=lambda: now[0])
+    samples.request("/v1/sandboxes", "POST", 201, 0.5)
+    samples.request("/v1/sandboxes", "POST", 201, 1.5)
+    samples.request("/v1/sandboxes", "POST", 429, 0.01)
+    samples.request("/x/v1/sandboxes/sb-1/exec", "POST", 200, 0.02)
+    samples.request("/v1/sandboxes/sb-1", "GET", 404, 0.001)
+    now[0] += 600
+    first = samples.take({"running": 3})
+    assert first.interval == 600
+    assert first.requests == 5
+    assert first.errors == {"429": 1, "404": 1}
+    assert first.rate_limited == 1
+    assert (first.create_p50, first.create_p99) == (1.5, 1.5)
+    assert first.op_p50 == 0.02
+    assert first.sandboxes == {"running": 3}
+    now[0] += 600
+    second = samples.take({})
+    assert (second.requests, second.create_p50, second.errors) == (0, None, {})
+    for _ in range(10):
+        now[0] += 600
+        samples.take({})
+    series = samples.series()
+    assert len(series.samples) == 6  # one hour of 10-minute samples
+    assert series.samples[-1].t == now[0]
+
+
+def test_request_and_trace_ids_are_kept_when_valid():
+    request_id, trace_id = _new_trace(
+        {"x-request-id": "call-1", "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
+    )
+    assert (request_id, trace_id) == ("call-1", "ab" * 16)
+    for headers in (
+        {},
+        {"x-request-id": "bad id with spaces", "traceparent": "garbage"},
+        {"traceparent": "00-" + "0" * 32 + "-" + "cd" * 8 + "-01"},
+    ):
+        request_id, trace_id = _new_trace(headers)
+        assert request_id != headers.get("x-request-id")
+        assert len(trace_id) == 32 and trace_id != "0" * 32
+        int(trace_id, 16)
+
+
+def test_static_files_are_only_the_bundled_ones():
+    index = _static("index.html")
+    assert b"static/app.js" in index.body
+    assert "script-src 'self'" in index.headers["content-security-policy"]
+    assert _static("vendor/xterm.js").headers["content-type"].startswith("text/javascript")
+    assert b"MIT" in _static("vendor/LICENSE.xterm").body
+    for name in ("../auth.py", "__init__.py", "vendor/../../config.py", "nope.js", ".hidden.js"):
+        with pytest.raises(NotFound):
+            _static(name)
+
+
+def test_a_row_is_a_slim_record():
+    row = ConsoleRow.of(_record(owner="me", labels={"k": "v"}, lease_expires_at=5.0))
+    assert (row.state, row.owner, row.labels, row.lease_expires_at) == (
+        "running",
+        "me",
+        {"k": "v"},
+        5.0,
+    )
