@@ -209,3 +209,14 @@ def test_a_row_is_a_slim_record():
         {"k": "v"},
         5.0,
     )
+
+
+def test_namespace_labels_are_bounded():
+    from rock_serve.deployments._metrics import MAX_NAMESPACES, Metrics
+
+    recorder = Metrics("worker", "w1", "local")
+    labels = [recorder.namespace(f"ns-{i}") for i in range(MAX_NAMESPACES + 10)]
+    assert labels[:MAX_NAMESPACES] == [f"ns-{i}" for i in range(MAX_NAMESPACES)]
+    assert set(labels[MAX_NAMESPACES:]) == {"other"}
+    assert recorder.namespace("ns-0") == "ns-0"  # known ones keep their label
+    assert recorder.namespace("") == "-"
