@@ -7,8 +7,10 @@ Names (Ray prefixes them with ``ray_``): ``rock_sandboxes{worker,runtime,state}`
 ``rock_errors_total{component,op,code}`` counter,
 ``rock_reaped_total{worker,runtime,reason}`` counter,
 ``rock_rejected_total{component,namespace,code}`` (401/403/429) and
-``rock_audit_errors_total{component,sink}`` counters. ``worker`` is the node label (one
-Worker per node, named after it; Ray adds ``NodeAddress`` too).
+``rock_audit_errors_total{component,sink}`` counters; set by the watcher
+(``deployments/_notify.py``): ``rock_workers{state}``, ``rock_admission{kind}`` and
+``rock_overdue_sandboxes{kind}`` gauges (alerts in ``configs/alerts.yaml``). ``worker`` is
+the node label (one Worker per node, named after it; Ray adds ``NodeAddress`` too).
 
 Cardinality is bounded: ``state``, ``outcome``, ``op``, ``code`` and ``reason`` come from
 fixed sets in our code; ``namespace`` keeps the first :data:`MAX_NAMESPACES` namespaces a
@@ -86,6 +88,22 @@ class Metrics:
                 description="Calls refused with 401, 403 or 429, by caller namespace and code.",
                 tag_keys=("component", "namespace", "code"),
             ),
+            "workers": rm.Gauge(
+                "rock_workers",
+                description="Workers the Scheduler knows, alive or not (sampled by the Admin).",
+                tag_keys=("component", "state"),
+            ),
+            "admission": rm.Gauge(
+                "rock_admission",
+                description="Creates queued and in flight at the Scheduler (sampled by the Admin).",
+                tag_keys=("component", "kind"),
+            ),
+            "overdue": rm.Gauge(
+                "rock_overdue_sandboxes",
+                description="Sandboxes still listed past their TTL or lease by more than two "
+                "reap intervals (reaper lag; sampled by the Admin).",
+                tag_keys=("component", "kind"),
+            ),
             "audit_errors": rm.Counter(
                 "rock_audit_errors_total",
                 description="Audit events a sink failed to write (or dropped), by sink.",
@@ -161,6 +179,20 @@ class Metrics:
                 "code": code,
             }
             self._m["rejected"].inc(tags=tags)
+
+    def cluster(
+        self, alive: int, dead: int, queued: int, in_flight: int, overdue: Mapping[str, int]
+    ) -> None:
+        """Cluster-wide gauges the Admin samples: Workers, admission, overdue sandboxes."""
+        if not self._m:
+            return
+        base = {"component": self.component}
+        self._m["workers"].set(alive, tags={**base, "state": "alive"})
+        self._m["workers"].set(dead, tags={**base, "state": "dead"})
+        self._m["admission"].set(queued, tags={**base, "kind": "queued"})
+        self._m["admission"].set(in_flight, tags={**base, "kind": "in_flight"})
+        for kind in ("ttl", "lease"):
+            self._m["overdue"].set(overdue.get(kind, 0), tags={**base, "kind": kind})
 
     def audit_error(self, sink: str, n: int = 1) -> None:
         """``n`` audit events were not written by ``sink`` (``file``, ``redis``, ``queue``)."""

@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 import rock_serve
 from rock_serve.auth import Authenticator, Principal, bearer_token
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _console, _gem
+from rock_serve.deployments import _compat, _console, _gem, _notify
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
@@ -366,6 +366,7 @@ class Admin:
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
         _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
+        _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)
         # A redeploy's new limits reach the long-lived Scheduler; start it up early.
         self._scheduler.configure.remote(self.args)
         self._scheduler.ready.remote()

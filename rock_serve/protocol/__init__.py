@@ -39,6 +39,7 @@ from rock_serve.protocol.console import (
     EnvInstances,
     LoginRequest,
     MetricsSample,
+    WebhookEvent,
 )
 from rock_serve.protocol.files import (
     FileInfo,
@@ -78,6 +79,7 @@ __all__ = [
     "EnvInstances",
     "LoginRequest",
     "MetricsSample",
+    "WebhookEvent",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT",
     "Encoding",

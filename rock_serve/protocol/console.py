@@ -19,6 +19,7 @@ __all__ = [
     "EnvInstances",
     "LoginRequest",
     "MetricsSample",
+    "WebhookEvent",
 ]
 
 
@@ -138,3 +139,19 @@ class EnvInstances(WireModel):
     """Reply of ``GET /ui/api/envs``."""
 
     items: list[EnvInstance] = Field(description="Open instances the caller may see.")
+
+
+class WebhookEvent(WireModel):
+    """Body of a webhook call (``notify.webhook_url``): a sandbox failed or a Worker was lost.
+
+    Signed: ``X-Rock-Signature: sha256=<hex HMAC-SHA256 of "<X-Rock-Timestamp>.<body>">``
+    with the key in ``notify.secret_env``; ``X-Rock-Delivery`` is unique per event (a retry
+    resends the same one, so receivers can drop duplicates).
+    """
+
+    type: Literal["sandbox.failed", "worker.lost"] = Field(description="What happened.")
+    delivery: str = Field(description="Unique id of this event.")
+    at: float = Field(description="When it was seen, seconds since the epoch.")
+    platform: str = Field(description="The platform's Ray namespace.")
+    sandbox: ConsoleRow | None = Field(default=None, description="The failed sandbox.")
+    worker: WorkerStatus | None = Field(default=None, description="The lost Worker.")
