@@ -220,3 +220,73 @@ def test_namespace_labels_are_bounded():
     assert set(labels[MAX_NAMESPACES:]) == {"other"}
     assert recorder.namespace("ns-0") == "ns-0"  # known ones keep their label
     assert recorder.namespace("") == "-"
+
+
+def test_the_sdk_sends_one_trace_id_per_call_across_retries():
+    import httpx
+
+    from rock_serve.sdk import Client
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["traceparent"])
+        if len(seen) == 1:
+            body = {"error": {"code": "rate_limited", "message": "full", "retry_after": 0}}
+            return httpx.Response(429, json=body, headers={"Retry-After": "0"})
+        return httpx.Response(200, json={"items": []})
+
+    with Client("http://rock.test", transport=httpx.MockTransport(handler)) as client:
+        client.list_sandboxes()
+        client.list_sandboxes()
+    parts = [value.split("-") for value in seen]
+    assert len(parts) == 3
+    assert all(p[0] == "00" and len(p[1]) == 32 and len(p[2]) == 16 for p in parts)
+    assert parts[0][1] == parts[1][1]  # a retry continues the trace
+    assert parts[2][1] != parts[0][1]  # the next call starts its own
+    assert parts[0][2] != parts[1][2]  # each send is its own span
+
+
+def _exported_names() -> set[str]:
+    """Metric names our code registers (``rock_*``), as Prometheus shows them (``ray_`` prefix)."""
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[2] / "deployments" / "_metrics.py").read_text()
+    names = set(re.findall(r'rm\.\w+\(\s*"(rock_\w+)"', source))
+    assert len(names) >= 10
+    return {f"ray_{n}" for n in names}
+
+
+def _metric_refs(expr: str) -> set[str]:
+    import re
+
+    refs = set(re.findall(r"\bray_rock_\w+", expr))
+    return {re.sub(r"_(bucket|count|sum)$", "", r) for r in refs}
+
+
+def test_alert_rules_and_dashboard_use_metrics_we_export():
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    exported = _exported_names()
+    rules = yaml.safe_load((configs / "alerts.yaml").read_text())["groups"][0]["rules"]
+    names = {rule["alert"] for rule in rules}
+    for wanted in ("RockWorkerDown", "RockReaperLag", "RockHigh5xxRate", "RockHigh429Rate"):
+        assert wanted in names
+    for rule in rules:
+        assert _metric_refs(rule["expr"]) <= exported, rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical")
+    dashboard = json.loads((configs / "grafana-dashboard.json").read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= _metric_refs(target["expr"])
+            assert target["datasource"]["uid"] == "${datasource}"
+    assert used <= exported
+    assert {"ray_rock_sandboxes", "ray_rock_create_seconds", "ray_rock_errors_total"} <= used
