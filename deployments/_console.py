@@ -317,6 +317,16 @@ def _admin() -> Any:
     return serve.get_replica_context().servable_object
 
 
+def _enabled() -> None:
+    """Refuse console routes when ``console.enabled`` is false.
+
+    Raises:
+        NotFound: the console is switched off.
+    """
+    if not _admin().args.console.enabled:
+        raise NotFound("the web console is disabled (console.enabled: false)")
+
+
 def _scheduler() -> ActorHandle:
     return _admin()._scheduler
 
@@ -401,6 +411,7 @@ async def ui_root(request: Request) -> RedirectResponse:
 @router.get("/")
 async def ui_index() -> Response:
     """The console's single page."""
+    _enabled()
     _start_sampler()
     return _static("index.html")
 
@@ -408,6 +419,7 @@ async def ui_index() -> Response:
 @router.get("/static/{name:path}")
 async def ui_static(name: str) -> Response:
     """A bundled asset (the app, its styles, vendored xterm.js and its licence)."""
+    _enabled()
     return _static(name)
 
 
@@ -422,6 +434,7 @@ async def ui_login(body: LoginRequest, request: Request) -> JSONResponse:
         Unauthorized: the token is not valid (401).
         PermissionDenied: a cross-origin login (403).
     """
+    _enabled()
     if not same_origin(request):
         raise PermissionDenied("cross-origin login")
     admin = _admin()

@@ -1,7 +1,7 @@
 """The watcher: cluster gauges for alerts, a signed webhook on failed sandboxes and lost Workers.
 
 One detached actor per platform (``rock-watcher``, on the head node like the Scheduler), so
-each event is sent once however many Admin replicas run. Every ``reap_interval_seconds`` it
+each event is sent once however many Admin replicas run. Every ``notify.watch_interval_seconds`` it
 asks the Scheduler for the sandboxes, the Workers' health and the admission queue, then:
 
 - sets ``rock_workers{state}``, ``rock_admission{kind}`` and ``rock_overdue_sandboxes{kind}``
@@ -210,7 +210,7 @@ class Watcher:
                 log.warning("watcher: the Scheduler did not answer: %s", exc)
             except Exception:
                 log.exception("watcher: tick failed")
-            await asyncio.sleep(max(self.args.reap_interval_seconds, 1.0))
+            await asyncio.sleep(self.args.notify.watch_interval_seconds)
 
     async def _send(self) -> None:
         while True:

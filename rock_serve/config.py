@@ -493,6 +493,13 @@ class NotifyConfig(_Config):
         description="Environment variable holding the HMAC key (never in the config file); "
         "the signature is sent as 'X-Rock-Signature: sha256=<hex>' over '<timestamp>.<body>'.",
     )
+    watch_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="How often the watcher asks the Scheduler for failures, Workers and "
+        "admission (also the resolution of the alert gauges it sets).",
+    )
     retries: int = Field(default=5, ge=0, le=20, description="Retries after a failed POST.")
     timeout_seconds: float = Field(default=5.0, gt=0, description="Timeout of one POST.")
     backoff_seconds: float = Field(

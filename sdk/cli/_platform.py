@@ -170,6 +170,7 @@ def up(config: Path, api: str, dashboard: str, timeout: float, console: Console)
                 raise SystemExit(f"rock: ray start failed:\n{res.stderr[-2000:]}")
             started_head = True
         token_file = _token_file(config)
+        made: str | None = None
         if token_file is not None:
             made = ensure_admin_token(token_file, api)
             if made is not None:
@@ -188,6 +189,13 @@ def up(config: Path, api: str, dashboard: str, timeout: float, console: Console)
     )
     workers = health.get("workers") or []
     console.print(f"platform up: {len(workers)} worker(s)")  # type: ignore[arg-type]
+    console.print(f"console: {api.rstrip('/')}/ui/")
+    if token_file is not None:
+        token = read_credentials(credentials_path(), api)
+        if made is not None and token is not None:  # a new token: shown once, for the login
+            console.print(f"log in with the admin token: {token}", markup=False)
+        else:
+            console.print(f"log in with the admin token saved in {credentials_path()}")
     return Endpoints(api=api, dashboard=dashboard)
 
 

@@ -264,3 +264,35 @@ def test_failed_calls_show_their_request_and_trace_ids(page, console_app):
         parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
         traced = anon.get("/v1/health", headers={"traceparent": parent})
         assert traced.headers["x-trace-id"] == "ab" * 16
+
+
+def test_workers_and_envs_pages(page, console_app):
+    gem = "/apis/v1/envs/gem"
+    with console_app.client("alice") as alice:
+        made = alice.post(f"{gem}/make", json={"env_id": "rock/GuessNumber-v0"})
+        assert made.status_code == 200, made.text
+        instance = made.json()["sandbox_id"]
+    try:
+        login(page, console_app, "root")
+        page.get_by_role("link", name="Workers").click()
+        page.wait_for_selector("#workers table")
+        cells = page.locator("#workers tbody tr").first.locator("td").all_inner_texts()
+        assert cells[2:4] == ["yes", "local"]
+        assert int(cells[5]) == 32  # capacity, from max_sandboxes_per_node
+        assert page.locator("#workers dd").nth(1).inner_text().isdigit()  # creates queued
+        shot(page, "workers")
+        page.get_by_role("link", name="Envs").click()
+        page.wait_for_selector(f"#envs td:has-text('{instance}')")
+        row = page.locator("#envs tbody tr", has_text=instance).locator("td").all_inner_texts()
+        assert row[1:3] == ["rock/GuessNumber-v0", "team-a"]
+        shot(page, "envs")
+        # A tenant sees its own instance, and no node details.
+        page.get_by_role("button", name="Log out").click()
+        login(page, console_app, "bob")
+        page.goto(f"{console_app.ui}#/envs")
+        page.wait_for_selector("#envs p:has-text('No GEM env instances')")
+        page.goto(f"{console_app.ui}#/workers")
+        page.wait_for_selector("#workers p:has-text('Node details are shown')")
+    finally:
+        with console_app.client("alice") as alice:
+            alice.post(f"{gem}/close", json={"sandbox_id": instance})
