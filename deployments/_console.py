@@ -186,13 +186,16 @@ class _Tracer:
 
     def __init__(self) -> None:
         self._tracer: Any = None
+        self._provider: Any = None
         self._configured: tuple[str | None, str] | None = None
 
     def configure(self, endpoint: str | None, service: str) -> None:
         if self._configured == (endpoint, service):
             return
         self._configured = (endpoint, service)
-        self._tracer = None
+        if self._provider is not None:
+            self._provider.shutdown()
+        self._tracer = self._provider = None
         if not endpoint:
             return
         try:
@@ -207,7 +210,13 @@ class _Tracer:
             return
         provider = TracerProvider(resource=Resource.create({"service.name": service}))
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        self._provider = provider
         self._tracer = provider.get_tracer("rock_serve")
+
+    def flush(self) -> None:
+        """Export the spans still buffered (blocks; tests and shutdown)."""
+        if self._provider is not None:
+            self._provider.force_flush()
 
     @contextlib.contextmanager
     def span(self, name: str, trace_id: str, attributes: dict[str, Any]) -> Any:

@@ -290,3 +290,71 @@ def test_alert_rules_and_dashboard_use_metrics_we_export():
             assert target["datasource"]["uid"] == "${datasource}"
     assert used <= exported
     assert {"ray_rock_sandboxes", "ray_rock_create_seconds", "ray_rock_errors_total"} <= used
+
+
+def test_spans_are_exported_over_otlp_when_configured():
+    import http.server
+    import threading
+
+    import httpx
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from rock_serve.deployments import _console
+
+    bodies: list[bytes] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+
+    async def hello(request: object) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    app = _console.RequestContext(Starlette(routes=[Route("/v1/hello", hello)]))
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    try:
+        _console._TRACER.configure(endpoint, "rock-test")
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+
+        async def send() -> httpx.Response:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await client.get(
+                    "/v1/hello", headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+                )
+
+        import asyncio
+
+        response = asyncio.run(send())
+        assert response.headers["x-trace-id"] == trace_id
+        assert len(response.headers["x-request-id"]) == 32  # none came in: one was made
+        _console._TRACER.flush()
+    finally:
+        _console._TRACER.configure(None, "rock-test")
+        server.shutdown()
+        server.server_close()
+    spans = [
+        span
+        for body in bodies
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert [(span.name, span.trace_id.hex()) for span in spans] == [("GET /v1/hello", trace_id)]
+    attributes = {a.key: a.value for a in spans[0].attributes}
+    assert attributes["http.status_code"].int_value == 200
