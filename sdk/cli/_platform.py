@@ -195,7 +195,7 @@ def up(config: Path, api: str, dashboard: str, timeout: float, console: Console)
         if made is not None and token is not None:  # a new token: shown once, for the login
             console.print(f"log in with the admin token: {token}", markup=False)
         else:
-            console.print(f"log in with the admin token saved in {credentials_path()}")
+            console.print(f"log in with the admin token stored in {credentials_path()}")
     return Endpoints(api=api, dashboard=dashboard)
 
 
