@@ -515,7 +515,7 @@ async def ui_events(request: Request, principal: Auth) -> StreamingResponse:
         known: dict[str, ConsoleRow] = {}
         seq = 0
         quiet_since = time.monotonic()
-        while True:
+        while not await request.is_disconnected():
             try:
                 result: SandboxList = await call(scheduler, "list", None, None, {}, only)
             except RockError as exc:

@@ -141,6 +141,7 @@
   window.addEventListener("hashchange", route);
 
   // ------------------------------------------------------------------ sandboxes table
+  const PAGE_ROWS = 200;
   const COLUMNS = ["ID", "State", "Namespace", "Owner", "Image", "Node", "Age", "Lease left",
     "CPU", "Memory"];
   function sandboxesPage() {
@@ -150,6 +151,10 @@
         (s) => h("option", { value: s, text: s })));
     const nsInput = h("input", { id: "ns-filter", type: "text", placeholder: "any" });
     const count = h("p", { id: "count", "aria-live": "polite" });
+    // At most `limit` rows are in the DOM (the newest first); "Show more" adds a page.
+    let limit = PAGE_ROWS;
+    const more = h("button", { type: "button", id: "show-more", hidden: true,
+      onclick: () => { limit += PAGE_ROWS; render(); } }, "Show more");
     const tbody = h("tbody", { id: "rows" });
     const table = h("table", { id: "sandboxes", "aria-describedby": "count" },
       h("caption", { class: "skip", text: "Sandboxes" }),
@@ -159,7 +164,7 @@
         h("label", { for: "search" }, "Search", search),
         h("label", { for: "state-filter" }, "State", stateSel),
         h("label", { for: "ns-filter" }, "Namespace", nsInput)),
-      count, table);
+      count, table, more);
     const trs = new Map();
     function visible() {
       const q = search.value.trim().toLowerCase(), st = stateSel.value, ns = nsInput.value.trim();
@@ -186,8 +191,11 @@
         r.lease_expires_at ? age(r.lease_expires_at - now()) : "–", cpu || "–", mem || "–"];
     }
     function render() {
-      const rows = visible();
-      count.textContent = rows.length + " of " + state.rows.size + " sandboxes";
+      const matching = visible();
+      const rows = matching.slice(0, limit);
+      count.textContent = (rows.length < matching.length ? "showing " + rows.length + " of " : "") +
+        matching.length + " of " + state.rows.size + " sandboxes";
+      more.hidden = rows.length >= matching.length;
       const wanted = new Set(rows.map((r) => r.id));
       for (const [id, tr] of trs) if (!wanted.has(id)) { tr.remove(); trs.delete(id); }
       let i = 0, inOrder = true;
@@ -204,7 +212,8 @@
           const td = tr.children[c + 1];
           if (td.textContent !== values[c]) td.textContent = values[c];
         }
-        tr.children[1].className = "state-" + r.state;
+        const cls = "state-" + r.state;
+        if (tr.children[1].className !== cls) tr.children[1].className = cls;
         if (tbody.children[i] !== tr) inOrder = false;
         i++;
       }
@@ -212,7 +221,8 @@
         tbody.replaceChildren(...rows.map((r) => trs.get(r.id)));
       tbody.dataset.seq = String(state.seq);
     }
-    for (const el of [search, stateSel, nsInput]) el.addEventListener("input", render);
+    for (const el of [search, stateSel, nsInput])
+      el.addEventListener("input", () => { limit = PAGE_ROWS; render(); });
     state.rows = new Map();
     state.seq = 0;
     const es = new EventSource(UI + "/events");

@@ -61,6 +61,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         item.add_marker(pytest.mark.browser)
         item.add_marker(pytest.mark.ray)
+        # The first test also pays for the Ray head and the deploy (minutes on a busy machine).
+        item.add_marker(pytest.mark.timeout(600))
         if reason is not None:
             if os.environ.get("ROCK_REQUIRE_BROWSER") == "1":
                 item.add_marker(pytest.mark.xfail(reason=reason, run=False, strict=True))
