@@ -22,7 +22,7 @@ from starlette.requests import HTTPConnection
 
 from rock_serve.auth import Principal, bearer_token
 from rock_serve.errors import InternalError, PermissionDenied, RockError, SandboxNotFound
-from rock_serve.protocol import SandboxRecord
+from rock_serve.protocol import SandboxRecord, SandboxSpec
 
 __all__ = [
     "CSRF_COOKIE",
@@ -34,6 +34,7 @@ __all__ = [
     "authenticate_header_or_query",
     "caller",
     "check_cookie_request",
+    "check_spec_privileges",
     "same_origin",
     "set_caller",
     "websocket_token",
@@ -125,6 +126,18 @@ def websocket_token(ws: HTTPConnection) -> str | None:
     if token is None and (token := ws.cookies.get(SESSION_COOKIE)) is not None:
         check_cookie_request(ws)
     return token
+
+
+def check_spec_privileges(principal: Principal, spec: SandboxSpec) -> None:
+    """Refuse spec fields that weaken containment to callers that are not admins.
+
+    Raises:
+        PermissionDenied: a non-admin token asked for ``seccomp: unconfined``.
+    """
+    if spec.seccomp != "default" and not principal.admin:
+        raise PermissionDenied(
+            f"seccomp {spec.seccomp!r} needs an admin token (token {principal.name!r} is not)"
+        )
 
 
 def set_caller(principal: Principal) -> None:

@@ -15,6 +15,7 @@ from rock_serve import errors
 from rock_serve.protocol import SessionCreateRequest, SessionRunRequest
 from rock_serve.rocklet import AGENT_PATH, RockletHandle
 from rock_serve.rocklet.agent import encode_frame, read_frame
+from tests._wait import async_wait_until
 
 
 async def _raw_agent(tmp_path):
@@ -88,20 +89,39 @@ async def test_unknown_operation_and_bad_args_are_typed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "code"),
     [
-        struct.pack(">II", 1 << 30, 0),  # absurd header length
-        struct.pack(">II", 5, 0) + b"nope!",  # header is not JSON
-        struct.pack(">II", 2, 0) + b"[]",  # header is not an object
+        (struct.pack(">II", 1 << 30, 0), "too_large"),  # absurd header length
+        (struct.pack(">II", 5, 0) + b"nope!", "bad_frame"),  # header is not JSON
+        (struct.pack(">II", 2, 0) + b"[]", "bad_frame"),  # header is not an object
     ],
 )
-async def test_malformed_frames_get_a_typed_error_and_a_clean_exit(tmp_path, garbage):
+async def test_malformed_frames_get_a_typed_error_and_a_clean_exit(tmp_path, garbage, code):
     proc = await _raw_agent(tmp_path)
     proc.stdin.write(garbage)
     await proc.stdin.drain()
     header, _ = await _reply(proc)
     assert header["type"] == "error"
-    assert header["error"]["code"] == "bad_frame"
+    assert header["error"]["code"] == code
+    proc.stdin.close()  # EOF while the agent skips the oversized frame's bytes
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_an_oversized_frame_is_skipped_and_the_agent_keeps_serving(tmp_path):
+    from rock_serve.rocklet.agent import MAX_HEADER
+
+    proc = await _raw_agent(tmp_path)
+    head = b'{"id":1,"op":"exec","args":{"command":"' + b"x" * (MAX_HEADER + 10) + b'"}}'
+    proc.stdin.write(struct.pack(">II", len(head), 0) + head)
+    proc.stdin.write(encode_frame({"id": 2, "op": "ping"}))
+    await proc.stdin.drain()
+    header, _ = await _reply(proc)
+    assert header["id"] is None
+    assert header["error"]["code"] == "too_large"
+    header, _ = await _reply(proc)
+    assert header["id"] == 2
+    assert header["type"] == "result", "the agent survived the oversized frame"
+    proc.stdin.close()
     assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 
@@ -152,12 +172,20 @@ async def test_cancelled_call_is_cancelled_in_the_agent(handle):
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
         await slow
-    # The agent killed the process: nothing named 'sleep 30' is left under it.
+    # The agent kills the process: soon nothing named 'sleep 30' is left under it.
     agent_pid = handle.process.pid
-    await asyncio.sleep(0.1)
-    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
-    cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes() for c in children]
-    assert not any(b"sleep\x0030" in c for c in cmdlines)
+
+    def no_sleep_child():
+        children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+        cmdlines = []
+        for child in children:
+            try:
+                cmdlines.append(Path(f"/proc/{child}/cmdline").read_bytes())
+            except FileNotFoundError:
+                pass  # exited between the two reads
+        return not any(b"sleep\x0030" in c for c in cmdlines)
+
+    await async_wait_until(no_sleep_child, what="the cancelled command to be killed")
     assert (await handle.ping())["version"]
 
 
