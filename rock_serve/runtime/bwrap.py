@@ -17,8 +17,9 @@ A sandbox ``<id>`` is:
   ``<roots_dir>/<id>``, where bwrap, started as the sandbox's uid by ``setpriv``, finds it
   and joins the slot's user namespace (``--userns``): no process of a sandbox is host root.
 - ``<hierarchy>/<cgroup_parent>/<id>`` in each cgroup hierarchy it needs, with its limits.
-- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and (unless the spec asks for
-  and the config allows network) net namespace, ``--die-with-parent``, capabilities reduced
+- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and net namespace (network
+  ``none``: bwrap's, loopback only; ``bridge``: the one :mod:`._netns` made, joined with
+  ``nsenter`` before bwrap runs; never the host's), ``--die-with-parent``, capabilities reduced
   to a Docker-like set, ``merged/`` as ``/``, a fresh ``/proc``, ``/dev`` and tmpfs ``/tmp``.
   It runs the rocklet from ``/.rock`` (agent.py and its .pyc, bind-mounted read-only)
   as the sandbox's first process. Docker's hardening on top: ``/proc/sys``, ``/proc/irq``,
@@ -65,6 +66,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
 from rock_serve.runtime._state import (
@@ -268,6 +270,7 @@ class BwrapRuntime(Runtime):
         if any(not c.startswith("CAP_") for c in config.capabilities):
             raise InvalidConfig("bwrap runtime: capabilities must be named like CAP_CHOWN")
         self.agent_dir = install_agent(os.path.join(self.state_dir, ".agent"))
+        self.net = for_runtime(config.bridge, self.state_dir) if config.allow_network else None
         self._hides: dict[str, list[_Hide]] = {}
         self.rootfs_allow = [os.path.realpath(p) for p in config.rootfs_allow]
         self.skeleton: Skeleton | None = None
@@ -475,6 +478,8 @@ class BwrapRuntime(Runtime):
                     hide.apply(os.path.join(rw, "upper"), uid_base or 0)
             self._mount(path, lower, uid_base)
             self._cgroup(sandbox_id).create(resources)
+            if self.net is not None and spec.network != "none":
+                self.net.create(sandbox_id, spec.egress)
             meta = SandboxMeta(
                 id=sandbox_id,
                 runtime=self.name,
@@ -575,6 +580,8 @@ class BwrapRuntime(Runtime):
         cg = self._cgroup(sandbox_id)
         if cg.exists():
             cg.kill_all()
+        if self.net is not None:
+            self.net.remove(sandbox_id)
         if os.path.isdir(path):
             _unmount_all(path)
         if self.slots is not None:
@@ -640,6 +647,7 @@ class BwrapRuntime(Runtime):
         rocklet = agent_argv(cfg.python, AGENT_MOUNT, "--root", "/")
         rocklet[4] = _ENV_BOOT + rocklet[4]
         args += ["--", *rocklet]
+        args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
         env_file = os.path.join(path, "env")
         wrapper = ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", seccomp, env_file, *fds]
         return [*wrapper, *cg.procs_files, "--", *args]
@@ -660,10 +668,7 @@ class BwrapRuntime(Runtime):
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> SandboxInfo:
         """Make the overlay root, the cgroup with its limits and the record; nothing runs yet."""
         check_id(sandbox_id)
-        if spec.network != "none" and not self.config.allow_network:
-            raise InvalidConfig(
-                f"network {spec.network!r} is not allowed by this runtime (allow_network=false)"
-            )
+        await run_sync(check_network, spec.network, spec.egress, self.net)  # may resolve names
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         lower = self._lower(spec)
@@ -684,6 +689,8 @@ class BwrapRuntime(Runtime):
             mounted = mounted and os.path.ismount(self._root_link(sandbox_id))
         if not mounted or not cg.exists():
             cg = await run_sync(self._prepare_start, sandbox_id, meta, spec)
+        if self.net is not None and spec.network != "none":
+            await run_sync(self.net.ensure, sandbox_id, spec.egress)  # gone after a reboot
         if meta.uid_base is not None:
             await run_sync(self._userns, meta.uid_base)  # made again after a reboot
         argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
