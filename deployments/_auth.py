@@ -10,6 +10,7 @@ changes, and ids are never reused), so a warm check is one dict lookup.
 
 # No "from __future__ import annotations": FastAPI must see the real types of the dependency.
 
+import hmac
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -17,20 +18,35 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
-from rock_serve.auth import Principal
+from rock_serve.auth import Principal, bearer_token
 from rock_serve.errors import InternalError, PermissionDenied, RockError, SandboxNotFound
 from rock_serve.protocol import SandboxRecord, SandboxSpec
 
 __all__ = [
+    "CSRF_COOKIE",
+    "CSRF_HEADER",
+    "SESSION_COOKIE",
     "Auth",
     "NamespaceGuard",
     "authenticate",
     "authenticate_header_or_query",
     "caller",
+    "check_cookie_request",
     "check_spec_privileges",
+    "same_origin",
     "set_caller",
+    "websocket_token",
 ]
+
+#: The console's session cookie (HttpOnly, SameSite=Strict): the token itself.
+SESSION_COOKIE = "rock_session"
+#: The console's CSRF cookie (readable by its script) and the header that must repeat it.
+CSRF_COOKIE = "rock_csrf"
+CSRF_HEADER = "x-csrf-token"
+#: Methods that change nothing (a viewer may call them; no CSRF header needed).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 #: Most sandbox ids whose namespace one replica remembers (oldest forgotten first).
 _CACHE_SIZE = 200_000
@@ -59,13 +75,57 @@ async def authenticate(
     admin: Any = serve.get_replica_context().servable_object
     token = credentials.credentials if credentials is not None else None
     try:
+        if token is None and (token := request.cookies.get(SESSION_COOKIE)) is not None:
+            check_cookie_request(request)  # the console's cookie: CSRF rules apply
         principal: Principal = admin.authenticator.authenticate(token)
+        if request.method not in _SAFE_METHODS:
+            principal.require_act(f"{request.method} {request.url.path}")
     except RockError as exc:
         admin.auth_failed(request, exc)
         raise
     request.state.principal = principal
     set_caller(principal)
     return principal
+
+
+def same_origin(conn: HTTPConnection) -> bool:
+    """True when the ``Origin`` header is absent or names this very host."""
+    origin = conn.headers.get("origin")
+    if origin is None:
+        return True
+    host = conn.headers.get("host", "")
+    return origin.partition("://")[2].rstrip("/") == host
+
+
+def check_cookie_request(conn: HTTPConnection) -> None:
+    """CSRF rules for a call authenticated by the console's session cookie.
+
+    Any call: its ``Origin`` (when sent) must be this host. A state-changing HTTP call must
+    also carry the ``X-CSRF-Token`` header equal to the ``rock_csrf`` cookie (double submit:
+    another site can make the browser send cookies, never read them to set the header).
+
+    Raises:
+        PermissionDenied: cross-origin, or the CSRF token is missing or wrong.
+    """
+    if not same_origin(conn):
+        raise PermissionDenied("cross-origin request with the console's cookie")
+    if conn.scope["type"] == "http" and conn.scope.get("method") not in _SAFE_METHODS:
+        sent = conn.headers.get(CSRF_HEADER, "")
+        expected = conn.cookies.get(CSRF_COOKIE, "")
+        if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
+            raise PermissionDenied(f"missing or wrong {CSRF_HEADER} header (CSRF check)")
+
+
+def websocket_token(ws: HTTPConnection) -> str | None:
+    """A WebSocket's credential: bearer header, ``token`` query, or the console's cookie.
+
+    Raises:
+        PermissionDenied: the cookie came with a cross-origin ``Origin`` header.
+    """
+    token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
+    if token is None and (token := ws.cookies.get(SESSION_COOKIE)) is not None:
+        check_cookie_request(ws)
+    return token
 
 
 def check_spec_privileges(principal: Principal, spec: SandboxSpec) -> None:
@@ -152,13 +212,14 @@ class NamespaceGuard:
     async def check(self, principal: Principal, sandbox_id: str) -> None:
         """Allow the call, or raise as if the sandbox did not exist.
 
-        Admins pass without a lookup. A sandbox of another namespace is reported exactly as an
-        unknown one (404 ``sandbox_not_found``), so ids cannot be probed across namespaces.
+        Roles that see every namespace pass without a lookup. A sandbox of another namespace
+        is reported exactly as an unknown one (404 ``sandbox_not_found``), so ids cannot be
+        probed across namespaces.
 
         Raises:
             SandboxNotFound: unknown, or in a namespace the caller may not see.
         """
-        if principal.admin:
+        if principal.all_namespaces:
             return
         if not principal.may_see(await self.namespace_of(sandbox_id)):
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
@@ -170,7 +231,7 @@ class NamespaceGuard:
         Raises:
             PermissionDenied: a non-admin asked for another namespace.
         """
-        if principal.admin:
+        if principal.all_namespaces:
             return namespace
         if namespace is not None and namespace != principal.namespace:
             raise PermissionDenied(

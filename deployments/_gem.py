@@ -288,6 +288,22 @@ class EnvTable:
         self._start()
         self._wake.set()
 
+    async def describe(self, caller: Principal) -> list[dict[str, Any]]:
+        """The open instances the caller may see (the console's envs page), newest use first."""
+        now = self._clock()
+        rows = [
+            {
+                "id": i.id,
+                "env_id": i.env_id,
+                "namespace": i.namespace,
+                "idle_seconds": round(now - i.last_used, 1),
+                "busy": i.lock.locked(),
+            }
+            for i in self._instances.values()
+            if caller.may_see(i.namespace)
+        ]
+        return sorted(rows, key=lambda r: r["idle_seconds"])
+
     async def instances(self) -> dict[str, int]:
         """How many instances each namespace has open."""
         counts: dict[str, int] = {}

@@ -40,7 +40,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 import rock_serve
 from rock_serve.auth import Authenticator, Principal, bearer_token
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _gem
+from rock_serve.deployments import _compat, _console, _gem, _notify
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
@@ -49,6 +49,7 @@ from rock_serve.deployments._auth import (
     caller,
     check_spec_privileges,
     set_caller,
+    websocket_token,
 )
 from rock_serve.deployments._metrics import Metrics, metrics
 from rock_serve.deployments._ray import (
@@ -304,6 +305,8 @@ app.include_router(
 )
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
+# The web console (issue 17): /ui pages and their JSON/SSE feeds; request ids and samples.
+_console.install(app)
 
 
 def _worker_of(sandbox_id: str) -> str:
@@ -442,6 +445,7 @@ class Admin:
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
         _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
+        _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)
         # A redeploy's new limits reach the long-lived Scheduler; start it up early.
         self._scheduler.configure.remote(self.args)
         self._scheduler.ready.remote()
@@ -544,7 +548,7 @@ class Admin:
             else None
         )
         result: Health = await call(self._scheduler, "health")
-        if principal is None or not principal.admin:
+        if principal is None or not principal.all_namespaces:
             return result.model_copy(update={"workers": []})
         return result
 
@@ -930,12 +934,13 @@ class Admin:
         with the one error body, then close code 1008 (bad request) or 1011 (failure).
 
         The token comes from ``Authorization: Bearer`` or, for browsers (which cannot set
-        headers on a WebSocket), the ``token`` query parameter; it is never logged.
+        headers on a WebSocket), the ``token`` query parameter or the console's session cookie
+        (same origin only); it is never logged. A read-only ``viewer`` gets 403.
         """
         await ws.accept()
-        token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
         try:
-            principal = self.authenticator.authenticate(token)
+            principal = self.authenticator.authenticate(websocket_token(ws))
+            principal.require_act("open a terminal")
         except RockError as exc:
             self.auth_failed(ws, exc)
             await _ws_error(ws, exc, 1008)

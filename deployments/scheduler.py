@@ -634,6 +634,10 @@ class Scheduler:
         self._registered.pop(sandbox_id, None)
         self._wake()  # capacity freed: a queued create may go
 
+    async def admission(self) -> dict[str, int]:
+        """The admission queue now: creates waiting and creates running (for the console)."""
+        return {"queued": len(self._queue), "in_flight": self._inflight_total}
+
     async def health(self) -> Health:
         """Every Worker's status; ``ok`` when at least one answers."""
         await self.ready()

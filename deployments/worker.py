@@ -159,7 +159,7 @@ class Worker:
         self._warm: list[_Box] = []
         self._warm_wanted = asyncio.Event()
         self._warmer: asyncio.Task[None] | None = None
-        self._metrics = metrics("worker", name)
+        self._metrics = metrics("worker", name, args.runtime.type)
         self._node = NodeCapacity.measure(args.runtime)
         if runtime is None:
             self._build_runtime(args.runtime)
@@ -448,7 +448,7 @@ class Worker:
             self._touch(box, now)
             self._boxes[record.id] = box
             self._watch(box)
-            self._metrics.created(0.0, ok=True)
+            self._metrics.created(0.0, ok=True, namespace=namespace)
             self._publish()
             log.info(
                 "worker %s: created sandbox %s from the warm pool owner=%r",
@@ -470,7 +470,7 @@ class Worker:
             self._boxes[sandbox_id] = box
             self._watch(box)
             self._warm_wanted.set()  # less room: the pool may have to shrink
-            self._metrics.created(time.perf_counter() - started, ok=True)
+            self._metrics.created(time.perf_counter() - started, ok=True, namespace=namespace)
             self._publish()
             log.info(
                 "worker %s: created sandbox %s owner=%r in %.1f ms",
@@ -484,7 +484,7 @@ class Worker:
         except Conflict:
             raise  # the id belongs to someone else: leave it alone
         except BaseException as exc:
-            self._metrics.created(time.perf_counter() - started, ok=False)
+            self._metrics.created(time.perf_counter() - started, ok=False, namespace=namespace)
             code = exc.code.value if isinstance(exc, RockError) else "internal"
             self._metrics.error("create", code)
             # Removal is idempotent, so this also cleans up a half-made sandbox.
@@ -593,9 +593,11 @@ class Worker:
 
     def _publish(self) -> None:
         counts: dict[str, int] = {}
+        by_namespace: dict[str, int] = {}
         for box in self._boxes.values():
             counts[box.record.state.value] = counts.get(box.record.state.value, 0) + 1
-        self._metrics.sandboxes(counts)
+            by_namespace[box.record.namespace] = by_namespace.get(box.record.namespace, 0) + 1
+        self._metrics.sandboxes(counts, by_namespace)
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""
@@ -681,9 +683,9 @@ class Worker:
     ) -> ExecResult:
         """Run one command to completion (once per ``idempotency_key``, when given)."""
         started = time.perf_counter()
-        handle = self._box(sandbox_id).handle
-        result = await self._once(sandbox_id, idempotency_key, handle.exec(self._capped(req)))
-        self._metrics.op("exec", time.perf_counter() - started)
+        box = self._box(sandbox_id)
+        result = await self._once(sandbox_id, idempotency_key, box.handle.exec(self._capped(req)))
+        self._metrics.op("exec", time.perf_counter() - started, box.record.namespace)
         return result
 
     async def stream_exec(
@@ -710,11 +712,11 @@ class Worker:
     ) -> SessionRunResult:
         """Run a command in a session (once per ``idempotency_key``, when given)."""
         started = time.perf_counter()
-        handle = self._box(sandbox_id).handle
+        box = self._box(sandbox_id)
         result = await self._once(
-            sandbox_id, idempotency_key, handle.run_in_session(self._capped(req))
+            sandbox_id, idempotency_key, box.handle.run_in_session(self._capped(req))
         )
-        self._metrics.op("session_run", time.perf_counter() - started)
+        self._metrics.op("session_run", time.perf_counter() - started, box.record.namespace)
         return result
 
     async def stream_in_session(

@@ -31,20 +31,22 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
 from rock_serve._extras import require
 from rock_serve.config import AuthConfig, TokenEntry
-from rock_serve.errors import InvalidConfig, Unauthorized
+from rock_serve.errors import InvalidConfig, PermissionDenied, Unauthorized
 
 __all__ = [
     "ANONYMOUS",
     "CREDENTIALS_ENV",
+    "ROLES",
     "TOKEN_PREFIX",
     "Authenticator",
     "Principal",
+    "Role",
     "TokenTable",
     "bearer_token",
     "credentials_path",
@@ -66,17 +68,53 @@ _RELOAD_SECONDS = 2.0
 _ENTRIES: TypeAdapter[list[TokenEntry]] = TypeAdapter(list[TokenEntry])
 
 
+#: Roles, weakest first. ``tenant``: its own namespace; ``viewer``: reads every namespace and
+#: may not act; ``operator``: manages every namespace's sandboxes (no token admin);
+#: ``admin``: everything.
+Role = Literal["tenant", "viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = ("tenant", "viewer", "operator", "admin")
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a token's name and namespace, or the anonymous caller."""
+    """Who is calling: a token's name, namespace and role, or the anonymous caller.
+
+    ``admin=True`` and ``role="admin"`` mean the same; either sets the other.
+    """
 
     name: str
     namespace: str
     admin: bool = False
+    role: Role = "tenant"
+
+    def __post_init__(self) -> None:
+        if self.admin and self.role != "admin":
+            object.__setattr__(self, "role", "admin")
+        elif self.role == "admin" and not self.admin:
+            object.__setattr__(self, "admin", True)
+
+    @property
+    def all_namespaces(self) -> bool:
+        """True when this caller sees every namespace (viewer, operator, admin)."""
+        return self.role != "tenant"
+
+    @property
+    def may_act(self) -> bool:
+        """False for a read-only ``viewer``: it may look, never change anything."""
+        return self.role != "viewer"
 
     def may_see(self, namespace: str) -> bool:
-        """True when this caller may act on a sandbox of ``namespace``."""
-        return self.admin or namespace == self.namespace
+        """True when this caller may read (or, if :attr:`may_act`, act on) ``namespace``."""
+        return self.all_namespaces or namespace == self.namespace
+
+    def require_act(self, what: str = "this call") -> None:
+        """Refuse a read-only caller.
+
+        Raises:
+            PermissionDenied: the caller is a ``viewer``.
+        """
+        if not self.may_act:
+            raise PermissionDenied(f"token {self.name!r} has role 'viewer' (read-only): {what}")
 
 
 #: The caller when auth is disabled: an admin in namespace ``default``.
@@ -124,7 +162,8 @@ class TokenTable:
             found = entry if match else found
         if found is None:
             return None
-        return Principal(name=found.name, namespace=found.namespace, admin=found.admin)
+        role: Role = found.role or ("admin" if found.admin else "tenant")
+        return Principal(name=found.name, namespace=found.namespace, role=role)
 
 
 def load_token_file(path: str | Path) -> list[TokenEntry]:

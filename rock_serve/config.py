@@ -27,6 +27,9 @@ __all__ = [
     "NAME_PATTERN",
     "AuditConfig",
     "AuthConfig",
+    "ConsoleConfig",
+    "NotifyConfig",
+    "TracingConfig",
     "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
@@ -610,6 +613,18 @@ class TokenEntry(_Config):
         default=False,
         description="May act on every namespace's sandboxes and see cluster-wide details.",
     )
+    role: Literal["tenant", "viewer", "operator", "admin"] | None = Field(
+        default=None,
+        description="'tenant': its namespace only. 'viewer': reads every namespace, may not "
+        "act (403). 'operator': manages every namespace's sandboxes, no token admin. "
+        "'admin': everything. None = 'admin' when admin is true, else 'tenant'.",
+    )
+
+    @model_validator(mode="after")
+    def _role_agrees(self) -> TokenEntry:
+        if self.admin and self.role not in (None, "admin"):
+            raise ValueError(f"admin: true contradicts role {self.role!r}")
+        return self
 
 
 class AuthConfig(_Config):
@@ -730,6 +745,54 @@ class StateConfig(_Config):
     max_connections: int = Field(
         default=32, ge=1, le=10_000, description="Size of the Redis connection pool."
     )
+
+
+class ConsoleConfig(_Config):
+    """The web console at ``/ui`` and its in-process metric samples (issue 17)."""
+
+    enabled: bool = Field(default=True, description="Serve the console at /ui.")
+    sample_interval_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="Seconds between metric samples (one hour kept)."
+    )
+    events_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds between live-table updates (SSE)."
+    )
+
+
+class NotifyConfig(_Config):
+    """Webhook called on failed sandboxes and lost Workers (JSON body, HMAC-SHA256 signed)."""
+
+    webhook_url: str | None = Field(
+        default=None, description="URL to POST events to; None = no notifications."
+    )
+    secret_env: str = Field(
+        default="ROCK_WEBHOOK_SECRET",
+        description="Environment variable holding the HMAC key (never in the config file); "
+        "the signature is sent as 'X-Rock-Signature: sha256=<hex>' over '<timestamp>.<body>'.",
+    )
+    watch_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="How often the watcher asks the Scheduler for failures, Workers and "
+        "admission (also the resolution of the alert gauges it sets).",
+    )
+    retries: int = Field(default=5, ge=0, le=20, description="Retries after a failed POST.")
+    timeout_seconds: float = Field(default=5.0, gt=0, description="Timeout of one POST.")
+    backoff_seconds: float = Field(
+        default=0.5, gt=0, description="First retry delay; doubles per retry (capped at 30 s)."
+    )
+
+
+class TracingConfig(_Config):
+    """OpenTelemetry export of request spans (only when the package is installed)."""
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); None = "
+        "no export (trace ids are still made, echoed and logged).",
+    )
+    service_name: str = Field(default="rock-serve", description="service.name of the spans.")
 
 
 class ServerArgs(_Config):
@@ -874,6 +937,15 @@ class ServerArgs(_Config):
     )
     audit: AuditConfig = Field(
         default_factory=AuditConfig, description="Audit log sinks (JSONL file, Redis stream)."
+    )
+    console: ConsoleConfig = Field(
+        default_factory=ConsoleConfig, description="The web console at /ui."
+    )
+    notify: NotifyConfig = Field(
+        default_factory=NotifyConfig, description="Webhook on failed sandboxes and lost Workers."
+    )
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="Trace ids and OpenTelemetry export."
     )
 
     @model_validator(mode="after")

@@ -238,6 +238,9 @@ class Call:
     read_timeout: float | None | Literal["default"] = "default"
     #: Sent as ``Idempotency-Key``: the server does the work once per key (resends are safe).
     idempotency_key: str | None = None
+    #: W3C trace id of this call (its retries share it): sent in ``traceparent``, echoed by
+    #: the Admin as ``X-Trace-Id`` and written in its logs.
+    trace_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
 
 def new_key() -> str:
@@ -463,8 +466,8 @@ def request_kwargs(call: Call, settings: ClientSettings) -> dict[str, Any]:
         headers["Content-Type"] = "application/octet-stream"
     if call.idempotency_key is not None:
         headers["Idempotency-Key"] = call.idempotency_key
-    if headers:
-        kwargs["headers"] = headers
+    headers["traceparent"] = f"00-{call.trace_id}-{uuid.uuid4().hex[:16]}-01"
+    kwargs["headers"] = headers
     if call.read_timeout != "default":
         kwargs["timeout"] = httpx.Timeout(settings.timeout, read=call.read_timeout)
     return kwargs

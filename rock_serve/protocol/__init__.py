@@ -29,6 +29,18 @@ from rock_serve.protocol.commands import (
     SessionStdinRequest,
 )
 from rock_serve.protocol.common import ErrorBody, ErrorDetail
+from rock_serve.protocol.console import (
+    ConsoleEvent,
+    ConsoleMetrics,
+    ConsoleRow,
+    ConsoleUser,
+    ConsoleWorkers,
+    EnvInstance,
+    EnvInstances,
+    LoginRequest,
+    MetricsSample,
+    WebhookEvent,
+)
 from rock_serve.protocol.files import (
     FileInfo,
     ListDirResult,
@@ -58,6 +70,16 @@ __all__ = [
     "SessionStdinBody",
     "StateChange",
     "WorkerStatus",
+    "ConsoleEvent",
+    "ConsoleMetrics",
+    "ConsoleRow",
+    "ConsoleUser",
+    "ConsoleWorkers",
+    "EnvInstance",
+    "EnvInstances",
+    "LoginRequest",
+    "MetricsSample",
+    "WebhookEvent",
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT",
     "Encoding",

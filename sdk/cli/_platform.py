@@ -317,6 +317,7 @@ def up(
             started = _start_head(dashboard, ports, timeout)
             ray_auth = True
         token_file = _token_file(config)
+        made: str | None = None
         if token_file is not None:
             made = ensure_admin_token(token_file, api)
             if made is not None:
@@ -345,6 +346,13 @@ def up(
     STATE_FILE.write_text(json.dumps(state))
     workers = health.get("workers") or []
     console.print(f"platform up: {len(workers)} worker(s)")  # type: ignore[arg-type]
+    console.print(f"console: {api.rstrip('/')}/ui/")
+    if token_file is not None:
+        token = read_credentials(credentials_path(), api)
+        if made is not None and token is not None:  # a new token: shown once, for the login
+            console.print(f"log in with the admin token: {token}", markup=False)
+        else:
+            console.print(f"log in with the admin token stored in {credentials_path()}")
     from_env = bool(os.environ.get("RAY_AUTH_TOKEN", "").strip())
     client = state.get("ray_client")
     return Endpoints(

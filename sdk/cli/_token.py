@@ -35,6 +35,10 @@ def create(
     name: Annotated[str, typer.Option(help="Who holds it (shown in the audit log).")],
     namespace: Annotated[str, typer.Option(help="Namespace its sandboxes go to.")] = "default",
     admin: Annotated[bool, typer.Option(help="May act on every namespace.")] = False,
+    role: Annotated[
+        str | None,
+        typer.Option(help="tenant, viewer (read-only, every namespace), operator or admin."),
+    ] = None,
     file: Annotated[
         Path | None,
         typer.Option(help="Token file to add the hashed entry to (created 0600 if missing)."),
@@ -51,9 +55,19 @@ def create(
     """Print a new token on stdout and its config entry (SHA-256 only) on stderr."""
     token = generate_token()
     try:
-        entry = TokenEntry(name=name, namespace=namespace, sha256=hash_token(token), admin=admin)
+        entry = TokenEntry.model_validate(
+            {
+                "name": name,
+                "namespace": namespace,
+                "sha256": hash_token(token),
+                "admin": admin,
+                "role": role,
+            }
+        )
     except ValidationError as exc:
-        err.print(f"[red]error[/red]: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        first = exc.errors()[0]
+        where = first["loc"][0] if first["loc"] else "role"
+        err.print(f"[red]error[/red]: {where}: {first['msg']}")
         raise typer.Exit(2) from None
     if file is not None:
         try:
