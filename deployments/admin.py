@@ -37,15 +37,16 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 import rock_serve
-from rock_serve.auth import Authenticator, Principal, bearer_token
+from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _gem
+from rock_serve.deployments import _compat, _gem, _rock_api
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
     NamespaceGuard,
     authenticate_header_or_query,
     caller,
+    request_token,
     set_caller,
 )
 from rock_serve.deployments._metrics import Metrics, metrics
@@ -227,6 +228,8 @@ app.include_router(
 )
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
+# ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
+app.include_router(_rock_api.router)
 
 
 def _worker_of(sandbox_id: str) -> str:
@@ -458,7 +461,7 @@ class Admin:
 
         Needs no token (for probes). With auth disabled every caller counts as an admin.
         """
-        token = bearer_token(request.headers.get("authorization"))
+        token = request_token(request)
         principal = (
             self.authenticator.authenticate(token)
             if token or not self.authenticator.required
@@ -853,7 +856,7 @@ class Admin:
         headers on a WebSocket), the ``token`` query parameter; it is never logged.
         """
         await ws.accept()
-        token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
+        token = request_token(ws, query=True)
         try:
             principal = self.authenticator.authenticate(token)
         except RockError as exc:
