@@ -68,9 +68,7 @@ def run_driver(
 ) -> Any:
     """Run ``drivers/<driver>`` in client venv ``client``; its last stdout line, as JSON."""
     python = client_python(client)
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))
-    }
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     full_env.update(env or {})
     proc = subprocess.run(
         [python, str(DRIVERS / driver), *args],

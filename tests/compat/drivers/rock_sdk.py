@@ -43,7 +43,9 @@ async def sandbox_flow():
     out["status"] = status.model_dump(mode="json")
     out["is_alive"] = bool(await sb.is_alive())
     out["echo"] = (await sb.arun("echo hello-$((40+2))")).model_dump()
-    await sb.create_session(CreateBashSessionRequest(session="work", env={"A": "1"}, env_enable=True))
+    await sb.create_session(
+        CreateBashSessionRequest(session="work", env={"A": "1"}, env_enable=True)
+    )
     await sb.arun("cd /; export B=2", session="work")
     out["session"] = (await sb.arun('echo "$PWD $A $B"', session="work")).model_dump()
     try:
@@ -79,11 +81,15 @@ async def sandbox_flow():
 
 
 async def group_flow(size):
-    group = SandboxGroup(SandboxGroupConfig(**config().model_dump(), size=size, start_concurrency=size))
+    group = SandboxGroup(
+        SandboxGroupConfig(**config().model_dump(), size=size, start_concurrency=size)
+    )
     t0 = time.perf_counter()
     await group.start()
     seconds = time.perf_counter() - t0
-    outs = await asyncio.gather(*(sb.arun(f"echo member-{i}") for i, sb in enumerate(group.sandbox_list)))
+    outs = await asyncio.gather(
+        *(sb.arun(f"echo member-{i}") for i, sb in enumerate(group.sandbox_list))
+    )
     ids = [sb.sandbox_id for sb in group.sandbox_list]
     await group.stop()
     return {"ids": ids, "outputs": [o.output for o in outs], "start_seconds": seconds}
@@ -101,7 +107,7 @@ async def unauthorized():
 if MODE == "sandbox":
     result = asyncio.run(sandbox_flow())
 elif MODE.startswith("group"):
-    result = asyncio.run(group_flow(int(MODE[len("group"):] or 3)))
+    result = asyncio.run(group_flow(int(MODE[len("group") :] or 3)))
 elif MODE == "unauthorized":
     result = asyncio.run(unauthorized())
 else:
