@@ -73,7 +73,7 @@ from rock_serve.protocol.rock import (
 from rock_serve.rocklet._swerex import EXEC_OUTPUT_CAP, SESSION_OUTPUT_CAP, _clean_output
 from rock_serve.sdk import AsyncClient
 
-__all__ = ["ROCK_PREFIX", "RockRoute", "parse_size_mb", "router"]
+__all__ = ["ROCK_PREFIX", "RockRoute", "check_sandbox", "parse_size_mb", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _admin() -> Any:
     return serve.get_replica_context().servable_object
 
 
-async def _check(client: AsyncClient, principal: Principal, sandbox_id: str) -> None:
+async def check_sandbox(client: AsyncClient, principal: Principal, sandbox_id: str) -> None:
     """Raise SandboxNotFound unless ``principal`` may act on ``sandbox_id``."""
     if not _GUARD:
         _GUARD.append(NamespaceGuard(client.get_sandbox))
@@ -321,7 +321,7 @@ async def get_status(
     sandbox_id: SandboxIdQuery, principal: Auth, client: Client, include_all_states: bool = False
 ) -> RockResponse:
     """ROCK's ``SandboxStatusResponse``: ``is_alive`` once running, phases in ``status``."""
-    await _check(client, principal, sandbox_id)
+    await check_sandbox(client, principal, sandbox_id)
     return _ok(_status(await client.get_sandbox(sandbox_id)))
 
 
@@ -329,7 +329,7 @@ async def get_status(
 async def is_alive(sandbox_id: SandboxIdQuery, principal: Auth, client: Client) -> RockResponse:
     """``{"is_alive", "message"}``; false (not a failure) for an unknown sandbox, as in ROCK."""
     try:
-        await _check(client, principal, sandbox_id)
+        await check_sandbox(client, principal, sandbox_id)
         record = await client.get_sandbox(sandbox_id)
     except SandboxNotFound:
         return _ok({"is_alive": False, "message": f"sandbox {sandbox_id} is alive failed"})
@@ -342,7 +342,7 @@ async def stop(
 ) -> RockResponse:
     """Remove the sandbox (a stopped sandbox has nothing worth keeping here)."""
     async with _audited(request, principal, "rock.stop", body.sandbox_id):
-        await _check(client, principal, body.sandbox_id)
+        await check_sandbox(client, principal, body.sandbox_id)
         await client.delete_sandbox(body.sandbox_id)
     return _ok(f"{body.sandbox_id} stopped")
 
@@ -354,7 +354,7 @@ async def delete(
     """Remove the sandbox; an unknown one is a success (idempotent, as in ROCK)."""
     async with _audited(request, principal, "rock.delete", body.sandbox_id):
         try:
-            await _check(client, principal, body.sandbox_id)
+            await check_sandbox(client, principal, body.sandbox_id)
             await client.delete_sandbox(body.sandbox_id)
         except SandboxNotFound:
             pass
@@ -392,7 +392,7 @@ async def execute(
     async with _audited(
         request, principal, "rock.execute", cmd.sandbox_id, command=cmd.command
     ) as event:
-        await _check(client, principal, cmd.sandbox_id)
+        await check_sandbox(client, principal, cmd.sandbox_id)
         result = await client.exec(
             cmd.sandbox_id,
             _argv(cmd),
@@ -427,7 +427,7 @@ async def create_session(
     async with _audited(
         request, principal, "rock.session.create", req.sandbox_id, session=req.session
     ):
-        await _check(client, principal, req.sandbox_id)
+        await check_sandbox(client, principal, req.sandbox_id)
         resp = await client.create_session(
             req.sandbox_id,
             req.session,
@@ -455,7 +455,7 @@ async def run_in_session(
         session=action.session,
         command=action.command,
     ) as event:
-        await _check(client, principal, action.sandbox_id)
+        await check_sandbox(client, principal, action.sandbox_id)
         res = await client.run(
             action.sandbox_id,
             action.command,
@@ -495,7 +495,7 @@ async def close_session(
     async with _audited(
         request, principal, "rock.session.close", req.sandbox_id, session=req.session
     ):
-        await _check(client, principal, req.sandbox_id)
+        await check_sandbox(client, principal, req.sandbox_id)
         await client.close_session(req.sandbox_id, session=req.session)
     return _ok({"session_type": "bash"})
 
@@ -512,7 +512,7 @@ async def read_file(req: RockReadFileRequest, principal: Auth, client: Client) -
         codecs.lookup_error(errors)
     except LookupError as exc:
         raise InvalidRequest(str(exc)) from None
-    await _check(client, principal, req.sandbox_id)
+    await check_sandbox(client, principal, req.sandbox_id)
     data = await client.read_file(req.sandbox_id, req.path)
     try:
         text = codecs.decode(data, encoding, errors)
@@ -531,7 +531,7 @@ async def write_file(
         request, principal, "rock.file.write", req.sandbox_id, path=req.path
     ) as event:
         _check_size(len(data))
-        await _check(client, principal, req.sandbox_id)
+        await check_sandbox(client, principal, req.sandbox_id)
         await client.write_file(req.sandbox_id, req.path, data)
         event["detail"]["bytes"] = len(data)
     return _ok({"success": True, "message": f"Successfully write content to file {req.path}"})
@@ -571,7 +571,7 @@ async def upload(request: Request, principal: Auth, client: Client) -> RockRespo
         async with _audited(
             request, principal, "rock.file.upload", sandbox_id, path=target
         ) as event:
-            await _check(client, principal, sandbox_id)
+            await check_sandbox(client, principal, sandbox_id)
             data = b"".join([chunk async for chunk in _read_upload(file)])
             _check_size(len(data))
             await client.write_file(sandbox_id, target, data)

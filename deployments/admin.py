@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 import rock_serve
 from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _gem, _rock_api
+from rock_serve.deployments import _compat, _gem, _rock_api, _swerex_api
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
@@ -230,6 +230,8 @@ app.include_router(
 app.include_router(_gem.router, responses=_ERRORS)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)
+# SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.
+app.include_router(_swerex_api.router)
 
 
 def _worker_of(sandbox_id: str) -> str:
