@@ -34,6 +34,8 @@ NAMESPACE = "rock-compat"
 USERS = [("alice", "team-a"), ("bob", "team-b")]
 #: Namespace whose GEM routes take callers without a token.
 PUBLIC = "gem-public"
+#: The deployed app's max_file_bytes (small, so oversized uploads are cheap to send).
+MAX_FILE_BYTES = 1 << 20
 
 
 @dataclass
@@ -102,6 +104,7 @@ def compat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompatPlatform]
             "anonymous": {PUBLIC: ["gem"]},
         }
         app["args"]["max_sandboxes_per_node"] = 32
+        app["args"]["max_file_bytes"] = MAX_FILE_BYTES
         app["args"]["reap_interval_seconds"] = 0.5
 
     with ray_head() as head:
