@@ -16,7 +16,8 @@ import pytest
 
 from .conftest import PUBLIC, CompatPlatform, run_driver
 
-pytestmark = pytest.mark.ray
+#: The session platform (a Ray head and a deploy) starts inside the first test's budget.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 #: language -> the program its toolchain needs (what the host root the sandbox sees has).
 TOOLCHAINS = {

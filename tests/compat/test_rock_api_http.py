@@ -13,7 +13,8 @@ import pytest
 
 from .conftest import MAX_FILE_BYTES, CompatPlatform
 
-pytestmark = pytest.mark.ray
+#: The session platform (a Ray head and a deploy) starts inside the first test's budget.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 ROCK = "/apis/envs/sandbox/v1"
 UNKNOWN = "sb-000000000000-0000000000000000"

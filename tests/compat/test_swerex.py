@@ -11,7 +11,8 @@ import pytest
 
 from .conftest import CompatPlatform, run_driver
 
-pytestmark = pytest.mark.ray
+#: The session platform (a Ray head and a deploy) starts inside the first test's budget.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 @pytest.fixture
