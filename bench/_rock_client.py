@@ -13,6 +13,7 @@ from rock.sdk.sandbox.client import Sandbox, SandboxGroup
 from rock.sdk.sandbox.config import SandboxConfig, SandboxGroupConfig
 
 URL, STARTS, ECHOES, GROUP = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+GROUP_RUNS = int(sys.argv[5]) if len(sys.argv) > 5 else 3
 
 
 def config():
@@ -20,7 +21,7 @@ def config():
 
 
 async def main():
-    out = {"start": [], "echo": [], "group": 0.0}
+    out = {"start": [], "echo": [], "group": []}
     for _ in range(STARTS):
         sb = Sandbox(config())
         t0 = time.perf_counter()
@@ -37,13 +38,14 @@ async def main():
             out["echo"].append(time.perf_counter() - t0)
         assert obs.output.strip() == "hi", obs
     await sb.stop()
-    group = SandboxGroup(
-        SandboxGroupConfig(**config().model_dump(), size=GROUP, start_concurrency=GROUP)
-    )
-    t0 = time.perf_counter()
-    await group.start()
-    out["group"] = time.perf_counter() - t0
-    await group.stop()
+    for _ in range(GROUP_RUNS):
+        group = SandboxGroup(
+            SandboxGroupConfig(**config().model_dump(), size=GROUP, start_concurrency=GROUP)
+        )
+        t0 = time.perf_counter()
+        await group.start()
+        out["group"].append(time.perf_counter() - t0)
+        await group.stop()
     return out
 
 

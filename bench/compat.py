@@ -10,9 +10,10 @@ Starts Ray + Serve with one rock-serve app (auth off, loopback), then measures i
   our ``AsyncClient.create_sandbox`` (returns once running);
 - ``arun`` echo in an existing session (rl-rock: ``arun("echo hi", session=...)``) vs our
   ``run(..., session=...)``, both over HTTP;
-- 8 x ``SandboxGroup.start()`` (wall) vs 8 concurrent creates (wall).
+- 8 x ``SandboxGroup.start()`` (wall, 5 runs) vs 8 concurrent creates (wall, 5 runs).
 
-The ratio column is ROCK SDK / our SDK (the floor: the same platform reached by our client).
+Each side runs twice, in the order ROCK, ours, ours, ROCK, with half the counts each time. The
+ratio column is ROCK SDK / our SDK (the floor: the same platform reached by our client).
 ROCK's SDK sleeps 3 s between ``get_status`` polls; on a ROCK server a sandbox is not alive at
 the first poll (image pull + container start), so ``start()`` there costs at least 3 s by
 construction. Here the first poll finds it alive. Never a test.
@@ -32,6 +33,8 @@ import _harness as harness
 
 ROOT = Path(__file__).resolve().parents[1]
 ROCK_PYTHON = ROOT / ".clients" / "rl-rock" / "bin" / "python"
+#: Times each group start is measured (p50/p99 over these).
+GROUP_RUNS = 5
 
 
 async def ours(url: str, starts: int, echoes: int, group: int) -> dict[str, list[float]]:
@@ -54,19 +57,23 @@ async def ours(url: str, starts: int, echoes: int, group: int) -> dict[str, list
                 out["echo"].append(time.perf_counter() - t0)
             assert result.output_bytes().strip() == b"hi"
         await client.delete_sandbox(record.id)
-        t0 = time.perf_counter()
-        records = await asyncio.gather(
-            *(client.create_sandbox(resources=resources, lease_seconds=600) for _ in range(group))
-        )
-        out["group"].append(time.perf_counter() - t0)
-        await asyncio.gather(*(client.delete_sandbox(r.id) for r in records))
+        for _ in range(GROUP_RUNS):
+            t0 = time.perf_counter()
+            records = await asyncio.gather(
+                *(
+                    client.create_sandbox(resources=resources, lease_seconds=600)
+                    for _ in range(group)
+                )
+            )
+            out["group"].append(time.perf_counter() - t0)
+            await asyncio.gather(*(client.delete_sandbox(r.id) for r in records))
     return out
 
 
 def rock_sdk(url: str, starts: int, echoes: int, group: int) -> dict[str, list[float]]:
     proc = subprocess.run(
         [str(ROCK_PYTHON), str(ROOT / "bench" / "_rock_client.py"), url]
-        + [str(starts), str(echoes), str(group)],
+        + [str(starts), str(echoes), str(group), str(GROUP_RUNS)],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -75,7 +82,7 @@ def rock_sdk(url: str, starts: int, echoes: int, group: int) -> dict[str, list[f
     if proc.returncode != 0:
         raise SystemExit(f"rl-rock driver failed:\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"start": data["start"], "echo": data["echo"], "group": [data["group"]]}
+    return {"start": data["start"], "echo": data["echo"], "group": data["group"]}
 
 
 def main() -> None:
@@ -90,8 +97,14 @@ def main() -> None:
     app = {"runtime": args.runtime, "namespace": "rock-bench-compat", "max_sandboxes_per_node": 64}
     with harness.platform({"/": app}) as urls:
         url = urls["/"]
-        theirs = rock_sdk(url, args.starts, args.echo, args.group)
-        mine = asyncio.run(ours(url, args.starts, args.echo, args.group))
+        # A-B-B-A halves, so load that drifts during the run (a shared machine) hits both.
+        half = (max(1, args.starts // 2), max(1, args.echo // 2), args.group)
+        theirs = rock_sdk(url, *half)
+        mine = asyncio.run(ours(url, *half))
+        for key, values in asyncio.run(ours(url, *half)).items():
+            mine[key] += values
+        for key, values in rock_sdk(url, *half).items():
+            theirs[key] += values
     print(f"runtime={args.runtime} starts={args.starts} echo={args.echo} group={args.group}")
     print(f"{'metric':34} {'ROCK SDK p50/p99 ms':>22} {'our SDK p50/p99 ms':>22} {'ratio':>7}")
     rows = [
