@@ -17,7 +17,7 @@ import pytest
 from .conftest import PUBLIC, CompatPlatform, run_driver
 
 #: The session platform (a Ray head and a deploy) starts inside the first test's budget.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: language -> the program its toolchain needs (what the host root the sandbox sees has).
 TOOLCHAINS = {

@@ -14,7 +14,7 @@ import pytest
 from .conftest import MAX_FILE_BYTES, CompatPlatform
 
 #: The session platform (a Ray head and a deploy) starts inside the first test's budget.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROCK = "/apis/envs/sandbox/v1"
 UNKNOWN = "sb-000000000000-0000000000000000"

@@ -12,7 +12,7 @@ import pytest
 from .conftest import CompatPlatform, run_driver
 
 #: The session platform (a Ray head and a deploy) starts inside the first test's budget.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture
