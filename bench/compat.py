@@ -33,6 +33,8 @@ import _harness as harness
 
 ROOT = Path(__file__).resolve().parents[1]
 ROCK_PYTHON = ROOT / ".clients" / "rl-rock" / "bin" / "python"
+#: Our SDK's create resources (the ROCK SDK's 1g / 1 cpu; none with --warm).
+RESOURCES: dict[str, object] = {"memory_mb": 1024, "cpus": 1}
 #: Times each group start is measured (p50/p99 over these).
 GROUP_RUNS = 5
 
@@ -42,7 +44,7 @@ async def ours(url: str, starts: int, echoes: int, group: int) -> dict[str, list
 
     out: dict[str, list[float]] = {"start": [], "echo": [], "group": []}
     async with AsyncClient(url) as client:
-        resources = {"memory_mb": 1024, "cpus": 1}
+        resources = RESOURCES
         for _ in range(starts):
             t0 = time.perf_counter()
             record = await client.create_sandbox(resources=resources, lease_seconds=600)
@@ -91,10 +93,25 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=10)
     parser.add_argument("--echo", type=int, default=200)
     parser.add_argument("--group", type=int, default=8)
+    parser.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        help="warm_pool_size, with compat.rock_resources=ignore and our SDK asking for no "
+        "resources, so both sides' starts can take warm sandboxes",
+    )
     args = parser.parse_args()
     if not ROCK_PYTHON.exists():
         raise SystemExit("rl-rock is not installed: run scripts/client-venvs rl-rock")
-    app = {"runtime": args.runtime, "namespace": "rock-bench-compat", "max_sandboxes_per_node": 64}
+    app: dict[str, object] = {
+        "runtime": args.runtime,
+        "namespace": "rock-bench-compat",
+        "max_sandboxes_per_node": 64,
+        "warm_pool_size": args.warm,
+        "compat": {"rock_resources": "ignore" if args.warm else "apply"},
+    }
+    global RESOURCES
+    RESOURCES = {} if args.warm else {"memory_mb": 1024, "cpus": 1}
     with harness.platform({"/": app}) as urls:
         url = urls["/"]
         # A-B-B-A halves, so load that drifts during the run (a shared machine) hits both.
@@ -105,7 +122,10 @@ def main() -> None:
             mine[key] += values
         for key, values in rock_sdk(url, *half).items():
             theirs[key] += values
-    print(f"runtime={args.runtime} starts={args.starts} echo={args.echo} group={args.group}")
+    print(
+        f"runtime={args.runtime} starts={args.starts} echo={args.echo} group={args.group} "
+        f"warm_pool_size={args.warm}"
+    )
     print(f"{'metric':34} {'ROCK SDK p50/p99 ms':>22} {'our SDK p50/p99 ms':>22} {'ratio':>7}")
     rows = [
         ("start() until alive", "start"),

@@ -281,6 +281,8 @@ async def start_async(
         memory_mb=parse_size_mb(req.memory),
         disk_mb=parse_size_mb(req.disk),
     )
+    if args.compat.rock_resources == "ignore":  # the default spec: warm pools apply
+        resources = Resources()
     user = request.headers.get("x-user-id")
     experiment = request.headers.get("x-experiment-id")
     labels = {API_LABEL: "rock"}

@@ -509,6 +509,12 @@ class CompatConfig(_Config):
         "to the runtime as is, 'default' uses the runtime's default image, 'auto' passes it on "
         "the docker runtime and uses the default elsewhere (bwrap images are rootfs paths).",
     )
+    rock_resources: Literal["apply", "ignore"] = Field(
+        default="apply",
+        description="ROCK's memory/cpus/disk: 'apply' makes them the sandbox's limits; "
+        "'ignore' drops them, so ROCK starts (whose SDK always sends memory='8g', cpus=2) can "
+        "take warm-pool sandboxes (warm_pool_size) at the runtime's default limits.",
+    )
     run_code_image: str | None = Field(
         default=None,
         description="Image of /run_code's sandboxes (a toolchain image for cpp, go, java, rust, "
