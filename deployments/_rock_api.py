@@ -43,7 +43,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rock_serve.auth import Principal
-from rock_serve.deployments._auth import Auth, NamespaceGuard
+from rock_serve.deployments._auth import Auth, NamespaceGuard, check_spec_privileges
 from rock_serve.deployments._compat import platform_client
 from rock_serve.errors import (
     InvalidRequest,
@@ -301,6 +301,7 @@ async def start_async(
     async with _audited(
         request, principal, "rock.start", detail={"image": req.image, "owner": create.owner}
     ) as event:
+        check_spec_privileges(principal, create)
         record = await client.create_sandbox(create)
         event["sandbox_id"] = record.id
     if _GUARD:

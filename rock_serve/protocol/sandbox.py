@@ -27,24 +27,44 @@ class FailureReason(str, Enum):
 
     OOM_KILLED = "oom_killed"
     AGENT_EXITED = "agent_exited"
+    AGENT_UNRESPONSIVE = "agent_unresponsive"
     START_FAILED = "start_failed"
     LOST = "lost"
+
+
+#: Upper bounds of :class:`Resources` that no node is expected to exceed; each Worker also
+#: refuses what its own node cannot give (``invalid_request``).
+MAX_CPUS = 512.0
+MAX_MEMORY_MB = 1 << 20  # 1 TiB
+MAX_PIDS = 1 << 16
+MAX_DISK_MB = 1 << 24  # 16 TiB
 
 
 class Resources(WireModel):
     """Limits enforced on the whole sandbox (all of its processes)."""
 
-    cpus: float | None = Field(default=None, gt=0, le=1024, description="CPU quota in cores.")
+    cpus: float | None = Field(
+        default=None, gt=0, le=MAX_CPUS, description="CPU quota in cores (at most the node's)."
+    )
     memory_mb: int | None = Field(
-        default=None, ge=16, le=4 * 1024 * 1024, description="Memory limit in MiB (no swap)."
+        default=None,
+        ge=16,
+        le=MAX_MEMORY_MB,
+        description="Memory limit in MiB, no swap (at most the node's memory).",
     )
     pids: int | None = Field(
-        default=None, ge=8, le=1_000_000, description="Maximum number of processes and threads."
+        default=None,
+        ge=8,
+        le=MAX_PIDS,
+        description="Maximum number of processes and threads (at most the server's "
+        "max_pids_per_sandbox).",
     )
     disk_mb: int | None = Field(
         default=None,
         ge=1,
-        description="Writable-layer size limit in MiB, where the runtime supports it.",
+        le=MAX_DISK_MB,
+        description="Writable-layer size limit in MiB, where the runtime supports it (at most "
+        "the size of the node's sandbox filesystem).",
     )
 
 
@@ -67,6 +87,12 @@ class SandboxSpec(WireModel):
     workdir: str = Field(default="/root", max_length=4096, description="Initial working dir.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
     owner: str = Field(default="", max_length=256, description="Who owns the sandbox.")
+    seccomp: Literal["default", "unconfined"] = Field(
+        default="default",
+        description="'default' applies the runtime's seccomp profile (Docker's default "
+        "equivalent) to every process; 'unconfined' turns it off and only an admin token "
+        "may ask for it (403 otherwise).",
+    )
 
 
 class SandboxInfo(WireModel):

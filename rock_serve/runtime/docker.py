@@ -12,7 +12,11 @@ A sandbox ``<id>`` is the container ``<scope>.<id>`` (``scope`` from the config)
   per image by looking at the created container's files); when the image has none, this
   node's interpreter is also mounted read-only (``node_python``; see :func:`node_python`
   for what that needs).
-- Limits: ``nano_cpus``, ``mem_limit`` with ``memswap_limit`` equal (no swap), ``pids_limit``,
+- Hardening: Docker's defaults, checked: its seccomp profile (the daemon must support
+  seccomp unless ``seccomp: false``; a spec's ``seccomp: unconfined`` turns it off), its
+  masked and read-only ``/proc`` paths, no-new-privileges, capabilities as below.
+- Limits: ``nano_cpus`` (1 cpu by default), ``mem_limit`` with ``memswap_limit`` equal (no
+  swap), ``pids_limit``,
   a writable-layer size where the storage driver supports it (overlay2 only on xfs with
   pquota; otherwise ignored with one warning). Network ``none`` unless the spec asks for more
   and the config allows it. All capabilities dropped but ``capabilities``, no-new-privileges,
@@ -39,6 +43,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import socket
 import subprocess
 import time
@@ -88,6 +93,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The characters and shape of an image reference (name[:tag][@digest] or an image id); a
+#: host path ("/", "/var/lib") never is one.
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$")
 
 #: The offline test image built by ``scripts/build-test-image``.
 TEST_IMAGE = DOCKER_TEST_IMAGE
@@ -177,13 +186,23 @@ class DockerRuntime(Runtime):
             async with self._client_lock:
                 if self._client is None:
                     await self._call(self._probe_daemon)
-                    self._client = await self._call(
+                    client = await self._call(
                         docker.APIClient,
                         base_url=self.address.url,
                         version="auto",
                         timeout=self.config.timeout_seconds,
                         max_pool_size=_POOL_SIZE,
                     )
+                    if self.config.seccomp:
+                        info = await self._call(client.info)
+                        if not any("seccomp" in o for o in info.get("SecurityOptions") or []):
+                            client.close()
+                            raise InvalidConfig(
+                                "docker runtime: the daemon has no seccomp support, so "
+                                "containers would run without a syscall filter (set "
+                                "seccomp: false to accept that)"
+                            )
+                    self._client = client
         return self._client
 
     def _probe_daemon(self) -> None:
@@ -221,6 +240,8 @@ class DockerRuntime(Runtime):
             ImageNotFound: not on this node and not pullable (or policy ``never``).
             Timeout: the pull took longer than ``pull_timeout_seconds``.
         """
+        if not _REF.match(ref) or ".." in ref or "//" in ref:
+            raise ImageNotFound(f"image {ref!r} is not an image reference")
         api = await self._api()
         policy = self.config.pull
         if policy != "always":
@@ -340,7 +361,10 @@ class DockerRuntime(Runtime):
             "network_mode": network_mode,
             "cap_drop": ["ALL"],
             "cap_add": list(cfg.capabilities),
-            "security_opt": ["no-new-privileges:true"],
+            # Docker's default seccomp profile (and AppArmor profile, where the host has
+            # AppArmor) apply unless the spec opted out (admins only, checked by the Admin).
+            "security_opt": ["no-new-privileges:true"]
+            + (["seccomp=unconfined"] if spec.seccomp == "unconfined" or not cfg.seccomp else []),
             "privileged": False,
             "mounts": mounts,
             "log_config": LogConfig(type="none"),
@@ -543,7 +567,7 @@ class DockerRuntime(Runtime):
         raw, writer = await open_exec(
             self.address, api.api_version, exec_id, timeout=self.config.timeout_seconds
         )
-        handle = ExecRocklet(raw, writer, name=sandbox_id, exec_id=exec_id)
+        handle = await self._new_handle(raw, writer, sandbox_id, exec_id)
         old = self._handles.get(sandbox_id)
         self._handles[sandbox_id] = handle
         self._exec_ids[sandbox_id] = exec_id
@@ -559,6 +583,16 @@ class DockerRuntime(Runtime):
                 f"{handle.stderr_tail() or '(no output)'}"
             ) from None
         return handle
+
+    async def _new_handle(
+        self,
+        raw: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sandbox_id: str,
+        exec_id: str,
+    ) -> ExecRocklet:
+        """The handle over a fresh rocklet exec's connection (a subclass may add to it)."""
+        return ExecRocklet(raw, writer, name=sandbox_id, exec_id=exec_id)
 
     async def stop(self, sandbox_id: str) -> None:
         """Stop the container (SIGTERM to its init, SIGKILL after ``stop_timeout_seconds``).
