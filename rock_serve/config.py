@@ -32,6 +32,8 @@ __all__ = [
     "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
+    "EgressPolicyConfig",
+    "BridgeNetworkConfig",
     "FakeRuntimeConfig",
     "GvisorRuntimeConfig",
     "LocalRuntimeConfig",
@@ -161,6 +163,47 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+class EgressPolicyConfig(_Config):
+    """What networked sandboxes may reach (the host's own addresses never)."""
+
+    egress_allow: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0"],
+        description="The widest egress a sandbox may get, as cidr|host[:port] entries; a spec "
+        "without egress gets all of it, a spec's own entries must lie within it.",
+    )
+    egress_deny: list[str] = Field(
+        default_factory=lambda: ["169.254.0.0/16"],
+        description="Destinations no sandbox reaches, whatever it is allowed (default: "
+        "link-local, where cloud metadata services live). The host's own addresses and the "
+        "bridge's subnet are always denied.",
+    )
+    host_ports: list[int] = Field(
+        default_factory=list,
+        description="TCP ports of the host's bridge address that sandboxes may connect to "
+        "(e.g. a proxy); every other port and address of the host stays unreachable.",
+    )
+    isolate: bool = Field(
+        default=True,
+        description="Sandboxes cannot reach each other; false lets sandboxes on the same "
+        "bridge talk to each other.",
+    )
+
+
+class BridgeNetworkConfig(EgressPolicyConfig):
+    """The bridge a Worker sets up for networked sandboxes, and what they may reach."""
+
+    name: str = Field(
+        default="rock0",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$",
+        description="Bridge interface on the host; also prefixes the sandboxes' netns names.",
+    )
+    subnet: str = Field(
+        default="10.213.0.0/16",
+        description="IPv4 subnet of the bridge: its first address is the host's (the "
+        "gateway, unreachable from sandboxes), the others are leased to sandboxes.",
+    )
+
+
 class FakeRuntimeConfig(_Config):
     """In-memory runtime for unit tests of everything above the runtime."""
 
@@ -220,7 +263,12 @@ class BwrapRuntimeConfig(_Config):
     )
     allow_network: bool = Field(
         default=False,
-        description="Allow specs with network 'host'/'bridge' (both share the host network).",
+        description="Allow specs with network 'bridge': a network namespace of its own on "
+        "the bridge below (never the host's namespace; 'host' is always refused).",
+    )
+    bridge: BridgeNetworkConfig = Field(
+        default_factory=lambda: BridgeNetworkConfig(),
+        description="Bridge, NAT and egress policy of networked sandboxes (allow_network).",
     )
     hide_paths: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HIDE_PATHS),
@@ -264,6 +312,11 @@ class BwrapRuntimeConfig(_Config):
     )
     uid_base: int = Field(
         default=100_000, ge=1, description="First host uid/gid of the sandboxes' ranges."
+    )
+    skeleton_dir: str = Field(
+        default="/dev/shm/rock-serve-root",
+        description="With rootfs '/': where the default root's skeleton layer is built; must "
+        "be on a file system other than the host's / (a tmpfs).",
     )
     roots_dir: str = Field(
         default="/run/rock-serve/roots",
@@ -363,13 +416,25 @@ class DockerRuntimeConfig(_Config):
     )
     allow_network: bool = Field(
         default=False,
-        description="Allow specs with network 'host' (the node's network) or 'bridge' "
-        "(the docker network named bridge_network). Default: only 'none' (loopback).",
+        description="Allow specs with network 'bridge' (the docker network named "
+        "bridge_network, guarded: see network_policy). Default: only 'none' (loopback).",
+    )
+    allow_host_network: bool = Field(
+        default=False,
+        description="Also allow network 'host': the node's own namespace, where sandbox code "
+        "reaches every loopback service of the node (Ray, Redis, the API). Trusted code only.",
     )
     bridge_network: str = Field(
         default="bridge",
         min_length=1,
-        description="Docker network that a spec's network 'bridge' joins; it must exist.",
+        description="Docker network (driver bridge, on this node) that a spec's network "
+        "'bridge' joins; it must exist.",
+    )
+    network_policy: EgressPolicyConfig = Field(
+        default_factory=lambda: EgressPolicyConfig(),
+        description="What containers on bridge_network may reach: the node drops whatever "
+        "they send to its own addresses; egress allow-lists are applied in each container's "
+        "namespace.",
     )
     capabilities: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CAPABILITIES),
@@ -787,6 +852,13 @@ class ServerArgs(_Config):
         description="Largest file or archive one read returns (REST download, SDK read_file, "
         "Ray transport): a regular file over it is refused at once with too_large (413); a "
         "stream of unknown size (a device such as /dev/zero, a growing file) is cut off there.",
+    )
+    max_output_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        description="Most output one command may return per stream (exec stdout and stderr, "
+        "a session's merged output): a request asking for more is held to this, and its "
+        "result says truncated=true when the output went past it.",
     )
     max_request_bytes: int = Field(
         default=16 << 20,

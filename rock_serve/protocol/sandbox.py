@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -79,7 +79,16 @@ class SandboxSpec(WireModel):
     resources: Resources = Field(default_factory=Resources, description="Resource limits.")
     network: Literal["none", "host", "bridge"] = Field(
         default="none",
-        description="'none' gives loopback only; 'host'/'bridge' give outside access if allowed.",
+        description="'none' gives loopback only; 'bridge' a network namespace of its own with "
+        "NAT egress, if the runtime allows it; 'host' (the node's network) only where an admin "
+        "allowed it (never on bwrap). No mode reaches the host's own services.",
+    )
+    egress: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Egress allow-list for network 'bridge': IPv4 cidr|host[:port] entries "
+        "('10.0.0.0/8', '192.0.2.7:443', 'pypi.org:443'; host names resolved at create, TCP "
+        "and UDP), everything else rejected. None = the runtime's default allow-list.",
     )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for every process."

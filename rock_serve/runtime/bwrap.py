@@ -17,8 +17,9 @@ A sandbox ``<id>`` is:
   ``<roots_dir>/<id>``, where bwrap, started as the sandbox's uid by ``setpriv``, finds it
   and joins the slot's user namespace (``--userns``): no process of a sandbox is host root.
 - ``<hierarchy>/<cgroup_parent>/<id>`` in each cgroup hierarchy it needs, with its limits.
-- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and (unless the spec asks for
-  and the config allows network) net namespace, ``--die-with-parent``, capabilities reduced
+- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and net namespace (network
+  ``none``: bwrap's, loopback only; ``bridge``: the one :mod:`._netns` made, joined with
+  ``nsenter`` before bwrap runs; never the host's), ``--die-with-parent``, capabilities reduced
   to a Docker-like set, ``merged/`` as ``/``, a fresh ``/proc``, ``/dev`` and tmpfs ``/tmp``.
   It runs the rocklet from ``/.rock`` (agent.py and its .pyc, bind-mounted read-only)
   as the sandbox's first process. Docker's hardening on top: ``/proc/sys``, ``/proc/irq``,
@@ -52,6 +53,7 @@ import posixpath
 import shutil
 import stat
 import subprocess
+import sys
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.errors import (
@@ -65,6 +67,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
 from rock_serve.runtime._state import (
@@ -81,7 +84,7 @@ from rock_serve.runtime._state import (
     write_meta,
 )
 from rock_serve.runtime._sync import run_sync
-from rock_serve.runtime._userns import SlotPool, idmapped_mount, userns_file
+from rock_serve.runtime._userns import SlotPool, UsernsCache, idmapped_mount
 from rock_serve.runtime.base import Runtime
 
 __all__ = ["AGENT_MOUNT", "BwrapRuntime", "mounts_under"]
@@ -268,12 +271,20 @@ class BwrapRuntime(Runtime):
         if any(not c.startswith("CAP_") for c in config.capabilities):
             raise InvalidConfig("bwrap runtime: capabilities must be named like CAP_CHOWN")
         self.agent_dir = install_agent(os.path.join(self.state_dir, ".agent"))
+        self.net = for_runtime(config.bridge, self.state_dir) if config.allow_network else None
         self._hides: dict[str, list[_Hide]] = {}
         self.rootfs_allow = [os.path.realpath(p) for p in config.rootfs_allow]
         self.skeleton: Skeleton | None = None
         if self.rootfs == "/":
+            base = os.path.realpath(config.skeleton_dir)
+            parent = os.path.dirname(base)
+            if not os.path.isdir(parent) or os.stat(parent).st_dev == os.stat("/").st_dev:
+                raise InvalidConfig(
+                    f"bwrap runtime: skeleton_dir {base} must be on a file system other than "
+                    "the host's / (overlayfs refuses nested layers): a tmpfs such as /dev/shm"
+                )
             self.skeleton = Skeleton(
-                self._mount_skeleton_fs(),
+                base,
                 allow=config.root_allow,
                 etc_allow=config.etc_allow,
                 hide=self._hide_targets("/"),
@@ -325,23 +336,6 @@ class BwrapRuntime(Runtime):
             disk_mb=mine.disk_mb if mine.disk_mb is not None else dflt.disk_mb,
         )
 
-    def _mount_skeleton_fs(self) -> str:
-        """A fresh tmpfs for the default root's skeleton layer.
-
-        Overlayfs refuses a lower layer inside another one (ELOOP), and the host's ``/`` is
-        one: the skeleton needs a file system of its own. A previous instance's tmpfs is
-        detached first; overlays that use it keep it alive until they are unmounted.
-        """
-        base = os.path.join(self.state_dir, ".root")
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        if os.path.ismount(base):
-            _sys_umount(base, _MNT_DETACH)
-        try:
-            _sys_mount("tmpfs", base, "tmpfs", "mode=0700,size=64m", _MS_NODEV | _MS_NOSUID)
-        except OSError as exc:
-            raise InvalidConfig(f"bwrap runtime: cannot mount a tmpfs at {base}: {exc}") from None
-        return base
-
     def _init_userns(self) -> None:
         """Check that user namespaces and idmapped mounts work here; note the taken ranges."""
         cfg = self.config
@@ -356,18 +350,19 @@ class BwrapRuntime(Runtime):
         _check_path_option(self.roots_dir, "roots_dir")
         os.makedirs(self.roots_dir, mode=0o711, exist_ok=True)
         os.chmod(self.roots_dir, 0o711)
-        key = hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]
+        # Named by content: every instance with this rocklet shares one copy.
+        with open(os.path.join(self.agent_dir, "agent.py"), "rb") as f:
+            key = hashlib.sha256(f.read() + sys.version.encode()).hexdigest()[:16]
         self.agent_dir = install_agent(os.path.join(self.roots_dir, f".agent-{key}"))
         os.chmod(self.agent_dir, 0o755)
-        self.userns_dir = os.path.join(self.state_dir, ".userns")
-        os.makedirs(self.userns_dir, mode=0o700, exist_ok=True)
+        self.namespaces = UsernsCache(self._setpriv, self._unshare)
         for meta in list_metas(self.state_dir, self.name):
             if meta.uid_base is not None:
                 self.slots.mark(meta.uid_base)
         probe = os.path.join(self.state_dir, ".idmap-probe")
         os.makedirs(probe, mode=0o700, exist_ok=True)
         try:
-            ns = userns_file(self.userns_dir, self.slots.base_of(0), self._setpriv, self._unshare)
+            ns = self.namespaces.path(self.slots.base_of(0))
             idmapped_mount(self.agent_dir, probe, ns)
             _sys_umount(probe, _MNT_DETACH)
         except (OSError, RuntimeUnavailable) as exc:
@@ -381,8 +376,7 @@ class BwrapRuntime(Runtime):
                 os.rmdir(probe)
 
     def _userns(self, base: int) -> str:
-        assert self.slots is not None
-        return userns_file(self.userns_dir, base, self._setpriv, self._unshare)
+        return self.namespaces.path(base)
 
     def _hide_targets(self, lower: str) -> list[str]:
         """The real paths under ``lower`` that ``hide_paths`` (and the state dir) name."""
@@ -475,6 +469,8 @@ class BwrapRuntime(Runtime):
                     hide.apply(os.path.join(rw, "upper"), uid_base or 0)
             self._mount(path, lower, uid_base)
             self._cgroup(sandbox_id).create(resources)
+            if self.net is not None and spec.network != "none":
+                self.net.create(sandbox_id, spec.egress)
             meta = SandboxMeta(
                 id=sandbox_id,
                 runtime=self.name,
@@ -575,6 +571,8 @@ class BwrapRuntime(Runtime):
         cg = self._cgroup(sandbox_id)
         if cg.exists():
             cg.kill_all()
+        if self.net is not None:
+            self.net.remove(sandbox_id)
         if os.path.isdir(path):
             _unmount_all(path)
         if self.slots is not None:
@@ -640,6 +638,7 @@ class BwrapRuntime(Runtime):
         rocklet = agent_argv(cfg.python, AGENT_MOUNT, "--root", "/")
         rocklet[4] = _ENV_BOOT + rocklet[4]
         args += ["--", *rocklet]
+        args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
         env_file = os.path.join(path, "env")
         wrapper = ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", seccomp, env_file, *fds]
         return [*wrapper, *cg.procs_files, "--", *args]
@@ -660,10 +659,7 @@ class BwrapRuntime(Runtime):
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> SandboxInfo:
         """Make the overlay root, the cgroup with its limits and the record; nothing runs yet."""
         check_id(sandbox_id)
-        if spec.network != "none" and not self.config.allow_network:
-            raise InvalidConfig(
-                f"network {spec.network!r} is not allowed by this runtime (allow_network=false)"
-            )
+        await run_sync(check_network, spec.network, spec.egress, self.net)  # may resolve names
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         lower = self._lower(spec)
@@ -684,6 +680,8 @@ class BwrapRuntime(Runtime):
             mounted = mounted and os.path.ismount(self._root_link(sandbox_id))
         if not mounted or not cg.exists():
             cg = await run_sync(self._prepare_start, sandbox_id, meta, spec)
+        if self.net is not None and spec.network != "none":
+            await run_sync(self.net.ensure, sandbox_id, spec.egress)  # gone after a reboot
         if meta.uid_base is not None:
             await run_sync(self._userns, meta.uid_base)  # made again after a reboot
         argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
@@ -736,16 +734,11 @@ class BwrapRuntime(Runtime):
     async def close(self) -> None:
         """Forget the handles; sandboxes keep running until stopped or removed (or we exit).
 
-        The skeleton's tmpfs is detached: running sandboxes keep it while they need it.
+        The user namespaces are let go of: running sandboxes keep theirs.
         """
         self._handles.clear()
         if self.slots is not None:
-            for name in os.listdir(self.userns_dir):
-                with contextlib.suppress(OSError):
-                    _sys_umount(os.path.join(self.userns_dir, name), _MNT_DETACH)
-        if self.skeleton is not None and os.path.ismount(self.skeleton.base):
-            with contextlib.suppress(OSError):
-                _sys_umount(self.skeleton.base, _MNT_DETACH)
+            self.namespaces.close()
 
     def _info(self, meta: SandboxMeta) -> SandboxInfo:
         if alive(meta) or not meta.started or meta.stopped:

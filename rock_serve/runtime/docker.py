@@ -78,6 +78,7 @@ from rock_serve.runtime._docker_node import (
     node_python,
 )
 from rock_serve.runtime._docker_stream import DockerAddress, ExecRocklet, open_exec
+from rock_serve.runtime._netns import BridgeNetwork, check_network, docker_guard
 from rock_serve.runtime._state import check_id, labels_for, matches, process_start
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime.base import LABEL_ID, LABEL_OWNER, LABEL_RUNTIME, Runtime
@@ -114,6 +115,8 @@ LABEL_CREATED = "rock-serve.created"
 LABEL_PYTHON = "rock-serve.python"
 #: On an image made by :meth:`DockerRuntime.commit`: the sandbox it was committed from.
 LABEL_COMMITTED = "rock-serve.committed-from"
+#: Label: the spec's egress allow-list (JSON; absent = the runtime's default), see _netns.
+LABEL_EGRESS = "rock-serve.egress"
 #: Seconds to wait for a fresh rocklet's first reply.
 START_TIMEOUT = 30.0
 #: Connections to the daemon kept open (calls run in the default thread pool, at most 32).
@@ -156,6 +159,7 @@ class DockerRuntime(Runtime):
         self._has_python: dict[str, bool] = {}
         self._pulls: dict[str, asyncio.Future[None]] = {}
         self._networks: set[str] = set()
+        self._guard: BridgeNetwork | None = None  # the host's rules for bridge_network
         self._disk_quota = True
         self._node_python: tuple[str, list[Mount]] | None = None
 
@@ -318,17 +322,24 @@ class DockerRuntime(Runtime):
                 f"network {network!r} is not allowed by this runtime (allow_network=false)"
             )
         if network == "host":
+            if not self.config.allow_host_network:
+                raise InvalidConfig(
+                    "network 'host' (the node's namespace, with its loopback services) needs "
+                    "allow_host_network"
+                )
             return "host"
         name = self.config.bridge_network
         if name not in self._networks:
             api = await self._api()
             try:
-                await self._call(api.inspect_network, name)
+                info = await self._call(api.inspect_network, name)
             except docker.errors.NotFound:
                 raise InvalidConfig(
                     f"network 'bridge' needs the docker network {name!r}, which this daemon "
                     "does not have (was dockerd started with --bridge=none?)"
                 ) from None
+            policy = self.config.network_policy
+            self._guard = await run_sync(docker_guard, info, policy, self.config.scope)
             self._networks.add(name)
         return name
 
@@ -402,6 +413,8 @@ class DockerRuntime(Runtime):
             LABEL_IMAGE: ref,
             LABEL_CREATED: repr(time.time()),
         }
+        if spec.egress is not None:
+            labels[LABEL_EGRESS] = json.dumps(spec.egress)
         node = await self._node() if node_python else None
         if node is not None:
             labels[LABEL_PYTHON] = node[0]
@@ -465,6 +478,13 @@ class DockerRuntime(Runtime):
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         network_mode = await self._network_mode(spec.network)
+        await run_sync(check_network, spec.network, spec.egress, self._guard, host_ok=True)
+        if spec.egress is not None and self.config.oci_runtime:
+            raise InvalidConfig(
+                f"egress allow-lists live in the container's netns, which oci_runtime "
+                f"{self.config.oci_runtime!r} bypasses (only egress_deny and the host's own "
+                "addresses are enforced there, on the host)"
+            )
         ref = spec.image or self.config.image
         image = await self._image(ref)
         image_id = str(image["Id"])
@@ -511,6 +531,7 @@ class DockerRuntime(Runtime):
                     f"cannot start sandbox {sandbox_id!r}: {_explanation(exc)}"
                 ) from None
             try:
+                await self._apply_egress(c)
                 return await self._launch(sandbox_id, c)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -539,6 +560,20 @@ class DockerRuntime(Runtime):
         if handle is not None and handle.alive:
             return handle
         return await self._launch(sandbox_id, c)
+
+    async def _apply_egress(self, c: dict[str, Any]) -> None:
+        """Load the allow-list into a just-started container on bridge_network (its netns)."""
+        if c["HostConfig"].get("NetworkMode") in ("none", "host", "default", None):
+            return
+        await self._network_mode("bridge")  # the guard of an earlier instance's network
+        assert self._guard is not None
+        api = await self._api()
+        pid = (await self._call(api.inspect_container, c["Id"]))["State"].get("Pid")
+        if not pid:
+            raise RuntimeUnavailable(f"container {c['Name']} has no process to put rules in")
+        raw = (c["Config"].get("Labels") or {}).get(LABEL_EGRESS)
+        allow = await run_sync(self._guard.check, json.loads(raw) if raw else None)
+        await run_sync(self._guard.apply, f"/proc/{pid}/ns/net", allow)
 
     async def _launch(self, sandbox_id: str, c: dict[str, Any]) -> ExecRocklet:
         """Run the rocklet in an attached exec and wait for its first reply."""
