@@ -6,10 +6,23 @@ OpenAPI schema. :class:`NamespaceGuard` answers "may this caller touch this sand
 data plane, which goes straight to a Worker: it keeps a per-replica map sandbox id ->
 namespace, filled from the Scheduler's ``get`` on first use (a sandbox's namespace never
 changes, and ids are never reused), so a warm check is one dict lookup.
+
+Credentials every client can carry (:func:`request_token`, first found wins):
+``Authorization: Bearer T`` (our SDK), ``Authorization: Basic`` with T as the password (or as
+the user name when the password is empty: ``http://user:T@host`` for header-less clients such
+as rl-rock's ``RockEnv``), ``X-Key: T`` and ``XRL-Authorization: Bearer T`` (ROCK's SDK),
+``X-API-Key: T`` (SWE-ReX's ``RemoteRuntime``), and ``?token=T`` on the route groups whose
+schema documents it (SandboxFusion's ``/run_code``, whose clients cannot set headers). A token
+in a URL is never logged: the audit log and metrics record route paths, never query strings.
+
+Route groups (:func:`route_group`, from the matched route's path) let ``auth.anonymous`` open
+chosen compatibility APIs to callers without a token, in one namespace per group.
 """
 
 # No "from __future__ import annotations": FastAPI must see the real types of the dependency.
 
+import base64
+import binascii
 import hmac
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -35,6 +48,8 @@ __all__ = [
     "caller",
     "check_cookie_request",
     "check_spec_privileges",
+    "request_token",
+    "route_group",
     "same_origin",
     "set_caller",
     "websocket_token",
@@ -61,6 +76,62 @@ _bearer = HTTPBearer(
 )
 
 
+#: Route path prefixes of the compatibility APIs, by route group (see ``auth.anonymous``).
+_GROUPS: tuple[tuple[str, str], ...] = (
+    ("/apis/v1/envs/gem/", "gem"),
+    ("/apis/envs/sandbox/v1/", "rock"),
+    ("/run_code", "run_code"),
+    ("/v1/sandboxes/{sandbox_id}/swerex", "swerex"),
+)
+#: Route groups whose schema documents the ``token`` query parameter.
+_QUERY_GROUPS = frozenset({"run_code"})
+
+
+def route_group(conn: HTTPConnection) -> str | None:
+    """The route group of the matched route (None for the REST v1 core routes)."""
+    route = conn.scope.get("route")
+    path = getattr(route, "path", None) or ""
+    for prefix, group in _GROUPS:
+        if path.startswith(prefix):
+            return group
+    return None
+
+
+def _basic_token(value: str) -> str | None:
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    return password or user or None
+
+
+def request_token(conn: HTTPConnection, *, query: bool = False) -> str | None:
+    """The credential a request carries, from any carrier a client can use (see the module
+    docstring); ``query`` also reads ``?token=``. None when there is none.
+    """
+    headers = conn.headers
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        if scheme.lower() == "basic":
+            token = _basic_token(value)
+            if token:
+                return token
+    for name in ("x-key", "x-api-key"):
+        value = (headers.get(name) or "").strip()
+        if value:
+            return bearer_token(value) or value
+    xrl = headers.get("xrl-authorization")
+    if xrl and xrl.strip():
+        return bearer_token(xrl) or xrl.strip()
+    if query:
+        return conn.query_params.get("token") or None
+    return None
+
+
 async def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
@@ -68,16 +139,17 @@ async def authenticate(
     """The caller of this request (the route dependency behind :data:`Auth`).
 
     Raises:
-        Unauthorized: auth is required and the bearer token is missing or unknown.
+        Unauthorized: auth is required and the credential is missing or unknown.
     """
     from ray import serve  # here: the namespace checks below are usable without Ray
 
     admin: Any = serve.get_replica_context().servable_object
-    token = credentials.credentials if credentials is not None else None
+    group = route_group(request)
+    token = request_token(request, query=group in _QUERY_GROUPS)
     try:
         if token is None and (token := request.cookies.get(SESSION_COOKIE)) is not None:
             check_cookie_request(request)  # the console's cookie: CSRF rules apply
-        principal: Principal = admin.authenticator.authenticate(token)
+        principal: Principal = admin.authenticator.authenticate(token, group)
         if request.method not in _SAFE_METHODS:
             principal.require_act(f"{request.method} {request.url.path}")
     except RockError as exc:
@@ -122,7 +194,7 @@ def websocket_token(ws: HTTPConnection) -> str | None:
     Raises:
         PermissionDenied: the cookie came with a cross-origin ``Origin`` header.
     """
-    token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
+    token = request_token(ws, query=True)  # every carrier a client can put on a WebSocket
     if token is None and (token := ws.cookies.get(SESSION_COOKIE)) is not None:
         check_cookie_request(ws)
     return token
@@ -172,10 +244,10 @@ async def authenticate_header_or_query(
 ) -> Principal:
     """:func:`authenticate`, also taking the token from a ``token`` query parameter.
 
-    For compatibility routes whose clients cannot set headers (SandboxFusion's /run_code).
+    For compatibility routes whose clients cannot set headers (SandboxFusion's /run_code):
+    ``token`` documents the query parameter in the schema; :func:`authenticate` reads it on
+    those routes (so a route's own ``Auth`` dependency sees the same caller).
     """
-    if credentials is None and token:
-        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
     return await authenticate(request, credentials)
 
 

@@ -67,10 +67,15 @@ async def sandbox_fusion_run_code(
     request: RunCodeRequest,
     client: Annotated[AsyncClient, Depends(platform_client)],
 ) -> RunCodeResponse:
-    """SandboxFusion's ``/run_code``: run python or bash in a fresh sandbox, then delete it.
+    """SandboxFusion's ``/run_code``: run the code in a fresh sandbox, then delete it.
 
     Request and reply are SandboxFusion's (``status``: ``Success``, ``Failed`` or
-    ``SandboxError``; ``run_result.status``: ``Finished`` or ``TimeLimitExceeded``). An
-    unsupported language is a ``SandboxError`` reply, as in SandboxFusion.
+    ``SandboxError``; ``compile_result`` for compiled languages; ``run_result.status``:
+    ``Finished`` or ``TimeLimitExceeded``). An unsupported language, or one whose toolchain
+    the image lacks, is a ``SandboxError`` reply, as in SandboxFusion. The token may come as
+    ``?token=`` (verl's and sandbox-fusion's clients send no header).
     """
-    return await run_code(client, request)
+    from ray import serve  # the replica's args: the image with the toolchains
+
+    admin: Any = serve.get_replica_context().servable_object
+    return await run_code(client, request, image=admin.args.compat.run_code_image)

@@ -38,9 +38,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 import rock_serve
-from rock_serve.auth import Authenticator, Principal, bearer_token
+from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _console, _gem, _notify
+from rock_serve.deployments import _compat, _console, _gem, _notify, _rock_api, _swerex_api
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
@@ -48,6 +48,7 @@ from rock_serve.deployments._auth import (
     authenticate_header_or_query,
     caller,
     check_spec_privileges,
+    request_token,
     set_caller,
     websocket_token,
 )
@@ -305,6 +306,10 @@ app.include_router(
 )
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
+# ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
+app.include_router(_rock_api.router)
+# SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.
+app.include_router(_swerex_api.router)
 # The web console (issue 17): /ui pages and their JSON/SSE feeds; request ids and samples.
 _console.install(app)
 
@@ -541,7 +546,7 @@ class Admin:
 
         Needs no token (for probes). With auth disabled every caller counts as an admin.
         """
-        token = bearer_token(request.headers.get("authorization"))
+        token = request_token(request)
         principal = (
             self.authenticator.authenticate(token)
             if token or not self.authenticator.required

@@ -245,6 +245,14 @@ class Authenticator:
             self.table = TokenTable([*config.tokens, *load_token_file(self._file)])
         if self.required and not self.table.entries:
             log.warning("auth: required, but no token is configured yet: every call gets 401")
+        for namespace, groups in config.anonymous.items():
+            if groups and self.required:
+                log.warning(
+                    "AUTH: ANONYMOUS ACCESS IS ON for route group(s) %s: callers without a token "
+                    "act in namespace %r. Only do this on a trusted network.",
+                    ", ".join(groups),
+                    namespace,
+                )
 
     def _stat(self) -> float | None:
         try:
@@ -267,8 +275,13 @@ class Authenticator:
         except InvalidConfig as exc:
             log.error("auth: keeping the previous tokens: %s", exc)
 
-    def authenticate(self, token: str | None) -> Principal:
-        """The caller behind ``token`` (the bearer credential, or None when absent).
+    def authenticate(self, token: str | None, group: str | None = None) -> Principal:
+        """The caller behind ``token`` (the credential, or None when absent).
+
+        Args:
+            token: The credential the request carried, if any.
+            group: The route group of the request (``auth.anonymous`` may open it to callers
+                without a token; a token that is present is still checked).
 
         Raises:
             Unauthorized: auth is required and the token is missing or unknown.
@@ -276,6 +289,9 @@ class Authenticator:
         if not self.required:
             return ANONYMOUS
         if not token:
+            namespace = self.config.anonymous_namespace(group) if group else None
+            if namespace is not None:
+                return Principal(name="anonymous", namespace=namespace)
             raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
         self._maybe_reload()
         principal = self.table.verify(token)

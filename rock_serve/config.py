@@ -7,6 +7,7 @@ the config names something unusable (a missing rootfs, no bwrap binary).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -30,6 +31,7 @@ __all__ = [
     "ConsoleConfig",
     "NotifyConfig",
     "TracingConfig",
+    "CompatConfig",
     "DOCKER_TEST_IMAGE",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "FakeRuntimeConfig",
     "GvisorRuntimeConfig",
     "LocalRuntimeConfig",
+    "RouteGroup",
     "RuntimeConfig",
     "ServerArgs",
     "StateConfig",
@@ -627,6 +630,10 @@ class TokenEntry(_Config):
         return self
 
 
+#: Route groups of the compatibility APIs that ``auth.anonymous`` can open to token-less callers.
+RouteGroup = Literal["gem", "rock", "run_code", "swerex"]
+
+
 class AuthConfig(_Config):
     """Bearer-token authentication of the REST API (see ``rock_serve/auth.py``)."""
 
@@ -646,12 +653,42 @@ class AuthConfig(_Config):
         "exist where each Admin replica runs; changes are picked up within seconds.",
     )
 
+    anonymous: dict[str, list[RouteGroup]] = Field(
+        default_factory=dict,
+        description="Route groups a caller without any token may use, by the namespace it then "
+        "acts in (e.g. {'gem-public': ['gem']} on a trusted network). Off by default; the Admin "
+        "logs a warning at start when set. Groups: gem (/apis/v1/envs/gem/*), rock "
+        "(/apis/envs/sandbox/v1/*), run_code (SandboxFusion), swerex (per-sandbox SWE-ReX).",
+    )
+
     @property
     def required(self) -> bool:
         """True when callers must present a valid token."""
         if self.mode is not None:
             return self.mode == "required"
         return bool(self.tokens) or self.token_file is not None
+
+    @model_validator(mode="after")
+    def _one_namespace_per_group(self) -> AuthConfig:
+        seen: dict[str, str] = {}
+        for namespace, groups in self.anonymous.items():
+            if not re.fullmatch(NAME_PATTERN, namespace):
+                raise ValueError(f"auth.anonymous: {namespace!r} is not a namespace name")
+            for group in groups:
+                if group in seen:
+                    raise ValueError(
+                        f"auth.anonymous: route group {group!r} is anonymous in two namespaces "
+                        f"({seen[group]!r} and {namespace!r})"
+                    )
+                seen[group] = namespace
+        return self
+
+    def anonymous_namespace(self, group: str) -> str | None:
+        """The namespace an anonymous caller of route group ``group`` acts in, or None."""
+        for namespace, groups in self.anonymous.items():
+            if group in groups:
+                return namespace
+        return None
 
     @model_validator(mode="after")
     def _has_tokens(self) -> AuthConfig:
@@ -793,6 +830,33 @@ class TracingConfig(_Config):
         "no export (trace ids are still made, echoed and logged).",
     )
     service_name: str = Field(default="rock-serve", description="service.name of the spans.")
+
+
+class CompatConfig(_Config):
+    """How the compatibility APIs (ROCK's sandbox API, SandboxFusion) map onto the platform."""
+
+    rock_images: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="ROCK image name -> the image our runtime uses for it (null = the "
+        "runtime's default image), e.g. {'python:3.11': null} on bwrap.",
+    )
+    rock_unmapped_images: Literal["auto", "pass", "default"] = Field(
+        default="auto",
+        description="An image ROCK's SDK names that rock_images does not map: 'pass' gives it "
+        "to the runtime as is, 'default' uses the runtime's default image, 'auto' passes it on "
+        "the docker runtime and uses the default elsewhere (bwrap images are rootfs paths).",
+    )
+    rock_resources: Literal["apply", "ignore"] = Field(
+        default="apply",
+        description="ROCK's memory/cpus/disk: 'apply' makes them the sandbox's limits; "
+        "'ignore' drops them, so ROCK starts (whose SDK always sends memory='8g', cpus=2) can "
+        "take warm-pool sandboxes (warm_pool_size) at the runtime's default limits.",
+    )
+    run_code_image: str | None = Field(
+        default=None,
+        description="Image of /run_code's sandboxes (a toolchain image for cpp, go, java, rust, "
+        "nodejs); None = the runtime's default.",
+    )
 
 
 class ServerArgs(_Config):
@@ -946,6 +1010,10 @@ class ServerArgs(_Config):
     )
     tracing: TracingConfig = Field(
         default_factory=TracingConfig, description="Trace ids and OpenTelemetry export."
+    )
+    compat: CompatConfig = Field(
+        default_factory=CompatConfig,
+        description="Image mapping of the compatibility APIs (ROCK, SandboxFusion).",
     )
 
     @model_validator(mode="after")

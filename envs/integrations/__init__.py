@@ -39,9 +39,11 @@ from rock_serve.envs.integrations._gem_env import (
 )
 from rock_serve.envs.integrations._rllib import FileFlagsCore, rllib_env_creator
 from rock_serve.envs.integrations._sandbox_fusion import (
+    LANGUAGES,
     SUPPORTED_LANGUAGES,
     CommandRunResult,
     CommandRunStatus,
+    Language,
     RunCodeRequest,
     RunCodeResponse,
     RunStatus,
@@ -66,6 +68,7 @@ _LAZY = {
 
 __all__ = [
     "GEM_PREFIX",
+    "LANGUAGES",
     "SUPPORTED_LANGUAGES",
     "CommandRunResult",
     "CommandRunStatus",
@@ -84,6 +87,7 @@ __all__ = [
     "GemSandboxTool",
     "GemStepRequest",
     "GemStepResponse",
+    "Language",
     "OpenAIFunctionToolSchema",
     "PerThreadTransport",
     "RunCodeRequest",

@@ -171,8 +171,15 @@ class GemEnvClient:
         timeout: float = DEFAULT_TIMEOUT,
         kwargs: Mapping[str, Any] | None = None,
         http: httpx.Client | None = None,
+        seed: int | None = None,
+        **env_kwargs: Any,
     ) -> None:
         """Make an env instance on the platform.
+
+        ``gem.make(id, **kw)`` and ``gem.make_vec(ids, seed=0, **kw)`` call the registered
+        entry point with ``seed`` (``seed + index`` per env) and their own keyword arguments:
+        ``seed`` seeds the first :meth:`reset` that names none (so the envs of a vector start
+        on different tasks, reproducibly), and the other keywords join ``kwargs``.
 
         Args:
             env_id: A registered env id (``rock/GuessNumber-v0``, ...).
@@ -182,13 +189,16 @@ class GemEnvClient:
             kwargs: Keyword arguments of the env (``rock_serve.envs.make``'s).
             http: An ``httpx.Client`` to share (its base URL and auth are the caller's); None
                 makes one, closed with the env.
+            seed: Seed of the first reset that names none (GEM's ``make_vec`` passes one).
+            **env_kwargs: More keyword arguments of the env (GEM's ``make(id, **kw)``).
 
         Raises:
             NotFound: No env has that id.
             InvalidRequest: The env takes no such keyword arguments.
         """
         self._env_id = env_id
-        self.kwargs = dict(kwargs or {})
+        self.kwargs = {**dict(kwargs or {}), **env_kwargs}
+        self.seed = seed
         if http is None:
             settings = _base.ClientSettings.from_env(
                 base_url=base_url, token=token, timeout=timeout
@@ -236,6 +246,8 @@ class GemEnvClient:
         Returns:
             ``(observation, info)``.
         """
+        if seed is None and self.seed is not None:
+            seed, self.seed = self.seed, None  # the constructor's seed: first reset only
         body = GemResetRequest(
             sandbox_id=self._id(), seed=seed, options=dict(options) if options else None
         )

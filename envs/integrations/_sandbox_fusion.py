@@ -7,8 +7,16 @@ only the URL changed. Unknown request fields are ignored, as SandboxFusion does.
 
 :func:`run_code` creates a fresh short-lived sandbox per request, writes ``files`` and the code,
 runs it with ``stdin`` under ``run_timeout``, reads back ``fetch_files``, and always deletes the
-sandbox (also when the caller is cancelled; its TTL is the backstop). Languages: ``python`` and
-``bash``; any other gives SandboxFusion's ``SandboxError`` status without creating a sandbox.
+sandbox (also when the caller is cancelled; its TTL is the backstop).
+
+Languages come from one table (:data:`LANGUAGES`: source file, compile argv, run argv), so a
+toolchain image adds a row, not code: python, bash, cpp, c, go, java, nodejs, rust. A compiled
+language reports its compile step in ``compile_result``; a failed compile is ``Failed`` with no
+``run_result`` (verl's compile-error branch), a compile past ``compile_timeout`` is
+``TimeLimitExceeded`` there. A toolchain missing from the sandbox's image (exit 127 from the
+compiler or interpreter) is a ``SandboxError`` naming it. ``run_result.cpu_time`` is the CPU time
+the sandbox's cgroup charged during the run (None where the runtime has no cgroup). An
+unknown language gives ``SandboxError`` without creating a sandbox.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import binascii
 import logging
 import posixpath
 import uuid
+from dataclasses import dataclass
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +37,9 @@ from rock_serve.protocol import CreateSandboxRequest, ExecResult, Resources
 from rock_serve.sdk import AsyncClient
 
 __all__ = [
+    "LANGUAGES",
     "SUPPORTED_LANGUAGES",
+    "Language",
     "CommandRunResult",
     "CommandRunStatus",
     "RunCodeRequest",
@@ -39,12 +50,33 @@ __all__ = [
 
 log = logging.getLogger("rock_serve.envs.integrations")
 
-#: Languages :func:`run_code` runs, with the interpreter argv and the code file's suffix.
-_RUNNERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "python": (("python3",), ".py"),
-    "bash": (("bash",), ".sh"),
+
+@dataclass(frozen=True)
+class Language:
+    """How :func:`run_code` runs one language: ``{src}`` in an argv is the source file."""
+
+    source: str
+    """File name the code is written to (java needs ``Main.java``)."""
+    run: tuple[str, ...]
+    """Argv of the run step (stdin is the request's)."""
+    compile: tuple[str, ...] | None = None
+    """Argv of the compile step, if the language has one."""
+
+
+#: Languages :func:`run_code` runs (SandboxFusion's names). Compiled programs are ``./main``.
+LANGUAGES: dict[str, Language] = {
+    "python": Language("main.py", ("python3", "{src}")),
+    "bash": Language("main.sh", ("bash", "{src}")),
+    "cpp": Language("main.cpp", ("./main",), ("g++", "-O2", "-std=c++17", "-o", "main", "{src}")),
+    "c": Language("main.c", ("./main",), ("gcc", "-O2", "-o", "main", "{src}", "-lm")),
+    "go": Language("main.go", ("./main",), ("go", "build", "-o", "main", "{src}")),
+    "java": Language("Main.java", ("java", "-cp", ".", "Main"), ("javac", "{src}")),
+    "nodejs": Language("main.js", ("node", "{src}")),
+    "rust": Language("main.rs", ("./main",), ("rustc", "-O", "-o", "main", "{src}")),
 }
-SUPPORTED_LANGUAGES: tuple[str, ...] = tuple(_RUNNERS)
+SUPPORTED_LANGUAGES: tuple[str, ...] = tuple(LANGUAGES)
+#: Exit status of a shell or ``env`` that did not find the program: a missing toolchain.
+_NOT_FOUND = 127
 #: Output kept per stream (SandboxFusion keeps 1 MiB).
 MAX_OUTPUT_BYTES = 1 << 20
 #: Seconds added to the timeouts for the sandbox's TTL (the backstop if a delete is lost).
@@ -89,6 +121,9 @@ class CommandRunResult(BaseModel):
     return_code: int | None = Field(None, description="Exit status (None after a timeout).")
     stdout: str | None = Field(None, description="Standard output.")
     stderr: str | None = Field(None, description="Standard error.")
+    cpu_time: float | None = Field(
+        None, description="CPU seconds the sandbox's cgroup charged during the step, if known."
+    )
 
 
 class RunStatus(str, Enum):
@@ -118,7 +153,7 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _command_result(result: ExecResult) -> CommandRunResult:
+def _command_result(result: ExecResult, cpu_time: float | None = None) -> CommandRunResult:
     stdout, stderr = _text(result.stdout_bytes()), _text(result.stderr_bytes())
     if result.timed_out:
         return CommandRunResult(
@@ -126,6 +161,7 @@ def _command_result(result: ExecResult) -> CommandRunResult:
             execution_time=result.duration,
             stdout=stdout,
             stderr=stderr,
+            cpu_time=cpu_time,
         )
     return CommandRunResult(
         status=CommandRunStatus.Finished,
@@ -133,7 +169,28 @@ def _command_result(result: ExecResult) -> CommandRunResult:
         return_code=result.exit_code,
         stdout=stdout,
         stderr=stderr,
+        cpu_time=cpu_time,
     )
+
+
+async def _cpu_seconds(client: AsyncClient, sandbox_id: str) -> float | None:
+    """CPU time the sandbox's cgroup has charged so far (None without a cgroup)."""
+    try:
+        return (await client.stats(sandbox_id)).cpu_usage_seconds
+    except RockError:
+        return None
+
+
+def _missing_toolchain(result: ExecResult, argv: tuple[str, ...]) -> bool:
+    """True when the step's program was not found (exit 127 and it says so)."""
+    if result.timed_out or result.exit_code != _NOT_FOUND:
+        return False
+    stderr = _text(result.stderr_bytes())
+    return argv[0] in stderr and ("not found" in stderr or "No such file" in stderr)
+
+
+def _argv(template: tuple[str, ...], source: str) -> list[str]:
+    return [part.replace("{src}", source) for part in template]
 
 
 def _relative(path: str) -> str:
@@ -158,6 +215,15 @@ async def _delete(client: AsyncClient, sandbox_id: str | None, client_token: str
         log.warning("run_code could not delete sandbox %s (its TTL will)", what, exc_info=True)
 
 
+def _no_toolchain(language: str, program: str, sandbox_id: str) -> RunCodeResponse:
+    return RunCodeResponse(
+        status=RunStatus.SandboxError,
+        message=f"the sandbox's image has no {language} toolchain ({program!r} not found); "
+        "use an image that has it (compat.run_code_image)",
+        executor_pod_name=sandbox_id,
+    )
+
+
 async def run_code(
     client: AsyncClient,
     request: RunCodeRequest,
@@ -177,14 +243,13 @@ async def run_code(
         SandboxFusion's response. Platform errors (no capacity after the SDK's retries, a
         sandbox that died) are ``SandboxError`` replies, not exceptions.
     """
-    runner = _RUNNERS.get(request.language)
-    if runner is None:
+    language = LANGUAGES.get(request.language)
+    if language is None:
         return RunCodeResponse(
             status=RunStatus.SandboxError,
             message=f"language {request.language!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_LANGUAGES)})",
         )
-    argv, suffix = runner
     try:
         files = {
             _relative(path): base64.b64decode(content, validate=True)
@@ -197,12 +262,13 @@ async def run_code(
 
     memory = request.memory_limit_MB
     token = uuid.uuid4().hex
+    compile_timeout = max(1.0, request.compile_timeout) if language.compile else 0.0
     create = CreateSandboxRequest(
         client_token=token,
         image=image,
         owner=owner,
         labels={"rock-serve/purpose": "run_code"},
-        ttl_seconds=max(0.0, request.compile_timeout) + request.run_timeout + TTL_MARGIN,
+        ttl_seconds=compile_timeout + request.run_timeout + TTL_MARGIN,
         resources=Resources(memory_mb=min(max(16, memory), 4 << 20)) if memory > 0 else Resources(),
     )
     sandbox_id: str | None = None
@@ -210,14 +276,41 @@ async def run_code(
         sandbox_id = (await client.create_sandbox(create)).id
         for path, data in files.items():
             await client.write_file(sandbox_id, path, data)
-        script = f"tmp{uuid.uuid4().hex[:12]}{suffix}"
-        await client.write_file(sandbox_id, script, request.code.encode("utf-8"))
+        # In the sandbox's working directory, beside ``files`` (as SandboxFusion does).
+        await client.write_file(sandbox_id, language.source, request.code.encode("utf-8"))
+        compiled: CommandRunResult | None = None
+        if language.compile is not None:
+            result = await client.exec(
+                sandbox_id,
+                _argv(language.compile, language.source),
+                timeout=compile_timeout,
+                max_output_bytes=MAX_OUTPUT_BYTES,
+            )
+            if _missing_toolchain(result, language.compile):
+                return _no_toolchain(request.language, language.compile[0], sandbox_id)
+            compiled = _command_result(result)
+            if compiled.status != CommandRunStatus.Finished or compiled.return_code != 0:
+                return RunCodeResponse(
+                    status=RunStatus.Failed,
+                    message="",
+                    compile_result=compiled,
+                    executor_pod_name=sandbox_id,
+                )
+        cpu_before = await _cpu_seconds(client, sandbox_id)
         result = await client.exec(
             sandbox_id,
-            [*argv, script],
+            _argv(language.run, language.source),
             stdin=request.stdin,
             timeout=request.run_timeout,
             max_output_bytes=MAX_OUTPUT_BYTES,
+        )
+        if _missing_toolchain(result, language.run):
+            return _no_toolchain(request.language, language.run[0], sandbox_id)
+        cpu_after = await _cpu_seconds(client, sandbox_id)
+        cpu = (
+            round(max(0.0, cpu_after - cpu_before), 6)
+            if cpu_before is not None and cpu_after is not None
+            else None
         )
         fetched: dict[str, str] = {}
         for path in fetch:
@@ -226,11 +319,12 @@ async def run_code(
             except (FileNotFoundError, IsADirectoryError):
                 continue  # SandboxFusion skips what is not a file
             fetched[path] = base64.b64encode(data).decode("ascii")
-        run = _command_result(result)
+        run = _command_result(result, cpu)
         ok = run.status == CommandRunStatus.Finished and run.return_code == 0
         return RunCodeResponse(
             status=RunStatus.Success if ok else RunStatus.Failed,
             message="",
+            compile_result=compiled,
             run_result=run,
             executor_pod_name=sandbox_id,
             files=fetched,

@@ -181,7 +181,14 @@ def test_the_admin_api_keeps_to_its_schema(fuzz_app):
     modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
     calls: Counter[str] = Counter()
     failures: list[str] = []
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # ROCK's and SWE-ReX's routes answer in their peers' dialects (ROCK: invalid input is an
+    # HTTP 200 "Failed" envelope, as ROCK's own server does), which these checks would call
+    # wrong; tests/compat drives them with the peers' own clients instead.
+    operations = [
+        op
+        for op in (result.ok() for result in schema.get_all_operations())
+        if not {"rock", "swerex"} & set(op.tags or ())
+    ]
     assert len(operations) >= 20
     started = time.monotonic()
     for operation in operations:

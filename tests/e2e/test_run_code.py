@@ -8,6 +8,7 @@ is empty again (GET /v1/sandboxes). The bodies are the ones verl's code-reward p
 from __future__ import annotations
 
 import base64
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,7 +109,7 @@ def test_bash_and_its_exit_code(api):
     assert _sandboxes(api) == []
 
 
-@pytest.mark.parametrize("language", ["cpp", "nodejs", "cobol"])
+@pytest.mark.parametrize("language", ["cobol", "brainfuck"])
 def test_unsupported_language_is_a_sandbox_error(api, language):
     out = _run(api, _verl_body("int main() {}", language=language))
     assert out["status"] == "SandboxError"
@@ -156,3 +157,68 @@ def test_a_client_that_goes_away_leaves_no_sandbox(api, platform):
     while _sandboxes(api) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _sandboxes(api) == []
+
+
+#: Compiled and interpreted languages beyond python/bash, with a program printing 42 and the
+#: program whose absence from the host root (what a bwrap sandbox sees) is the skip reason.
+_TOOLCHAIN_PROGRAMS = {
+    "cpp": ("g++", "#include <iostream>\nint main() { std::cout << 6 * 7 << std::endl; }\n"),
+    "c": ("gcc", '#include <stdio.h>\nint main(void) { printf("%d\\n", 6 * 7); }\n'),
+    "java": (
+        "javac",
+        "public class Main { public static void main(String[] a) {"
+        " System.out.println(6 * 7); } }\n",
+    ),
+    "nodejs": ("node", "console.log(6 * 7);\n"),
+    "go": ("go", 'package main\nimport "fmt"\nfunc main() { fmt.Println(6 * 7) }\n'),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("language", sorted(_TOOLCHAIN_PROGRAMS))
+def test_toolchain_languages_on_bwrap(bwrap_platform, language):
+    """Each language the bwrap sandbox's root has a toolchain for runs, compile step reported;
+    cpu_time comes from the sandbox's cgroup."""
+    import shutil
+
+    program, code = _TOOLCHAIN_PROGRAMS[language]
+    if shutil.which(program) is None:
+        pytest.skip(f"{program} is not installed on the host root bwrap sandboxes see")
+    with bwrap_platform.client() as api:
+        out = _run(
+            api,
+            _verl_body(
+                code, language=language, memory_limit_MB=2048, run_timeout=30, compile_timeout=60
+            ),
+        )
+        compile_err = (out.get("compile_result") or {}).get("stderr") or ""
+        if language == "java" and "Error loading java.security file" in compile_err:
+            pytest.skip(
+                "the bwrap default root filters /etc (runtime.etc_allow) and the JVM's config "
+                "dir /etc/java-*-openjdk is not in it"
+            )
+        assert out["status"] == "Success", json.dumps(out)[:3000]
+        assert out["run_result"]["stdout"].strip() == "42"
+        assert out["run_result"]["cpu_time"] is not None and out["run_result"]["cpu_time"] >= 0
+        if language in ("cpp", "c", "java", "go"):
+            assert out["compile_result"]["status"] == "Finished"
+            assert out["compile_result"]["return_code"] == 0
+        else:
+            assert out["compile_result"] is None
+        assert _sandboxes(api) == []
+
+
+@pytest.mark.slow
+def test_compile_error_and_missing_toolchain_on_bwrap(bwrap_platform):
+    import shutil
+
+    with bwrap_platform.client() as api:
+        if shutil.which("g++"):
+            out = _run(api, _verl_body("int main() { return nope; }", language="cpp"))
+            assert out["status"] == "Failed" and out["run_result"] is None
+            assert out["compile_result"]["return_code"] != 0
+            assert "nope" in out["compile_result"]["stderr"]
+        if shutil.which("go") is None:
+            out = _run(api, _verl_body("package main", language="go"))
+            assert out["status"] == "SandboxError" and "toolchain" in out["message"]
+        assert _sandboxes(api) == []
