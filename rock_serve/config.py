@@ -24,6 +24,8 @@ __all__ = [
     "AuditConfig",
     "AuthConfig",
     "DOCKER_TEST_IMAGE",
+    "DEFAULT_IMAGE",
+    "ImageStoreConfig",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
     "FakeRuntimeConfig",
@@ -110,6 +112,45 @@ class LocalRuntimeConfig(_Config):
         return LocalRuntime(self)
 
 
+#: The default sandbox image: the offline Debian base (bookworm minbase + python3) that
+#: ``scripts/build-test-images`` writes as an OCI layout (``scripts/setup`` and CI run it).
+DEFAULT_IMAGE = "oci:/var/cache/rock-serve/images:bookworm"
+
+
+class ImageStoreConfig(_Config):
+    """A node's image store: pulled images, their layers unpacked once and shared."""
+
+    root: str = Field(
+        default="/var/lib/rock-serve/images",
+        description="Directory of the store (layers/sha256/<diffid>/, images/, tmp/). Keep "
+        "the path short: overlay mount options list every layer's path.",
+    )
+    default_image: str = Field(
+        default=DEFAULT_IMAGE,
+        description="Image of a sandbox whose spec names none (never the host's root).",
+    )
+    max_bytes: int = Field(
+        default=50 * 1024**3,
+        ge=0,
+        description="Disk budget of unpacked layers; unused images are evicted (least recently "
+        "used first) to stay under it; 0 = no limit.",
+    )
+    pull_attempts: int = Field(
+        default=3, ge=1, le=10, description="Tries of a pull whose source does not answer."
+    )
+    retry_backoff_seconds: float = Field(
+        default=0.5, ge=0, description="First wait between tries (doubled each time)."
+    )
+    pull_timeout_seconds: float = Field(
+        default=1800, gt=0, description="Longest one skopeo transfer may take."
+    )
+    skopeo_path: str = Field(default="skopeo", description="The skopeo binary (name or path).")
+    insecure_registries: list[str] = Field(
+        default_factory=list,
+        description="Registries (host:port) reached over plain HTTP besides loopback ones.",
+    )
+
+
 class BwrapRuntimeConfig(_Config):
     """Bubblewrap sandboxes: namespaces, an overlayfs root per sandbox, cgroup limits."""
 
@@ -151,6 +192,11 @@ class BwrapRuntimeConfig(_Config):
     path: str = Field(
         default="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         description="PATH inside the sandbox unless the spec's env sets one.",
+    )
+    images: ImageStoreConfig | None = Field(
+        default_factory=ImageStoreConfig,
+        description="The node's image store; a spec without image gets its default_image. "
+        "None = no store: images must be host directories and the default is rootfs.",
     )
 
     def build(self) -> Runtime:

@@ -37,6 +37,15 @@ from rock_serve.protocol.files import (
     RemoveRequest,
     WriteFileRequest,
 )
+from rock_serve.protocol.images import (
+    ImageInfo,
+    ImageList,
+    ImagePullEvent,
+    ImagePullRequest,
+    ImageRef,
+    RegistryAuth,
+    parse_image_ref,
+)
 from rock_serve.protocol.sandbox import (
     FailureReason,
     Resources,
@@ -67,10 +76,16 @@ __all__ = [
     "ExecResult",
     "FailureReason",
     "FileInfo",
+    "ImageInfo",
+    "ImageList",
+    "ImagePullEvent",
+    "ImagePullRequest",
+    "ImageRef",
     "ListDirResult",
     "MkdirRequest",
     "OutputChunk",
     "ReadFileRequest",
+    "RegistryAuth",
     "RemoveRequest",
     "Resources",
     "SandboxInfo",
@@ -88,4 +103,5 @@ __all__ = [
     "WriteFileRequest",
     "decode_text",
     "encode_bytes",
+    "parse_image_ref",
 ]

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import glob
+import json
 import logging
 import os
 import posixpath
@@ -46,6 +47,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._image_python import NodePython, node_python_bundle
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -61,6 +63,7 @@ from rock_serve.runtime._state import (
 )
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime.base import Runtime
+from rock_serve.runtime.images import ImageStore
 
 __all__ = ["AGENT_MOUNT", "BwrapRuntime", "mounts_under"]
 
@@ -72,6 +75,10 @@ AGENT_MOUNT = "/.rock"
 START_TIMEOUT = 30.0
 _MNT_DETACH = 2
 _OPAQUE = "trusted.overlay.opaque"
+#: Longest overlay option string that mount(2) takes (one page) with room to spare.
+_MAX_MOUNT_DATA = 4000
+#: A sandbox's root: its lower dirs (lowest first) and the image config the start honours.
+_ROOT_FILE = "root.json"
 #: Runs as the sandbox's host-side first process: joins the cgroups, then becomes bwrap.
 _JOIN_AND_EXEC = (
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
@@ -129,6 +136,23 @@ def _unmount_all(path: str) -> None:
     left = mounts_under(path)
     if left:
         raise RuntimeUnavailable(f"cannot unmount {left} (files were left in place)")
+
+
+def _overlay_mount(merged: str, lowers: list[str], upper: str, work: str) -> None:
+    """Mount an overlay of ``lowers`` (lowest first); many layers go through short fd paths."""
+    top_first = list(reversed(lowers))
+    opts = f"lowerdir={':'.join(top_first)},upperdir={upper},workdir={work}"
+    if len(opts) <= _MAX_MOUNT_DATA:
+        _sys_mount("overlay", merged, "overlay", opts)
+        return
+    fds = [os.open(d, os.O_PATH | os.O_DIRECTORY) for d in top_first]
+    try:
+        short = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
+        opts = f"lowerdir={short},upperdir={upper},workdir={work}"
+        _sys_mount("overlay", merged, "overlay", opts)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _check_path_option(path: str, what: str) -> None:
@@ -200,6 +224,10 @@ class BwrapRuntime(Runtime):
         if any(not c.startswith("CAP_") for c in config.capabilities):
             raise InvalidConfig("bwrap runtime: capabilities must be named like CAP_CHOWN")
         self.agent_dir = install_agent(os.path.join(self.state_dir, ".agent"))
+        self.images = ImageStore(config.images) if config.images is not None else None
+        self._node_python: NodePython | None = None
+        if self.images is not None:
+            self._adopt_images(self.images)
         self._hides: dict[str, list[_Hide]] = {}
         self._handles: dict[str, RockletHandle] = {}
 
@@ -258,6 +286,7 @@ class BwrapRuntime(Runtime):
         return result
 
     def _lower(self, spec: SandboxSpec) -> str:
+        """A host directory as the lower layer (the rootfs, or an absolute path image)."""
         if spec.image is None:
             return self.rootfs
         if not os.path.isabs(spec.image) or not os.path.isdir(spec.image):
@@ -266,9 +295,54 @@ class BwrapRuntime(Runtime):
         _check_path_option(lower, "rootfs")
         return lower
 
+    async def _root(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, object]:
+        """Resolve the spec's image (pulling it) into lowers + the config the start honours."""
+        ref = spec.image
+        if self.images is None or (ref is not None and ref.startswith("/")):
+            return {"lowers": [self._lower(spec)], "host": True}
+        img = await self.images.get(ref or self.images.config.default_image, spec.registry_auth)
+        self.images.acquire(img, sandbox_id)
+        return {
+            "lowers": self.images.layer_dirs(img),
+            "host": False,
+            "image_id": img.id,
+            "env": img.env_dict(),
+            "workdir": img.workdir,
+            "python": img.python,
+        }
+
+    def _adopt_images(self, store: ImageStore) -> None:
+        """Sandboxes of an earlier instance keep their images in use."""
+        for meta in list_metas(self.state_dir, self.name):
+            root = self._read_root(meta.id)
+            img = store.lookup(str(root.get("image_id") or "")) if root.get("image_id") else None
+            if img is not None:
+                store.acquire(img, meta.id)
+
+    def _read_root(self, sandbox_id: str) -> dict[str, object]:
+        try:
+            with open(os.path.join(self._dir(sandbox_id), _ROOT_FILE)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _python_argv(self, root: dict[str, object]) -> tuple[list[str], list[str]]:
+        """(bwrap mount args, interpreter argv) for the rocklet in this root."""
+        if root.get("host", True) or root.get("python"):
+            return [], [str(root.get("python") or self.config.python)]
+        if self._node_python is None:
+            self._node_python = node_python_bundle(os.path.join(self.state_dir, ".python"))
+        mounts: list[str] = []
+        for src, dst in self._node_python.mounts():
+            mounts += ["--ro-bind", src, dst]
+        return mounts, self._node_python.argv()
+
     # ------------------------------------------------------------------ sync parts
 
-    def _create_sync(self, sandbox_id: str, spec: SandboxSpec, lower: str) -> SandboxMeta:
+    def _create_sync(
+        self, sandbox_id: str, spec: SandboxSpec, root: dict[str, object]
+    ) -> SandboxMeta:
         path = self._dir(sandbox_id)
         try:
             os.mkdir(path, 0o700)
@@ -278,9 +352,15 @@ class BwrapRuntime(Runtime):
             upper = os.path.join(path, "upper")
             for sub in ("upper", "work", "merged"):
                 os.mkdir(os.path.join(path, sub), 0o755)
-            for hide in self._hidden(lower):
-                hide.apply(upper)
-            self._mount(path, lower)
+            lowers = [str(d) for d in root["lowers"]]  # type: ignore[attr-defined]
+            if root.get("host"):
+                for hide in self._hidden(lowers[0]):
+                    hide.apply(upper)
+            if not root.get("host") and not root.get("python"):
+                self._python_argv(root)  # makes the node's python bundle once, off the loop
+            with open(os.path.join(path, _ROOT_FILE), "w") as f:
+                json.dump(root, f)
+            self._mount(path, lowers)
             self._cgroup(sandbox_id).create(self._resources(spec))
             meta = SandboxMeta(
                 id=sandbox_id,
@@ -296,11 +376,10 @@ class BwrapRuntime(Runtime):
             raise
         return meta
 
-    def _mount(self, path: str, lower: str) -> None:
+    def _mount(self, path: str, lowers: list[str]) -> None:
         merged = os.path.join(path, "merged")
-        opts = f"lowerdir={lower},upperdir={path}/upper,workdir={path}/work"
         try:
-            _sys_mount("overlay", merged, "overlay", opts)
+            _overlay_mount(merged, lowers, f"{path}/upper", f"{path}/work")
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot mount the overlay root at {merged} ({exc}); the state dir must be on "
@@ -311,7 +390,8 @@ class BwrapRuntime(Runtime):
         """Re-create what a reboot loses (the mount, the cgroup) before a start."""
         path = self._dir(sandbox_id)
         if not os.path.ismount(os.path.join(path, "merged")):
-            self._mount(path, self._lower(spec))
+            lowers = self._read_root(sandbox_id).get("lowers") or [self._lower(spec)]
+            self._mount(path, [str(d) for d in lowers])  # type: ignore[attr-defined]
         cg = self._cgroup(sandbox_id)
         if not cg.exists():
             cg.create(self._resources(spec))
@@ -336,7 +416,11 @@ class BwrapRuntime(Runtime):
     def argv(self, sandbox_id: str, spec: SandboxSpec, cg: Cgroup) -> list[str]:
         """The full command that starts the sandbox (cgroup join, bwrap, rocklet)."""
         cfg = self.config
-        workdir = posixpath.normpath(spec.workdir)
+        root = self._read_root(sandbox_id)
+        workdir = spec.workdir
+        if workdir == "/root" and root.get("workdir"):
+            workdir = str(root["workdir"])  # the image's WorkingDir, unless the spec sets one
+        workdir = posixpath.normpath(workdir)
         if not workdir.startswith("/"):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         args = [self.bwrap, "--die-with-parent", "--new-session"]
@@ -352,8 +436,13 @@ class BwrapRuntime(Runtime):
             for ctrl, d in sorted(cg.dirs.items()):
                 args += ["--ro-bind", d, f"/sys/fs/cgroup/{ctrl}"]
         args += ["--ro-bind", self.agent_dir, AGENT_MOUNT]
+        py_mounts, python = self._python_argv(root)
+        args += py_mounts
         args += ["--dir", workdir, "--chdir", workdir]
         env = {"PATH": cfg.path, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": sandbox_id[:63]}
+        image_env = root.get("env")
+        if isinstance(image_env, dict):
+            env.update({str(k): str(v) for k, v in image_env.items()})
         env.update(spec.env)
         args.append("--clearenv")
         for key, value in env.items():
@@ -361,7 +450,7 @@ class BwrapRuntime(Runtime):
         args += ["--cap-drop", "ALL"]
         for cap in cfg.capabilities:
             args += ["--cap-add", cap]
-        args += ["--", *agent_argv(cfg.python, AGENT_MOUNT, "--root", "/")]
+        args += ["--", *python, *agent_argv("python3", AGENT_MOUNT, "--root", "/")[1:]]
         return ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", *cg.procs_files, "--", *args]
 
     # ------------------------------------------------------------------ Runtime API
@@ -375,8 +464,13 @@ class BwrapRuntime(Runtime):
             )
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
-        lower = self._lower(spec)
-        meta = await run_sync(self._create_sync, sandbox_id, spec, lower)
+        root = await self._root(sandbox_id, spec)
+        try:
+            meta = await run_sync(self._create_sync, sandbox_id, spec, root)
+        except BaseException:
+            if self.images is not None:
+                self.images.release(sandbox_id)
+            raise
         return self._info(meta)
 
     async def start(self, sandbox_id: str) -> RockletHandle:
@@ -413,6 +507,8 @@ class BwrapRuntime(Runtime):
         """Kill processes, unmount, remove the cgroup and the files. Idempotent."""
         check_id(sandbox_id)
         await run_sync(self._remove_sync, sandbox_id)
+        if self.images is not None:
+            self.images.release(sandbox_id)
         handle = self._handles.pop(sandbox_id, None)
         if handle is not None:
             await handle.close()
@@ -438,6 +534,8 @@ class BwrapRuntime(Runtime):
     async def close(self) -> None:
         """Forget the handles; sandboxes keep running until stopped or removed (or we exit)."""
         self._handles.clear()
+        if self.images is not None:
+            await self.images.close()
 
     def _info(self, meta: SandboxMeta) -> SandboxInfo:
         if alive(meta) or not meta.started or meta.stopped:
