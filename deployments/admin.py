@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 import rock_serve
 from rock_serve.auth import Authenticator, Principal, bearer_token
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _gem
+from rock_serve.deployments import _compat, _gem, _images
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
@@ -227,6 +227,7 @@ app.include_router(
 )
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
+app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
 
 
 def _worker_of(sandbox_id: str) -> str:
@@ -363,6 +364,7 @@ class Admin:
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
         _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
+        _images.bind(self.args.namespace)
         # A redeploy's new limits reach the long-lived Scheduler; start it up early.
         self._scheduler.configure.remote(self.args)
         self._scheduler.ready.remote()

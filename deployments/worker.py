@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
+from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.errors import (
     Conflict,
@@ -125,7 +126,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker:
+class Worker(ImagesWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -395,6 +396,7 @@ class Worker:
         if sandbox_id in self._boxes or sandbox_id in self._creating:
             raise Conflict(f"sandbox {sandbox_id!r} exists already")
         spec = SandboxSpec.model_validate(req.model_dump(exclude=set(LIFECYCLE_FIELDS)))
+        spec.registry_auth = req.registry_auth  # excluded from dumps: never stored
         now = self._clock()
         lease = (
             req.lease_seconds if req.lease_seconds is not None else self.args.default_lease_seconds
