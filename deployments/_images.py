@@ -101,9 +101,13 @@ async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingRespon
     workers = await _workers(req.nodes)
     queue: asyncio.Queue[ImagePullEvent | None] = asyncio.Queue()
 
+    scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
+
     async def one(name: str, actor: ActorHandle, ref: str) -> None:
         try:
             async for event in stream(actor, "image_pull_events", ref, req.auth):
+                if event.phase == "done":
+                    await call(scheduler, "note_image", name, ref)
                 await queue.put(event.model_copy(update={"node": name}))
         except RockError as exc:
             error = {"code": exc.code.value, "message": exc.message}
@@ -153,6 +157,8 @@ async def remove_image(
         try:
             await call(actor, "image_remove", ref)
             removed += 1
+            scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
+            await call(scheduler, "note_image", name, ref, False)
         except ImageNotFound:
             continue
         except Conflict:

@@ -26,6 +26,7 @@ __all__ = [
     "DOCKER_TEST_IMAGE",
     "DEFAULT_IMAGE",
     "ImageStoreConfig",
+    "WarmPoolConfig",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
     "FakeRuntimeConfig",
@@ -501,6 +502,18 @@ class StateConfig(_Config):
     )
 
 
+class WarmPoolConfig(_Config):
+    """Started sandboxes of one image spec that each Worker keeps ready."""
+
+    image: str | None = Field(default=None, description="Image; None = the default image.")
+    size: int = Field(default=1, ge=0, le=1024, description="Sandboxes kept per Worker.")
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Limits of the pool's sandboxes (a create must "
+        "ask for the same ones to take one).",
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -590,6 +603,13 @@ class ServerArgs(_Config):
         "default spec (no image, resources, network, env or workdir of their own): such a "
         "create takes one instead of starting a sandbox. They count against "
         "max_sandboxes_per_node. bwrap and local only (a docker Worker ignores it).",
+    )
+    warm_pools: list[WarmPoolConfig] = Field(
+        default_factory=list,
+        description="Per-image warm pools ({image, size, resources}): a create whose spec is "
+        "the pool's (same image and resources, no network, env or workdir of its own) takes "
+        "a started sandbox from it. Filled after warm_pool_size's default pool, within "
+        "max_sandboxes_per_node; bwrap and local only.",
     )
     upload_idle_seconds: float = Field(
         default=60.0, gt=0, description="A chunked upload idle this long is aborted."
