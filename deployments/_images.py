@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
+from ray import serve
 
 from rock_serve.auth import Principal
 from rock_serve.deployments._auth import Auth
@@ -40,6 +41,8 @@ from rock_serve.errors import (
     RuntimeUnavailable,
 )
 from rock_serve.protocol import (
+    CommitRequest,
+    CommitResult,
     Health,
     ImageInfo,
     ImageList,
@@ -53,7 +56,7 @@ from rock_serve.runtime.images import ImageStore
 
 __all__ = ["ImagesWorker", "bind", "router"]
 
-router = APIRouter(prefix="/v1/images", tags=["images"])
+router = APIRouter(tags=["images"])
 _NDJSON = "application/x-ndjson"
 _PLATFORM: dict[str, Any] = {}
 
@@ -87,7 +90,7 @@ def _admin_only(principal: Principal, what: str) -> None:
 
 
 @router.post(
-    "/pull",
+    "/v1/images/pull",
     response_class=StreamingResponse,
     responses={200: {"content": {_NDJSON: {"schema": {"type": "string"}}}}},
 )
@@ -133,7 +136,7 @@ async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingRespon
     return StreamingResponse(body(), media_type=_NDJSON)
 
 
-@router.get("", response_model=ImageList)
+@router.get("/v1/images", response_model=ImageList)
 async def list_images(principal: Auth) -> ImageList:
     """Images held by each node's store."""
     images: list[ImageInfo] = []
@@ -145,7 +148,7 @@ async def list_images(principal: Auth) -> ImageList:
     return ImageList(images=images, disk_bytes=disk)
 
 
-@router.delete("/{ref:path}", status_code=204)
+@router.delete("/v1/images/{ref:path}", status_code=204)
 async def remove_image(
     ref: Annotated[str, Path(description="Reference or image id.")], principal: Auth
 ) -> None:
@@ -167,6 +170,32 @@ async def remove_image(
         raise Conflict(f"image {ref!r} is in use on {busy}")
     if not removed:
         raise ImageNotFound(f"no node holds image {ref!r}")
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/commit", response_model=CommitResult)
+async def commit_sandbox(sandbox_id: str, req: CommitRequest, principal: Auth) -> CommitResult:
+    """Save a sandbox's files as a new image on its node.
+
+    bwrap: its upper dir becomes a layer in the node's store; docker: ``docker commit``.
+    """
+    try:
+        parse_image_ref(req.image)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    admin: Any = serve.get_replica_context().servable_object
+    worker = await admin._worker(sandbox_id)  # checks the caller may use that sandbox
+    ref: str = await call(worker, "commit_sandbox", sandbox_id, req.image)
+    return CommitResult(image=ref, node=sandbox_id.split("-")[1])
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    """``repo[:tag]`` -> (repo, tag); a digest cannot be a commit's name."""
+    if "@" in ref:
+        raise InvalidRequest(f"commit to a tag, not a digest: {ref!r}")
+    head, sep, tail = ref.rpartition(":")
+    if sep and "/" not in tail:
+        return head, tail
+    return ref, "latest"
 
 
 class ImagesWorker:
@@ -194,6 +223,15 @@ class ImagesWorker:
         """The node's images and the bytes of their layers."""
         store = await self._store()
         return store.list(), store.disk_bytes()
+
+    async def commit_sandbox(self, sandbox_id: str, ref: str) -> str:
+        """Commit a sandbox of this node as image ``ref``; returns its reference."""
+        box: Any = self._box(sandbox_id)  # type: ignore[attr-defined]
+        commit = getattr(box.runtime, "commit", None)
+        if commit is None:
+            raise InvalidRequest(f"the {box.runtime.name} runtime cannot commit sandboxes")
+        repo, tag = _split_ref(ref)
+        return str(await commit(sandbox_id, repo, tag))
 
     async def image_remove(self, ref: str) -> None:
         """Remove ``ref`` from this node's store."""

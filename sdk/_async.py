@@ -16,6 +16,7 @@ import httpx
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
+    CommitResult,
     CreateSandboxRequest,
     ExecRequest,
     ExecResult,
@@ -638,6 +639,18 @@ class AsyncClient:
                     yield ImagePullEvent.model_validate_json(line)
         finally:
             await response.aclose()
+
+    async def commit_sandbox(self, sandbox_id: str, image: str) -> CommitResult:
+        """Save a sandbox's files as a new image on its node (usable at once there).
+
+        Args:
+            sandbox_id: The sandbox id.
+            image: The new image's reference (``repo:tag``).
+
+        Returns:
+            The image's reference and node.
+        """
+        return _base.parse(await self._send(_base.commit_sandbox(sandbox_id, image)), CommitResult)
 
     async def list_images(self) -> ImageList:
         """The images each node's store holds (refs, digest, size, last use, in use)."""

@@ -307,6 +307,11 @@ def pull_images(request: ImagePullRequest) -> Call:
     return Call("POST", f"{API_PREFIX}/images/pull", json=body, read_timeout=None)
 
 
+def commit_sandbox(sandbox_id: str, image: str) -> Call:
+    """``POST /v1/sandboxes/{id}/commit`` (no read timeout: a big upper dir takes a while)."""
+    return Call("POST", _sandbox(sandbox_id, "commit"), json={"image": image}, read_timeout=None)
+
+
 def list_images() -> Call:
     """``GET /v1/images``."""
     return Call("GET", f"{API_PREFIX}/images")

@@ -17,6 +17,7 @@ import httpx
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
+    CommitResult,
     CreateSandboxRequest,
     ExecRequest,
     ExecResult,
@@ -637,6 +638,18 @@ class Client:
                     yield ImagePullEvent.model_validate_json(line)
         finally:
             response.close()
+
+    def commit_sandbox(self, sandbox_id: str, image: str) -> CommitResult:
+        """Save a sandbox's files as a new image on its node (usable at once there).
+
+        Args:
+            sandbox_id: The sandbox id.
+            image: The new image's reference (``repo:tag``).
+
+        Returns:
+            The image's reference and node.
+        """
+        return _base.parse(self._send(_base.commit_sandbox(sandbox_id, image)), CommitResult)
 
     def list_images(self) -> ImageList:
         """The images each node's store holds (refs, digest, size, last use, in use)."""

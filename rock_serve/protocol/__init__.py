@@ -38,6 +38,8 @@ from rock_serve.protocol.files import (
     WriteFileRequest,
 )
 from rock_serve.protocol.images import (
+    CommitRequest,
+    CommitResult,
     ImageInfo,
     ImageList,
     ImagePullEvent,
@@ -56,6 +58,8 @@ from rock_serve.protocol.sandbox import (
 )
 
 __all__ = [
+    "CommitRequest",
+    "CommitResult",
     "CreateSandboxRequest",
     "FileWritten",
     "Health",

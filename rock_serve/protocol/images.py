@@ -19,6 +19,8 @@ from pydantic import Field, SecretStr
 from rock_serve.protocol._base import WireModel
 
 __all__ = [
+    "CommitRequest",
+    "CommitResult",
     "ImageInfo",
     "ImageList",
     "ImagePullEvent",
@@ -177,3 +179,16 @@ class ImageList(WireModel):
     disk_bytes: dict[str, int] = Field(
         default_factory=dict, description="Bytes of unpacked layers on each node."
     )
+
+
+class CommitRequest(WireModel):
+    """``POST /v1/sandboxes/{id}/commit``: save a sandbox's files as a new image."""
+
+    image: str = Field(min_length=1, max_length=512, description="Reference (repo:tag).")
+
+
+class CommitResult(WireModel):
+    """The committed image."""
+
+    image: str = Field(description="Its reference, usable at once for new sandboxes there.")
+    node: str = Field(default="", description="Worker whose store (or daemon) holds it.")

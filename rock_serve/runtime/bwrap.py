@@ -47,7 +47,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
-from rock_serve.runtime._image_python import NodePython, node_python_bundle
+from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -525,6 +525,28 @@ class BwrapRuntime(Runtime):
             return [self._info(m) for m in metas if matches(m.labels, labels)]
 
         return await run_sync(scan)
+
+    async def commit(self, sandbox_id: str, repo: str, tag: str = "latest") -> str:
+        """Save the sandbox's files as image ``repo:tag`` in the node's store; returns its ref.
+
+        Its upper dir becomes one more layer over its image's layers (the rocklet's mount
+        points are left out); the image's config (Env, WorkingDir, User, labels) carries
+        over. New sandboxes on this node can use it at once.
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+            InvalidRequest: a host-root sandbox, or ``repo:tag`` is not a valid reference.
+        """
+        self._meta(sandbox_id)
+        root = self._read_root(sandbox_id)
+        store = self.images
+        parent = store.lookup(str(root.get("image_id"))) if store and root.get("image_id") else None
+        if store is None or parent is None:
+            raise InvalidRequest(f"sandbox {sandbox_id!r} is not made from a stored image")
+        upper = os.path.join(self._dir(sandbox_id), "upper")
+        skip = frozenset({AGENT_MOUNT.lstrip("/"), PYTHON_MOUNT.lstrip("/")})
+        img = await store.commit(upper, parent, f"{repo}:{tag}", skip)
+        return img.refs[0]
 
     async def oom_kills(self, sandbox_id: str) -> int:
         """How many processes of the sandbox the kernel OOM-killed so far."""

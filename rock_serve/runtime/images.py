@@ -47,6 +47,7 @@ from rock_serve.protocol.images import (
     RegistryAuth,
     parse_image_ref,
 )
+from rock_serve.runtime._image_commit import upper_to_layer
 from rock_serve.runtime._image_pull import skopeo_copy
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime._sync import run_sync
@@ -453,6 +454,85 @@ class ImageStore:
             if not os.path.isdir(final):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another pull made it first
+        return int(result["size"])
+
+    # ------------------------------------------------------------------ commit
+
+    async def commit(
+        self, upper: str, parent: Image, ref: str, skip: frozenset[str] = frozenset()
+    ) -> Image:
+        """A new image ``ref``: ``parent``'s layers plus ``upper`` (an overlay upper dir)."""
+        try:
+            parsed = parse_image_ref(ref)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if parsed.transport != "docker":
+            raise InvalidRequest(f"commit needs a plain reference (repo:tag), not {ref!r}")
+        return await run_sync(self._commit_sync, upper, parent, str(parsed), skip)
+
+    def _commit_sync(self, upper: str, parent: Image, ref: str, skip: frozenset[str]) -> Image:
+        work = os.path.join(self.root, "tmp", f"commit-{uuid.uuid4().hex[:12]}")
+        os.mkdir(work, 0o700)
+        try:
+            blob = os.path.join(work, "layer.tar")
+            diff_id = upper_to_layer(upper, blob, skip)
+            size = self._ensure_committed_layer(blob, diff_id, work)
+            layers = [*parent.layers, diff_id]
+            config = {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {
+                    "Env": parent.env,
+                    "WorkingDir": parent.workdir,
+                    "User": parent.user,
+                    "Labels": {**parent.labels, "rock-serve.committed-from": parent.id},
+                },
+                "rootfs": {"type": "layers", "diff_ids": layers},
+            }
+            data = json.dumps(config, sort_keys=True).encode()
+            image_id = f"sha256:{hashlib.sha256(data).hexdigest()}"
+            img = Image(
+                id=image_id,
+                manifest_digest="",
+                refs=[ref],
+                layers=layers,
+                layer_sizes=[*parent.layer_sizes, size],
+                env=list(parent.env),
+                workdir=parent.workdir,
+                user=parent.user,
+                labels=dict(config["config"]["Labels"]),  # type: ignore[index]
+                python=_python_of([self.layer_dir(d) for d in reversed(layers)]),
+                last_used=time.time(),
+            )
+            self._fit(img)
+            for other in self._images.values():
+                if other.id != img.id and ref in other.refs:
+                    other.refs.remove(ref)
+                    self._save(other)
+            self._save(img)
+            self._images[img.id] = img
+            self._refs[ref] = img.id
+            return img
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _ensure_committed_layer(self, blob: str, diff_id: str, work: str) -> int:
+        final = self.layer_dir(diff_id)
+        if os.path.isdir(final):
+            return self._ensure_layer(work, "", diff_id, work)
+        tmp = os.path.join(work, "layer")
+        os.mkdir(tmp, 0o755)
+        result = unpack_layer(blob, tmp)
+        if result["diff_id"] != diff_id:  # pragma: no cover - the tar we just wrote
+            raise RegistryUnavailable(f"committed layer changed while unpacking ({diff_id})")
+        with open(final + ".size.tmp", "w") as f:
+            f.write(str(result["size"]))
+        os.replace(final + ".size.tmp", final + ".size")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):
+                raise
         return int(result["size"])
 
     # ------------------------------------------------------------------ budget

@@ -110,3 +110,25 @@ def test_create_errors_are_typed(bwrap_platform, registry):
         assert resp.json()["error"]["code"] == "invalid_request"
         assert "malformed image reference" in json.dumps(resp.json())
         assert client.list_sandboxes() == []
+
+
+def test_commit_over_rest_then_create_from_it(bwrap_platform):
+    ref = f"e2e/committed:{uuid.uuid4().hex[:8]}"
+    with Client(bwrap_platform.url) as client:
+        rec = client.create_sandbox()
+        try:
+            client.exec(rec.id, "echo from-commit > /root/marker")
+            result = client.commit_sandbox(rec.id, ref)
+            assert result.image == f"docker.io/{ref}" and result.node == rec.worker
+        finally:
+            client.delete_sandbox(rec.id)
+        child = client.create_sandbox(image=ref)
+        try:
+            assert child.worker == rec.worker  # only that node holds it
+            assert client.exec(child.id, "cat /root/marker").stdout == "from-commit\n"
+        finally:
+            client.delete_sandbox(child.id)
+        client.remove_image(ref)
+        resp = client._http.post(f"/v1/sandboxes/{rec.id}/commit", json={"image": "x:y"})
+        assert resp.status_code == 404
+        assert resp.json()["error"]["code"] == "sandbox_not_found"

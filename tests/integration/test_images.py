@@ -352,3 +352,54 @@ async def test_images_share_layers_on_disk(shared_root, registry):
     assert multi.layers[0] == base.layers[0]
     assert store.disk_bytes() < base.size + multi.size
     assert store.disk_bytes() == multi.size  # the base layer is stored once
+
+
+# ---------------------------------------------------------------- commit
+
+
+@needs_bwrap
+async def test_commit_makes_an_image_usable_at_once(bwrap, registry):
+    sid, h = await _started(bwrap, SandboxSpec(image=registry.ref("test/multilayer:v1")))
+    await _sh(
+        h,
+        "echo new > /opt/made.txt && chmod 4711 /opt/made.txt && ln /opt/made.txt /opt/hl"
+        " && rm /opt/layer3.txt && rm -r /opt/replaced && mkdir /opt/replaced"
+        " && echo fresh > /opt/replaced/only.txt && ln -s made.txt /opt/sym",
+    )
+    ref = await bwrap.commit(sid, "local/committed", "v1")
+    assert ref == "docker.io/local/committed:v1"
+    img = bwrap.images.lookup("local/committed:v1")
+    parent = bwrap.images.lookup(registry.ref("test/multilayer:v1"))
+    assert img.layers[:-1] == parent.layers and img.env == parent.env
+    assert img.labels["rock-serve.committed-from"] == parent.id
+    top = bwrap.images.layer_dir(img.layers[-1])
+    assert not os.path.exists(os.path.join(top, ".rock"))  # the rocklet's mount point
+    await bwrap.remove(sid)
+    # a new sandbox from it (the original is gone: the layers are the store's)
+    sid2, h2 = await _started(bwrap, SandboxSpec(image="local/committed:v1"))
+    out = await _sh(
+        h2,
+        "cat /opt/made.txt; stat -c '%a %h' /opt/made.txt; readlink /opt/sym; ls /opt/replaced;"
+        " ls /opt/layer3.txt 2>&1 || true; pwd",
+    )
+    lines = out.split("\n")
+    assert lines[:4] == ["new", "4711 2", "made.txt", "only.txt"]
+    assert "No such file" in lines[4] and lines[5] == "/opt"
+    await bwrap.remove(sid2)
+    assert bwrap.images.in_use(img.id) == 0
+
+
+@needs_bwrap
+async def test_commit_of_a_host_root_sandbox_is_refused(tmp_path):
+    cfg = BwrapRuntimeConfig(
+        state_dir=str(tmp_path / "state"), cgroup_parent=TEST_CGROUP_PARENT, images=None
+    )
+    rt = cfg.build()
+    sid = f"t-{uuid.uuid4().hex[:16]}"
+    await rt.create(sid, SandboxSpec())
+    try:
+        with pytest.raises(errors.InvalidRequest):
+            await rt.commit(sid, "x/y", "v1")
+    finally:
+        await rt.remove(sid)
+        await rt.close()
