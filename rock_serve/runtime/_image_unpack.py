@@ -15,6 +15,7 @@ layer's diff id, returned for the caller to check against the image config.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -53,14 +54,17 @@ class _Hashing:
             pass
 
 
-def _open(path: str) -> IO[bytes]:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+def _open(stack: contextlib.ExitStack, path: str) -> tuple[Any, _Hashing]:
+    """The uncompressed stream of a layer blob, and the hashing reader of its raw bytes."""
+    f = stack.enter_context(open(path, "rb"))
+    magic = f.read(4)
+    f.seek(0)
     if magic == b"\x28\xb5\x2f\xfd":
         raise ValueError("zstd-compressed layers are not supported (gzip or plain tar only)")
-    return open(path, "rb")
+    raw = _Hashing(f)
+    if magic[:2] == b"\x1f\x8b":
+        return stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")), raw  # type: ignore[call-overload]
+    return raw, raw
 
 
 def _clean(name: str) -> str:
@@ -130,7 +134,8 @@ def _finish(path: str, m: tarfile.TarInfo, is_link: bool = False) -> None:
 def unpack_layer(blob: str, dest: str) -> dict[str, Any]:
     """Unpack the layer ``blob`` into the existing empty directory ``dest``.
 
-    Returns ``{"diff_id": "sha256:...", "size": bytes written, "files": count}``.
+    Returns ``{"diff_id": "sha256:...", "digest": "sha256:..." (of the blob as stored),
+    "size": bytes written, "files": count}``.
 
     Raises:
         LayerEscape: the tar names something outside ``dest``.
@@ -138,7 +143,8 @@ def unpack_layer(blob: str, dest: str) -> dict[str, Any]:
     """
     size = files = 0
     dirs: list[tuple[str, tarfile.TarInfo]] = []
-    with _open(blob) as raw:
+    with contextlib.ExitStack() as stack:
+        raw, blob_hash = _open(stack, blob)
         stream = _Hashing(raw)
         try:
             tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
@@ -199,6 +205,12 @@ def unpack_layer(blob: str, dest: str) -> dict[str, Any]:
                     _finish(path, m)
                 # character and block devices: skipped (a sandbox gets its own /dev)
             stream.drain()
+        blob_hash.drain()  # gzip may stop before trailing bytes
     for path, m in reversed(dirs):
         _finish(path, m)
-    return {"diff_id": f"sha256:{stream.sha.hexdigest()}", "size": size, "files": files}
+    return {
+        "diff_id": f"sha256:{stream.sha.hexdigest()}",
+        "digest": f"sha256:{blob_hash.sha.hexdigest()}",
+        "size": size,
+        "files": files,
+    }

@@ -430,7 +430,7 @@ class ImageStore:
             with contextlib.suppress(OSError, ValueError), open(size_file) as f:
                 return int(f.read())
             return 0
-        blob = self._blob(layout, digest)
+        blob = os.path.join(layout, "blobs", "sha256", _hex(digest))
         tmp = os.path.join(work, f"layer-{_hex(diff_id)[:12]}")
         os.mkdir(tmp, 0o755)
         try:
@@ -441,6 +441,8 @@ class ImageStore:
             if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
                 raise ImageStoreFull(f"no space left unpacking layer {digest}") from None
             raise InvalidRequest(f"layer {digest} cannot be unpacked: {exc}") from None
+        if result["digest"] != digest:  # one pass: the blob is hashed as it is unpacked
+            raise RegistryUnavailable(f"layer blob {digest} is corrupt (digest mismatch)")
         if result["diff_id"] != diff_id:
             raise RegistryUnavailable(
                 f"layer {digest}: diff id {result['diff_id']} does not match {diff_id}"
