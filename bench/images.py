@@ -56,10 +56,16 @@ def new_id() -> str:
     return f"sb-bench-{uuid.uuid4().hex[:16]}"
 
 
-def bwrap_config(state: str, store: str, **kw: Any) -> BwrapRuntimeConfig:
-    return BwrapRuntimeConfig(
-        state_dir=state, cgroup_parent=CGROUP, images=ImageStoreConfig(root=store, **kw)
-    )
+#: Where the bench's own OCI layouts are (besides the test image cache).
+SOURCES = ["/var/cache/rock-serve/", "/var/tmp/"]
+
+
+def store_config(root: str) -> ImageStoreConfig:
+    return ImageStoreConfig(root=root, local_sources=SOURCES)
+
+
+def bwrap_config(state: str, store: str) -> BwrapRuntimeConfig:
+    return BwrapRuntimeConfig(state_dir=state, cgroup_parent=CGROUP, images=store_config(store))
 
 
 async def worker_latency(
@@ -331,13 +337,13 @@ async def main() -> int:
     try:
         np_ref = reg.push(oci("nopython"), "bench/nopython:v1")
         store = str(work / "store")
-        source = ImageStore(ImageStoreConfig(root=str(work / "source")))
+        source = ImageStore(store_config(str(work / "source")))
         await source.get(oci("bookworm"))
         ref = reg.push(unique_image(work, source, oci("bookworm")), "bench/unique:v1")
 
         # 2. cold pull: our store vs docker pull, same image, same registry
         t0 = time.perf_counter()
-        img = await ImageStore(ImageStoreConfig(root=store)).get(ref)
+        img = await ImageStore(store_config(store)).get(ref)
         ours = time.perf_counter() - t0
         theirs = docker_pull_seconds(ref)
         size = img.size / 2**20
@@ -389,7 +395,7 @@ async def main() -> int:
 
         # 4. disk sharing
         refs = task_images(work, 20)
-        disk_store = ImageStore(ImageStoreConfig(root=str(work / "store3")))
+        disk_store = ImageStore(store_config(str(work / "store3")))
         images = [await disk_store.get(r) for r in refs]
         total = sum(i.size for i in images)
         on_disk = disk_store.disk_bytes()

@@ -146,6 +146,14 @@ class ImageStoreConfig(_Config):
         default=1800, gt=0, description="Longest one skopeo transfer may take."
     )
     skopeo_path: str = Field(default="skopeo", description="The skopeo binary (name or path).")
+    local_sources: list[str] = Field(
+        default_factory=lambda: ["/var/cache/rock-serve/"],
+        description="Host directories under which oci:, oci-archive: and docker-archive: "
+        "image paths may be (any caller may name one: keep this to image caches).",
+    )
+    allow_docker_daemon: bool = Field(
+        default=True, description="Allow docker-daemon: images (the node's Docker images)."
+    )
     insecure_registries: list[str] = Field(
         default_factory=list,
         description="Registries (host:port) reached over plain HTTP besides loopback ones.",

@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import os
+import re
 import tempfile
 
 from rock_serve.errors import (
@@ -46,7 +47,7 @@ _NOT_FOUND = (
     "no descriptor found",
     "repository name not known",
 )
-_UNAUTHORIZED = ("unauthorized", "authentication required", "denied", "401", "403")
+_UNAUTHORIZED = ("unauthorized", "authentication required", "access to the resource is denied")
 _UNAVAILABLE = (
     "connection refused",
     "no such host",
@@ -54,22 +55,27 @@ _UNAVAILABLE = (
     "timeout",
     "connection reset",
     "server misbehaving",
-    "503",
-    "502",
-    "504",
-    "500 internal",
-    "eof",
+    "http status: 5",
+    "503 service unavailable",
+    "502 bad gateway",
+    "504 gateway",
+    ": eof",
     "cannot connect to the docker daemon",
     "tls handshake",
     "network is unreachable",
 )
 
 
+_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+
+
 def classify(ref: ImageRef, stderr: str) -> RockError:
     """The typed error for a failed skopeo transfer (from its stderr)."""
     text = stderr.lower()
-    short = stderr.strip().splitlines()[-1][:400] if stderr.strip() else "skopeo failed"
-    if any(k in text for k in _UNAUTHORIZED) and "unknown" not in text.split("unauthorized")[0]:
+    found = _MSG.findall(stderr)
+    short = found[-1] if found else (stderr.strip().splitlines() or ["skopeo failed"])[-1]
+    short = short[:400]
+    if any(k in text for k in _UNAUTHORIZED):
         return RegistryUnauthorized(f"registry refused access to {ref}: {short}")
     if any(k in text for k in _UNAVAILABLE):
         return RegistryUnavailable(f"cannot reach the source of {ref}: {short}", retry_after=5.0)

@@ -38,7 +38,9 @@ from rock_serve.errors import (
     ImageStoreFull,
     InvalidConfig,
     InvalidRequest,
+    PermissionDenied,
     RegistryUnavailable,
+    RockError,
 )
 from rock_serve.protocol.images import (
     ImageInfo,
@@ -244,8 +246,7 @@ class ImageStore:
             parsed = parse_image_ref(ref)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        if parsed.transport == "host":
-            raise InvalidRequest(f"{ref!r} is a host path, not an image")
+        self._check_source(parsed)
         key = str(parsed)
         if not force:
             img = self.lookup(key)
@@ -255,6 +256,20 @@ class ImageStore:
         pull = self._start(parsed, auth)
         assert pull.task is not None
         return await asyncio.shield(pull.task)
+
+    def _check_source(self, ref: ImageRef) -> None:
+        """Refuse host paths outside ``local_sources`` and (if off) the Docker daemon."""
+        if ref.transport == "host":
+            raise InvalidRequest(f"{str(ref)!r} is a host path, not an image")
+        if ref.transport == "docker-daemon" and not self.config.allow_docker_daemon:
+            raise PermissionDenied("docker-daemon: images are not allowed on this node")
+        if ref.transport in ("oci", "oci-archive", "docker-archive"):
+            path = os.path.realpath(ref.name.split(":", 1)[0])
+            roots = [os.path.realpath(r).rstrip("/") + "/" for r in self.config.local_sources]
+            if not any((path + "/").startswith(r) for r in roots):
+                raise PermissionDenied(
+                    f"image path {path!r} is outside the allowed local sources {roots}"
+                )
 
     async def events(
         self, ref: str, auth: RegistryAuth | None = None, *, force: bool = False
@@ -266,6 +281,12 @@ class ImageStore:
             yield ImagePullEvent(
                 image=ref, phase="error", error={"code": "invalid_request", "message": str(exc)}
             )
+            return
+        try:
+            self._check_source(parsed)
+        except RockError as exc:
+            err = {"code": exc.code.value, "message": exc.message}
+            yield ImagePullEvent(image=ref, phase="error", error=err)
             return
         img = None if force else self.lookup(str(parsed))
         if img is not None:

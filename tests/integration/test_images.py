@@ -25,7 +25,7 @@ from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig
 from rock_serve.protocol import ExecRequest, RegistryAuth, SandboxSpec
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime.images import ImageStore
-from tests._registry import Registry, free_port, oci, registry_skip_reason
+from tests._registry import IMAGE_CACHE, Registry, free_port, oci, registry_skip_reason
 from tests.contract.conftest import _BWRAP_SKIP, REQUIRE_DOCKER, TEST_CGROUP_PARENT
 
 _SKIP = registry_skip_reason()
@@ -81,7 +81,11 @@ def layout_with(tmp_path, tag: str, layers: list[dict[str, bytes]]) -> str:
 
 
 def store_at(path, **kw) -> ImageStore:
-    return ImageStore(ImageStoreConfig(root=str(path), retry_backoff_seconds=0.05, **kw))
+    """A store at ``path`` that may read OCI layouts next to it and the test image cache."""
+    sources = [str(Path(path).parent), IMAGE_CACHE]
+    return ImageStore(
+        ImageStoreConfig(root=str(path), retry_backoff_seconds=0.05, local_sources=sources, **kw)
+    )
 
 
 # ---------------------------------------------------------------- layers
@@ -295,6 +299,18 @@ async def test_registry_coming_back_during_retries_succeeds(tmp_path):
         assert img.python is None
     finally:
         reg.stop()
+
+
+async def test_local_sources_outside_the_allow_list_are_refused(tmp_path):
+    store = ImageStore(ImageStoreConfig(root=str(tmp_path / "store")))
+    for ref in (f"oci:{tmp_path}/layout:x", "oci-archive:/etc/passwd", "oci:/var/cache/../../etc"):
+        with pytest.raises((errors.PermissionDenied, errors.InvalidRequest)):
+            await store.get(ref)
+    events = [e async for e in store.events("docker-archive:/root/x.tar")]
+    assert events[-1].phase == "error" and events[-1].error["code"] == "permission_denied"
+    closed = ImageStore(ImageStoreConfig(root=str(tmp_path / "store2"), allow_docker_daemon=False))
+    with pytest.raises(errors.PermissionDenied):
+        await closed.get("docker-daemon:rock-serve/test:bookworm")
 
 
 def test_malformed_references_are_validation_errors():
