@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from rock_serve._extras import require
 from rock_serve.config import AuthConfig, TokenEntry
 from rock_serve.errors import InvalidConfig, Unauthorized
 
@@ -133,6 +133,7 @@ def load_token_file(path: str | Path) -> list[TokenEntry]:
     Raises:
         InvalidConfig: the file is missing, unreadable or does not parse.
     """
+    yaml = require("yaml", "cli", "reading a token file")
     file = Path(path).expanduser()
     try:
         data: Any = yaml.safe_load(file.read_text()) or []
@@ -173,6 +174,7 @@ def _write_private(path: Path, text: str) -> None:
 
 def save_token_file(path: str | Path, entries: Iterable[TokenEntry]) -> None:
     """Write a token file (``{"tokens": [...]}`` as YAML), atomically, mode 0600."""
+    yaml = require("yaml", "cli", "writing a token file")
     data = {"tokens": [e.model_dump() for e in entries]}
     header = "# rock-serve token file: SHA-256 digests only, never tokens (rock token hash).\n"
     _write_private(Path(path).expanduser(), header + yaml.safe_dump(data, sort_keys=False))

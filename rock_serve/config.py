@@ -322,6 +322,9 @@ class DockerRuntimeConfig(_Config):
 
     def build(self) -> Runtime:
         """Create the runtime; installs the rocklet into agent_dir (no daemon call yet)."""
+        from rock_serve._extras import require
+
+        require("docker", "docker", "the docker runtime")
         from rock_serve.runtime.docker import DockerRuntime
 
         return DockerRuntime(self)

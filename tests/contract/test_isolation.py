@@ -19,6 +19,7 @@ from rock_serve.protocol import (
     SessionCreateRequest,
     SessionRunRequest,
 )
+from tests._wait import async_wait_until
 
 LIMITS = SandboxSpec(resources=Resources(memory_mb=64, pids=64, cpus=0.5), owner="iso")
 
@@ -67,11 +68,22 @@ async def test_oom_kill_of_the_rocklet_fails_the_sandbox(isolated):
     pid = (await h.ping())["pid"]
     # The hog starts first (children inherit oom_score_adj), then the rocklet is made the
     # OOM killer's first choice, then the hog exhausts the memory.
-    hog = "import time; time.sleep(1); b = bytearray(128 << 20); b[::4096] = b'x' * len(b[::4096])"
+    # The hog waits for a go file (not a guessed sleep), so the order holds on a loaded machine.
+    hog = (
+        "import os, time\n"
+        "open('/tmp/.hog-started', 'w').close()\n"
+        "while not os.path.exists('/tmp/.hog-go'): time.sleep(0.01)\n"
+        "b = bytearray(128 << 20); b[::4096] = b'x' * len(b[::4096])\n"
+    )
     task = asyncio.ensure_future(py(h, hog))
-    await asyncio.sleep(0.3)
+
+    async def hog_started():
+        return (await h.exec(ExecRequest(command="test -e /tmp/.hog-started"))).exit_code == 0
+
+    await async_wait_until(hog_started, what="the hog to start")
     adj = await h.exec(ExecRequest(command=f"echo 1000 > /proc/{pid}/oom_score_adj"))
     assert adj.exit_code == 0
+    assert (await h.exec(ExecRequest(command="touch /tmp/.hog-go"))).exit_code == 0
     with pytest.raises(errors.RockletUnavailable):
         await task
     await h.wait_closed()
@@ -190,7 +202,10 @@ async def test_sandboxes_do_not_see_each_other(runtime):
     for sid in (a, b):
         await runtime.create(sid, SandboxSpec())
     ha, hb = await runtime.start(a), await runtime.start(b)
-    await ha.exec(ExecRequest(command="echo a > /var/tmp/mine; sleep 30 &"))
+    # The background sleep must not hold the exec's output pipe (the exec would wait for it).
+    await ha.exec(ExecRequest(command="echo a > /var/tmp/mine; sleep 30 >/dev/null 2>&1 &"))
+    assert "sleep" in (await ha.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
+    assert (await hb.exec(ExecRequest(command="cat /proc/*/comm"))).exit_code == 0
     assert (await hb.exec(ExecRequest(command="cat /var/tmp/mine"))).exit_code != 0
     assert "sleep" not in (await hb.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
     for sid in (a, b):

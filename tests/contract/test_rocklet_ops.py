@@ -5,6 +5,7 @@ import hashlib
 import io
 import tarfile
 import time
+import uuid
 
 import pytest
 
@@ -16,6 +17,7 @@ from rock_serve.protocol import (
     SessionRunRequest,
     SessionRunResult,
 )
+from tests._wait import async_wait_until
 
 
 @pytest.fixture
@@ -31,6 +33,23 @@ async def sh(h):
 
 async def run(h, command, **kw):
     return await h.run_in_session(SessionRunRequest(command=command, **kw))
+
+
+def started_marker():
+    """A fresh marker path: a command touches it first, the test waits for it to exist.
+
+    Unique per call (the local runtime's /tmp is the host's, shared by every run).
+    """
+    return f"/tmp/.rock-test-started-{uuid.uuid4().hex}"
+
+
+async def wait_started(h, marker):
+    """Wait until a command that touches ``marker`` first is running (no guessed sleep)."""
+
+    async def exists():
+        return (await h.exec(ExecRequest(command=f"test -e {marker}"))).exit_code == 0
+
+    await async_wait_until(exists, what=f"{marker} to exist")
 
 
 # ---------------------------------------------------------------- sessions
@@ -73,7 +92,7 @@ async def test_timeout_interrupts_the_command_not_the_session(sh):
     result = await run(sh, "sleep 30", timeout=0.3)
     assert result.timed_out
     assert result.exit_code == 130
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 25, "the sleep was interrupted, not waited for"
     after = await run(sh, "echo $KEEP")
     assert after.output == "1\n", "the session and its state survive a timeout"
 
@@ -121,23 +140,27 @@ async def test_a_gigabyte_of_output_is_drained_not_held(sh):
 
 
 async def test_streaming_arrives_as_it_is_produced(sh):
-    times = []
+    # Each line waits for a go file that the test makes only after it received the line before:
+    # if output were held back until the command ended, the command would time out instead.
+    go = started_marker()
+    command = f"for i in 1 2 3; do echo $i; until [ -e {go}.$i ]; do sleep 0.01; done; done"
     items = []
-    req = SessionRunRequest(command="for i in 1 2 3; do echo $i; sleep 0.15; done")
-    async for item in sh.stream_in_session(req):
-        times.append(time.monotonic())
+    async for item in sh.stream_in_session(SessionRunRequest(command=command, timeout=60)):
         items.append(item)
+        if isinstance(item, OutputChunk):
+            for n in item.data.split():
+                await sh.exec(ExecRequest(command=f"touch {go}.{n}"))
     chunks = [i for i in items if isinstance(i, OutputChunk)]
     assert "".join(c.data for c in chunks) == "1\n2\n3\n"
-    assert len(chunks) >= 3
-    assert times[-1] - times[0] > 0.25, "chunks came as they were printed"
+    assert len(chunks) == 3, "one chunk per line: each was sent before the next was printed"
     assert isinstance(items[-1], SessionRunResult)
-    assert items[-1].exit_code == 0
+    assert (items[-1].exit_code, items[-1].timed_out) == (0, False)
 
 
 async def test_stdin_reaches_the_running_command(sh):
-    task = asyncio.ensure_future(run(sh, "read a; read b; echo got $a $b", timeout=10))
-    await asyncio.sleep(0.1)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"touch {marker}; read a; read b; echo got $a $b"))
+    await wait_started(sh, marker)
     await sh.session_stdin("default", b"one\n")
     await sh.session_stdin("default", b"two\n", eof=True)
     result = await task
@@ -146,34 +169,47 @@ async def test_stdin_reaches_the_running_command(sh):
 
 
 async def test_interrupt_stops_the_running_command(sh):
-    task = asyncio.ensure_future(run(sh, "sleep 30", timeout=60))
-    await asyncio.sleep(0.2)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"sh -c 'touch {marker}; exec sleep 30'", timeout=60))
+    await wait_started(sh, marker)
     await sh.interrupt_session("default")
-    result = await asyncio.wait_for(task, 5)
+    result = await task
     assert result.exit_code == 130
     assert not result.timed_out
 
 
 async def test_second_command_in_a_busy_session_is_refused(sh):
-    task = asyncio.ensure_future(run(sh, "sleep 0.5"))
-    await asyncio.sleep(0.1)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"sh -c 'touch {marker}; exec sleep 30'", timeout=60))
+    await wait_started(sh, marker)
     with pytest.raises(errors.SessionBusy):
         await run(sh, "echo no")
-    assert (await task).exit_code == 0
+    await sh.interrupt_session("default")
+    assert (await task).exit_code == 130
+    assert (await run(sh, "echo free")).output == "free\n"
 
 
 async def test_sessions_run_in_parallel(h):
+    # A barrier: each command arrives, then waits until all 8 have arrived. Run one at a time,
+    # the first would wait forever (and time out); run at once, all finish. No clock involved.
+    barrier = f"/tmp/.rock-barrier-{started_marker().rsplit('-', 1)[1]}"
+    await h.exec(ExecRequest(command=f"mkdir -p {barrier}"))
     for i in range(8):
         await h.create_session(SessionCreateRequest(session=f"s{i}"))
-    started = time.monotonic()
+    wait_all = f'[ "$(ls {barrier} | wc -l)" -ge 8 ]'
     results = await asyncio.gather(
         *[
-            h.run_in_session(SessionRunRequest(session=f"s{i}", command="sleep 0.2"))
+            h.run_in_session(
+                SessionRunRequest(
+                    session=f"s{i}",
+                    command=f"touch {barrier}/{i}; until {wait_all}; do sleep 0.01; done",
+                    timeout=60,
+                )
+            )
             for i in range(8)
         ]
     )
-    assert all(r.exit_code == 0 for r in results)
-    assert time.monotonic() - started < 1.0, "8 x sleep 0.2 must overlap"
+    assert [(r.exit_code, r.timed_out) for r in results] == [(0, False)] * 8
 
 
 async def test_session_lifecycle_errors(h):
@@ -244,7 +280,7 @@ async def test_exec_timeout_kills_the_process_group(h):
     result = await h.exec(ExecRequest(command="sleep 30 & sleep 30; echo never", timeout=0.3))
     assert result.timed_out
     assert result.stdout == ""
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 25, "the group was killed, not waited for"
 
 
 async def test_exec_caps_and_missing_program(h):
@@ -338,17 +374,18 @@ async def test_stats_report_the_sandbox_view(h):
 
 
 async def test_a_cancelled_run_leaves_the_next_output_clean(sh):
-    task = asyncio.ensure_future(run(sh, "sleep 1; echo late", timeout=30))
-    await asyncio.sleep(0.2)
+    marker = started_marker()
+    task = asyncio.ensure_future(run(sh, f"touch {marker}; sleep 1; echo late", timeout=30))
+    await wait_started(sh, marker)
     task.cancel()
-    started = time.monotonic()
-    while True:
+
+    async def next_run():
         try:
-            result = await run(sh, "echo next")
-            break
+            return await run(sh, "echo next")
         except errors.SessionBusy:
-            assert time.monotonic() - started < 5, "the abandoned command must be stopped"
-            await asyncio.sleep(0.05)
+            return None  # the abandoned command is still being stopped
+
+    result = await async_wait_until(next_run, what="the abandoned command to be stopped")
     assert result.output == "next\n"
 
 

@@ -182,9 +182,7 @@ def test_make_kwargs_reach_the_env_and_the_sandbox(client, api):
         record = client.get_sandbox(info["sandbox_id"])
         assert record.labels["team"] == "rl" and record.labels["rock.env"] == "rock/Terminal-v0"
         assert record.expires_at is not None and record.expires_at - record.created_at <= 121
-        started = time.monotonic()
         obs, _, _, _, info = env.step("sleep 10")
-        assert time.monotonic() - started < 8
         assert info["timed_out"] is True and "timed out after 1s" in obs
         # The session survives the interrupt.
         assert env.step("echo alive")[0].startswith("alive")

@@ -23,6 +23,7 @@ import pytest
 from rock_serve.deployments._gem import ENV_TABLE_NAME, IDLE_TTL_SECONDS, REAP_INTERVAL_SECONDS
 from rock_serve.envs.integrations import GemEnvClient, gem_make
 from rock_serve.errors import Conflict, InvalidRequest, NotFound
+from tests._wait import wait_until
 
 from .conftest import Platform, _wait_healthy
 from .test_auth import AuthApp, deploy_auth_app, remove_auth_app
@@ -221,24 +222,25 @@ def test_concurrent_instances(api, platform):
 def test_idle_instances_are_reaped(api):
     import ray
 
-    table = _table()
     iid = _post(api, "make", {"env_id": "rock/GuessNumber-v0"})["sandbox_id"]
+    table = _table()  # made by the first GEM call: look it up after one (the test runs alone too)
     _post(api, "reset", {"sandbox_id": iid, "seed": 3})
     assert len(_gem_sandboxes(api)) == 1
     ray.get(table.configure.remote(idle_ttl_seconds=1.0, reap_interval_seconds=0.2))
     try:
         # ``list`` naming the instance checks it exists without using it (no renewal).
-        deadline = time.monotonic() + 30
-        while api.post(f"{GEM}/list", json={"sandbox_id": iid}).status_code != 404:
-            assert time.monotonic() < deadline, "the idle instance was not reaped"
-            time.sleep(0.1)
+        wait_until(
+            lambda: api.post(f"{GEM}/list", json={"sandbox_id": iid}).status_code == 404,
+            what="the idle instance to be reaped",
+        )
+        # The instance leaves the table before its sandbox is deleted: wait for that too.
+        wait_until(lambda: _gem_sandboxes(api) == [], what="the reaped instance's sandbox to go")
     finally:
         ray.get(
             table.configure.remote(
                 idle_ttl_seconds=IDLE_TTL_SECONDS, reap_interval_seconds=REAP_INTERVAL_SECONDS
             )
         )
-    assert _gem_sandboxes(api) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""Benchmark: in-session ops/s at 1, 16 and 64 concurrent clients, churn, and the floors, one run.
+
+Usage: ``.venv/bin/python bench/throughput.py [--seconds 5] [--runtime bwrap|local]
+[--clients 1,16,64] [--churn-seconds 8]``
+
+Paths measured (each client owns one sandbox and runs ``echo hi`` in its session in a loop;
+clients are asyncio tasks of one process, as one rollout driver stepping many envs is):
+
+- HTTP via the Admin (Serve proxy -> Admin replica -> Worker actor -> rocklet), the SDK's
+  ``AsyncClient``;
+- Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
+- churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray.
+
+Floors measured in the same run:
+
+- the rocklet itself through its ``RockletHandle`` (no Worker, no HTTP);
+- a bare Serve ``GET /ping`` (proxy -> replica -> reply);
+- a bare uvicorn echo route (a separate process; no Serve).
+
+Prints ops/s, p50 and p99 per path and concurrency, and each HTTP row's ratio to the bare Serve
+ping at the same concurrency. Targets (issue 13, ../shared/TARGETS.md): direct data plane >= 1,000
+ops/s at 16 clients with p50 <= 3 ms, Ray >= 2,000 ops/s, churn >= 30 sandboxes/s on bwrap,
+create -> first command over REST <= 50 ms. Never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import _harness as harness
+import httpx
+from latency import add_ping_app
+
+Op = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class Row:
+    """One measured path at one concurrency."""
+
+    path: str
+    clients: int
+    samples: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.samples) / self.seconds if self.seconds else 0.0
+
+
+async def drive(path: str, ops: list[Op], seconds: float) -> Row:
+    """Run each op in its own loop for ``seconds`` (after a short warm-up); one sample per call."""
+    for op in ops:
+        for _ in range(3):
+            await op()
+    row = Row(path, len(ops))
+    stop = time.perf_counter() + seconds
+
+    async def loop(op: Op) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            await op()
+            row.samples.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(op) for op in ops))
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+async def rocklet_floor(clients: list[int], seconds: float) -> list[Row]:
+    """The rocklet through its handle: one agent per client, a session each."""
+    from rock_serve.protocol import SessionCreateRequest, SessionRunRequest
+    from rock_serve.rocklet import AGENT_PATH, RockletHandle
+
+    rows = []
+    root = tempfile.mkdtemp(prefix="rock-bench-rocklet-")
+    for n in clients:
+        handles = [
+            await RockletHandle.spawn([sys.executable, "-I", AGENT_PATH, "--root", root])
+            for _ in range(n)
+        ]
+        try:
+            for h in handles:
+                await h.create_session(SessionCreateRequest())
+            req = SessionRunRequest(command="echo hi")
+            rows.append(
+                await drive(
+                    "rocklet handle (floor)",
+                    [lambda h=h, req=req: h.run_in_session(req) for h in handles],
+                    seconds,
+                )
+            )
+        finally:
+            for h in handles:
+                await h.close()
+    return rows
+
+
+UVICORN_APP = textwrap.dedent(
+    """
+    import sys
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def echo(request):
+        return JSONResponse(await request.json())
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    """
+)
+
+
+async def http_floor(name: str, url: str, method: str, clients: list[int], seconds: float):
+    rows = []
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        for n in clients:
+
+            async def call() -> None:
+                if method == "POST":
+                    r = await client.post("/echo", json={"command": "echo hi"})
+                else:
+                    r = await client.get("/bare/ping")
+                r.raise_for_status()
+
+            rows.append(await drive(name, [call] * n, seconds))
+    return rows
+
+
+async def sessions(url: str | None, clients: list[int], seconds: float, runtime: str):
+    """In-session echo over HTTP (url given) or over Ray (url None)."""
+    from rock_serve.sdk import AsyncClient
+
+    name = "HTTP via Admin" if url else "Ray transport"
+    rows = []
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    for n in clients:
+        if url:
+            client = AsyncClient(
+                base_url=url, timeout=120, transport=httpx.AsyncHTTPTransport(limits=limits)
+            )
+        else:
+            client = AsyncClient.from_ray(namespace="rock-bench")
+        async with client:
+            boxes = [client.sandbox() for _ in range(n)]
+            try:
+                for sb in boxes:
+                    await sb.__aenter__()
+                rows.append(
+                    await drive(name, [lambda sb=sb: sb.run("echo hi") for sb in boxes], seconds)
+                )
+            finally:
+                for sb in boxes:
+                    await sb.__aexit__(None, None, None)
+    return rows
+
+
+async def churn(url: str | None, loops: list[int], seconds: float) -> list[Row]:
+    """create -> first command -> delete per sample."""
+    from rock_serve.sdk import AsyncClient
+
+    name = "churn over HTTP" if url else "churn over Ray"
+    rows = []
+    for n in loops:
+        client = (
+            AsyncClient(base_url=url, timeout=120)
+            if url
+            else AsyncClient.from_ray(namespace="rock-bench")
+        )
+        async with client:
+
+            async def one(client: AsyncClient = client) -> None:
+                record = await client.create_sandbox()
+                await client.exec(record.id, "echo hi")
+                await client.delete_sandbox(record.id)
+
+            rows.append(await drive(name, [one] * n, seconds))
+    return rows
+
+
+def report(rows: list[Row], runtime: str) -> None:
+    print(f"\n{'path':28} {'clients':>7} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs ping':>8}")
+    ping = {r.clients: r for r in rows if r.path.startswith("bare Serve")}
+    for r in rows:
+        base = ping.get(r.clients)
+        ratio = (
+            f"{r.rate / base.rate:7.2f}x"
+            if base and base.rate and r.path == "HTTP via Admin"
+            else ""
+        )
+        print(
+            f"{r.path:28} {r.clients:7d} {r.rate:9.1f} {harness.pct(r.samples, 50) * 1e3:8.2f} "
+            f"{harness.pct(r.samples, 99) * 1e3:8.2f} {ratio:>8}"
+        )
+    print(
+        f"\n({runtime} runtime; 'vs ping' = ops/s over the bare Serve ping's at the same "
+        "concurrency.) Direct data plane: not built yet (issue 13)."
+    )
+
+
+async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
+    clients = [int(c) for c in opts.clients.split(",")]
+    rows: list[Row] = []
+    rows += await rocklet_floor(clients, opts.seconds)
+    rows += await http_floor("bare Serve GET /ping", url, "GET", clients, opts.seconds)
+    port = harness.free_port()
+    proc = subprocess.Popen([sys.executable, "-c", UVICORN_APP, str(port)])
+    try:
+        echo_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.post(f"{echo_url}/echo", json={}, timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        rows += await http_floor("bare uvicorn echo", echo_url, "POST", clients, opts.seconds)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    rows += await sessions(url, clients, opts.seconds, opts.runtime)
+    rows += await sessions(None, clients, opts.seconds, opts.runtime)
+    loops = [int(c) for c in opts.churn.split(",")]
+    rows += await churn(url, loops, opts.churn_seconds)
+    rows += await churn(None, loops, opts.churn_seconds)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--churn-seconds", type=float, default=8.0)
+    parser.add_argument("--clients", default="1,16,64")
+    parser.add_argument("--churn", default="1,8")
+    parser.add_argument("--runtime", default="bwrap", choices=["local", "bwrap"])
+    opts = parser.parse_args()
+    capacity = max(int(c) for c in opts.clients.split(",")) + 16
+    base = {
+        "runtime": opts.runtime,
+        "auth": {"mode": "disabled"},
+        "max_sandboxes_per_node": capacity,
+        "namespace": "rock-bench",
+    }
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with harness.platform({"/": base}, extra=add_ping_app) as urls:
+        rows = asyncio.run(measure(urls["/"], opts))
+    report(rows, opts.runtime)
+
+
+if __name__ == "__main__":
+    main()
