@@ -175,31 +175,39 @@ def docker_pull_seconds(ref: str) -> float | str:
 async def concurrent_creates(state: str, store: str, ref: str, n: int) -> dict[str, Any]:
     rt = bwrap_config(state, store).build()
     errors = 0
+    # All n creates wait on the one pull at once; starts are admitted 16 at a time, as the
+    # Scheduler does per node (max_creates_in_flight_per_node).
+    starts = asyncio.Semaphore(ServerArgs().max_creates_in_flight_per_node)
 
     async def one() -> str | None:
         nonlocal errors
         sid = new_id()
         try:
             await rt.create(sid, SandboxSpec(image=ref))
-            h = await rt.start(sid)
-            out = await h.exec(ExecRequest(command="echo hi"))
+            async with starts:
+                h = await rt.start(sid)
+                out = await h.exec(ExecRequest(command="echo hi"))
             assert out.stdout == "hi\n"
             return sid
-        except Exception as exc:  # counted, reported
+        except Exception as exc:  # counted, reported, cleaned up
             errors += 1
             print(f"  create failed: {exc!r}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                await rt.remove(sid)
             return None
 
     t0 = time.perf_counter()
-    ids = await asyncio.gather(*(one() for _ in range(n)))
-    wall = time.perf_counter() - t0
-    assert rt.images is not None
-    pulls = rt.images.pull_count
-    for sid in ids:
-        if sid is not None:
+    try:
+        ids = await asyncio.gather(*(one() for _ in range(n)))
+        wall = time.perf_counter() - t0
+        assert rt.images is not None
+        pulls = rt.images.pull_count
+    finally:
+        for info in await rt.list():
             with contextlib.suppress(Exception):
-                await rt.remove(sid)
-    await rt.close()
+                await rt.remove(info.id)
+        await rt.close()
+    del ids
     return {"wall_s": wall, "pulls": pulls, "errors": errors, "n": n}
 
 

@@ -468,9 +468,7 @@ class ImageStore:
             raise RegistryUnavailable(
                 f"layer {digest}: diff id {result['diff_id']} does not match {diff_id}"
             )
-        with open(size_file + ".tmp", "w") as f:
-            f.write(str(result["size"]))
-        os.replace(size_file + ".tmp", size_file)
+        _write_json(size_file, result["size"])
         try:
             os.rename(tmp, final)
         except OSError:
@@ -548,9 +546,7 @@ class ImageStore:
         result = unpack_layer(blob, tmp)
         if result["diff_id"] != diff_id:  # pragma: no cover - the tar we just wrote
             raise RegistryUnavailable(f"committed layer changed while unpacking ({diff_id})")
-        with open(final + ".size.tmp", "w") as f:
-            f.write(str(result["size"]))
-        os.replace(final + ".size.tmp", final + ".size")
+        _write_json(final + ".size", result["size"])
         try:
             os.rename(tmp, final)
         except OSError:
