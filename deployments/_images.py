@@ -20,7 +20,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
-from ray import serve
 
 from rock_serve.auth import Principal
 from rock_serve.deployments._auth import Auth
@@ -178,6 +177,8 @@ async def commit_sandbox(sandbox_id: str, req: CommitRequest, principal: Auth) -
 
     bwrap: its upper dir becomes a layer in the node's store; docker: ``docker commit``.
     """
+    from ray import serve  # here: the Worker imports this module, and must not load Serve
+
     try:
         parse_image_ref(req.image)
     except ValueError as exc:
