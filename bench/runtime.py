@@ -1,4 +1,4 @@
-"""Benchmark: sandbox runtimes side by side, same run: bwrap and docker.
+"""Benchmark: sandbox runtimes side by side, same run: bwrap, docker and gvisor.
 
 Usage: ``.venv/bin/python bench/runtime.py [--sandboxes 10] [--n 200] [--quick]``
 
@@ -7,9 +7,13 @@ For each runtime this machine has, it times sandbox create -> first command (``c
 (``create_session`` + ``echo hi`` in it), in-session ``echo hi`` in a running sandbox, one-shot
 ``exec echo hi``, remove, and 8 creates at once (wall time until all 8 answered). For docker it
 also measures the floor in the same run: ``create`` + ``start`` of a bare container through the
-SDK (no rocklet, no limits). Prints p50 / p99 in ms and the docker/bwrap ratio. Docker uses the
-offline test image from scripts/build-test-image (never pulled). A runtime that cannot run here
-is skipped with a line saying why. Never part of the test suite.
+SDK (no rocklet, no limits). gvisor is docker with runsc (``scripts/start-dockerd`` registers
+it). Idle memory per sandbox: 5 started sandboxes whose rocklet answered, each one's memory
+cgroup on the host (usage, and its rss part) in MiB; docker and gvisor also keep a
+containerd-shim per container outside that cgroup. Prints p50 / p99 in ms and the ratios to
+bwrap. Docker and gvisor use the offline test image from scripts/build-test-image (never
+pulled). A runtime that cannot run here is skipped with a line saying why. Never part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from rock_serve.config import DOCKER_TEST_IMAGE, BwrapRuntimeConfig, DockerRuntimeConfig
+from rock_serve.config import (
+    DOCKER_TEST_IMAGE,
+    BwrapRuntimeConfig,
+    DockerRuntimeConfig,
+    GvisorRuntimeConfig,
+)
 from rock_serve.protocol import ExecRequest, SandboxSpec, SessionCreateRequest, SessionRunRequest
 from rock_serve.runtime import Runtime
 
@@ -53,6 +62,54 @@ async def timed(n: int, fn: Callable[[], Awaitable[object]], warmup: int = 3) ->
 
 def new_id() -> str:
     return f"bench-{uuid.uuid4().hex[:10]}"
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """Usage and rss (MiB) of the memory cgroup of host process ``pid``."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        rows = [line.strip().split(":", 2) for line in f]
+    for _, controllers, path in rows:
+        if "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            with open(f"{base}/memory.usage_in_bytes") as f:
+                usage = int(f.read())
+            with open(f"{base}/memory.stat") as f:
+                rss = next(int(v) for k, v in (r.split() for r in f) if k == "total_rss")
+            return usage / 2**20, rss / 2**20
+    for _, controllers, path in rows:
+        if controllers == "":  # cgroup v2
+            base = f"/sys/fs/cgroup{path}"
+            with open(f"{base}/memory.current") as f:
+                usage = int(f.read())
+            with open(f"{base}/memory.stat") as f:
+                rss = next(int(v) for k, v in (r.split() for r in f) if k == "anon")
+            return usage / 2**20, rss / 2**20
+    raise RuntimeError(f"no memory cgroup for pid {pid}")
+
+
+async def idle_memory(rt: Runtime, count: int = 5) -> dict[str, Stats]:
+    """Memory cgroup usage and rss of ``count`` idle started sandboxes (MiB, not ms)."""
+    ids = []
+    usage, rss = [], []
+    try:
+        for _ in range(count):
+            sid = new_id()
+            ids.append(sid)
+            await rt.create(sid, SandboxSpec())
+            handle = await rt.start(sid)
+            await handle.exec(ExecRequest(command="true"))
+        for sid in ids:
+            pid = (await rt.inspect(sid)).pid
+            assert pid, sid
+            u, r = memory_mib(pid)
+            usage.append(u)
+            rss.append(r)
+    finally:
+        await asyncio.gather(*(rt.remove(s) for s in ids))
+    return {
+        "idle memory per sandbox, MiB: cgroup usage": stats(usage),
+        "idle memory per sandbox, MiB: of which rss": stats(rss),
+    }
 
 
 async def measure(rt: Runtime, sandboxes: int, n: int) -> dict[str, Stats]:
@@ -116,11 +173,13 @@ async def measure(rt: Runtime, sandboxes: int, n: int) -> dict[str, Stats]:
         walls.append((time.perf_counter() - t) * 1000)
         await asyncio.gather(*(rt.remove(s) for s in ids))
     out["8 creates at once (wall)"] = stats(walls)
+    out.update(await idle_memory(rt))
     return out
 
 
-async def docker_floor(sandboxes: int) -> Stats:
-    """Bare ``create`` + ``start`` of a container through the SDK, then remove it."""
+async def docker_floor(sandboxes: int, runtime: str | None = None) -> Stats:
+    """Bare ``create`` + ``start`` of a container through the SDK (OCI ``runtime``), then
+    remove it."""
     import docker
 
     from rock_serve.runtime._sync import run_sync
@@ -134,7 +193,7 @@ async def docker_floor(sandboxes: int) -> Stats:
                 api.create_container,
                 DOCKER_TEST_IMAGE,
                 ["sleep", "infinity"],
-                host_config=api.create_host_config(network_mode="none"),
+                host_config=api.create_host_config(network_mode="none", runtime=runtime),
             )
             await run_sync(api.start, c["Id"])
             if i:
@@ -152,7 +211,8 @@ async def bench(kind: str, sandboxes: int, n: int) -> dict[str, Stats] | str:
         if kind == "bwrap":
             rt = BwrapRuntimeConfig(state_dir=state, cgroup_parent="rock-serve-bench").build()
         else:
-            rt = DockerRuntimeConfig(
+            config = GvisorRuntimeConfig if kind == "gvisor" else DockerRuntimeConfig
+            rt = config(
                 image=DOCKER_TEST_IMAGE,
                 pull="never",
                 scope=f"bench-{uuid.uuid4().hex[:8]}",
@@ -162,6 +222,9 @@ async def bench(kind: str, sandboxes: int, n: int) -> dict[str, Stats] | str:
         out = await measure(rt, sandboxes, n)
         if kind == "docker":
             out["floor: bare SDK create+start"] = await docker_floor(sandboxes)
+        if kind == "gvisor":
+            runsc = GvisorRuntimeConfig.model_fields["oci_runtime"].default
+            out["floor: bare SDK create+start"] = await docker_floor(sandboxes, runsc)
         return out
     except Exception as exc:
         return f"{kind}: {type(exc).__name__}: {exc}"
@@ -187,13 +250,13 @@ def print_table(results: dict[str, dict[str, Stats]]) -> None:
     for res in results.values():
         metrics += [m for m in res if m not in metrics]
     head = ["metric (p50 / p99 ms)", *names]
-    if {"bwrap", "docker"} <= set(names):
-        head.append("docker/bwrap")
+    ratios = [n for n in names if n != "bwrap"] if "bwrap" in names else []
+    head += [f"{n}/bwrap" for n in ratios]
     rows = []
     for m in metrics:
         row = [m, *(fmt(results[name].get(m)) for name in names)]
-        if len(head) > len(names) + 1:
-            b, d = results["bwrap"].get(m), results["docker"].get(m)
+        for name in ratios:
+            b, d = results["bwrap"].get(m), results[name].get(m)
             row.append(f"{d[0] / b[0]:.1f}x" if b and d and b[0] > 0 else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -217,7 +280,7 @@ async def main() -> int:
     print(f"sandbox runtimes, same run: {sandboxes} sandboxes per create metric, n={n}")
     results: dict[str, dict[str, Stats]] = {}
     notes = []
-    for kind in ("bwrap", "docker"):
+    for kind in ("bwrap", "docker", "gvisor"):
         res = await bench(kind, sandboxes, n)
         if isinstance(res, str):
             notes.append(f"skipped {res}")

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rock_serve.auth import Principal
 from rock_serve.errors import InternalError, PermissionDenied, RockError, SandboxNotFound
-from rock_serve.protocol import SandboxRecord
+from rock_serve.protocol import SandboxRecord, SandboxSpec
 
 __all__ = [
     "Auth",
@@ -28,6 +28,7 @@ __all__ = [
     "authenticate",
     "authenticate_header_or_query",
     "caller",
+    "check_spec_privileges",
     "set_caller",
 ]
 
@@ -65,6 +66,18 @@ async def authenticate(
     request.state.principal = principal
     set_caller(principal)
     return principal
+
+
+def check_spec_privileges(principal: Principal, spec: SandboxSpec) -> None:
+    """Refuse spec fields that weaken containment to callers that are not admins.
+
+    Raises:
+        PermissionDenied: a non-admin token asked for ``seccomp: unconfined``.
+    """
+    if spec.seccomp != "default" and not principal.admin:
+        raise PermissionDenied(
+            f"seccomp {spec.seccomp!r} needs an admin token (token {principal.name!r} is not)"
+        )
 
 
 def set_caller(principal: Principal) -> None:

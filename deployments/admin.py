@@ -34,6 +34,7 @@ from pydantic import BaseModel, StringConstraints, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 import rock_serve
@@ -46,6 +47,7 @@ from rock_serve.deployments._auth import (
     NamespaceGuard,
     authenticate_header_or_query,
     caller,
+    check_spec_privileges,
     set_caller,
 )
 from rock_serve.deployments._metrics import Metrics, metrics
@@ -62,6 +64,7 @@ from rock_serve.errors import (
     NotFound,
     RockError,
     SandboxNotFound,
+    TooLarge,
     http_status,
     to_body,
 )
@@ -177,6 +180,79 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+# ----------------------------------------------------------------------------- body limits
+
+#: The replica's body limits (set from ServerArgs by ``Admin.__init__``): JSON bodies, and the
+#: streamed bodies of file/archive uploads.
+_BODY_LIMITS = {"request": ServerArgs().max_request_bytes, "file": ServerArgs().max_file_bytes}
+
+
+def _streamed_body(scope: Scope) -> bool:
+    """Routes whose body is streamed to the Worker (bounded by max_file_bytes, not held)."""
+    path: str = scope.get("path", "")
+    method: str = scope.get("method", "")
+    return (method == "PUT" and path.endswith(("/files", "/archive"))) or "upload" in path
+
+
+class BodyLimit:
+    """Refuse request bodies over their limit with 413 ``too_large`` before a route reads them.
+
+    A declared Content-Length over the limit is refused at once; a chunked JSON body is read up
+    to the limit (it would be read whole by the route anyway) and refused past it. Streamed
+    upload bodies are only checked by their declared length here; the Worker counts the rest.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        streamed = _streamed_body(scope)
+        limit = _BODY_LIMITS["file" if streamed else "request"]
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await self._refuse(scope, receive, send, f"of {int(declared)} bytes", limit)
+                return
+            await self.app(scope, receive, send)
+            return
+        if streamed or scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                await self._refuse(scope, receive, send, "(chunked)", limit)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, what: str, limit: int) -> None:
+        exc = TooLarge(f"request body {what} is over the {limit}-byte limit", limit=limit)
+        _admin_metrics().error("body_limit", exc.code.value)
+        await error_response(exc)(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 SessionName = Annotated[str, PathParam(pattern=SESSION_NAME, description="Session name.")]
@@ -184,7 +260,7 @@ LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=")]
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Path in sandbox.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": 'Error body `{"error": {"code", "message"}}`.'}
-    for status in (400, 401, 403, 404, 409, 429, 500, 503, 504)
+    for status in (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)
 }
 #: The 200 reply of exec and session run with ``?stream=true``.
 _STREAMED: dict[str, Any] = {
@@ -360,6 +436,7 @@ class Admin:
 
     def __init__(self, args: dict[str, Any] | ServerArgs) -> None:
         self.args = args if isinstance(args, ServerArgs) else parse_server_args(args)
+        _BODY_LIMITS.update(request=self.args.max_request_bytes, file=self.args.max_file_bytes)
         self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
@@ -480,6 +557,7 @@ class Admin:
         async with self._audited(
             request, principal, "create", status=201, env_keys=sorted(req.env), detail=detail
         ) as event:
+            check_spec_privileges(principal, req)
             record: SandboxRecord = await call(self._scheduler, "create", req, principal.namespace)
             event["sandbox_id"] = record.id
         self._guard.remember(record.id, record.namespace)
@@ -740,7 +818,7 @@ class Admin:
         limit = self.args.max_file_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise InvalidRequest(f"body of {declared} bytes is over the {limit}-byte limit")
+            raise TooLarge(f"body of {declared} bytes is over the {limit}-byte limit", limit=limit)
         worker = await self._worker(sandbox_id)
         body = request.stream()
         buffer = bytearray()

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import rock_serve
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._node import effective_resources
 from rock_serve.deployments._store import StateStore, open_store
 from rock_serve.errors import (
     InvalidRequest,
@@ -46,6 +47,7 @@ from rock_serve.protocol import (
     CreateSandboxRequest,
     FailureReason,
     Health,
+    Resources,
     SandboxList,
     SandboxRecord,
     SandboxState,
@@ -161,6 +163,8 @@ class Scheduler:
         self._queue_changed = asyncio.Event()
         self._inflight_total = 0
         self._inflight_ns: dict[str, int] = {}
+        #: Effective resources of each namespace's creates in flight (quotas count them).
+        self._inflight_res: dict[str, list[Resources]] = {}
         self._startup: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -391,6 +395,11 @@ class Scheduler:
         self._queue_changed = asyncio.Event()
 
     def _check_quota(self, namespace: str, req: CreateSandboxRequest) -> None:
+        """Refuse a create that would take its namespace over its quota.
+
+        Sandboxes count with their effective limits (the runtime's defaults fill what a
+        request leaves unset), so leaving ``memory_mb`` unset is no way around a memory quota.
+        """
         quota = self.args.quotas.get(namespace, self.args.default_quota)
         if quota is None:
             return
@@ -406,27 +415,32 @@ class Scheduler:
                 retry_after=retry,
                 quota="sandboxes",
             )
-        if quota.max_cpus is not None:
-            cpus = sum(r.resources.cpus or 0 for r in mine) + (req.resources.cpus or 0)
-            if cpus > quota.max_cpus:
+        runtime = self.args.runtime
+        held = [effective_resources(r.resources, runtime) for r in mine]
+        held += self._inflight_res.get(namespace, [])
+        new = effective_resources(req.resources, runtime)
+        for field, limit, unit in (
+            ("cpus", quota.max_cpus, "cpus"),
+            ("memory_mb", quota.max_memory_mb, "MiB of memory"),
+            ("disk_mb", quota.max_disk_mb, "MiB of disk"),
+        ):
+            if limit is None:
+                continue
+            total = sum(getattr(r, field) or 0 for r in [*held, new])
+            if total > limit:
                 raise RateLimited(
-                    f"namespace {namespace!r} would use {cpus:g} cpus, over its quota of "
-                    f"{quota.max_cpus:g}",
+                    f"namespace {namespace!r} would use {total:g} {unit}, over its quota of "
+                    f"{limit:g}",
                     retry_after=retry,
-                    quota="cpus",
-                )
-        if quota.max_memory_mb is not None:
-            memory = sum(r.resources.memory_mb or 0 for r in mine) + (req.resources.memory_mb or 0)
-            if memory > quota.max_memory_mb:
-                raise RateLimited(
-                    f"namespace {namespace!r} would use {memory} MiB, over its quota of "
-                    f"{quota.max_memory_mb} MiB",
-                    retry_after=retry,
-                    quota="memory_mb",
+                    quota=field,
                 )
 
-    async def _admit(self, namespace: str, req: CreateSandboxRequest) -> WorkerRef:
-        """Wait (FIFO, bounded) for a Worker with room and a free create slot; reserve it."""
+    async def _admit(
+        self, namespace: str, req: CreateSandboxRequest
+    ) -> tuple[WorkerRef, Resources]:
+        """Wait (FIFO, bounded) for a Worker with room and a free create slot; reserve it
+        (and the create's effective resources, for quotas, until :meth:`_release`).
+        """
         self._check_quota(namespace, req)
         retry = self.args.create_retry_after_seconds
         if len(self._queue) >= self.args.max_queued_creates:
@@ -460,7 +474,9 @@ class Scheduler:
                     self._inflight[worker.name] = self._inflight.get(worker.name, 0) + 1
                     self._inflight_total += 1
                     self._inflight_ns[namespace] = self._inflight_ns.get(namespace, 0) + 1
-                    return worker
+                    held = effective_resources(req.resources, self.args.runtime)
+                    self._inflight_res.setdefault(namespace, []).append(held)
+                    return worker, held
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     position = self._queue.index(ticket) + 1
@@ -477,10 +493,12 @@ class Scheduler:
             self._queue.remove(ticket)
             self._wake()
 
-    def _release(self, worker: str, namespace: str) -> None:
+    def _release(self, worker: str, namespace: str, held: Resources) -> None:
         self._inflight[worker] -= 1
         self._inflight_total -= 1
         self._inflight_ns[namespace] -= 1
+        reserved = self._inflight_res[namespace]
+        del reserved[next(i for i, r in enumerate(reserved) if r is held)]
         self._wake()
 
     async def create(self, req: CreateSandboxRequest, namespace: str = "default") -> SandboxRecord:
@@ -534,13 +552,13 @@ class Scheduler:
         return record
 
     async def _create(self, req: CreateSandboxRequest, ttl: float, namespace: str) -> SandboxRecord:
-        worker = await self._admit(namespace, req)
+        worker, held = await self._admit(namespace, req)
         sandbox_id = f"sb-{worker.name}-{secrets.token_hex(8)}"
         self._inflight_ids.add(sandbox_id)
         try:
             record = await worker.create(sandbox_id, req, ttl, namespace)
         finally:
-            self._release(worker.name, namespace)
+            self._release(worker.name, namespace, held)
             self._inflight_ids.discard(sandbox_id)
         sandbox_id = record.id  # a Worker may serve the create from its warm pool
         if req.image is not None:

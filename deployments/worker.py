@@ -37,13 +37,16 @@ from typing import Any, TypeVar, cast
 from rock_serve.config import RuntimeConfig, ServerArgs
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
+from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
     RateLimited,
     RockError,
+    SandboxFailed,
     SandboxNotFound,
+    TooLarge,
 )
 from rock_serve.protocol import (
     CreateSandboxRequest,
@@ -104,6 +107,7 @@ class _Box:
     record: SandboxRecord
     handle: RockletHandle
     runtime: Runtime
+    watcher: asyncio.Task[None] | None = None
     pool: str = ""  # the warm pool's key, while it waits in one
 
 
@@ -163,6 +167,7 @@ class Worker(ImagesWorker):
         self._warm_wanted = asyncio.Event()
         self._warmer: asyncio.Task[None] | None = None
         self._metrics = metrics("worker", name)
+        self._node = NodeCapacity.measure(args.runtime)
         if runtime is None:
             self._build_runtime(args.runtime)
 
@@ -210,7 +215,7 @@ class Worker(ImagesWorker):
 
     def _pool_targets(self) -> list[tuple[str, SandboxSpec, int]]:
         """(key, spec, target) of each warm pool: the default one, then ``warm_pools``."""
-        if self._runtime is None or self._runtime.name == "docker":
+        if self._runtime is None or self._runtime.name in ("docker", "gvisor"):
             return []
         room = self.args.max_sandboxes_per_node - len(self._boxes) - len(self._creating)
         out = []
@@ -318,6 +323,7 @@ class Worker(ImagesWorker):
         record.worker, record.node_id = self.name, self.node_id
         _step(record, SandboxState.RUNNING, now, "adopted")
         self._boxes[info.id] = _Box(record, handle, runtime)
+        self._watch(self._boxes[info.id])
         self._touch(self._boxes[info.id], now)
         self._metrics.reaped("adopted", 0)
         log.warning("worker %s: adopted sandbox %s owner=%r", self.name, info.id, record.owner)
@@ -371,6 +377,7 @@ class Worker(ImagesWorker):
         """Take a redeploy's args: limits at once; a changed runtime for new sandboxes."""
         old = self.args
         self.args = args
+        self._node = NodeCapacity.measure(args.runtime)
         self._warm_wanted.set()
         if args.runtime != old.runtime:
             log.warning(
@@ -430,6 +437,8 @@ class Worker(ImagesWorker):
             raise Conflict(f"sandbox {sandbox_id!r} exists already")
         spec = SandboxSpec.model_validate(req.model_dump(exclude=set(LIFECYCLE_FIELDS)))
         spec.registry_auth = req.registry_auth  # excluded from dumps: never stored
+        resources = effective_resources(req.resources, self.args.runtime)
+        check_resources(resources, self._node, self.args)
         now = self._clock()
         lease = (
             req.lease_seconds if req.lease_seconds is not None else self.args.default_lease_seconds
@@ -440,8 +449,9 @@ class Worker(ImagesWorker):
             owner=req.owner,
             labels=dict(req.labels),
             image=req.image,
-            resources=req.resources,
+            resources=resources,
             network=req.network,
+            egress=req.egress,
             worker=self.name,
             node_id=self.node_id,
             created_at=now,
@@ -465,6 +475,7 @@ class Worker(ImagesWorker):
             box = _Box(record, warm.handle, warm.runtime)
             self._touch(box, now)
             self._boxes[record.id] = box
+            self._watch(box)
             self._metrics.created(0.0, ok=True)
             self._publish()
             log.info(
@@ -485,6 +496,7 @@ class Worker(ImagesWorker):
             box = _Box(record, handle, runtime)
             self._touch(box, self._clock())
             self._boxes[sandbox_id] = box
+            self._watch(box)
             self._warm_wanted.set()  # less room: the pool may have to shrink
             self._metrics.created(time.perf_counter() - started, ok=True)
             self._publish()
@@ -524,6 +536,8 @@ class Worker(ImagesWorker):
         )
         while len(self._graveyard) > _GRAVEYARD:
             self._graveyard.popitem(last=False)
+        if box.watcher is not None:
+            box.watcher.cancel()
         with contextlib.suppress(Exception):
             await box.handle.close()
         try:
@@ -538,6 +552,53 @@ class Worker(ImagesWorker):
                 reason,
                 extra={"sandbox_id": sandbox_id, "owner": box.record.owner, "reason": reason},
             )
+
+    # ------------------------------------------------------------------ liveness
+
+    def _watch(self, box: _Box) -> None:
+        """Ping the box's rocklet when it is silent, and mark the sandbox failed (with the
+        reason) as soon as its rocklet exits or stops answering: never 'running' with a dead
+        agent.
+        """
+        interval = self.args.rocklet_ping_interval_seconds
+        if interval is not None:
+            box.handle.watch(interval, self.args.rocklet_ping_timeout_seconds)
+        box.watcher = asyncio.ensure_future(self._await_failure(box))
+
+    async def _await_failure(self, box: _Box) -> None:
+        await box.handle.wait_closed()
+        if self._boxes.get(box.record.id) is not box or box.handle.failure is None:
+            return  # removed (its handle closed by us)
+        await self._mark_failed(box)
+
+    async def _mark_failed(self, box: _Box) -> None:
+        record = box.record
+        if not self._still_running(box):
+            return
+        if box.handle.failure == FailureReason.AGENT_UNRESPONSIVE.value:
+            reason = FailureReason.AGENT_UNRESPONSIVE
+        else:
+            reason = FailureReason.AGENT_EXITED
+            with contextlib.suppress(RockError):  # the runtime may know better (OOM)
+                info = await box.runtime.inspect(record.id)
+                if info.reason is not None:
+                    reason = info.reason
+        if not self._still_running(box):  # removed or marked while we asked the runtime
+            return
+        record.reason = reason
+        _step(record, SandboxState.FAILED, self._clock(), reason.value)
+        self._metrics.error("rocklet", reason.value)
+        self._publish()
+        log.warning(
+            "worker %s: sandbox %s failed (%s)",
+            self.name,
+            record.id,
+            reason.value,
+            extra={"sandbox_id": record.id, "owner": record.owner, "reason": reason.value},
+        )
+
+    def _still_running(self, box: _Box) -> bool:
+        return self._boxes.get(box.record.id) is box and box.record.state == SandboxState.RUNNING
 
     def _not_found(self, sandbox_id: str) -> SandboxNotFound:
         gone = self._graveyard.get(sandbox_id)
@@ -566,14 +627,12 @@ class Worker(ImagesWorker):
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""
-        box = self._box(sandbox_id)
-        if not box.handle.alive and box.record.state == SandboxState.RUNNING:
-            with contextlib.suppress(RockError):
-                info = await box.runtime.inspect(sandbox_id)
-                state = info.state if info.state != SandboxState.RUNNING else SandboxState.FAILED
-                reason = info.reason or FailureReason.AGENT_EXITED
-                _step(box.record, state, self._clock(), reason.value)
-                box.record.reason = reason
+        box = self._boxes.get(sandbox_id)
+        if box is None:
+            raise self._not_found(sandbox_id)
+        self._touch(box, self._clock())
+        if not box.handle.alive:
+            await self._mark_failed(box)  # before its watcher does, if need be
         return box.record
 
     async def list(self) -> list[SandboxRecord]:
@@ -601,11 +660,19 @@ class Worker(ImagesWorker):
     # ------------------------------------------------------------------ data plane
 
     def _box(self, sandbox_id: str) -> _Box:
-        """The sandbox named by a call; the call renews its lease."""
+        """The sandbox named by a call; the call renews its lease.
+
+        Raises:
+            SandboxNotFound: no such sandbox (or it was removed: the reason is in the details).
+            SandboxFailed: its rocklet exited or stopped answering (``details['reason']``).
+        """
         box = self._boxes.get(sandbox_id)
         if box is None:
             raise self._not_found(sandbox_id)
         self._touch(box, self._clock())
+        if box.record.state == SandboxState.FAILED:
+            reason = box.record.reason.value if box.record.reason else "failed"
+            raise SandboxFailed(f"sandbox {sandbox_id!r} failed ({reason})", reason=reason)
         return box
 
     async def _once(self, sandbox_id: str, key: str | None, work: Awaitable[T]) -> T:
@@ -648,8 +715,14 @@ class Worker(ImagesWorker):
     async def create_session(
         self, sandbox_id: str, req: SessionCreateRequest
     ) -> SessionCreateResponse:
-        """Start a bash session."""
-        return await self._box(sandbox_id).handle.create_session(req)
+        """Start a bash session (at most ``max_sessions_per_sandbox`` at once).
+
+        Raises:
+            ResourceExhausted: the sandbox is at its session (or process) limit.
+        """
+        return await self._box(sandbox_id).handle.create_session(
+            req, max_sessions=self.args.max_sessions_per_sandbox
+        )
 
     async def run_in_session(
         self, sandbox_id: str, req: SessionRunRequest, idempotency_key: str | None = None
@@ -682,17 +755,17 @@ class Worker(ImagesWorker):
         """Close a session."""
         await self._box(sandbox_id).handle.close_session(session)
 
+    def _read_limit(self) -> int:
+        return min(self.args.max_file_bytes, self.args.max_read_bytes)
+
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """A whole file, up to ``max_file_bytes``.
+        """A whole file, up to ``max_read_bytes`` (and ``max_file_bytes``).
 
         Raises:
-            InvalidRequest: the file is larger than ``max_file_bytes``.
+            TooLarge: the file is larger.
         """
-        limit = self.args.max_file_bytes
-        data = await self._box(sandbox_id).handle.read_file(path, length=limit + 1)
-        if len(data) > limit:
-            raise InvalidRequest(f"{path} is over the {limit}-byte limit of one read")
-        return data
+        handle = self._box(sandbox_id).handle
+        return await handle.read_file(path, max_bytes=self._read_limit())
 
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes, mode: int | None = None
@@ -700,7 +773,7 @@ class Worker(ImagesWorker):
         """Write a file atomically; returns its size.
 
         Raises:
-            InvalidRequest: ``data`` is larger than ``max_file_bytes`` (the Admin checks this
+            TooLarge: ``data`` is larger than ``max_file_bytes`` (the Admin checks this
                 too; the Ray transport reaches the Worker directly).
         """
         self._check_size(len(data), path)
@@ -708,23 +781,19 @@ class Worker(ImagesWorker):
 
     def _check_size(self, size: int, what: str) -> None:
         if size > self.args.max_file_bytes:
-            raise InvalidRequest(
+            raise TooLarge(
                 f"{what}: {size} bytes is over the {self.args.max_file_bytes}-byte limit"
             )
 
     async def download_archive(self, sandbox_id: str, path: str) -> bytes:
-        """A tar of ``path``, up to ``max_file_bytes``.
+        """A tar of ``path``, up to ``max_read_bytes`` (and ``max_file_bytes``).
 
         Raises:
-            InvalidRequest: the tar is larger than ``max_file_bytes``.
+            TooLarge: the tar is larger.
         """
-        limit = self.args.max_file_bytes
         parts: list[bytes] = []
-        size = 0
-        async for chunk in self._box(sandbox_id).handle.download_tar(path):
-            size += len(chunk)
-            if size > limit:
-                raise InvalidRequest(f"a tar of {path} is over the {limit}-byte limit")
+        handle = self._box(sandbox_id).handle
+        async for chunk in handle.download_tar(path, max_bytes=self._read_limit()):
             parts.append(chunk)
         return b"".join(parts)
 
@@ -734,13 +803,24 @@ class Worker(ImagesWorker):
         await self._box(sandbox_id).handle.upload_tar(path, data)
 
     async def iter_file(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        """Yield a file's bytes in chunks (any size; nothing is held whole)."""
-        async for chunk in self._box(sandbox_id).handle.iter_file(path):
+        """Yield a file's bytes in chunks (nothing is held whole), up to ``max_read_bytes``.
+
+        Raises:
+            TooLarge: at once for a regular file over the limit; once the limit is passed for
+                a stream of unknown size (a device, a growing file).
+        """
+        handle = self._box(sandbox_id).handle
+        async for chunk in handle.iter_file(path, max_bytes=self.args.max_read_bytes):
             yield chunk
 
     async def iter_archive(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        """Yield an uncompressed tar of ``path`` in chunks (any size)."""
-        async for chunk in self._box(sandbox_id).handle.download_tar(path):
+        """Yield an uncompressed tar of ``path`` in chunks, up to ``max_read_bytes``.
+
+        Raises:
+            TooLarge: once the tar passes the limit.
+        """
+        handle = self._box(sandbox_id).handle
+        async for chunk in handle.download_tar(path, max_bytes=self.args.max_read_bytes):
             yield chunk
 
     async def upload_open(
@@ -778,7 +858,7 @@ class Worker(ImagesWorker):
         upload.size += len(data)
         if upload.size > self.args.max_file_bytes:
             await self._abort_upload(upload_id)
-            raise InvalidRequest(f"body is over the {self.args.max_file_bytes}-byte limit")
+            raise TooLarge(f"body is over the {self.args.max_file_bytes}-byte limit")
         self._box(upload.sandbox_id)  # renews the lease (and fails if the sandbox is gone)
         put = asyncio.ensure_future(upload.queue.put(data))
         await asyncio.wait({put, upload.task}, return_when=asyncio.FIRST_COMPLETED)

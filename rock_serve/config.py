@@ -19,7 +19,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
+    "DEFAULT_ETC_ALLOW",
     "DEFAULT_HIDE_PATHS",
+    "DEFAULT_MASKED_PATHS",
+    "DEFAULT_READONLY_PATHS",
+    "DEFAULT_ROOT_ALLOW",
     "NAME_PATTERN",
     "AuditConfig",
     "AuthConfig",
@@ -29,7 +33,10 @@ __all__ = [
     "WarmPoolConfig",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
+    "EgressPolicyConfig",
+    "BridgeNetworkConfig",
     "FakeRuntimeConfig",
+    "GvisorRuntimeConfig",
     "LocalRuntimeConfig",
     "RuntimeConfig",
     "ServerArgs",
@@ -58,6 +65,82 @@ DEFAULT_HIDE_PATHS: tuple[str, ...] = (
     "/var/lib/docker",
 )
 
+#: Host top-level entries the default bwrap root shows (merged-/usr symlinks included).
+DEFAULT_ROOT_ALLOW: tuple[str, ...] = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+#: Entries of the host's /etc copied into the default bwrap root (world-readable ones only).
+DEFAULT_ETC_ALLOW: tuple[str, ...] = (
+    "alternatives",
+    "bash.bashrc",
+    "bash_completion.d",
+    "bindresvport.blacklist",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "environment",
+    "fonts",
+    "gai.conf",
+    "group",
+    "host.conf",
+    "hosts",
+    "inputrc",
+    "issue",
+    "issue.net",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "locale.alias",
+    "locale.gen",
+    "localtime",
+    "login.defs",
+    "magic",
+    "magic.mime",
+    "mime.types",
+    "networks",
+    "nsswitch.conf",
+    "os-release",
+    "passwd",
+    "profile",
+    "profile.d",
+    "protocols",
+    "python3",
+    "python3.11",
+    "resolv.conf",
+    "rpc",
+    "services",
+    "shells",
+    "skel",
+    "ssl",
+    "terminfo",
+    "timezone",
+    "xattr.conf",
+)
+
+#: Docker's masked paths (runc's default spec); those missing on the host are skipped.
+DEFAULT_MASKED_PATHS: tuple[str, ...] = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+
+#: Docker's read-only paths.
+DEFAULT_READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
 #: Capabilities kept by a sandbox's root: Docker's default set, without NET_RAW.
 DEFAULT_CAPABILITIES: tuple[str, ...] = (
     "CAP_CHOWN",
@@ -78,6 +161,47 @@ DEFAULT_CAPABILITIES: tuple[str, ...] = (
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class EgressPolicyConfig(_Config):
+    """What networked sandboxes may reach (the host's own addresses never)."""
+
+    egress_allow: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0"],
+        description="The widest egress a sandbox may get, as cidr|host[:port] entries; a spec "
+        "without egress gets all of it, a spec's own entries must lie within it.",
+    )
+    egress_deny: list[str] = Field(
+        default_factory=lambda: ["169.254.0.0/16"],
+        description="Destinations no sandbox reaches, whatever it is allowed (default: "
+        "link-local, where cloud metadata services live). The host's own addresses and the "
+        "bridge's subnet are always denied.",
+    )
+    host_ports: list[int] = Field(
+        default_factory=list,
+        description="TCP ports of the host's bridge address that sandboxes may connect to "
+        "(e.g. a proxy); every other port and address of the host stays unreachable.",
+    )
+    isolate: bool = Field(
+        default=True,
+        description="Sandboxes cannot reach each other; false lets sandboxes on the same "
+        "bridge talk to each other.",
+    )
+
+
+class BridgeNetworkConfig(EgressPolicyConfig):
+    """The bridge a Worker sets up for networked sandboxes, and what they may reach."""
+
+    name: str = Field(
+        default="rock0",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$",
+        description="Bridge interface on the host; also prefixes the sandboxes' netns names.",
+    )
+    subnet: str = Field(
+        default="10.213.0.0/16",
+        description="IPv4 subnet of the bridge: its first address is the host's (the "
+        "gateway, unreachable from sandboxes), the others are leased to sandboxes.",
+    )
 
 
 class FakeRuntimeConfig(_Config):
@@ -166,8 +290,10 @@ class BwrapRuntimeConfig(_Config):
     type: Literal["bwrap"] = Field(default="bwrap", description="Selects the bwrap runtime.")
     rootfs: str = Field(
         default="/",
-        description="Read-only lower layer of every sandbox's root (the host's / by default, "
-        "minus hide_paths; a debootstrapped tree works too). A spec's image overrides it.",
+        description="Read-only lower layer of every sandbox's root. '/' (the default) means "
+        "a synthesized root: the host's root_allow entries (/usr, /bin, /lib...) and a "
+        "filtered /etc, nothing else of the host. Any other directory (a debootstrapped "
+        "tree) is used whole, minus hide_paths. A spec's image under rootfs_allow overrides it.",
     )
     state_dir: str = Field(
         default="/var/lib/rock-serve/bwrap",
@@ -184,7 +310,12 @@ class BwrapRuntimeConfig(_Config):
     )
     allow_network: bool = Field(
         default=False,
-        description="Allow specs with network 'host'/'bridge' (both share the host network).",
+        description="Allow specs with network 'bridge': a network namespace of its own on "
+        "the bridge below (never the host's namespace; 'host' is always refused).",
+    )
+    bridge: BridgeNetworkConfig = Field(
+        default_factory=lambda: BridgeNetworkConfig(),
+        description="Bridge, NAT and egress policy of networked sandboxes (allow_network).",
     )
     hide_paths: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HIDE_PATHS),
@@ -195,8 +326,61 @@ class BwrapRuntimeConfig(_Config):
         description="Capabilities kept by root inside the sandbox (all others are dropped).",
     )
     default_resources: Resources = Field(
-        default_factory=lambda: Resources(memory_mb=4096, pids=4096),
-        description="Limits for fields a spec leaves unset.",
+        default_factory=lambda: Resources(cpus=1.0, memory_mb=4096, pids=4096, disk_mb=4096),
+        description="Limits for fields a spec leaves unset. disk_mb sizes the sandbox's "
+        "writable layer (a sparse ext4 file system on a loop device: a write beyond it fails "
+        "with ENOSPC inside; unset = the state dir's file system, unlimited).",
+    )
+    rootfs_allow: list[str] = Field(
+        default_factory=list,
+        description="Directories under which a spec's image may name a rootfs directory "
+        "(admin-managed trees). Empty = specs cannot name host paths at all.",
+    )
+    root_allow: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ROOT_ALLOW),
+        description="With rootfs '/': the host's top-level entries a sandbox sees; every "
+        "other one is absent (/etc is a filtered copy, /root, /home, /var, /run empty).",
+    )
+    etc_allow: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ETC_ALLOW),
+        description="With rootfs '/': entries of the host's /etc copied into sandboxes "
+        "(world-readable files only).",
+    )
+    seccomp: bool = Field(
+        default=True,
+        description="Apply the default seccomp profile (Docker's default equivalent) to "
+        "every sandbox process; a spec may opt out with seccomp 'unconfined' (admins only).",
+    )
+    userns: bool = Field(
+        default=True,
+        description="Run each sandbox in its own user namespace: ids 0..65535 inside map to "
+        "a host range of its own (uid_base + slot * 65536), lower layers through idmapped "
+        "mounts so files keep their owners. Needs Linux >= 5.19 and util-linux setpriv.",
+    )
+    uid_base: int = Field(
+        default=100_000, ge=1, description="First host uid/gid of the sandboxes' ranges."
+    )
+    roots_dir: str = Field(
+        default="/run/rock-serve/roots",
+        description="With userns: where each sandbox's root is bind-mounted (and the rocklet "
+        "installed) for bwrap, which runs as the sandbox's uid; its parents must be "
+        "traversable by any uid. Mode 0711: not listable.",
+    )
+    uid_slots: int = Field(
+        default=4096,
+        ge=1,
+        le=60_000,
+        description="How many ranges of 65536 ids there are: the most sandboxes at once.",
+    )
+    masked_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MASKED_PATHS),
+        description="Paths under /proc and /sys hidden in sandboxes (Docker's masked paths): "
+        "files read as empty, directories as empty read-only dirs.",
+    )
+    readonly_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_READONLY_PATHS),
+        description="Paths under /proc mounted read-only in sandboxes (Docker's read-only "
+        "paths: no sysctl, core_pattern or sysrq writes).",
     )
     path: str = Field(
         default="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -279,13 +463,25 @@ class DockerRuntimeConfig(_Config):
     )
     allow_network: bool = Field(
         default=False,
-        description="Allow specs with network 'host' (the node's network) or 'bridge' "
-        "(the docker network named bridge_network). Default: only 'none' (loopback).",
+        description="Allow specs with network 'bridge' (the docker network named "
+        "bridge_network, guarded: see network_policy). Default: only 'none' (loopback).",
+    )
+    allow_host_network: bool = Field(
+        default=False,
+        description="Also allow network 'host': the node's own namespace, where sandbox code "
+        "reaches every loopback service of the node (Ray, Redis, the API). Trusted code only.",
     )
     bridge_network: str = Field(
         default="bridge",
         min_length=1,
-        description="Docker network that a spec's network 'bridge' joins; it must exist.",
+        description="Docker network (driver bridge, on this node) that a spec's network "
+        "'bridge' joins; it must exist.",
+    )
+    network_policy: EgressPolicyConfig = Field(
+        default_factory=lambda: EgressPolicyConfig(),
+        description="What containers on bridge_network may reach: the node drops whatever "
+        "they send to its own addresses; egress allow-lists are applied in each container's "
+        "namespace.",
     )
     capabilities: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CAPABILITIES),
@@ -293,8 +489,13 @@ class DockerRuntimeConfig(_Config):
         "(and no-new-privileges is set).",
     )
     default_resources: Resources = Field(
-        default_factory=lambda: Resources(memory_mb=4096, pids=4096),
+        default_factory=lambda: Resources(cpus=1.0, memory_mb=4096, pids=4096),
         description="Limits for fields a spec leaves unset.",
+    )
+    seccomp: bool = Field(
+        default=True,
+        description="Require the daemon's seccomp support and keep Docker's default profile "
+        "on every container; a spec may opt out with seccomp 'unconfined' (admins only).",
     )
     keepalive: list[str] = Field(
         default_factory=lambda: ["/.rock/keepalive"],
@@ -330,8 +531,73 @@ class DockerRuntimeConfig(_Config):
         return DockerRuntime(self)
 
 
+class GvisorRuntimeConfig(DockerRuntimeConfig):
+    """The docker runtime with gVisor's ``runsc`` as the OCI runtime: a kernel boundary.
+
+    Every field of :class:`DockerRuntimeConfig` applies. Sandbox code talks to gVisor's
+    user-space kernel (the Sentry), not to the host's; the cost is measured by
+    ``bench/runtime.py``. The Docker daemon must have runsc registered under ``oci_runtime``
+    (and ``network_oci_runtime``): ``scripts/start-dockerd`` does both.
+    """
+
+    type: Literal["gvisor"] = Field(  # type: ignore[assignment]
+        default="gvisor", description="Selects the gvisor runtime."
+    )
+    scope: str = Field(
+        default="rock-gvisor",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="Marks this runtime's containers (label rock-serve.scope, name prefix "
+        "'<scope>.'): runtimes with other scopes on the same daemon never see them.",
+    )
+    agent_dir: str = Field(
+        default="/var/lib/rock-serve/gvisor/agent",
+        description="Host directory the rocklet is installed into; bind-mounted read-only at "
+        "/.rock in every container (the only host mount).",
+    )
+    oci_runtime: str = Field(
+        default="runsc",
+        min_length=1,
+        description="Docker runtime name of runsc for sandboxes with network 'none': "
+        "registered with runtimeArgs ['--network=none', '--oci-seccomp'] (gVisor's own "
+        "stack, loopback only; Docker's seccomp profile enforced inside the sandbox too). "
+        "runsc 2022 cannot use its netstack on kernels where net.core.rmem_default is per "
+        "network namespace (it takes every namespace for the root one).",
+    )
+    network_oci_runtime: str | None = Field(
+        default="runsc-hostinet",
+        min_length=1,
+        description="Docker runtime name of runsc for sandboxes with network 'host' or "
+        "'bridge' (when allow_network): registered with runtimeArgs ['--network=host', "
+        "'--oci-seccomp'], so gVisor passes socket calls to the container's network "
+        "namespace (a smaller boundary for networking than for the rest). None = such specs "
+        "are refused.",
+    )
+
+    sentry_memory_mb: int = Field(
+        default=64,
+        ge=0,
+        le=4096,
+        description="Added to a sandbox's memory_mb in its host memory cgroup: gVisor's "
+        "kernel (the Sentry: its heap, page tables, about 0.6 MiB per sandbox process) is "
+        "charged there, where runc's processes charge only their own memory. Stats report "
+        "memory_mb as the limit.",
+    )
+
+    def build(self) -> Runtime:
+        """Create the runtime; installs the rocklet into agent_dir (no daemon call yet)."""
+        from rock_serve.runtime.gvisor import GvisorRuntime
+
+        return GvisorRuntime(self)
+
+
 #: Any one runtime config.
-AnyRuntimeConfig = FakeRuntimeConfig | LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig
+AnyRuntimeConfig = (
+    FakeRuntimeConfig
+    | LocalRuntimeConfig
+    | BwrapRuntimeConfig
+    | DockerRuntimeConfig
+    | GvisorRuntimeConfig
+)
 
 RuntimeConfig = Annotated[
     AnyRuntimeConfig,
@@ -365,6 +631,9 @@ class Quota(_Config):
     )
     max_memory_mb: int | None = Field(
         default=None, ge=0, description="Sum of the sandboxes' ``resources.memory_mb``."
+    )
+    max_disk_mb: int | None = Field(
+        default=None, ge=0, description="Sum of the sandboxes' ``resources.disk_mb``."
     )
 
 
@@ -574,6 +843,43 @@ class ServerArgs(_Config):
         description="Largest file or archive body one upload may carry, and one buffered read "
         "(SDK ``read_file``) may return. REST bodies are streamed, so this caps disk use, "
         "not memory.",
+    )
+    max_read_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Largest file or archive one read returns (REST download, SDK read_file, "
+        "Ray transport): a regular file over it is refused at once with too_large (413); a "
+        "stream of unknown size (a device such as /dev/zero, a growing file) is cut off there.",
+    )
+    max_request_bytes: int = Field(
+        default=16 << 20,
+        ge=1024,
+        description="Largest JSON request body the Admin accepts (413 too_large beyond it). "
+        "File and archive uploads are streamed and bounded by max_file_bytes instead.",
+    )
+    max_sessions_per_sandbox: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Bash sessions one sandbox may hold at once; one more is refused with "
+        "resource_exhausted (409).",
+    )
+    max_pids_per_sandbox: int = Field(
+        default=32_768,
+        ge=8,
+        description="Largest resources.pids a create may ask for on any node.",
+    )
+    rocklet_ping_interval_seconds: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="A rocklet silent for this long is pinged; None = never (only its exit "
+        "is noticed).",
+    )
+    rocklet_ping_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="A rocklet that does not answer a ping within this marks its sandbox "
+        "failed (reason agent_unresponsive); a stopped or wedged agent never stays 'running'.",
     )
     default_lease_seconds: float | None = Field(
         default=600.0,

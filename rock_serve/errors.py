@@ -28,6 +28,7 @@ __all__ = [
     "RateLimited",
     "RegistryUnauthorized",
     "RegistryUnavailable",
+    "ResourceExhausted",
     "RockError",
     "RockletUnavailable",
     "RuntimeUnavailable",
@@ -38,6 +39,7 @@ __all__ = [
     "SessionExists",
     "SessionNotFound",
     "Timeout",
+    "TooLarge",
     "Unauthorized",
     "UnknownOperation",
     "error_class",
@@ -72,6 +74,8 @@ class ErrorCode(str, Enum):
     SESSION_BUSY = "session_busy"
     SANDBOX_NOT_RUNNING = "sandbox_not_running"
     SANDBOX_FAILED = "sandbox_failed"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
     ROCKLET_UNAVAILABLE = "rocklet_unavailable"
@@ -244,6 +248,21 @@ class SandboxFailed(Conflict):
     code = ErrorCode.SANDBOX_FAILED
 
 
+class ResourceExhausted(Conflict):
+    """The sandbox is at one of its limits (sessions, processes, memory, disk):
+    ``details['resource']`` says which. Retrying as is fails the same way: free something first.
+    """
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class TooLarge(RockError, ValueError):
+    """A request body, a frame or a reply (file, archive) is over its configured size limit."""
+
+    code = ErrorCode.TOO_LARGE
+    status = 413
+
+
 class RateLimited(RockError, RuntimeError):
     """Too many requests; retry after ``retry_after`` seconds."""
 
@@ -297,6 +316,7 @@ _BY_STATUS: dict[int, type[RockError]] = {
     403: PermissionDenied,
     404: NotFound,
     409: Conflict,
+    413: TooLarge,
     429: RateLimited,
     503: RuntimeUnavailable,
     504: Timeout,

@@ -116,6 +116,9 @@ class SandboxRecord(WireModel):
     image: str | None = Field(default=None, description="Image or rootfs it was made from.")
     resources: Resources = Field(default_factory=Resources, description="Limits it runs with.")
     network: str = Field(default="none", description="Network mode.")
+    egress: list[str] | None = Field(
+        default=None, description="Egress allow-list asked for (None = the runtime's default)."
+    )
     worker: str = Field(description="Name of the owning Worker.")
     node_id: str = Field(description="Ray node id of the owning Worker.")
     created_at: float = Field(description="Creation time, seconds since the epoch.")

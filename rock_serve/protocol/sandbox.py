@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -28,24 +28,44 @@ class FailureReason(str, Enum):
 
     OOM_KILLED = "oom_killed"
     AGENT_EXITED = "agent_exited"
+    AGENT_UNRESPONSIVE = "agent_unresponsive"
     START_FAILED = "start_failed"
     LOST = "lost"
+
+
+#: Upper bounds of :class:`Resources` that no node is expected to exceed; each Worker also
+#: refuses what its own node cannot give (``invalid_request``).
+MAX_CPUS = 512.0
+MAX_MEMORY_MB = 1 << 20  # 1 TiB
+MAX_PIDS = 1 << 16
+MAX_DISK_MB = 1 << 24  # 16 TiB
 
 
 class Resources(WireModel):
     """Limits enforced on the whole sandbox (all of its processes)."""
 
-    cpus: float | None = Field(default=None, gt=0, le=1024, description="CPU quota in cores.")
+    cpus: float | None = Field(
+        default=None, gt=0, le=MAX_CPUS, description="CPU quota in cores (at most the node's)."
+    )
     memory_mb: int | None = Field(
-        default=None, ge=16, le=4 * 1024 * 1024, description="Memory limit in MiB (no swap)."
+        default=None,
+        ge=16,
+        le=MAX_MEMORY_MB,
+        description="Memory limit in MiB, no swap (at most the node's memory).",
     )
     pids: int | None = Field(
-        default=None, ge=8, le=1_000_000, description="Maximum number of processes and threads."
+        default=None,
+        ge=8,
+        le=MAX_PIDS,
+        description="Maximum number of processes and threads (at most the server's "
+        "max_pids_per_sandbox).",
     )
     disk_mb: int | None = Field(
         default=None,
         ge=1,
-        description="Writable-layer size limit in MiB, where the runtime supports it.",
+        le=MAX_DISK_MB,
+        description="Writable-layer size limit in MiB, where the runtime supports it (at most "
+        "the size of the node's sandbox filesystem).",
     )
 
 
@@ -67,7 +87,16 @@ class SandboxSpec(WireModel):
     resources: Resources = Field(default_factory=Resources, description="Resource limits.")
     network: Literal["none", "host", "bridge"] = Field(
         default="none",
-        description="'none' gives loopback only; 'host'/'bridge' give outside access if allowed.",
+        description="'none' gives loopback only; 'bridge' a network namespace of its own with "
+        "NAT egress, if the runtime allows it; 'host' (the node's network) only where an admin "
+        "allowed it (never on bwrap). No mode reaches the host's own services.",
+    )
+    egress: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Egress allow-list for network 'bridge': IPv4 cidr|host[:port] entries "
+        "('10.0.0.0/8', '192.0.2.7:443', 'pypi.org:443'; host names resolved at create, TCP "
+        "and UDP), everything else rejected. None = the runtime's default allow-list.",
     )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for every process."
@@ -75,6 +104,12 @@ class SandboxSpec(WireModel):
     workdir: str = Field(default="/root", max_length=4096, description="Initial working dir.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
     owner: str = Field(default="", max_length=256, description="Who owns the sandbox.")
+    seccomp: Literal["default", "unconfined"] = Field(
+        default="default",
+        description="'default' applies the runtime's seccomp profile (Docker's default "
+        "equivalent) to every process; 'unconfined' turns it off and only an admin token "
+        "may ask for it (403 otherwise).",
+    )
 
     @field_validator("image")
     @classmethod

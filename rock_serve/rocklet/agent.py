@@ -18,7 +18,7 @@ Agent -> host headers:
 
 - ``{"id": n, "type": "chunk", "stream": "output"|"stdout"|"stderr"|"data"}``: streamed bytes.
 - ``{"id": n, "type": "result", "data": {...}}``: the final reply (payload: bulk output).
-- ``{"id": n, "type": "error", "error": {"code", "message"}}``: the final error reply.
+- ``{"id": n, "type": "error", "error": {"code", "message", "details"?}}``: the final error reply.
 
 Many requests run at once; replies are matched by id. EOF on stdin closes every session and
 exits with status 0.
@@ -46,6 +46,8 @@ CHUNK = 256 << 10
 READ_SIZE = 256 << 10
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_OUTPUT = 1 << 20
+#: Sessions one agent keeps at once unless the host asks for another bound (``max_sessions``).
+DEFAULT_MAX_SESSIONS = 32
 #: Seconds between SIGINT and SIGKILL of a timed-out command, and before a shell restart.
 KILL_GRACE = 1.0
 SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -64,6 +66,14 @@ class FrameError(Exception):
     """A frame could not be decoded; the stream cannot be trusted after it."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame's prefix announces more than the limits; its bytes can still be skipped."""
+
+    def __init__(self, head_len, payload_len):
+        super().__init__("frame too large: header %d, payload %d" % (head_len, payload_len))
+        self.size = head_len + payload_len
+
+
 async def read_frame(
     reader: "asyncio.StreamReader",
 ) -> "tuple[dict[str, Any], bytes] | None":
@@ -76,7 +86,7 @@ async def read_frame(
         return None
     head_len, payload_len = HEADER.unpack(prefix)
     if head_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
-        raise FrameError("frame too large: header %d, payload %d" % (head_len, payload_len))
+        raise FrameTooLarge(head_len, payload_len)
     try:
         head = await reader.readexactly(head_len)
         payload = await reader.readexactly(payload_len) if payload_len else b""
@@ -91,19 +101,55 @@ async def read_frame(
     return header, payload
 
 
+async def _skip(reader, n):
+    """Discard ``n`` bytes of the stream; False on EOF first."""
+    while n > 0:
+        data = await reader.read(min(n, READ_SIZE))
+        if not data:
+            return False
+        n -= len(data)
+    return True
+
+
 # ---------------------------------------------------------------------------- errors
 
 
 class AgentError(Exception):
     """An error with a code from rock_serve.errors.ErrorCode."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, details=None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details
+
+    def body(self):
+        body = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+#: Errors of a sandbox at one of its limits (pids, memory, open files, disk).
+_EXHAUSTED = {
+    errno.EAGAIN: "pids",
+    errno.ENOMEM: "memory",
+    errno.EMFILE: "files",
+    errno.ENFILE: "files",
+    errno.ENOSPC: "disk",
+    errno.EDQUOT: "disk",
+}
 
 
 def _os_error(exc, path=""):
+    if exc.errno in _EXHAUSTED:
+        where = path or exc.filename
+        return AgentError(
+            "resource_exhausted",
+            "%s%s: the sandbox is at its %s limit"
+            % (exc.strerror or exc, " (%s)" % where if where else "", _EXHAUSTED[exc.errno]),
+            {"resource": _EXHAUSTED[exc.errno]},
+        )
     code = {
         errno.ENOENT: "file_not_found",
         errno.EISDIR: "is_a_directory",
@@ -309,14 +355,14 @@ class Session:
         nonce = os.urandom(12).hex()
         marker = re.compile(b"\x1e" + nonce.encode() + b":(-?[0-9]+)\x1e")
         keep = len(nonce) + 16
-        r, w = os.pipe()
+        r, w, fifo = _stdin_fifo(nonce)
         self.stdin_w = w
         started = time.monotonic()
         script = (
             "IFS= read -r -d '' __rock_cmd <<'R%s'\n%s\nR%s\n"
-            '__rock_ret $__rock_rc; eval "$__rock_cmd" </proc/%d/fd/%d; __rock_rc=$?; '
+            "__rock_ret $__rock_rc; eval \"$__rock_cmd\" <'%s'; __rock_rc=$?; "
             "printf '\\036%s:%%d\\036' \"$__rock_rc\"\n"
-        ) % (nonce, command.replace("\0", ""), nonce, os.getpid(), r, nonce)
+        ) % (nonce, command.replace("\0", ""), nonce, fifo, nonce)
         self.proc.stdin.write(script.encode("utf-8", "surrogateescape"))
         capture = Capture(cap)
         emitted = 0
@@ -374,6 +420,7 @@ class Session:
             # w is closed exactly once, by _close_stdin: its number may be reused right after.
             self._close_stdin()
             os.close(r)
+            _unlink(fifo)
         ended = self.eof and not restarted
         return {
             "session": self.name,
@@ -476,6 +523,19 @@ class Agent:
             while True:
                 try:
                     frame = await read_frame(self.reader)
+                except FrameTooLarge as exc:
+                    # Say so, skip its bytes and go on: a request too big must not kill us.
+                    self.send(
+                        {
+                            "id": None,
+                            "type": "error",
+                            "error": {"code": "too_large", "message": str(exc)},
+                        }
+                    )
+                    await self.flush()
+                    if not await _skip(self.reader, exc.size):
+                        break
+                    continue
                 except FrameError as exc:
                     self.send(
                         {
@@ -558,14 +618,15 @@ class Agent:
         except asyncio.CancelledError:
             pass  # the host gave up on it (or the agent is shutting down): nobody waits
         except AgentError as exc:
-            self.send(
-                {"id": rid, "type": "error", "error": {"code": exc.code, "message": exc.message}}
-            )
+            self.send({"id": rid, "type": "error", "error": exc.body()})
         except OSError as exc:
-            err = _os_error(exc)
-            self.send(
-                {"id": rid, "type": "error", "error": {"code": err.code, "message": err.message}}
-            )
+            self.send({"id": rid, "type": "error", "error": _os_error(exc).body()})
+        except RuntimeError as exc:
+            # "can't start new thread": the sandbox is at its pids limit (threads count).
+            err = AgentError("internal", "%s: %s" % (type(exc).__name__, exc))
+            if "thread" in str(exc):
+                err = AgentError("resource_exhausted", err.message, {"resource": "pids"})
+            self.send({"id": rid, "type": "error", "error": err.body()})
         except Exception as exc:  # a bug: report it without a traceback
             self.send(
                 {
@@ -649,6 +710,13 @@ async def op_session_create(agent, rid, args, payload):
         raise AgentError("invalid_request", "bad session name %r" % name)
     if name in agent.sessions:
         raise AgentError("session_exists", "session %r exists already" % name)
+    cap = _require(args, "max_sessions", int, DEFAULT_MAX_SESSIONS)
+    if len(agent.sessions) >= cap:
+        raise AgentError(
+            "resource_exhausted",
+            "the sandbox has %d sessions, its limit: close one first" % len(agent.sessions),
+            {"resource": "sessions", "limit": cap},
+        )
     cwd = agent.path(args, "cwd") if args.get("cwd") else None
     if cwd is not None and not os.path.isdir(cwd):
         raise AgentError("file_not_found", "cwd %r is not a directory" % cwd)
@@ -802,26 +870,46 @@ def _run_in_thread(fn, *args):
     return asyncio.get_event_loop().run_in_executor(None, fn, *args)
 
 
+def _too_large(what, limit):
+    return AgentError("too_large", "%s is over the %d-byte limit of one read" % (what, limit))
+
+
 @op("file.read")
 async def op_file_read(agent, rid, args, payload):
+    """A file's bytes; ``max_bytes`` bounds them: a regular file over it is refused at once,
+    anything else (a device, a growing file) is cut off by a ``too_large`` error at the bound.
+    """
     path = agent.path(args)
     offset = int(_number(args, "offset", 0))
     length = args.get("length")
     length = None if length is None else int(_number(args, "length", 0))
+    limit = args.get("max_bytes")
+    limit = None if limit is None else int(_number(args, "max_bytes", 0))
     if os.path.isdir(path):
         raise AgentError("is_a_directory", "%s is a directory" % path)
     f = await _run_in_thread(open, path, "rb")
     try:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(offset)
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        want = max(size - offset, 0)
+        if length is not None:
+            want = min(want, length)
+        if limit is not None and stat_mod.S_ISREG(st.st_mode) and want > limit:
+            raise _too_large(path, limit)
+        if offset:
+            f.seek(offset)
         remaining = length
         first = True
         sent = 0
         while remaining is None or remaining > 0:
             n = CHUNK if remaining is None else min(CHUNK, remaining)
+            if limit is not None:
+                n = min(n, limit + 1 - sent)  # one byte past the bound tells "over"
             data = await _run_in_thread(f.read, n)
             if not data:
                 break
+            if limit is not None and sent + len(data) > limit:
+                raise _too_large(path, limit)
             if remaining is not None:
                 remaining -= len(data)
             sent += len(data)
@@ -964,8 +1052,11 @@ class _QueueWriter:
         self.loop = loop
         self.queue = queue
         self.buf = bytearray()
+        self.stopped = False
 
     def write(self, data):
+        if self.stopped:
+            raise OSError(errno.ECANCELED, "the reader stopped")
         self.buf += data
         if len(self.buf) >= CHUNK:
             self._put(bytes(self.buf))
@@ -1013,6 +1104,8 @@ async def op_tar_download(agent, rid, args, payload):
     import threading
 
     path = agent.path(args)
+    limit = args.get("max_bytes")
+    limit = None if limit is None else int(_number(args, "max_bytes", 0))
     if not os.path.exists(path):
         raise AgentError("file_not_found", "no such file or directory: %s" % path)
     loop = asyncio.get_event_loop()
@@ -1032,12 +1125,23 @@ async def op_tar_download(agent, rid, args, payload):
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
-    while True:
-        data = await queue.get()
-        if data is None:
-            break
-        agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
-        await agent.flush()
+    sent = 0
+    try:
+        while True:
+            data = await queue.get()
+            if data is None:
+                break
+            sent += len(data)
+            if limit is not None and sent > limit:
+                raise AgentError(
+                    "too_large", "a tar of %s is over the %d-byte limit of one read" % (path, limit)
+                )
+            agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
+            await agent.flush()
+    finally:
+        writer.stopped = True  # the producer stops at its next write
+        while not queue.empty():
+            queue.get_nowait()
     if errors:
         raise errors[0]
     return {}
@@ -1375,8 +1479,25 @@ async def amain(root):
     # stdout belongs to the framing: anything else printing must go to stderr.
     out_fd = os.dup(1)
     os.dup2(2, 1)
+    _thread_free_child_watcher()
     reader, writer = await _stdio_on(out_fd)
     await Agent(reader, writer, root).serve()
+
+
+def _thread_free_child_watcher():
+    """Before 3.12, asyncio waits for each child in a thread of its own: under a pids limit
+    every session then costs two pids, and a thread that cannot start leaks the child. A
+    pidfd watcher (Linux >= 5.3; 3.12 picks it by itself) needs no thread.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_event_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 async def _stdio_on(out_fd):
@@ -1390,6 +1511,43 @@ async def _stdio_on(out_fd):
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return reader, writer
+
+
+def _stdin_fifo(nonce):
+    """A FIFO for one session command's stdin: ``(read end, write end, path)``.
+
+    The rocklet is not dumpable, so its sessions cannot open ``/proc/<rocklet>/fd/N``; the
+    read end stays open here until the command ends (so the open never blocks), and closing
+    the write end gives the command EOF.
+    """
+    base = os.path.join(os.environ.get("TMPDIR") or "/tmp", ".rocklet-%d" % os.getpid())
+    path = os.path.join(base, nonce)
+    try:
+        os.mkfifo(path, 0o600)
+    except FileNotFoundError:
+        os.makedirs(base, 0o700, exist_ok=True)
+        os.mkfifo(path, 0o600)
+    r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    return r, os.open(path, os.O_WRONLY), path
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _not_dumpable():
+    """PR_SET_DUMPABLE 0: sandbox code without CAP_SYS_PTRACE cannot ptrace the rocklet or
+    read its /proc/PID/mem (children it starts are dumpable again after their exec).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    except Exception:  # not Linux, or no ctypes in this Python: nothing to protect with
+        pass
 
 
 def main(argv=None):
@@ -1408,6 +1566,7 @@ def main(argv=None):
         sys.stderr.write("usage: agent.py [--root DIR]\n")
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _not_dumpable()
     try:
         asyncio.run(amain(root))
     except KeyboardInterrupt:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
-from rock_serve.errors import BadFrame, RockletUnavailable, error_class
+from rock_serve.errors import RockletUnavailable, TooLarge, error_class
 from rock_serve.protocol import (
     ExecRequest,
     ExecResult,
@@ -25,7 +26,7 @@ from rock_serve.protocol import (
     encode_bytes,
 )
 from rock_serve.rocklet import agent as _agent
-from rock_serve.rocklet.agent import CHUNK, MAX_HEADER, MAX_PAYLOAD, FrameError, encode_frame
+from rock_serve.rocklet.agent import CHUNK, HEADER, MAX_HEADER, MAX_PAYLOAD, FrameError
 from rock_serve.rocklet.agent import read_frame as _read_frame
 
 __all__ = ["AGENT_PATH", "PtyProcess", "RockletHandle", "agent_argv", "install_agent"]
@@ -88,7 +89,11 @@ class RockletHandle:
     """Multiplexes many concurrent requests to one rocklet over a pair of byte streams.
 
     If the rocklet dies or its pipe closes, every waiting call fails at once with
-    :class:`~rock_serve.errors.RockletUnavailable`, and so does every later call.
+    :class:`~rock_serve.errors.RockletUnavailable`, and so does every later call; so it does
+    when a watched rocklet (:meth:`watch`) stops answering. :attr:`failure` says which.
+
+    A request that would not fit one frame is refused here with
+    :class:`~rock_serve.errors.TooLarge`, before it reaches the rocklet.
     """
 
     def __init__(
@@ -109,6 +114,12 @@ class RockletHandle:
         self._calls: dict[int, _Call] = {}
         self._error: RockletUnavailable | None = None
         self._closed = asyncio.Event()
+        #: Why the rocklet is gone: ``agent_exited`` (pipe closed, process ended) or
+        #: ``agent_unresponsive`` (no answer to a liveness ping); None while alive or after
+        #: :meth:`close`.
+        self.failure: str | None = None
+        self._last_seen = asyncio.get_running_loop().time()
+        self._watchdog: asyncio.Task[None] | None = None
         self._read_task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -155,6 +166,7 @@ class RockletHandle:
                 frame = await _read_frame(self._reader)
                 if frame is None:
                     break
+                self._last_seen = asyncio.get_running_loop().time()
                 header, payload = frame
                 rid = header.get("id")
                 call = self._calls.get(rid) if isinstance(rid, int) else None
@@ -169,11 +181,15 @@ class RockletHandle:
         except asyncio.CancelledError:
             reason = "rocklet handle closed"
         finally:
+            if reason != "rocklet handle closed" and self._error is None:
+                self.failure = "agent_exited"
             await self._fail(reason)
 
     async def _fail(self, reason: str) -> None:
         if self._error is None:
             self._error = RockletUnavailable(f"{self.name or 'rocklet'}: {reason}")
+            if self.failure is not None:
+                self._error.details["reason"] = self.failure
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.process.wait(), 0.2)
@@ -190,12 +206,55 @@ class RockletHandle:
     def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self._error is not None:
             raise self._error
-        if len(payload) > MAX_PAYLOAD:
-            raise BadFrame(f"payload of {len(payload)} bytes is over the frame limit")
+        head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        if len(head) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
+            # The rocklet would drop it: refuse it here, where the caller gets the reason.
+            if len(head) > MAX_HEADER:
+                what, size, limit = "arguments", len(head), MAX_HEADER
+            else:
+                what, size, limit = "input", len(payload), MAX_PAYLOAD
+            raise TooLarge(
+                f"the request's {what} ({size} bytes) are over the rocklet's frame limit of "
+                f"{limit} bytes",
+                limit=limit,
+            )
         try:
-            self._writer.write(encode_frame(header, payload))
+            self._writer.write(HEADER.pack(len(head), len(payload)) + head + payload)
         except (ConnectionError, RuntimeError) as exc:
             raise RockletUnavailable(f"{self.name or 'rocklet'}: {exc}") from None
+
+    # ------------------------------------------------------------------ liveness
+
+    def watch(self, interval: float, timeout: float) -> None:
+        """Detect a rocklet that stops answering (stopped, traced, wedged) while its pipe is
+        open: when nothing came from it for ``interval`` seconds, ping it; without an answer
+        within ``timeout`` seconds the handle fails with ``failure = "agent_unresponsive"``
+        (every waiting and later call gets :class:`~rock_serve.errors.RockletUnavailable`).
+        """
+        if self._watchdog is None and self._error is None:
+            self._watchdog = asyncio.ensure_future(self._watch(interval, timeout))
+
+    async def _watch(self, interval: float, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self._error is None:
+            idle = loop.time() - self._last_seen
+            if idle < interval:
+                await asyncio.sleep(interval - idle)
+                continue
+            try:
+                await asyncio.wait_for(self.request("ping"), timeout)
+            except asyncio.TimeoutError:
+                if self._error is None:
+                    self.failure = "agent_unresponsive"
+                    log.warning("rocklet %s: no answer to a ping in %.1f s", self.name, timeout)
+                    with contextlib.suppress(Exception):
+                        self._writer.close()  # a rocklet that wakes up sees EOF and exits
+                    await self._fail(f"rocklet did not answer a ping within {timeout:g} s")
+                    self._read_task.cancel()
+                return
+            except RockletUnavailable:
+                return
+            self._last_seen = loop.time()
 
     async def _drain(self) -> None:
         try:
@@ -239,8 +298,7 @@ class RockletHandle:
                 kind = header.get("type")
                 if kind == "error":
                     finished = True
-                    err = header.get("error") or {}
-                    raise error_class(str(err.get("code")))(str(err.get("message", "")))
+                    raise _error(header)
                 if kind == "result":
                     finished = True
                 yield header, data
@@ -272,11 +330,15 @@ class RockletHandle:
 
     async def close(self) -> None:
         """Close the pipe (the rocklet exits on EOF) and wait for the process to end."""
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
         with contextlib.suppress(Exception):
             self._writer.close()
         if self.process is not None and self.process.returncode is None:
             try:
-                await asyncio.wait_for(self.process.wait(), 5)
+                # An unresponsive rocklet will not read its EOF: do not wait for it.
+                grace = 0 if self.failure == "agent_unresponsive" else 5
+                await asyncio.wait_for(self.process.wait(), grace)
             except asyncio.TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.kill()
@@ -296,11 +358,16 @@ class RockletHandle:
         return data
 
     async def create_session(
-        self, req: SessionCreateRequest | None = None
+        self, req: SessionCreateRequest | None = None, *, max_sessions: int | None = None
     ) -> SessionCreateResponse:
-        """Start a persistent bash session."""
+        """Start a persistent bash session (refused with ``resource_exhausted`` when the
+        sandbox has ``max_sessions`` already; None = the rocklet's default bound).
+        """
         req = req or SessionCreateRequest()
-        data, out = await self.request("session.create", req.model_dump(exclude_none=True))
+        args = req.model_dump(exclude_none=True)
+        if max_sessions is not None:
+            args["max_sessions"] = max_sessions
+        data, out = await self.request("session.create", args)
         return SessionCreateResponse(session=data["session"], output=out.decode("utf-8", "replace"))
 
     async def run_in_session(self, req: SessionRunRequest) -> SessionRunResult:
@@ -369,16 +436,31 @@ class RockletHandle:
                     stream=header.get("stream", "stdout"), data=text, encoding=encoding
                 )
 
-    async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        """Read a file's bytes (any size; they arrive in chunks)."""
-        _, data = await self.request(
-            "file.read", {"path": path, "offset": offset, "length": length}
-        )
+    async def read_file(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        max_bytes: int | None = None,
+    ) -> bytes:
+        """Read a file's bytes (they arrive in chunks).
+
+        Raises:
+            TooLarge: more than ``max_bytes`` would come (None = no bound).
+        """
+        args = {"path": path, "offset": offset, "length": length, "max_bytes": max_bytes}
+        _, data = await self.request("file.read", args)
         return data
 
-    async def iter_file(self, path: str) -> AsyncIterator[bytes]:
-        """Yield a file's bytes chunk by chunk without holding it whole."""
-        async for _, data in self._stream("file.read", {"path": path}):
+    async def iter_file(self, path: str, *, max_bytes: int | None = None) -> AsyncIterator[bytes]:
+        """Yield a file's bytes chunk by chunk without holding it whole.
+
+        Raises:
+            TooLarge: at once for a regular file over ``max_bytes``; for anything else (a
+                device, a growing file) once ``max_bytes`` have come.
+        """
+        async for _, data in self._stream("file.read", {"path": path, "max_bytes": max_bytes}):
             if data:
                 yield data
 
@@ -420,9 +502,15 @@ class RockletHandle:
         args = {"path": path, "recursive": recursive, "missing_ok": missing_ok}
         await self.request("file.remove", args)
 
-    async def download_tar(self, path: str) -> AsyncIterator[bytes]:
-        """Yield an uncompressed tar stream of ``path`` (a file or a directory)."""
-        async for _, data in self._stream("tar.download", {"path": path}):
+    async def download_tar(
+        self, path: str, *, max_bytes: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Yield an uncompressed tar stream of ``path`` (a file or a directory).
+
+        Raises:
+            TooLarge: once the tar passes ``max_bytes`` (None = no bound).
+        """
+        async for _, data in self._stream("tar.download", {"path": path, "max_bytes": max_bytes}):
             if data:
                 yield data
 
@@ -526,8 +614,7 @@ class PtyProcess:
             kind = header.get("type")
             if kind == "error":
                 self._finish()
-                err = header.get("error") or {}
-                raise error_class(str(err.get("code")))(str(err.get("message", "")))
+                raise _error(header)
             if kind == "result":
                 self.exit_code = int((header.get("data") or {})["exit_code"])
                 self._finish()
@@ -573,6 +660,15 @@ class PtyProcess:
                 with contextlib.suppress(Exception):
                     h._send({"id": self._rid, "type": "cancel"})
             self._finish()
+
+
+def _error(header: dict[str, Any]) -> Exception:
+    """The typed error of a rocklet's error frame (its details kept)."""
+    err = header.get("error") or {}
+    details = err.get("details")
+    return error_class(str(err.get("code")))(
+        str(err.get("message", "")), **(details if isinstance(details, dict) else {})
+    )
 
 
 async def _chunks(blob: bytes) -> AsyncIterator[bytes]:

@@ -18,17 +18,33 @@ __all__ = ["upper_to_layer"]
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
+#: A sandbox's id range base (user namespaces): its files' owners are shifted back by it.
+_SHIFT = [0]
+
+
+def _unshift(n: int) -> int:
+    base = _SHIFT[0]
+    return n - base if base and base <= n < base + 65536 else n
+
+
 def _info(name: str, st: os.stat_result) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mode = stat.S_IMODE(st.st_mode)
-    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uid, info.gid = _unshift(st.st_uid), _unshift(st.st_gid)
     info.mtime = int(st.st_mtime)
     info.uname = info.gname = ""
     return info
 
 
-def upper_to_layer(upper: str, blob: str, skip: frozenset[str] = frozenset()) -> str:
-    """Write ``upper`` as an uncompressed layer tar at ``blob``; returns its sha256 digest."""
+def upper_to_layer(
+    upper: str, blob: str, skip: frozenset[str] = frozenset(), shift: int = 0
+) -> str:
+    """Write ``upper`` as an uncompressed layer tar at ``blob``; returns its sha256 digest.
+
+    ``shift``: owners in ``shift .. shift+65535`` (a sandbox's user namespace range on the
+    host) are written as ``0 .. 65535``, as the image had them.
+    """
+    _SHIFT[0] = shift
     links: dict[tuple[int, int], str] = {}
     with tarfile.open(blob, "w", format=tarfile.PAX_FORMAT) as tar:
         for dirpath, dirnames, filenames in os.walk(upper):

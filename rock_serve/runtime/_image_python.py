@@ -1,8 +1,9 @@
 """The node's interpreter for images that have no usable Python (none, < 3.8, or musl).
 
 A bundle directory, made once per node: ``bin/python3`` (a copy of the node's interpreter
-binary), ``lib/`` (the shared libraries it needs, glibc's loader among them, copied) and an
-empty ``lib/pythonX.Y`` where the node's standard library is bind-mounted read-only. The
+binary), ``lib/`` (the shared libraries it needs, glibc's loader among them, copied) and
+``lib/pythonX.Y`` (a copy of the node's standard library without its tests, tkinter, idle
+and site-packages: about 64 MB), all readable by a sandbox's own uid. The
 sandbox sees it at :data:`PYTHON_MOUNT` and starts the rocklet through the bundled loader
 (``ld-linux --library-path``), so neither the image's libc (busybox-static, musl) nor its
 files matter; Python finds its stdlib from its own location. Nothing is put in the
@@ -11,6 +12,7 @@ environment, so the image's own programs are not affected.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +34,7 @@ _DESCRIBE = (
 _LIB = re.compile(r"(/\S+\.so[.\d]*)")
 #: Shared libraries of lib-dynload modules the rocklet may import (others are left out).
 _MODULES = (
+    "_ctypes",
     "_json",
     "select",
     "fcntl",
@@ -73,10 +76,7 @@ class NodePython:
 
     def mounts(self) -> list[tuple[str, str]]:
         """(host source, sandbox target) read-only bind mounts, in order."""
-        return [
-            (self.bundle, PYTHON_MOUNT),
-            (self.stdlib, f"{PYTHON_MOUNT}/lib/python{self.version}"),
-        ]
+        return [(self.bundle, PYTHON_MOUNT)]
 
     def argv(self) -> list[str]:
         """The interpreter command (the loader, its library path, the binary)."""
@@ -97,14 +97,20 @@ def _ldd(path: str) -> set[str]:
     return {m.group(1) for m in _LIB.finditer(out)}
 
 
-def node_python_bundle(target: str, executable: str | None = None) -> NodePython:
-    """Make (or reuse) the bundle in ``target`` for ``executable`` (default: this Python)."""
+def node_python_bundle(parent: str, executable: str | None = None) -> NodePython:
+    """Make (or reuse) the bundle under ``parent`` for ``executable`` (default: this Python).
+
+    Its name is a hash of what it holds, so a runtime never replaces one in use.
+    """
     info = json.loads(
         subprocess.check_output([executable or sys.executable, "-I", "-c", _DESCRIBE])
     )
     exe, stdlib, version = str(info["exe"]), str(info["stdlib"]), str(info["version"])
+    want = {"exe": exe, "stdlib": stdlib, "version": version, "layout": 2}
+    key = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+    target = os.path.join(parent, f".python-{key}")
     stamp = os.path.join(target, "bundle.json")
-    want = {"exe": exe, "stdlib": stdlib, "version": version}
+    os.makedirs(parent, exist_ok=True)
     try:
         with open(stamp) as f:
             if json.load(f) == want:
@@ -114,7 +120,19 @@ def node_python_bundle(target: str, executable: str | None = None) -> NodePython
     tmp = f"{target}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "bin"))
-    os.makedirs(os.path.join(tmp, "lib", f"python{version}"))
+    os.makedirs(os.path.join(tmp, "lib"))
+    skip = shutil.ignore_patterns(
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "site-packages",
+        "config-*",
+    )
+    shutil.copytree(stdlib, os.path.join(tmp, "lib", f"python{version}"), ignore=skip)
     shutil.copy2(exe, os.path.join(tmp, "bin", "python3"))
     libs = _ldd(exe)
     dynload = os.path.join(stdlib, "lib-dynload")
@@ -127,6 +145,14 @@ def node_python_bundle(target: str, executable: str | None = None) -> NodePython
             shutil.copy2(os.path.realpath(lib), os.path.join(tmp, "lib", os.path.basename(lib)))
     with open(os.path.join(tmp, "bundle.json"), "w") as f:
         json.dump(want, f)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    for dirpath, _dirnames, filenames in os.walk(tmp):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o444)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # made meanwhile by another runtime: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
     return NodePython(target, stdlib, version)

@@ -52,6 +52,9 @@ class SandboxMeta(BaseModel):
     stopped: bool = Field(default=False, description="stop() was called after the last start.")
     pid: int | None = Field(default=None, description="Host pid of the first process.")
     pid_start: int | None = Field(default=None, description="Start time of pid (clock ticks).")
+    uid_base: int | None = Field(
+        default=None, description="First host uid/gid of its user namespace's range, if any."
+    )
 
 
 def check_id(sandbox_id: str) -> str:
@@ -83,11 +86,18 @@ def read_meta(sandbox_dir: str) -> SandboxMeta | None:
         return None
 
 
+def _private(path: str, flags: int) -> int:
+    """Open ``path`` for writing with mode 0600 (also when it existed with another mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def write_meta(sandbox_dir: str, meta: SandboxMeta) -> None:
-    """Write one record atomically."""
+    """Write one record atomically, readable by its owner only (the spec holds env values)."""
     path = os.path.join(sandbox_dir, META)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(_private(tmp, os.O_TRUNC), "w") as f:
         json.dump(meta.model_dump(mode="json"), f)
     os.replace(tmp, path)
 
@@ -186,7 +196,7 @@ async def launch(
     Raises:
         RuntimeUnavailable: the rocklet died or did not answer within ``timeout``.
     """
-    with open(os.path.join(sandbox_dir, "agent.log"), "ab") as logf:
+    with os.fdopen(_private(os.path.join(sandbox_dir, "agent.log"), os.O_APPEND), "ab") as logf:
         handle = await RockletHandle.spawn(
             argv, env=env, cwd=cwd, name=meta.id, stderr=logf, start_new_session=True
         )

@@ -2,17 +2,35 @@
 
 A sandbox ``<id>`` is:
 
-- ``<state_dir>/<id>/``: ``meta.json``, ``agent.log`` (the rocklet's stderr) and the overlay's
-  ``upper/``, ``work/`` and ``merged/``. The lower layer is the configured rootfs (the host's
-  ``/`` by default) and stays read-only. Hidden paths (home directories, secrets, the state
-  dir itself) are whiteouts and opaque directories in ``upper/``, so the sandbox cannot see
-  them even through ``..`` tricks, and they cost no extra mounts.
+- ``<state_dir>/<id>/`` (0700): ``meta.json`` and ``env`` (0600), ``agent.log`` (the rocklet's
+  stderr) and the overlay's ``upper/``, ``work/`` and ``merged/``. With a ``disk_mb`` limit
+  (the default), ``upper/`` and ``work/`` live on ``disk/``: a sparse ext4 file ``disk.img``
+  made per sandbox and loop-mounted (about 10 ms), so a write beyond the limit fails with ENOSPC
+  inside and the host's disk holds at most ``disk_mb``. The lower layers (:meth:`_lower`) stay
+  read-only: by default a synthesized root (see ``_rootfs``: the host's ``/usr``, ``/bin``,
+  ``/lib*`` and a filtered ``/etc``, nothing else of the host); a spec's ``image`` may only
+  name a directory under ``rootfs_allow``. Hidden paths of a configured rootfs are whiteouts
+  and opaque directories in ``upper/``.
+- With ``userns`` (the default): a host uid/gid range of its own (``_userns``: ids 0..65535
+  inside are ``uid_base + slot * 65536 + ...`` on the host), lower layers mounted idmapped
+  at ``lower<i>/`` so files keep their owners, and ``merged/`` bind-mounted at
+  ``<roots_dir>/<id>``, where bwrap, started as the sandbox's uid by ``setpriv``, finds it
+  and joins the slot's user namespace (``--userns``): no process of a sandbox is host root.
 - ``<hierarchy>/<cgroup_parent>/<id>`` in each cgroup hierarchy it needs, with its limits.
-- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and (unless the spec asks for
-  and the config allows network) net namespace, ``--die-with-parent``, capabilities reduced
+- A ``bwrap`` process with its own mount, pid, ipc, uts, cgroup and net namespace (network
+  ``none``: bwrap's, loopback only; ``bridge``: the one :mod:`._netns` made, joined with
+  ``nsenter`` before bwrap runs; never the host's), ``--die-with-parent``, capabilities reduced
   to a Docker-like set, ``merged/`` as ``/``, a fresh ``/proc``, ``/dev`` and tmpfs ``/tmp``.
   It runs the rocklet from ``/.rock`` (agent.py and its .pyc, bind-mounted read-only)
-  as the sandbox's first process. A ``/bin/sh`` wrapper writes its own pid into the cgroup's
+  as the sandbox's first process. Docker's hardening on top: ``/proc/sys``, ``/proc/irq``,
+  ``/proc/bus``, ``/proc/fs`` (and ``/proc/sysrq-trigger``) read-only, Docker's masked paths
+  masked (``/proc/keys``, ``/proc/timer_list``, ``/proc/acpi``...), an empty ``/sys`` but for
+  the sandbox's own cgroups, no-new-privileges (bwrap sets it), a root and writable layer
+  mounted ``nodev``/``nosuid``, and the default seccomp profile (``_seccomp``) loaded by bwrap
+  with ``--seccomp`` before it execs the rocklet, so every process of the sandbox has it.
+  Env values never appear in argv: they are written to ``env`` (0600) and read by the
+  rocklet's boot code from an inherited file descriptor. A ``/bin/sh`` wrapper writes its own
+  pid into the cgroup's
   ``cgroup.procs`` files and then ``exec``-s bwrap, so bwrap and everything it starts are
   inside the limits from their first instruction (no ``nsenter``, no race).
 
@@ -28,12 +46,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import glob
+import hashlib
 import json
 import logging
 import os
 import posixpath
 import shutil
 import stat
+import subprocess
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.errors import (
@@ -48,6 +68,9 @@ from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSp
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
 from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
+from rock_serve.runtime._netns import check_network, enter, for_runtime
+from rock_serve.runtime._rootfs import Skeleton
+from rock_serve.runtime._seccomp import compile_profile
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -62,6 +85,7 @@ from rock_serve.runtime._state import (
     write_meta,
 )
 from rock_serve.runtime._sync import run_sync
+from rock_serve.runtime._userns import SlotPool, idmapped_mount, userns_file
 from rock_serve.runtime.base import Runtime
 from rock_serve.runtime.images import ImageStore
 
@@ -75,14 +99,34 @@ AGENT_MOUNT = "/.rock"
 START_TIMEOUT = 30.0
 _MNT_DETACH = 2
 _OPAQUE = "trusted.overlay.opaque"
-#: Longest overlay option string that mount(2) takes (one page) with room to spare.
-_MAX_MOUNT_DATA = 4000
-#: A sandbox's root: its lower dirs (lowest first) and the image config the start honours.
+#: A sandbox's root: its lower dirs (top first) and the image config the start honours.
 _ROOT_FILE = "root.json"
-#: Runs as the sandbox's host-side first process: joins the cgroups, then becomes bwrap.
+#: Runs as the sandbox's host-side first process: joins the cgroups, then becomes bwrap with
+#: the seccomp program on fd 8, the env file on fd 9 and, with a user namespace, that
+#: namespace on fd 7, the root (merged/) on fd 6 and the rocklet's dir on fd 5: opened here,
+#: as host root, since bwrap runs as the sandbox's own uid (dash takes one-digit fds).
 _JOIN_AND_EXEC = (
-    'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+    "s=$1 e=$2 u=$3 m=$4 a=$5; shift 5; "
+    'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; '
+    'exec "$@" 8<"$s" 9<"$e" 7<"$u" 6<"$m" 5<"$a"'
 )
+_SECCOMP_FD = 8
+_ENV_FD = 9
+#: Prepended to the rocklet's boot code: the environment comes from fd 9 (``key\0value\0``
+#: pairs), which is then closed, as are fds 5-8; then the capability bounding set is reduced
+#: to the effective set.
+_ENV_BOOT = (
+    "import os;_f=os.fdopen(9,'rb');_d=_f.read().split(b'\\0');_f.close();os.closerange(5,9);"
+    "os.environ.clear();[os.environb.__setitem__(_d[i],_d[i+1]) for i in range(0,len(_d)-1,2)];"
+    "del _f,_d;"
+    # Capability bounding set := the effective set (PR_CAPBSET_DROP; bwrap keeps it full).
+    "import ctypes;_l=ctypes.CDLL(None);"
+    "_e=int([x for x in open('/proc/self/status') if x[:7]=='CapEff:'][0].split()[1],16);"
+    "[_l.prctl(24,c,0,0,0) for c in range(64) if not _e>>c&1];del _l,_e;"
+)
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_BIND = 4096
 
 
 def _libc() -> ctypes.CDLL:
@@ -92,10 +136,10 @@ def _libc() -> ctypes.CDLL:
 _LIBC: ctypes.CDLL | None = None
 
 
-def _sys_mount(source: str, target: str, fstype: str, data: str) -> None:
+def _sys_mount(source: str, target: str, fstype: str, data: str, flags: int = 0) -> None:
     global _LIBC
     _LIBC = _LIBC or _libc()
-    if _LIBC.mount(source.encode(), target.encode(), fstype.encode(), 0, data.encode()) != 0:
+    if _LIBC.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
 
@@ -138,21 +182,28 @@ def _unmount_all(path: str) -> None:
         raise RuntimeUnavailable(f"cannot unmount {left} (files were left in place)")
 
 
-def _overlay_mount(merged: str, lowers: list[str], upper: str, work: str) -> None:
-    """Mount an overlay of ``lowers`` (lowest first); many layers go through short fd paths."""
-    top_first = list(reversed(lowers))
-    opts = f"lowerdir={':'.join(top_first)},upperdir={upper},workdir={work}"
-    if len(opts) <= _MAX_MOUNT_DATA:
-        _sys_mount("overlay", merged, "overlay", opts)
-        return
-    fds = [os.open(d, os.O_PATH | os.O_DIRECTORY) for d in top_first]
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, check=False)
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()
+        raise RuntimeUnavailable(f"{os.path.basename(argv[0])} failed: {err}")
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write ``path`` atomically with mode 0600."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        short = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
-        opts = f"lowerdir={short},upperdir={upper},workdir={work}"
-        _sys_mount("overlay", merged, "overlay", opts)
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
     finally:
-        for fd in fds:
-            os.close(fd)
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def env_bytes(env: dict[str, str]) -> bytes:
+    """``env`` as the NUL-separated key, value pairs the rocklet's boot code reads."""
+    return b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in env.items())
 
 
 def _check_path_option(path: str, what: str) -> None:
@@ -170,12 +221,12 @@ class _Hide:
         self.is_dir = stat.S_ISDIR(st.st_mode)
         self.mode, self.uid, self.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
-    def apply(self, upper: str) -> None:
+    def apply(self, upper: str, shift: int = 0) -> None:
         target = os.path.join(upper, self.rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if self.is_dir:
             os.mkdir(target, self.mode)
-            os.chown(target, self.uid, self.gid)
+            os.chown(target, self.uid + shift, self.gid + shift)
             os.chmod(target, self.mode)
             os.setxattr(target, _OPAQUE, b"y")
         else:
@@ -224,12 +275,43 @@ class BwrapRuntime(Runtime):
         if any(not c.startswith("CAP_") for c in config.capabilities):
             raise InvalidConfig("bwrap runtime: capabilities must be named like CAP_CHOWN")
         self.agent_dir = install_agent(os.path.join(self.state_dir, ".agent"))
+        self.net = for_runtime(config.bridge, self.state_dir) if config.allow_network else None
+        self._hides: dict[str, list[_Hide]] = {}
+        self.rootfs_allow = [os.path.realpath(p) for p in config.rootfs_allow]
+        self.skeleton: Skeleton | None = None
+        if self.rootfs == "/":
+            self.skeleton = Skeleton(
+                self._mount_skeleton_fs(),
+                allow=config.root_allow,
+                etc_allow=config.etc_allow,
+                hide=self._hide_targets("/"),
+            )
+            self.skeleton.layers()  # build it now: config errors show at start-up
+        self.seccomp_file = os.path.join(self.state_dir, ".seccomp.bpf")
+        if config.seccomp:
+            _write_private(self.seccomp_file, compile_profile())
+        # Masks and read-only binds of paths this kernel has (a bind needs its target).
+        self._masks: list[str] = []
+        for p in config.masked_paths:
+            if not p.startswith("/proc/") or not os.path.lexists(p):
+                continue  # /sys is an empty tmpfs in sandboxes: nothing of it to mask
+            if os.path.isdir(p):
+                self._masks += ["--tmpfs", p, "--remount-ro", p]
+            else:
+                self._masks += ["--ro-bind", "/dev/null", p]
+        for p in config.readonly_paths:
+            if os.path.lexists(p):
+                self._masks += ["--ro-bind", p, p]
+        self._mkfs = shutil.which("mkfs.ext4") or ""
+        self._mount_bin = shutil.which("mount") or ""
+        self.slots: SlotPool | None = None
+        if config.userns:
+            self._init_userns()
+        self._handles: dict[str, RockletHandle] = {}
         self.images = ImageStore(config.images) if config.images is not None else None
         self._node_python: NodePython | None = None
         if self.images is not None:
             self._adopt_images(self.images)
-        self._hides: dict[str, list[_Hide]] = {}
-        self._handles: dict[str, RockletHandle] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -254,6 +336,76 @@ class BwrapRuntime(Runtime):
             pids=mine.pids if mine.pids is not None else dflt.pids,
             disk_mb=mine.disk_mb if mine.disk_mb is not None else dflt.disk_mb,
         )
+
+    def _mount_skeleton_fs(self) -> str:
+        """A fresh tmpfs for the default root's skeleton layer.
+
+        Overlayfs refuses a lower layer inside another one (ELOOP), and the host's ``/`` is
+        one: the skeleton needs a file system of its own. A previous instance's tmpfs is
+        detached first; overlays that use it keep it alive until they are unmounted.
+        """
+        base = os.path.join(self.state_dir, ".root")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        if os.path.ismount(base):
+            _sys_umount(base, _MNT_DETACH)
+        try:
+            _sys_mount("tmpfs", base, "tmpfs", "mode=0700,size=64m", _MS_NODEV | _MS_NOSUID)
+        except OSError as exc:
+            raise InvalidConfig(f"bwrap runtime: cannot mount a tmpfs at {base}: {exc}") from None
+        return base
+
+    def _init_userns(self) -> None:
+        """Check that user namespaces and idmapped mounts work here; note the taken ranges."""
+        cfg = self.config
+        self._setpriv = shutil.which("setpriv") or ""
+        self._unshare = shutil.which("unshare") or ""
+        if not self._setpriv or not self._unshare:
+            raise InvalidConfig("bwrap runtime: userns needs setpriv and unshare (util-linux)")
+        self.slots = SlotPool(cfg.uid_base, cfg.uid_slots)
+        # bwrap runs as the sandbox's uid and resolves the paths it binds: the roots (a bind
+        # of each merged/) and the rocklet live under roots_dir, traversable but not listable.
+        self.roots_dir = os.path.realpath(cfg.roots_dir)
+        _check_path_option(self.roots_dir, "roots_dir")
+        os.makedirs(self.roots_dir, mode=0o711, exist_ok=True)
+        os.chmod(self.roots_dir, 0o711)
+        key = hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]
+        self.agent_dir = install_agent(os.path.join(self.roots_dir, f".agent-{key}"))
+        os.chmod(self.agent_dir, 0o755)
+        self.userns_dir = os.path.join(self.state_dir, ".userns")
+        os.makedirs(self.userns_dir, mode=0o700, exist_ok=True)
+        for meta in list_metas(self.state_dir, self.name):
+            if meta.uid_base is not None:
+                self.slots.mark(meta.uid_base)
+        probe = os.path.join(self.state_dir, ".idmap-probe")
+        os.makedirs(probe, mode=0o700, exist_ok=True)
+        try:
+            ns = userns_file(self.userns_dir, self.slots.base_of(0), self._setpriv, self._unshare)
+            idmapped_mount(self.agent_dir, probe, ns)
+            _sys_umount(probe, _MNT_DETACH)
+        except (OSError, RuntimeUnavailable) as exc:
+            raise InvalidConfig(
+                f"bwrap runtime: user namespaces with idmapped mounts do not work here ({exc}); "
+                "they need Linux >= 5.19 and a state dir on ext4/xfs/btrfs/tmpfs, or set "
+                "userns: false"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(probe)
+
+    def _userns(self, base: int) -> str:
+        assert self.slots is not None
+        return userns_file(self.userns_dir, base, self._setpriv, self._unshare)
+
+    def _hide_targets(self, lower: str) -> list[str]:
+        """The real paths under ``lower`` that ``hide_paths`` (and the state dir) name."""
+        out = []
+        for pattern in [*self.config.hide_paths, self.state_dir]:
+            full = lower.rstrip("/") + "/" + pattern.lstrip("/")
+            for path in glob.glob(full) if glob.has_magic(pattern) else [full]:
+                if os.path.lexists(path):
+                    parent = os.path.realpath(os.path.dirname(path))
+                    out.append(os.path.join(parent, os.path.basename(path)))
+        return out
 
     def _hidden(self, lower: str) -> list[_Hide]:
         """What to hide in ``lower`` (computed once per lower)."""
@@ -285,25 +437,44 @@ class BwrapRuntime(Runtime):
         self._hides[lower] = result
         return result
 
-    def _lower(self, spec: SandboxSpec) -> str:
-        """A host directory as the lower layer (the rootfs, or an absolute path image)."""
+    def _lower(self, spec: SandboxSpec) -> list[str]:
+        """The read-only lower layers of a sandbox's root, top first.
+
+        No image: the synthesized default root (rootfs '/') or the configured rootfs. An
+        image names a directory, which must be under ``rootfs_allow``; any other path gets
+        the same ``image_not_found`` whether it exists or not (no probing of host paths).
+        """
         if spec.image is None:
-            return self.rootfs
-        if not os.path.isabs(spec.image) or not os.path.isdir(spec.image):
-            raise ImageNotFound(f"rootfs {spec.image!r} is not an absolute path to a directory")
+            return self.skeleton.layers() if self.skeleton is not None else [self.rootfs]
+        refused = ImageNotFound(
+            f"image {spec.image!r} is not a rootfs this runtime serves (an absolute path "
+            "under the configured rootfs_allow directories)"
+        )
+        if not os.path.isabs(spec.image):
+            raise refused
         lower = os.path.realpath(spec.image)
+        if not any(lower.startswith(d.rstrip("/") + "/") for d in self.rootfs_allow):
+            raise refused
+        state = self.state_dir.rstrip("/") + "/"
+        if (lower + "/").startswith(state) or state.startswith(lower + "/"):
+            raise refused  # another sandbox's files, or a tree that contains them
+        if not os.path.isdir(lower):
+            raise refused
         _check_path_option(lower, "rootfs")
-        return lower
+        return [lower]
 
     async def _root(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, object]:
-        """Resolve the spec's image (pulling it) into lowers + the config the start honours."""
+        """Resolve the spec's image (pulling it) into lowers + the config the start honours.
+
+        No image: the store's default image. An absolute path: :meth:`_lower`'s rules.
+        """
         ref = spec.image
         if self.images is None or (ref is not None and ref.startswith("/")):
-            return {"lowers": [self._lower(spec)], "host": True}
+            return {"lowers": self._lower(spec), "host": True}
         img = await self.images.get(ref or self.images.config.default_image, spec.registry_auth)
         self.images.acquire(img, sandbox_id)
         return {
-            "lowers": self.images.layer_dirs(img),
+            "lowers": list(reversed(self.images.layer_dirs(img))),
             "host": False,
             "image_id": img.id,
             "env": img.env_dict(),
@@ -314,8 +485,8 @@ class BwrapRuntime(Runtime):
     def _adopt_images(self, store: ImageStore) -> None:
         """Sandboxes of an earlier instance keep their images in use."""
         for meta in list_metas(self.state_dir, self.name):
-            root = self._read_root(meta.id)
-            img = store.lookup(str(root.get("image_id") or "")) if root.get("image_id") else None
+            image_id = self._read_root(meta.id).get("image_id")
+            img = store.lookup(str(image_id)) if image_id else None
             if img is not None:
                 store.acquire(img, meta.id)
 
@@ -332,7 +503,9 @@ class BwrapRuntime(Runtime):
         if root.get("host", True) or root.get("python"):
             return [], [str(root.get("python") or self.config.python)]
         if self._node_python is None:
-            self._node_python = node_python_bundle(os.path.join(self.state_dir, ".python"))
+            # readable by a sandbox's own uid (userns): next to the rocklet's dir
+            base = self.roots_dir if self.slots is not None else self.state_dir
+            self._node_python = node_python_bundle(base)
         mounts: list[str] = []
         for src, dst in self._node_python.mounts():
             mounts += ["--ro-bind", src, dst]
@@ -348,38 +521,106 @@ class BwrapRuntime(Runtime):
             os.mkdir(path, 0o700)
         except FileExistsError:
             raise Conflict(f"sandbox {sandbox_id!r} exists already") from None
+        uid_base = self.slots.take() if self.slots is not None else None
+        lower = [str(d) for d in root["lowers"]]  # type: ignore[attr-defined]
         try:
-            upper = os.path.join(path, "upper")
-            for sub in ("upper", "work", "merged"):
-                os.mkdir(os.path.join(path, sub), 0o755)
-            lowers = [str(d) for d in root["lowers"]]  # type: ignore[attr-defined]
-            if root.get("host"):
-                for hide in self._hidden(lowers[0]):
-                    hide.apply(upper)
+            resources = self._resources(spec)
+            os.mkdir(os.path.join(path, "merged"), 0o755)
+            if resources.disk_mb is not None:
+                self._make_disk(path, resources.disk_mb)
+            rw = self._rw_dir(path)
+            for sub in ("upper", "work"):
+                os.mkdir(os.path.join(rw, sub), 0o755)
+            if uid_base is not None:
+                os.chown(os.path.join(rw, "upper"), uid_base, uid_base)  # the sandbox's root
+            if root.get("host") and (self.skeleton is None or spec.image is not None):
+                for hide in self._hidden(lower[0]):
+                    hide.apply(os.path.join(rw, "upper"), uid_base or 0)
             if not root.get("host") and not root.get("python"):
                 self._python_argv(root)  # makes the node's python bundle once, off the loop
             with open(os.path.join(path, _ROOT_FILE), "w") as f:
                 json.dump(root, f)
-            self._mount(path, lowers)
-            self._cgroup(sandbox_id).create(self._resources(spec))
+            self._mount(path, lower, uid_base)
+            self._cgroup(sandbox_id).create(resources)
+            if self.net is not None and spec.network != "none":
+                self.net.create(sandbox_id, spec.egress)
             meta = SandboxMeta(
                 id=sandbox_id,
                 runtime=self.name,
                 image=spec.image,
                 labels=labels_for(sandbox_id, spec, self.name),
                 spec=spec.model_dump(mode="json"),
+                uid_base=uid_base,
             )
             write_meta(path, meta)
         except BaseException:
             with contextlib.suppress(Exception):
                 self._remove_sync(sandbox_id)
+            if uid_base is not None and self.slots is not None:
+                self.slots.free(uid_base)
             raise
         return meta
 
-    def _mount(self, path: str, lowers: list[str]) -> None:
-        merged = os.path.join(path, "merged")
+    def _rw_dir(self, path: str) -> str:
+        """Where a sandbox's upper and work dirs live: its disk when it has one."""
+        return os.path.join(path, "disk") if os.path.exists(f"{path}/disk.img") else path
+
+    def _make_disk(self, path: str, disk_mb: int) -> None:
+        """A sparse ext4 file of ``disk_mb`` MiB, loop-mounted at ``<path>/disk``."""
+        if not self._mkfs or not self._mount_bin:
+            raise RuntimeUnavailable("disk_mb needs mkfs.ext4 and mount (e2fsprogs, mount)")
+        image = os.path.join(path, "disk.img")
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _overlay_mount(merged, lowers, f"{path}/upper", f"{path}/work")
+            os.ftruncate(fd, disk_mb << 20)
+        finally:
+            os.close(fd)
+        opts = "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"
+        _run([self._mkfs, "-q", "-F", "-O", "^has_journal", "-m", "0", "-E", opts, image])
+        os.mkdir(os.path.join(path, "disk"), 0o700)
+        self._mount_disk(path)
+
+    def _mount_disk(self, path: str) -> None:
+        image, target = os.path.join(path, "disk.img"), os.path.join(path, "disk")
+        _run([self._mount_bin, "-o", "loop,nodev,nosuid", image, target])
+
+    def _mount(self, path: str, lower: list[str], uid_base: int | None = None) -> None:
+        merged = os.path.join(path, "merged")
+        rw = self._rw_dir(path)
+        if uid_base is not None:
+            # Each lower layer through an idmapped mount: ids 0..65535 of the rootfs appear
+            # as the sandbox's range, so files keep their owners inside.
+            ns = self._userns(uid_base)
+            mapped = []
+            for i, layer in enumerate(lower):
+                target = os.path.join(path, f"lower{i}")
+                if not os.path.isdir(target):
+                    os.mkdir(target, 0o700)
+                if not os.path.ismount(target):
+                    try:
+                        idmapped_mount(layer, target, ns)
+                    except OSError as exc:
+                        raise RuntimeUnavailable(f"cannot idmap {layer}: {exc}") from None
+                mapped.append(target)
+            lower = mapped
+        self._overlay(merged, lower, rw)
+        if uid_base is not None:
+            link = self._root_link(os.path.basename(path))
+            if not os.path.isdir(link):
+                os.mkdir(link, 0o700)
+            if not os.path.ismount(link):
+                _sys_mount(merged, link, "", "", _MS_BIND)
+
+    def _root_link(self, sandbox_id: str) -> str:
+        """Where bwrap (running as the sandbox's uid) finds the sandbox's root."""
+        return os.path.join(self.roots_dir, sandbox_id)
+
+    def _overlay(self, merged: str, lower: list[str], rw: str) -> None:
+        if os.path.ismount(merged):
+            return
+        opts = f"lowerdir={':'.join(lower)},upperdir={rw}/upper,workdir={rw}/work"
+        try:
+            _sys_mount("overlay", merged, "overlay", opts, _MS_NODEV | _MS_NOSUID)
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot mount the overlay root at {merged} ({exc}); the state dir must be on "
@@ -389,9 +630,10 @@ class BwrapRuntime(Runtime):
     def _prepare_start(self, sandbox_id: str, meta: SandboxMeta, spec: SandboxSpec) -> Cgroup:
         """Re-create what a reboot loses (the mount, the cgroup) before a start."""
         path = self._dir(sandbox_id)
-        if not os.path.ismount(os.path.join(path, "merged")):
-            lowers = self._read_root(sandbox_id).get("lowers") or [self._lower(spec)]
-            self._mount(path, [str(d) for d in lowers])  # type: ignore[attr-defined]
+        if os.path.exists(f"{path}/disk.img") and not os.path.ismount(f"{path}/disk"):
+            self._mount_disk(path)
+        lowers = self._read_root(sandbox_id).get("lowers") or self._lower(spec)
+        self._mount(path, [str(d) for d in lowers], meta.uid_base)  # type: ignore[attr-defined]
         cg = self._cgroup(sandbox_id)
         if not cg.exists():
             cg.create(self._resources(spec))
@@ -399,69 +641,109 @@ class BwrapRuntime(Runtime):
 
     def _remove_sync(self, sandbox_id: str) -> None:
         path = self._dir(sandbox_id)
+        meta = read_meta(path)
         cg = self._cgroup(sandbox_id)
         if cg.exists():
             cg.kill_all()
+        if self.net is not None:
+            self.net.remove(sandbox_id)
         if os.path.isdir(path):
             _unmount_all(path)
+        if self.slots is not None:
+            link = self._root_link(sandbox_id)
+            if os.path.lexists(link):
+                _unmount_all(link)
+                os.rmdir(link)
         if cg.exists():
             cg.remove()
         if os.path.isdir(path):
             if mounts_under(path):  # pragma: no cover - _unmount_all raised already
                 raise RuntimeUnavailable(f"refusing to delete {path}: something is mounted in it")
             shutil.rmtree(path)
+        if meta is not None and meta.uid_base is not None and self.slots is not None:
+            self.slots.free(meta.uid_base)
 
     # ------------------------------------------------------------------ argv
 
-    def argv(self, sandbox_id: str, spec: SandboxSpec, cg: Cgroup) -> list[str]:
-        """The full command that starts the sandbox (cgroup join, bwrap, rocklet)."""
+    def argv(
+        self, sandbox_id: str, spec: SandboxSpec, cg: Cgroup, uid_base: int | None = None
+    ) -> list[str]:
+        """The full command that starts the sandbox (cgroup join, bwrap, rocklet).
+
+        With ``uid_base`` bwrap runs as that host uid (``setpriv``) and joins the slot's user
+        namespace; its root and the rocklet's dir come as fds opened by the wrapper.
+        """
         cfg = self.config
-        root = self._read_root(sandbox_id)
+        root_cfg = self._read_root(sandbox_id)
         workdir = spec.workdir
-        if workdir == "/root" and root.get("workdir"):
-            workdir = str(root["workdir"])  # the image's WorkingDir, unless the spec sets one
+        if workdir == "/root" and root_cfg.get("workdir"):
+            workdir = str(root_cfg["workdir"])  # the image's WorkingDir, unless the spec sets one
         workdir = posixpath.normpath(workdir)
         if not workdir.startswith("/"):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
+        path = self._dir(sandbox_id)
+        merged = os.path.join(path, "merged")
+        fds = ["/dev/null", "/dev/null", "/dev/null"]
         args = [self.bwrap, "--die-with-parent", "--new-session"]
+        if uid_base is not None:
+            ids = [f"--reuid={uid_base}", f"--regid={uid_base}", "--clear-groups"]
+            args = [self._setpriv, *ids, "--", *args, "--userns", "7"]
+            fds[0] = self._userns(uid_base)
         args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup"]
         if spec.network == "none":
             args.append("--unshare-net")
         args += ["--hostname", sandbox_id[:63]]
-        args += ["--bind", os.path.join(self._dir(sandbox_id), "merged"), "/"]
+        root = self._root_link(sandbox_id) if uid_base is not None else merged
+        args += ["--bind", root, "/"]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/sys"]
+        args += self._masks
         if self.layout.version == 2:
             args += ["--ro-bind", cg.dirs[""], "/sys/fs/cgroup"]
         else:
             for ctrl, d in sorted(cg.dirs.items()):
                 args += ["--ro-bind", d, f"/sys/fs/cgroup/{ctrl}"]
         args += ["--ro-bind", self.agent_dir, AGENT_MOUNT]
-        py_mounts, python = self._python_argv(root)
+        py_mounts, python = self._python_argv(root_cfg)
         args += py_mounts
         args += ["--dir", workdir, "--chdir", workdir]
-        env = {"PATH": cfg.path, "HOME": "/root", "LANG": "C.UTF-8", "HOSTNAME": sandbox_id[:63]}
-        image_env = root.get("env")
-        if isinstance(image_env, dict):
-            env.update({str(k): str(v) for k, v in image_env.items()})
-        env.update(spec.env)
-        args.append("--clearenv")
-        for key, value in env.items():
-            args += ["--setenv", key, value]
+        # The environment goes through the env file (see _ENV_BOOT), never argv.
+        args += ["--clearenv", "--setenv", "PATH", cfg.path]
         args += ["--cap-drop", "ALL"]
         for cap in cfg.capabilities:
             args += ["--cap-add", cap]
-        args += ["--", *python, *agent_argv("python3", AGENT_MOUNT, "--root", "/")[1:]]
-        return ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", *cg.procs_files, "--", *args]
+        seccomp = "/dev/null"
+        if cfg.seccomp and spec.seccomp == "default":
+            args += ["--seccomp", str(_SECCOMP_FD)]
+            seccomp = self.seccomp_file
+        rocklet = agent_argv("python3", AGENT_MOUNT, "--root", "/")
+        rocklet[4] = _ENV_BOOT + rocklet[4]
+        rocklet = [*python, *rocklet[1:]]
+        args += ["--", *rocklet]
+        args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
+        env_file = os.path.join(path, "env")
+        wrapper = ["/bin/sh", "-c", _JOIN_AND_EXEC, "rock-sandbox", seccomp, env_file, *fds]
+        return [*wrapper, *cg.procs_files, "--", *args]
+
+    def sandbox_env(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, str]:
+        """The environment of the rocklet (and every process it starts)."""
+        env = {
+            "PATH": self.config.path,
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "HOSTNAME": sandbox_id[:63],
+        }
+        image_env = self._read_root(sandbox_id).get("env")
+        if isinstance(image_env, dict):
+            env.update({str(k): str(v) for k, v in image_env.items()})
+        env.update(spec.env)
+        return env
 
     # ------------------------------------------------------------------ Runtime API
 
     async def create(self, sandbox_id: str, spec: SandboxSpec) -> SandboxInfo:
         """Make the overlay root, the cgroup with its limits and the record; nothing runs yet."""
         check_id(sandbox_id)
-        if spec.network != "none" and not self.config.allow_network:
-            raise InvalidConfig(
-                f"network {spec.network!r} is not allowed by this runtime (allow_network=false)"
-            )
+        await run_sync(check_network, spec.network, spec.egress, self.net)  # may resolve names
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         root = await self._root(sandbox_id, spec)
@@ -482,9 +764,18 @@ class BwrapRuntime(Runtime):
             raise Conflict(f"sandbox {sandbox_id!r} is running already")
         if cg.pids():
             await run_sync(cg.kill_all)  # stragglers of a sandbox whose bwrap is gone
-        if not os.path.ismount(os.path.join(self._dir(sandbox_id), "merged")) or not cg.exists():
+        mounted = os.path.ismount(os.path.join(self._dir(sandbox_id), "merged"))
+        if meta.uid_base is not None:
+            mounted = mounted and os.path.ismount(self._root_link(sandbox_id))
+        if not mounted or not cg.exists():
             cg = await run_sync(self._prepare_start, sandbox_id, meta, spec)
-        argv = self.argv(sandbox_id, spec, cg)
+        if self.net is not None and spec.network != "none":
+            await run_sync(self.net.ensure, sandbox_id, spec.egress)  # gone after a reboot
+        if meta.uid_base is not None:
+            await run_sync(self._userns, meta.uid_base)  # made again after a reboot
+        argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
+        env_file = os.path.join(self._dir(sandbox_id), "env")
+        _write_private(env_file, env_bytes(self.sandbox_env(sandbox_id, spec)))
         return await launch(
             self._dir(sandbox_id),
             meta,
@@ -540,12 +831,14 @@ class BwrapRuntime(Runtime):
         self._meta(sandbox_id)
         root = self._read_root(sandbox_id)
         store = self.images
-        parent = store.lookup(str(root.get("image_id"))) if store and root.get("image_id") else None
+        image_id = root.get("image_id")
+        parent = store.lookup(str(image_id)) if store is not None and image_id else None
         if store is None or parent is None:
             raise InvalidRequest(f"sandbox {sandbox_id!r} is not made from a stored image")
-        upper = os.path.join(self._dir(sandbox_id), "upper")
+        upper = os.path.join(self._rw_dir(self._dir(sandbox_id)), "upper")
         skip = frozenset({AGENT_MOUNT.lstrip("/"), PYTHON_MOUNT.lstrip("/")})
-        img = await store.commit(upper, parent, f"{repo}:{tag}", skip)
+        shift = self._meta(sandbox_id).uid_base or 0
+        img = await store.commit(upper, parent, f"{repo}:{tag}", skip, shift)
         return img.refs[0]
 
     async def oom_kills(self, sandbox_id: str) -> int:
@@ -554,10 +847,20 @@ class BwrapRuntime(Runtime):
         return self._cgroup(sandbox_id).oom_kills()
 
     async def close(self) -> None:
-        """Forget the handles; sandboxes keep running until stopped or removed (or we exit)."""
+        """Forget the handles; sandboxes keep running until stopped or removed (or we exit).
+
+        The skeleton's tmpfs is detached: running sandboxes keep it while they need it.
+        """
         self._handles.clear()
         if self.images is not None:
             await self.images.close()
+        if self.slots is not None:
+            for name in os.listdir(self.userns_dir):
+                with contextlib.suppress(OSError):
+                    _sys_umount(os.path.join(self.userns_dir, name), _MNT_DETACH)
+        if self.skeleton is not None and os.path.ismount(self.skeleton.base):
+            with contextlib.suppress(OSError):
+                _sys_umount(self.skeleton.base, _MNT_DETACH)
 
     def _info(self, meta: SandboxMeta) -> SandboxInfo:
         if alive(meta) or not meta.started or meta.stopped:

@@ -12,7 +12,11 @@ A sandbox ``<id>`` is the container ``<scope>.<id>`` (``scope`` from the config)
   per image by looking at the created container's files); when the image has none, this
   node's interpreter is also mounted read-only (``node_python``; see :func:`node_python`
   for what that needs).
-- Limits: ``nano_cpus``, ``mem_limit`` with ``memswap_limit`` equal (no swap), ``pids_limit``,
+- Hardening: Docker's defaults, checked: its seccomp profile (the daemon must support
+  seccomp unless ``seccomp: false``; a spec's ``seccomp: unconfined`` turns it off), its
+  masked and read-only ``/proc`` paths, no-new-privileges, capabilities as below.
+- Limits: ``nano_cpus`` (1 cpu by default), ``mem_limit`` with ``memswap_limit`` equal (no
+  swap), ``pids_limit``,
   a writable-layer size where the storage driver supports it (overlay2 only on xfs with
   pquota; otherwise ignored with one warning). Network ``none`` unless the spec asks for more
   and the config allows it. All capabilities dropped but ``capabilities``, no-new-privileges,
@@ -39,6 +43,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import socket
 import subprocess
 import time
@@ -81,6 +86,7 @@ from rock_serve.runtime._docker_node import (
     node_python,
 )
 from rock_serve.runtime._docker_stream import DockerAddress, ExecRocklet, open_exec
+from rock_serve.runtime._netns import BridgeNetwork, check_network, docker_guard
 from rock_serve.runtime._state import check_id, labels_for, matches, process_start
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime.base import LABEL_ID, LABEL_OWNER, LABEL_RUNTIME, Runtime
@@ -96,6 +102,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The characters and shape of an image reference (name[:tag][@digest] or an image id); a
+#: host path ("/", "/var/lib") never is one.
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$")
 
 #: The offline test image built by ``scripts/build-test-image``.
 TEST_IMAGE = DOCKER_TEST_IMAGE
@@ -113,6 +123,8 @@ LABEL_CREATED = "rock-serve.created"
 LABEL_PYTHON = "rock-serve.python"
 #: On an image made by :meth:`DockerRuntime.commit`: the sandbox it was committed from.
 LABEL_COMMITTED = "rock-serve.committed-from"
+#: Label: the spec's egress allow-list (JSON; absent = the runtime's default), see _netns.
+LABEL_EGRESS = "rock-serve.egress"
 #: Seconds to wait for a fresh rocklet's first reply.
 START_TIMEOUT = 30.0
 #: Connections to the daemon kept open (calls run in the default thread pool, at most 32).
@@ -155,6 +167,7 @@ class DockerRuntime(Runtime):
         self._has_python: dict[str, bool] = {}
         self._pulls: dict[str, asyncio.Future[None]] = {}
         self._networks: set[str] = set()
+        self._guard: BridgeNetwork | None = None  # the host's rules for bridge_network
         self._disk_quota = True
         self._node_python: tuple[str, list[Mount]] | None = None
 
@@ -185,13 +198,23 @@ class DockerRuntime(Runtime):
             async with self._client_lock:
                 if self._client is None:
                     await self._call(self._probe_daemon)
-                    self._client = await self._call(
+                    client = await self._call(
                         docker.APIClient,
                         base_url=self.address.url,
                         version="auto",
                         timeout=self.config.timeout_seconds,
                         max_pool_size=_POOL_SIZE,
                     )
+                    if self.config.seccomp:
+                        info = await self._call(client.info)
+                        if not any("seccomp" in o for o in info.get("SecurityOptions") or []):
+                            client.close()
+                            raise InvalidConfig(
+                                "docker runtime: the daemon has no seccomp support, so "
+                                "containers would run without a syscall filter (set "
+                                "seccomp: false to accept that)"
+                            )
+                    self._client = client
         return self._client
 
     def _probe_daemon(self) -> None:
@@ -229,6 +252,8 @@ class DockerRuntime(Runtime):
             ImageNotFound: not on this node and not pullable (or policy ``never``).
             Timeout: the pull took longer than ``pull_timeout_seconds``.
         """
+        if not _REF.match(ref) or ".." in ref or "//" in ref:
+            raise ImageNotFound(f"image {ref!r} is not an image reference")
         api = await self._api()
         policy = self.config.pull
         if policy != "always":
@@ -315,17 +340,24 @@ class DockerRuntime(Runtime):
                 f"network {network!r} is not allowed by this runtime (allow_network=false)"
             )
         if network == "host":
+            if not self.config.allow_host_network:
+                raise InvalidConfig(
+                    "network 'host' (the node's namespace, with its loopback services) needs "
+                    "allow_host_network"
+                )
             return "host"
         name = self.config.bridge_network
         if name not in self._networks:
             api = await self._api()
             try:
-                await self._call(api.inspect_network, name)
+                info = await self._call(api.inspect_network, name)
             except docker.errors.NotFound:
                 raise InvalidConfig(
                     f"network 'bridge' needs the docker network {name!r}, which this daemon "
                     "does not have (was dockerd started with --bridge=none?)"
                 ) from None
+            policy = self.config.network_policy
+            self._guard = await run_sync(docker_guard, info, policy, self.config.scope)
             self._networks.add(name)
         return name
 
@@ -358,7 +390,10 @@ class DockerRuntime(Runtime):
             "network_mode": network_mode,
             "cap_drop": ["ALL"],
             "cap_add": list(cfg.capabilities),
-            "security_opt": ["no-new-privileges:true"],
+            # Docker's default seccomp profile (and AppArmor profile, where the host has
+            # AppArmor) apply unless the spec opted out (admins only, checked by the Admin).
+            "security_opt": ["no-new-privileges:true"]
+            + (["seccomp=unconfined"] if spec.seccomp == "unconfined" or not cfg.seccomp else []),
             "privileged": False,
             "mounts": mounts,
             "log_config": LogConfig(type="none"),
@@ -396,6 +431,8 @@ class DockerRuntime(Runtime):
             LABEL_IMAGE: ref,
             LABEL_CREATED: repr(time.time()),
         }
+        if spec.egress is not None:
+            labels[LABEL_EGRESS] = json.dumps(spec.egress)
         node = await self._node() if node_python else None
         if node is not None:
             labels[LABEL_PYTHON] = node[0]
@@ -459,6 +496,13 @@ class DockerRuntime(Runtime):
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         network_mode = await self._network_mode(spec.network)
+        await run_sync(check_network, spec.network, spec.egress, self._guard, host_ok=True)
+        if spec.egress is not None and self.config.oci_runtime:
+            raise InvalidConfig(
+                f"egress allow-lists live in the container's netns, which oci_runtime "
+                f"{self.config.oci_runtime!r} bypasses (only egress_deny and the host's own "
+                "addresses are enforced there, on the host)"
+            )
         ref = spec.image or self.config.image
         image = await self._image(ref, spec.registry_auth)
         image_id = str(image["Id"])
@@ -505,6 +549,7 @@ class DockerRuntime(Runtime):
                     f"cannot start sandbox {sandbox_id!r}: {_explanation(exc)}"
                 ) from None
             try:
+                await self._apply_egress(c)
                 return await self._launch(sandbox_id, c)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -534,6 +579,20 @@ class DockerRuntime(Runtime):
             return handle
         return await self._launch(sandbox_id, c)
 
+    async def _apply_egress(self, c: dict[str, Any]) -> None:
+        """Load the allow-list into a just-started container on bridge_network (its netns)."""
+        if c["HostConfig"].get("NetworkMode") in ("none", "host", "default", None):
+            return
+        await self._network_mode("bridge")  # the guard of an earlier instance's network
+        assert self._guard is not None
+        api = await self._api()
+        pid = (await self._call(api.inspect_container, c["Id"]))["State"].get("Pid")
+        if not pid:
+            raise RuntimeUnavailable(f"container {c['Name']} has no process to put rules in")
+        raw = (c["Config"].get("Labels") or {}).get(LABEL_EGRESS)
+        allow = await run_sync(self._guard.check, json.loads(raw) if raw else None)
+        await run_sync(self._guard.apply, f"/proc/{pid}/ns/net", allow)
+
     async def _launch(self, sandbox_id: str, c: dict[str, Any]) -> ExecRocklet:
         """Run the rocklet in an attached exec and wait for its first reply."""
         api = await self._api()
@@ -561,7 +620,7 @@ class DockerRuntime(Runtime):
         raw, writer = await open_exec(
             self.address, api.api_version, exec_id, timeout=self.config.timeout_seconds
         )
-        handle = ExecRocklet(raw, writer, name=sandbox_id, exec_id=exec_id)
+        handle = await self._new_handle(raw, writer, sandbox_id, exec_id)
         old = self._handles.get(sandbox_id)
         self._handles[sandbox_id] = handle
         self._exec_ids[sandbox_id] = exec_id
@@ -577,6 +636,16 @@ class DockerRuntime(Runtime):
                 f"{handle.stderr_tail() or '(no output)'}"
             ) from None
         return handle
+
+    async def _new_handle(
+        self,
+        raw: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sandbox_id: str,
+        exec_id: str,
+    ) -> ExecRocklet:
+        """The handle over a fresh rocklet exec's connection (a subclass may add to it)."""
+        return ExecRocklet(raw, writer, name=sandbox_id, exec_id=exec_id)
 
     async def stop(self, sandbox_id: str) -> None:
         """Stop the container (SIGTERM to its init, SIGKILL after ``stop_timeout_seconds``).

@@ -480,7 +480,12 @@ class ImageStore:
     # ------------------------------------------------------------------ commit
 
     async def commit(
-        self, upper: str, parent: Image, ref: str, skip: frozenset[str] = frozenset()
+        self,
+        upper: str,
+        parent: Image,
+        ref: str,
+        skip: frozenset[str] = frozenset(),
+        shift: int = 0,
     ) -> Image:
         """A new image ``ref``: ``parent``'s layers plus ``upper`` (an overlay upper dir)."""
         try:
@@ -489,14 +494,16 @@ class ImageStore:
             raise InvalidRequest(str(exc)) from None
         if parsed.transport != "docker":
             raise InvalidRequest(f"commit needs a plain reference (repo:tag), not {ref!r}")
-        return await run_sync(self._commit_sync, upper, parent, str(parsed), skip)
+        return await run_sync(self._commit_sync, upper, parent, str(parsed), skip, shift)
 
-    def _commit_sync(self, upper: str, parent: Image, ref: str, skip: frozenset[str]) -> Image:
+    def _commit_sync(
+        self, upper: str, parent: Image, ref: str, skip: frozenset[str], shift: int
+    ) -> Image:
         work = os.path.join(self.root, "tmp", f"commit-{uuid.uuid4().hex[:12]}")
         os.mkdir(work, 0o700)
         try:
             blob = os.path.join(work, "layer.tar")
-            diff_id = upper_to_layer(upper, blob, skip)
+            diff_id = upper_to_layer(upper, blob, skip, shift)
             size = self._ensure_committed_layer(blob, diff_id, work)
             layers = [*parent.layers, diff_id]
             config = {

@@ -98,6 +98,8 @@ class LocalRuntime(Runtime):
         path = self._dir(sandbox_id)
         if spec.image is not None:
             raise InvalidConfig("the local runtime has no images; leave spec.image unset")
+        if spec.egress is not None:
+            raise InvalidConfig("the local runtime enforces no egress allow-list (host network)")
         try:
             os.mkdir(path)
         except FileExistsError:

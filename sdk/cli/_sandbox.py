@@ -45,6 +45,11 @@ def create(
     cpus: Annotated[float | None, typer.Option(help="CPU quota in cores.")] = None,
     owner: Annotated[str, typer.Option(help="Owner recorded on the sandbox.")] = "",
     label: Annotated[list[str] | None, typer.Option(help="k=v label (repeatable).")] = None,
+    network: Annotated[str, typer.Option(help="none (loopback only) or bridge.")] = "none",
+    egress: Annotated[
+        list[str] | None,
+        typer.Option(help="Allowed destination cidr|host[:port] for bridge (repeatable)."),
+    ] = None,
     url: BaseUrl = None,
     token: Token = None,
 ) -> None:
@@ -54,7 +59,13 @@ def create(
     with _client(url, token) as client:
         try:
             rec = client.create_sandbox(
-                image=image, ttl_seconds=ttl, owner=owner, labels=labels, resources=resources
+                image=image,
+                ttl_seconds=ttl,
+                owner=owner,
+                labels=labels,
+                resources=resources,
+                network=network,
+                egress=egress or None,
             )
         except RockError as exc:
             raise _fail(exc) from None

@@ -1,9 +1,11 @@
 """Fixtures that run the contract suite against every runtime this machine has.
 
 ``runtime`` is parametrized over ``local`` (always), ``bwrap`` (when bubblewrap, root and
-writable cgroups are available) and ``docker`` (when a daemon answers and the test image built
-by ``scripts/build-test-image`` is there); an unavailable runtime is skipped with the reason,
-except docker under ``ROCK_REQUIRE_DOCKER=1`` (CI), where it is an error. ``sandbox`` creates and
+writable cgroups are available), ``docker`` (when a daemon answers and the test image built
+by ``scripts/build-test-image`` is there) and ``gvisor`` (docker's conditions, plus runsc
+registered with the daemon by ``scripts/start-dockerd``); an unavailable runtime is skipped
+with the reason, except docker under ``ROCK_REQUIRE_DOCKER=1`` and gvisor under
+``ROCK_REQUIRE_GVISOR=1`` (CI), where it is an error. ``sandbox`` creates and
 starts one sandbox, yields ``(runtime, sandbox_id, handle)`` and always removes it.
 """
 
@@ -20,6 +22,7 @@ from rock_serve.config import (
     DOCKER_TEST_IMAGE,
     BwrapRuntimeConfig,
     DockerRuntimeConfig,
+    GvisorRuntimeConfig,
     LocalRuntimeConfig,
 )
 from rock_serve.protocol import SandboxSpec
@@ -82,6 +85,31 @@ def docker_unavailable() -> str | None:
 
 _DOCKER_SKIP = docker_unavailable()
 
+#: Set (CI does) to make a missing runsc (or docker) for the gvisor runtime an error.
+REQUIRE_GVISOR = os.environ.get("ROCK_REQUIRE_GVISOR") == "1"
+
+
+def gvisor_unavailable() -> str | None:
+    """Why the gvisor runtime cannot run here, or None when it can."""
+    if _DOCKER_SKIP is not None:
+        return _DOCKER_SKIP
+    import docker
+
+    wanted = GvisorRuntimeConfig.model_fields["oci_runtime"].default
+    client = docker.APIClient(version="auto", timeout=10)
+    try:
+        runtimes = client.info().get("Runtimes") or {}
+    except docker.errors.DockerException as exc:
+        return f"the Docker daemon fails ({exc})"
+    finally:
+        client.close()
+    if wanted not in runtimes:
+        return f"the Docker daemon has no runtime {wanted!r}; run scripts/start-dockerd"
+    return None
+
+
+_GVISOR_SKIP = gvisor_unavailable()
+
 RUNTIMES = [
     pytest.param("local", id="local"),
     pytest.param(
@@ -102,6 +130,17 @@ RUNTIMES = [
             ),
         ],
     ),
+    pytest.param(
+        "gvisor",
+        id="gvisor",
+        marks=[
+            pytest.mark.docker,
+            pytest.mark.gvisor,
+            pytest.mark.skipif(
+                _GVISOR_SKIP is not None and not REQUIRE_GVISOR, reason=str(_GVISOR_SKIP)
+            ),
+        ],
+    ),
 ]
 
 
@@ -111,6 +150,27 @@ def require_docker() -> None:
         if REQUIRE_DOCKER:
             pytest.fail(f"ROCK_REQUIRE_DOCKER=1 but {_DOCKER_SKIP}", pytrace=False)
         pytest.skip(_DOCKER_SKIP)
+
+
+def require_gvisor() -> None:
+    """Fail (under ROCK_REQUIRE_GVISOR=1) or skip when the gvisor runtime cannot run here."""
+    if _GVISOR_SKIP is not None:
+        if REQUIRE_GVISOR:
+            pytest.fail(f"ROCK_REQUIRE_GVISOR=1 but {_GVISOR_SKIP}", pytrace=False)
+        pytest.skip(_GVISOR_SKIP)
+
+
+def gvisor_config(state_dir: str, **kwargs) -> GvisorRuntimeConfig:
+    """A gvisor runtime config of its own scope on the local test image (never pulled)."""
+    fields = {
+        "image": DOCKER_TEST_IMAGE,
+        "pull": "never",
+        "scope": f"t-{uuid.uuid4().hex[:12]}",
+        "agent_dir": os.path.join(state_dir, "agent"),
+        "stop_timeout_seconds": 1,
+        **kwargs,
+    }
+    return GvisorRuntimeConfig.model_validate(fields)
 
 
 def docker_config(state_dir: str, **kwargs) -> DockerRuntimeConfig:
@@ -129,15 +189,23 @@ def docker_config(state_dir: str, **kwargs) -> DockerRuntimeConfig:
 
 def make_config(
     kind: str, state_dir: str
-) -> LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig:
+) -> LocalRuntimeConfig | BwrapRuntimeConfig | DockerRuntimeConfig | GvisorRuntimeConfig:
     """A runtime config of ``kind`` that keeps its state in ``state_dir``."""
     if kind == "local":
         return LocalRuntimeConfig(state_dir=state_dir)
     if kind == "bwrap":
-        return BwrapRuntimeConfig(state_dir=state_dir, cgroup_parent=TEST_CGROUP_PARENT)
+        # Tests build rootfs trees next to the state dir (the state dir itself is refused).
+        return BwrapRuntimeConfig(
+            state_dir=state_dir,
+            cgroup_parent=TEST_CGROUP_PARENT,
+            rootfs_allow=[os.path.dirname(state_dir)],
+        )
     if kind == "docker":
         require_docker()
         return docker_config(state_dir)
+    if kind == "gvisor":
+        require_gvisor()
+        return gvisor_config(state_dir)
     raise AssertionError(kind)
 
 

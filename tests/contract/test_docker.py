@@ -163,6 +163,10 @@ async def test_network_needs_permission_and_an_existing_network(tmp_path):
     ).build()
     with pytest.raises(errors.InvalidConfig, match="rock-no-such-network"):
         await loose.create(new_id(), SandboxSpec(network="bridge"))
+    with pytest.raises(errors.InvalidConfig, match="allow_host_network"):
+        await loose.create(new_id(), SandboxSpec(network="host"))
+    await loose.close()
+    loose = docker_config(str(tmp_path), allow_network=True, allow_host_network=True).build()
     sid = new_id()
     try:
         await loose.create(sid, SandboxSpec(network="host"))

@@ -55,6 +55,11 @@ async def test_stats_show_the_limits(isolated):
 
 async def test_memory_limit_kills_an_over_allocation(isolated):
     runtime, sid, h = isolated
+    if runtime.name == "gvisor":
+        pytest.skip(
+            "gVisor 2022 has no OOM killer of its own: the host's kills the Sentry, so the "
+            "whole sandbox fails (test_gvisor.py::test_over_allocation_fails_the_sandbox)"
+        )
     result = await py(h, "b = bytearray(128 << 20); b[::4096] = b'x' * len(b[::4096])")
     assert result.exit_code == 137, result
     assert await runtime.oom_kills(sid) >= 1
@@ -114,7 +119,7 @@ async def test_pids_limit_stops_a_fork_bomb(isolated):
 
 
 async def test_no_route_outside_loopback(isolated):
-    _, _, h = isolated
+    runtime, _, h = isolated
     outside = (
         "import socket\n"
         "s = socket.socket()\n"
@@ -126,7 +131,9 @@ async def test_no_route_outside_loopback(isolated):
         "    print(e.errno)\n"
     )
     result = await py(h, outside)
-    assert result.stdout.strip() == "101", result  # ENETUNREACH
+    # ENETUNREACH; gVisor's netstack answers EHOSTUNREACH for the same missing route.
+    unreachable = ("101", "113") if runtime.name == "gvisor" else ("101",)
+    assert result.stdout.strip() in unreachable, result
     loopback = (
         "import socket\n"
         "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
@@ -138,7 +145,7 @@ async def test_no_route_outside_loopback(isolated):
 
 async def test_host_secrets_and_homes_are_hidden(isolated):
     runtime, _, h = isolated
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "gvisor"):
         pytest.skip(
             "bwrap-specific: its root is the host's / minus hidden paths; a container's root "
             "is its image (test_docker.py::test_no_host_path_but_the_rocklet checks that)"
@@ -181,15 +188,16 @@ async def test_own_pid_namespace_and_hostname(isolated):
 
 async def test_writes_go_to_the_overlay(isolated):
     runtime, sid, h = isolated
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "gvisor"):
         pytest.skip(
             "bwrap-specific: checks the overlay upper dir in its state dir; a container's "
             "writes go to its own layer (test_docker.py::test_commit_round_trip checks that)"
         )
-    name = f"/opt/rock-test-{sid}"
+    name = f"/usr/local/rock-test-{sid}"
     assert (await h.exec(ExecRequest(command=f"echo x > {name} && cat {name}"))).stdout == "x\n"
     assert not os.path.exists(name)
-    assert os.path.exists(os.path.join(runtime.state_dir, sid, "upper", name.lstrip("/")))
+    upper = os.path.join(runtime._rw_dir(os.path.join(runtime.state_dir, sid)), "upper")
+    assert os.path.exists(os.path.join(upper, name.lstrip("/")))
     # The lower layer is never written, even when a sandbox deletes a system file.
     assert (await h.exec(ExecRequest(command="rm /etc/hostname && ls /etc/hostname"))).exit_code
     assert os.path.exists("/etc/hostname")
@@ -236,14 +244,14 @@ async def test_remove_leaves_nothing_behind(runtime):
     await h.create_session(SessionCreateRequest())
     await h.run_in_session(SessionRunRequest(command="sleep 300 & sleep 301 & disown -a"))
     await h.exec(ExecRequest(command="nohup sleep 302 >/dev/null 2>&1 &"))
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "gvisor"):
         # The container's cgroup paths and its mounts' paths name its id; it has no state dir.
         container = runtime._client.inspect_container(runtime.container_name(sid))["Id"]
         sandbox_dir, needle, mark = None, container.encode(), container
     else:
         sandbox_dir = os.path.join(runtime.state_dir, sid)
         needle = sid.encode() if runtime.name == "bwrap" else sandbox_dir.encode()
-        mark = runtime.state_dir
+        mark = sandbox_dir  # (the bwrap runtime keeps its default root's skeleton mounted)
     assert len(_pids_of(needle)) >= 4
 
     await runtime.remove(sid)
@@ -253,7 +261,7 @@ async def test_remove_leaves_nothing_behind(runtime):
         assert mark not in f.read()
     if sandbox_dir is not None:
         assert not os.path.exists(sandbox_dir)
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "gvisor"):
         assert await runtime.list() == []
     if runtime.name == "bwrap":
         assert not runtime._cgroup(sid).exists()
@@ -266,7 +274,7 @@ async def test_custom_rootfs(runtime, tmp_path):
     for a debootstrapped tree): the rocklet runs from it and nothing else is visible."""
     if runtime.name == "local":
         pytest.skip("the local runtime has no rootfs")
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "gvisor"):
         pytest.skip(
             "a docker image is an image, not a directory (test_docker.py runs other images: "
             "a committed one and one without python3)"

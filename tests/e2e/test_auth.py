@@ -362,3 +362,14 @@ def test_refusals_are_counted_by_namespace(auth_app, users, platform):
             return
         time.sleep(1)
     raise AssertionError(f"not exported: {lines}")
+
+
+def test_only_admins_may_turn_seccomp_off(auth_app, users):
+    """seccomp 'unconfined' weakens containment: 403 permission_denied for a tenant token
+    (nothing is created), accepted for an admin token."""
+    alice, root = users["alice"], users["root"]
+    refused = alice.post("/v1/sandboxes", json={"ttl_seconds": 300, "seccomp": "unconfined"})
+    assert _error(refused) == (403, "permission_denied")
+    assert alice.get("/v1/sandboxes").json()["items"] == []
+    record = _create(root, seccomp="unconfined")
+    assert root.delete(f"/v1/sandboxes/{record['id']}").status_code in (200, 204)

@@ -89,20 +89,39 @@ async def test_unknown_operation_and_bad_args_are_typed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "code"),
     [
-        struct.pack(">II", 1 << 30, 0),  # absurd header length
-        struct.pack(">II", 5, 0) + b"nope!",  # header is not JSON
-        struct.pack(">II", 2, 0) + b"[]",  # header is not an object
+        (struct.pack(">II", 1 << 30, 0), "too_large"),  # absurd header length
+        (struct.pack(">II", 5, 0) + b"nope!", "bad_frame"),  # header is not JSON
+        (struct.pack(">II", 2, 0) + b"[]", "bad_frame"),  # header is not an object
     ],
 )
-async def test_malformed_frames_get_a_typed_error_and_a_clean_exit(tmp_path, garbage):
+async def test_malformed_frames_get_a_typed_error_and_a_clean_exit(tmp_path, garbage, code):
     proc = await _raw_agent(tmp_path)
     proc.stdin.write(garbage)
     await proc.stdin.drain()
     header, _ = await _reply(proc)
     assert header["type"] == "error"
-    assert header["error"]["code"] == "bad_frame"
+    assert header["error"]["code"] == code
+    proc.stdin.close()  # EOF while the agent skips the oversized frame's bytes
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_an_oversized_frame_is_skipped_and_the_agent_keeps_serving(tmp_path):
+    from rock_serve.rocklet.agent import MAX_HEADER
+
+    proc = await _raw_agent(tmp_path)
+    head = b'{"id":1,"op":"exec","args":{"command":"' + b"x" * (MAX_HEADER + 10) + b'"}}'
+    proc.stdin.write(struct.pack(">II", len(head), 0) + head)
+    proc.stdin.write(encode_frame({"id": 2, "op": "ping"}))
+    await proc.stdin.drain()
+    header, _ = await _reply(proc)
+    assert header["id"] is None
+    assert header["error"]["code"] == "too_large"
+    header, _ = await _reply(proc)
+    assert header["id"] == 2
+    assert header["type"] == "result", "the agent survived the oversized frame"
+    proc.stdin.close()
     assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 

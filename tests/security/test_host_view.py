@@ -1,0 +1,135 @@
+"""What of the host a sandbox can see or name: nothing but system directories.
+
+Before (issue 11): the default bwrap root was the host's ``/`` minus a deny-list (``/work``
+with this checkout, ``/opt``, ``/var/lib/*``, ``/etc/machine-id`` were readable), and
+``image`` accepted any host directory, another tenant's sandbox included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rock_serve import errors
+from rock_serve.protocol import SandboxSpec
+
+from .conftest import new_id, sh
+
+#: What a default bwrap root holds at its top level (host entries first, then its own).
+BWRAP_TOP = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"} | {
+    "etc",
+    "root",
+    "home",
+    "tmp",
+    "run",
+    "var",
+    "proc",
+    "sys",
+    "dev",
+    ".rock",
+}
+
+
+#: Empty directories of the default bwrap root that have host namesakes.
+SKELETON_DIRS = {"/var/cache", "/var/lib", "/var/log", "/var/tmp"}
+
+
+def _host_children(limit: int = 20) -> list[str]:
+    """Up to ``limit`` paths inside each host top-level directory a sandbox must not see."""
+    out = []
+    for top in sorted(os.listdir("/")):
+        if top in BWRAP_TOP - {"etc", "root", "home", "var", "run", "tmp"}:
+            continue
+        path = os.path.join("/", top)
+        if os.path.islink(path) or not os.path.isdir(path) or top in ("proc", "sys", "dev"):
+            out.append(path)
+            continue
+        try:
+            names = sorted(os.listdir(path))[:limit]
+        except OSError:
+            continue
+        out += [os.path.join(path, n) for n in names]
+    return out
+
+
+async def test_host_top_level_is_not_visible(sandbox):
+    runtime, _, h = sandbox
+    host_only = [p for p in _host_children() if not p.startswith(("/proc/", "/sys/", "/dev/"))]
+    script = 'for p in "$@"; do test -e "$p" -o -L "$p" && echo "$p"; done; true'
+    from rock_serve.protocol import ExecRequest
+
+    seen = await h.exec(ExecRequest(command=["bash", "-c", script, "x", *host_only]))
+    visible = set(seen.stdout.split())
+    if runtime.name == "bwrap":
+        # Only allow-listed system dirs and the filtered /etc come from the host.
+        etc = {f"/etc/{name}" for name in runtime.config.etc_allow}
+        leaked = sorted(
+            p
+            for p in visible
+            if p.split("/")[1] not in {"usr", "bin", "sbin", "lib", "lib64"}
+            and p not in etc | SKELETON_DIRS
+        )
+        for path in SKELETON_DIRS & visible:
+            assert (await sh(h, f"ls -A {path}")).stdout == "", path
+        top = set((await sh(h, "ls -A /")).stdout.split())
+        assert top <= BWRAP_TOP, top - BWRAP_TOP
+    else:
+        # An image has its own /etc, /var, /run...: only host-specific names count
+        # (/.dockerenv is Docker's own marker file).
+        own = {"etc", "var", "usr", "run", "root", ".dockerenv"}
+        leaked = sorted(p for p in visible if p.split("/")[1] not in own)
+        # And nothing of the host is mounted in but the rocklet and Docker's own files.
+        mounts = (await sh(h, "cat /proc/self/mountinfo")).stdout.splitlines()
+        binds = {m.split()[4] for m in mounts if m.split()[3] != "/"}
+        docker_own = {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/usr/sbin/docker-init"}
+        assert binds <= {"/.rock"} | docker_own | {
+            m.split()[4] for m in mounts if m.split()[4].startswith(("/proc", "/sys", "/dev"))
+        }, binds
+    assert leaked == []
+
+
+async def test_host_working_dirs_and_state_are_not_visible(sandbox):
+    runtime, _, h = sandbox
+    state = getattr(runtime, "state_dir", "/var/lib/rock-serve")
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for path in (here, os.path.join(here, "pyproject.toml"), state, "/opt", "/work", "/srv"):
+        if not os.path.exists(path):
+            continue
+        out = await sh(h, f"ls -A {path} 2>/dev/null")
+        assert out.stdout == "", (path, out.stdout[:200])
+
+
+async def test_etc_is_filtered_and_home_dirs_are_empty(sandbox):
+    runtime, _, h = sandbox
+    if runtime.name != "bwrap":
+        pytest.skip("an image brings its own /etc and home directories")
+    for path in ("/etc/shadow", "/etc/gshadow", "/etc/machine-id", "/etc/ssh", "/etc/sudoers"):
+        assert (await sh(h, f"test -e {path}")).exit_code != 0, path
+    for path in ("/root", "/home", "/var/lib", "/var/log", "/run"):
+        assert (await sh(h, f"ls -A {path}")).stdout == "", path
+    # What the system dirs need does work: a shell, python, name lookup config.
+    out = await sh(h, "python3 -c 'import ssl, json; print(1)' && cat /etc/passwd | head -1")
+    assert out.stdout.startswith("1\nroot:"), out
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["/", "/usr", "/etc", "/var/lib", "relative/dir", "/nonexistent-dir", "/tmp/../usr"],
+)
+async def test_image_cannot_name_a_host_path(runtime, image):
+    with pytest.raises(errors.RockError) as info:
+        await runtime.create(new_id(), SandboxSpec(image=image))
+    assert info.value.code in ("image_not_found", "invalid_request"), info.value
+    assert await runtime.list() == []
+
+
+async def test_image_cannot_name_another_sandbox(runtime):
+    if runtime.name != "bwrap":
+        pytest.skip("docker images are references, not directories")
+    victim = new_id()
+    await runtime.create(victim, SandboxSpec())
+    merged = os.path.join(runtime.state_dir, victim, "merged")
+    for image in (merged, runtime.state_dir, os.path.dirname(runtime.state_dir)):
+        with pytest.raises(errors.ImageNotFound):
+            await runtime.create(new_id(), SandboxSpec(image=image))
