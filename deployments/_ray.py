@@ -43,6 +43,7 @@ __all__ = [
     "current_job_id",
     "get_or_create_scheduler",
     "get_scheduler",
+    "pin_replica_grpc",
     "put",
     "short_name",
     "stream",
@@ -252,6 +253,35 @@ def current_job_id() -> str | None:
         return None
     job = ray.get_runtime_context().get_job_id()
     return str(job) if job else None
+
+
+def pin_replica_grpc() -> None:
+    """Make this Serve replica's inter-deployment gRPC server listen on the node's IP.
+
+    Ray Serve 2.60 binds it to ``[::]:0`` (every address of the host; with Ray's token auth
+    on it asks for the token, but it is still a port beyond loopback on a loopback-only head).
+    Called in the replica's constructor, which runs before Serve starts that server; binds to
+    the node's IP instead, which is where other nodes reach it (what upstream Ray does from
+    ray-project/ray#59852 on). A Ray without that seam is left as it is (and logged).
+    """
+    try:
+        from ray.serve._private import replica
+    except ImportError:  # pragma: no cover - another Ray
+        log.warning("Serve replica gRPC: no seam in this Ray; left on its default address")
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_rock_pinned", False):
+        return
+    node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+    def pinned(server: Any, address: str) -> Any:
+        if address in ("[::]:0", "0.0.0.0:0"):
+            address = f"{host}:0"
+        return original(server, address)
+
+    pinned._rock_pinned = True  # type: ignore[attr-defined]
+    setattr(replica, "add_port_to_grpc_server", pinned)  # noqa: B010 (not an export)
 
 
 def put(value: Any) -> Any:

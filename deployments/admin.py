@@ -56,6 +56,7 @@ from rock_serve.deployments._ray import (
     WorkerHandles,
     call,
     get_or_create_scheduler,
+    pin_replica_grpc,
     stream,
 )
 from rock_serve.errors import (
@@ -436,6 +437,7 @@ class Admin:
 
     def __init__(self, args: dict[str, Any] | ServerArgs) -> None:
         self.args = args if isinstance(args, ServerArgs) else parse_server_args(args)
+        pin_replica_grpc()  # Serve's replica gRPC server: the node's IP, not every address
         _BODY_LIMITS.update(request=self.args.max_request_bytes, file=self.args.max_file_bytes)
         self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
         self._workers = WorkerHandles(self.args.namespace)

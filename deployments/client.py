@@ -8,6 +8,14 @@ actor call, no Serve proxy, no Admin). It has the methods of
 SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only). File
 contents over :data:`OBJECT_REF_THRESHOLD` bytes travel as one object in Ray's object store.
 
+Auth and audit: a client made by ``from_ray`` carries the caller's platform token
+(``ROCK_TOKEN``, else the credentials file, as the HTTP SDK finds it) and calls the actors'
+Ray-transport entry points (``Scheduler.ray_call``, ``Worker.ray_call``/``ray_stream``), which
+check it as the Admin does (namespaces, admin) and audit the calls as HTTP's are audited (see
+``_raygate``); no or a wrong token while auth is required is a typed ``unauthorized``. The
+platform's own routes (compat, GEM) build the client with ``gate=False``: they authenticated
+and audit their caller themselves and call the actors' methods directly.
+
 Sandboxes created through it are owned by the calling Ray job (``ray_job_id``), so the
 platform reaps them when that job's driver dies. :class:`RayClient` is the synchronous twin: it
 runs an :class:`AsyncRayClient` on a private event loop thread (``Client.from_ray()``).
@@ -90,17 +98,18 @@ def ray_client(
     namespace: str = DEFAULT_NAMESPACE,
     *,
     retry: _base.RetryPolicy | None = None,
+    token: str | None = None,
 ) -> C:
     """A Ray-transport client for ``cls`` (what ``AsyncClient.from_ray`` / ``Client.from_ray``
-    return).
+    return), carrying ``token`` (default: ``ROCK_TOKEN`` or the credentials file).
 
     Raises:
         InvalidRequest: ``cls`` is neither SDK client.
     """
     if issubclass(cls, AsyncClient):
-        return cast(C, AsyncRayClient(namespace, retry=retry))
+        return cast(C, AsyncRayClient(namespace, retry=retry, token=token, gate=True))
     if issubclass(cls, Client):
-        return cast(C, RayClient(namespace, retry=retry))
+        return cast(C, RayClient(namespace, retry=retry, token=token))
     raise InvalidRequest(f"no Ray transport for {cls.__name__}")
 
 
@@ -116,21 +125,31 @@ class AsyncRayClient(AsyncClient):
         *,
         retry: _base.RetryPolicy | None = None,
         tenant: str = "default",
+        token: str | None = None,
+        gate: bool = False,
     ) -> None:
         """Connect to the platform whose actors live in Ray namespace ``namespace``.
 
         Args:
             namespace: The platform's Ray namespace.
             retry: Retry policy.
-            tenant: The platform namespace (auth tenant) its sandboxes are created in. The
-                Ray transport is trusted in-cluster code: it carries no token.
+            tenant: The platform namespace its sandboxes are created in when auth is disabled
+                (with auth on, the token's namespace).
+            token: The platform token (default: ``ROCK_TOKEN`` or the credentials file);
+                used with ``gate``.
+            gate: Go through the actors' Ray-transport entry points, which check ``token``
+                and audit (what ``from_ray`` does). False only for the platform's own code,
+                which checked and audits its caller itself.
 
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
         self.namespace = namespace
         self.tenant = tenant
-        self.settings = _base.ClientSettings()
+        self.gate = gate
+        self.settings = (
+            _base.ClientSettings.from_env(token=token) if gate else _base.ClientSettings()
+        )
         self.retry = retry if retry is not None else _base.RetryPolicy()
         self._scheduler: ActorHandle = get_scheduler(namespace)
         self._workers = WorkerHandles(namespace)
@@ -144,9 +163,12 @@ class AsyncRayClient(AsyncClient):
     async def _call(self, actor: ActorHandle | None, method: str, *args: Any) -> Any:
         """Call ``method`` on ``actor`` (the Scheduler if None) with the SDK's retry policy."""
         state = _base.RetryState(self.retry)
+        target = self._scheduler if actor is None else actor
+        if self.gate:  # the entry point that checks the token and audits
+            method, args = "ray_call", (self.settings.token, method, *args)
         while True:
             try:
-                return await call(self._scheduler if actor is None else actor, method, *args)
+                return await call(target, method, *args)
             except RockError as error:
                 delay = state.after_error(http_status(error.code), error)
                 if delay is None:
@@ -159,7 +181,11 @@ class AsyncRayClient(AsyncClient):
 
     async def _ray_stream(self, sandbox_id: str, method: str, request: Any) -> AsyncIterator[Any]:
         worker = await self._workers.get(_worker_of(sandbox_id))
-        async for item in stream(worker, method, sandbox_id, request):
+        if self.gate:
+            items = stream(worker, "ray_stream", self.settings.token, method, sandbox_id, request)
+        else:
+            items = stream(worker, method, sandbox_id, request)
+        async for item in items:
             yield item
 
     # -----------------------------------------------------------------------------------------
@@ -439,14 +465,19 @@ class RayClient(Client):
     """
 
     def __init__(
-        self, namespace: str = DEFAULT_NAMESPACE, *, retry: _base.RetryPolicy | None = None
+        self,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        retry: _base.RetryPolicy | None = None,
+        token: str | None = None,
     ) -> None:
-        """Connect to the platform whose actors live in Ray namespace ``namespace``.
+        """Connect to the platform whose actors live in Ray namespace ``namespace``, carrying
+        ``token`` (default: ``ROCK_TOKEN`` or the credentials file).
 
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
-        self._async = AsyncRayClient(namespace, retry=retry)
+        self._async = AsyncRayClient(namespace, retry=retry, token=token, gate=True)
         self.namespace = namespace
         self.settings = self._async.settings
         self.retry = self._async.retry

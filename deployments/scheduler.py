@@ -697,3 +697,14 @@ class Scheduler:
             state_store_ok=self._store_ok,
             workers=statuses,
         )
+
+    async def ray_call(self, token: str | None, method: str, *args: object) -> object:
+        """A control-plane call of ``AsyncClient.from_ray``: the caller's platform token is
+        checked (namespace scoping as over HTTP) and the call audited (see ``_raygate``).
+        """
+        from rock_serve.deployments._raygate import RayGate
+
+        gate: RayGate | None = getattr(self, "_ray_gate", None)
+        if gate is None:
+            gate = self._ray_gate = RayGate(self.args)
+        return await gate.use(self.args).control(self, token, method, args)

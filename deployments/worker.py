@@ -77,6 +77,7 @@ from rock_serve.runtime.base import Runtime
 __all__ = ["LABEL_RECORD", "LABEL_WORKER", "Worker"]
 
 T = TypeVar("T")
+Req = TypeVar("Req", ExecRequest, SessionRunRequest)
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,10 @@ class Worker(ImagesWorker):
                             await self._runtime.remove(info.id)
 
     async def shutdown(self) -> int:
-        """Remove every sandbox (and the warm pool) and stop reaping; returns how many."""
+        """Remove every sandbox (and the warm pool), stop reaping and close the runtimes (which
+        releases what they hold on the host, e.g. bwrap's user-namespace mounts); returns how
+        many sandboxes were removed.
+        """
         for task in (self._reaper, self._warmer):
             if task is not None:
                 task.cancel()
@@ -410,6 +414,9 @@ class Worker(ImagesWorker):
         for sid in ids:
             with contextlib.suppress(SandboxNotFound):
                 await self.remove(sid, reason="shutdown")
+        for runtime in {id(r): r for r in [*self._old_runtimes, self._runtime] if r}.values():
+            with contextlib.suppress(Exception):
+                await runtime.close()
         return len(ids)
 
     # ------------------------------------------------------------------ control plane
@@ -695,13 +702,22 @@ class Worker(ImagesWorker):
             self._done_keys.popitem(last=False)
         return await asyncio.shield(future)
 
+    def _capped(self, req: Req) -> Req:
+        """The request with its output cap held to ``max_output_bytes``.
+
+        The result's ``truncated`` says when output was cut there.
+        """
+        if req.max_output_bytes <= self.args.max_output_bytes:
+            return req
+        return req.model_copy(update={"max_output_bytes": self.args.max_output_bytes})
+
     async def exec(
         self, sandbox_id: str, req: ExecRequest, idempotency_key: str | None = None
     ) -> ExecResult:
         """Run one command to completion (once per ``idempotency_key``, when given)."""
         started = time.perf_counter()
         handle = self._box(sandbox_id).handle
-        result = await self._once(sandbox_id, idempotency_key, handle.exec(req))
+        result = await self._once(sandbox_id, idempotency_key, handle.exec(self._capped(req)))
         self._metrics.op("exec", time.perf_counter() - started)
         return result
 
@@ -709,7 +725,7 @@ class Worker(ImagesWorker):
         self, sandbox_id: str, req: ExecRequest
     ) -> AsyncIterator[OutputChunk | ExecResult]:
         """Run one command, yielding output chunks and then the result."""
-        async for item in self._box(sandbox_id).handle.stream_exec(req):
+        async for item in self._box(sandbox_id).handle.stream_exec(self._capped(req)):
             yield item
 
     async def create_session(
@@ -730,7 +746,9 @@ class Worker(ImagesWorker):
         """Run a command in a session (once per ``idempotency_key``, when given)."""
         started = time.perf_counter()
         handle = self._box(sandbox_id).handle
-        result = await self._once(sandbox_id, idempotency_key, handle.run_in_session(req))
+        result = await self._once(
+            sandbox_id, idempotency_key, handle.run_in_session(self._capped(req))
+        )
         self._metrics.op("session_run", time.perf_counter() - started)
         return result
 
@@ -738,7 +756,7 @@ class Worker(ImagesWorker):
         self, sandbox_id: str, req: SessionRunRequest
     ) -> AsyncIterator[OutputChunk | SessionRunResult]:
         """Run a command in a session, yielding output chunks and then the result."""
-        async for item in self._box(sandbox_id).handle.stream_in_session(req):
+        async for item in self._box(sandbox_id).handle.stream_in_session(self._capped(req)):
             yield item
 
     async def session_stdin(
@@ -968,3 +986,27 @@ class Worker(ImagesWorker):
         p = self._ptys.get(pty_id)
         if p is not None:
             await p.kill()
+
+    # ------------------------------------------------------------------ Ray transport
+
+    def _ray_gate(self) -> Any:
+        """The Worker's :class:`~rock_serve.deployments._raygate.RayGate` (made on first use)."""
+        from rock_serve.deployments._raygate import RayGate
+
+        gate = cast("RayGate | None", getattr(self, "_gate", None))
+        if gate is None:
+            gate = self._gate = RayGate(self.args)
+        return gate.use(self.args)
+
+    async def ray_call(self, token: str | None, method: str, sandbox_id: str, *args: Any) -> Any:
+        """A data-plane call of ``AsyncClient.from_ray``: the caller's platform token is checked
+        (namespace scoping as over HTTP) and the call audited (see ``_raygate``).
+        """
+        return await self._ray_gate().data(self, token, method, sandbox_id, args)
+
+    async def ray_stream(
+        self, token: str | None, method: str, sandbox_id: str, *args: Any
+    ) -> AsyncIterator[Any]:
+        """A streaming data-plane call of ``AsyncClient.from_ray`` (see :meth:`ray_call`)."""
+        async for item in self._ray_gate().data_stream(self, token, method, sandbox_id, args):
+            yield item

@@ -360,6 +360,11 @@ class BwrapRuntimeConfig(_Config):
     uid_base: int = Field(
         default=100_000, ge=1, description="First host uid/gid of the sandboxes' ranges."
     )
+    skeleton_dir: str = Field(
+        default="/dev/shm/rock-serve-root",
+        description="With rootfs '/': where the default root's skeleton layer is built; must "
+        "be on a file system other than the host's / (a tmpfs).",
+    )
     roots_dir: str = Field(
         default="/run/rock-serve/roots",
         description="With userns: where each sandbox's root is bind-mounted (and the rocklet "
@@ -850,6 +855,13 @@ class ServerArgs(_Config):
         description="Largest file or archive one read returns (REST download, SDK read_file, "
         "Ray transport): a regular file over it is refused at once with too_large (413); a "
         "stream of unknown size (a device such as /dev/zero, a growing file) is cut off there.",
+    )
+    max_output_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        description="Most output one command may return per stream (exec stdout and stderr, "
+        "a session's merged output): a request asking for more is held to this, and its "
+        "result says truncated=true when the output went past it.",
     )
     max_request_bytes: int = Field(
         default=16 << 20,

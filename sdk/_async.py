@@ -98,7 +98,11 @@ class AsyncClient:
 
     @classmethod
     def from_ray(
-        cls, namespace: str = "rock-serve", *, retry: _base.RetryPolicy | None = None
+        cls,
+        namespace: str = "rock-serve",
+        *,
+        retry: _base.RetryPolicy | None = None,
+        token: str | None = None,
     ) -> AsyncClient:
         """A client that talks to the platform's actors over Ray instead of HTTP.
 
@@ -109,9 +113,14 @@ class AsyncClient:
         it creates belong to the calling Ray job and are reaped when its driver dies. The sync
         client's twin runs the async one on a private event-loop thread.
 
+        Every call carries the platform token and is checked (namespaces, admin) and audited
+        on the actors as over HTTP; no or a wrong token while auth is on: ``Unauthorized``.
+
         Args:
             namespace: The Ray namespace the platform runs in (``ServerArgs.namespace``).
             retry: Retry policy (default :class:`~rock_serve.sdk.RetryPolicy`).
+            token: The platform token (default: ``ROCK_TOKEN``, else the credentials file, as
+                for HTTP).
 
         Returns:
             The Ray-transport client.
@@ -121,7 +130,7 @@ class AsyncClient:
         """
         from rock_serve.deployments.client import ray_client
 
-        return ray_client(cls, namespace, retry=retry)
+        return ray_client(cls, namespace, retry=retry, token=token)
 
     async def __aenter__(self) -> AsyncClient:
         return self

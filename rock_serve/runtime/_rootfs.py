@@ -11,11 +11,17 @@ It is made as one overlay layer (the *skeleton*) stacked on top of the host's ``
 image layers stack: a whiteout for each host top-level entry that is not allowed, an opaque
 directory for each one the skeleton replaces. The host's top level is listed again at every
 create (a few microseconds), and a new skeleton is built when it changed, so a directory that
-appears on the host later is hidden too. Skeletons are kept in ``<state_dir>/.root/<n>``.
+appears on the host later is hidden too. Skeletons live in ``skeleton_dir`` (on /dev/shm by
+default: overlayfs wants it off the host root's file system), named by a hash of what they
+are made of, so every instance and process with the same inputs shares one, and none leaks
+a mount.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import posixpath
 import shutil
@@ -43,6 +49,8 @@ _OWN_DIRS: dict[str, int] = {
     "dev": 0o755,
 }
 _OPAQUE = "trusted.overlay.opaque"
+#: Bumped when the skeleton's layout changes (part of its key).
+_FORMAT = 1
 
 
 def _whiteout(path: str) -> None:
@@ -83,17 +91,34 @@ class Skeleton:
         """The lower layers of a default root, top first: the skeleton, then the host root."""
         listing = frozenset(os.listdir(self.host_root))
         with self._lock:
-            if listing != self._listing:
+            if listing != self._listing or not os.path.isdir(self._path):
                 self._path = self._build(listing)
                 self._listing = listing
             return [self._path, self.host_root]
 
+    def _key(self, listing: frozenset[str]) -> str:
+        """What a skeleton is made of: equal keys, equal skeletons (shared by instances)."""
+        etc = os.path.join(self.host_root, "etc")
+        stamps = []
+        for name in self.etc_allow:
+            with contextlib.suppress(OSError):
+                stamps.append((name, os.lstat(os.path.join(etc, name)).st_mtime_ns))
+        hides = [h for h in self.hide if self._shown(h)]
+        data = [sorted(listing), sorted(self.allow), stamps, sorted(hides), _FORMAT]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:24]
+
+    def _shown(self, hidden: str) -> bool:
+        rel = posixpath.relpath(hidden, self.host_root)
+        return not rel.startswith("..") and "/" in rel and rel.split("/", 1)[0] in self.allow
+
     def _build(self, listing: frozenset[str]) -> str:
         os.makedirs(self.base, mode=0o700, exist_ok=True)
         os.chmod(self.base, 0o700)
+        path = os.path.join(self.base, self._key(listing))
+        if os.path.isdir(path):
+            return path  # built by another instance (or process) from the same inputs
         self._version += 1
-        path = os.path.join(self.base, f"{os.getpid()}-{self._version}")
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}-{id(self):x}-{self._version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.mkdir(tmp, 0o755)
         for rel, mode in _OWN_DIRS.items():
@@ -109,8 +134,10 @@ class Skeleton:
         self._copy_etc(os.path.join(tmp, "etc"))
         for hidden in self.hide:
             self._hide(tmp, hidden)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another instance won the race: same content
+            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def _copy_etc(self, dest: str) -> None:
@@ -150,8 +177,7 @@ class Skeleton:
 
     def _hide(self, tmp: str, hidden: str) -> None:
         rel = posixpath.relpath(hidden, self.host_root)
-        top = rel.split("/", 1)[0]
-        if rel.startswith("..") or "/" not in rel or top not in self.allow:
+        if not self._shown(hidden):
             return  # not visible anyway (outside the allowed dirs or a top-level entry)
         parent = os.path.join(tmp, posixpath.dirname(rel))
         # Recreate the parents with the host's modes and owners (a non-opaque directory in an

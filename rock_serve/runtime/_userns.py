@@ -3,8 +3,8 @@
 A sandbox with slot ``n`` runs in a user namespace that maps ids ``0..65535`` to host ids
 ``uid_base + n * 65536 + (0..65535)``: its root is an unprivileged host uid, different in
 every sandbox. The namespace is made once per slot (a child of ``unshare --user`` run as the
-slot's base uid, so that uid owns it; host root writes its maps) and kept alive by
-bind-mounting its ``/proc/PID/ns/user`` file at ``<dir>/<base>``; bwrap joins it with
+slot's base uid, so that uid owns it; host root writes its maps) and held by an open fd of
+the runtime's process (no mount that could outlive it); bwrap joins it with
 ``--userns FD`` as that uid (``setpriv``), so no process of the sandbox is ever host root.
 
 The sandbox's lower layers are idmapped mounts (``open_tree`` + ``mount_setattr
@@ -24,7 +24,7 @@ import time
 
 from rock_serve.errors import InvalidConfig, RuntimeUnavailable
 
-__all__ = ["IDS_PER_SANDBOX", "SlotPool", "idmapped_mount", "userns_file"]
+__all__ = ["IDS_PER_SANDBOX", "SlotPool", "UsernsCache", "idmapped_mount"]
 
 #: Host ids each sandbox's user namespace maps (0..65535 inside).
 IDS_PER_SANDBOX = 65536
@@ -38,7 +38,6 @@ _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_IDMAP = 0x00100000
-_MS_BIND = 4096
 
 
 class _MountAttr(ctypes.Structure):
@@ -93,53 +92,72 @@ def idmapped_mount(source: str, target: str, userns_path: str) -> None:
         os.close(ns)
 
 
-def userns_file(directory: str, base: int, setpriv: str, unshare: str) -> str:
-    """The bind-mounted user namespace of the slot whose host ids start at ``base``.
+class UsernsCache:
+    """One user namespace per slot, made on first use and held by an open fd.
 
-    Made on first use and kept (the mount holds it); owned by host uid ``base``.
-
-    Raises:
-        RuntimeUnavailable: the namespace could not be made or kept.
+    Each is made by a child of ``unshare --user`` run as the slot's base uid (so that uid owns
+    it); host root writes its maps, opens ``/proc/PID/ns/user`` and the child exits. Nothing
+    is mounted: the fd keeps the namespace (and the sandboxes that joined it keep it too), and
+    :meth:`path` names it as ``/proc/<our pid>/fd/<fd>`` for the sandbox's start-up wrapper.
     """
-    path = os.path.join(directory, str(base))
-    if os.path.ismount(path):
-        return path
-    own = os.readlink("/proc/self/ns/user")
-    ids = [f"--reuid={base}", f"--regid={base}", "--clear-groups"]
-    child = subprocess.Popen(
-        [setpriv, *ids, "--", unshare, "--user", "--", "sleep", "60"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if os.readlink(f"/proc/{child.pid}/ns/user") != own:
-                    break
-            except OSError:
-                pass
-            if child.poll() is not None or time.monotonic() > deadline:
-                err = child.stderr.read().decode(errors="replace") if child.stderr else ""
-                raise RuntimeUnavailable(f"cannot make a user namespace: {err.strip()}")
-            time.sleep(0.0002)
-        for kind in ("uid_map", "gid_map"):
-            with open(f"/proc/{child.pid}/{kind}", "w") as f:
-                f.write(f"0 {base} {IDS_PER_SANDBOX}\n")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.close(fd)
-        source = f"/proc/{child.pid}/ns/user".encode()
-        if _libc().mount(source, path.encode(), None, _MS_BIND, None) != 0:
-            raise RuntimeUnavailable(f"cannot keep the user namespace: {_fail('mount')}")
-    except OSError as exc:
-        raise RuntimeUnavailable(f"cannot make a user namespace: {exc}") from None
-    finally:
-        child.kill()
-        child.wait()
-        if child.stderr is not None:
-            child.stderr.close()
-    return path
+
+    def __init__(self, setpriv: str, unshare: str) -> None:
+        self.setpriv = setpriv
+        self.unshare = unshare
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, base: int) -> str:
+        """A path that opens the user namespace of the slot starting at host id ``base``.
+
+        Raises:
+            RuntimeUnavailable: the namespace could not be made.
+        """
+        with self._lock:
+            fd = self._fds.get(base)
+            if fd is None:
+                fd = self._fds[base] = self._make(base)
+        return f"/proc/{os.getpid()}/fd/{fd}"
+
+    def close(self) -> None:
+        """Let go of every namespace (running sandboxes keep theirs)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _make(self, base: int) -> int:
+        own = os.readlink("/proc/self/ns/user")
+        ids = [f"--reuid={base}", f"--regid={base}", "--clear-groups"]
+        child = subprocess.Popen(
+            [self.setpriv, *ids, "--", self.unshare, "--user", "--", "sleep", "60"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if os.readlink(f"/proc/{child.pid}/ns/user") != own:
+                        break
+                except OSError:
+                    pass
+                if child.poll() is not None or time.monotonic() > deadline:
+                    err = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                    raise RuntimeUnavailable(f"cannot make a user namespace: {err.strip()}")
+                time.sleep(0.0002)
+            for kind in ("uid_map", "gid_map"):
+                with open(f"/proc/{child.pid}/{kind}", "w") as f:
+                    f.write(f"0 {base} {IDS_PER_SANDBOX}\n")
+            return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise RuntimeUnavailable(f"cannot make a user namespace: {exc}") from None
+        finally:
+            child.kill()
+            child.wait()
+            if child.stderr is not None:
+                child.stderr.close()
 
 
 class SlotPool:

@@ -54,6 +54,7 @@ import posixpath
 import shutil
 import stat
 import subprocess
+import sys
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.errors import (
@@ -85,7 +86,7 @@ from rock_serve.runtime._state import (
     write_meta,
 )
 from rock_serve.runtime._sync import run_sync
-from rock_serve.runtime._userns import SlotPool, idmapped_mount, userns_file
+from rock_serve.runtime._userns import SlotPool, UsernsCache, idmapped_mount
 from rock_serve.runtime.base import Runtime
 from rock_serve.runtime.images import ImageStore
 
@@ -280,8 +281,15 @@ class BwrapRuntime(Runtime):
         self.rootfs_allow = [os.path.realpath(p) for p in config.rootfs_allow]
         self.skeleton: Skeleton | None = None
         if self.rootfs == "/":
+            base = os.path.realpath(config.skeleton_dir)
+            parent = os.path.dirname(base)
+            if not os.path.isdir(parent) or os.stat(parent).st_dev == os.stat("/").st_dev:
+                raise InvalidConfig(
+                    f"bwrap runtime: skeleton_dir {base} must be on a file system other than "
+                    "the host's / (overlayfs refuses nested layers): a tmpfs such as /dev/shm"
+                )
             self.skeleton = Skeleton(
-                self._mount_skeleton_fs(),
+                base,
                 allow=config.root_allow,
                 etc_allow=config.etc_allow,
                 hide=self._hide_targets("/"),
@@ -337,23 +345,6 @@ class BwrapRuntime(Runtime):
             disk_mb=mine.disk_mb if mine.disk_mb is not None else dflt.disk_mb,
         )
 
-    def _mount_skeleton_fs(self) -> str:
-        """A fresh tmpfs for the default root's skeleton layer.
-
-        Overlayfs refuses a lower layer inside another one (ELOOP), and the host's ``/`` is
-        one: the skeleton needs a file system of its own. A previous instance's tmpfs is
-        detached first; overlays that use it keep it alive until they are unmounted.
-        """
-        base = os.path.join(self.state_dir, ".root")
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        if os.path.ismount(base):
-            _sys_umount(base, _MNT_DETACH)
-        try:
-            _sys_mount("tmpfs", base, "tmpfs", "mode=0700,size=64m", _MS_NODEV | _MS_NOSUID)
-        except OSError as exc:
-            raise InvalidConfig(f"bwrap runtime: cannot mount a tmpfs at {base}: {exc}") from None
-        return base
-
     def _init_userns(self) -> None:
         """Check that user namespaces and idmapped mounts work here; note the taken ranges."""
         cfg = self.config
@@ -368,18 +359,19 @@ class BwrapRuntime(Runtime):
         _check_path_option(self.roots_dir, "roots_dir")
         os.makedirs(self.roots_dir, mode=0o711, exist_ok=True)
         os.chmod(self.roots_dir, 0o711)
-        key = hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]
+        # Named by content: every instance with this rocklet shares one copy.
+        with open(os.path.join(self.agent_dir, "agent.py"), "rb") as f:
+            key = hashlib.sha256(f.read() + sys.version.encode()).hexdigest()[:16]
         self.agent_dir = install_agent(os.path.join(self.roots_dir, f".agent-{key}"))
         os.chmod(self.agent_dir, 0o755)
-        self.userns_dir = os.path.join(self.state_dir, ".userns")
-        os.makedirs(self.userns_dir, mode=0o700, exist_ok=True)
+        self.namespaces = UsernsCache(self._setpriv, self._unshare)
         for meta in list_metas(self.state_dir, self.name):
             if meta.uid_base is not None:
                 self.slots.mark(meta.uid_base)
         probe = os.path.join(self.state_dir, ".idmap-probe")
         os.makedirs(probe, mode=0o700, exist_ok=True)
         try:
-            ns = userns_file(self.userns_dir, self.slots.base_of(0), self._setpriv, self._unshare)
+            ns = self.namespaces.path(self.slots.base_of(0))
             idmapped_mount(self.agent_dir, probe, ns)
             _sys_umount(probe, _MNT_DETACH)
         except (OSError, RuntimeUnavailable) as exc:
@@ -393,8 +385,7 @@ class BwrapRuntime(Runtime):
                 os.rmdir(probe)
 
     def _userns(self, base: int) -> str:
-        assert self.slots is not None
-        return userns_file(self.userns_dir, base, self._setpriv, self._unshare)
+        return self.namespaces.path(base)
 
     def _hide_targets(self, lower: str) -> list[str]:
         """The real paths under ``lower`` that ``hide_paths`` (and the state dir) name."""
@@ -849,18 +840,13 @@ class BwrapRuntime(Runtime):
     async def close(self) -> None:
         """Forget the handles; sandboxes keep running until stopped or removed (or we exit).
 
-        The skeleton's tmpfs is detached: running sandboxes keep it while they need it.
+        The user namespaces are let go of: running sandboxes keep theirs.
         """
         self._handles.clear()
         if self.images is not None:
             await self.images.close()
         if self.slots is not None:
-            for name in os.listdir(self.userns_dir):
-                with contextlib.suppress(OSError):
-                    _sys_umount(os.path.join(self.userns_dir, name), _MNT_DETACH)
-        if self.skeleton is not None and os.path.ismount(self.skeleton.base):
-            with contextlib.suppress(OSError):
-                _sys_umount(self.skeleton.base, _MNT_DETACH)
+            self.namespaces.close()
 
     def _info(self, meta: SandboxMeta) -> SandboxInfo:
         if alive(meta) or not meta.started or meta.stopped:

@@ -84,13 +84,42 @@ def up(
     api: Annotated[str, typer.Option(help="Where the platform's HTTP API answers.")] = API,
     dashboard: Annotated[str, typer.Option(help="Ray dashboard address.")] = DASHBOARD,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each step.")] = 300,
+    ray_port: Annotated[int, typer.Option(help="GCS port of a head rock up starts.")] = 6379,
+    ray_client_port: Annotated[
+        int, typer.Option(help="Ray Client server port of a head rock up starts.")
+    ] = 10001,
+    dashboard_agent_port: Annotated[
+        int, typer.Option(help="Dashboard agent HTTP port of a head rock up starts.")
+    ] = 52365,
 ) -> None:
-    """Start a local Ray head if none runs, deploy the platform, wait until it is healthy."""
+    """Start a local Ray head if none runs, deploy the platform, wait until it is healthy.
+
+    A head started here listens on 127.0.0.1 only and has Ray's token auth on: the token is
+    in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN), created if missing.
+    """
+    from rock_serve.sdk.cli._platform import RayPorts
     from rock_serve.sdk.cli._platform import up as do_up
 
-    ends = do_up(config, api, dashboard, timeout, console)
+    ports = RayPorts(gcs=ray_port, client=ray_client_port, dashboard_agent=dashboard_agent_port)
+    ends = do_up(config, api, dashboard, timeout, console, ports)
     console.print(f"API:       [bold]{ends.api}[/bold]  (OpenAPI: {ends.api}/docs)")
     console.print(f"dashboard: [bold]{ends.dashboard}[/bold]")
+    if not ends.ray_auth:
+        console.print("[yellow]Ray token auth is OFF on this head[/yellow]")
+        return
+    where = ends.ray_token_file or "$RAY_AUTH_TOKEN"
+    read = f"$(cat {where})" if ends.ray_token_file else "$RAY_AUTH_TOKEN"
+    console.print(
+        f"  Ray token auth is on; the token is in {where} (`ray get-auth-token` prints it).\n"
+        "  Browser: open the dashboard and paste the token when asked.\n"
+        f'  curl -H "Authorization: Bearer {read}" {ends.dashboard}/api/jobs/\n'
+        "  From another machine: ssh -L 8265:127.0.0.1:8265 <this host> (every Ray port "
+        "listens on 127.0.0.1 only)."
+    )
+    if ends.ray_client:
+        console.print(
+            f"Ray Client: [bold]{ends.ray_client}[/bold]  (RAY_AUTH_MODE=token; same token)"
+        )
 
 
 @app.command()
@@ -100,7 +129,7 @@ def down(
     """Shut the platform down (and the Ray head, if ``rock up`` started it)."""
     from rock_serve.sdk.cli._platform import down as do_down
 
-    do_down(dashboard, console)
+    raise typer.Exit(do_down(dashboard, console))
 
 
 @app.command()

@@ -8,6 +8,7 @@ sandbox_failed), and that the sandbox still works afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from rock_serve.config import parse_runtime_config
 from rock_serve.rocklet.agent import MAX_HEADER
 
 from .conftest import Platform, _wait_healthy
@@ -28,7 +30,7 @@ SESSIONS = 3
 
 
 @pytest.fixture(scope="module")
-def limited(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Platform:
+def limited(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     """An app of its own (own Ray namespace, Scheduler and Worker) with small limits."""
     from ray import serve
 
@@ -56,7 +58,12 @@ def limited(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Pla
     serve.run(build_app(args), name="limits", route_prefix="/limits")
     url = f"{platform.url}/limits"
     _wait_healthy(url, time.monotonic() + 60)
-    return Platform(url=url, state_dir=state_dir, runtime="bwrap")
+    yield Platform(url=url, state_dir=state_dir, runtime="bwrap")
+    serve.delete("limits")
+    # The Worker actor dies without closing its runtime: release what it holds on the host
+    # (bwrap's user-namespace mounts in the state dir) with a runtime of the same config.
+    runtime = parse_runtime_config(args["runtime"]).build()
+    asyncio.run(runtime.close())
 
 
 @pytest.fixture

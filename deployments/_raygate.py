@@ -1,0 +1,308 @@
+"""The Ray transport's entry point on the actors: the caller's token, checked and audited.
+
+``AsyncClient.from_ray()`` / ``Client.from_ray()`` send every call through
+``Scheduler.ray_call`` (control plane) or ``Worker.ray_call`` / ``Worker.ray_stream`` (data
+plane) with the caller's platform token (``ROCK_TOKEN`` or the credentials file, as the HTTP
+SDK finds it). :class:`RayGate` does there what the Admin does for HTTP:
+
+- the token is checked by an :class:`~rock_serve.auth.Authenticator` built from the deployed
+  ``auth`` config (so the token file must exist on every node that runs a Worker when auth is
+  on): missing or unknown -> :class:`~rock_serve.errors.Unauthorized`, and an ``auth`` audit
+  event;
+- namespace scoping: creates land in the caller's namespace; a sandbox of another namespace is
+  reported exactly as an unknown one (``sandbox_not_found``); non-admins list only their own
+  namespace; admins pass;
+- one :class:`~rock_serve.deployments._audit.AuditEvent` per mutating call, with the same
+  action names as HTTP, ``client="ray"`` and ``detail.transport="ray"``;
+- only the methods the SDK uses are reachable through it.
+
+What it is not: a barrier against code that can reach Ray itself. Ray's own ports run code for
+whoever holds Ray's token (``rock up`` turns Ray's token auth on and keeps them on loopback);
+such code can call the actors' other methods directly. The gate gives the Ray transport the
+platform's identities, namespaces and audit trail, for trainers that use it as meant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from rock_serve.auth import Authenticator, Principal
+from rock_serve.config import ServerArgs
+from rock_serve.deployments._audit import AuditEvent, AuditLog
+from rock_serve.errors import (
+    ErrorCode,
+    InvalidRequest,
+    PermissionDenied,
+    RockError,
+    SandboxNotFound,
+)
+from rock_serve.protocol import SandboxRecord
+
+__all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
+
+#: Scheduler methods reachable over the Ray transport.
+CONTROL_METHODS = frozenset({"health", "create", "get", "list", "delete", "delete_by_token"})
+#: Worker methods reachable over the Ray transport -> their audit action (None: not audited).
+DATA_METHODS: dict[str, str | None] = {
+    "renew": None,
+    "stats": None,
+    "exec": "exec",
+    "create_session": "session.create",
+    "run_in_session": "session.run",
+    "session_stdin": "session.stdin",
+    "interrupt_session": "session.interrupt",
+    "close_session": "session.close",
+    "read_file": None,
+    "write_file": "file.write",
+    "stat": None,
+    "list_dir": None,
+    "mkdir": "file.mkdir",
+    "remove_path": "file.remove",
+    "download_archive": None,
+    "upload_archive": "archive.upload",
+}
+#: Streaming Worker methods reachable over the Ray transport -> their audit action.
+STREAM_METHODS: dict[str, str] = {"stream_exec": "exec", "stream_in_session": "session.run"}
+
+
+def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """The audit fields of a data-plane call (command, env keys, session, path; no values)."""
+    first: Any = args[0] if args else None
+    if method in ("exec", "stream_exec"):
+        return {"command": first.command, "env_keys": sorted(first.env or {})}
+    if method in ("run_in_session", "stream_in_session"):
+        return {"command": first.command, "session": first.session}
+    if method == "create_session":
+        return {"session": first.session, "env_keys": sorted(first.env or {})}
+    if method in ("session_stdin", "interrupt_session", "close_session"):
+        return {"session": first}
+    if method in ("mkdir", "remove_path"):
+        return {"path": first.path}
+    if method in ("write_file", "upload_archive"):
+        size = len(args[1]) if len(args) > 1 and isinstance(args[1], bytes | bytearray) else None
+        return {"path": first, "detail": {"bytes": size} if size is not None else {}}
+    return {}
+
+
+class RayGate:
+    """Token check, namespace scoping and audit for one actor's Ray-transport entry point."""
+
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+        self._authenticator: Authenticator | None = None
+        self._audit: AuditLog | None = None
+
+    def use(self, args: ServerArgs) -> RayGate:
+        """Follow a redeploy's args (a changed ``auth`` or ``audit`` is rebuilt on next use)."""
+        if args is not self.args:
+            if args.auth != self.args.auth:
+                self._authenticator = None
+            if args.audit != self.args.audit and self._audit is not None:
+                old, self._audit = self._audit, None
+                with contextlib.suppress(RuntimeError):  # no loop: nothing queued either
+                    asyncio.get_running_loop().create_task(old.aclose())
+            self.args = args
+        return self
+
+    @property
+    def authenticator(self) -> Authenticator:
+        """Built on first use (a Worker on a node without the token file fails only here).
+
+        Raises:
+            InvalidConfig: the token file is missing or bad on this node.
+        """
+        if self._authenticator is None:
+            self._authenticator = Authenticator(self.args.auth)
+        return self._authenticator
+
+    @property
+    def audit(self) -> AuditLog:
+        """The actor's audit log (the sinks of the deployed ``audit`` config)."""
+        if self._audit is None:
+            self._audit = AuditLog(self.args.audit)
+        return self._audit
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The caller behind ``token``.
+
+        Raises:
+            Unauthorized: auth is required and the token is missing or unknown (audited).
+        """
+        try:
+            return self.authenticator.authenticate(token)
+        except RockError as exc:
+            self.audit.record(
+                AuditEvent(
+                    action="auth",
+                    token_name="-",
+                    namespace="-",
+                    status=exc.status,
+                    code=exc.code.value,
+                    client="ray",
+                    detail={"transport": "ray"},
+                )
+            )
+            raise
+
+    def _namespace(self, principal: Principal, hint: str | None) -> str:
+        """Where the caller's creates go: its token's namespace (with auth disabled, the
+        client's ``tenant``).
+        """
+        if self.authenticator.required or not hint:
+            return principal.namespace
+        return hint
+
+    @contextlib.asynccontextmanager
+    async def audited(
+        self,
+        principal: Principal,
+        action: str,
+        sandbox_id: str | None = None,
+        *,
+        status: int = 200,
+        **fields: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Record one audit event for the block (its outcome is the block's, or its error's)."""
+        started = time.perf_counter()
+        event: dict[str, Any] = {"sandbox_id": sandbox_id, "detail": {}, **fields}
+        event["detail"] = {**event["detail"], "transport": "ray"}
+        if event.get("command") is not None:
+            event["command"] = self.audit.command(event["command"])
+        code = "ok"
+        try:
+            yield event
+        except BaseException as exc:
+            if isinstance(exc, RockError):
+                status, code = exc.status, exc.code.value
+            elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                status, code = 499, "cancelled"
+            else:
+                status, code = 500, ErrorCode.INTERNAL.value
+            raise
+        finally:
+            if self.audit.enabled:
+                self.audit.record(
+                    AuditEvent(
+                        action=action,
+                        token_name=principal.name,
+                        namespace=principal.namespace,
+                        admin=principal.admin,
+                        status=status,
+                        code=code,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                        client="ray",
+                        **event,
+                    )
+                )
+
+    # ------------------------------------------------------------------ control plane
+
+    async def control(
+        self, scheduler: Any, token: str | None, method: str, args: tuple[Any, ...]
+    ) -> Any:
+        """A Scheduler call from the Ray transport (``scheduler`` is the Scheduler itself).
+
+        Raises:
+            Unauthorized: no or an unknown token while auth is required.
+            InvalidRequest: ``method`` is not one the Ray transport offers.
+            SandboxNotFound: unknown, or in a namespace the caller may not see.
+            PermissionDenied: a non-admin asked to list another namespace.
+        """
+        if method not in CONTROL_METHODS:
+            raise InvalidRequest(f"no Ray-transport method {method!r}")
+        if method == "health":  # like GET /v1/health: no token needed; Workers for admins
+            principal = (
+                self.authenticate(token) if token or not self.authenticator.required else None
+            )
+            health = await scheduler.health()
+            if principal is None or not principal.admin:
+                return health.model_copy(update={"workers": []})
+            return health
+        principal = self.authenticate(token)
+        if method == "create":
+            req = args[0]
+            namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
+            detail = {"owner": req.owner, "image": req.image, "network": req.network}
+            async with self.audited(
+                principal, "create", status=201, env_keys=sorted(req.env), detail=detail
+            ) as event:
+                record: SandboxRecord = await scheduler.create(req, namespace)
+                event["sandbox_id"] = record.id
+            return record
+        if method == "get":
+            return await self._visible(scheduler.get, principal, args[0])
+        if method == "list":
+            owner, state, labels = (list(args) + [None, None, None])[:3]
+            wanted = args[3] if len(args) > 3 else None
+            if not principal.admin:
+                if wanted is not None and wanted != principal.namespace:
+                    raise PermissionDenied(
+                        f"token {principal.name!r} may only list namespace {principal.namespace!r}"
+                    )
+                wanted = principal.namespace
+            return await scheduler.list(owner, state, labels, wanted)
+        if method == "delete":
+            async with self.audited(principal, "delete", args[0], status=204):
+                await self._visible(scheduler.get, principal, args[0])
+                await scheduler.delete(args[0])
+            return None
+        # delete_by_token
+        namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
+        async with self.audited(
+            principal, "delete", status=204, detail={"by": "client_token"}
+        ) as event:
+            event["sandbox_id"] = await scheduler.delete_by_token(args[0], namespace)
+        return event["sandbox_id"]
+
+    @staticmethod
+    async def _visible(
+        get: Callable[[str], Awaitable[SandboxRecord]], principal: Principal, sandbox_id: str
+    ) -> SandboxRecord:
+        record = await get(sandbox_id)
+        if not principal.may_see(record.namespace):
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        return record
+
+    # ------------------------------------------------------------------ data plane
+
+    async def _check(self, worker: Any, principal: Principal, sandbox_id: str) -> None:
+        if not principal.admin:
+            await self._visible(worker.get, principal, sandbox_id)
+
+    async def data(
+        self, worker: Any, token: str | None, method: str, sandbox_id: str, args: tuple[Any, ...]
+    ) -> Any:
+        """A Worker call from the Ray transport (``worker`` is the Worker itself).
+
+        Raises:
+            Unauthorized: no or an unknown token while auth is required.
+            InvalidRequest: ``method`` is not one the Ray transport offers.
+            SandboxNotFound: unknown, or in a namespace the caller may not see.
+        """
+        if method not in DATA_METHODS:
+            raise InvalidRequest(f"no Ray-transport method {method!r}")
+        principal = self.authenticate(token)
+        action = DATA_METHODS[method]
+        if action is None:
+            await self._check(worker, principal, sandbox_id)
+            return await getattr(worker, method)(sandbox_id, *args)
+        async with self.audited(principal, action, sandbox_id, **_fields(method, args)):
+            await self._check(worker, principal, sandbox_id)
+            return await getattr(worker, method)(sandbox_id, *args)
+
+    async def data_stream(
+        self, worker: Any, token: str | None, method: str, sandbox_id: str, args: tuple[Any, ...]
+    ) -> AsyncIterator[Any]:
+        """A streaming Worker call from the Ray transport (see :meth:`data`)."""
+        if method not in STREAM_METHODS:
+            raise InvalidRequest(f"no Ray-transport stream {method!r}")
+        principal = self.authenticate(token)
+        fields = _fields(method, args)
+        async with self.audited(principal, STREAM_METHODS[method], sandbox_id, **fields):
+            await self._check(worker, principal, sandbox_id)
+            async for item in getattr(worker, method)(sandbox_id, *args):
+                yield item
