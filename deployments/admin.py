@@ -40,7 +40,15 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 import rock_serve
 from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
-from rock_serve.deployments import _compat, _console, _gem, _notify, _rock_api, _swerex_api
+from rock_serve.deployments import (
+    _compat,
+    _console,
+    _gem,
+    _images,
+    _notify,
+    _rock_api,
+    _swerex_api,
+)
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import (
     Auth,
@@ -306,6 +314,7 @@ app.include_router(
 )
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
+app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)
 # SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.
@@ -450,6 +459,7 @@ class Admin:
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
         _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
+        _images.bind(self.args.namespace)
         _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)
         # A redeploy's new limits reach the long-lived Scheduler; start it up early.
         self._scheduler.configure.remote(self.args)

@@ -52,6 +52,7 @@ from rock_serve.protocol import (
     SandboxRecord,
     SandboxState,
     WorkerStatus,
+    parse_image_ref,
 )
 
 __all__ = ["Scheduler", "WorkerDirectory", "WorkerRef"]
@@ -62,6 +63,16 @@ log = logging.getLogger(__name__)
 _TOMBSTONE_SECONDS = 60.0
 #: Seconds one call to a Worker may take during sync/health before it counts as unresponsive.
 _PROBE_TIMEOUT = 10.0
+
+
+def _image_key(image: str | None) -> str:
+    """One key per image however it is spelled (``python`` = ``docker.io/library/python``)."""
+    if image is None:
+        return ""
+    try:
+        return str(parse_image_ref(image))
+    except ValueError:
+        return image
 
 
 class WorkerRef(Protocol):
@@ -135,6 +146,9 @@ class Scheduler:
         self._records: dict[str, SandboxRecord] = {}
         self._inflight: dict[str, int] = {}  # worker name -> creates in flight
         self._inflight_ids: set[str] = set()
+        #: Image -> Workers whose store holds it (learned from creates and prepulls): placement
+        #: prefers them, so a cold pull happens only where no holder has room.
+        self._holders: dict[str, set[str]] = {}
         #: When this Scheduler registered each sandbox: a Worker listing taken before that
         #: moment must not drop it (the listing may predate the sandbox).
         self._registered: dict[str, float] = {}
@@ -342,8 +356,9 @@ class Scheduler:
         owned = sum(1 for r in self._records.values() if r.worker == worker and self._live(r, now))
         return owned + self._inflight.get(worker, 0)
 
-    def _place(self) -> WorkerRef | None:
-        """The least loaded Worker with room, or None while in-flight caps hold every one back.
+    def _place(self, image: str | None = None) -> WorkerRef | None:
+        """The least loaded Worker with room (preferring those that hold ``image``), or None
+        while in-flight caps hold every one back.
 
         Raises:
             RuntimeUnavailable: no Worker at all.
@@ -364,6 +379,9 @@ class Scheduler:
             )
         if self._inflight_total >= self.args.max_creates_in_flight:
             return None
+        if image is not None:  # (every node has the default image: spread those by load)
+            holders = self._holders.get(_image_key(image), set())
+            loads.sort(key=lambda pair: (pair[1].name not in holders, pair[0]))
         for load, worker in loads:
             if (
                 load < self.args.max_sandboxes_per_node
@@ -450,7 +468,7 @@ class Scheduler:
         deadline = loop.time() + self.args.create_queue_timeout_seconds
         try:
             while True:
-                worker = self._place() if self._queue[0] is ticket else None
+                worker = self._place(req.image) if self._queue[0] is ticket else None
                 if worker is not None:
                     self._check_quota(namespace, req)
                     self._inflight[worker.name] = self._inflight.get(worker.name, 0) + 1
@@ -543,6 +561,8 @@ class Scheduler:
             self._release(worker.name, namespace, held)
             self._inflight_ids.discard(sandbox_id)
         sandbox_id = record.id  # a Worker may serve the create from its warm pool
+        if req.image is not None:
+            self._holders.setdefault(_image_key(req.image), set()).add(worker.name)
         self._records[sandbox_id] = record
         self._registered[sandbox_id] = self._clock()
         await self._save(record)
@@ -553,6 +573,14 @@ class Scheduler:
             extra={"sandbox_id": sandbox_id, "owner": req.owner, "namespace": namespace},
         )
         return record
+
+    async def note_image(self, worker: str, image: str, held: bool = True) -> None:
+        """A Worker's store now holds (or no longer holds) ``image`` (from the image routes)."""
+        holders = self._holders.setdefault(_image_key(image), set())
+        if held:
+            holders.add(worker)
+        else:
+            holders.discard(worker)
 
     # ------------------------------------------------------------------ registry
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
+from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.errors import (
@@ -85,8 +87,13 @@ LABEL_WORKER = "rock.worker"
 LABEL_RECORD = "rock.record"
 #: Label of sandboxes made for the warm pool (a restarted Worker removes them).
 LABEL_WARM = "rock.warm"
-#: Spec fields a create must leave at their defaults to be served from the warm pool.
-_WARM_SPEC = SandboxSpec().model_dump(exclude={"labels", "owner"})
+
+
+def _pool_key(spec: SandboxSpec) -> str:
+    """Which warm pool can serve ``spec`` (equal keys: interchangeable sandboxes)."""
+    return json.dumps(spec.model_dump(mode="json", exclude={"labels", "owner"}), sort_keys=True)
+
+
 #: How many removed sandboxes a Worker remembers (and why) for late callers.
 _GRAVEYARD = 4096
 #: Idempotency keys of commands a Worker remembers, and for how long (seconds).
@@ -102,6 +109,7 @@ class _Box:
     handle: RockletHandle
     runtime: Runtime
     watcher: asyncio.Task[None] | None = None
+    pool: str = ""  # the warm pool's key, while it waits in one
 
 
 @dataclass
@@ -130,7 +138,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker:
+class Worker(ImagesWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -204,27 +212,45 @@ class Worker:
     # ------------------------------------------------------------------ warm pool
 
     def _warm_target(self) -> int:
+        return sum(target for _, _, target in self._pool_targets())
+
+    def _pool_targets(self) -> list[tuple[str, SandboxSpec, int]]:
+        """(key, spec, target) of each warm pool: the default one, then ``warm_pools``."""
         if self._runtime is None or self._runtime.name in ("docker", "gvisor"):
-            return 0
+            return []
         room = self.args.max_sandboxes_per_node - len(self._boxes) - len(self._creating)
-        return max(0, min(self.args.warm_pool_size, room))
+        out = []
+        pools = [(SandboxSpec(), self.args.warm_pool_size)] + [
+            (SandboxSpec(image=p.image, resources=p.resources), p.size)
+            for p in self.args.warm_pools
+        ]
+        for spec, size in pools:
+            target = max(0, min(size, room))
+            room -= target
+            out.append((_pool_key(spec), spec, target))
+        return out
 
     async def _warm_loop(self) -> None:
-        """Keep the pool at its target: one sandbox at a time, so it never crowds creates."""
+        """Keep each pool at its target: one sandbox at a time, so it never crowds creates."""
         while True:
             await self._warm_wanted.wait()
             self._warm_wanted.clear()
-            while len(self._warm) < self._warm_target() and self._broken is None:
-                try:
-                    self._warm.append(await self._make_warm())
-                except Exception as exc:
-                    log.warning("worker %s: warm pool refill failed: %r", self.name, exc)
-                    break
-            while len(self._warm) > self._warm_target():
-                await self._discard(self._warm.pop())
+            targets = self._pool_targets()
+            for key, spec, target in targets:
+                while sum(b.pool == key for b in self._warm) < target and self._broken is None:
+                    try:
+                        self._warm.append(await self._make_warm(spec, key))
+                    except Exception as exc:
+                        log.warning("worker %s: warm pool refill failed: %r", self.name, exc)
+                        break
+            wanted = {key: target for key, _, target in targets}
+            for box in list(reversed(self._warm)):
+                if sum(b.pool == box.pool for b in self._warm) > wanted.get(box.pool, 0):
+                    self._warm.remove(box)
+                    await self._discard(box)
             self._publish()
 
-    async def _make_warm(self) -> _Box:
+    async def _make_warm(self, pool: SandboxSpec | None = None, key: str = "") -> _Box:
         runtime = self._runtime
         assert runtime is not None
         sandbox_id = f"sb-{self.name}-{secrets.token_hex(8)}"
@@ -236,7 +262,10 @@ class Worker:
             node_id=self.node_id,
             created_at=now,
         )
-        spec = SandboxSpec(labels={LABEL_WORKER: self.name, LABEL_WARM: "1"})
+        spec = (pool or SandboxSpec()).model_copy(
+            update={"labels": {LABEL_WORKER: self.name, LABEL_WARM: "1"}}
+        )
+        record.image, record.resources = spec.image, spec.resources
         try:
             await runtime.create(sandbox_id, spec)
             handle = await runtime.start(sandbox_id)
@@ -244,7 +273,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.shield(runtime.remove(sandbox_id))
             raise
-        return _Box(record, handle, runtime)
+        return _Box(record, handle, runtime, pool=key or _pool_key(spec))
 
     async def _discard(self, box: _Box) -> None:
         with contextlib.suppress(Exception):
@@ -253,13 +282,18 @@ class Worker:
             await box.runtime.remove(box.record.id)
 
     def _take_warm(self, spec: SandboxSpec) -> _Box | None:
-        """A started sandbox from the pool for a create of the default spec, if any."""
-        if not self._warm or spec.model_dump(exclude={"labels", "owner"}) != _WARM_SPEC:
+        """A started sandbox from the pool whose spec is the create's, if any."""
+        if not self._warm:
             return None
-        while self._warm:
-            box = self._warm.pop(0)
+        key = _pool_key(spec)
+        while True:
+            box = next((b for b in self._warm if b.pool == key), None)
+            if box is None:
+                break
+            self._warm.remove(box)
             if box.handle.alive and box.runtime is self._runtime:
                 self._warm_wanted.set()
+                box.pool = ""
                 return box
             asyncio.ensure_future(self._discard(box))
         self._warm_wanted.set()
@@ -409,6 +443,7 @@ class Worker:
         if sandbox_id in self._boxes or sandbox_id in self._creating:
             raise Conflict(f"sandbox {sandbox_id!r} exists already")
         spec = SandboxSpec.model_validate(req.model_dump(exclude=set(LIFECYCLE_FIELDS)))
+        spec.registry_auth = req.registry_auth  # excluded from dumps: never stored
         resources = effective_resources(req.resources, self.args.runtime)
         check_resources(resources, self._node, self.args)
         now = self._clock()

@@ -33,6 +33,9 @@ __all__ = [
     "TracingConfig",
     "CompatConfig",
     "DOCKER_TEST_IMAGE",
+    "DEFAULT_IMAGE",
+    "ImageStoreConfig",
+    "WarmPoolConfig",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
     "EgressPolicyConfig",
@@ -240,6 +243,53 @@ class LocalRuntimeConfig(_Config):
         return LocalRuntime(self)
 
 
+#: The default sandbox image: the offline Debian base (bookworm minbase + python3) that
+#: ``scripts/build-test-images`` writes as an OCI layout (``scripts/setup`` and CI run it).
+DEFAULT_IMAGE = "oci:/var/cache/rock-serve/images:bookworm"
+
+
+class ImageStoreConfig(_Config):
+    """A node's image store: pulled images, their layers unpacked once and shared."""
+
+    root: str = Field(
+        default="/var/lib/rock-serve/images",
+        description="Directory of the store (layers/sha256/<diffid>/, images/, tmp/). Keep "
+        "the path short: overlay mount options list every layer's path.",
+    )
+    default_image: str = Field(
+        default=DEFAULT_IMAGE,
+        description="Image of a sandbox whose spec names none (never the host's root).",
+    )
+    max_bytes: int = Field(
+        default=50 * 1024**3,
+        ge=0,
+        description="Disk budget of unpacked layers; unused images are evicted (least recently "
+        "used first) to stay under it; 0 = no limit.",
+    )
+    pull_attempts: int = Field(
+        default=3, ge=1, le=10, description="Tries of a pull whose source does not answer."
+    )
+    retry_backoff_seconds: float = Field(
+        default=0.5, ge=0, description="First wait between tries (doubled each time)."
+    )
+    pull_timeout_seconds: float = Field(
+        default=1800, gt=0, description="Longest one skopeo transfer may take."
+    )
+    skopeo_path: str = Field(default="skopeo", description="The skopeo binary (name or path).")
+    local_sources: list[str] = Field(
+        default_factory=lambda: ["/var/cache/rock-serve/"],
+        description="Host directories under which oci:, oci-archive: and docker-archive: "
+        "image paths may be (any caller may name one: keep this to image caches).",
+    )
+    allow_docker_daemon: bool = Field(
+        default=True, description="Allow docker-daemon: images (the node's Docker images)."
+    )
+    insecure_registries: list[str] = Field(
+        default_factory=list,
+        description="Registries (host:port) reached over plain HTTP besides loopback ones.",
+    )
+
+
 class BwrapRuntimeConfig(_Config):
     """Bubblewrap sandboxes: namespaces, an overlayfs root per sandbox, cgroup limits."""
 
@@ -346,6 +396,11 @@ class BwrapRuntimeConfig(_Config):
     path: str = Field(
         default="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         description="PATH inside the sandbox unless the spec's env sets one.",
+    )
+    images: ImageStoreConfig | None = Field(
+        default_factory=ImageStoreConfig,
+        description="The node's image store; a spec without image gets its default_image. "
+        "None = no store: images must be host directories and the default is rootfs.",
     )
 
     def build(self) -> Runtime:
@@ -859,6 +914,18 @@ class CompatConfig(_Config):
     )
 
 
+class WarmPoolConfig(_Config):
+    """Started sandboxes of one image spec that each Worker keeps ready."""
+
+    image: str | None = Field(default=None, description="Image; None = the default image.")
+    size: int = Field(default=1, ge=0, le=1024, description="Sandboxes kept per Worker.")
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Limits of the pool's sandboxes (a create must "
+        "ask for the same ones to take one).",
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -992,6 +1059,13 @@ class ServerArgs(_Config):
         "default spec (no image, resources, network, env or workdir of their own): such a "
         "create takes one instead of starting a sandbox. They count against "
         "max_sandboxes_per_node. bwrap and local only (a docker Worker ignores it).",
+    )
+    warm_pools: list[WarmPoolConfig] = Field(
+        default_factory=list,
+        description="Per-image warm pools ({image, size, resources}): a create whose spec is "
+        "the pool's (same image and resources, no network, env or workdir of its own) takes "
+        "a started sandbox from it. Filled after warm_pool_size's default pool, within "
+        "max_sandboxes_per_node; bwrap and local only.",
     )
     upload_idle_seconds: float = Field(
         default=60.0, gt=0, description="A chunked upload idle this long is aborted."

@@ -16,6 +16,7 @@ __all__ = [
     "ErrorCode",
     "FileNotFound",
     "ImageNotFound",
+    "ImageStoreFull",
     "InternalError",
     "InvalidConfig",
     "InvalidRequest",
@@ -25,6 +26,8 @@ __all__ = [
     "PathOutsideSandbox",
     "PermissionDenied",
     "RateLimited",
+    "RegistryUnauthorized",
+    "RegistryUnavailable",
     "ResourceExhausted",
     "RockError",
     "RockletUnavailable",
@@ -63,6 +66,9 @@ class ErrorCode(str, Enum):
     SESSION_NOT_FOUND = "session_not_found"
     FILE_NOT_FOUND = "file_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
+    REGISTRY_UNAUTHORIZED = "registry_unauthorized"
+    REGISTRY_UNAVAILABLE = "registry_unavailable"
+    IMAGE_STORE_FULL = "image_store_full"
     CONFLICT = "conflict"
     SESSION_EXISTS = "session_exists"
     SESSION_BUSY = "session_busy"
@@ -188,6 +194,27 @@ class ImageNotFound(NotFound):
     """The image or rootfs does not exist."""
 
     code = ErrorCode.IMAGE_NOT_FOUND
+
+
+class RegistryUnauthorized(RockError, PermissionError):
+    """The registry refused the credentials given for an image (or asked for some)."""
+
+    code = ErrorCode.REGISTRY_UNAUTHORIZED
+    status = 403
+
+
+class RegistryUnavailable(RockError, ConnectionError):
+    """The image's source (registry, Docker daemon) did not answer, after retries."""
+
+    code = ErrorCode.REGISTRY_UNAVAILABLE
+    status = 502
+
+
+class ImageStoreFull(RockError, OSError):
+    """The node's image store cannot fit the image, even after evicting unused images."""
+
+    code = ErrorCode.IMAGE_STORE_FULL
+    status = 507
 
 
 class Conflict(RockError, RuntimeError):

@@ -33,8 +33,10 @@ from rock_serve.protocol import (
     CreateSandboxRequest,
     ExecRequest,
     ExecResult,
+    ImagePullRequest,
     MkdirRequest,
     OutputChunk,
+    RegistryAuth,
     RemoveRequest,
     SandboxState,
     SessionCreateRequest,
@@ -284,9 +286,43 @@ def create_sandbox(request: CreateSandboxRequest) -> Call:
     return Call(
         "POST",
         f"{API_PREFIX}/sandboxes",
-        json=_dump(request),
+        json={**_dump(request), **_auth_body(request.registry_auth)},
         idempotency_key=request.client_token,
     )
+
+
+def _auth_body(auth: RegistryAuth | None) -> dict[str, Any]:
+    """Registry credentials as sent (the model never dumps them, so records never hold them)."""
+    if auth is None:
+        return {}
+    body: dict[str, Any] = {"username": auth.username}
+    if auth.password is not None:
+        body["password"] = auth.password.get_secret_value()
+    if auth.token is not None:
+        body["token"] = auth.token.get_secret_value()
+    return {"registry_auth": body}
+
+
+def pull_images(request: ImagePullRequest) -> Call:
+    """``POST /v1/images/pull`` (NDJSON progress; no read timeout: pulls may be long)."""
+    body = {**_dump(request.model_copy(update={"auth": None})), **_auth_body(request.auth)}
+    body["auth"] = body.pop("registry_auth", None)
+    return Call("POST", f"{API_PREFIX}/images/pull", json=body, read_timeout=None)
+
+
+def commit_sandbox(sandbox_id: str, image: str) -> Call:
+    """``POST /v1/sandboxes/{id}/commit`` (no read timeout: a big upper dir takes a while)."""
+    return Call("POST", _sandbox(sandbox_id, "commit"), json={"image": image}, read_timeout=None)
+
+
+def list_images() -> Call:
+    """``GET /v1/images``."""
+    return Call("GET", f"{API_PREFIX}/images")
+
+
+def remove_image(ref: str) -> Call:
+    """``DELETE /v1/images/{ref}``."""
+    return Call("DELETE", f"{API_PREFIX}/images/{quote(ref, safe='/:@')}")
 
 
 def get_sandbox(sandbox_id: str) -> Call:

@@ -17,15 +17,20 @@ import httpx
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
+    CommitResult,
     CreateSandboxRequest,
     ExecRequest,
     ExecResult,
     FileInfo,
     FileWritten,
     Health,
+    ImageList,
+    ImagePullEvent,
+    ImagePullRequest,
     ListDirResult,
     MkdirRequest,
     OutputChunk,
+    RegistryAuth,
     RemoveRequest,
     SandboxList,
     SandboxRecord,
@@ -613,3 +618,56 @@ class Client:
             data: The archive's bytes.
         """
         self._send(_base.upload_archive(sandbox_id, path, data))
+
+    # -----------------------------------------------------------------------------------------
+    # Images
+
+    def pull_images(
+        self,
+        images: list[str],
+        *,
+        nodes: list[str] | None = None,
+        auth: RegistryAuth | None = None,
+    ) -> Iterator[ImagePullEvent]:
+        """Prepull images into the nodes' stores, yielding progress as it comes.
+
+        Args:
+            images: References to pull.
+            nodes: Worker names to pull on; None = every Worker.
+            auth: Registry credentials (sent once, never stored).
+
+        Yields:
+            Progress events; each node and image ends with ``done`` or ``error``.
+        """
+        request = ImagePullRequest(images=images, nodes=nodes, auth=auth)
+        response = self._send(_base.pull_images(request), stream=True)
+        try:
+            for line in response.iter_lines():
+                if line.strip():
+                    yield ImagePullEvent.model_validate_json(line)
+        finally:
+            response.close()
+
+    def commit_sandbox(self, sandbox_id: str, image: str) -> CommitResult:
+        """Save a sandbox's files as a new image on its node (usable at once there).
+
+        Args:
+            sandbox_id: The sandbox id.
+            image: The new image's reference (``repo:tag``).
+
+        Returns:
+            The image's reference and node.
+        """
+        return _base.parse(self._send(_base.commit_sandbox(sandbox_id, image)), CommitResult)
+
+    def list_images(self) -> ImageList:
+        """The images each node's store holds (refs, digest, size, last use, in use)."""
+        return _base.parse(self._send(_base.list_images()), ImageList)
+
+    def remove_image(self, ref: str) -> None:
+        """Remove an image from every node's store (admin; 409 while a sandbox uses it).
+
+        Args:
+            ref: The reference or image id.
+        """
+        self._send(_base.remove_image(ref))

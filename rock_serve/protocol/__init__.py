@@ -49,6 +49,17 @@ from rock_serve.protocol.files import (
     RemoveRequest,
     WriteFileRequest,
 )
+from rock_serve.protocol.images import (
+    CommitRequest,
+    CommitResult,
+    ImageInfo,
+    ImageList,
+    ImagePullEvent,
+    ImagePullRequest,
+    ImageRef,
+    RegistryAuth,
+    parse_image_ref,
+)
 from rock_serve.protocol.sandbox import (
     FailureReason,
     Resources,
@@ -59,6 +70,8 @@ from rock_serve.protocol.sandbox import (
 )
 
 __all__ = [
+    "CommitRequest",
+    "CommitResult",
     "CreateSandboxRequest",
     "FileWritten",
     "Health",
@@ -89,10 +102,16 @@ __all__ = [
     "ExecResult",
     "FailureReason",
     "FileInfo",
+    "ImageInfo",
+    "ImageList",
+    "ImagePullEvent",
+    "ImagePullRequest",
+    "ImageRef",
     "ListDirResult",
     "MkdirRequest",
     "OutputChunk",
     "ReadFileRequest",
+    "RegistryAuth",
     "RemoveRequest",
     "Resources",
     "SandboxInfo",
@@ -110,4 +129,5 @@ __all__ = [
     "WriteFileRequest",
     "decode_text",
     "encode_bytes",
+    "parse_image_ref",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rock_serve.protocol._base import WireModel
+from rock_serve.protocol.images import RegistryAuth, parse_image_ref
 
 
 class SandboxState(str, Enum):
@@ -74,7 +75,14 @@ class SandboxSpec(WireModel):
     image: str | None = Field(
         default=None,
         max_length=512,
-        description="Image (docker) or rootfs directory (bwrap); None = the runtime's default.",
+        description="Image reference (`python:3.11`, `registry:5000/org/task:v2`, "
+        "`name@sha256:...`, `oci:/layout:tag`, `docker-daemon:ref`) or an absolute rootfs "
+        "directory; None = the runtime's default image.",
+    )
+    registry_auth: RegistryAuth | None = Field(
+        default=None,
+        exclude=True,
+        description="Credentials for pulling `image` (used once; never stored or returned).",
     )
     resources: Resources = Field(default_factory=Resources, description="Resource limits.")
     network: Literal["none", "host", "bridge"] = Field(
@@ -102,6 +110,13 @@ class SandboxSpec(WireModel):
         "equivalent) to every process; 'unconfined' turns it off and only an admin token "
         "may ask for it (403 otherwise).",
     )
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_image_ref(value)  # ValueError -> a validation error (422 over HTTP)
+        return value
 
 
 class SandboxInfo(WireModel):

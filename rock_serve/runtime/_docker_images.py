@@ -33,7 +33,7 @@ def valid_reference(repo: str, tag: str) -> bool:
     return bool(_REPO.match(repo) and _TAG.match(tag))
 
 
-def pull(api: Any, ref: str) -> None:
+def pull(api: Any, ref: str, auth_config: dict[str, str] | None = None) -> None:
     """Pull ``ref``, logging progress every 2 s.
 
     Raises:
@@ -43,7 +43,8 @@ def pull(api: Any, ref: str) -> None:
     repo, tag = docker.utils.parse_repository_tag(ref)
     started = last = time.monotonic()
     layers: dict[str, tuple[int, int]] = {}
-    for event in api.pull(repo, tag=tag or "latest", stream=True, decode=True):
+    events = api.pull(repo, tag=tag or "latest", stream=True, decode=True, auth_config=auth_config)
+    for event in events:
         if "error" in event:
             raise docker.errors.APIError(str(event["error"]))
         detail = event.get("progressDetail") or {}

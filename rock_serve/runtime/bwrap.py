@@ -47,6 +47,7 @@ import ctypes
 import ctypes.util
 import glob
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -67,6 +68,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
@@ -86,6 +88,7 @@ from rock_serve.runtime._state import (
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime._userns import SlotPool, UsernsCache, idmapped_mount
 from rock_serve.runtime.base import Runtime
+from rock_serve.runtime.images import ImageStore
 
 __all__ = ["AGENT_MOUNT", "BwrapRuntime", "mounts_under"]
 
@@ -97,6 +100,8 @@ AGENT_MOUNT = "/.rock"
 START_TIMEOUT = 30.0
 _MNT_DETACH = 2
 _OPAQUE = "trusted.overlay.opaque"
+#: A sandbox's root: its lower dirs (top first) and the image config the start honours.
+_ROOT_FILE = "root.json"
 #: Runs as the sandbox's host-side first process: joins the cgroups, then becomes bwrap with
 #: the seccomp program on fd 8, the env file on fd 9 and, with a user namespace, that
 #: namespace on fd 7, the root (merged/) on fd 6 and the rocklet's dir on fd 5: opened here,
@@ -311,6 +316,10 @@ class BwrapRuntime(Runtime):
         if config.userns:
             self._init_userns()
         self._handles: dict[str, RockletHandle] = {}
+        self.images = ImageStore(config.images) if config.images is not None else None
+        self._node_python: NodePython | None = None
+        if self.images is not None:
+            self._adopt_images(self.images)
 
     # ------------------------------------------------------------------ helpers
 
@@ -445,15 +454,66 @@ class BwrapRuntime(Runtime):
         _check_path_option(lower, "rootfs")
         return [lower]
 
+    async def _root(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, object]:
+        """Resolve the spec's image (pulling it) into lowers + the config the start honours.
+
+        No image: the store's default image. An absolute path: :meth:`_lower`'s rules.
+        """
+        ref = spec.image
+        if self.images is None or (ref is not None and ref.startswith("/")):
+            return {"lowers": self._lower(spec), "host": True}
+        img = await self.images.get(ref or self.images.config.default_image, spec.registry_auth)
+        self.images.acquire(img, sandbox_id)
+        return {
+            "lowers": list(reversed(self.images.layer_dirs(img))),
+            "host": False,
+            "image_id": img.id,
+            "env": img.env_dict(),
+            "workdir": img.workdir,
+            "python": img.python,
+        }
+
+    def _adopt_images(self, store: ImageStore) -> None:
+        """Sandboxes of an earlier instance keep their images in use."""
+        for meta in list_metas(self.state_dir, self.name):
+            image_id = self._read_root(meta.id).get("image_id")
+            img = store.lookup(str(image_id)) if image_id else None
+            if img is not None:
+                store.acquire(img, meta.id)
+
+    def _read_root(self, sandbox_id: str) -> dict[str, object]:
+        try:
+            with open(os.path.join(self._dir(sandbox_id), _ROOT_FILE)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _python_argv(self, root: dict[str, object]) -> tuple[list[str], list[str]]:
+        """(bwrap mount args, interpreter argv) for the rocklet in this root."""
+        if root.get("host", True) or root.get("python"):
+            return [], [str(root.get("python") or self.config.python)]
+        if self._node_python is None:
+            # readable by a sandbox's own uid (userns): next to the rocklet's dir
+            base = self.roots_dir if self.slots is not None else self.state_dir
+            self._node_python = node_python_bundle(base)
+        mounts: list[str] = []
+        for src, dst in self._node_python.mounts():
+            mounts += ["--ro-bind", src, dst]
+        return mounts, self._node_python.argv()
+
     # ------------------------------------------------------------------ sync parts
 
-    def _create_sync(self, sandbox_id: str, spec: SandboxSpec, lower: list[str]) -> SandboxMeta:
+    def _create_sync(
+        self, sandbox_id: str, spec: SandboxSpec, root: dict[str, object]
+    ) -> SandboxMeta:
         path = self._dir(sandbox_id)
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
             raise Conflict(f"sandbox {sandbox_id!r} exists already") from None
         uid_base = self.slots.take() if self.slots is not None else None
+        lower = [str(d) for d in root["lowers"]]  # type: ignore[attr-defined]
         try:
             resources = self._resources(spec)
             os.mkdir(os.path.join(path, "merged"), 0o755)
@@ -464,9 +524,13 @@ class BwrapRuntime(Runtime):
                 os.mkdir(os.path.join(rw, sub), 0o755)
             if uid_base is not None:
                 os.chown(os.path.join(rw, "upper"), uid_base, uid_base)  # the sandbox's root
-            if self.skeleton is None or spec.image is not None:
+            if root.get("host") and (self.skeleton is None or spec.image is not None):
                 for hide in self._hidden(lower[0]):
                     hide.apply(os.path.join(rw, "upper"), uid_base or 0)
+            if not root.get("host") and not root.get("python"):
+                self._python_argv(root)  # makes the node's python bundle once, off the loop
+            with open(os.path.join(path, _ROOT_FILE), "w") as f:
+                json.dump(root, f)
             self._mount(path, lower, uid_base)
             self._cgroup(sandbox_id).create(resources)
             if self.net is not None and spec.network != "none":
@@ -559,7 +623,8 @@ class BwrapRuntime(Runtime):
         path = self._dir(sandbox_id)
         if os.path.exists(f"{path}/disk.img") and not os.path.ismount(f"{path}/disk"):
             self._mount_disk(path)
-        self._mount(path, self._lower(spec), meta.uid_base)
+        lowers = self._read_root(sandbox_id).get("lowers") or self._lower(spec)
+        self._mount(path, [str(d) for d in lowers], meta.uid_base)  # type: ignore[attr-defined]
         cg = self._cgroup(sandbox_id)
         if not cg.exists():
             cg.create(self._resources(spec))
@@ -600,7 +665,11 @@ class BwrapRuntime(Runtime):
         namespace; its root and the rocklet's dir come as fds opened by the wrapper.
         """
         cfg = self.config
-        workdir = posixpath.normpath(spec.workdir)
+        root_cfg = self._read_root(sandbox_id)
+        workdir = spec.workdir
+        if workdir == "/root" and root_cfg.get("workdir"):
+            workdir = str(root_cfg["workdir"])  # the image's WorkingDir, unless the spec sets one
+        workdir = posixpath.normpath(workdir)
         if not workdir.startswith("/"):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
         path = self._dir(sandbox_id)
@@ -625,6 +694,8 @@ class BwrapRuntime(Runtime):
             for ctrl, d in sorted(cg.dirs.items()):
                 args += ["--ro-bind", d, f"/sys/fs/cgroup/{ctrl}"]
         args += ["--ro-bind", self.agent_dir, AGENT_MOUNT]
+        py_mounts, python = self._python_argv(root_cfg)
+        args += py_mounts
         args += ["--dir", workdir, "--chdir", workdir]
         # The environment goes through the env file (see _ENV_BOOT), never argv.
         args += ["--clearenv", "--setenv", "PATH", cfg.path]
@@ -635,8 +706,9 @@ class BwrapRuntime(Runtime):
         if cfg.seccomp and spec.seccomp == "default":
             args += ["--seccomp", str(_SECCOMP_FD)]
             seccomp = self.seccomp_file
-        rocklet = agent_argv(cfg.python, AGENT_MOUNT, "--root", "/")
+        rocklet = agent_argv("python3", AGENT_MOUNT, "--root", "/")
         rocklet[4] = _ENV_BOOT + rocklet[4]
+        rocklet = [*python, *rocklet[1:]]
         args += ["--", *rocklet]
         args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
         env_file = os.path.join(path, "env")
@@ -651,6 +723,9 @@ class BwrapRuntime(Runtime):
             "LANG": "C.UTF-8",
             "HOSTNAME": sandbox_id[:63],
         }
+        image_env = self._read_root(sandbox_id).get("env")
+        if isinstance(image_env, dict):
+            env.update({str(k): str(v) for k, v in image_env.items()})
         env.update(spec.env)
         return env
 
@@ -662,8 +737,13 @@ class BwrapRuntime(Runtime):
         await run_sync(check_network, spec.network, spec.egress, self.net)  # may resolve names
         if not posixpath.isabs(spec.workdir):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
-        lower = self._lower(spec)
-        meta = await run_sync(self._create_sync, sandbox_id, spec, lower)
+        root = await self._root(sandbox_id, spec)
+        try:
+            meta = await run_sync(self._create_sync, sandbox_id, spec, root)
+        except BaseException:
+            if self.images is not None:
+                self.images.release(sandbox_id)
+            raise
         return self._info(meta)
 
     async def start(self, sandbox_id: str) -> RockletHandle:
@@ -709,6 +789,8 @@ class BwrapRuntime(Runtime):
         """Kill processes, unmount, remove the cgroup and the files. Idempotent."""
         check_id(sandbox_id)
         await run_sync(self._remove_sync, sandbox_id)
+        if self.images is not None:
+            self.images.release(sandbox_id)
         handle = self._handles.pop(sandbox_id, None)
         if handle is not None:
             await handle.close()
@@ -726,6 +808,30 @@ class BwrapRuntime(Runtime):
 
         return await run_sync(scan)
 
+    async def commit(self, sandbox_id: str, repo: str, tag: str = "latest") -> str:
+        """Save the sandbox's files as image ``repo:tag`` in the node's store; returns its ref.
+
+        Its upper dir becomes one more layer over its image's layers (the rocklet's mount
+        points are left out); the image's config (Env, WorkingDir, User, labels) carries
+        over. New sandboxes on this node can use it at once.
+
+        Raises:
+            SandboxNotFound: no such sandbox.
+            InvalidRequest: a host-root sandbox, or ``repo:tag`` is not a valid reference.
+        """
+        self._meta(sandbox_id)
+        root = self._read_root(sandbox_id)
+        store = self.images
+        image_id = root.get("image_id")
+        parent = store.lookup(str(image_id)) if store is not None and image_id else None
+        if store is None or parent is None:
+            raise InvalidRequest(f"sandbox {sandbox_id!r} is not made from a stored image")
+        upper = os.path.join(self._rw_dir(self._dir(sandbox_id)), "upper")
+        skip = frozenset({AGENT_MOUNT.lstrip("/"), PYTHON_MOUNT.lstrip("/")})
+        shift = self._meta(sandbox_id).uid_base or 0
+        img = await store.commit(upper, parent, f"{repo}:{tag}", skip, shift)
+        return img.refs[0]
+
     async def oom_kills(self, sandbox_id: str) -> int:
         """How many processes of the sandbox the kernel OOM-killed so far."""
         self._meta(sandbox_id)
@@ -737,6 +843,8 @@ class BwrapRuntime(Runtime):
         The user namespaces are let go of: running sandboxes keep theirs.
         """
         self._handles.clear()
+        if self.images is not None:
+            await self.images.close()
         if self.slots is not None:
             self.namespaces.close()
 

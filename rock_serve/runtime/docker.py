@@ -60,6 +60,7 @@ from rock_serve.errors import (
     ImageNotFound,
     InvalidConfig,
     InvalidRequest,
+    RegistryUnauthorized,
     RockError,
     RockletUnavailable,
     RuntimeUnavailable,
@@ -67,7 +68,14 @@ from rock_serve.errors import (
     SandboxNotRunning,
     Timeout,
 )
-from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec, SandboxState
+from rock_serve.protocol import (
+    FailureReason,
+    RegistryAuth,
+    Resources,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxState,
+)
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._docker_images import has_python, pull, python_candidates, valid_reference
 from rock_serve.runtime._docker_node import (
@@ -237,7 +245,7 @@ class DockerRuntime(Runtime):
 
     # ------------------------------------------------------------------ images
 
-    async def _image(self, ref: str) -> dict[str, Any]:
+    async def _image(self, ref: str, auth: RegistryAuth | None = None) -> dict[str, Any]:
         """Inspect ``ref``, pulling it first as the pull policy says.
 
         Raises:
@@ -258,17 +266,17 @@ class DockerRuntime(Runtime):
                     ) from None
             except docker.errors.APIError as exc:
                 raise ImageNotFound(f"image {ref!r}: {_explanation(exc)}") from None
-        await self._pull(ref)
+        await self._pull(ref, auth)
         try:
             return dict(await self._call(api.inspect_image, ref))
         except docker.errors.APIError as exc:
             raise ImageNotFound(f"image {ref!r}: {_explanation(exc)}") from None
 
-    async def _pull(self, ref: str) -> None:
+    async def _pull(self, ref: str, auth: RegistryAuth | None = None) -> None:
         """Pull ``ref`` once even when many creates ask for it at the same time."""
         pending = self._pulls.get(ref)
         if pending is None:
-            pending = asyncio.ensure_future(self._pull_once(ref))
+            pending = asyncio.ensure_future(self._pull_once(ref, auth))
             self._pulls[ref] = pending
             pending.add_done_callback(self._pull_done)
         await asyncio.shield(pending)
@@ -280,15 +288,25 @@ class DockerRuntime(Runtime):
         if not fut.cancelled():
             fut.exception()  # retrieved: the waiters (if any are left) re-raise it
 
-    async def _pull_once(self, ref: str) -> None:
+    async def _pull_once(self, ref: str, auth: RegistryAuth | None = None) -> None:
         api = await self._api()
         timeout = self.config.pull_timeout_seconds
         log.info("docker runtime: pulling %s", ref)
+        creds = None
+        if auth is not None and auth.username is not None and auth.password is not None:
+            creds = {"username": auth.username, "password": auth.password.get_secret_value()}
+        elif auth is not None and auth.token is not None:
+            creds = {"registrytoken": auth.token.get_secret_value()}
         try:
-            await asyncio.wait_for(self._call(pull, api, ref), timeout)
+            await asyncio.wait_for(self._call(pull, api, ref, creds), timeout)
         except asyncio.TimeoutError:
             raise Timeout(f"pulling image {ref!r} took more than {timeout:g}s") from None
         except docker.errors.APIError as exc:
+            text = _explanation(exc).lower()
+            if "unauthorized" in text or "authentication required" in text or "denied" in text:
+                raise RegistryUnauthorized(
+                    f"cannot pull image {ref!r}: {_explanation(exc)}"
+                ) from None
             raise ImageNotFound(f"cannot pull image {ref!r}: {_explanation(exc)}") from None
 
     async def _probe_python(
@@ -486,7 +504,7 @@ class DockerRuntime(Runtime):
                 "addresses are enforced there, on the host)"
             )
         ref = spec.image or self.config.image
-        image = await self._image(ref)
+        image = await self._image(ref, spec.registry_auth)
         image_id = str(image["Id"])
         has_python = self._has_python.get(image_id)
         if has_python is False and not self.config.node_python:

@@ -14,6 +14,7 @@ from rock_serve import __version__
 from rock_serve.config import parse_runtime_config
 from rock_serve.errors import RockError
 from rock_serve.sdk.cli._env import env_app
+from rock_serve.sdk.cli._image import image_app
 from rock_serve.sdk.cli._sandbox import sandbox_app
 from rock_serve.sdk.cli._token import token_app
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(env_app, name="env")
 app.add_typer(token_app, name="token")
+app.add_typer(image_app, name="image")
 console = Console()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -289,3 +289,23 @@ async def test_configure_reaches_the_workers_and_changes_limits():
     await scheduler.create(CreateSandboxRequest())
     with pytest.raises(RateLimited):
         await scheduler.create(CreateSandboxRequest())
+
+
+async def test_placement_prefers_workers_that_hold_the_image():
+    scheduler, _, _ = _scheduler([A, B], max_sandboxes_per_node=3)
+    # b holds the image (a prepull told the Scheduler); a is emptier but would have to pull
+    await scheduler.note_image("bbbbbbbbbbbb", "python:3.11")
+    first = await scheduler.create(CreateSandboxRequest(image="docker.io/library/python:3.11"))
+    assert first.worker == "bbbbbbbbbbbb"
+    # a create of another image still goes to the least loaded Worker, which then holds it
+    other = await scheduler.create(CreateSandboxRequest(image="busybox"))
+    assert other.worker == "aaaaaaaaaaaa"
+    again = await scheduler.create(CreateSandboxRequest(image="busybox:latest"))
+    assert again.worker == "aaaaaaaaaaaa"  # a holds busybox now, although b is as loaded
+    # holders full: a cold pull on the Worker with room
+    await scheduler.create(CreateSandboxRequest(image="python:3.11"))
+    await scheduler.create(CreateSandboxRequest(image="python:3.11"))
+    spill = await scheduler.create(CreateSandboxRequest(image="python:3.11"))
+    assert spill.worker == "aaaaaaaaaaaa"
+    await scheduler.note_image("bbbbbbbbbbbb", "python:3.11", held=False)
+    assert "bbbbbbbbbbbb" not in scheduler._holders["docker.io/library/python:3.11"]

@@ -196,3 +196,34 @@ async def test_the_warm_pool_serves_default_creates_and_refills(made):
     second = await _worker(made, runtime, clock)
     assert {r.id for r in await second.list()} == {custom.id}
     assert [i.id for i in await runtime.list()] == [custom.id]
+
+
+async def test_per_image_warm_pools_serve_matching_creates(made):
+    clock, runtime = Clock(), FakeRuntime()
+    pools = [
+        {"image": "task/a:v1", "size": 2},
+        {"image": "task/b:v1", "size": 1, "resources": {"memory_mb": 512}},
+    ]
+    worker = await _worker(
+        made, runtime, clock, warm_pool_size=1, warm_pools=pools, max_sandboxes_per_node=5
+    )
+    await _pool(worker, 4)
+    by_pool = sorted(box.record.image or "-" for box in worker._warm)
+    assert by_pool == ["-", "task/a:v1", "task/a:v1", "task/b:v1"]
+    warm_ids = {box.record.image: box.record.id for box in worker._warm}
+    a = await worker.create("sb-w1-aaaaaaaa", CreateSandboxRequest(image="task/a:v1"), ttl=60)
+    assert a.id != "sb-w1-aaaaaaaa" and a.history[-1].reason == "warm_pool"
+    # same image, other resources: not the pool's spec, so made afresh
+    b_other = await worker.create("sb-w1-bbbbbbbb", CreateSandboxRequest(image="task/b:v1"), ttl=60)
+    assert b_other.id == "sb-w1-bbbbbbbb"
+    b = await worker.create(
+        "sb-w1-cccccccc",
+        CreateSandboxRequest(image="task/b:v1", resources={"memory_mb": 512}),
+        ttl=60,
+    )
+    assert b.id == warm_ids["task/b:v1"] and b.image == "task/b:v1"
+    info = await runtime.inspect(b.id)
+    assert info.image == "task/b:v1"
+    # room left: 5 - 3 used = 2 -> the default pool (1) first, then task/a (1)
+    await _pool(worker, 2)
+    assert sorted(box.record.image or "-" for box in worker._warm) == ["-", "task/a:v1"]

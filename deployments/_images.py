@@ -1,0 +1,240 @@
+"""Image routes (``/v1/images``) on the Admin and their Worker side.
+
+- ``POST /v1/images/pull`` (:class:`ImagePullRequest`): every named image on every (or the
+  named) Worker, concurrently; the reply is NDJSON :class:`ImagePullEvent` lines (each tagged
+  with its node) ending, per node and image, with ``done`` or ``error``. A pull already in
+  flight on a node (a create's, say) is joined, not repeated.
+- ``GET /v1/images``: :class:`ImageList`, per node: refs, digest, size, last use, in use.
+- ``DELETE /v1/images/{ref}``: removes it from every node's store (409 where a sandbox uses it).
+
+Wiring: ``admin.py`` includes :data:`router` (one line) and calls :func:`bind`; the Worker
+class inherits :class:`ImagesWorker`, whose methods reach its runtime's image store.
+"""
+
+# No "from __future__ import annotations": FastAPI reads these annotations at include time.
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+from fastapi.responses import StreamingResponse
+
+from rock_serve.auth import Principal
+from rock_serve.deployments._auth import Auth
+from rock_serve.deployments._ray import (
+    WORKER_PREFIX,
+    ActorHandle,
+    WorkerHandles,
+    call,
+    get_scheduler,
+    stream,
+)
+from rock_serve.errors import (
+    Conflict,
+    ImageNotFound,
+    InvalidRequest,
+    PermissionDenied,
+    RockError,
+    RuntimeUnavailable,
+)
+from rock_serve.protocol import (
+    CommitRequest,
+    CommitResult,
+    Health,
+    ImageInfo,
+    ImageList,
+    ImagePullEvent,
+    ImagePullRequest,
+    RegistryAuth,
+    parse_image_ref,
+)
+from rock_serve.runtime._sync import run_sync
+from rock_serve.runtime.images import ImageStore
+
+__all__ = ["ImagesWorker", "bind", "router"]
+
+router = APIRouter(tags=["images"])
+_NDJSON = "application/x-ndjson"
+_PLATFORM: dict[str, Any] = {}
+
+
+def bind(namespace: str) -> None:
+    """Tell this process's image routes which platform they serve (from ``Admin.__init__``)."""
+    if _PLATFORM.get("namespace") != namespace:
+        _PLATFORM.clear()
+        _PLATFORM["namespace"] = namespace
+        _PLATFORM["workers"] = WorkerHandles(namespace)
+
+
+async def _workers(names: list[str] | None) -> list[tuple[str, ActorHandle]]:
+    namespace = _PLATFORM.get("namespace")
+    if namespace is None:
+        raise RuntimeUnavailable("the image routes are not bound to a platform")
+    health: Health = await call(await run_sync(get_scheduler, namespace), "health")
+    alive = [w.name.removeprefix(WORKER_PREFIX) for w in health.workers if w.alive]
+    if names is not None:
+        unknown = sorted(set(names) - set(alive))
+        if unknown:
+            raise InvalidRequest(f"no live Worker named {unknown}; live: {alive}")
+        alive = [n for n in alive if n in names]
+    handles: WorkerHandles = _PLATFORM["workers"]
+    return [(name, await handles.get(name)) for name in alive]
+
+
+def _admin_only(principal: Principal, what: str) -> None:
+    if not principal.admin:
+        raise PermissionDenied(f"{what} needs an admin token")
+
+
+@router.post(
+    "/v1/images/pull",
+    response_class=StreamingResponse,
+    responses={200: {"content": {_NDJSON: {"schema": {"type": "string"}}}}},
+)
+async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingResponse:
+    """Prepull images on nodes; progress as NDJSON ``ImagePullEvent`` lines."""
+    for ref in req.images:
+        try:
+            parse_image_ref(ref)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+    workers = await _workers(req.nodes)
+    queue: asyncio.Queue[ImagePullEvent | None] = asyncio.Queue()
+
+    scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
+
+    async def one(name: str, actor: ActorHandle, ref: str) -> None:
+        try:
+            async for event in stream(actor, "image_pull_events", ref, req.auth):
+                if event.phase == "done":
+                    await call(scheduler, "note_image", name, ref)
+                await queue.put(event.model_copy(update={"node": name}))
+        except RockError as exc:
+            error = {"code": exc.code.value, "message": exc.message}
+            await queue.put(ImagePullEvent(node=name, image=ref, phase="error", error=error))
+
+    async def run_all() -> None:
+        try:
+            await asyncio.gather(*(one(n, a, r) for n, a in workers for r in req.images))
+        finally:
+            await queue.put(None)
+
+    async def body() -> AsyncIterator[bytes]:
+        task = asyncio.ensure_future(run_all())
+        try:
+            while (event := await queue.get()) is not None:
+                yield event.model_dump_json().encode() + b"\n"
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    return StreamingResponse(body(), media_type=_NDJSON)
+
+
+@router.get("/v1/images", response_model=ImageList)
+async def list_images(principal: Auth) -> ImageList:
+    """Images held by each node's store."""
+    images: list[ImageInfo] = []
+    disk: dict[str, int] = {}
+    for name, actor in await _workers(None):
+        infos, used = await call(actor, "images_list")
+        images += [i.model_copy(update={"node": name}) for i in infos]
+        disk[name] = used
+    return ImageList(images=images, disk_bytes=disk)
+
+
+@router.delete("/v1/images/{ref:path}", status_code=204)
+async def remove_image(
+    ref: Annotated[str, Path(description="Reference or image id.")], principal: Auth
+) -> None:
+    """Remove an image from every node's store (admin only)."""
+    _admin_only(principal, "removing images")
+    removed = 0
+    busy: list[str] = []
+    for name, actor in await _workers(None):
+        try:
+            await call(actor, "image_remove", ref)
+            removed += 1
+            scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
+            await call(scheduler, "note_image", name, ref, False)
+        except ImageNotFound:
+            continue
+        except Conflict:
+            busy.append(name)
+    if busy:
+        raise Conflict(f"image {ref!r} is in use on {busy}")
+    if not removed:
+        raise ImageNotFound(f"no node holds image {ref!r}")
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/commit", response_model=CommitResult)
+async def commit_sandbox(sandbox_id: str, req: CommitRequest, principal: Auth) -> CommitResult:
+    """Save a sandbox's files as a new image on its node.
+
+    bwrap: its upper dir becomes a layer in the node's store; docker: ``docker commit``.
+    """
+    from ray import serve  # here: the Worker imports this module, and must not load Serve
+
+    try:
+        parse_image_ref(req.image)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    admin: Any = serve.get_replica_context().servable_object
+    worker = await admin._worker(sandbox_id)  # checks the caller may use that sandbox
+    ref: str = await call(worker, "commit_sandbox", sandbox_id, req.image)
+    return CommitResult(image=ref, node=sandbox_id.split("-")[1])
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    """``repo[:tag]`` -> (repo, tag); a digest cannot be a commit's name."""
+    if "@" in ref:
+        raise InvalidRequest(f"commit to a tag, not a digest: {ref!r}")
+    head, sep, tail = ref.rpartition(":")
+    if sep and "/" not in tail:
+        return head, tail
+    return ref, "latest"
+
+
+class ImagesWorker:
+    """The Worker's image methods (mixed into the Worker class)."""
+
+    async def _ready(self) -> Any:  # provided by the Worker
+        raise NotImplementedError
+
+    async def _store(self) -> ImageStore:
+        runtime = await self._ready()
+        store = getattr(runtime, "images", None)
+        if not isinstance(store, ImageStore):
+            raise InvalidRequest(f"the {runtime.name} runtime has no image store")
+        return store
+
+    async def image_pull_events(
+        self, ref: str, auth: RegistryAuth | None = None
+    ) -> AsyncIterator[ImagePullEvent]:
+        """Pull ``ref`` into this node's store (or join its pull), yielding progress."""
+        store = await self._store()
+        async for event in store.events(ref, auth, force=True):
+            yield event
+
+    async def images_list(self) -> tuple[list[ImageInfo], int]:
+        """The node's images and the bytes of their layers."""
+        store = await self._store()
+        return store.list(), store.disk_bytes()
+
+    async def commit_sandbox(self, sandbox_id: str, ref: str) -> str:
+        """Commit a sandbox of this node as image ``ref``; returns its reference."""
+        box: Any = self._box(sandbox_id)  # type: ignore[attr-defined]
+        commit = getattr(box.runtime, "commit", None)
+        if commit is None:
+            raise InvalidRequest(f"the {box.runtime.name} runtime cannot commit sandboxes")
+        repo, tag = _split_ref(ref)
+        return str(await commit(sandbox_id, repo, tag))
+
+    async def image_remove(self, ref: str) -> None:
+        """Remove ``ref`` from this node's store."""
+        store = await self._store()
+        await store.remove(ref)

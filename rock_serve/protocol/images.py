@@ -1,0 +1,194 @@
+"""Image references, registry credentials and the image routes' bodies.
+
+A reference is what ``docker pull`` takes (``python:3.11-slim``, ``registry:5000/org/task:v2``,
+``name@sha256:<hex>``), or one of skopeo's local sources spelled as skopeo spells them:
+``docker-daemon:REF`` (the node's Docker), ``oci:/abs/layout[:tag]``, ``oci-archive:/abs/file
+[:tag]``, ``docker-archive:/abs/file``. An absolute path alone names a host root directory
+(the runtime decides whether it allows that).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, SecretStr
+
+from rock_serve.protocol._base import WireModel
+
+__all__ = [
+    "CommitRequest",
+    "CommitResult",
+    "ImageInfo",
+    "ImageList",
+    "ImagePullEvent",
+    "ImagePullRequest",
+    "ImageRef",
+    "RegistryAuth",
+    "parse_image_ref",
+]
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?"  # noqa: E501
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}"
+_REF = re.compile(
+    rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
+    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$"
+)
+_LOCAL = ("docker-daemon", "oci", "oci-archive", "docker-archive")
+Transport = Literal["docker", "docker-daemon", "oci", "oci-archive", "docker-archive", "host"]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A parsed, normalised image reference."""
+
+    transport: Transport
+    #: docker/docker-daemon: ``domain/path[:tag][@digest]``; oci*: ``/path[:tag]``; host: path.
+    name: str
+    #: The registry host[:port] of a docker reference, else None.
+    registry: str | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.transport == "docker" else f"{self.transport}:{self.name}"
+
+    def source(self) -> str:
+        """The image as skopeo names it (``docker://...``, ``oci:...``)."""
+        if self.transport == "docker":
+            return f"docker://{self.name}"
+        return f"{self.transport}:{self.name}"
+
+    @property
+    def loopback(self) -> bool:
+        """The registry is on this host (plain HTTP is allowed there, as Docker does)."""
+        if self.registry is None:
+            return False
+        host = self.registry.rsplit(":", 1)[0] if "]" not in self.registry else self.registry
+        host = host.strip("[]").split("]")[0]
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def _docker_name(text: str) -> tuple[str, str]:
+    m = _REF.match(text)
+    if m is None or len(text) > 512:
+        raise ValueError(f"malformed image reference {text!r}")
+    domain, path = m.group("domain"), m.group("path")
+    if domain is not None and not ("." in domain or ":" in domain or domain == "localhost"):
+        if domain != domain.lower():
+            raise ValueError(f"malformed image reference {text!r} (repository must be lowercase)")
+        path, domain = f"{domain}/{path}", None
+    if domain is None or domain in ("docker.io", "index.docker.io"):
+        domain = "docker.io"
+        if "/" not in path:
+            path = f"library/{path}"
+    name = f"{domain}/{path}"
+    tag, digest = m.group("tag"), m.group("digest")
+    if tag is None and digest is None:
+        tag = "latest"
+    if tag is not None:
+        name += f":{tag}"
+    if digest is not None:
+        name += f"@{digest}"
+    return name, domain
+
+
+def parse_image_ref(text: str) -> ImageRef:
+    """Parse and normalise a reference (``python`` -> ``docker.io/library/python:latest``).
+
+    Raises:
+        ValueError: the reference is malformed.
+    """
+    if not text or text != text.strip() or any(c in text for c in "\0\n\t "):
+        raise ValueError(f"malformed image reference {text!r}")
+    if text.startswith("/"):
+        return ImageRef("host", text)
+    transport, sep, rest = text.partition(":")
+    if sep and transport in _LOCAL:
+        if transport == "docker-daemon":
+            name, domain = _docker_name(rest)
+            return ImageRef("docker-daemon", name, domain)
+        if not rest.startswith("/") or "/../" in rest + "/" or any(c in rest for c in ",\\"):
+            raise ValueError(f"{transport} image path must be absolute: {text!r}")
+        return ImageRef(transport, rest)  # type: ignore[arg-type]
+    if text.startswith("docker://"):
+        text = text[len("docker://") :]
+    name, domain = _docker_name(text)
+    return ImageRef("docker", name, domain)
+
+
+class RegistryAuth(WireModel):
+    """Credentials for one pull (never logged, stored or returned)."""
+
+    username: str | None = Field(default=None, max_length=256, description="Registry user.")
+    password: SecretStr | None = Field(default=None, description="Password for ``username``.")
+    token: SecretStr | None = Field(
+        default=None, description="A registry bearer token (instead of username/password)."
+    )
+
+
+class ImagePullRequest(WireModel):
+    """``POST /v1/images/pull``: prepull images on some or all nodes."""
+
+    images: list[str] = Field(min_length=1, max_length=256, description="References to pull.")
+    nodes: list[str] | None = Field(
+        default=None, description="Worker names to pull on; None = every Worker."
+    )
+    auth: RegistryAuth | None = Field(default=None, description="Registry credentials.")
+
+
+class ImagePullEvent(WireModel):
+    """One NDJSON line of a pull's progress."""
+
+    node: str = Field(default="", description="Worker that reports it.")
+    image: str = Field(description="The reference as given.")
+    phase: Literal["queued", "pulling", "unpacking", "done", "error"] = Field(
+        description="Where the pull is."
+    )
+    layers_done: int = Field(default=0, description="Layers unpacked so far.")
+    layers_total: int = Field(default=0, description="Layers in the image (0 = not known yet).")
+    digest: str | None = Field(default=None, description="Image id (config digest) when done.")
+    size_bytes: int | None = Field(default=None, description="Unpacked size when done.")
+    error: dict[str, str] | None = Field(default=None, description="{code, message} on error.")
+
+
+class ImageInfo(WireModel):
+    """One image held by a node's store."""
+
+    node: str = Field(default="", description="Worker holding it.")
+    refs: list[str] = Field(description="References that name it.")
+    id: str = Field(description="Image id: the digest of its config.")
+    manifest_digest: str | None = Field(default=None, description="Manifest digest, if known.")
+    layers: list[str] = Field(description="Layer diff ids, lowest first.")
+    size_bytes: int = Field(description="Unpacked size of its layers (shared ones counted).")
+    last_used: float = Field(description="Last create or pull that used it (epoch seconds).")
+    in_use: int = Field(default=0, description="Sandboxes using it now.")
+
+
+class ImageList(WireModel):
+    """``GET /v1/images``."""
+
+    images: list[ImageInfo] = Field(description="Images per node.")
+    disk_bytes: dict[str, int] = Field(
+        default_factory=dict, description="Bytes of unpacked layers on each node."
+    )
+
+
+class CommitRequest(WireModel):
+    """``POST /v1/sandboxes/{id}/commit``: save a sandbox's files as a new image."""
+
+    image: str = Field(min_length=1, max_length=512, description="Reference (repo:tag).")
+
+
+class CommitResult(WireModel):
+    """The committed image."""
+
+    image: str = Field(description="Its reference, usable at once for new sandboxes there.")
+    node: str = Field(default="", description="Worker whose store (or daemon) holds it.")
