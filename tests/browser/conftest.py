@@ -87,7 +87,10 @@ class ConsoleApp:
         return f"{self.url}/ui/"
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: the platform's own Ray head and Playwright's sync API (which keeps
+# an event loop running in the main thread while it lives) must be gone before later modules'
+# asyncio tests run.
+@pytest.fixture(scope="module")
 def console_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleApp]:
     """serve_config.yaml deployed on its own `ray start --head` with a token per role.
 
@@ -126,7 +129,7 @@ def cleanup(console_app: ConsoleApp) -> Iterator[None]:
             root.delete(f"/v1/sandboxes/{item['id']}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
