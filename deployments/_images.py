@@ -35,6 +35,7 @@ from rock_serve.errors import (
     Conflict,
     ImageNotFound,
     InvalidRequest,
+    NotFound,
     PermissionDenied,
     RockError,
     RuntimeUnavailable,
@@ -77,7 +78,8 @@ async def _workers(names: list[str] | None) -> list[tuple[str, ActorHandle]]:
     if names is not None:
         unknown = sorted(set(names) - set(alive))
         if unknown:
-            raise InvalidRequest(f"no live Worker named {unknown}; live: {alive}")
+            # Schema-valid names that match no live Worker: not found, not a malformed request.
+            raise NotFound(f"no live Worker named {unknown}; live: {alive}")
         alive = [n for n in alive if n in names]
     handles: WorkerHandles = _PLATFORM["workers"]
     return [(name, await handles.get(name)) for name in alive]
@@ -95,17 +97,24 @@ def _admin_only(principal: Principal, what: str) -> None:
 )
 async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingResponse:
     """Prepull images on nodes; progress as NDJSON ``ImagePullEvent`` lines."""
+    # A malformed reference is that image's error line (phase "error"), not a refusal of the
+    # whole batch: the others are still pulled.
+    malformed: dict[str, str] = {}
     for ref in req.images:
         try:
             parse_image_ref(ref)
         except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+            malformed[ref] = str(exc)
     workers = await _workers(req.nodes)
     queue: asyncio.Queue[ImagePullEvent | None] = asyncio.Queue()
 
     scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
 
     async def one(name: str, actor: ActorHandle, ref: str) -> None:
+        if ref in malformed:
+            error = {"code": "invalid_request", "message": malformed[ref]}
+            await queue.put(ImagePullEvent(node=name, image=ref, phase="error", error=error))
+            return
         try:
             async for event in stream(actor, "image_pull_events", ref, req.auth):
                 if event.phase == "done":
@@ -209,7 +218,8 @@ class ImagesWorker:
         runtime = await self._ready()
         store = getattr(runtime, "images", None)
         if not isinstance(store, ImageStore):
-            raise InvalidRequest(f"the {runtime.name} runtime has no image store")
+            # The platform's config, not the request, is what lacks it.
+            raise Conflict(f"the {runtime.name} runtime has no image store")
         return store
 
     async def image_pull_events(
@@ -230,7 +240,7 @@ class ImagesWorker:
         box: Any = self._box(sandbox_id)  # type: ignore[attr-defined]
         commit = getattr(box.runtime, "commit", None)
         if commit is None:
-            raise InvalidRequest(f"the {box.runtime.name} runtime cannot commit sandboxes")
+            raise Conflict(f"the {box.runtime.name} runtime cannot commit sandboxes")
         repo, tag = _split_ref(ref)
         return str(await commit(sandbox_id, repo, tag))
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 
 from rock_serve.config import AnyRuntimeConfig, ServerArgs
-from rock_serve.errors import InvalidRequest
+from rock_serve.errors import OverCapacity
 from rock_serve.protocol import Resources
 
 __all__ = ["NodeCapacity", "check_resources", "effective_resources"]
@@ -83,7 +83,7 @@ def check_resources(resources: Resources, node: NodeCapacity, args: ServerArgs) 
     """Refuse limits this node cannot give.
 
     Raises:
-        InvalidRequest: a field is over the node's capacity (``details['field']`` names it).
+        OverCapacity: a field is over the node's capacity (``details['fields']`` names it).
     """
     problems: list[tuple[str, str]] = []
     if resources.cpus is not None and resources.cpus > node.cpus:
@@ -120,7 +120,7 @@ def check_resources(resources: Resources, node: NodeCapacity, args: ServerArgs) 
             )
         )
     if problems:
-        raise InvalidRequest(
+        raise OverCapacity(
             "resources: " + "; ".join(text for _, text in problems),
             fields=[name for name, _ in problems],
         )

@@ -23,6 +23,7 @@ __all__ = [
     "IsADirectory",
     "NotADirectory",
     "NotFound",
+    "OverCapacity",
     "PathOutsideSandbox",
     "PermissionDenied",
     "RateLimited",
@@ -75,6 +76,7 @@ class ErrorCode(str, Enum):
     SANDBOX_NOT_RUNNING = "sandbox_not_running"
     SANDBOX_FAILED = "sandbox_failed"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    OVER_CAPACITY = "over_capacity"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
@@ -246,6 +248,15 @@ class SandboxFailed(Conflict):
     """The sandbox failed (for example it was OOM-killed); ``details['reason']`` says why."""
 
     code = ErrorCode.SANDBOX_FAILED
+
+
+class OverCapacity(InvalidRequest):
+    """Schema-valid limits this node (or this platform's config) cannot give, such as more cpus
+    than the node has: ``details['fields']`` names them. Not ``invalid_request``: the same body
+    can be right on a bigger node.
+    """
+
+    code = ErrorCode.OVER_CAPACITY
 
 
 class ResourceExhausted(Conflict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr
 
@@ -124,6 +124,33 @@ def parse_image_ref(text: str) -> ImageRef:
     return ImageRef("docker", name, domain)
 
 
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_LOWER_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+#: The domains parse_image_ref accepts, written so a schema can state them: a lone label is a
+#: repository component (lowercase); a registry has a dot, a port or brackets.
+_SCHEMA_DOMAIN = (
+    rf"(?:{_LOWER_LABEL}|{_LABEL}(?:\.{_LABEL})+(?::[0-9]+)?|{_LABEL}:[0-9]+"
+    r"|\[[0-9a-fA-F]*:[0-9a-fA-F:]*\](?::[0-9]+)?)"
+)
+_SCHEMA_DOCKER = (
+    rf"(?:docker-daemon:|docker://)?(?:{_SCHEMA_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"  # ASCII \w: Rust's and Python's \w differ
+    rf"(?:@{_DIGEST})?"
+)
+_PATH_CHAR = r"[^\s,\\/\x00]"
+#: An absolute path with no ``..`` segment (no look-ahead: schema generators lack it).
+_SCHEMA_PATH = (
+    rf"(?:/(?:[^\s,\\/\x00.]{_PATH_CHAR}*|\.|\.[^\s,\\/\x00.]{_PATH_CHAR}*|\.\.{_PATH_CHAR}+)?)+"  # noqa: E501
+)
+#: The whole grammar of :func:`parse_image_ref` as a JSON-schema pattern, so that what the
+#: schema accepts is what the server accepts (malformed references are schema-invalid).
+IMAGE_REF_PATTERN = (
+    rf"^(?:/[^\s\x00]*|(?:oci|oci-archive|docker-archive):{_SCHEMA_PATH}|{_SCHEMA_DOCKER})$"
+)
+#: An image reference as the schema states it.
+ImageRefText = Annotated[str, Field(min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN)]
+
+
 class RegistryAuth(WireModel):
     """Credentials for one pull (never logged, stored or returned)."""
 
@@ -184,7 +211,9 @@ class ImageList(WireModel):
 class CommitRequest(WireModel):
     """``POST /v1/sandboxes/{id}/commit``: save a sandbox's files as a new image."""
 
-    image: str = Field(min_length=1, max_length=512, description="Reference (repo:tag).")
+    image: str = Field(
+        min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN, description="Reference (repo:tag)."
+    )
 
 
 class CommitResult(WireModel):

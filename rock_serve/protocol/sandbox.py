@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from rock_serve.protocol._base import WireModel
-from rock_serve.protocol.images import RegistryAuth, parse_image_ref
+from rock_serve.protocol.images import IMAGE_REF_PATTERN, RegistryAuth, parse_image_ref
 
 
 class SandboxState(str, Enum):
@@ -74,7 +74,9 @@ class SandboxSpec(WireModel):
 
     image: str | None = Field(
         default=None,
+        min_length=1,
         max_length=512,
+        pattern=IMAGE_REF_PATTERN,
         description="Image reference (`python:3.11`, `registry:5000/org/task:v2`, "
         "`name@sha256:...`, `oci:/layout:tag`, `docker-daemon:ref`) or an absolute rootfs "
         "directory; None = the runtime's default image.",

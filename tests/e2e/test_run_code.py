@@ -176,7 +176,7 @@ _TOOLCHAIN_PROGRAMS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("language", sorted(_TOOLCHAIN_PROGRAMS))
-def test_toolchain_languages_on_bwrap(bwrap_platform, language):
+def test_toolchain_languages_on_bwrap(bwrap_host_tools_platform, language):
     """Each language the bwrap sandbox's root has a toolchain for runs, compile step reported;
     cpu_time comes from the sandbox's cgroup."""
     import shutil
@@ -184,7 +184,7 @@ def test_toolchain_languages_on_bwrap(bwrap_platform, language):
     program, code = _TOOLCHAIN_PROGRAMS[language]
     if shutil.which(program) is None:
         pytest.skip(f"{program} is not installed on the host root bwrap sandboxes see")
-    with bwrap_platform.client() as api:
+    with bwrap_host_tools_platform.client() as api:
         out = _run(
             api,
             _verl_body(
@@ -209,10 +209,10 @@ def test_toolchain_languages_on_bwrap(bwrap_platform, language):
 
 
 @pytest.mark.slow
-def test_compile_error_and_missing_toolchain_on_bwrap(bwrap_platform):
+def test_compile_error_and_missing_toolchain_on_bwrap(bwrap_host_tools_platform):
     import shutil
 
-    with bwrap_platform.client() as api:
+    with bwrap_host_tools_platform.client() as api:
         if shutil.which("g++"):
             out = _run(api, _verl_body("int main() { return nope; }", language="cpp"))
             assert out["status"] == "Failed" and out["run_result"] is None

@@ -23,7 +23,7 @@ from rock_serve.deployments._node import NodeCapacity
 from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import (
-    InvalidRequest,
+    OverCapacity,
     RateLimited,
     ResourceExhausted,
     RockletUnavailable,
@@ -119,7 +119,7 @@ async def test_resources_beyond_the_node_are_refused_and_nothing_is_made(worker:
         "disk_mb": node.disk_mb + 1,
     }
     for field, value in over.items():
-        with pytest.raises(InvalidRequest, match=field) as info:
+        with pytest.raises(OverCapacity, match=field) as info:
             await _sandbox(worker, **{field: value})
         assert info.value.details["fields"] == [field]
         assert http_status(info.value.code) == 400
