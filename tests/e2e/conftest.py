@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -157,6 +158,40 @@ def broken_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory
     return Platform(url=url, state_dir=state_dir, python="/bin/false")
 
 
+def _bwrap_app(
+    platform: Platform,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    runtime_extra: dict[str, Any],
+) -> Platform:
+    """An app on the bwrap runtime in the session's Ray, under ``/<name>`` (skipped without
+    bwrap)."""
+    from tests.contract.conftest import TEST_CGROUP_PARENT, bwrap_unavailable
+
+    reason = bwrap_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    from ray import serve
+
+    from rock_serve.deployments.app import build_app
+
+    state_dir = tmp_path_factory.mktemp(f"rock-{name}-state")
+    args = {
+        "runtime": {
+            "type": "bwrap",
+            "state_dir": str(state_dir),
+            "cgroup_parent": TEST_CGROUP_PARENT,
+            **runtime_extra,
+        },
+        "namespace": f"rock-e2e-{name}",
+        "reap_interval_seconds": 0.2,
+    }
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    url = f"{platform.url}/{name}"
+    _wait_healthy(url, time.monotonic() + 60)
+    return Platform(url=url, state_dir=state_dir, runtime="bwrap")
+
+
 @pytest.fixture(scope="session")
 def bwrap_host_tools_platform(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
@@ -164,58 +199,13 @@ def bwrap_host_tools_platform(
     """The bwrap runtime without an image store, under /bwrap-host: its sandboxes' root is the
     host-tools allow-list (/usr, /bin, /lib*, filtered /etc), so the host's toolchains (gcc,
     node, java) are there, as an operator enabling that mode would have them."""
-    from tests.contract.conftest import TEST_CGROUP_PARENT, bwrap_unavailable
-
-    reason = bwrap_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    from ray import serve
-
-    from rock_serve.deployments.app import build_app
-
-    state_dir = tmp_path_factory.mktemp("rock-bwrap-host-state")
-    args = {
-        "runtime": {
-            "type": "bwrap",
-            "state_dir": str(state_dir),
-            "cgroup_parent": TEST_CGROUP_PARENT,
-            "images": None,
-        },
-        "namespace": "rock-e2e-bwrap-host",
-        "reap_interval_seconds": 0.2,
-    }
-    serve.run(build_app(args), name="bwrap-host", route_prefix="/bwrap-host")
-    url = f"{platform.url}/bwrap-host"
-    _wait_healthy(url, time.monotonic() + 60)
-    return Platform(url=url, state_dir=state_dir, runtime="bwrap")
+    return _bwrap_app(platform, tmp_path_factory, "bwrap-host", {"images": None})
 
 
 @pytest.fixture(scope="session")
 def bwrap_platform(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Platform:
     """A third app in the same Ray on the bwrap runtime, under /bwrap (skipped without bwrap)."""
-    from tests.contract.conftest import TEST_CGROUP_PARENT, bwrap_unavailable
-
-    reason = bwrap_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    from ray import serve
-
-    from rock_serve.deployments.app import build_app
-
-    state_dir = tmp_path_factory.mktemp("rock-bwrap-state")
-    args = {
-        "runtime": {
-            "type": "bwrap",
-            "state_dir": str(state_dir),
-            "cgroup_parent": TEST_CGROUP_PARENT,
-        },
-        "namespace": "rock-e2e-bwrap",
-        "reap_interval_seconds": 0.2,
-    }
-    serve.run(build_app(args), name="bwrap", route_prefix="/bwrap")
-    url = f"{platform.url}/bwrap"
-    _wait_healthy(url, time.monotonic() + 60)
-    return Platform(url=url, state_dir=state_dir, runtime="bwrap")
+    return _bwrap_app(platform, tmp_path_factory, "bwrap", {})
 
 
 @pytest.fixture(scope="module")
