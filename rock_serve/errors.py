@@ -21,6 +21,7 @@ __all__ = [
     "InvalidConfig",
     "InvalidRequest",
     "IsADirectory",
+    "LLMTimeout",
     "NotADirectory",
     "NotFound",
     "OverCapacity",
@@ -29,6 +30,7 @@ __all__ = [
     "RateLimited",
     "RegistryUnauthorized",
     "RegistryUnavailable",
+    "ReplayDiverged",
     "ResourceExhausted",
     "RockError",
     "RockletUnavailable",
@@ -83,6 +85,8 @@ class ErrorCode(str, Enum):
     ROCKLET_UNAVAILABLE = "rocklet_unavailable"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
+    LLM_TIMEOUT = "llm_timeout"
+    REPLAY_DIVERGED = "replay_diverged"
 
 
 class RockError(Exception):
@@ -307,6 +311,22 @@ class Timeout(RockError, TimeoutError):
 
     code = ErrorCode.TIMEOUT
     status = 504
+
+
+class LLMTimeout(Timeout):
+    """The trainer did not answer a model-service call in time (the agent gets a 504)."""
+
+    code = ErrorCode.LLM_TIMEOUT
+    status = 504
+
+
+class ReplayDiverged(Conflict):
+    """A replayed episode asked the model something other than the recorded request
+    (``details.step``: the index of the step that differs).
+    """
+
+    code = ErrorCode.REPLAY_DIVERGED
+    status = 409
 
 
 _TABLE: dict[ErrorCode, type[RockError]] = {}
