@@ -64,6 +64,9 @@ DATA_METHODS: dict[str, str | None] = {
     "remove_path": "file.remove",
     "download_archive": None,
     "upload_archive": "archive.upload",
+    "llm_poll": None,  # model service (issue 15.3)
+    "llm_answer": "llm.answer",
+    "llm_trajectory": None,
 }
 #: Streaming Worker methods reachable over the Ray transport -> their audit action.
 STREAM_METHODS: dict[str, str] = {"stream_exec": "exec", "stream_in_session": "session.run"}

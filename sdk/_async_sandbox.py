@@ -29,6 +29,7 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.sdk._async_llm import AsyncSandboxLLM
 from rock_serve.sdk._heartbeat import AsyncHeartbeat, interval_for
 
 if TYPE_CHECKING:
@@ -75,6 +76,11 @@ class AsyncSandbox:
         self.files = AsyncSandboxFiles(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: AsyncHeartbeat | None = None
+
+    @property
+    def llm(self) -> AsyncSandboxLLM:
+        """The sandbox's model service (``model_service`` on create): relayed calls, trajectory."""
+        return AsyncSandboxLLM(self)
 
     @property
     def record(self) -> SandboxRecord:

@@ -31,6 +31,7 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.sdk._heartbeat import Heartbeat, interval_for
+from rock_serve.sdk._sync_llm import SandboxLLM
 
 if TYPE_CHECKING:
     from rock_serve.sdk._sync import Client
@@ -76,6 +77,11 @@ class Sandbox:
         self.files = SandboxFiles(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: Heartbeat | None = None
+
+    @property
+    def llm(self) -> SandboxLLM:
+        """The sandbox's model service (``model_service`` on create): relayed calls, trajectory."""
+        return SandboxLLM(self)
 
     @property
     def record(self) -> SandboxRecord:
