@@ -383,7 +383,7 @@ def test_proxy_keeps_the_key_on_the_node_then_replay(
         # The upstream key is nowhere in the sandbox: not in its env, not in any process's.
         found = sb.exec(
             "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; "
-            "grep -rl upstream-secret-key /tmp 2>/dev/null; true"
+            "grep -rl upstream-secret-key . 2>/dev/null; true"
         )
         assert "upstream-secret-key" not in found.stdout
         steps = sb.llm.trajectory()
@@ -409,7 +409,8 @@ def test_proxy_keeps_the_key_on_the_node_then_replay(
 
 def test_inline_replay_and_reverse_ports(platform: Any, client: Client) -> None:
     """replay from steps given at create; a generic reverse port to a node-side TCP echo."""
-    steps = [{"request": {"messages": [{"role": "user", "content": "hi"}]}, "response": completion("yo")}]
+    request = {"model": "policy", "messages": [{"role": "user", "content": "hi"}]}
+    steps = [{"request": request, "response": completion("yo")}]
     echo = socket.socket()
     echo.bind(("127.0.0.1", 0))
     echo.listen()
