@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from rock_serve.config import LLMConfig, ServerArgs
 from rock_serve.errors import (
@@ -409,7 +409,7 @@ class LLMWorker:
     def _llm_app(self) -> Any:
         from starlette.applications import Starlette
         from starlette.requests import Request
-        from starlette.responses import JSONResponse, Response, StreamingResponse
+        from starlette.responses import StreamingResponse
         from starlette.routing import Route
 
         def service(request: Request) -> _Service:
@@ -552,9 +552,9 @@ class LLMWorker:
             with contextlib.suppress(ValueError):
                 svc.queue.remove(call)
 
-    async def _llm_proxy(self, svc: _Service, body: dict[str, Any], stream: bool) -> Any:
+    async def _llm_proxy(self, svc: _Service, body: dict[str, Any], stream: bool) -> Response:
         import httpx
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import StreamingResponse
 
         if self._llm_http is None:
             self._llm_http = httpx.AsyncClient()

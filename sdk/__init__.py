@@ -13,8 +13,8 @@ Example::
 """
 
 from rock_serve.sdk._async import AsyncClient
-from rock_serve.sdk._async_sandbox import AsyncSandbox, AsyncSandboxFiles
 from rock_serve.sdk._async_llm import AsyncLLMCallHandle, AsyncSandboxLLM
+from rock_serve.sdk._async_sandbox import AsyncSandbox, AsyncSandboxFiles
 from rock_serve.sdk._base import ClientSettings, RetryPolicy
 from rock_serve.sdk._llm_relay import AsyncLLMRelay, LLMRelay
 from rock_serve.sdk._sync import Client

@@ -53,9 +53,9 @@ class AsyncLLMRelay:
                 yield call
             return
         while self.sandbox_ids:
-            call = _llm_base.poll_many(self.sandbox_ids, self.wait, 4096)
+            request = _llm_base.poll_many(self.sandbox_ids, self.wait, 4096)
             try:
-                response = await self._client._send(call)
+                response = await self._client._send(request)
             except SandboxNotFound:
                 return
             for c in _base.parse(response, LLMCallList).calls:
@@ -112,7 +112,7 @@ class LLMRelay:
         if _llm_base.is_ray(client):
             # The Ray client's async twin on its own loop thread.
             inner = AsyncLLMRelay(client._async, self.sandbox_ids, wait=self.wait)
-            agen = inner.calls()
+            agen: Any = inner.calls()
             try:
                 while True:
                     try:
