@@ -630,6 +630,13 @@ class LLMWorker:
             raise NotFound(f"sandbox {sandbox_id!r} has no model service")
         return svc
 
+    def _llm_touch(self, sandbox_id: str) -> None:
+        """A trainer's poll is a use of the sandbox: it renews the lease like any call."""
+        box = getattr(self, "_box", None)
+        if box is not None:
+            with contextlib.suppress(RockError):
+                box(sandbox_id)
+
     def _llm_take(self, services: list[_Service], max_calls: int) -> list[LLMCall]:
         out: list[LLMCall] = []
         for svc in services:
@@ -668,6 +675,7 @@ class LLMWorker:
             SandboxNotFound: it is gone (its calls ended with it).
         """
         self._llm_service(sandbox_id)
+        self._llm_touch(sandbox_id)
         return await self._llm_wait([sandbox_id], wait, max_calls)
 
     async def llm_poll_many(
@@ -676,6 +684,8 @@ class LLMWorker:
         """:meth:`llm_poll` over several sandboxes of this Worker (one trainer connection);
         sandboxes that are gone are skipped while any one remains.
         """
+        for sandbox_id in sandbox_ids:
+            self._llm_touch(sandbox_id)
         return await self._llm_wait(sandbox_ids, wait, max_calls)
 
     async def llm_answer(self, sandbox_id: str, call_id: str, answer: LLMAnswer) -> None:
@@ -685,6 +695,7 @@ class LLMWorker:
             NotFound: no such call waits (answered, timed out, agent gone: the message says).
         """
         svc = self._llm_service(sandbox_id)
+        self._llm_touch(sandbox_id)
         fut = svc.pending.get(call_id)
         if fut is None or fut.done():
             why = svc.ended.get(call_id)
