@@ -204,11 +204,17 @@ def check_spec_privileges(principal: Principal, spec: SandboxSpec) -> None:
     """Refuse spec fields that weaken containment to callers that are not admins.
 
     Raises:
-        PermissionDenied: a non-admin token asked for ``seccomp: unconfined``.
+        PermissionDenied: a non-admin token asked for ``seccomp: unconfined`` or
+            ``reverse_ports``.
     """
     if spec.seccomp != "default" and not principal.admin:
         raise PermissionDenied(
             f"seccomp {spec.seccomp!r} needs an admin token (token {principal.name!r} is not)"
+        )
+    if getattr(spec, "reverse_ports", None) and not principal.admin:
+        # They connect from the node's own network: an operator's decision (issue 15.2).
+        raise PermissionDenied(
+            f"reverse_ports need an admin token (token {principal.name!r} is not)"
         )
 
 
