@@ -148,9 +148,7 @@ def test_relay_over_ray_many_sandboxes_one_connection(bwrap_host_tools_platform:
     """Three sandboxes' agents answered through one multiplexed relay over the Ray transport."""
     namespace = "rock-e2e-bwrap-host"
     http = Client(base_url=bwrap_host_tools_platform.url)
-    sandboxes = [
-        http.sandbox(model_service={"mode": "relay"}).__enter__() for _ in range(3)
-    ]
+    sandboxes = [http.sandbox(model_service={"mode": "relay"}).__enter__() for _ in range(3)]
     try:
         agents = [_run_agent(sb, f"hello from {i}") for i, sb in enumerate(sandboxes)]
 
@@ -438,3 +436,67 @@ def test_inline_replay_and_reverse_ports(platform: Any, client: Client) -> None:
         )
         assert out.stdout.strip() == "PING"
     echo.close()
+
+
+# --------------------------------------------------------------------------- SkyRL
+
+
+def test_skyrl_gym_env_whose_step_is_one_relayed_call(platform: Any) -> None:
+    """The relay call sequence of docs/model-service.md as a skyrl_gym text env, made through
+    skyrl_gym.register/make and driven as SkyRL's generator drives it (init, step..., close).
+    """
+    skyrl_gym = pytest.importorskip("skyrl_gym")
+    from skyrl_gym.envs.base_text_env import BaseTextEnv, BaseTextEnvStepOutput
+
+    class RelayEnv(BaseTextEnv):  # type: ignore[misc]
+        def __init__(self, env_config: Any = None, extras: Any = None) -> None:
+            super().__init__()
+            self.client = Client(base_url=env_config["base_url"])
+            self.extras = extras or {}
+
+        def _next(self) -> Any:
+            while not self.agent.done():  # the next call of the agent, or its exit
+                for call in self.sb.llm.poll(wait=0.5):
+                    return call
+            return None
+
+        def init(self, prompt: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            spec = {"mode": "relay", "port": _free_port()}
+            self.sb = self.client.sandbox(model_service=spec).__enter__()
+            self.agent = _run_agent(self.sb, *self.extras["questions"])
+            self.call = self._next()
+            return self.call.request["messages"], {"sandbox_id": self.sb.id}
+
+        def step(self, action: str) -> Any:
+            self.call.respond(completion(action))
+            self.call = self._next()
+            if self.call is None:  # the agent is done: reward from what it got
+                got = [json.loads(r["body"]) for r in self.agent.result(timeout=60)]
+                texts = [g["choices"][0]["message"]["content"] for g in got]
+                reward = float(texts == self.extras["expected"])
+                return BaseTextEnvStepOutput(observations=[], reward=reward, done=True, metadata={})
+            new = self.call.request["messages"][-1:]
+            return BaseTextEnvStepOutput(observations=new, reward=0.0, done=False, metadata={})
+
+        def close(self) -> None:
+            self.sb.__exit__(None, None, None)
+            self.client.close()
+
+    skyrl_gym.register("rock-llm-relay-test", entry_point=RelayEnv)
+    extras = {"questions": ["2+2?", "3+3?"], "expected": ["4", "6"]}
+    env = skyrl_gym.make(
+        "rock-llm-relay-test", env_config={"base_url": platform.url}, extras=extras
+    )
+    policy = {"2+2?": "4", "3+3?": "6"}
+    with ThreadPoolExecutor(4) as pool:  # SkyRL calls init/step/close from a thread pool
+        messages, meta = pool.submit(env.init, []).result()
+        rewards = []
+        while True:
+            out = pool.submit(env.step, policy[messages[-1]["content"]]).result()
+            rewards.append(out["reward"])
+            if out["done"]:
+                break
+            messages = out["observations"]
+        pool.submit(env.close).result()
+    assert rewards == [0.0, 1.0]
+    assert meta["sandbox_id"].startswith("sb-")
