@@ -89,6 +89,7 @@ class _Service:
     steps: list[TrajectoryStep] = field(default_factory=list)
     queue: deque[LLMCall] = field(default_factory=deque)
     pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    calls: dict[str, LLMCall] = field(default_factory=dict)
     ended: OrderedDict[str, str] = field(default_factory=OrderedDict)
     tunnels: list[ReverseTunnel] = field(default_factory=list)
     reverse: list[tuple[int, str]] = field(default_factory=list)
@@ -99,6 +100,7 @@ class _Service:
 
     def end(self, call_id: str, why: str) -> None:
         self.pending.pop(call_id, None)
+        self.calls.pop(call_id, None)
         self.ended[call_id] = why
         while len(self.ended) > _ENDED:
             self.ended.popitem(last=False)
@@ -536,6 +538,7 @@ class LLMWorker:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         call = LLMCall(call_id=call_id, sandbox_id=svc.sandbox_id, step=step, request=body)
         svc.pending[call_id] = fut
+        svc.calls[call_id] = call
         svc.queue.append(call)
         self._llm_wake()
         why = "the agent disconnected"
@@ -687,6 +690,22 @@ class LLMWorker:
         for sandbox_id in sandbox_ids:
             self._llm_touch(sandbox_id)
         return await self._llm_wait(sandbox_ids, wait, max_calls)
+
+    async def llm_release(self, sandbox_id: str, call_ids: list[str]) -> int:
+        """Hand calls that were polled but will not be answered back to the queue (a poll
+        whose taker went away); returns how many still waited and were requeued.
+        """
+        svc = self._llm_service(sandbox_id)
+        back = [
+            svc.calls[c]
+            for c in call_ids
+            if c in svc.calls and c in svc.pending and svc.calls[c] not in svc.queue
+        ]
+        for call in sorted(back, key=lambda c: c.step, reverse=True):
+            svc.queue.appendleft(call)
+        if back:
+            self._llm_wake()
+        return len(back)
 
     async def llm_answer(self, sandbox_id: str, call_id: str, answer: LLMAnswer) -> None:
         """Answer a relayed call (a chat.completion object, or an error the agent sees).

@@ -6,7 +6,12 @@
 - ``GET /v1/sandboxes/{id}/llm/calls?wait=&max_calls=`` -> :class:`LLMCallList`: one sandbox's.
 - ``POST /v1/sandboxes/{id}/llm/calls/{call_id}`` (:class:`LLMAnswer`) -> 204: answer a call
   (404 ``not_found`` when it no longer waits: timed out, the agent left, answered already).
+- ``POST /v1/sandboxes/{id}/llm/release`` (:class:`LLMRelease`) -> 204: hand polled calls that
+  will not be answered back to the queue.
 - ``GET /v1/sandboxes/{id}/llm/trajectory`` -> :class:`Trajectory`.
+
+A poll whose HTTP client goes away while the Worker hands it calls releases them (nothing is
+lost to a dropped long poll).
 
 Namespaces as for every data-plane route (the Admin's guard). Wiring: ``admin.py`` includes
 :data:`router` with one line.
@@ -22,7 +27,14 @@ from fastapi import APIRouter, Query, Request, Response
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import call
 from rock_serve.errors import SandboxNotFound
-from rock_serve.protocol.llm import LLMAnswer, LLMCall, LLMCallList, LLMPollRequest, Trajectory
+from rock_serve.protocol.llm import (
+    LLMAnswer,
+    LLMCall,
+    LLMCallList,
+    LLMPollRequest,
+    LLMRelease,
+    Trajectory,
+)
 
 __all__ = ["router"]
 
@@ -33,6 +45,30 @@ def _admin() -> Any:
     from ray import serve  # lazily: only the replica has a replica context
 
     return serve.get_replica_context().servable_object
+
+
+def _release(worker: Any, calls: list[LLMCall]) -> None:
+    by_sandbox: dict[str, list[str]] = {}
+    for c in calls:
+        by_sandbox.setdefault(c.sandbox_id, []).append(c.call_id)
+    for sandbox_id, ids in by_sandbox.items():
+        asyncio.ensure_future(call(worker, "llm_release", sandbox_id, ids))
+
+
+async def _poll(worker: Any, method: str, *args: Any) -> list[LLMCall]:
+    """A Worker poll whose calls go back to the queue if this request is cancelled."""
+    task = asyncio.ensure_future(call(worker, method, *args))
+    try:
+        result: list[LLMCall] = await asyncio.shield(task)
+        return result
+    except asyncio.CancelledError:
+
+        def done(t: asyncio.Future[Any]) -> None:
+            if not t.cancelled() and t.exception() is None and t.result():
+                _release(worker, t.result())
+
+        task.add_done_callback(done)
+        raise
 
 
 @router.post("/v1/llm/poll", response_model=LLMCallList)
@@ -52,7 +88,7 @@ async def llm_poll(body: LLMPollRequest, principal: Auth) -> LLMCallList:
         raise SandboxNotFound("none of the sandboxes is live")
     results = await asyncio.gather(
         *(
-            call(handles[key], "llm_poll_many", ids, body.wait, body.max_calls)
+            _poll(handles[key], "llm_poll_many", ids, body.wait, body.max_calls)
             for key, ids in groups.items()
         ),
         return_exceptions=True,
@@ -64,7 +100,7 @@ async def llm_poll(body: LLMPollRequest, principal: Auth) -> LLMCallList:
             calls.extend(r)
     if not calls and len(errors) == len(results):
         raise errors[0]
-    return LLMCallList(calls=calls[: body.max_calls])
+    return LLMCallList(calls=calls)
 
 
 @router.get("/v1/sandboxes/{sandbox_id}/llm/calls", response_model=LLMCallList)
@@ -75,8 +111,15 @@ async def llm_calls(
     max_calls: Annotated[int, Query(ge=1, le=4096)] = 256,
 ) -> LLMCallList:
     """Wait up to ``wait`` s for the sandbox's relayed model calls."""
-    calls = await _admin()._data(sandbox_id, "llm_poll", wait, max_calls)
-    return LLMCallList(calls=calls)
+    worker = await _admin()._worker(sandbox_id)
+    return LLMCallList(calls=await _poll(worker, "llm_poll", sandbox_id, wait, max_calls))
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/llm/release", status_code=204)
+async def llm_release(sandbox_id: str, body: LLMRelease, principal: Auth) -> Response:
+    """Hand polled calls that will not be answered back to the queue."""
+    await _admin()._data(sandbox_id, "llm_release", body.call_ids)
+    return Response(status_code=204)
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/llm/calls/{call_id}", status_code=204)

@@ -64,6 +64,7 @@ DATA_METHODS: dict[str, str | None] = {
     "upload_archive": "archive.upload",
     "llm_poll": None,  # model service (issue 15.3)
     "llm_answer": "llm.answer",
+    "llm_release": None,
     "llm_trajectory": None,
 }
 #: Streaming Worker methods reachable over the Ray transport -> their audit action.

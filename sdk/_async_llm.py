@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from rock_serve.sdk._async import AsyncClient
     from rock_serve.sdk._async_sandbox import AsyncSandbox
 
-__all__ = ["AsyncLLMCallHandle", "AsyncSandboxLLM", "answer_call", "poll_calls"]
+__all__ = ["AsyncLLMCallHandle", "AsyncSandboxLLM", "answer_call", "poll_calls", "release_calls"]
 
 
 async def poll_calls(
@@ -47,6 +47,19 @@ async def answer_call(client: AsyncClient, sandbox_id: str, call_id: str, body: 
         await _llm_base.ray_data_async(client, sandbox_id, "llm_answer", call_id, body)
     else:
         await client._send(_llm_base.answer(sandbox_id, call_id, body))
+
+
+async def release_calls(client: AsyncClient, sandbox_id: str, call_ids: list[str]) -> None:
+    """Hand polled calls back to the queue (HTTP or Ray transport); a gone sandbox is fine."""
+    if not call_ids:
+        return
+    try:
+        if _llm_base.is_ray(client):
+            await _llm_base.ray_data_async(client, sandbox_id, "llm_release", call_ids)
+        else:
+            await client._send(_llm_base.release(sandbox_id, call_ids))
+    except NotFound:
+        pass
 
 
 class AsyncLLMCallHandle:
@@ -97,14 +110,22 @@ class AsyncSandboxLLM:
         return [AsyncLLMCallHandle(client, c) for c in calls]
 
     async def calls(self, *, wait: float = 20.0) -> AsyncIterator[AsyncLLMCallHandle]:
-        """Every relayed call, as it comes; ends when the sandbox is gone."""
-        while True:
-            try:
-                batch = await self.poll(wait=wait)
-            except SandboxNotFound:
-                return
-            for call in batch:  # noqa: UP028 - the sync twin could say "yield from"
-                yield call
+        """Every relayed call, as it comes; ends when the sandbox is gone. Calls polled but
+        not yet handed out when the loop is left go back to the queue.
+        """
+        batch: list[AsyncLLMCallHandle] = []
+        try:
+            while True:
+                try:
+                    batch = await self.poll(wait=wait)
+                except SandboxNotFound:
+                    return
+                while batch:
+                    yield batch.pop(0)
+        finally:
+            if batch:
+                ids = [c.call_id for c in batch]
+                await release_calls(self._sandbox.client, self._sandbox.id, ids)
 
     async def serve(self, handler: Callable[[dict[str, Any]], Any], *, wait: float = 20.0) -> int:
         """Answer every call with ``handler(request) -> completion`` (may be a coroutine

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rock_serve.protocol.llm import LLMAnswer, LLMPollRequest
+from rock_serve.protocol.llm import LLMAnswer, LLMPollRequest, LLMRelease
 from rock_serve.sdk._base import API_PREFIX, Call, _sandbox, _seg
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "is_ray",
     "poll",
     "poll_many",
+    "release",
     "ray_data_async",
     "ray_data_sync",
     "trajectory",
@@ -54,6 +55,12 @@ def answer(sandbox_id: str, call_id: str, body: LLMAnswer) -> Call:
         _sandbox(sandbox_id, "llm", "calls", _seg(call_id)),
         json=body.model_dump(mode="json", exclude_none=True),
     )
+
+
+def release(sandbox_id: str, call_ids: list[str]) -> Call:
+    """``POST /v1/sandboxes/{id}/llm/release``."""
+    body = LLMRelease(call_ids=call_ids)
+    return Call("POST", _sandbox(sandbox_id, "llm", "release"), json=body.model_dump(mode="json"))
 
 
 def trajectory(sandbox_id: str) -> Call:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 from rock_serve.errors import NotFound, SandboxNotFound
 from rock_serve.protocol.llm import LLMCall, LLMCallList
 from rock_serve.sdk import _base, _llm_base
-from rock_serve.sdk._async_llm import AsyncLLMCallHandle, poll_calls
+from rock_serve.sdk._async_llm import AsyncLLMCallHandle, poll_calls, release_calls
 from rock_serve.sdk._sync_llm import LLMCallHandle
+from rock_serve.sdk._sync_llm import release_calls as release_calls_sync
 
 if TYPE_CHECKING:
     from rock_serve.sdk._async import AsyncClient
@@ -52,22 +53,36 @@ class AsyncLLMRelay:
             async for call in self._ray_calls():
                 yield call
             return
-        while self.sandbox_ids:
-            request = _llm_base.poll_many(self.sandbox_ids, self.wait, 4096)
-            try:
-                response = await self._client._send(request)
-            except SandboxNotFound:
-                return
-            for c in _base.parse(response, LLMCallList).calls:
-                yield AsyncLLMCallHandle(self._client, c)
+        batch: list[LLMCall] = []
+        try:
+            while self.sandbox_ids:
+                request = _llm_base.poll_many(self.sandbox_ids, self.wait, 4096)
+                try:
+                    response = await self._client._send(request)
+                except SandboxNotFound:
+                    return
+                batch = _base.parse(response, LLMCallList).calls
+                while batch:
+                    yield AsyncLLMCallHandle(self._client, batch.pop(0))
+        finally:
+            for sandbox_id, ids in _by_sandbox(batch).items():
+                await release_calls(self._client, sandbox_id, ids)
 
     async def _ray_calls(self) -> AsyncIterator[AsyncLLMCallHandle]:
         queue: asyncio.Queue[LLMCall | str] = asyncio.Queue()
+        stopping = asyncio.Event()
 
         async def poller(sandbox_id: str) -> None:
+            # Never cancelled mid-poll: a poll the Worker answers after its taker left would
+            # lose its calls. On stop, the poll in flight ends (within ``wait``) and its calls
+            # go back to the queue.
             try:
-                while True:
-                    for c in await poll_calls(self._client, sandbox_id, self.wait, 4096):
+                while not stopping.is_set():
+                    calls = await poll_calls(self._client, sandbox_id, self.wait, 4096)
+                    if stopping.is_set():
+                        await release_calls(self._client, sandbox_id, [c.call_id for c in calls])
+                        return
+                    for c in calls:
                         queue.put_nowait(c)
             except (SandboxNotFound, NotFound):
                 queue.put_nowait(sandbox_id)  # gone: it drops out
@@ -87,9 +102,15 @@ class AsyncLLMRelay:
                     continue
                 yield AsyncLLMCallHandle(self._client, item)
         finally:
+            stopping.set()
+            if tasks:
+                await asyncio.wait(list(tasks.values()), timeout=self.wait + 30)
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            left = [item for item in _drain(queue) if not isinstance(item, str)]
+            for sandbox_id, ids in _by_sandbox(left).items():
+                await release_calls(self._client, sandbox_id, ids)
 
 
 class LLMRelay:
@@ -122,13 +143,20 @@ class LLMRelay:
                     yield _SyncRayCall(client, call)
             finally:
                 client._run(agen.aclose())
-        while self.sandbox_ids:
-            try:
-                response = client._send(_llm_base.poll_many(self.sandbox_ids, self.wait, 4096))
-            except SandboxNotFound:
-                return
-            for c in _base.parse(response, LLMCallList).calls:
-                yield LLMCallHandle(client, c)
+        batch: list[LLMCall] = []
+        try:
+            while self.sandbox_ids:
+                try:
+                    request = _llm_base.poll_many(self.sandbox_ids, self.wait, 4096)
+                    response = client._send(request)
+                except SandboxNotFound:
+                    return
+                batch = _base.parse(response, LLMCallList).calls
+                while batch:
+                    yield LLMCallHandle(client, batch.pop(0))
+        finally:
+            for sandbox_id, ids in _by_sandbox(batch).items():
+                release_calls_sync(client, sandbox_id, ids)
 
 
 class _SyncRayCall:
@@ -147,3 +175,17 @@ class _SyncRayCall:
 
     def fail(self, message: str) -> None:
         self._client._run(self._call.fail(message))
+
+
+def _by_sandbox(calls: list[LLMCall]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for c in calls:
+        out.setdefault(c.sandbox_id, []).append(c.call_id)
+    return out
+
+
+def _drain(queue: asyncio.Queue[Any]) -> list[Any]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items

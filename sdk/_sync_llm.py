@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from rock_serve.sdk._sync import Client
     from rock_serve.sdk._sync_sandbox import Sandbox
 
-__all__ = ["LLMCallHandle", "SandboxLLM", "answer_call", "poll_calls"]
+__all__ = ["LLMCallHandle", "SandboxLLM", "answer_call", "poll_calls", "release_calls"]
 
 
 def poll_calls(client: Client, sandbox_id: str, wait: float, max_calls: int) -> list[LLMCall]:
@@ -46,6 +46,19 @@ def answer_call(client: Client, sandbox_id: str, call_id: str, body: LLMAnswer) 
         _llm_base.ray_data_sync(client, sandbox_id, "llm_answer", call_id, body)
     else:
         client._send(_llm_base.answer(sandbox_id, call_id, body))
+
+
+def release_calls(client: Client, sandbox_id: str, call_ids: list[str]) -> None:
+    """Hand polled calls back to the queue (HTTP or Ray transport); a gone sandbox is fine."""
+    if not call_ids:
+        return
+    try:
+        if _llm_base.is_ray(client):
+            _llm_base.ray_data_sync(client, sandbox_id, "llm_release", call_ids)
+        else:
+            client._send(_llm_base.release(sandbox_id, call_ids))
+    except NotFound:
+        pass
 
 
 class LLMCallHandle:
@@ -94,14 +107,22 @@ class SandboxLLM:
         return [LLMCallHandle(client, c) for c in calls]
 
     def calls(self, *, wait: float = 20.0) -> Iterator[LLMCallHandle]:
-        """Every relayed call, as it comes; ends when the sandbox is gone."""
-        while True:
-            try:
-                batch = self.poll(wait=wait)
-            except SandboxNotFound:
-                return
-            for call in batch:  # noqa: UP028 - the sync twin could say "yield from"
-                yield call
+        """Every relayed call, as it comes; ends when the sandbox is gone. Calls polled but
+        not yet handed out when the loop is left go back to the queue.
+        """
+        batch: list[LLMCallHandle] = []
+        try:
+            while True:
+                try:
+                    batch = self.poll(wait=wait)
+                except SandboxNotFound:
+                    return
+                while batch:
+                    yield batch.pop(0)
+        finally:
+            if batch:
+                ids = [c.call_id for c in batch]
+                release_calls(self._sandbox.client, self._sandbox.id, ids)
 
     def serve(self, handler: Callable[[dict[str, Any]], Any], *, wait: float = 20.0) -> int:
         """Answer every call with ``handler(request) -> completion`` (may be a coroutine

@@ -50,8 +50,8 @@ from rock_serve.protocol.commands import (
     MAX_OUTPUT,
     MAX_TIMEOUT,
 )
-from rock_serve.protocol.sandbox import FailureReason, Resources, SandboxSpec, SandboxState
 from rock_serve.protocol.llm import ModelServiceSpec, ReversePort
+from rock_serve.protocol.sandbox import FailureReason, Resources, SandboxSpec, SandboxState
 
 SANDBOX_ID = r"^sb-[a-z0-9]{1,16}-[a-z0-9]{8,32}$"
 

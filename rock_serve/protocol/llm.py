@@ -24,6 +24,7 @@ __all__ = [
     "LLMCall",
     "LLMCallList",
     "LLMPollRequest",
+    "LLMRelease",
     "ModelServiceSpec",
     "ReversePort",
     "Trajectory",
@@ -130,6 +131,12 @@ class LLMPollRequest(WireModel):
     sandbox_ids: list[str] = Field(min_length=1, max_length=4096, description="Sandboxes.")
     wait: float = Field(default=20.0, ge=0, le=60, description="Seconds to wait for a call.")
     max_calls: int = Field(default=256, ge=1, le=4096, description="At most this many calls.")
+
+
+class LLMRelease(WireModel):
+    """Polled calls the taker will not answer: back to the queue for the next poll."""
+
+    call_ids: list[str] = Field(min_length=1, max_length=4096, description="Their ids.")
 
 
 class LLMAnswer(WireModel):

@@ -180,4 +180,3 @@ class ReverseTunnel:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-

@@ -1515,7 +1515,7 @@ async def op_reverse_listen(agent, rid, args, payload):
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise AgentError("conflict", "port %d is in use in the sandbox" % port)
+            raise AgentError("conflict", "port %d is in use in the sandbox" % port) from None
         raise
     bound = server.sockets[0].getsockname()[1]
     agent.streamer(rid, "listening")(str(bound).encode("ascii"))

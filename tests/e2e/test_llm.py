@@ -173,6 +173,22 @@ def test_relay_over_ray_many_sandboxes_one_connection(bwrap_host_tools_platform:
             assert reply["status"] == 200
             content = json.loads(reply["body"])["choices"][0]["message"]["content"]
             assert content == f"HELLO FROM {i}"
+        # The sync twin over Ray: sb.llm on a Client.from_ray sandbox object.
+        from rock_serve.sdk import Sandbox
+
+        ray_sync = Client.from_ray(namespace=namespace)
+        try:
+            sb = Sandbox(ray_sync, sandboxes[0].record, delete_on_exit=False, heartbeat=False)
+            agent = _run_agent(sandboxes[0], "sync")
+            call = next(iter(sb.llm.calls(wait=5)))
+            call.respond(completion("over ray, sync"))
+            (reply,) = agent.result(timeout=120)
+            assert json.loads(reply["body"])["choices"][0]["message"]["content"] == (
+                "over ray, sync"
+            )
+            assert len(sb.llm.trajectory()) == 2
+        finally:
+            ray_sync.close()
     finally:
         for sb in sandboxes:
             sb.__exit__(None, None, None)
@@ -266,7 +282,7 @@ def test_late_answer_after_agent_disconnect_is_not_found(platform: Any, client: 
                 + f"\r\nAuthorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            (call,) = sb.llm.poll(wait=30)
+            call = next(iter(sb.llm.calls(wait=5)))
         # The agent hung up: its call is cancelled and the trajectory says so.
         wait_until(lambda: sb.llm.trajectory()[0].get("error") is not None, what="cancel")
         assert sb.llm.trajectory()[0]["error"]["code"] == "cancelled"
@@ -278,7 +294,7 @@ def test_delete_ends_pending_calls_and_the_trainer_loop(platform: Any, client: C
     port = _free_port()
     sb = client.sandbox(model_service={"mode": "relay", "port": port}).__enter__()
     agent = _run_agent(sb, "pending")
-    (call,) = sb.llm.poll(wait=30)
+    call = next(iter(sb.llm.calls(wait=5)))
     done = threading.Event()
     ended: list[int] = []
 

@@ -92,7 +92,11 @@ def test_sse_chunks_round_trip_with_tool_calls():
                     "role": "assistant",
                     "content": "thinking",
                     "tool_calls": [
-                        {"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                        {
+                            "id": "t",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
                     ],
                 },
                 "finish_reason": "tool_calls",
