@@ -272,6 +272,7 @@ class LLMWorker:
     _llm_port: int
     _llm_http: Any
     _llm_ids: itertools.count[int]
+    _llm_lock: asyncio.Lock
 
     def _llm_init(self) -> None:
         if not hasattr(self, "_llm_services"):
@@ -282,6 +283,7 @@ class LLMWorker:
             self._llm_port = 0
             self._llm_http = None
             self._llm_ids = itertools.count(1)
+            self._llm_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle hooks
 
@@ -387,6 +389,10 @@ class LLMWorker:
     # ------------------------------------------------------------------ the HTTP server
 
     async def _llm_ensure_server(self) -> int:
+        async with self._llm_lock:  # concurrent creates start one server
+            return await self._llm_start_server()
+
+    async def _llm_start_server(self) -> int:
         if self._llm_server is not None:
             return self._llm_port
         import uvicorn
