@@ -5,7 +5,8 @@
 connection the sandbox makes, opens one to the target given by ``connect`` on the node and
 relays bytes both ways over the rocklet's frame channel (``reverse.attach``). Half-closes pass
 through; a reset on either side ends both. At most ``max_connections`` run at once (more are
-closed at once); the rocklet's pipe backpressure bounds what is in flight per direction.
+closed at once); per connection and direction at most ``REVERSE_WINDOW`` bytes are in flight
+(sent, not yet written by the other side): the receiver acknowledges what it wrote.
 Closing the tunnel (or the rocklet dying with its sandbox) ends every connection.
 """
 
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from rock_serve.errors import RockletUnavailable
-from rock_serve.rocklet.agent import CHUNK
+from rock_serve.rocklet.agent import CHUNK, REVERSE_WINDOW
 from rock_serve.rocklet.handle import RockletHandle, _Call, _error
 
 __all__ = ["Connector", "ReverseTunnel", "tcp_connector"]
@@ -122,14 +123,21 @@ class ReverseTunnel:
         call = _Call()
         h._calls[rid] = call
         finished = False
+        credit = [REVERSE_WINDOW]
+        more = asyncio.Event()
+        unacked = 0
 
         async def to_sandbox() -> None:
             while True:
+                while credit[0] <= 0:
+                    more.clear()
+                    await more.wait()
                 data = await reader.read(CHUNK)
                 if not data:
                     h._send({"id": rid, "type": "end"})
                     await h._drain()
                     return
+                credit[0] -= len(data)
                 h._send({"id": rid, "type": "chunk"}, data)
                 await h._drain()
 
@@ -147,12 +155,23 @@ class ReverseTunnel:
                 if kind in ("result", "error"):
                     finished = True
                     return
-                if header.get("stream") == "eof":
+                stream = header.get("stream")
+                if stream == "eof":
                     if writer.can_write_eof():
                         writer.write_eof()
                     continue
+                if stream == "ack":
+                    credit[0] += int(data)
+                    more.set()
+                    continue
                 writer.write(data)
                 await writer.drain()
+                unacked += len(data)
+                if unacked >= REVERSE_WINDOW // 4:
+                    ack = {"attach": rid, "bytes": unacked}
+                    h._send({"id": next(h._ids), "op": "reverse.ack", "args": ack})
+                    await h._drain()
+                    unacked = 0
         except (ConnectionError, OSError, RockletUnavailable):
             pass
         finally:

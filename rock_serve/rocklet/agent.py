@@ -1482,6 +1482,10 @@ async def op_shutdown(agent, rid, args, payload):
 
 REVERSE_CLAIM_SECONDS = 30.0
 REVERSE_BACKLOG = 128
+# Flow control, per connection and direction: at most this many bytes sent and not yet
+# acknowledged by the other side's write (host -> agent: ``reverse.ack`` requests; agent ->
+# host: "ack" chunks whose payload is the byte count). Buffers stay bounded either way.
+REVERSE_WINDOW = 512 << 10
 
 
 @op("reverse.listen")
@@ -1540,16 +1544,22 @@ async def op_reverse_attach(agent, rid, args, payload):
         writer.close()  # the node could not reach the target, or is at its limit
         return {}
     emit = agent.streamer(rid, "data")
+    window = {"credit": REVERSE_WINDOW, "more": asyncio.Event()}
+    agent.__dict__.setdefault("rev_windows", {})[rid] = window
 
     async def pump_out():
         while True:
+            while window["credit"] <= 0:
+                window["more"].clear()
+                await window["more"].wait()
             data = await reader.read(CHUNK)
             if not data:
                 agent.send({"id": rid, "type": "chunk", "stream": "eof"})
                 await agent.flush()
                 return
+            window["credit"] -= len(data)
             emit(data)
-            await agent.flush()  # the pipe's backpressure bounds what is in flight
+            await agent.flush()
 
     async def pump_in():
         if not isinstance(payload, asyncio.Queue):
@@ -1557,6 +1567,7 @@ async def op_reverse_attach(agent, rid, args, payload):
         async for data in _input_chunks(payload):
             writer.write(data)
             await writer.drain()
+            agent.send({"id": rid, "type": "chunk", "stream": "ack"}, b"%d" % len(data))
         if writer.can_write_eof():
             writer.write_eof()
 
@@ -1568,10 +1579,21 @@ async def op_reverse_attach(agent, rid, args, payload):
     except (ConnectionError, OSError):
         return {"reset": True}
     finally:
+        agent.rev_windows.pop(rid, None)
         out.cancel()
         inp.cancel()
         await asyncio.gather(out, inp, return_exceptions=True)
         writer.close()
+
+
+@op("reverse.ack")
+async def op_reverse_ack(agent, rid, args, payload):
+    """The host wrote ``bytes`` of connection ``attach``'s output: that much more may come."""
+    window = agent.__dict__.get("rev_windows", {}).get(_require(args, "attach", int))
+    if window is not None:
+        window["credit"] += _require(args, "bytes", int)
+        window["more"].set()
+    return {}
 
 
 # ---------------------------------------------------------------------------- entry point
