@@ -712,3 +712,12 @@ class Scheduler:
         if gate is None:
             gate = self._ray_gate = RayGate(self.args)
         return await gate.use(self.args).control(self, token, method, args)
+
+    async def dataplane_secret(self) -> bytes:
+        """The cluster secret of data-plane tokens when ``dataplane.secret_env`` is unset: made
+        once per Scheduler start (a restart makes a new one; the nodes fetch it again).
+        """
+        secret: bytes | None = getattr(self, "_dataplane_secret", None)
+        if secret is None:
+            secret = self._dataplane_secret = secrets.token_bytes(32)
+        return secret

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
+from rock_serve.deployments._dataplane import DataPlaneWorker
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
@@ -138,7 +139,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ImagesWorker):
+class Worker(ImagesWorker, DataPlaneWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -408,6 +409,7 @@ class Worker(ImagesWorker):
         for task in (self._reaper, self._warmer):
             if task is not None:
                 task.cancel()
+        await self._stop_dataplane()
         while self._warm:
             await self._discard(self._warm.pop())
         ids = list(self._boxes)

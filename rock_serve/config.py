@@ -926,6 +926,35 @@ class WarmPoolConfig(_Config):
     )
 
 
+class DataPlaneConfig(_Config):
+    """The direct data plane: each node's Worker serves its sandboxes' operations itself.
+
+    Its port is the one public per-node port (Ray's stay on loopback): bind it to the address
+    trainers reach the node on. Calls carry a short-lived token scoped to one sandbox, signed
+    by the Admin with the cluster secret and checked on the node without a round trip.
+    """
+
+    enabled: bool = Field(default=True, description="Run the per-node data-plane server.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the server binds (0.0.0.0: every interface of the node).",
+    )
+    port: int = Field(default=0, ge=0, le=65535, description="Port; 0 = a free one.")
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host put in the endpoint clients are sent to (default: host, or the "
+        "node's IP when host is 0.0.0.0).",
+    )
+    token_ttl_seconds: float = Field(
+        default=900.0, gt=0, le=86_400, description="Lifetime of one data-plane token."
+    )
+    secret_env: str = Field(
+        default="ROCK_DATAPLANE_SECRET",
+        description="Environment variable holding the cluster secret tokens are signed with "
+        "(same value on every node). Unset: the Scheduler makes one per cluster start.",
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -1088,6 +1117,10 @@ class ServerArgs(_Config):
     compat: CompatConfig = Field(
         default_factory=CompatConfig,
         description="Image mapping of the compatibility APIs (ROCK, SandboxFusion).",
+    )
+    dataplane: DataPlaneConfig = Field(
+        default_factory=DataPlaneConfig,
+        description="The per-node direct data plane (each Worker's HTTP server).",
     )
 
     @model_validator(mode="after")
