@@ -117,9 +117,10 @@ def _parse(model: type[Any], body: bytes) -> Any:
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidRequest(f"invalid {model.__name__}: {where} {first.get('msg', '')}") from None
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidRequest(f"invalid {model.__name__}: {problems}") from None
 
 
 def _path(request: Request) -> str:
@@ -265,7 +266,7 @@ class _Server:
     async def exec(self, request: Request, sid: str, claims: Any) -> Response:
         req: ExecRequest = _parse(ExecRequest, await request.body())
         streamed = request.query_params.get("stream") == "true"
-        fields = {"command": req.command, "env_keys": sorted(req.env or {})}
+        fields: dict[str, Any] = {"command": req.command, "env_keys": sorted(req.env or {})}
         detail = {"stream": streamed, "cwd": req.cwd, "stdin_bytes": len(req.stdin or "")}
         if streamed:
             return await self._stream(
@@ -281,7 +282,7 @@ class _Server:
         body: SessionRunBody = _parse(SessionRunBody, await request.body())
         req = SessionRunRequest(session=session, **body.model_dump())
         streamed = request.query_params.get("stream") == "true"
-        fields = {"command": body.command, "session": session}
+        fields: dict[str, Any] = {"command": body.command, "session": session}
         if streamed:
             return await self._stream(
                 request,

@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {
     ROOT / "sdk" / "_async.py": ROOT / "sdk" / "_sync.py",
     ROOT / "sdk" / "_async_sandbox.py": ROOT / "sdk" / "_sync_sandbox.py",
+    ROOT / "sdk" / "_async_transport.py": ROOT / "sdk" / "_sync_transport.py",
 }
 HEADER = "# Generated from {source} by scripts/unasync.py: edit the async file, then regenerate.\n"
 
 SUBS = {
     "AsyncClient": "Client",
+    "AsyncTransport": "Transport",
+    "AsyncAdminTransport": "AdminTransport",
+    "AsyncDirectTransport": "DirectTransport",
+    "_async_transport": "_sync_transport",
     "AsyncSandbox": "Sandbox",
     "AsyncSandboxFiles": "SandboxFiles",
     "AsyncHeartbeat": "Heartbeat",

@@ -8,9 +8,10 @@ the reply there too; this file holds only the I/O.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -44,8 +45,22 @@ from rock_serve.protocol import (
 )
 from rock_serve.sdk import _base
 from rock_serve.sdk._sync_sandbox import Sandbox
+from rock_serve.sdk._sync_transport import (
+    AdminTransport,
+    DataPlaneMode,
+    DirectTransport,
+    Transport,
+)
 
 __all__ = ["Client"]
+
+
+def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
+    """The data-plane mode ``ROCK_DATAPLANE`` asks for (``auto``, ``direct``, ``admin``)."""
+    value = os.environ.get("ROCK_DATAPLANE", "").strip().lower()
+    if value in ("auto", "direct", "admin"):
+        return cast(DataPlaneMode, value)
+    return default
 
 
 class Client:
@@ -71,10 +86,11 @@ class Client:
         token: str | None = None,
         timeout: float | None = None,
         retry: _base.RetryPolicy | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | Transport | None = None,
         headers: Mapping[str, str] | None = None,
+        dataplane: DataPlaneMode | None = None,
     ) -> None:
-        """Create a client; it owns an ``httpx.Client`` until :meth:`close`.
+        """Create a client; it owns its transport's connections until :meth:`close`.
 
         Args:
             base_url: Root URL of the platform (default ``ROCK_BASE_URL`` or
@@ -83,19 +99,26 @@ class Client:
             timeout: Seconds per HTTP call (default ``ROCK_TIMEOUT`` or 60); commands get their
                 own timeout plus a margin.
             retry: Retry policy (default :class:`~rock_serve.sdk.RetryPolicy`).
-            transport: An httpx transport to send through (tests, proxies, ASGI apps).
+            transport: What to send through: an SDK transport (see ``_sync_transport``), or an
+                httpx transport under the Admin path (tests, proxies, ASGI apps).
             headers: Extra headers sent with every request.
+            dataplane: ``auto`` (default): a sandbox's data-plane calls go straight to its
+                node when it answers, else through the Admin; ``direct``: only straight;
+                ``admin``: always through the Admin (``ROCK_DATAPLANE`` sets the default;
+                with an httpx ``transport`` the default is ``admin``).
         """
         self.settings = _base.ClientSettings.from_env(
             base_url=base_url, token=token, timeout=timeout
         )
         self.retry = retry if retry is not None else _base.RetryPolicy()
-        self._http = httpx.Client(
-            base_url=self.settings.base_url,
-            headers={**_base.default_headers(self.settings), **(headers or {})},
-            timeout=self.settings.timeout,
-            transport=transport,
-        )
+        if isinstance(transport, Transport):
+            self._transport = transport
+            admin = getattr(transport, "admin", transport)
+        else:
+            admin = AdminTransport(self.settings, headers=headers, transport=transport)
+            mode = dataplane or _dataplane_mode(default="admin" if transport else "auto")
+            self._transport = admin if mode == "admin" else DirectTransport(admin, mode=mode)
+        self._http = cast(httpx.Client, getattr(admin, "http", None))  # the Admin's
 
     @classmethod
     def from_ray(
@@ -129,9 +152,8 @@ class Client:
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
-        from rock_serve.deployments.client import ray_client
-
-        return ray_client(cls, namespace, retry=retry, token=token)
+        client: Client = _base.ray_transport()(cls, namespace, retry=retry, token=token)
+        return client
 
     def __enter__(self) -> Client:
         return self
@@ -146,7 +168,7 @@ class Client:
 
     def close(self) -> None:
         """Close the underlying connections."""
-        self._http.close()
+        self._transport.close()
 
     # -----------------------------------------------------------------------------------------
     # I/O: the only places that touch the network
@@ -155,9 +177,8 @@ class Client:
         """Send ``call`` with retries; return a successful reply or raise the typed error."""
         state = _base.RetryState(self.retry)
         while True:
-            request = self._http.build_request(**_base.request_kwargs(call, self.settings))
             try:
-                response = self._http.send(request, stream=stream)
+                response = self._transport.send(call, stream=stream)
             except httpx.TransportError as exc:
                 delay = state.after_transport_error(call, exc)
                 if delay is None:
