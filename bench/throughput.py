@@ -7,9 +7,12 @@ Paths measured (each client owns one sandbox and runs ``echo hi`` in its session
 clients are asyncio tasks of one process, as one rollout driver stepping many envs is):
 
 - HTTP via the Admin (Serve proxy -> Admin replica -> Worker actor -> rocklet), the SDK's
-  ``AsyncClient``;
+  ``AsyncClient(dataplane="admin")``;
+- the direct data plane (``AsyncClient(dataplane="direct")``: HTTP straight to the node's
+  data-plane server in the Worker -> rocklet; one grant per sandbox from the Admin);
 - Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
-- churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray.
+- churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray, and
+  create -> first command on its own (1 loop).
 
 Floors measured in the same run:
 
@@ -140,17 +143,24 @@ async def http_floor(name: str, url: str, method: str, clients: list[int], secon
     return rows
 
 
-async def sessions(url: str | None, clients: list[int], seconds: float, runtime: str):
-    """In-session echo over HTTP (url given) or over Ray (url None)."""
+async def sessions(
+    url: str | None, clients: list[int], seconds: float, runtime: str, mode: str = "admin"
+):
+    """In-session echo over HTTP (url given; ``mode`` admin or direct) or over Ray (url None)."""
     from rock_serve.sdk import AsyncClient
 
-    name = "HTTP via Admin" if url else "Ray transport"
+    name = (
+        ("HTTP via Admin" if mode == "admin" else "direct data plane") if url else "Ray transport"
+    )
     rows = []
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     for n in clients:
         if url:
             client = AsyncClient(
-                base_url=url, timeout=120, transport=httpx.AsyncHTTPTransport(limits=limits)
+                base_url=url,
+                timeout=120,
+                transport=httpx.AsyncHTTPTransport(limits=limits),
+                dataplane=mode,  # type: ignore[arg-type]
             )
         else:
             client = AsyncClient.from_ray(namespace="rock-bench")
@@ -169,25 +179,35 @@ async def sessions(url: str | None, clients: list[int], seconds: float, runtime:
 
 
 async def churn(url: str | None, loops: list[int], seconds: float) -> list[Row]:
-    """create -> first command -> delete per sample."""
+    """create -> first command -> delete per sample; with one loop also the create -> first
+    command latency on its own (a row of its own).
+    """
     from rock_serve.sdk import AsyncClient
 
     name = "churn over HTTP" if url else "churn over Ray"
     rows = []
     for n in loops:
         client = (
-            AsyncClient(base_url=url, timeout=120)
+            AsyncClient(base_url=url, timeout=120, dataplane="admin")
             if url
             else AsyncClient.from_ray(namespace="rock-bench")
         )
+        first = Row(f"create->1st cmd {'HTTP' if url else 'Ray'}", n)
         async with client:
 
-            async def one(client: AsyncClient = client) -> None:
+            async def one(client: AsyncClient = client, first: Row = first) -> None:
+                t0 = time.perf_counter()
                 record = await client.create_sandbox()
                 await client.exec(record.id, "echo hi")
+                first.samples.append(time.perf_counter() - t0)
                 await client.delete_sandbox(record.id)
 
-            rows.append(await drive(name, [one] * n, seconds))
+            row = await drive(name, [one] * n, seconds)
+            rows.append(row)
+            if n == 1:
+                first.samples = first.samples[-len(row.samples) :]  # without the warm-up
+                first.seconds = row.seconds
+                rows.append(first)
     return rows
 
 
@@ -198,7 +218,7 @@ def report(rows: list[Row], runtime: str) -> None:
         base = ping.get(r.clients)
         ratio = (
             f"{r.rate / base.rate:7.2f}x"
-            if base and base.rate and r.path == "HTTP via Admin"
+            if base and base.rate and r.path in ("HTTP via Admin", "direct data plane")
             else ""
         )
         print(
@@ -207,7 +227,7 @@ def report(rows: list[Row], runtime: str) -> None:
         )
     print(
         f"\n({runtime} runtime; 'vs ping' = ops/s over the bare Serve ping's at the same "
-        "concurrency.) Direct data plane: not built yet (issue 13)."
+        "concurrency; a create->1st cmd row's ops/s is that of its churn loop.)"
     )
 
 
@@ -233,7 +253,8 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
     finally:
         proc.terminate()
         proc.wait(10)
-    rows += await sessions(url, clients, opts.seconds, opts.runtime)
+    rows += await sessions(url, clients, opts.seconds, opts.runtime, "admin")
+    rows += await sessions(url, clients, opts.seconds, opts.runtime, "direct")
     rows += await sessions(None, clients, opts.seconds, opts.runtime)
     loops = [int(c) for c in opts.churn.split(",")]
     rows += await churn(url, loops, opts.churn_seconds)
