@@ -462,6 +462,25 @@ class DataPlaneWorker:
     def _ray_gate(self) -> Any:  # provided by the Worker
         raise NotImplementedError
 
+    def dataplane_address(self) -> str | None:
+        """The data plane's base URL if it runs (what a new sandbox's record carries)."""
+        state: dict[str, Any] = self.__dict__.get("_dataplane", {})
+        endpoint = state.get("endpoint")
+        return None if endpoint is None else str(endpoint)
+
+    async def _start_dataplane_at_start(self) -> None:
+        """Start the server with the Worker actor (a Worker outside Ray, as in unit tests,
+        starts it on first use); a failure is logged (calls then use the Admin path).
+        """
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return
+        try:
+            await self.dataplane_endpoint()
+        except Exception:
+            log.exception("worker %s: the data plane did not start", getattr(self, "name", "?"))
+
     async def dataplane_endpoint(self) -> str | None:
         """The base URL of this node's data-plane server (started now if need be); None when
         ``dataplane.enabled`` is false.

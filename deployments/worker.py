@@ -206,6 +206,7 @@ class Worker(ImagesWorker, DataPlaneWorker):
             self._metrics.reaped("leftover")
             with contextlib.suppress(Exception):
                 await runtime.remove(info.id)
+        await self._start_dataplane_at_start()
         self._reaper = asyncio.ensure_future(self._reap_loop())
         self._warmer = asyncio.ensure_future(self._warm_loop())
         self._warm_wanted.set()
@@ -468,6 +469,7 @@ class Worker(ImagesWorker, DataPlaneWorker):
             namespace=namespace,
             ray_job_id=req.ray_job_id,
             trajectory_id=req.trajectory_id,
+            endpoint=self.dataplane_address(),
             lease_seconds=lease,
             history=[StateChange(state=SandboxState.PENDING, at=now)],
         )

@@ -128,6 +128,11 @@ class SandboxRecord(WireModel):
     )
     ray_job_id: str | None = Field(default=None, description="Owning Ray job, if any.")
     trajectory_id: str | None = Field(default=None, description="Trajectory it serves, if any.")
+    endpoint: str | None = Field(
+        default=None,
+        description="Base URL of its node's direct data plane, if it runs one (a token for it: "
+        "POST /v1/sandboxes/{id}/dataplane).",
+    )
     lease_seconds: float | None = Field(default=None, description="Lease length, if leased.")
     lease_expires_at: float | None = Field(
         default=None, description="When the lease runs out unless renewed."

@@ -22,7 +22,7 @@ import pytest
 from rock_serve import dataplane_token
 from rock_serve.auth import generate_token, hash_token
 from rock_serve.protocol.dataplane import DataPlaneGrant
-from rock_serve.sdk import Client
+from rock_serve.sdk import Client, RetryPolicy
 from rock_serve.sdk._sync_transport import DirectTransport
 
 from .conftest import Platform, _wait_healthy
@@ -42,7 +42,8 @@ class App:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
     def sdk(self, user: str, mode: str = "auto") -> Client:
-        return Client(self.url, token=self.tokens[user], dataplane=mode)  # type: ignore[arg-type]
+        once = RetryPolicy(max_attempts=1)  # a dead node is not waited for
+        return Client(self.url, token=self.tokens[user], dataplane=mode, retry=once)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,9 @@ def test_the_node_checks_the_sandbox_token(app: App) -> None:
     with app.http("alice") as alice, app.http("bob") as bob:
         mine, theirs = _create(alice), _create(bob)
         grant = _grant(alice, mine)
+        # The record names the node's data plane; the grant adds the token.
+        assert alice.get(f"/v1/sandboxes/{mine}").json()["endpoint"] == grant.endpoint
+        assert grant.endpoint.startswith("http://127.0.0.1:")  # dataplane.host's default
         exec_body = {"command": "echo ok"}
         with httpx.Client(base_url=grant.endpoint, timeout=30) as node:
 
