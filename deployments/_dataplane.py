@@ -40,10 +40,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from rock_serve import dataplane_token
+from rock_serve.auth import Principal
 from rock_serve.config import DataPlaneConfig, ServerArgs
 from rock_serve.deployments._audit import AuditEvent
 from rock_serve.errors import (
-    ErrorCode,
     InvalidConfig,
     InvalidRequest,
     NotFound,
@@ -199,45 +199,23 @@ class _Server:
         self,
         request: Request,
         claims: dataplane_token.TokenClaims,
-        action: str | None,
-        *,
-        status: int = 200,
+        action: str,
         **fields: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """One audit event for the block (none when ``action`` is None)."""
-        started = time.perf_counter()
-        event: dict[str, Any] = {"detail": {}, **fields}
-        event["detail"] = {**event["detail"], "transport": "direct"}
-        audit = self.worker._ray_gate().audit
-        if event.get("command") is not None:
-            event["command"] = audit.command(event["command"])
-        code = "ok"
-        try:
+        """One audit event for the block, as the Admin records it (``transport: direct``)."""
+        principal = Principal(
+            name=claims.token_name, namespace=claims.namespace, admin=claims.admin
+        )
+        detail = {**fields.pop("detail", {}), "transport": "direct"}
+        async with self.worker._ray_gate().audit.scope(
+            principal,
+            action,
+            claims.sandbox_id,
+            client=request.client.host if request.client else None,
+            detail=detail,
+            **fields,
+        ) as event:
             yield event
-        except BaseException as exc:
-            if isinstance(exc, RockError):
-                status, code = exc.status, exc.code.value
-            elif isinstance(exc, asyncio.CancelledError):
-                status, code = 499, "cancelled"
-            else:
-                status, code = 500, ErrorCode.INTERNAL.value
-            raise
-        finally:
-            if action is not None and audit.enabled:
-                audit.record(
-                    AuditEvent(
-                        action=action,
-                        token_name=claims.token_name,
-                        namespace=claims.namespace,
-                        admin=claims.admin,
-                        sandbox_id=claims.sandbox_id,
-                        status=status,
-                        code=code,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                        client=request.client.host if request.client else None,
-                        **event,
-                    )
-                )
 
     # ------------------------------------------------------------------ routes
 
@@ -415,7 +393,10 @@ async def _ping(request: Request) -> Response:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return _error(NotFound(f"no data-plane route {request.method} {request.url.path}"))
+    # Marked so the SDK sends the call to the Admin instead (a route only the Admin has).
+    missing = NotFound(f"no data-plane route {request.method} {request.url.path}")
+    missing.details["dataplane"] = "no_route"
+    return _error(missing)
 
 
 def make_app(worker: Worker) -> Starlette:

@@ -33,6 +33,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
+import httpx
 import ray
 
 from rock_serve.deployments._ray import (
@@ -161,6 +162,14 @@ class AsyncRayClient(AsyncClient):
 
     async def aclose(self) -> None:
         """Nothing to close: actor handles need no connections of their own."""
+
+    async def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
+        """REST calls of methods the Ray transport does not map (yet) need HTTP.
+
+        Raises:
+            InvalidRequest: always, naming the call.
+        """
+        raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use AsyncClient(base_url)")
 
     # -----------------------------------------------------------------------------------------
     # I/O
@@ -564,6 +573,14 @@ class RayClient(Client):
 
     def close(self) -> None:
         """Nothing to close: actor handles need no connections of their own."""
+
+    def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
+        """REST calls of methods the Ray transport does not map (yet) need HTTP.
+
+        Raises:
+            InvalidRequest: always, naming the call.
+        """
+        raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use Client(base_url)")
 
 
 _SKIP = {"aclose", "sandbox", "from_ray"}

@@ -20,6 +20,7 @@ The sync module is generated from this one by ``scripts/unasync.py``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -48,6 +49,15 @@ _LOOPBACK = ("127.", "localhost", "[::1]", "::1")
 def _is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     return host.startswith(_LOOPBACK) or host == "::1"
+
+
+def _no_route(response: httpx.Response) -> bool:
+    """Whether a node's 404 means "no such route here" (not "no such sandbox or file")."""
+    try:
+        error = json.loads(response.content).get("error") or {}
+        return bool((error.get("details") or {}).get("dataplane") == "no_route")
+    except (ValueError, AttributeError):
+        return False
 
 
 class Transport:
@@ -212,6 +222,11 @@ class DirectTransport(Transport):
                     raise
                 self._skip[grant.endpoint] = time.monotonic() + self.retry_direct_after
                 break  # nothing reached the node: the Admin path is safe for any call
+            if response.status_code in (404, 405):
+                response.read()
+                if _no_route(response):  # an operation this node does not serve: the Admin's
+                    response.close()
+                    break
             if response.status_code != 401 or attempt > 0:
                 self.direct_calls += 1
                 return response

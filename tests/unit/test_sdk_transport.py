@@ -152,3 +152,16 @@ def test_the_sdk_imports_nothing_of_the_server():
             for name in names:
                 assert not name.startswith("rock_serve.deployments"), (path, name)
                 assert name.split(".")[0] != "ray", (path, name)
+
+
+def test_an_operation_the_node_does_not_serve_goes_to_the_admin():
+    def node(request: httpx.Request) -> httpx.Response:
+        error = {"code": "not_found", "message": "no route", "details": {"dataplane": "no_route"}}
+        return httpx.Response(404, json={"error": error})
+
+    admin = Admin()
+    with _client(admin, httpx.MockTransport(node)) as client:
+        assert client.run(SID, "echo hi").output == "admin\n"
+    assert ("POST", f"/v1/sandboxes/{SID}/sessions/default/run", "Bearer platform-token") in (
+        admin.seen
+    )
