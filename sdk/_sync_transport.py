@@ -220,8 +220,12 @@ class DirectTransport(Transport):
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if self.mode == "direct":
                     raise
-                self._skip[grant.endpoint] = time.monotonic() + self.retry_direct_after
-                break  # nothing reached the node: the Admin path is safe for any call
+                # Nothing reached the node: the Admin path is safe for any call. The node is left
+                # alone a while, then a fresh grant says where it is (a restarted Worker moves).
+                until = time.monotonic() + self.retry_direct_after
+                self._skip[grant.endpoint] = self._skip[sandbox_id] = until
+                self._grants.pop(sandbox_id, None)
+                break
             if response.status_code in (404, 405):
                 response.read()
                 if _no_route(response):  # an operation this node does not serve: the Admin's
