@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -62,6 +63,12 @@ from rock_serve.protocol import (
     SessionStdinBody,
 )
 from rock_serve.protocol.commands import SESSION_NAME
+from rock_serve.protocol.dataplane import (
+    BatchRunItem,
+    BatchRunOutcome,
+    BatchRunReply,
+    BatchRunRequest,
+)
 
 if TYPE_CHECKING:
     from rock_serve.deployments.worker import Worker
@@ -170,9 +177,12 @@ class _Server:
                 self._fetched_at = time.monotonic()
             return self._secret
 
-    async def claims(self, request: Request, sandbox_id: str) -> dataplane_token.TokenClaims:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    async def claims(
+        self, request: Request, sandbox_id: str, token: str | None = None
+    ) -> dataplane_token.TokenClaims:
+        if token is None:
+            header = request.headers.get("authorization", "")
+            token = header[7:].strip() if header[:7].lower() == "bearer " else None
         try:
             secret = await self._secret_for(dataplane_token.peek_kid(token) if token else None)
             return dataplane_token.verify(secret, token, sandbox_id)
@@ -388,6 +398,36 @@ class _Server:
         return _model(await self.worker.renew(sid))
 
 
+async def _batch(server: _Server, request: Request) -> Response:
+    """``POST /v1/dataplane/batch``: each item checked with its own token, all run at once."""
+    try:
+        if len(await request.body()) > server.worker.args.max_request_bytes:
+            raise TooLarge(f"request body over {server.worker.args.max_request_bytes} bytes")
+        batch: BatchRunRequest = _parse(BatchRunRequest, await request.body())
+    except Exception as exc:
+        return _error(exc)
+
+    async def one(item: BatchRunItem) -> BatchRunOutcome:
+        try:
+            claims = await server.claims(request, item.sandbox_id, item.token)
+            req = SessionRunRequest(
+                session=item.session,
+                command=item.command,
+                timeout=item.timeout,
+                max_output_bytes=item.max_output_bytes,
+            )
+            fields = {"command": item.command, "session": item.session}
+            detail = {"stream": False, "batch": len(batch.items)}
+            async with server.audited(request, claims, "session.run", **fields, detail=detail):
+                result = await server.worker.run_in_session(item.sandbox_id, req)
+            return BatchRunOutcome(result=result)
+        except Exception as exc:
+            return BatchRunOutcome(error=to_body(exc)["error"])
+
+    outcomes = await asyncio.gather(*(one(item) for item in batch.items))
+    return _model(BatchRunReply(outcomes=list(outcomes)))
+
+
 async def _ping(request: Request) -> Response:
     return Response(b'{"ok":true}', media_type=_JSON)
 
@@ -406,6 +446,7 @@ def make_app(worker: Worker) -> Starlette:
     files = {"limit": lambda args: args.max_file_bytes}
     routes = [
         Route("/v1/dataplane/ping", _ping, methods=["GET"]),
+        Route("/v1/dataplane/batch", functools.partial(_batch, s), methods=["POST"]),
         Route(f"{sb}/exec", s.route(s.exec), methods=["POST"]),
         Route(f"{sb}/sessions", s.route(s.create_session), methods=["POST"]),
         Route(f"{sb}/sessions/{{session}}/run", s.route(s.run), methods=["POST"]),

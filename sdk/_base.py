@@ -272,7 +272,7 @@ def _session(sandbox_id: str, session: str, *rest: str) -> str:
     return _sandbox(sandbox_id, "sessions", _seg(session), *rest)
 
 
-def _command_read_timeout(timeout: float | None) -> float | None:
+def command_read_timeout(timeout: float | None) -> float | None:
     """A command may take its own timeout; the HTTP read waits that long plus a margin."""
     return None if timeout is None else timeout + COMMAND_TIMEOUT_MARGIN
 
@@ -377,7 +377,7 @@ def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Cal
         _sandbox(sandbox_id, "exec"),
         params=(("stream", "true"),) if stream else (),
         json=_dump(request),
-        read_timeout=_command_read_timeout(request.timeout),
+        read_timeout=command_read_timeout(request.timeout),
         idempotency_key=None if stream else new_key(),
         sandbox=sandbox_id,
     )
@@ -419,7 +419,7 @@ def run(sandbox_id: str, session: str, body: SessionRunBody, *, stream: bool = F
         _session(sandbox_id, session, "run"),
         params=(("stream", "true"),) if stream else (),
         json=body.model_dump(mode="json"),
-        read_timeout=_command_read_timeout(body.timeout),
+        read_timeout=command_read_timeout(body.timeout),
         idempotency_key=None if stream else new_key(),
         sandbox=sandbox_id,
     )

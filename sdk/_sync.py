@@ -9,12 +9,13 @@ the reply there too; this file holds only the I/O.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, cast
 
 import httpx
 
+from rock_serve.errors import RockError
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -43,6 +44,7 @@ from rock_serve.protocol import (
     SessionRunResult,
     SessionStdinBody,
 )
+from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.sdk import _base
 from rock_serve.sdk._sync_sandbox import Sandbox
 from rock_serve.sdk._sync_transport import (
@@ -498,6 +500,60 @@ class Client:
         """
         body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
         return self._stream(_base.run(sandbox_id, session, body, stream=True), SessionRunResult)
+
+    def run_many(
+        self,
+        commands: Sequence[tuple[str, str]],
+        *,
+        session: str = "default",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> list[SessionRunResult | RockError]:
+        """Run one command in each of many sandboxes (a GRPO group's step) at once.
+
+        Over the direct data plane this is one request per node; otherwise one call each.
+        The sessions must exist (``create_session``, or a first ``sandbox.run``).
+
+        Args:
+            commands: ``(sandbox_id, command)`` pairs.
+            session: Session name (the same in every sandbox).
+            timeout: Seconds before each command is interrupted (None: no limit).
+            max_output_bytes: Output cap per command.
+
+        Returns:
+            Per pair, in order: its result, or the typed error it met (not raised).
+        """
+        items = [
+            BatchRunItem(
+                sandbox_id=sandbox_id,
+                token="",
+                session=session,
+                command=command,
+                timeout=timeout,
+                max_output_bytes=max_output_bytes,
+            )
+            for sandbox_id, command in commands
+        ]
+        transport = getattr(self, "_transport", None)
+        if isinstance(transport, DirectTransport) and transport.mode != "admin" and items:
+            done = transport.run_many(items, timeout)
+            if done is not None:
+                return done
+        results: list[SessionRunResult | RockError] = []
+        for item in items:
+            try:
+                results.append(
+                    self.run(
+                        item.sandbox_id,
+                        item.command,
+                        session=session,
+                        timeout=timeout,
+                        max_output_bytes=max_output_bytes,
+                    )
+                )
+            except RockError as exc:
+                results.append(exc)
+        return results
 
     def session_stdin(
         self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False

@@ -29,7 +29,14 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from rock_serve.protocol.dataplane import DataPlaneGrant
+from rock_serve.errors import InternalError, RockError, from_body
+from rock_serve.protocol import SessionRunResult
+from rock_serve.protocol.dataplane import (
+    BatchRunItem,
+    BatchRunReply,
+    BatchRunRequest,
+    DataPlaneGrant,
+)
 from rock_serve.sdk import _base
 
 __all__ = ["AdminTransport", "DirectTransport", "Transport", "DataPlaneMode"]
@@ -238,6 +245,49 @@ class DirectTransport(Transport):
             response.close()
         self.fallbacks += 1
         return self.admin.send(call, stream=stream)
+
+    def run_many(
+        self, items: list[BatchRunItem], timeout: float | None
+    ) -> list[SessionRunResult | RockError] | None:
+        """Run ``items`` (their ``token`` fields are filled in here) with one request per node;
+        None when some sandbox has no usable grant or a node cannot be reached (the caller then
+        goes through the Admin). ``timeout`` is the longest command timeout.
+        """
+        by_node: dict[str, list[int]] = {}
+        filled: list[BatchRunItem] = []
+        for index, item in enumerate(items):
+            grant = self.grant(item.sandbox_id)
+            if grant is None:
+                return None
+            filled.append(item.model_copy(update={"token": grant.token}))
+            by_node.setdefault(grant.endpoint, []).append(index)
+        outcomes: list[SessionRunResult | RockError | None] = [None] * len(items)
+        for endpoint, indexes in by_node.items():
+            body = BatchRunRequest(items=[filled[i] for i in indexes])
+            try:
+                response = self.http.post(
+                    f"{endpoint}/v1/dataplane/batch",
+                    content=body.model_dump_json(),
+                    headers={"Content-Type": "application/json"},
+                    timeout=httpx.Timeout(
+                        self.settings.timeout, read=_base.command_read_timeout(timeout)
+                    ),
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if self.mode == "direct":
+                    raise
+                self._skip[endpoint] = time.monotonic() + self.retry_direct_after
+                return None
+            if not response.is_success:
+                raise _base.error_from_response(response)
+            reply = _base.parse(response, BatchRunReply)
+            for index, outcome in zip(indexes, reply.outcomes, strict=True):
+                if outcome.result is not None:
+                    outcomes[index] = outcome.result
+                else:
+                    outcomes[index] = from_body({"error": outcome.error})
+        self.direct_calls += len(by_node)
+        return [o if o is not None else InternalError("no outcome") for o in outcomes]
 
     def close(self) -> None:
         """Close the direct and the Admin connections."""

@@ -232,3 +232,32 @@ def test_an_unreachable_node_falls_back_to_the_admin(app: App) -> None:
         transport._grants[sb.id] = (dead, time.time() + 600)
         with pytest.raises(httpx.ConnectError):
             sb.exec("echo never")
+
+
+def test_one_request_steps_a_group_of_sandboxes(app: App) -> None:
+    from rock_serve.errors import SessionNotFound
+
+    with (
+        app.sdk("alice", "direct") as client,
+        client.sandbox(ttl_seconds=300) as a,
+        client.sandbox(ttl_seconds=300) as b,
+    ):
+        a.run("X=first")
+        b.run("X=second")
+        transport = client._transport
+        assert isinstance(transport, DirectTransport)
+        before = transport.direct_calls
+        results = client.run_many([(a.id, "echo $X"), (b.id, "echo $X; false")])
+        assert transport.direct_calls == before + 1  # one request for the whole group
+        outputs = [r.output.strip() for r in results[:2]]  # type: ignore[union-attr]
+        assert outputs == ["first", "second"]
+        codes = [r.exit_code for r in results]  # type: ignore[union-attr]
+        assert codes == [0, 1]
+        missing = client.run_many([(a.id, "echo hi")], session="nope")
+        assert isinstance(missing[0], SessionNotFound)
+    runs = _audit_events(
+        app.audit,
+        lambda e: e["sandbox_id"] == b.id and e["detail"].get("batch") == 2,
+        "the batched run",
+    )
+    assert runs[0]["token_name"] == "alice" and runs[0]["command"] == "echo $X; false"
