@@ -11,6 +11,7 @@ clients are asyncio tasks of one process, as one rollout driver stepping many en
 - the direct data plane (``AsyncClient(dataplane="direct")``: HTTP straight to the node's
   data-plane server in the Worker -> rocklet; one grant per sandbox from the Admin);
 - Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
+- the direct plane's batch op (``client.run_many``: N sandboxes stepped by one request);
 - churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray, and
   create -> first command on its own (1 loop).
 
@@ -55,9 +56,12 @@ class Row:
     samples: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    #: Operations per sample (a batch of N commands is one sample of N operations).
+    weight: int = 1
+
     @property
     def rate(self) -> float:
-        return len(self.samples) / self.seconds if self.seconds else 0.0
+        return len(self.samples) * self.weight / self.seconds if self.seconds else 0.0
 
 
 async def drive(path: str, ops: list[Op], seconds: float) -> Row:
@@ -178,6 +182,38 @@ async def sessions(
     return rows
 
 
+async def batched(url: str, clients: list[int], seconds: float) -> list[Row]:
+    """The direct plane's batch op: all N sandboxes stepped by one request per round (a GRPO
+    group's step); ops/s counts commands, p50/p99 are per round.
+    """
+    from rock_serve.sdk import AsyncClient
+
+    rows = []
+    for n in clients:
+        if n == 1:
+            continue
+        async with AsyncClient(base_url=url, timeout=120, dataplane="direct") as client:
+            boxes = [client.sandbox() for _ in range(n)]
+            try:
+                for sb in boxes:
+                    await sb.__aenter__()
+                    await sb.run("true")  # its session
+                group = [(sb.id, "echo hi") for sb in boxes]
+
+                async def step(group: list[tuple[str, str]] = group) -> None:
+                    for result in await client.run_many(group):
+                        if isinstance(result, Exception):
+                            raise result
+
+                row = await drive("direct batch (1 req/group)", [step], seconds)
+                row.clients, row.weight = n, n
+                rows.append(row)
+            finally:
+                for sb in boxes:
+                    await sb.__aexit__(None, None, None)
+    return rows
+
+
 async def churn(url: str | None, loops: list[int], seconds: float) -> list[Row]:
     """create -> first command -> delete per sample; with one loop also the create -> first
     command latency on its own (a row of its own).
@@ -255,6 +291,7 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
         proc.wait(10)
     rows += await sessions(url, clients, opts.seconds, opts.runtime, "admin")
     rows += await sessions(url, clients, opts.seconds, opts.runtime, "direct")
+    rows += await batched(url, clients, opts.seconds)
     rows += await sessions(None, clients, opts.seconds, opts.runtime)
     loops = [int(c) for c in opts.churn.split(",")]
     rows += await churn(url, loops, opts.churn_seconds)
