@@ -163,17 +163,22 @@ class _Server:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._secret: bytes | None = None
+        self._kid = ""
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ auth and audit
 
     async def _secret_for(self, kid: str | None) -> bytes:
+        secret = self._secret
+        if secret is not None and kid == self._kid:
+            return secret  # the usual case: no lock, no round trip
         async with self._lock:
             stale = self._secret is not None and kid != dataplane_token.key_id(self._secret)
             due = time.monotonic() - self._fetched_at > _REFETCH_EVERY
             if self._secret is None or (stale and due):
                 self._secret = await cluster_secret(self.worker.args)
+                self._kid = dataplane_token.key_id(self._secret)
                 self._fetched_at = time.monotonic()
             return self._secret
 
