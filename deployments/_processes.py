@@ -199,8 +199,14 @@ async def process_status(sandbox_id: str, pid: Pid, principal: Auth) -> ProcessI
 
 @router.get(
     _BASE + "/{pid}/output",
-    response_model=ProcessOutputEnd,
-    responses={200: {"content": {_NDJSON: {}}, "description": "NDJSON output lines."}},
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "NDJSON: ProcessTruncated / ProcessOutputChunk lines, then one "
+            "ProcessOutputEnd (or an error body line).",
+            "content": {_NDJSON: {"schema": {"type": "string"}}},
+        }
+    },
 )
 async def process_output(
     sandbox_id: str,

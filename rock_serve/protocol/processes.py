@@ -9,9 +9,11 @@ where it stopped; bytes that fell out of the buffer are reported by a
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rock_serve.protocol._base import Encoding, WireModel, decode_text
 
@@ -28,25 +30,47 @@ __all__ = [
     "ProcessStartRequest",
     "ProcessStream",
     "ProcessTruncated",
+    "SignalName",
 ]
 
 DEFAULT_PROCESS_BUFFER = 1 << 20
 MAX_PROCESS_BUFFER = 64 << 20
 ProcessStream = Literal["stdout", "stderr"]
+_NO_NUL = r"^[^\x00]*$"
+#: Signal names a process may be sent (with or without the SIG prefix; numbers 1-64 too).
+SignalName = Literal[
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGALRM",
+    "SIGTERM", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGWINCH",
+    "HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "PIPE", "ALRM",
+    "TERM", "CONT", "STOP", "TSTP", "WINCH",
+]  # fmt: skip
 
 
 class ProcessStartRequest(WireModel):
     """Start a command in the background."""
 
-    command: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] = (
-        Field(description="A shell string (run with bash -c) or an argv list (run directly).")
-    )
+    command: (
+        Annotated[str, Field(min_length=1, pattern=_NO_NUL)]
+        | Annotated[list[Annotated[str, Field(min_length=1, pattern=_NO_NUL)]], Field(min_length=1)]
+    ) = Field(description="A shell string (run with bash -c) or an argv list (run directly).")
     shell: bool | None = Field(
         default=None,
         description="Force shell interpretation; default: True for a string, False for a list.",
     )
-    env: dict[str, str] | None = Field(default=None, description="Extra environment variables.")
-    cwd: str | None = Field(default=None, max_length=4096, description="Working directory.")
+    env: (
+        dict[
+            Annotated[str, Field(pattern=r"^[^=\x00]+$")],
+            Annotated[str, Field(pattern=_NO_NUL)],
+        ]
+        | None
+    ) = Field(default=None, description="Extra environment variables.")
+    cwd: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        pattern=_NO_NUL,
+        description="Working directory.",
+    )
     stdin: bool = Field(
         default=False,
         description="Give the process a stdin pipe for later input (else it reads /dev/null).",
@@ -126,6 +150,15 @@ class ProcessInputBody(WireModel):
     encoding: Encoding = Field(default="utf-8", description="'base64' for binary input.")
     eof: bool = Field(default=False, description="Close its stdin after writing.")
 
+    @model_validator(mode="after")
+    def _decodes(self) -> ProcessInputBody:
+        if self.encoding == "base64":
+            try:
+                base64.b64decode(self.data, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("data is not valid base64") from None
+        return self
+
     def data_bytes(self) -> bytes:
         """The raw bytes."""
         return decode_text(self.data, self.encoding)
@@ -134,8 +167,8 @@ class ProcessInputBody(WireModel):
 class ProcessSignalBody(WireModel):
     """Body of ``POST /v1/sandboxes/{id}/processes/{pid}/signal``."""
 
-    signal: int | str = Field(
-        default="SIGTERM", description="A signal number or name (TERM, SIGINT, ...)."
+    signal: Annotated[int, Field(ge=1, le=64)] | SignalName = Field(
+        default="SIGTERM", description="A signal number (1-64) or name (TERM, SIGINT, ...)."
     )
     group: bool = Field(
         default=True, description="Signal its whole process group (it is the group's leader)."

@@ -1618,7 +1618,7 @@ def _proc_argv(args):
     """
     command = args.get("command")
     shell = args.get("shell")
-    if isinstance(command, str) and command.strip():
+    if isinstance(command, str) and command:
         return ["bash", "-c", command] if shell is not False else command.split()
     if isinstance(command, list) and command and all(isinstance(a, str) and a for a in command):
         return ["bash", "-c", " ".join(command)] if shell else list(command)
@@ -1642,10 +1642,8 @@ def _proc(agent, args):
 
 def _proc_signal(value):
     if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return signal.Signals(value)
-        except ValueError:
-            pass
+        if 1 <= value <= 64:  # real-time signals have no Signals member: the number is fine
+            return value
     elif isinstance(value, str):
         name = value.upper()
         name = name if name.startswith("SIG") else "SIG" + name
@@ -1696,11 +1694,13 @@ async def op_proc_start(agent, rid, args, payload):
             start_new_session=True,
         )
     except FileNotFoundError:
-        raise AgentError("invalid_request", "command not found: %s" % argv[0]) from None
+        raise AgentError("file_not_found", "command not found: %s" % argv[0]) from None
     except PermissionError:
         raise AgentError("permission_denied", "cannot execute %s" % argv[0]) from None
     except OSError as exc:
         raise _os_error(exc) from None
+    except ValueError as exc:  # a NUL byte in an argument or the environment
+        raise AgentError("invalid_request", "cannot start %s: %s" % (argv[0], exc)) from None
     p = BackgroundProcess(proc, argv, cap)
     agent.procs[p.pid] = p
     _procs_forget(agent.procs)

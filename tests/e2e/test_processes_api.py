@@ -68,7 +68,14 @@ def test_processes_over_rest_sdk_and_cli(platform, api):
             (api.get(f"{base}/{pid}/output", params={"offset": -1}), 400, "invalid_request"),
             (api.post(f"{base}/{pid}/signal", json={"signal": "TERM"}), 409, "conflict"),
             (api.post(base, json={"command": ""}), 400, "invalid_request"),
-            (api.post(base, json={"command": ["/no/such/bin"]}), 400, "invalid_request"),
+            (api.post(base, json={"command": ["/no/such/bin"]}), 404, "file_not_found"),
+            (api.post(base, json={"command": ["a\u0000b"]}), 400, "invalid_request"),
+            (api.post(f"{base}/{pid}/signal", json={"signal": "NOPE"}), 400, "invalid_request"),
+            (
+                api.post(f"{base}/{pid}/input", json={"data": "%", "encoding": "base64"}),
+                400,
+                "invalid_request",
+            ),
             (api.post(f"{base}/{pid}/wait", params={"timeout": 1e9}), 400, "invalid_request"),
             (api.get("/v1/sandboxes/sb-nope-1/processes"), 404, "sandbox_not_found"),
         ]

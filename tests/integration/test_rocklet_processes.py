@@ -167,9 +167,10 @@ async def test_signals_by_name_and_number_and_bad_ones(handle):
     info = await handle.start_process(ProcessStartRequest(command=script))
     await async_wait_until(lambda: _stdout_is(handle, info.pid, b"ready\n"), what="ready")
     with pytest.raises(errors.InvalidRequest, match="unknown signal"):
-        await handle.signal_process(info.pid, "SIGNOPE")
-    with pytest.raises(errors.InvalidRequest, match="unknown signal"):
-        await handle.signal_process(info.pid, 999)
+        await handle.request("proc.signal", {"pid": info.pid, "signal": "SIGNOPE"})
+    for bad in (999, 0, True, None):
+        with pytest.raises(errors.InvalidRequest, match="unknown signal"):
+            await handle.request("proc.signal", {"pid": info.pid, "signal": bad})
     await handle.signal_process(info.pid, "term")
     done = await handle.wait_process(info.pid, timeout=30)
     assert done.exit_code == 7 and (await _read(handle, info.pid))[0] == b"ready\ngot-term\n"
@@ -206,10 +207,13 @@ async def test_bad_input_is_typed(handle):
     for op in ("proc.status", "proc.output", "proc.kill", "proc.wait"):
         with pytest.raises(errors.InvalidRequest):
             await handle.request(op, {"pid": "1"})
-    with pytest.raises(errors.InvalidRequest, match="command"):
-        await handle.request("proc.start", {"command": "  "})
-    with pytest.raises(errors.InvalidRequest, match="command not found"):
+    for command in ("", [], ["ok", ""], 5):
+        with pytest.raises(errors.InvalidRequest, match="command"):
+            await handle.request("proc.start", {"command": command})
+    with pytest.raises(errors.FileNotFound, match="command not found"):
         await handle.start_process(ProcessStartRequest(command=["/no/such/binary"]))
+    with pytest.raises(errors.InvalidRequest, match="null byte"):
+        await handle.request("proc.start", {"command": ["echo", "a\x00b"]})
     with pytest.raises(errors.FileNotFound):
         await handle.start_process(ProcessStartRequest(command="true", cwd="missing-dir"))
     with pytest.raises(errors.InvalidRequest, match="env"):
