@@ -4,13 +4,13 @@ by the async client, its generated sync twin and the Ray transport.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 
 from pydantic import TypeAdapter, ValidationError
 
 from rock_serve.errors import InternalError, from_body
-from rock_serve.protocol import encode_bytes
 from rock_serve.protocol.processes import (
     DEFAULT_PROCESS_BUFFER,
     ProcessEvent,
@@ -70,11 +70,12 @@ def start_request(
 
 
 def input_body(data: str | bytes, eof: bool) -> ProcessInputBody:
-    """The input body for ``data`` (bytes that are not UTF-8 travel as base64)."""
+    """The input body for ``data`` (text as is, bytes as base64)."""
     if isinstance(data, str):
         return ProcessInputBody(data=data, eof=eof)
-    (text,), encoding = encode_bytes(data)
-    return ProcessInputBody(data=text, encoding=encoding, eof=eof)
+    if not data:
+        return ProcessInputBody(eof=eof)
+    return ProcessInputBody(data_base64=base64.b64encode(data).decode("ascii"), eof=eof)
 
 
 def start(sandbox_id: str, request: ProcessStartRequest) -> _base.Call:

@@ -10,10 +10,9 @@ where it stopped; bytes that fell out of the buffer are reported by a
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, WithJsonSchema
 
 from rock_serve.protocol._base import Encoding, WireModel, decode_text
 
@@ -37,6 +36,20 @@ DEFAULT_PROCESS_BUFFER = 1 << 20
 MAX_PROCESS_BUFFER = 64 << 20
 ProcessStream = Literal["stdout", "stderr"]
 _NO_NUL = r"^[^\x00]*$"
+_BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_ENV_NAME = r"^[^=\x00]+$"
+#: Environment variables: names without ``=`` or NUL, values without NUL (a closed schema, so
+#: that a name outside the pattern is invalid there too, not only here).
+Env = Annotated[
+    dict[Annotated[str, Field(pattern=_ENV_NAME)], Annotated[str, Field(pattern=_NO_NUL)]],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "patternProperties": {_ENV_NAME: {"type": "string", "pattern": _NO_NUL}},
+            "additionalProperties": False,
+        }
+    ),
+]
 #: Signal names a process may be sent (with or without the SIG prefix; numbers 1-64 too).
 SignalName = Literal[
     "SIGHUP", "SIGINT", "SIGQUIT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGALRM",
@@ -57,13 +70,7 @@ class ProcessStartRequest(WireModel):
         default=None,
         description="Force shell interpretation; default: True for a string, False for a list.",
     )
-    env: (
-        dict[
-            Annotated[str, Field(pattern=r"^[^=\x00]+$")],
-            Annotated[str, Field(pattern=_NO_NUL)],
-        ]
-        | None
-    ) = Field(default=None, description="Extra environment variables.")
+    env: Env | None = Field(default=None, description="Extra environment variables.")
     cwd: str | None = Field(
         default=None,
         min_length=1,
@@ -146,22 +153,18 @@ ProcessEvent = Annotated[
 class ProcessInputBody(WireModel):
     """Body of ``POST /v1/sandboxes/{id}/processes/{pid}/input``."""
 
-    data: str = Field(default="", description="Bytes for the process's stdin (see encoding).")
-    encoding: Encoding = Field(default="utf-8", description="'base64' for binary input.")
+    data: str = Field(default="", description="Text for the process's stdin (sent as UTF-8).")
+    data_base64: str | None = Field(
+        default=None,
+        pattern=_BASE64,
+        description="Binary input, base64-encoded; written after ``data``.",
+    )
     eof: bool = Field(default=False, description="Close its stdin after writing.")
-
-    @model_validator(mode="after")
-    def _decodes(self) -> ProcessInputBody:
-        if self.encoding == "base64":
-            try:
-                base64.b64decode(self.data, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError("data is not valid base64") from None
-        return self
 
     def data_bytes(self) -> bytes:
         """The raw bytes."""
-        return decode_text(self.data, self.encoding)
+        extra = base64.b64decode(self.data_base64) if self.data_base64 else b""
+        return self.data.encode("utf-8", "surrogatepass") + extra
 
 
 class ProcessSignalBody(WireModel):

@@ -1605,8 +1605,12 @@ class BackgroundProcess:
         _killpg(self.pid, signal.SIGKILL)
         _kill(victims, signal.SIGKILL)
 
-    def close(self):
-        self.kill()
+    def close(self, kill=True):
+        """Stop tracking it; ``kill`` its group too (only at the agent's end: once it has
+        exited, its pid may name another group by now).
+        """
+        if kill or self.running:
+            self.kill()
         self._close_stdin()
         self.pumps.cancel()
         self.task.cancel()
@@ -1625,11 +1629,21 @@ def _proc_argv(args):
     raise AgentError("invalid_request", "command must be a non-empty string or argv list")
 
 
+def _os_bytes(text):
+    """``text`` for the OS: what came as UTF-8 goes back as it was, anything a JSON string can
+    hold (lone surrogates too) becomes some bytes instead of an encoding error.
+    """
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _procs_forget(procs):
     finished = sorted((p for p in procs.values() if not p.running), key=lambda p: p.ended_at)
     for p in finished[: max(len(finished) - KEEP_FINISHED, 0)]:
         procs.pop(p.pid, None)
-        p.close()
+        p.close(kill=False)
 
 
 def _proc(agent, args):
@@ -1685,12 +1699,12 @@ async def op_proc_start(agent, rid, args, payload):
     want_stdin = bool(args.get("stdin")) or bool(payload)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *[_os_bytes(a) for a in argv],
             stdin=asyncio.subprocess.PIPE if want_stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=cwd,
-            env=env,
+            env={_os_bytes(k): _os_bytes(v) for k, v in env.items()},
             start_new_session=True,
         )
     except FileNotFoundError:
@@ -1702,6 +1716,9 @@ async def op_proc_start(agent, rid, args, payload):
     except ValueError as exc:  # a NUL byte in an argument or the environment
         raise AgentError("invalid_request", "cannot start %s: %s" % (argv[0], exc)) from None
     p = BackgroundProcess(proc, argv, cap)
+    old = agent.procs.pop(p.pid, None)  # an ended one whose pid was reused
+    if old is not None:
+        old.close(kill=False)
     agent.procs[p.pid] = p
     _procs_forget(agent.procs)
     if payload:

@@ -72,7 +72,7 @@ def test_processes_over_rest_sdk_and_cli(platform, api):
             (api.post(base, json={"command": ["a\u0000b"]}), 400, "invalid_request"),
             (api.post(f"{base}/{pid}/signal", json={"signal": "NOPE"}), 400, "invalid_request"),
             (
-                api.post(f"{base}/{pid}/input", json={"data": "%", "encoding": "base64"}),
+                api.post(f"{base}/{pid}/input", json={"data_base64": "%"}),
                 400,
                 "invalid_request",
             ),

@@ -212,6 +212,10 @@ async def test_bad_input_is_typed(handle):
             await handle.request("proc.start", {"command": command})
     with pytest.raises(errors.FileNotFound, match="command not found"):
         await handle.start_process(ProcessStartRequest(command=["/no/such/binary"]))
+    odd, _ = await handle.request(  # lone surrogates: a JSON string may hold them
+        "proc.start", {"command": ["printf", "%s", "a\udcff\ud9ee"], "env": {"V\ud9ee": "x"}}
+    )
+    assert (await handle.wait_process(odd["pid"], timeout=30)).exit_code == 0, "no encoding error"
     with pytest.raises(errors.InvalidRequest, match="null byte"):
         await handle.request("proc.start", {"command": ["echo", "a\x00b"]})
     with pytest.raises(errors.FileNotFound):
