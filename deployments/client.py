@@ -36,6 +36,7 @@ from typing import Any, TypeVar, cast
 import httpx
 import ray
 
+from rock_serve.deployments._processes_ray import RayProcessClient
 from rock_serve.deployments._ray import (
     _RAY_ERRORS,
     ActorHandle,
@@ -72,8 +73,10 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.protocol.api import SANDBOX_ID
+from rock_serve.protocol.processes import ProcessStream
 from rock_serve.sdk import _base
 from rock_serve.sdk._async import AsyncClient
+from rock_serve.sdk._processes import ProcessItem
 from rock_serve.sdk._sync import Client
 
 __all__ = [
@@ -119,7 +122,7 @@ def ray_client(
     raise InvalidRequest(f"no Ray transport for {cls.__name__}")
 
 
-class AsyncRayClient(AsyncClient):
+class AsyncRayClient(RayProcessClient, AsyncClient):
     """An :class:`~rock_serve.sdk.AsyncClient` that talks to the actors over Ray, not HTTP.
 
     Ray must be initialized (inside a Ray job or actor it is).
@@ -483,8 +486,26 @@ class _BlockingRayClient(AsyncRayClient):
         return await self._call(self._worker(sandbox_id), method, sandbox_id, *args)
 
     async def _ray_stream(self, sandbox_id: str, method: str, request: Any) -> AsyncIterator[Any]:
+        for item in self._blocking_stream(sandbox_id, method, request):
+            yield item
+
+    async def process_output(
+        self,
+        sandbox_id: str,
+        pid: int,
+        *,
+        stream: ProcessStream = "stdout",
+        offset: int = 0,
+        follow: bool = False,
+    ) -> AsyncIterator[ProcessItem]:
+        """One stream's output from ``offset`` (see ``AsyncClient.process_output``)."""
+        rest = (pid, stream, offset, follow)
+        for item in self._blocking_stream(sandbox_id, "stream_process_output", *rest):
+            yield item
+
+    def _blocking_stream(self, sandbox_id: str, method: str, *rest: Any) -> Iterator[Any]:
         worker = self._worker(sandbox_id)
-        args: tuple[Any, ...] = (sandbox_id, request)
+        args: tuple[Any, ...] = (sandbox_id, *rest)
         target = method
         if self.gate:
             target, args = "ray_stream", (self.settings.token, method, *args)

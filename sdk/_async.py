@@ -45,6 +45,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.sdk import _base
+from rock_serve.sdk._async_process import AsyncProcessClient
 from rock_serve.sdk._async_sandbox import AsyncSandbox
 from rock_serve.sdk._async_transport import (
     AsyncAdminTransport,
@@ -64,7 +65,7 @@ def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
     return default
 
 
-class AsyncClient:
+class AsyncClient(AsyncProcessClient):
     """Asynchronous client of the rock-serve REST v1 API.
 
     Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.

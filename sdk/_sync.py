@@ -46,6 +46,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.sdk import _base
+from rock_serve.sdk._sync_process import ProcessClient
 from rock_serve.sdk._sync_sandbox import Sandbox
 from rock_serve.sdk._sync_transport import (
     AdminTransport,
@@ -65,7 +66,7 @@ def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
     return default
 
 
-class Client:
+class Client(ProcessClient):
     """Asynchronous client of the rock-serve REST v1 API.
 
     Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.
