@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {
     ROOT / "sdk" / "_async.py": ROOT / "sdk" / "_sync.py",
     ROOT / "sdk" / "_async_sandbox.py": ROOT / "sdk" / "_sync_sandbox.py",
+    ROOT / "sdk" / "_async_ports.py": ROOT / "sdk" / "_sync_ports.py",
 }
 HEADER = "# Generated from {source} by scripts/unasync.py: edit the async file, then regenerate.\n"
 
@@ -28,6 +29,10 @@ SUBS = {
     "AsyncClient": "Client",
     "AsyncSandbox": "Sandbox",
     "AsyncSandboxFiles": "SandboxFiles",
+    "AsyncSandboxPorts": "SandboxPorts",
+    "AsyncPortStream": "PortStream",
+    "_async_ports": "_sync_ports",
+    "websockets.asyncio.client": "websockets.sync.client",
     "AsyncHeartbeat": "Heartbeat",
     "AsyncBaseTransport": "BaseTransport",
     "AsyncIterator": "Iterator",

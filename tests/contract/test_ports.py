@@ -64,9 +64,7 @@ async def _start_server(h) -> int:
     await h.write_file(script, SERVER.encode())
     await h.create_session(SessionCreateRequest(session="srv"))
     await h.run_in_session(
-        SessionRunRequest(
-            session="srv", command=f"python3 {script} {port_file} >/dev/null 2>&1 &"
-        )
+        SessionRunRequest(session="srv", command=f"python3 {script} {port_file} >/dev/null 2>&1 &")
     )
 
     async def port() -> int | None:
@@ -86,7 +84,7 @@ async def _read_all(conn: PortConnection) -> bytes:
 async def _unused_port(h) -> int:
     """A port nobody listens on inside the sandbox (a fresh bind's, released again)."""
     code = "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-    result = await h.exec(ExecRequest(command=f"python3 -c \"{code}\""))
+    result = await h.exec(ExecRequest(command=f'python3 -c "{code}"'))
     return int(result.stdout)
 
 
@@ -143,9 +141,7 @@ async def test_port_relay(sandbox):
         await PortConnection(h, port, max_connections=2).open()
     assert capped.value.details["resource"] == "port_connections"
     await first.aclose()
-    await async_wait_until(
-        lambda: _opens(h, port), what="a slot to free after close"
-    )
+    await async_wait_until(lambda: _opens(h, port), what="a slot to free after close")
     await second.aclose()
 
 
