@@ -547,7 +547,7 @@ async def proxy_websocket(ws: WebSocket, sandbox_id: str, port: int, path: str =
                     parts.append(bytes(frame.data))
                 elif frame.opcode == Opcode.CLOSE:
                     await flush()
-                    code = proto.close_code or 1000
+                    code = proto.close_rcvd.code if proto.close_rcvd else 1000
                     await ws.close(code=code if code not in (1005, 1006) else 1000)
                     return
                 else:

@@ -95,9 +95,8 @@ class AsyncPortStream:
             from websockets.asyncio.client import connect
         except ImportError:  # pragma: no cover - the cli extra brings it
             raise RuntimeError("sandbox.ports.connect needs the websockets package") from None
-        self._ws = await connect(
-            self.url, additional_headers=self._headers, max_size=None, open_timeout=60
-        )
+        opener = connect(self.url, additional_headers=self._headers, max_size=None, open_timeout=60)
+        self._ws = await opener.__aenter__()
         try:
             first = await self._ws.recv()  # {"type": "open"} once connected, else an error
             body = json.loads(first) if isinstance(first, str) else {}

@@ -96,9 +96,8 @@ class PortStream:
             from websockets.sync.client import connect
         except ImportError:  # pragma: no cover - the cli extra brings it
             raise RuntimeError("sandbox.ports.connect needs the websockets package") from None
-        self._ws = connect(
-            self.url, additional_headers=self._headers, max_size=None, open_timeout=60
-        )
+        opener = connect(self.url, additional_headers=self._headers, max_size=None, open_timeout=60)
+        self._ws = opener.__enter__()
         try:
             first = self._ws.recv()  # {"type": "open"} once connected, else an error
             body = json.loads(first) if isinstance(first, str) else {}
