@@ -41,7 +41,6 @@ from urllib.parse import parse_qsl, urlencode
 import h11
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import Response, StreamingResponse
-from ray import serve
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -87,6 +86,8 @@ _READ_AHEAD = 8
 
 
 def _admin() -> Any:
+    from ray import serve  # here: the helpers below are usable (and tested) without Serve
+
     return serve.get_replica_context().servable_object
 
 

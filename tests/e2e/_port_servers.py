@@ -27,6 +27,7 @@ _PATTERN = bytes(range(256)) * 256
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes
 
     def log_message(self, *args):
         pass
