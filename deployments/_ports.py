@@ -39,9 +39,9 @@ class PortsWorker:
         return conns
 
     async def port_stream(
-        self, sandbox_id: str, conn_id: str, port: int
+        self, sandbox_id: str, conn_id: str, port: int, first: bytes = b""
     ) -> AsyncIterator[bytes | str | dict[str, Any]]:
-        """Connect to ``127.0.0.1:port`` in the sandbox and stream what comes back.
+        """Connect to ``127.0.0.1:port`` in the sandbox, send ``first``, stream what comes back.
 
         Yields ``b""`` once connected (from then on :meth:`port_write` reaches it), then data
         chunks, ``"eof"`` when the sandbox side closed its end, and last the rocklet's counts
@@ -68,6 +68,8 @@ class PortsWorker:
         await conn.open()
         self._port_conns[conn_id] = conn
         try:
+            if first:
+                await conn.write(first)
             yield b""
             while data := await conn.read():
                 yield data

@@ -85,6 +85,10 @@ _WRITE_CHUNK = 1 << 20
 _READ_AHEAD = 8
 
 
+#: Background closes in flight (a strong reference each, so none is collected mid-way).
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
 def _admin() -> Any:
     from ray import serve  # here: the helpers below are usable (and tested) without Serve
 
@@ -108,15 +112,18 @@ class _Tunnel:
         self.received = 0
         self.opened = time.perf_counter()
 
-    async def open(self) -> None:
+    async def open(self, first: bytes = b"") -> None:
+        """Connect; ``first`` is sent right after (saves a round trip for small requests)."""
         self._items = stream(
             self.worker,
             "port_stream",
             self.sandbox_id,
             self.conn_id,
             self.port,
+            first,
             backpressure=_READ_AHEAD,
         )
+        self.sent += len(first)
         try:
             await self._items.__anext__()  # b"": connected
         except StopAsyncIteration:
@@ -149,11 +156,18 @@ class _Tunnel:
         await call(self.worker, "port_write_eof", self.conn_id)
 
     async def close(self) -> None:
+        """Reset what is left of the connection and end the Worker's stream."""
         with contextlib.suppress(Exception):
             await call(self.worker, "port_close", self.conn_id)
         if self._items is not None:
             with contextlib.suppress(Exception):
                 await self._items.aclose()  # type: ignore[attr-defined]
+
+    def close_soon(self) -> None:
+        """:meth:`close` in the background (off a response's critical path)."""
+        task = asyncio.ensure_future(self.close())
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
 
 
 # ----------------------------------------------------------------------------- auth, audit
@@ -224,15 +238,18 @@ async def _open(
     port: int,
     kind: str,
     status: int,
+    first: bytes = b"",
 ) -> _Tunnel:
-    """Check the port and the caller's namespace, connect; audited as ``port.open``."""
+    """Check the port and the caller's namespace, connect (then send ``first``); audited as
+    ``port.open``.
+    """
     detail = {"port": port, "kind": kind}
     async with admin._audited(conn, principal, "port.open", sandbox_id, status=status) as event:
         event["detail"].update(detail)
         _check_port(port)
         tunnel = _Tunnel(await admin._worker(sandbox_id), sandbox_id, port)
         try:
-            await tunnel.open()
+            await tunnel.open(first)
         except BaseException:
             await tunnel.close()
             raise
@@ -316,24 +333,28 @@ async def proxy_http(request: Request, sandbox_id: str, port: int, path: str = "
     """
     admin = _admin()
     principal, carrier = _authenticate(admin, request)
-    tunnel = await _open(admin, request, principal, sandbox_id, port, "http", 200)
+    _check_port(port)
+    h = h11.Connection(h11.CLIENT)
+    headers = _upstream_headers(request, carrier, port)
+    has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+    if has_body and "content-length" not in request.headers:
+        headers.append(("transfer-encoding", "chunked"))
+    headers.append(("connection", "close"))
+    query = _upstream_query(request, carrier)
+    target = "/" + path + (f"?{query}" if query else "")
+    try:
+        head = h11.Request(method=request.method, target=target.encode(), headers=headers)
+        first = h.send(head) or b""
+        if not has_body:
+            first += h.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError as exc:
+        raise InvalidRequest(f"cannot relay this request: {exc}") from None
+    tunnel = await _open(admin, request, principal, sandbox_id, port, "http", 200, first)
     sender: asyncio.Task[None] | None = None
     code = "ok"
     try:
-        h = h11.Connection(h11.CLIENT)
-        headers = _upstream_headers(request, carrier, port)
-        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        if has_body and "content-length" not in request.headers:
-            headers.append(("transfer-encoding", "chunked"))
-        headers.append(("connection", "close"))
-        query = _upstream_query(request, carrier)
-        target = "/" + path + (f"?{query}" if query else "")
-        head = h11.Request(method=request.method, target=target.encode(), headers=headers)
-        await tunnel.write(h.send(head))
         if has_body:
             sender = asyncio.ensure_future(_send_body(h, tunnel, request))
-        else:
-            await tunnel.write(h.send(h11.EndOfMessage()))
         while True:
             event = await _next_event(h, tunnel)
             if isinstance(event, h11.Response):
@@ -368,7 +389,7 @@ async def proxy_http(request: Request, sandbox_id: str, port: int, path: str = "
         finally:
             if sender is not None and not sender.done():
                 sender.cancel()
-            await tunnel.close()
+            tunnel.close_soon()
             _audit_close(admin, request, principal, tunnel, "http", result)
 
     response = StreamingResponse(body(), status_code=event.status_code)

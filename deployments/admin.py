@@ -203,6 +203,8 @@ def _streamed_body(scope: Scope) -> bool:
     """Routes whose body is streamed to the Worker (bounded by max_file_bytes, not held)."""
     path: str = scope.get("path", "")
     method: str = scope.get("method", "")
+    if path.startswith("/v1/sandboxes/") and "/ports/" in path:
+        return True  # relayed to a port in the sandbox with flow control (_ports_api.py)
     return (method == "PUT" and path.endswith(("/files", "/archive"))) or "upload" in path
 
 
