@@ -55,6 +55,7 @@ from rock_serve.deployments._auth import (
 )
 from rock_serve.deployments._ray import ActorHandle, call, stream
 from rock_serve.errors import InvalidRequest, PortClosed, RockError, to_body
+from rock_serve.protocol.ports import TUNNEL_EOF, PortTunnelOpen
 
 __all__ = ["router"]
 
@@ -427,7 +428,7 @@ async def tcp_tunnel(ws: WebSocket, sandbox_id: str, port: int) -> None:
     except RockError as exc:
         await _ws_refuse(ws, exc)
         return
-    await ws.send_text(json.dumps({"type": "open", "port": port}))
+    await ws.send_text(PortTunnelOpen(port=port).model_dump_json())
 
     async def downstream() -> None:
         while data := await tunnel.read():
@@ -441,7 +442,7 @@ async def tcp_tunnel(ws: WebSocket, sandbox_id: str, port: int) -> None:
                 return
             if message.get("bytes"):
                 await tunnel.write(message["bytes"])
-            elif message.get("text") == "eof":
+            elif message.get("text") == TUNNEL_EOF:
                 await tunnel.write_eof()
 
     await _relay(admin, ws, principal, tunnel, "tcp", downstream(), upstream())

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from rock_serve.errors import InvalidRequest, RockletUnavailable, from_body
+from rock_serve.protocol.ports import TUNNEL_EOF, PortTunnelOpen
 
 if TYPE_CHECKING:
     from rock_serve.sdk._async_sandbox import AsyncSandbox
@@ -98,10 +99,11 @@ class AsyncPortStream:
         opener = connect(self.url, additional_headers=self._headers, max_size=None, open_timeout=60)
         self._ws = await opener.__aenter__()
         try:
-            first = await self._ws.recv()  # {"type": "open"} once connected, else an error
+            first = await self._ws.recv()  # PortTunnelOpen once connected, else an error
             body = json.loads(first) if isinstance(first, str) else {}
             if body.get("type") != "open":
                 raise from_body(body)
+            PortTunnelOpen.model_validate(body)
         except BaseException:
             await self.aclose()
             raise
@@ -149,7 +151,7 @@ class AsyncPortStream:
     async def write_eof(self) -> None:
         """Half-close: the server in the sandbox reads EOF; its replies still come."""
         if self._ws is not None:
-            await self._ws.send("eof")
+            await self._ws.send(TUNNEL_EOF)
 
     async def aclose(self) -> None:
         """Close the stream (the connection in the sandbox is reset if still open)."""

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from rock_serve.errors import InvalidRequest, RockletUnavailable, from_body
+from rock_serve.protocol.ports import TUNNEL_EOF, PortTunnelOpen
 
 if TYPE_CHECKING:
     from rock_serve.sdk._sync_sandbox import Sandbox
@@ -99,10 +100,11 @@ class PortStream:
         opener = connect(self.url, additional_headers=self._headers, max_size=None, open_timeout=60)
         self._ws = opener.__enter__()
         try:
-            first = self._ws.recv()  # {"type": "open"} once connected, else an error
+            first = self._ws.recv()  # PortTunnelOpen once connected, else an error
             body = json.loads(first) if isinstance(first, str) else {}
             if body.get("type") != "open":
                 raise from_body(body)
+            PortTunnelOpen.model_validate(body)
         except BaseException:
             self.close()
             raise
@@ -150,7 +152,7 @@ class PortStream:
     def write_eof(self) -> None:
         """Half-close: the server in the sandbox reads EOF; its replies still come."""
         if self._ws is not None:
-            self._ws.send("eof")
+            self._ws.send(TUNNEL_EOF)
 
     def close(self) -> None:
         """Close the stream (the connection in the sandbox is reset if still open)."""
