@@ -102,13 +102,19 @@ class PortConnection:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Reset the connection (unless both sides finished) and forget it."""
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Reset the connection (unless both sides finished) and forget it; waits (up to
+        ``timeout`` seconds) for the rocklet to confirm, so its slot is free on return.
+        """
         if self._rid is None:
             return
         if not self._finished and self._handle._error is None:
             with contextlib.suppress(Exception):
                 self._handle._send({"id": self._rid, "type": "cancel"})
+                await self._handle._drain()
+            if self._pump is not None and not self._pump.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._pump), timeout)
         self._finish(RockletUnavailable("the port connection is closed"))
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()

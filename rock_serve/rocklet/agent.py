@@ -1487,7 +1487,8 @@ async def op_shutdown(agent, rid, args, payload):
 # Agent -> host: a ``chunk`` with ``stream: "open"`` once connected, ``stream: "data"`` chunks
 # from the socket, ``stream: "eof"`` when the sandbox side closed its end, and
 # ``stream: "ack"`` with ``n`` once n bytes of host input went into the socket. The result
-# ``{"sent", "received"}`` comes when both directions are done.
+# ``{"sent", "received"}`` comes when both directions are done, or (with ``"reset": true``)
+# right after a ``cancel`` reset the connection.
 #
 # Flow control: each side has at most ``window`` unacknowledged bytes in flight towards the
 # other and acks in batches of half a window, so no buffer on either side grows past a window
@@ -1597,6 +1598,10 @@ async def op_port_connect(agent, rid, args, payload):
         incoming = asyncio.ensure_future(pump_in())
         try:
             await asyncio.gather(outgoing, incoming)
+        except asyncio.CancelledError:
+            if agent.closing:
+                raise
+            counts["reset"] = True  # the host's cancel: confirm, so it knows the slot is free
         finally:
             outgoing.cancel()
             incoming.cancel()

@@ -134,20 +134,23 @@ async def test_port_relay(sandbox):
     replies = await asyncio.gather(*(one(i) for i in range(16)))
     assert replies == [f"conn-{i}".encode() * 100 for i in range(16)]
 
-    # The cap on open connections is typed; closing one frees its slot.
+    # The cap on open connections is typed; closing one frees its slot (a reset reaches the
+    # rocklet a moment after aclose: wait until the ones above are all gone).
+    await async_wait_until(lambda: _opens(h, port, 1), what="the connections above to end")
     first = await PortConnection(h, port, max_connections=2).open()
     second = await PortConnection(h, port, max_connections=2).open()
     with pytest.raises(ResourceExhausted) as capped:
         await PortConnection(h, port, max_connections=2).open()
     assert capped.value.details["resource"] == "port_connections"
     await first.aclose()
-    await async_wait_until(lambda: _opens(h, port), what="a slot to free after close")
+    await async_wait_until(lambda: _opens(h, port, 2), what="a slot to free after close")
     await second.aclose()
 
 
-async def _opens(h, port: int) -> bool:
+async def _opens(h, port: int, cap: int) -> bool:
+    """True when one more connection fits under ``cap`` (it is closed again)."""
     try:
-        conn = await PortConnection(h, port, max_connections=2).open()
+        conn = await PortConnection(h, port, max_connections=cap).open()
     except ResourceExhausted:
         return False
     await conn.aclose()
