@@ -108,17 +108,19 @@ class PortConnection:
         """
         if self._rid is None:
             return
-        if not self._finished and self._handle._error is None:
-            with contextlib.suppress(Exception):
-                self._handle._send({"id": self._rid, "type": "cancel"})
-                await self._handle._drain()
-            if self._pump is not None and not self._pump.done():
+        try:
+            if not self._finished and self._handle._error is None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._pump), timeout)
-        self._finish(RockletUnavailable("the port connection is closed"))
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
+                    self._handle._send({"id": self._rid, "type": "cancel"})
+                    await self._handle._drain()
+                if self._pump is not None and not self._pump.done():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(asyncio.shield(self._pump), timeout)
+        finally:
+            self._finish(RockletUnavailable("the port connection is closed"))
+            if self._pump is not None and not self._pump.done():
+                self._pump.cancel()
+                await asyncio.gather(self._pump, return_exceptions=True)
 
     @property
     def closed(self) -> bool:
