@@ -23,6 +23,9 @@ Auth and namespaces are those of every data-plane call; a viewer token cannot re
 Every connection is audited twice: ``port.open`` and ``port.close`` with its byte counts.
 Deleting the sandbox ends its connections (the rocklet's pipe closes).
 
+The routes are left out of the OpenAPI schema: a proxy's methods, bodies and statuses are
+the sandbox server's, not ours to describe (``protocol/api.py`` lists them).
+
 Wiring: ``admin.py`` includes :data:`router` (one line); the Admin instance is this replica's
 servable object.
 """
@@ -324,7 +327,7 @@ async def _send_body(h: h11.Connection, tunnel: _Tunnel, request: Request) -> No
 
 
 @router.api_route(_PREFIX + "/", methods=_METHODS, include_in_schema=False)
-@router.api_route(_PREFIX + "/{path:path}", methods=_METHODS, summary="HTTP proxy to a port")
+@router.api_route(_PREFIX + "/{path:path}", methods=_METHODS, include_in_schema=False)
 async def proxy_http(request: Request, sandbox_id: str, port: int, path: str = "") -> Response:
     """Relay this request to ``http://127.0.0.1:PORT/PATH`` inside the sandbox.
 
