@@ -47,6 +47,7 @@ from rock_serve.deployments import (
     _images,
     _notify,
     _ports_api,
+    _processes,
     _rock_api,
     _swerex_api,
 )
@@ -319,6 +320,7 @@ app.include_router(
 app.include_router(_gem.router, responses=_ERRORS)
 app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
 app.include_router(_ports_api.router, responses=_ERRORS)  # /v1/sandboxes/{id}/ports (15.2)
+app.include_router(_processes.router, responses=_ERRORS)  # /processes (issue 15.1)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)
 # SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.

@@ -22,6 +22,7 @@ FILES = {
     ROOT / "sdk" / "_async.py": ROOT / "sdk" / "_sync.py",
     ROOT / "sdk" / "_async_sandbox.py": ROOT / "sdk" / "_sync_sandbox.py",
     ROOT / "sdk" / "_async_ports.py": ROOT / "sdk" / "_sync_ports.py",
+    ROOT / "sdk" / "_async_process.py": ROOT / "sdk" / "_sync_process.py",
 }
 HEADER = "# Generated from {source} by scripts/unasync.py: edit the async file, then regenerate.\n"
 
@@ -33,6 +34,12 @@ SUBS = {
     "AsyncPortStream": "PortStream",
     "_async_ports": "_sync_ports",
     "websockets.asyncio.client": "websockets.sync.client",
+    "AsyncProcessClient": "ProcessClient",
+    "AsyncSandboxProcesses": "SandboxProcesses",
+    "AsyncProcessOutput": "ProcessOutput",
+    "AsyncProcess": "Process",
+    "__aiter__": "__iter__",
+    "_async_process": "_sync_process",
     "AsyncHeartbeat": "Heartbeat",
     "AsyncBaseTransport": "BaseTransport",
     "AsyncIterator": "Iterator",
