@@ -101,13 +101,19 @@ async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> An
         raise _translate(exc, method) from None
 
 
-async def stream(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+async def stream(
+    actor: ActorHandle, method: str, *args: Any, backpressure: int | None = None, **kwargs: Any
+) -> AsyncIterator[Any]:
     """Iterate over an async-generator actor method's items as they come.
 
-    If the consumer stops early (a client went away), the actor task is cancelled.
+    If the consumer stops early (a client went away), the actor task is cancelled. With
+    ``backpressure`` the actor's generator pauses while that many items are unconsumed.
     """
+    options: dict[str, Any] = {"num_returns": "streaming"}
+    if backpressure is not None:
+        options["_generator_backpressure_num_objects"] = backpressure
     try:
-        gen = getattr(actor, method).options(num_returns="streaming").remote(*args, **kwargs)
+        gen = getattr(actor, method).options(**options).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None
     finished = False

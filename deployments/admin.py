@@ -47,6 +47,7 @@ from rock_serve.deployments import (
     _gem,
     _images,
     _notify,
+    _ports_api,
     _processes,
     _rock_api,
     _swerex_api,
@@ -204,6 +205,8 @@ def _streamed_body(scope: Scope) -> bool:
     """Routes whose body is streamed to the Worker (bounded by max_file_bytes, not held)."""
     path: str = scope.get("path", "")
     method: str = scope.get("method", "")
+    if path.startswith("/v1/sandboxes/") and "/ports/" in path:
+        return True  # relayed to a port in the sandbox with flow control (_ports_api.py)
     return (method == "PUT" and path.endswith(("/files", "/archive"))) or "upload" in path
 
 
@@ -318,6 +321,7 @@ app.include_router(
 app.include_router(_gem.router, responses=_ERRORS)
 app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
 app.include_router(_dataplane_api.router, responses=_ERRORS)  # direct data plane (issue 13)
+app.include_router(_ports_api.router, responses=_ERRORS)  # /v1/sandboxes/{id}/ports (15.2)
 app.include_router(_processes.router, responses=_ERRORS)  # /processes (issue 15.1)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)

@@ -32,6 +32,7 @@ __all__ = [
     "NotifyConfig",
     "TracingConfig",
     "CompatConfig",
+    "PortsConfig",
     "DOCKER_TEST_IMAGE",
     "DEFAULT_IMAGE",
     "ImageStoreConfig",
@@ -955,6 +956,30 @@ class DataPlaneConfig(_Config):
     )
 
 
+class PortsConfig(_Config):
+    """Ports relayed from outside into sandboxes (``/v1/sandboxes/{id}/ports/{port}/...``)."""
+
+    max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Relayed connections one sandbox may hold open at once (HTTP requests, "
+        "WebSockets and TCP tunnels together); more are refused with resource_exhausted.",
+    window_bytes: int = Field(
+        default=1 << 20,
+        ge=256 << 10,
+        le=64 << 20,
+        description="Bytes in flight per connection and direction before the sender waits "
+        "for the other side: bounds the memory a slow reader can pin.",
+    connect_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds a connect to the port inside the sandbox may take (a refused "
+        "connect is port_closed at once).",
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -1128,6 +1153,12 @@ class ServerArgs(_Config):
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig,
         description="The per-node direct data plane (each Worker's HTTP server).",
+    )
+
+
+    ports: PortsConfig = Field(
+        default_factory=PortsConfig,
+        description="Ports relayed into sandboxes (HTTP/WebSocket proxy, TCP tunnels).",
     )
 
     @model_validator(mode="after")

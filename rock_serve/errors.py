@@ -26,6 +26,7 @@ __all__ = [
     "OverCapacity",
     "PathOutsideSandbox",
     "PermissionDenied",
+    "PortClosed",
     "ProcessNotFound",
     "RateLimited",
     "RegistryUnauthorized",
@@ -85,6 +86,7 @@ class ErrorCode(str, Enum):
     ROCKLET_UNAVAILABLE = "rocklet_unavailable"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
+    PORT_CLOSED = "port_closed"
 
 
 class RockError(Exception):
@@ -315,6 +317,19 @@ class Timeout(RockError, TimeoutError):
 
     code = ErrorCode.TIMEOUT
     status = 504
+
+
+class PortClosed(RockError, ConnectionRefusedError):
+    """Nothing listens on the port inside the sandbox (the connect was refused there).
+
+    502 Bad Gateway: the platform is the gateway and the upstream (the sandbox's server) is
+    not there, as a reverse proxy reports a refused upstream. Not 404 (the sandbox exists and
+    the route is right) and not 503 (the platform itself is fine; retrying helps only once the
+    sandbox's program listens). ``details['port']`` names the port.
+    """
+
+    code = ErrorCode.PORT_CLOSED
+    status = 502
 
 
 _TABLE: dict[ErrorCode, type[RockError]] = {}

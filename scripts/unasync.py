@@ -22,6 +22,7 @@ FILES = {
     ROOT / "sdk" / "_async.py": ROOT / "sdk" / "_sync.py",
     ROOT / "sdk" / "_async_sandbox.py": ROOT / "sdk" / "_sync_sandbox.py",
     ROOT / "sdk" / "_async_transport.py": ROOT / "sdk" / "_sync_transport.py",
+    ROOT / "sdk" / "_async_ports.py": ROOT / "sdk" / "_sync_ports.py",
     ROOT / "sdk" / "_async_process.py": ROOT / "sdk" / "_sync_process.py",
 }
 HEADER = "# Generated from {source} by scripts/unasync.py: edit the async file, then regenerate.\n"
@@ -34,6 +35,10 @@ SUBS = {
     "_async_transport": "_sync_transport",
     "AsyncSandbox": "Sandbox",
     "AsyncSandboxFiles": "SandboxFiles",
+    "AsyncSandboxPorts": "SandboxPorts",
+    "AsyncPortStream": "PortStream",
+    "_async_ports": "_sync_ports",
+    "websockets.asyncio.client": "websockets.sync.client",
     "AsyncProcessClient": "ProcessClient",
     "AsyncSandboxProcesses": "SandboxProcesses",
     "AsyncProcessOutput": "ProcessOutput",

@@ -29,6 +29,7 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.sdk._async_ports import AsyncSandboxPorts
 from rock_serve.sdk._async_process import AsyncSandboxProcesses
 from rock_serve.sdk._heartbeat import AsyncHeartbeat, interval_for
 
@@ -74,6 +75,8 @@ class AsyncSandbox:
         self.delete_on_exit = delete_on_exit
         self._sessions: set[str] = set()
         self.files = AsyncSandboxFiles(self)
+        #: Its ports: proxy URLs and TCP streams (:class:`AsyncSandboxPorts`).
+        self.ports = AsyncSandboxPorts(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: AsyncHeartbeat | None = None
 

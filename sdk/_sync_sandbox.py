@@ -31,6 +31,7 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.sdk._heartbeat import Heartbeat, interval_for
+from rock_serve.sdk._sync_ports import SandboxPorts
 from rock_serve.sdk._sync_process import SandboxProcesses
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class Sandbox:
         self.delete_on_exit = delete_on_exit
         self._sessions: set[str] = set()
         self.files = SandboxFiles(self)
+        #: Its ports: proxy URLs and TCP streams (:class:`SandboxPorts`).
+        self.ports = SandboxPorts(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: Heartbeat | None = None
 

@@ -31,6 +31,11 @@ PUT         /sandboxes/{id}/archive?path=               tar stream (plain or com
 GET         /sandboxes/{id}/stats                       -> SandboxStats
 WebSocket   /sandboxes/{id}/pty?cols=&rows=             binary frames in/out; text frames
                                                         :class:`PtyResize` in, :class:`PtyExit` out
+any         /sandboxes/{id}/ports/{port}/{path}         HTTP proxy to 127.0.0.1:port in the
+                                                        sandbox (502 ``port_closed``); also
+                                                        WebSocket proxy on the same URL
+WebSocket   /sandboxes/{id}/ports/{port}/tcp            raw TCP tunnel: binary frames both ways,
+                                                        see ``protocol/ports.py``
 ==========  ==========================================  ==========================================
 
 Sandbox ids name their owning Worker: ``sb-<worker>-<random>``, so data-plane calls go to that

@@ -500,6 +500,7 @@ class Agent:
         self.inputs = {}
         self.ptys = {}
         self.procs = {}  # background processes by pid (proc.* ops)
+        self.ports = {}  # request id -> _PortConn (see "ports" below)
         self.closing = False
 
     # -- output
@@ -559,6 +560,11 @@ class Agent:
             queue = self.inputs.get(rid)
             if queue is not None:
                 queue.put_nowait(payload if kind == "chunk" else None)
+            return
+        if kind == "ack":  # flow control of a port connection (see "ports" below)
+            conn = self.ports.get(rid)
+            if conn is not None:
+                conn.acked(header.get("n"))
             return
         if kind == "cancel":
             task = self.tasks.get(rid)
@@ -1833,6 +1839,142 @@ async def op_proc_wait(agent, rid, args, payload):
             {"pid": p.pid},
         ) from None
     return p.info()
+
+
+# ---------------------------------------------------------------------------- ports
+#
+# ``port.connect`` relays one TCP connection to 127.0.0.1:PORT in the sandbox's own network
+# namespace over the frame channel, so a port is reachable with ``network: none``.
+#
+# Host -> agent: ``chunk`` frames are bytes for the socket, ``end`` half-closes it (write EOF),
+# ``{"type": "ack", "n": k}`` returns k bytes of credit, ``cancel`` resets the connection.
+# Agent -> host: a ``chunk`` with ``stream: "open"`` once connected, ``stream: "data"`` chunks
+# from the socket, ``stream: "eof"`` when the sandbox side closed its end, and
+# ``stream: "ack"`` with ``n`` once n bytes of host input went into the socket. The result
+# ``{"sent", "received"}`` comes when both directions are done, or (with ``"reset": true``)
+# right after a ``cancel`` reset the connection.
+#
+# Flow control: each side has at most ``window`` unacknowledged bytes in flight towards the
+# other and acks in batches of half a window, so no buffer on either side grows past a window
+# per connection, whatever the speed of the reader.
+
+#: Bytes in flight per direction and connection before the sender waits for an ack.
+PORT_WINDOW = 1 << 20
+#: Port connections one agent holds at once unless the host asks for another bound.
+DEFAULT_MAX_PORT_CONNECTIONS = 64
+#: Seconds a connect to a port in the sandbox may take (a listener with a full backlog).
+PORT_CONNECT_TIMEOUT = 10.0
+
+
+class _PortConn:
+    """Credit towards the host of one relayed connection."""
+
+    def __init__(self, window):
+        self.window = window
+        self.unacked = 0
+        self.credit = asyncio.Event()
+        self.credit.set()
+
+    def acked(self, n):
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            self.unacked = max(self.unacked - n, 0)
+            if self.unacked < self.window:
+                self.credit.set()
+
+    async def spend(self, n):
+        while self.unacked >= self.window:
+            self.credit.clear()
+            await self.credit.wait()
+        self.unacked += n
+
+
+@op("port.connect")
+async def op_port_connect(agent, rid, args, payload):
+    port = _require(args, "port", int)
+    if not 0 < port < 65536:
+        raise AgentError("invalid_request", "port must be in 1..65535")
+    window = _require(args, "window", int, PORT_WINDOW)
+    if window < CHUNK:
+        raise AgentError("invalid_request", "window must be at least %d bytes" % CHUNK)
+    cap = _require(args, "max_connections", int, DEFAULT_MAX_PORT_CONNECTIONS)
+    timeout = _number(args, "connect_timeout", PORT_CONNECT_TIMEOUT)
+    if len(agent.ports) >= cap:
+        raise AgentError(
+            "resource_exhausted",
+            "the sandbox has %d port connections open (the limit)" % len(agent.ports),
+            {"resource": "port_connections", "limit": cap},
+        )
+    conn = agent.ports[rid] = _PortConn(window)
+    writer = None
+    try:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, limit=CHUNK), timeout
+            )
+        except ConnectionRefusedError:
+            raise AgentError(
+                "port_closed", "nothing listens on port %d in the sandbox" % port, {"port": port}
+            ) from None
+        except asyncio.TimeoutError:
+            raise AgentError(
+                "timeout", "connect to port %d did not finish in %g s" % (port, timeout)
+            ) from None
+        except OSError as exc:
+            raise AgentError(
+                "port_closed", "cannot connect to port %d: %s" % (port, exc), {"port": port}
+            ) from None
+        agent.send({"id": rid, "type": "chunk", "stream": "open"})
+        await agent.flush()
+        counts = {"sent": 0, "received": 0}
+
+        async def pump_out():
+            while True:
+                try:
+                    data = await reader.read(CHUNK)
+                except (ConnectionError, OSError):
+                    data = b""
+                if not data:
+                    agent.send({"id": rid, "type": "chunk", "stream": "eof"})
+                    await agent.flush()
+                    return
+                await conn.spend(len(data))
+                counts["received"] += len(data)
+                agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
+                await agent.flush()
+
+        async def pump_in():
+            pending = 0
+            try:
+                async for data in _input_chunks(payload):
+                    writer.write(data)
+                    await writer.drain()
+                    counts["sent"] += len(data)
+                    pending += len(data)
+                    if pending >= window // 2:
+                        agent.send({"id": rid, "type": "chunk", "stream": "ack", "n": pending})
+                        pending = 0
+                if writer.can_write_eof():
+                    writer.write_eof()
+            except (ConnectionError, OSError):
+                pass  # the sandbox side reset the connection: the output side ends too
+
+        outgoing = asyncio.ensure_future(pump_out())
+        incoming = asyncio.ensure_future(pump_in())
+        try:
+            await asyncio.gather(outgoing, incoming)
+        except asyncio.CancelledError:
+            if agent.closing:
+                raise
+            counts["reset"] = True  # the host's cancel: confirm, so it knows the slot is free
+        finally:
+            outgoing.cancel()
+            incoming.cancel()
+            await asyncio.gather(outgoing, incoming, return_exceptions=True)
+        return counts
+    finally:
+        agent.ports.pop(rid, None)
+        if writer is not None:
+            writer.close()
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -13,6 +13,7 @@ from rich.console import Console
 from rock_serve import __version__
 from rock_serve.config import parse_runtime_config
 from rock_serve.errors import RockError
+from rock_serve.sdk.cli import _ports  # noqa: F401  (registers `rock sandbox port-forward`)
 from rock_serve.sdk.cli._env import env_app
 from rock_serve.sdk.cli._image import image_app
 from rock_serve.sdk.cli._process import process_app
