@@ -965,12 +965,14 @@ class PortsConfig(_Config):
         le=4096,
         description="Relayed connections one sandbox may hold open at once (HTTP requests, "
         "WebSockets and TCP tunnels together); more are refused with resource_exhausted.",
+    )
     window_bytes: int = Field(
         default=1 << 20,
         ge=256 << 10,
         le=64 << 20,
         description="Bytes in flight per connection and direction before the sender waits "
         "for the other side: bounds the memory a slow reader can pin.",
+    )
     connect_timeout_seconds: float = Field(
         default=10.0,
         gt=0,
@@ -1154,7 +1156,6 @@ class ServerArgs(_Config):
         default_factory=DataPlaneConfig,
         description="The per-node direct data plane (each Worker's HTTP server).",
     )
-
 
     ports: PortsConfig = Field(
         default_factory=PortsConfig,
