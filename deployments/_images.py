@@ -149,11 +149,13 @@ async def list_images(principal: Auth) -> ImageList:
     """Images held by each node's store."""
     images: list[ImageInfo] = []
     disk: dict[str, int] = {}
+    pulls: list[ImagePullEvent] = []
     for name, actor in await _workers(None):
-        infos, used = await call(actor, "images_list")
+        infos, used, inflight = await call(actor, "images_list")
         images += [i.model_copy(update={"node": name}) for i in infos]
+        pulls += [p.model_copy(update={"node": name}) for p in inflight]
         disk[name] = used
-    return ImageList(images=images, disk_bytes=disk)
+    return ImageList(images=images, disk_bytes=disk, pulls=pulls)
 
 
 @router.delete("/v1/images/{ref:path}", status_code=204)
@@ -230,10 +232,10 @@ class ImagesWorker:
         async for event in store.events(ref, auth, force=True):
             yield event
 
-    async def images_list(self) -> tuple[list[ImageInfo], int]:
-        """The node's images and the bytes of their layers."""
+    async def images_list(self) -> tuple[list[ImageInfo], int, list[ImagePullEvent]]:
+        """The node's images, the bytes of their layers and the pulls in flight."""
         store = await self._store()
-        return store.list(), store.disk_bytes()
+        return store.list(), store.disk_bytes(), store.pulls()
 
     async def commit_sandbox(self, sandbox_id: str, ref: str) -> str:
         """Commit a sandbox of this node as image ``ref``; returns its reference."""

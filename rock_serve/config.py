@@ -402,6 +402,14 @@ class BwrapRuntimeConfig(_Config):
         description="The node's image store; a spec without image gets its default_image. "
         "None = no store: images must be host directories and the default is rootfs.",
     )
+    max_concurrent_starts: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Sandbox starts (bwrap + the rocklet's first reply) running at once; more "
+        "wait their turn before their start timeout begins, so a burst of creates on a loaded "
+        "node queues instead of timing out. 0 = four per CPU of the node (at least 8).",
+    )
 
     def build(self) -> Runtime:
         """Create the runtime; checks the binary, rootfs, cgroups and privileges first."""

@@ -206,6 +206,10 @@ class ImageList(WireModel):
     disk_bytes: dict[str, int] = Field(
         default_factory=dict, description="Bytes of unpacked layers on each node."
     )
+    pulls: list[ImagePullEvent] = Field(
+        default_factory=list,
+        description="Pulls in flight on each node (a create's too) with their progress.",
+    )
 
 
 class CommitRequest(WireModel):

@@ -42,6 +42,7 @@ are listed, inspected and removed the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -316,6 +317,8 @@ class BwrapRuntime(Runtime):
         if config.userns:
             self._init_userns()
         self._handles: dict[str, RockletHandle] = {}
+        gate = config.max_concurrent_starts or max(8, 4 * (os.cpu_count() or 2))
+        self._start_gate = asyncio.Semaphore(gate)
         self.images = ImageStore(config.images) if config.images is not None else None
         self._node_python: NodePython | None = None
         if self.images is not None:
@@ -767,15 +770,18 @@ class BwrapRuntime(Runtime):
         argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
         env_file = os.path.join(self._dir(sandbox_id), "env")
         _write_private(env_file, env_bytes(self.sandbox_env(sandbox_id, spec)))
-        return await launch(
-            self._dir(sandbox_id),
-            meta,
-            argv,
-            env={"PATH": os.environ.get("PATH", os.defpath)},
-            handles=self._handles,
-            stop=lambda: self.stop(sandbox_id),
-            timeout=START_TIMEOUT,
-        )
+        # A burst of starts on a loaded node queues here: START_TIMEOUT measures one start,
+        # not the wait behind a hundred others (see max_concurrent_starts).
+        async with self._start_gate:
+            return await launch(
+                self._dir(sandbox_id),
+                meta,
+                argv,
+                env={"PATH": os.environ.get("PATH", os.defpath)},
+                handles=self._handles,
+                stop=lambda: self.stop(sandbox_id),
+                timeout=START_TIMEOUT,
+            )
 
     async def stop(self, sandbox_id: str) -> None:
         """Kill every process in the sandbox's cgroup; the overlay and files stay."""

@@ -334,6 +334,10 @@ class ImageStore:
         pull = self._pulls.get(str(parse_image_ref(ref)))
         return pull.event if pull is not None else None
 
+    def pulls(self) -> list[ImagePullEvent]:
+        """The progress of every pull in flight (what a create waiting on one sees too)."""
+        return [p.event for p in self._pulls.values()]
+
     def _start(self, ref: ImageRef, auth: RegistryAuth | None) -> _Pull:
         key = str(ref)
         pull = self._pulls.get(key)
