@@ -2,8 +2,9 @@
 
 Covers: layer unpacking (whiteouts, opaque dirs, links, setuid, owners) as a sandbox sees it,
 refused escapes, typed errors (not found, bad credentials, registry down, store full,
-malformed reference), single flight, LRU eviction, sharing of layers, and that a default
-sandbox sees none of the host's files.
+malformed reference), single flight, LRU eviction, sharing of layers, that a default
+sandbox sees none of the host's files, and the image's User (the ``nonroot`` test image: its
+processes run as that user in the sandbox's user namespace, no capabilities left).
 """
 
 from __future__ import annotations
@@ -368,6 +369,52 @@ async def test_images_share_layers_on_disk(shared_root, registry):
     assert multi.layers[0] == base.layers[0]
     assert store.disk_bytes() < base.size + multi.size
     assert store.disk_bytes() == multi.size  # the base layer is stored once
+
+
+# ---------------------------------------------------------------- image User
+
+PROBE = (
+    "id -u; id -g; id -G; pwd; echo $HOME; touch /tmp/t && echo tmp-ok;"
+    " grep CapEff /proc/self/status; (touch ~/made && stat -c '%u:%g' ~/made) || echo denied"
+)
+
+
+async def _probe(rt, spec: SandboxSpec) -> list[str]:
+    sid = f"t-{uuid.uuid4().hex[:16]}"
+    await rt.create(sid, spec)
+    try:
+        h = await rt.start(sid)
+        out = await h.exec(ExecRequest(command=PROBE))
+        assert out.exit_code == 0, out
+        return out.stdout.split("\n")
+    finally:
+        await rt.remove(sid)
+
+
+@needs_bwrap
+async def test_bwrap_runs_the_sandbox_as_the_images_user(bwrap):
+    lines = await _probe(bwrap, SandboxSpec(image=oci("nonroot")))
+    assert lines[:2] == ["1000", "1000"] and sorted(lines[2].split()) == ["1000", "50"]
+    assert lines[3:6] == ["/home/agent", "/home/agent", "tmp-ok"]
+    assert lines[6].split() == ["CapEff:", "0000000000000000"]
+    assert lines[7] == "1000:1000"  # a file it makes is its own (inside the namespace)
+    # the create's user wins over the image's; the image's WorkingDir stays
+    spec = SandboxSpec(image=oci("nonroot"), user="nobody:staff")
+    lines = await _probe(bwrap, spec)
+    assert lines[:5] == ["65534", "50", "50", "/home/agent", "/"]
+    assert lines[7] == "denied"  # nobody may not write to / (permissions hold)
+    # an image without User runs as root, as before
+    root = await _probe(bwrap, SandboxSpec(image=oci("nopython")))
+    assert root[:2] == ["0", "0"]
+
+
+@needs_bwrap
+async def test_unknown_user_is_a_conflict_and_leaves_nothing(bwrap):
+    with pytest.raises(errors.Conflict, match="not in the image"):
+        await bwrap.create("t-nouser", SandboxSpec(image=oci("nonroot"), user="mallory"))
+    assert await bwrap.list() == []
+    img = bwrap.images.lookup(oci("nonroot"))
+    assert img is not None and img.user == "agent" and bwrap.images.in_use(img.id) == 0
 
 
 # ---------------------------------------------------------------- commit
