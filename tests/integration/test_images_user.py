@@ -1,7 +1,7 @@
 """The image config's ``User`` (and a create's ``user``): names and groups resolved from the
-image's own /etc/passwd and /etc/group; on docker through the container's user. (bwrap's
-side is in test_images.py, whose store has the Debian base unpacked already.) The ``nonroot`` test image
-(scripts/build-test-images) has User=agent (1000:1000, also in group staff=50).
+image's own /etc/passwd and /etc/group; on docker through the container's user (bwrap's side
+is in test_images.py, whose store has the Debian base unpacked already). The ``nonroot`` test
+image (scripts/build-test-images) has User=agent (1000:1000, also in group staff=50).
 """
 
 from __future__ import annotations
