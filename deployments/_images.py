@@ -6,6 +6,8 @@
   flight on a node (a create's, say) is joined, not repeated.
 - ``GET /v1/images``: :class:`ImageList`, per node: refs, digest, size, last use, in use.
 - ``DELETE /v1/images/{ref}``: removes it from every node's store (409 where a sandbox uses it).
+- ``POST /v1/images/push`` (:class:`ImagePushRequest`, admin): a stored image (a committed
+  one, say) to a registry, with per-request credentials; :class:`ImagePushResult`.
 
 Wiring: ``admin.py`` includes :data:`router` (one line) and calls :func:`bind`; the Worker
 class inherits :class:`ImagesWorker`, whose methods reach its runtime's image store.
@@ -48,9 +50,12 @@ from rock_serve.protocol import (
     ImageList,
     ImagePullEvent,
     ImagePullRequest,
+    ImagePushRequest,
+    ImagePushResult,
     RegistryAuth,
     parse_image_ref,
 )
+from rock_serve.protocol.images import IMAGE_REF_PATTERN
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime.images import ImageStore
 
@@ -144,6 +149,31 @@ async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingRespon
     return StreamingResponse(body(), media_type=_NDJSON)
 
 
+@router.post("/v1/images/push", response_model=ImagePushResult)
+async def push_image(req: ImagePushRequest, principal: Auth) -> ImagePushResult:
+    """Push an image of a node's store to a registry (admin only: the stores are shared).
+
+    The credentials are used for this push only: never logged, stored or returned.
+    """
+    _admin_only(principal, "pushing images")
+    try:
+        parse_image_ref(req.image)
+        dest = parse_image_ref(req.destination)
+    except ValueError as exc:  # pragma: no cover - the schema's pattern refuses these
+        raise InvalidRequest(str(exc)) from None
+    if dest.transport != "docker" or "@" in dest.name:
+        # schema-valid, but not a place one can push to
+        raise Conflict(f"push to a registry tag (host/repo:tag), not {req.destination!r}")
+    workers = await _workers([req.node] if req.node is not None else None)
+    for name, actor in workers:
+        try:
+            digest: str = await call(actor, "image_push", req.image, req.destination, req.auth)
+        except ImageNotFound:
+            continue
+        return ImagePushResult(destination=str(dest), digest=digest, node=name)
+    raise ImageNotFound(f"no node holds image {req.image!r}")
+
+
 @router.get("/v1/images", response_model=ImageList)
 async def list_images(principal: Auth) -> ImageList:
     """Images held by each node's store."""
@@ -160,7 +190,15 @@ async def list_images(principal: Auth) -> ImageList:
 
 @router.delete("/v1/images/{ref:path}", status_code=204)
 async def remove_image(
-    ref: Annotated[str, Path(description="Reference or image id.")], principal: Auth
+    ref: Annotated[
+        str,
+        Path(
+            description="Reference or image id.",
+            max_length=512,
+            pattern=IMAGE_REF_PATTERN,  # a malformed reference is a validation error
+        ),
+    ],
+    principal: Auth,
 ) -> None:
     """Remove an image from every node's store (admin only)."""
     _admin_only(principal, "removing images")
@@ -245,6 +283,11 @@ class ImagesWorker:
             raise Conflict(f"the {box.runtime.name} runtime cannot commit sandboxes")
         repo, tag = _split_ref(ref)
         return str(await commit(sandbox_id, repo, tag))
+
+    async def image_push(self, ref: str, dest: str, auth: RegistryAuth | None = None) -> str:
+        """Push ``ref`` of this node's store to the registry reference ``dest``; its digest."""
+        store = await self._store()
+        return await store.push(ref, dest, auth)
 
     async def image_remove(self, ref: str) -> None:
         """Remove ``ref`` from this node's store."""

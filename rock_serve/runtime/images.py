@@ -51,6 +51,7 @@ from rock_serve.protocol.images import (
 )
 from rock_serve.runtime._image_commit import upper_to_layer
 from rock_serve.runtime._image_pull import skopeo_copy
+from rock_serve.runtime._image_push import export_layout, skopeo_push
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime._sync import run_sync
 
@@ -170,6 +171,9 @@ class ImageStore:
         self._pulls: dict[str, _Pull] = {}
         #: How many pulls (skopeo transfers) this store ran; the bench and tests read it.
         self.pull_count = 0
+        #: Pulls that failed, and pushes done (for /metrics).
+        self.pull_failures = 0
+        self.pushes = 0
         self._clear_tmp()
         self._load()
 
@@ -368,6 +372,8 @@ class ImageStore:
         except BaseException as exc:
             code = getattr(getattr(exc, "code", None), "value", "internal")
             pull.update(phase="error", error={"code": code, "message": str(exc)})
+            if not isinstance(exc, asyncio.CancelledError):
+                self.pull_failures += 1
             raise
         finally:
             await run_sync(shutil.rmtree, work, True)
@@ -564,6 +570,53 @@ class ImageStore:
             if not os.path.isdir(final):
                 raise
         return int(result["size"])
+
+    # ------------------------------------------------------------------ push
+
+    async def push(self, ref: str, dest: str, auth: RegistryAuth | None = None) -> str:
+        """Push the stored image ``ref`` to the registry reference ``dest``; its digest.
+
+        The image stays in use (never evicted) while its layers are written out.
+        """
+        try:
+            target = parse_image_ref(dest)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if target.transport != "docker":
+            raise InvalidRequest(f"push to a registry reference (host/repo:tag), not {dest!r}")
+        if "@" in target.name:
+            raise InvalidRequest(f"push to a tag, not a digest: {dest!r}")
+        img = self.lookup(ref)
+        if img is None:
+            raise ImageNotFound(f"no image {ref!r} in this node's store")
+        holder = f"push-{uuid.uuid4().hex[:12]}"
+        self.acquire(img, holder)
+        work = os.path.join(self.root, "tmp", holder)
+        os.mkdir(work, 0o700)
+        try:
+            config = {
+                "Env": img.env,
+                "WorkingDir": img.workdir,
+                "User": img.user,
+                "Labels": img.labels,
+            }
+            layout = os.path.join(work, "oci")
+            await run_sync(export_layout, self.layer_dirs(img), config, layout)
+            insecure = target.loopback or (target.registry in self.config.insecure_registries)
+            digest = await skopeo_push(
+                self.skopeo,
+                layout,
+                target,
+                auth=auth,
+                insecure=insecure,
+                timeout=self.config.pull_timeout_seconds,
+            )
+            log.info("image store: pushed %s as %s (%s)", ref, target, digest)
+            self.pushes += 1
+            return digest
+        finally:
+            self.release(holder)
+            await run_sync(shutil.rmtree, work, True)
 
     # ------------------------------------------------------------------ budget
 

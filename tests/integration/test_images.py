@@ -453,6 +453,47 @@ async def test_commit_makes_an_image_usable_at_once(bwrap, registry):
 
 
 @needs_bwrap
+async def test_commit_push_then_pull_and_run_on_a_fresh_store(
+    bwrap, private_registry, tmp_path, caplog
+):
+    caplog.set_level("DEBUG")
+    sid, h = await _started(bwrap, SandboxSpec(image=oci("nopython")))
+    await _sh(h, "echo pushed-marker > /root/marker; mkdir -p /opt/x && ln -s ../root /opt/x/r")
+    committed = await bwrap.commit(sid, "local/pushme", "v1")
+    await bwrap.remove(sid)
+    dest = private_registry.ref(f"team/pushed:{uuid.uuid4().hex[:8]}")
+    store = bwrap.images
+    with pytest.raises(errors.RegistryUnauthorized):
+        await store.push(committed, dest, RegistryAuth(username=AUTH[0], password="wrong"))
+    with pytest.raises(errors.RegistryUnauthorized):
+        await store.push(committed, dest)  # no credentials, never the node's own login
+    with pytest.raises(errors.ImageNotFound):
+        await store.push("local/never:v1", dest)
+    good = RegistryAuth(username=AUTH[0], password=AUTH[1])
+    digest = await store.push(committed, dest, good)
+    assert digest.startswith("sha256:")
+    assert AUTH[1] not in caplog.text
+    assert [n for n in os.listdir(store.root + "/tmp") if n.startswith("push-")] == []
+    # a fresh node: pull what was pushed (with credentials) and run it
+    cfg = BwrapRuntimeConfig(
+        state_dir=str(tmp_path / "state2"),
+        cgroup_parent=TEST_CGROUP_PARENT,
+        images=ImageStoreConfig(root=str(tmp_path / "fresh")),
+    )
+    fresh = cfg.build()
+    try:
+        sid2, h2 = await _started(fresh, SandboxSpec(image=dest, registry_auth=good))
+        assert await _sh(h2, "cat /root/marker; readlink /opt/x/r") == "pushed-marker\n../root\n"
+        img = fresh.images.lookup(dest)
+        src = store.lookup(committed)
+        assert img is not None and src is not None and len(img.layers) == len(src.layers)
+        assert img.labels["rock-serve.committed-from"] == src.labels["rock-serve.committed-from"]
+        await fresh.remove(sid2)
+    finally:
+        await fresh.close()
+
+
+@needs_bwrap
 async def test_commit_of_a_host_root_sandbox_is_refused(tmp_path):
     cfg = BwrapRuntimeConfig(
         state_dir=str(tmp_path / "state"), cgroup_parent=TEST_CGROUP_PARENT, images=None
