@@ -288,6 +288,13 @@ class ImageStoreConfig(_Config):
         default_factory=list,
         description="Registries (host:port) reached over plain HTTP besides loopback ones.",
     )
+    unpack_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Layers of one pull unpacked at once (each also inflates in a thread of "
+        "its own).",
+    )
 
 
 class BwrapRuntimeConfig(_Config):

@@ -25,9 +25,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,8 +146,31 @@ class _Pull:
         self.event = ImagePullEvent(image=ref, phase="queued")
         self.listeners: list[asyncio.Queue[ImagePullEvent]] = []
         self.task: asyncio.Task[Image] | None = None
+        self.loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._layers_done = 0
 
     def update(self, **changes: Any) -> None:
+        """New progress; callable from the unpack threads too (handed to the loop)."""
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._apply(changes)
+        else:
+            self.loop.call_soon_threadsafe(self._apply, changes)
+
+    def layer_done(self) -> None:
+        """One more layer unpacked (from any unpack thread)."""
+        with self._lock:
+            self._layers_done += 1
+            done = self._layers_done
+        self.update(layers_done=done)
+
+    def _apply(self, changes: dict[str, Any]) -> None:
+        if "layers_done" in changes:  # threads finish out of order: progress never goes back
+            changes["layers_done"] = max(changes["layers_done"], self.event.layers_done)
         self.event = self.event.model_copy(update=changes)
         for q in self.listeners:
             q.put_nowait(self.event)
@@ -422,12 +447,28 @@ class ImageStore:
         if len(diff_ids) != len(descs):
             raise InvalidRequest(f"image {ref}: {len(descs)} layers but {len(diff_ids)} diff ids")
         pull.update(phase="unpacking", layers_total=len(descs), layers_done=0)
-        sizes = []
-        for n, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
+        for desc in descs:
             if desc.get("mediaType") not in _LAYER_TYPES:
                 raise InvalidRequest(f"image {ref}: unsupported layer type {desc.get('mediaType')}")
-            sizes.append(self._ensure_layer(layout, desc["digest"], diff_id, work))
-            pull.update(layers_done=n + 1)
+
+        def one(desc: dict[str, Any], diff_id: str) -> int:
+            size = self._ensure_layer(layout, desc["digest"], diff_id, work)
+            pull.layer_done()
+            return size
+
+        # Layers unpack side by side (each into a tmp dir of its own, renamed when whole):
+        # inflating, hashing and the disk's latency overlap across layers.
+        unique = {d: desc for desc, d in zip(descs, diff_ids, strict=True)}
+        workers = max(1, min(len(unique), self.config.unpack_threads))
+        with ThreadPoolExecutor(workers, thread_name_prefix="layer-unpack") as pool:
+            futures = {d: pool.submit(one, desc, d) for d, desc in unique.items()}
+            try:
+                by_id = {d: fut.result() for d, fut in futures.items()}
+            except BaseException:
+                for fut in futures.values():
+                    fut.cancel()
+                raise
+        sizes = [by_id[d] for d in diff_ids]
         cfg = config.get("config") or {}
         existing = self._images.get(config_digest)
         refs = sorted({*(existing.refs if existing else []), str(ref)})
