@@ -248,11 +248,80 @@ def _split_ref(ref: str) -> tuple[str, str]:
     return ref, "latest"
 
 
+class ImageMetrics:
+    """The node's image store on /metrics (Ray prefixes the names with ``ray_``).
+
+    Gauges ``rock_image_store_bytes``, ``rock_image_store_budget_bytes``,
+    ``rock_image_store_images``, ``rock_image_pulls_in_flight`` and counters
+    ``rock_image_pull_failures_total``, ``rock_image_pulls_total``,
+    ``rock_image_pushes_total``, all by ``worker``; refreshed on every change of the store.
+    A no-op outside a Ray process. Alert: ``ImageStoreNearBudget`` (configs/alerts.yaml).
+    """
+
+    def __init__(self, worker: str) -> None:
+        self.tags = {"worker": worker}
+        self._m: dict[str, Any] = {}
+        self._last: dict[str, int] = {}
+        try:
+            import ray
+            from ray.util import metrics as rm
+        except ImportError:  # pragma: no cover - the server extra is not installed
+            return
+        if not ray.is_initialized():
+            return
+        keys = ("worker",)
+        self._m = {
+            "bytes": rm.Gauge(
+                "rock_image_store_bytes", "Bytes of unpacked layers in the store.", keys
+            ),
+            "budget": rm.Gauge(
+                "rock_image_store_budget_bytes", "The store's disk budget (0 = none).", keys
+            ),
+            "images": rm.Gauge("rock_image_store_images", "Images in the store.", keys),
+            "pulls_in_flight": rm.Gauge(
+                "rock_image_pulls_in_flight", "Pulls running now (shared ones once).", keys
+            ),
+            "pull_failures": rm.Counter(
+                "rock_image_pull_failures_total", "Pulls that ended in an error.", keys
+            ),
+            "pulls": rm.Counter("rock_image_pulls_total", "Transfers done by the store.", keys),
+            "pushes": rm.Counter("rock_image_pushes_total", "Images pushed to registries.", keys),
+        }
+
+    def update(self, store: ImageStore) -> None:
+        """Set the gauges and advance the counters from ``store.stats()``."""
+        if not self._m:
+            return
+        for key, value in store.stats().items():
+            metric = self._m.get(key)
+            if metric is None:
+                continue
+            if key in ("pull_failures", "pulls", "pushes"):
+                delta = value - self._last.get(key, 0)
+                if delta > 0:
+                    metric.inc(delta, tags=self.tags)
+                self._last[key] = value
+            else:
+                metric.set(value, tags=self.tags)
+
+
 class ImagesWorker:
     """The Worker's image methods (mixed into the Worker class)."""
 
     async def _ready(self) -> Any:  # provided by the Worker
         raise NotImplementedError
+
+    def _publish_images(self) -> None:
+        """Hang the store's metrics on it once (the Worker calls this when it publishes)."""
+        if getattr(self, "_image_metrics", None) is not None:
+            return
+        store = getattr(getattr(self, "_runtime", None), "images", None)
+        if not isinstance(store, ImageStore):
+            return
+        metrics = ImageMetrics(str(getattr(self, "name", "")))
+        self._image_metrics = metrics
+        store.listeners.append(metrics.update)
+        metrics.update(store)
 
     async def _store(self) -> ImageStore:
         runtime = await self._ready()

@@ -28,7 +28,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -199,6 +199,9 @@ class ImageStore:
         #: Pulls that failed, and pushes done (for /metrics).
         self.pull_failures = 0
         self.pushes = 0
+        #: Called (on the loop or a worker thread) after each change: a pull starting or
+        #: ending, an image saved, evicted or removed. Metrics hang here.
+        self.listeners: list[Callable[[ImageStore], None]] = []
         self._clear_tmp()
         self._load()
 
@@ -231,6 +234,26 @@ class ImageStore:
 
     def _save(self, img: Image) -> None:
         _write_json(os.path.join(self.root, "images", f"{_hex(img.id)}.json"), asdict(img))
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(self)
+            except Exception:  # a metrics hiccup never fails a pull
+                log.debug("image store listener failed", exc_info=True)
+
+    def stats(self) -> dict[str, int]:
+        """Numbers for /metrics: bytes used, budget, images, pulls in flight, failures."""
+        return {
+            "bytes": self.disk_bytes(),
+            "budget": self.config.max_bytes,
+            "images": len(self._images),
+            "pulls_in_flight": len(self._pulls),
+            "pull_failures": self.pull_failures,
+            "pulls": self.pull_count,
+            "pushes": self.pushes,
+        }
 
     def layer_dir(self, diff_id: str) -> str:
         """Where a layer is unpacked."""
@@ -378,8 +401,10 @@ class ImageStore:
                 self._pulls.pop(key, None)
                 if not task.cancelled():
                     task.exception()  # retrieved: waiters re-raise it themselves
+                self._changed()
 
             pull.task.add_done_callback(done)
+            self._changed()
         return pull
 
     async def _pull(self, ref: ImageRef, auth: RegistryAuth | None, pull: _Pull) -> Image:
@@ -693,6 +718,7 @@ class ImageStore:
 
     def _forget(self, img: Image, keep: set[str]) -> None:
         self._images.pop(img.id, None)
+        self._changed()
         for ref in img.refs:
             if self._refs.get(ref) == img.id:
                 del self._refs[ref]

@@ -326,9 +326,22 @@ async def test_store_full_and_lru_eviction(tmp_path):
     big_ref = layout_with(tmp_path, "big", [{"b.bin": b"b" * 5000}, {"c.bin": b"c" * 5000}])
     # room for the big image alone: the small one is evicted (least recently used, unused)
     store = store_at(tmp_path / "store", max_bytes=10_500)
+    seen: list[dict[str, int]] = []  # what /metrics gets (ImageMetrics listens the same way)
+    store.listeners.append(lambda s: seen.append(s.stats()))
     first = await store.get(small_ref)
+    assert seen[0]["pulls_in_flight"] == 1 and seen[-1]["pulls_in_flight"] == 0
+    assert seen[-1] | {"pulls_in_flight": 0} == {
+        "bytes": 1000,
+        "budget": 10_500,
+        "images": 1,
+        "pulls_in_flight": 0,
+        "pull_failures": 0,
+        "pulls": 1,
+        "pushes": 0,
+    }
     await store.get(big_ref)
     assert [i.refs for i in store.list()] == [[big_ref]]
+    assert seen[-1]["bytes"] == 10_000 and seen[-1]["images"] == 1
     assert not os.path.exists(store.layer_dir(first.layers[0]))
     # in use: never evicted; a new image that does not fit is image_store_full
     img = store.lookup(big_ref)
@@ -336,6 +349,7 @@ async def test_store_full_and_lru_eviction(tmp_path):
     with pytest.raises(errors.ImageStoreFull):
         await store.get(small_ref)
     assert store.lookup(big_ref) is not None
+    assert seen[-1]["pull_failures"] == 1 and seen[-1]["pulls_in_flight"] == 0
     assert not os.path.exists(store.layer_dir(first.layers[0]))  # the refused one is gone
     with pytest.raises(errors.Conflict):
         await store.remove(big_ref)
