@@ -1,6 +1,6 @@
 """A burst of creates of one uncached image at the Worker (bwrap, real registry on loopback).
 
-N concurrent ``Worker.create`` calls (40 here, to stay within the suite's time: each costs a
+N concurrent ``Worker.create`` calls (24 here, to stay within the suite's time: each costs a
 rocklet start; ``bench/images.py`` runs 100) of an image no store has: one pull, every create
 running, none failed; while the pull runs, anyone joining it (``store.events``) and the
 store's list of pulls in flight see the leader's progress. Starts queue behind the runtime's
@@ -22,7 +22,7 @@ from tests.contract.conftest import _BWRAP_SKIP, TEST_CGROUP_PARENT
 _SKIP = registry_skip_reason() or _BWRAP_SKIP
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
-N = 40
+N = 24
 
 
 @pytest.fixture(scope="module")
