@@ -639,6 +639,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker):
             counts[box.record.state.value] = counts.get(box.record.state.value, 0) + 1
             by_namespace[box.record.namespace] = by_namespace.get(box.record.namespace, 0) + 1
         self._metrics.sandboxes(counts, by_namespace)
+        self._publish_images()
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""

@@ -289,6 +289,13 @@ class ImageStoreConfig(_Config):
         default_factory=list,
         description="Registries (host:port) reached over plain HTTP besides loopback ones.",
     )
+    unpack_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Layers of one pull unpacked at once (each also inflates in a thread of "
+        "its own).",
+    )
 
 
 class BwrapRuntimeConfig(_Config):
@@ -402,6 +409,14 @@ class BwrapRuntimeConfig(_Config):
         default_factory=ImageStoreConfig,
         description="The node's image store; a spec without image gets its default_image. "
         "None = no store: images must be host directories and the default is rootfs.",
+    )
+    max_concurrent_starts: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Sandbox starts (bwrap + the rocklet's first reply) running at once; more "
+        "wait their turn before their start timeout begins, so a burst of creates on a loaded "
+        "node queues instead of timing out. 0 = four per CPU of the node (at least 8).",
     )
 
     def build(self) -> Runtime:

@@ -28,6 +28,8 @@ from rock_serve.protocol import (
     ImageList,
     ImagePullEvent,
     ImagePullRequest,
+    ImagePushRequest,
+    ImagePushResult,
     ListDirResult,
     MkdirRequest,
     OutputChunk,
@@ -738,6 +740,28 @@ class AsyncClient(AsyncProcessClient):
             The image's reference and node.
         """
         return _base.parse(await self._send(_base.commit_sandbox(sandbox_id, image)), CommitResult)
+
+    async def push_image(
+        self,
+        image: str,
+        destination: str,
+        *,
+        node: str | None = None,
+        auth: RegistryAuth | None = None,
+    ) -> ImagePushResult:
+        """Push a stored image (a committed one, say) to a registry (admin).
+
+        Args:
+            image: The image in a node's store (reference or id).
+            destination: Registry reference (``host[:port]/repo:tag``).
+            node: Worker whose store has it; None = the first that does.
+            auth: Credentials for the destination (sent once, never stored).
+
+        Returns:
+            The destination, the pushed manifest's digest and the node.
+        """
+        request = ImagePushRequest(image=image, destination=destination, node=node, auth=auth)
+        return _base.parse(await self._send(_base.push_image(request)), ImagePushResult)
 
     async def list_images(self) -> ImageList:
         """The images each node's store holds (refs, digest, size, last use, in use)."""

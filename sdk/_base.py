@@ -40,6 +40,7 @@ from rock_serve.protocol import (
     ExecRequest,
     ExecResult,
     ImagePullRequest,
+    ImagePushRequest,
     MkdirRequest,
     OutputChunk,
     RegistryAuth,
@@ -317,6 +318,13 @@ def pull_images(request: ImagePullRequest) -> Call:
     body = {**_dump(request.model_copy(update={"auth": None})), **_auth_body(request.auth)}
     body["auth"] = body.pop("registry_auth", None)
     return Call("POST", f"{API_PREFIX}/images/pull", json=body, read_timeout=None)
+
+
+def push_image(request: ImagePushRequest) -> Call:
+    """``POST /v1/images/push`` (no read timeout: a push writes every layer out)."""
+    body = {**_dump(request.model_copy(update={"auth": None})), **_auth_body(request.auth)}
+    body["auth"] = body.pop("registry_auth", None)
+    return Call("POST", f"{API_PREFIX}/images/push", json=body, read_timeout=None)
 
 
 def commit_sandbox(sandbox_id: str, image: str) -> Call:

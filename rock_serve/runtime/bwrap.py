@@ -42,6 +42,7 @@ are listed, inspected and removed the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -69,6 +70,7 @@ from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSp
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
 from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
+from rock_serve.runtime._image_user import resolve_user
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
@@ -316,6 +318,8 @@ class BwrapRuntime(Runtime):
         if config.userns:
             self._init_userns()
         self._handles: dict[str, RockletHandle] = {}
+        gate = config.max_concurrent_starts or max(8, 4 * (os.cpu_count() or 2))
+        self._start_gate = asyncio.Semaphore(gate)
         self.images = ImageStore(config.images) if config.images is not None else None
         self._node_python: NodePython | None = None
         if self.images is not None:
@@ -461,10 +465,11 @@ class BwrapRuntime(Runtime):
         """
         ref = spec.image
         if self.images is None or (ref is not None and ref.startswith("/")):
-            return {"lowers": self._lower(spec), "host": True}
+            root: dict[str, object] = {"lowers": self._lower(spec), "host": True}
+            return {**root, **await self._user(spec.user or "", root, "the root")}
         img = await self.images.get(ref or self.images.config.default_image, spec.registry_auth)
         self.images.acquire(img, sandbox_id)
-        return {
+        root = {
             "lowers": list(reversed(self.images.layer_dirs(img))),
             "host": False,
             "image_id": img.id,
@@ -472,6 +477,23 @@ class BwrapRuntime(Runtime):
             "workdir": img.workdir,
             "python": img.python,
         }
+        try:
+            return {**root, **await self._user(spec.user or img.user, root, "the image")}
+        except BaseException:
+            self.images.release(sandbox_id)
+            raise
+
+    async def _user(self, user: str, root: dict[str, object], what: str) -> dict[str, object]:
+        """The image's ``User`` (or the spec's) as ids in the sandbox's user namespace."""
+        if not user:
+            return {}
+        lowers = [str(d) for d in root["lowers"]]  # type: ignore[attr-defined]
+        ids = await run_sync(resolve_user, user, lowers, what)
+        if ids.root:
+            return {}
+        if self.slots is None:
+            raise Conflict(f"user {user!r}: running as a non-root user needs userns: true")
+        return {"uid": ids.uid, "gid": ids.gid, "groups": list(ids.groups), "home": ids.home}
 
     def _adopt_images(self, store: ImageStore) -> None:
         """Sandboxes of an earlier instance keep their images in use."""
@@ -669,6 +691,8 @@ class BwrapRuntime(Runtime):
         workdir = spec.workdir
         if workdir == "/root" and root_cfg.get("workdir"):
             workdir = str(root_cfg["workdir"])  # the image's WorkingDir, unless the spec sets one
+        elif workdir == "/root" and root_cfg.get("home"):
+            workdir = str(root_cfg["home"])  # a non-root User's home, not root's
         workdir = posixpath.normpath(workdir)
         if not workdir.startswith("/"):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
@@ -686,7 +710,16 @@ class BwrapRuntime(Runtime):
         args += ["--hostname", sandbox_id[:63]]
         root = self._root_link(sandbox_id) if uid_base is not None else merged
         args += ["--bind", root, "/"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/sys"]
+        user_boot = ""
+        tmp = ["--tmpfs", "/tmp"]
+        if root_cfg.get("uid") is not None and uid_base is not None:
+            # The image's User: the rocklet (root in the sandbox's user namespace) becomes it
+            # once set up, as Docker's init does: ids only, caps gone, bounding set kept.
+            uid, gid = int(root_cfg["uid"]), int(root_cfg.get("gid") or 0)  # type: ignore[call-overload]
+            groups = sorted({gid, *(int(g) for g in root_cfg.get("groups") or [])})  # type: ignore[attr-defined]
+            user_boot = f"os.setgroups({groups});os.setgid({gid});os.setuid({uid});"
+            tmp = ["--perms", "1777", *tmp]  # /tmp as an image has it, writable by that user
+        args += ["--proc", "/proc", "--dev", "/dev", *tmp, "--tmpfs", "/sys"]
         args += self._masks
         if self.layout.version == 2:
             args += ["--ro-bind", cg.dirs[""], "/sys/fs/cgroup"]
@@ -707,7 +740,7 @@ class BwrapRuntime(Runtime):
             args += ["--seccomp", str(_SECCOMP_FD)]
             seccomp = self.seccomp_file
         rocklet = agent_argv("python3", AGENT_MOUNT, "--root", "/")
-        rocklet[4] = _ENV_BOOT + rocklet[4]
+        rocklet[4] = _ENV_BOOT + user_boot + rocklet[4]
         rocklet = [*python, *rocklet[1:]]
         args += ["--", *rocklet]
         args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
@@ -723,7 +756,10 @@ class BwrapRuntime(Runtime):
             "LANG": "C.UTF-8",
             "HOSTNAME": sandbox_id[:63],
         }
-        image_env = self._read_root(sandbox_id).get("env")
+        root = self._read_root(sandbox_id)
+        if root.get("home"):
+            env["HOME"] = str(root["home"])  # the image User's home, as Docker sets it
+        image_env = root.get("env")
         if isinstance(image_env, dict):
             env.update({str(k): str(v) for k, v in image_env.items()})
         env.update(spec.env)
@@ -767,15 +803,18 @@ class BwrapRuntime(Runtime):
         argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
         env_file = os.path.join(self._dir(sandbox_id), "env")
         _write_private(env_file, env_bytes(self.sandbox_env(sandbox_id, spec)))
-        return await launch(
-            self._dir(sandbox_id),
-            meta,
-            argv,
-            env={"PATH": os.environ.get("PATH", os.defpath)},
-            handles=self._handles,
-            stop=lambda: self.stop(sandbox_id),
-            timeout=START_TIMEOUT,
-        )
+        # A burst of starts on a loaded node queues here: START_TIMEOUT measures one start,
+        # not the wait behind a hundred others (see max_concurrent_starts).
+        async with self._start_gate:
+            return await launch(
+                self._dir(sandbox_id),
+                meta,
+                argv,
+                env={"PATH": os.environ.get("PATH", os.defpath)},
+                handles=self._handles,
+                stop=lambda: self.stop(sandbox_id),
+                timeout=START_TIMEOUT,
+            )
 
     async def stop(self, sandbox_id: str) -> None:
         """Kill every process in the sandbox's cgroup; the overlay and files stay."""
