@@ -23,6 +23,7 @@ __all__ = [
     "IsADirectory",
     "NotADirectory",
     "NotFound",
+    "NotSupported",
     "OverCapacity",
     "PathOutsideSandbox",
     "PermissionDenied",
@@ -83,6 +84,7 @@ class ErrorCode(str, Enum):
     ROCKLET_UNAVAILABLE = "rocklet_unavailable"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
+    NOT_SUPPORTED = "not_supported"
 
 
 class RockError(Exception):
@@ -307,6 +309,15 @@ class Timeout(RockError, TimeoutError):
 
     code = ErrorCode.TIMEOUT
     status = 504
+
+
+class NotSupported(RockError, NotImplementedError):
+    """The runtime (or the platform's config) cannot do that operation at all (fork on a
+    runtime without copy-on-write layers, say); retrying never helps.
+    """
+
+    code = ErrorCode.NOT_SUPPORTED
+    status = 501
 
 
 _TABLE: dict[ErrorCode, type[RockError]] = {}
