@@ -43,6 +43,7 @@ from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
 from rock_serve.deployments import (
     _compat,
     _console,
+    _fork_api,
     _gem,
     _images,
     _notify,
@@ -315,6 +316,7 @@ app.include_router(
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
 app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
+app.include_router(_fork_api.router, responses=_ERRORS)  # fork, pause, resume (issue 16)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)
 # SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.

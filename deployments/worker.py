@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
+from rock_serve.deployments._fork import ForkWorker
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
@@ -46,6 +47,7 @@ from rock_serve.errors import (
     RockError,
     SandboxFailed,
     SandboxNotFound,
+    SandboxNotRunning,
     TooLarge,
 )
 from rock_serve.protocol import (
@@ -138,7 +140,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ImagesWorker):
+class Worker(ImagesWorker, ForkWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -682,6 +684,8 @@ class Worker(ImagesWorker):
         if box.record.state == SandboxState.FAILED:
             reason = box.record.reason.value if box.record.reason else "failed"
             raise SandboxFailed(f"sandbox {sandbox_id!r} failed ({reason})", reason=reason)
+        if box.record.state == SandboxState.PAUSED:
+            raise SandboxNotRunning(f"sandbox {sandbox_id!r} is paused: resume it first")
         return box
 
     async def _once(self, sandbox_id: str, key: str | None, work: Awaitable[T]) -> T:
