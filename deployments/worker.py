@@ -547,6 +547,9 @@ class Worker(ImagesWorker, ForkWorker):
             self._graveyard.popitem(last=False)
         if box.watcher is not None:
             box.watcher.cancel()
+        if box.record.state == SandboxState.PAUSED:  # a frozen rocklet cannot exit
+            with contextlib.suppress(Exception):
+                await box.runtime.resume(sandbox_id)
         with contextlib.suppress(Exception):
             await box.handle.close()
         try:
