@@ -69,11 +69,10 @@ async def test_grpo_group_of_16_from_one_prepared_sandbox(bwrap_platform):
             listed = {r.id for r in await client.list_sandboxes()}
             assert set(ids) <= listed
             # every member has the prepared task directory and acts in its own sandbox
-            out, *_ = await group.step(
-                [f"echo m{i} > mine.txt; cat mine.txt" for i in range(16)]
-            )
+            out, *_ = await group.step([f"echo m{i} > mine.txt; cat mine.txt" for i in range(16)])
             for i, text in enumerate(out):
-                assert f"m{i}" in text.splitlines() and "task" not in text  # in /task
-            out, *_ = await group.step(["cat mine.txt"] * 16)
+                assert f"m{i}" in text.splitlines()
+            out, *_ = await group.step(["cat mine.txt; pwd"] * 16)
             assert [t.splitlines()[0] for t in out] == [f"m{i}" for i in range(16)]
+            assert all(t.splitlines()[1].endswith("/task") for t in out)  # the prepared dir
         assert not set(ids) & {r.id for r in await client.list_sandboxes()}
