@@ -664,6 +664,8 @@ class BwrapRuntime(Runtime):
         if freezer is not None:
             freezer.remove()
         self._frozen_layers().release(sandbox_id)
+        if self._fork_locks is not None:
+            self._fork_locks.pop(sandbox_id, None)
 
     # ------------------------------------------------------------------ argv
 
@@ -876,6 +878,16 @@ class BwrapRuntime(Runtime):
 
     _frozen: FrozenLayers | None = None
     _freezer_v1: str | None = None
+    _fork_locks: dict[str, asyncio.Lock] | None = None
+
+    def _fork_lock(self, parent_id: str) -> asyncio.Lock:
+        """One fork (or pause) of a sandbox at a time: a second freeze must not thaw the first."""
+        if self._fork_locks is None:
+            self._fork_locks = {}
+        lock = self._fork_locks.get(parent_id)
+        if lock is None:
+            lock = self._fork_locks[parent_id] = asyncio.Lock()
+        return lock
 
     def _frozen_layers(self) -> FrozenLayers:
         if self._frozen is None:
@@ -938,7 +950,8 @@ class BwrapRuntime(Runtime):
         if not isinstance(lowers, list):
             raise SandboxNotRunning(f"sandbox {parent_id!r} has no recorded root")
         specs = {cid: make_spec(cid, parent_spec) for cid in child_ids}
-        layer = await run_sync(self._freeze_copy, parent_id, meta.uid_base or 0)
+        async with self._fork_lock(parent_id):
+            layer = await run_sync(self._freeze_copy, parent_id, meta.uid_base or 0)
         child_root = {**root, "lowers": [layer, *[str(x) for x in lowers]]}
         image_id = root.get("image_id")
         img = self.images.lookup(str(image_id)) if self.images and image_id else None
@@ -968,14 +981,16 @@ class BwrapRuntime(Runtime):
         self._running_meta(sandbox_id)
         freezer = self._freezer(sandbox_id)
         assert freezer is not None
-        await run_sync(freezer.freeze)
+        async with self._fork_lock(sandbox_id):
+            await run_sync(freezer.freeze)
 
     async def resume(self, sandbox_id: str) -> None:
         """Thaw a paused sandbox (no error when it was not paused)."""
         self._meta(sandbox_id)
         freezer = self._freezer(sandbox_id)
         assert freezer is not None
-        await run_sync(freezer.thaw)
+        async with self._fork_lock(sandbox_id):
+            await run_sync(freezer.thaw)
 
     def paused(self, sandbox_id: str) -> bool:
         """True while the sandbox is frozen."""
