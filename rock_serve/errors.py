@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 __all__ = [
+    "ArtifactCorrupt",
     "BadFrame",
     "Conflict",
     "ErrorCode",
@@ -85,6 +86,7 @@ class ErrorCode(str, Enum):
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
     NOT_SUPPORTED = "not_supported"
+    ARTIFACT_CORRUPT = "artifact_corrupt"
 
 
 class RockError(Exception):
@@ -318,6 +320,15 @@ class NotSupported(RockError, NotImplementedError):
 
     code = ErrorCode.NOT_SUPPORTED
     status = 501
+
+
+class ArtifactCorrupt(RockError, ValueError):
+    """A stored artifact (a snapshot archive) does not hash to its name or does not unpack:
+    the store holds bad bytes. Nothing was made from it.
+    """
+
+    code = ErrorCode.ARTIFACT_CORRUPT
+    status = 502
 
 
 _TABLE: dict[ErrorCode, type[RockError]] = {}

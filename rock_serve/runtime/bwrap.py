@@ -77,6 +77,7 @@ from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_pyth
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
+from rock_serve.runtime._snapshot import pack_layer, unpack_layer
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -996,3 +997,48 @@ class BwrapRuntime(Runtime):
         """True while the sandbox is frozen."""
         freezer = self._freezer(sandbox_id, quiet=True)
         return freezer is not None and freezer.frozen()
+
+    async def snapshot(self, sandbox_id: str, dest_dir: str) -> tuple[str, str, int]:
+        """Pack the sandbox's files at one atomic point into ``dest_dir`` (see ``_snapshot``).
+
+        Returns:
+            (archive path, its sha256, its size in bytes).
+
+        Raises:
+            SandboxNotRunning: the sandbox is not running.
+        """
+        meta = self._running_meta(sandbox_id)
+        async with self._fork_lock(sandbox_id):
+            layer = await run_sync(self._freeze_copy, sandbox_id, meta.uid_base or 0)
+        try:
+            return await run_sync(pack_layer, layer, dest_dir)
+        finally:
+            await run_sync(self._frozen_layers().drop_unused, layer)
+
+    async def restore(
+        self, sandbox_id: str, spec: SandboxSpec, archive: str, sha256: str
+    ) -> SandboxInfo:
+        """Create (not start) a sandbox of ``spec`` whose files are a snapshot's.
+
+        The archive's digest is checked before anything is made; on any error nothing is left.
+
+        Raises:
+            SnapshotCorrupt: the archive does not match ``sha256`` or does not unpack.
+        """
+        check_id(sandbox_id)
+        layers = self._frozen_layers()
+        layer = layers.new_path(f"snap-{sha256[:16]}")
+        await run_sync(unpack_layer, archive, sha256, layer)
+        try:
+            root = await self._root(sandbox_id, spec)
+            lowers = root.get("lowers")
+            assert isinstance(lowers, list)
+            root = {**root, "lowers": [layer, *[str(x) for x in lowers]], "snapshot": sha256}
+            layers.use(sandbox_id, root["lowers"])  # type: ignore[arg-type]
+            meta = await run_sync(self._create_sync, sandbox_id, spec, root)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.remove(sandbox_id)
+            await run_sync(layers.drop_unused, layer)
+            raise
+        return self._info(meta)
