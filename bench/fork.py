@@ -16,19 +16,24 @@ insert per child), in the same run:
 - *disk*: bytes on disk of the children before they write (their own dirs, not counting mounts:
   each holds a sparse ext4 file of its own), and of the one frozen copy they share.
 
-Prints p50 / p99 over ``--rounds`` in ms. Snapshot/restore through S3 is not implemented yet
-(issue 16 item 2); it prints a line saying so. Never part of the test suite.
+- *snapshot*: a ``--snap-mb`` MB delta snapshotted to S3 (moto on loopback: freeze, copy,
+  tar.zst, put) and restored on a second runtime with its own state dir (get, digest check,
+  unpack, create, start, answer).
+
+Prints p50 / p99 over ``--rounds`` in ms. Never part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.protocol import ExecRequest, SandboxSpec
@@ -57,6 +62,7 @@ def allocated(path: str) -> int:
 
 async def answer(rt: BwrapRuntime, sid: str, command: str) -> None:
     handle = await rt.start(sid)
+    _HANDLES[sid] = handle
     result = await handle.exec(ExecRequest(command=command, timeout=300))
     assert result.exit_code == 0, result
 
@@ -89,15 +95,93 @@ async def round_fresh(rt: BwrapRuntime, n: int, setup: str) -> float:
     return elapsed
 
 
+async def bench_snapshot(rt: BwrapRuntime, opts: argparse.Namespace) -> None:
+    """Snapshot of a --snap-mb delta to S3 (moto on loopback) and restore on a second
+    runtime (another state dir: a simulated node), p50/p99 over --rounds."""
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        from rock_serve.envs.hub import S3ArtifactStore, S3StoreConfig
+    except ImportError as exc:
+        print(f"snapshot/restore via S3: skipped ({exc})")
+        return
+    for key, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "x")):
+        os.environ.setdefault(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    other_state = tempfile.mkdtemp(prefix="rock-bench-fork-b-", dir="/var/tmp")
+    other = BwrapRuntimeConfig(state_dir=other_state, cgroup_parent="rock-serve-bench").build()
+    assert isinstance(other, BwrapRuntime)
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="snap")
+        store = S3ArtifactStore(
+            S3StoreConfig(bucket="snap", endpoint_url=url, region="us-east-1", prefix="bench")
+        )
+        src = _id()
+        await rt.create(src, SandboxSpec())
+        await answer(rt, src, f"head -c {opts.snap_mb}M /dev/urandom > /root/delta && sync")
+        snaps, restores, sizes = [], [], []
+        for i in range(opts.rounds):
+            await answer_again(rt, src, f"echo {i} >> /root/round")  # a new digest each round
+            t0 = time.perf_counter()
+            path, sha, size = await rt.snapshot(src, os.path.join(rt.state_dir, ".snap"))
+            await asyncio.to_thread(store.put_file, Path(path), sha)
+            t1 = time.perf_counter()
+            dest = Path(other_state) / f"fetched-{sha}"
+            await asyncio.to_thread(store.fetch, sha, dest)
+            sid = _id()
+            await other.restore(sid, SandboxSpec(), str(dest), sha)
+            await answer(other, sid, "test -s /root/delta")
+            t2 = time.perf_counter()
+            snaps.append((t1 - t0) * 1000)
+            restores.append((t2 - t1) * 1000)
+            sizes.append(size)
+            await other.remove(sid)
+            os.unlink(path)
+            dest.unlink()
+        await rt.remove(src)
+        mb = opts.snap_mb
+        print(
+            f"| snapshot {mb} MB delta -> S3 (freeze, copy, tar.zst, put) | "
+            f"{pct(snaps, 50):.0f} | {pct(snaps, 99):.0f} |"
+        )
+        print(
+            f"| restore on node B (get, verify, unpack, create, answer) | "
+            f"{pct(restores, 50):.0f} | {pct(restores, 99):.0f} |"
+        )
+        print(f"archive size: {pct(sizes, 50) / 2**20:.1f} MiB (random data: incompressible)")
+    finally:
+        for info in await other.list():
+            await other.remove(info.id)
+        await other.close()
+        shutil.rmtree(other_state, ignore_errors=True)
+        server.stop()
+
+
+_HANDLES: dict[str, object] = {}
+
+
+async def answer_again(rt: BwrapRuntime, sid: str, command: str) -> None:
+    """Run a command in a sandbox started by :func:`answer` earlier."""
+    handle = _HANDLES[sid]
+    result = await handle.exec(ExecRequest(command=command, timeout=300))  # type: ignore[attr-defined]
+    assert result.exit_code == 0, result
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=16)
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--snap-mb", type=int, default=100)
     parser.add_argument("--quick", action="store_true")
     opts = parser.parse_args()
     if opts.quick:
-        opts.children, opts.mb, opts.rounds = 4, 20, 1
+        opts.children, opts.mb, opts.rounds, opts.snap_mb = 4, 20, 1, 10
     state = tempfile.mkdtemp(prefix="rock-bench-fork-", dir="/var/tmp")
     rt = BwrapRuntimeConfig(state_dir=state, cgroup_parent="rock-serve-bench").build()
     assert isinstance(rt, BwrapRuntime)
@@ -143,7 +227,7 @@ async def main() -> None:
             f"({pct(disks, 50) / n / 2**20:.2f} MiB each, their empty ext4 files); the shared "
             f"frozen copy: {pct(frozens, 50) / 2**20:.0f} MiB (once, not per child)"
         )
-        print("snapshot/restore via S3: not implemented (issue 16 item 2)")
+        await bench_snapshot(rt, opts)
     finally:
         for info in await rt.list():
             await rt.remove(info.id)
