@@ -47,6 +47,7 @@ from rock_serve.deployments import (
     _gem,
     _images,
     _notify,
+    _processes,
     _rock_api,
     _swerex_api,
 )
@@ -317,6 +318,7 @@ app.include_router(
 app.include_router(_gem.router, responses=_ERRORS)
 app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
 app.include_router(_fork_api.router, responses=_ERRORS)  # fork, pause, resume (issue 16)
+app.include_router(_processes.router, responses=_ERRORS)  # /processes (issue 15.1)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)
 # SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.

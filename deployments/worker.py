@@ -39,6 +39,7 @@ from rock_serve.deployments._fork import ForkWorker
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
+from rock_serve.deployments._processes import ProcessesWorker
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -140,7 +141,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ImagesWorker, ForkWorker):
+class Worker(ProcessesWorker, ImagesWorker, ForkWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
