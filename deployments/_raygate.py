@@ -43,7 +43,9 @@ from rock_serve.protocol import SandboxRecord
 __all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
 
 #: Scheduler methods reachable over the Ray transport.
-CONTROL_METHODS = frozenset({"health", "create", "get", "list", "delete", "delete_by_token"})
+CONTROL_METHODS = frozenset(
+    {"health", "create", "get", "list", "delete", "delete_by_token", "fork", "pause", "resume"}
+)
 #: Worker methods reachable over the Ray transport -> their audit action (None: not audited).
 DATA_METHODS: dict[str, str | None] = {
     "renew": None,
@@ -238,6 +240,12 @@ class RayGate:
                 await self._visible(scheduler.get, principal, args[0])
                 await scheduler.delete(args[0])
             return None
+        if method in ("fork", "pause", "resume"):  # issue 16: in the sandbox's namespace
+            record = await self._visible(scheduler.get, principal, args[0])
+            async with self.audited(principal, method, args[0]):
+                if method == "fork":
+                    return await scheduler.fork(args[0], args[1], record.namespace)
+                return await getattr(scheduler, method)(args[0], record.namespace)
         # delete_by_token
         namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
         async with self.audited(

@@ -73,6 +73,7 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.protocol.api import SANDBOX_ID
+from rock_serve.protocol.fork import ForkRequest, ForkResult
 from rock_serve.protocol.processes import ProcessStream
 from rock_serve.sdk import _base
 from rock_serve.sdk._async import AsyncClient
@@ -229,6 +230,21 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
     async def delete_by_token(self, client_token: str) -> None:
         """Delete the sandbox a create with ``client_token`` made (see ``AsyncClient``)."""
         await self._call(None, "delete_by_token", client_token, self.tenant)
+
+    async def fork_sandbox(self, sandbox_id: str, request: ForkRequest) -> ForkResult:
+        """Fork a running sandbox (see :meth:`AsyncClient.fork_sandbox`)."""
+        result: ForkResult = await self._call(None, "fork", sandbox_id, request, self.tenant)
+        return result
+
+    async def pause_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Pause a sandbox (see :meth:`AsyncClient.pause_sandbox`)."""
+        record: SandboxRecord = await self._call(None, "pause", sandbox_id, self.tenant)
+        return record
+
+    async def resume_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Resume a paused sandbox (see :meth:`AsyncClient.resume_sandbox`)."""
+        record: SandboxRecord = await self._call(None, "resume", sandbox_id, self.tenant)
+        return record
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease."""

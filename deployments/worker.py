@@ -36,6 +36,7 @@ from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
 from rock_serve.deployments._dataplane import DataPlaneWorker
+from rock_serve.deployments._fork import ForkWorker
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
@@ -49,6 +50,7 @@ from rock_serve.errors import (
     RockError,
     SandboxFailed,
     SandboxNotFound,
+    SandboxNotRunning,
     TooLarge,
 )
 from rock_serve.protocol import (
@@ -141,7 +143,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker):
+class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -551,6 +553,9 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker):
             self._graveyard.popitem(last=False)
         if box.watcher is not None:
             box.watcher.cancel()
+        if box.record.state == SandboxState.PAUSED:  # a frozen rocklet cannot exit
+            with contextlib.suppress(Exception):
+                await box.runtime.resume(sandbox_id)
         with contextlib.suppress(Exception):
             await box.handle.close()
         try:
@@ -689,6 +694,8 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker):
         if box.record.state == SandboxState.FAILED:
             reason = box.record.reason.value if box.record.reason else "failed"
             raise SandboxFailed(f"sandbox {sandbox_id!r} failed ({reason})", reason=reason)
+        if box.record.state == SandboxState.PAUSED:
+            raise SandboxNotRunning(f"sandbox {sandbox_id!r} is paused: resume it first")
         return box
 
     async def _once(self, sandbox_id: str, key: str | None, work: Awaitable[T]) -> T:

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 __all__ = [
+    "ArtifactCorrupt",
     "BadFrame",
     "Conflict",
     "ErrorCode",
@@ -23,6 +24,7 @@ __all__ = [
     "IsADirectory",
     "NotADirectory",
     "NotFound",
+    "NotSupported",
     "OverCapacity",
     "PathOutsideSandbox",
     "PermissionDenied",
@@ -87,6 +89,8 @@ class ErrorCode(str, Enum):
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
     PORT_CLOSED = "port_closed"
+    NOT_SUPPORTED = "not_supported"
+    ARTIFACT_CORRUPT = "artifact_corrupt"
 
 
 class RockError(Exception):
@@ -329,6 +333,24 @@ class PortClosed(RockError, ConnectionRefusedError):
     """
 
     code = ErrorCode.PORT_CLOSED
+    status = 502
+
+
+class NotSupported(RockError, NotImplementedError):
+    """The runtime (or the platform's config) cannot do that operation at all (fork on a
+    runtime without copy-on-write layers, say); retrying never helps.
+    """
+
+    code = ErrorCode.NOT_SUPPORTED
+    status = 501
+
+
+class ArtifactCorrupt(RockError, ValueError):
+    """A stored artifact (a snapshot archive) does not hash to its name or does not unpack:
+    the store holds bad bytes. Nothing was made from it.
+    """
+
+    code = ErrorCode.ARTIFACT_CORRUPT
     status = 502
 
 

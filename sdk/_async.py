@@ -46,7 +46,8 @@ from rock_serve.protocol import (
     SessionStdinBody,
 )
 from rock_serve.protocol.dataplane import BatchRunItem
-from rock_serve.sdk import _base
+from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.sdk import _base, _fork
 from rock_serve.sdk._async_process import AsyncProcessClient
 from rock_serve.sdk._async_sandbox import AsyncSandbox
 from rock_serve.sdk._async_transport import (
@@ -323,6 +324,45 @@ class AsyncClient(AsyncProcessClient):
             SandboxNotFound: No create with that token is known.
         """
         await self._send(_base.delete_by_token(client_token))
+
+    async def fork_sandbox(self, sandbox_id: str, request: ForkRequest) -> ForkResult:
+        """Fork a running sandbox into ``request.count`` copy-on-write children (issue 16).
+
+        Args:
+            sandbox_id: The parent.
+            request: How many children, and what they override (env, labels, owner, ttl).
+
+        Returns:
+            The parent's id and the children's records.
+
+        Raises:
+            SandboxNotRunning: The parent is not running.
+            RateLimited: The children would pass the namespace's quota.
+            NotSupported: The parent's runtime cannot fork.
+        """
+        return _base.parse(await self._send(_fork.fork_sandbox(sandbox_id, request)), ForkResult)
+
+    async def pause_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Freeze a sandbox's processes (its files and memory stay) until :meth:`resume_sandbox`.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record (state ``paused``).
+        """
+        return _base.parse(await self._send(_fork.pause_sandbox(sandbox_id)), SandboxRecord)
+
+    async def resume_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Thaw a paused sandbox.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record (state ``running``).
+        """
+        return _base.parse(await self._send(_fork.resume_sandbox(sandbox_id)), SandboxRecord)
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease (a heartbeat; every call naming the sandbox also renews).

@@ -17,6 +17,7 @@ class SandboxState(str, Enum):
     PENDING = "pending"
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     REMOVED = "removed"

@@ -235,6 +235,12 @@ class RockletHandle(ProcessOps):
         if self._watchdog is None and self._error is None:
             self._watchdog = asyncio.ensure_future(self._watch(interval, timeout))
 
+    def unwatch(self) -> None:
+        """Stop :meth:`watch` (a paused sandbox's rocklet cannot answer pings)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
     async def _watch(self, interval: float, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         while self._error is None:

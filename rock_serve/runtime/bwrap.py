@@ -43,6 +43,7 @@ are listed, inspected and removed the same way.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ctypes
 import ctypes.util
@@ -56,6 +57,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.errors import (
@@ -65,15 +67,18 @@ from rock_serve.errors import (
     InvalidRequest,
     RuntimeUnavailable,
     SandboxNotFound,
+    SandboxNotRunning,
 )
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._fork import FROZEN_DIR, Freezer, FrozenLayers, copy_layer, freezer_mount
 from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
 from rock_serve.runtime._image_user import resolve_user
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
+from rock_serve.runtime._snapshot import pack_layer, unpack_layer
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -656,6 +661,9 @@ class BwrapRuntime(Runtime):
         path = self._dir(sandbox_id)
         meta = read_meta(path)
         cg = self._cgroup(sandbox_id)
+        freezer = self._freezer(sandbox_id, quiet=True)
+        if freezer is not None:
+            freezer.thaw()  # frozen tasks ignore SIGKILL
         if cg.exists():
             cg.kill_all()
         if self.net is not None:
@@ -675,6 +683,11 @@ class BwrapRuntime(Runtime):
             shutil.rmtree(path)
         if meta is not None and meta.uid_base is not None and self.slots is not None:
             self.slots.free(meta.uid_base)
+        if freezer is not None:
+            freezer.remove()
+        self._frozen_layers().release(sandbox_id)
+        if self._fork_locks is not None:
+            self._fork_locks.pop(sandbox_id, None)
 
     # ------------------------------------------------------------------ argv
 
@@ -897,3 +910,173 @@ class BwrapRuntime(Runtime):
             # bwrap exits with 128+N when the rocklet died of signal N (OOM kill: 9).
             oom = oom and proc.returncode in (137, -9)
         return to_info(meta, failure=FailureReason.OOM_KILLED if oom else None)
+
+    # ------------------------------------------------------------------ fork, pause (issue 16)
+    # See ``_fork``: the parent is frozen, its upper copied once into a frozen layer, thawed;
+    # each child mounts that layer under a fresh upper of its own.
+
+    _frozen: FrozenLayers | None = None
+    _freezer_v1: str | None = None
+    _fork_locks: dict[str, asyncio.Lock] | None = None
+
+    def _fork_lock(self, parent_id: str) -> asyncio.Lock:
+        """One fork (or pause) of a sandbox at a time: a second freeze must not thaw the first."""
+        if self._fork_locks is None:
+            self._fork_locks = {}
+        lock = self._fork_locks.get(parent_id)
+        if lock is None:
+            lock = self._fork_locks[parent_id] = asyncio.Lock()
+        return lock
+
+    def _frozen_layers(self) -> FrozenLayers:
+        if self._frozen is None:
+
+            def scan() -> dict[str, list[str]]:
+                out = {}
+                for meta in list_metas(self.state_dir, self.name):
+                    lowers = self._read_root(meta.id).get("lowers")
+                    if isinstance(lowers, list):
+                        out[meta.id] = [str(x) for x in lowers]
+                return out
+
+            self._frozen = FrozenLayers(os.path.join(self.state_dir, FROZEN_DIR), scan)
+            self._freezer_v1 = freezer_mount()
+        return self._frozen
+
+    def _freezer(self, sandbox_id: str, quiet: bool = False) -> Freezer | None:
+        self._frozen_layers()
+        try:
+            return Freezer(self.layout, self._cgroup(sandbox_id), self._freezer_v1)
+        except RuntimeUnavailable:
+            if quiet:
+                return None
+            raise
+
+    def _running_meta(self, sandbox_id: str) -> SandboxMeta:
+        meta = self._meta(sandbox_id)
+        if not alive(meta):
+            raise SandboxNotRunning(f"sandbox {sandbox_id!r} is not running")
+        return meta
+
+    def _freeze_copy(self, parent_id: str, shift: int) -> str:
+        """Freeze the parent, copy its upper into a new frozen layer, thaw; the layer's path."""
+        freezer = self._freezer(parent_id)
+        assert freezer is not None
+        upper = os.path.join(self._rw_dir(self._dir(parent_id)), "upper")
+        dest = self._frozen_layers().new_path(parent_id)
+        was_paused = freezer.frozen()
+        freezer.freeze()
+        try:
+            copy_layer(upper, dest, shift)
+        finally:
+            if not was_paused:
+                freezer.thaw()
+        return dest
+
+    async def fork(
+        self,
+        parent_id: str,
+        child_ids: builtins.list[str],
+        make_spec: Callable[[str, SandboxSpec], SandboxSpec],
+    ) -> builtins.list[SandboxInfo]:
+        """Children over one frozen copy of the parent's layer (see ``_fork``); not started."""
+        meta = self._running_meta(parent_id)
+        for child_id in child_ids:
+            check_id(child_id)
+        parent_spec = SandboxSpec.model_validate(meta.spec)
+        root = self._read_root(parent_id)
+        lowers = root.get("lowers")
+        if not isinstance(lowers, list):
+            raise SandboxNotRunning(f"sandbox {parent_id!r} has no recorded root")
+        specs = {cid: make_spec(cid, parent_spec) for cid in child_ids}
+        async with self._fork_lock(parent_id):
+            layer = await run_sync(self._freeze_copy, parent_id, meta.uid_base or 0)
+        child_root = {**root, "lowers": [layer, *[str(x) for x in lowers]]}
+        image_id = root.get("image_id")
+        img = self.images.lookup(str(image_id)) if self.images and image_id else None
+        layers = self._frozen_layers()
+        made: builtins.list[str] = []
+
+        async def child(child_id: str) -> SandboxInfo:
+            layers.use(child_id, child_root["lowers"])  # type: ignore[arg-type]
+            if img is not None and self.images is not None:
+                self.images.acquire(img, child_id)
+            made.append(child_id)
+            cmeta = await run_sync(self._create_sync, child_id, specs[child_id], child_root)
+            return self._info(cmeta)
+
+        try:
+            return list(await asyncio.gather(*(child(c) for c in child_ids)))
+        except BaseException:
+            for child_id in made:
+                with contextlib.suppress(Exception):
+                    await self.remove(child_id)
+            raise
+        finally:
+            await run_sync(layers.drop_unused, layer)
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process of the sandbox (no CPU; its memory stays resident)."""
+        self._running_meta(sandbox_id)
+        freezer = self._freezer(sandbox_id)
+        assert freezer is not None
+        async with self._fork_lock(sandbox_id):
+            await run_sync(freezer.freeze)
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Thaw a paused sandbox (no error when it was not paused)."""
+        self._meta(sandbox_id)
+        freezer = self._freezer(sandbox_id)
+        assert freezer is not None
+        async with self._fork_lock(sandbox_id):
+            await run_sync(freezer.thaw)
+
+    def paused(self, sandbox_id: str) -> bool:
+        """True while the sandbox is frozen."""
+        freezer = self._freezer(sandbox_id, quiet=True)
+        return freezer is not None and freezer.frozen()
+
+    async def snapshot(self, sandbox_id: str, dest_dir: str) -> tuple[str, str, int]:
+        """Pack the sandbox's files at one atomic point into ``dest_dir`` (see ``_snapshot``).
+
+        Returns:
+            (archive path, its sha256, its size in bytes).
+
+        Raises:
+            SandboxNotRunning: the sandbox is not running.
+        """
+        meta = self._running_meta(sandbox_id)
+        async with self._fork_lock(sandbox_id):
+            layer = await run_sync(self._freeze_copy, sandbox_id, meta.uid_base or 0)
+        try:
+            return await run_sync(pack_layer, layer, dest_dir)
+        finally:
+            await run_sync(self._frozen_layers().drop_unused, layer)
+
+    async def restore(
+        self, sandbox_id: str, spec: SandboxSpec, archive: str, sha256: str
+    ) -> SandboxInfo:
+        """Create (not start) a sandbox of ``spec`` whose files are a snapshot's.
+
+        The archive's digest is checked before anything is made; on any error nothing is left.
+
+        Raises:
+            SnapshotCorrupt: the archive does not match ``sha256`` or does not unpack.
+        """
+        check_id(sandbox_id)
+        layers = self._frozen_layers()
+        layer = layers.new_path(f"snap-{sha256[:16]}")
+        await run_sync(unpack_layer, archive, sha256, layer)
+        try:
+            root = await self._root(sandbox_id, spec)
+            lowers = root.get("lowers")
+            assert isinstance(lowers, list)
+            root = {**root, "lowers": [layer, *[str(x) for x in lowers]], "snapshot": sha256}
+            layers.use(sandbox_id, root["lowers"])  # type: ignore[arg-type]
+            meta = await run_sync(self._create_sync, sandbox_id, spec, root)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.remove(sandbox_id)
+            await run_sync(layers.drop_unused, layer)
+            raise
+        return self._info(meta)
