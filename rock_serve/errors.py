@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 __all__ = [
+    "AgentFailed",
     "BadFrame",
     "Conflict",
     "ErrorCode",
@@ -83,6 +84,7 @@ class ErrorCode(str, Enum):
     ROCKLET_UNAVAILABLE = "rocklet_unavailable"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
+    AGENT_FAILED = "agent_failed"
 
 
 class RockError(Exception):
@@ -307,6 +309,14 @@ class Timeout(RockError, TimeoutError):
 
     code = ErrorCode.TIMEOUT
     status = 504
+
+
+class AgentFailed(RockError, RuntimeError):
+    """An agent run inside a sandbox could not start or ended without its outcome (see
+    :mod:`rock_serve.agents`); the message carries the tail of the agent's log."""
+
+    code = ErrorCode.AGENT_FAILED
+    status = 502
 
 
 _TABLE: dict[ErrorCode, type[RockError]] = {}
