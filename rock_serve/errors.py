@@ -313,7 +313,8 @@ class Timeout(RockError, TimeoutError):
 
 class AgentFailed(RockError, RuntimeError):
     """An agent run inside a sandbox could not start or ended without its outcome (see
-    :mod:`rock_serve.agents`); the message carries the tail of the agent's log."""
+    :mod:`rock_serve.agents`); the message carries the tail of the agent's log.
+    """
 
     code = ErrorCode.AGENT_FAILED
     status = 502

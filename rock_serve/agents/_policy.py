@@ -33,7 +33,8 @@ def solution_replies(task: AgentTask) -> list[str]:
 
 class ScriptedPolicy:
     """Answers a conversation with ``replies[k]``, k = its number of assistant messages; after
-    the script, the last reply again."""
+    the script, the last reply again.
+    """
 
     def __init__(self, replies: Sequence[str]) -> None:
         """Keep the script (at least one reply)."""

@@ -51,7 +51,8 @@ AGENT_ENV = {
 
 def _mini_swe_agent(task: AgentTask, *, step_limit: int, model: str) -> list[str]:
     """mini-swe-agent's non-interactive CLI (``mini -y --exit-immediately``), text-based actions,
-    its model an OpenAI-compatible one at ``OPENAI_BASE_URL`` through litellm."""
+    its model an OpenAI-compatible one at ``OPENAI_BASE_URL`` through litellm.
+    """
     return [
         "mini",
         "-y",
@@ -77,7 +78,9 @@ def _mini_swe_agent(task: AgentTask, *, step_limit: int, model: str) -> list[str
 AGENTS = {"mini-swe-agent": _mini_swe_agent}
 
 
-def agent_argv(agent: str, task: AgentTask, *, step_limit: int, model: str = MODEL_NAME) -> list[str]:
+def agent_argv(
+    agent: str, task: AgentTask, *, step_limit: int, model: str = MODEL_NAME
+) -> list[str]:
     """The command line of a named agent on a task.
 
     Raises:
@@ -155,7 +158,9 @@ def parse_event(stdout: str) -> CallEvent | ExitEvent | None:
     raise ValueError(f"unexpected relay output {line[:200]!r}")
 
 
-def completion(content: str, request: dict[str, Any] | None = None, *, n: int = 0) -> dict[str, Any]:
+def completion(
+    content: str, request: dict[str, Any] | None = None, *, n: int = 0
+) -> dict[str, Any]:
     """A ``chat.completion`` object whose one choice is an assistant message with ``content``."""
     return {
         "id": f"chatcmpl-rock-{n}",
@@ -173,7 +178,9 @@ def completion(content: str, request: dict[str, Any] | None = None, *, n: int = 
     }
 
 
-def response_body(n: int, answer: dict[str, Any] | None, error: str | None = None) -> tuple[str, str]:
+def response_body(
+    n: int, answer: dict[str, Any] | None, error: str | None = None
+) -> tuple[str, str]:
     """The path and content that answer call ``n`` (a completion, or an error message)."""
     body = {"error": error} if error is not None else {"completion": answer}
     return f"{LLM_DIR}/{n}.resp.json", json.dumps(body)

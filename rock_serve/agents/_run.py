@@ -59,7 +59,8 @@ _WAIT_SLICE = 20.0
 @dataclass
 class LLMCall:
     """One LLM call of the agent, waiting for the trainer's answer (the model service's shape:
-    ``.request``, ``.sandbox_id``, ``respond``, ``fail``)."""
+    ``.request``, ``.sandbox_id``, ``respond``, ``fail``).
+    """
 
     request: dict[str, Any]
     """The chat.completions request body the agent sent."""
@@ -107,9 +108,7 @@ class AgentOutcome:
 class AgentRun:
     """A started agent in a sandbox (see :func:`start_agent`)."""
 
-    def __init__(
-        self, sandbox: AsyncSandbox, task: AgentTask, base: str, timeout: float
-    ) -> None:
+    def __init__(self, sandbox: AsyncSandbox, task: AgentTask, base: str, timeout: float) -> None:
         """Track a run whose files live under ``base`` in the sandbox."""
         self.sandbox = sandbox
         self.task = task
@@ -152,7 +151,9 @@ class AgentRun:
         async for call in llm_calls(self):
             yield call
 
-    async def _answer(self, call: LLMCall, answer: dict[str, Any] | None, error: str | None) -> None:
+    async def _answer(
+        self, call: LLMCall, answer: dict[str, Any] | None, error: str | None
+    ) -> None:
         path, body = response_body(call.n, answer, error)
         await self.sandbox.files.write(f"{self.base}/{path}", body)
         entry: dict[str, Any] = {"request": call.request}
@@ -229,7 +230,9 @@ async def start_agent(
     for path, content in launch_files(task).items():
         await sandbox.files.write(f"{base}/{path}", content)
     run = AgentRun(sandbox, task, base, timeout)
-    await run._exec(["bash", "-c", launch_command(argv, call_timeout=call_timeout, detach=True)], 30)
+    await run._exec(
+        ["bash", "-c", launch_command(argv, call_timeout=call_timeout, detach=True)], 30
+    )
     return run
 
 

@@ -88,7 +88,9 @@ def _handler(relay):
 
         def do_GET(self):
             if self.path.rstrip("/") in ("/v1/models", "/models"):
-                self._send(200, {"object": "list", "data": [{"id": "rock-relay", "object": "model"}]})
+                self._send(
+                    200, {"object": "list", "data": [{"id": "rock-relay", "object": "model"}]}
+                )
             else:
                 self._error(404, "not_found", "no route %s" % self.path)
 

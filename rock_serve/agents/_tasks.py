@@ -47,7 +47,7 @@ def double(x):
     return add(x, x)
 '''
 
-_TEST = '''import unittest
+_TEST = """import unittest
 
 from calc import add, double
 
@@ -63,7 +63,7 @@ class CalcTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
-'''
+"""
 
 _VERIFY_FIX_ADD = f"""
 import importlib, subprocess, sys, tempfile, os, shutil
