@@ -170,3 +170,15 @@ def test_bad_agent_task_and_limits_are_typed():
         builtin_task("nope")
     argv = agent_argv("mini-swe-agent", builtin_task(), step_limit=7)
     assert argv[:3] == ["mini", "-y", "--exit-immediately"] and "agent.step_limit=7" in argv
+
+
+def test_public_surface_is_pinned():
+    import rock_serve.agents as agents
+
+    assert set(agents.__all__) == {
+        "AGENTS", "AGENT_IMAGE", "BUILTIN_TASKS", "SUBMIT", "AgentOutcome", "AgentRun",
+        "AgentTask", "LLMCall", "Policy", "ScriptedPolicy", "action_message", "builtin_task",
+        "completion", "llm_calls", "run_agent", "solution_replies", "start_agent",
+    }  # fmt: skip
+    for name in agents.__all__:
+        assert getattr(agents, name) is not None
