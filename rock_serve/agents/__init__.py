@@ -7,7 +7,13 @@ calls one by one instead (``async for call in run.calls(): await call.respond(..
 ``rock/AgentTask-v0`` env makes each call one env step.
 """
 
-from rock_serve.agents._policy import SUBMIT, ScriptedPolicy, action_message, solution_replies
+from rock_serve.agents._policy import (
+    SUBMIT,
+    HTTPPolicy,
+    ScriptedPolicy,
+    action_message,
+    solution_replies,
+)
 from rock_serve.agents._protocol import AGENTS, completion
 from rock_serve.agents._run import (
     AgentOutcome,
@@ -28,6 +34,7 @@ __all__ = [
     "AgentOutcome",
     "AgentRun",
     "AgentTask",
+    "HTTPPolicy",
     "LLMCall",
     "Policy",
     "ScriptedPolicy",

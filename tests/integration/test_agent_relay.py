@@ -177,8 +177,8 @@ def test_public_surface_is_pinned():
 
     assert set(agents.__all__) == {
         "AGENTS", "AGENT_IMAGE", "BUILTIN_TASKS", "SUBMIT", "AgentOutcome", "AgentRun",
-        "AgentTask", "LLMCall", "Policy", "ScriptedPolicy", "action_message", "builtin_task",
-        "completion", "llm_calls", "run_agent", "solution_replies", "start_agent",
+        "AgentTask", "HTTPPolicy", "LLMCall", "Policy", "ScriptedPolicy", "action_message",
+        "builtin_task", "completion", "llm_calls", "run_agent", "solution_replies", "start_agent",
     }  # fmt: skip
     for name in agents.__all__:
         assert getattr(agents, name) is not None
