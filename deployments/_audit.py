@@ -22,14 +22,15 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rock_serve.auth import Principal
 from rock_serve.config import AuditConfig
-from rock_serve.errors import InvalidConfig
+from rock_serve.errors import ErrorCode, InvalidConfig, RockError
 from rock_serve.runtime._sync import run_sync
 
 __all__ = ["TEXT_FIELDS", "AuditEvent", "AuditLog", "JsonlSink", "RedisSink"]
@@ -229,6 +230,53 @@ class AuditLog:
             out.append(arg)
             used += len(arg)
         return out
+
+    @contextlib.asynccontextmanager
+    async def scope(
+        self,
+        principal: Principal,
+        action: str,
+        sandbox_id: str | None = None,
+        *,
+        client: str | None,
+        status: int = 200,
+        **fields: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Record one event for the block: its outcome is the block's (or its error's).
+
+        Every transport (the Admin's routes, the Ray gate) audits through here. The block may
+        add to the yielded dict (``sandbox_id``, ``detail`` entries...).
+        """
+        started = time.perf_counter()
+        event: dict[str, Any] = {"sandbox_id": sandbox_id, "detail": {}, **fields}
+        if event.get("command") is not None:
+            event["command"] = self.command(event["command"])
+        code = "ok"
+        try:
+            yield event
+        except BaseException as exc:
+            if isinstance(exc, RockError):
+                status, code = exc.status, exc.code.value
+            elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                status, code = 499, "cancelled"
+            else:
+                status, code = 500, ErrorCode.INTERNAL.value
+            raise
+        finally:
+            if self.enabled:
+                self.record(
+                    AuditEvent(
+                        action=action,
+                        token_name=principal.name,
+                        namespace=principal.namespace,
+                        admin=principal.admin,
+                        status=status,
+                        code=code,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                        client=client,
+                        **event,
+                    )
+                )
 
     def record(self, event: AuditEvent) -> None:
         """Queue ``event`` for the sinks; never blocks, never raises."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,7 +33,6 @@ from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.errors import (
-    ErrorCode,
     InvalidRequest,
     PermissionDenied,
     RockError,
@@ -166,38 +164,12 @@ class RayGate:
         status: int = 200,
         **fields: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Record one audit event for the block (its outcome is the block's, or its error's)."""
-        started = time.perf_counter()
-        event: dict[str, Any] = {"sandbox_id": sandbox_id, "detail": {}, **fields}
-        event["detail"] = {**event["detail"], "transport": "ray"}
-        if event.get("command") is not None:
-            event["command"] = self.audit.command(event["command"])
-        code = "ok"
-        try:
+        """Record one audit event for the block (see :meth:`AuditLog.scope`)."""
+        async with self.audit.scope(
+            principal, action, sandbox_id, client="ray", status=status, **fields
+        ) as event:
+            event["detail"] = {**event["detail"], "transport": "ray"}
             yield event
-        except BaseException as exc:
-            if isinstance(exc, RockError):
-                status, code = exc.status, exc.code.value
-            elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
-                status, code = 499, "cancelled"
-            else:
-                status, code = 500, ErrorCode.INTERNAL.value
-            raise
-        finally:
-            if self.audit.enabled:
-                self.audit.record(
-                    AuditEvent(
-                        action=action,
-                        token_name=principal.name,
-                        namespace=principal.namespace,
-                        admin=principal.admin,
-                        status=status,
-                        code=code,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                        client="ray",
-                        **event,
-                    )
-                )
 
     # ------------------------------------------------------------------ control plane
 

@@ -510,40 +510,12 @@ class Admin:
         status: int = 200,
         **fields: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Record one audit event for the block: its outcome is the block's (or its error's).
-
-        The block may add to the yielded dict (``sandbox_id``, ``detail`` entries...).
-        """
-        started = time.perf_counter()
-        event: dict[str, Any] = {"sandbox_id": sandbox_id, "detail": {}, **fields}
-        if "command" in event and event["command"] is not None:
-            event["command"] = self._audit.command(event["command"])
-        code = "ok"
-        try:
+        """Record one audit event for the block (see :meth:`AuditLog.scope`)."""
+        client = conn.client.host if conn.client else None
+        async with self._audit.scope(
+            principal, action, sandbox_id, client=client, status=status, **fields
+        ) as event:
             yield event
-        except BaseException as exc:
-            if isinstance(exc, RockError):
-                status, code = exc.status, exc.code.value
-            elif isinstance(exc, asyncio.CancelledError):
-                status, code = 499, "cancelled"
-            else:
-                status, code = 500, ErrorCode.INTERNAL.value
-            raise
-        finally:
-            if self._audit.enabled:
-                self._audit.record(
-                    AuditEvent(
-                        action=action,
-                        token_name=principal.name,
-                        namespace=principal.namespace,
-                        admin=principal.admin,
-                        status=status,
-                        code=code,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                        client=conn.client.host if conn.client else None,
-                        **event,
-                    )
-                )
 
     async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         return await call(await self._worker(sandbox_id), method, sandbox_id, *args)
