@@ -182,3 +182,17 @@ def test_public_surface_is_pinned():
     }  # fmt: skip
     for name in agents.__all__:
         assert getattr(agents, name) is not None
+
+
+def test_agent_task_env_kwargs_are_checked():
+    from rock_serve.envs.builtin.agent_task import AgentTaskEnv
+    from rock_serve.errors import InvalidRequest
+
+    env = AgentTaskEnv(step_limit=5)
+    assert env.task.id == "fix_add" and env.sandbox_defaults["image"].endswith(":agent-mini")
+    with pytest.raises(InvalidRequest, match="unknown agent task"):
+        AgentTaskEnv(task="nope")
+    with pytest.raises(InvalidRequest, match="unknown agent"):
+        AgentTaskEnv(agent="aider")
+    with pytest.raises(InvalidRequest, match="wait_timeout"):
+        AgentTaskEnv(wait_timeout=0)
