@@ -62,9 +62,21 @@ DATA_METHODS: dict[str, str | None] = {
     "remove_path": "file.remove",
     "download_archive": None,
     "upload_archive": "archive.upload",
+    # background processes (issue 15.1)
+    "start_process": "process.start",
+    "list_processes": None,
+    "process_status": None,
+    "process_input": "process.input",
+    "signal_process": "process.signal",
+    "kill_process": "process.kill",
+    "wait_process": None,
 }
 #: Streaming Worker methods reachable over the Ray transport -> their audit action.
-STREAM_METHODS: dict[str, str] = {"stream_exec": "exec", "stream_in_session": "session.run"}
+STREAM_METHODS: dict[str, str] = {
+    "stream_exec": "exec",
+    "stream_in_session": "session.run",
+    "stream_process_output": "process.output",
+}
 
 
 def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
@@ -78,6 +90,10 @@ def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
         return {"session": first.session, "env_keys": sorted(first.env or {})}
     if method in ("session_stdin", "interrupt_session", "close_session"):
         return {"session": first}
+    if method == "start_process":
+        return {"command": first.command, "env_keys": sorted(first.env or {})}
+    if method in ("process_input", "signal_process", "kill_process"):
+        return {"detail": {"pid": first}}
     if method in ("mkdir", "remove_path"):
         return {"path": first.path}
     if method in ("write_file", "upload_archive"):

@@ -33,6 +33,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
+from rock_serve.deployments._processes_ray import RayProcessClient
 from rock_serve.deployments._ray import (
     ActorHandle,
     WorkerHandles,
@@ -113,7 +114,7 @@ def ray_client(
     raise InvalidRequest(f"no Ray transport for {cls.__name__}")
 
 
-class AsyncRayClient(AsyncClient):
+class AsyncRayClient(RayProcessClient, AsyncClient):
     """An :class:`~rock_serve.sdk.AsyncClient` that talks to the actors over Ray, not HTTP.
 
     Ray must be initialized (inside a Ray job or actor it is).

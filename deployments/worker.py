@@ -38,6 +38,7 @@ from rock_serve.config import RuntimeConfig, ServerArgs
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
+from rock_serve.deployments._processes import ProcessesWorker
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -138,7 +139,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ImagesWorker):
+class Worker(ProcessesWorker, ImagesWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(

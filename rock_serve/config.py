@@ -1003,6 +1003,13 @@ class ServerArgs(_Config):
         description="Bash sessions one sandbox may hold at once; one more is refused with "
         "resource_exhausted (409).",
     )
+    max_processes_per_sandbox: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Background processes (/processes) one sandbox may run at once; one more "
+        "is refused with resource_exhausted (409). Ended ones do not count.",
+    )
     max_pids_per_sandbox: int = Field(
         default=32_768,
         ge=8,

@@ -27,6 +27,7 @@ __all__ = [
     "OverCapacity",
     "PathOutsideSandbox",
     "PermissionDenied",
+    "ProcessNotFound",
     "RateLimited",
     "RegistryUnauthorized",
     "RegistryUnavailable",
@@ -66,6 +67,7 @@ class ErrorCode(str, Enum):
     NOT_FOUND = "not_found"
     SANDBOX_NOT_FOUND = "sandbox_not_found"
     SESSION_NOT_FOUND = "session_not_found"
+    PROCESS_NOT_FOUND = "process_not_found"
     FILE_NOT_FOUND = "file_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
     REGISTRY_UNAUTHORIZED = "registry_unauthorized"
@@ -185,6 +187,12 @@ class SessionNotFound(NotFound):
     """No session with that name in the sandbox."""
 
     code = ErrorCode.SESSION_NOT_FOUND
+
+
+class ProcessNotFound(NotFound):
+    """No background process with that pid in the sandbox (or it was forgotten)."""
+
+    code = ErrorCode.PROCESS_NOT_FOUND
 
 
 class FileNotFound(RockError, FileNotFoundError):

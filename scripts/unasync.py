@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {
     ROOT / "sdk" / "_async.py": ROOT / "sdk" / "_sync.py",
     ROOT / "sdk" / "_async_sandbox.py": ROOT / "sdk" / "_sync_sandbox.py",
+    ROOT / "sdk" / "_async_process.py": ROOT / "sdk" / "_sync_process.py",
 }
 HEADER = "# Generated from {source} by scripts/unasync.py: edit the async file, then regenerate.\n"
 
@@ -28,6 +29,12 @@ SUBS = {
     "AsyncClient": "Client",
     "AsyncSandbox": "Sandbox",
     "AsyncSandboxFiles": "SandboxFiles",
+    "AsyncProcessClient": "ProcessClient",
+    "AsyncSandboxProcesses": "SandboxProcesses",
+    "AsyncProcessOutput": "ProcessOutput",
+    "AsyncProcess": "Process",
+    "__aiter__": "__iter__",
+    "_async_process": "_sync_process",
     "AsyncHeartbeat": "Heartbeat",
     "AsyncBaseTransport": "BaseTransport",
     "AsyncIterator": "Iterator",

@@ -13,18 +13,26 @@ Example::
 """
 
 from rock_serve.sdk._async import AsyncClient
+from rock_serve.sdk._async_process import AsyncProcess, AsyncProcessOutput, AsyncSandboxProcesses
 from rock_serve.sdk._async_sandbox import AsyncSandbox, AsyncSandboxFiles
 from rock_serve.sdk._base import ClientSettings, RetryPolicy
 from rock_serve.sdk._sync import Client
+from rock_serve.sdk._sync_process import Process, ProcessOutput, SandboxProcesses
 from rock_serve.sdk._sync_sandbox import Sandbox, SandboxFiles
 
 __all__ = [
     "AsyncClient",
+    "AsyncProcess",
+    "AsyncProcessOutput",
     "AsyncSandbox",
     "AsyncSandboxFiles",
+    "AsyncSandboxProcesses",
     "Client",
     "ClientSettings",
+    "Process",
+    "ProcessOutput",
     "RetryPolicy",
     "Sandbox",
     "SandboxFiles",
+    "SandboxProcesses",
 ]

@@ -42,12 +42,13 @@ from rock_serve.protocol import (
     SessionStdinBody,
 )
 from rock_serve.sdk import _base
+from rock_serve.sdk._async_process import AsyncProcessClient
 from rock_serve.sdk._async_sandbox import AsyncSandbox
 
 __all__ = ["AsyncClient"]
 
 
-class AsyncClient:
+class AsyncClient(AsyncProcessClient):
     """Asynchronous client of the rock-serve REST v1 API.
 
     Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.

@@ -29,6 +29,7 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.sdk._async_process import AsyncSandboxProcesses
 from rock_serve.sdk._heartbeat import AsyncHeartbeat, interval_for
 
 if TYPE_CHECKING:
@@ -87,6 +88,11 @@ class AsyncSandbox:
     def id(self) -> str:
         """The sandbox id."""
         return self.record.id
+
+    @property
+    def process(self) -> AsyncSandboxProcesses:
+        """Background processes in this sandbox: ``p = await sb.process.start(...)``."""
+        return AsyncSandboxProcesses(self)
 
     async def __aenter__(self) -> AsyncSandbox:
         if self._record is None:

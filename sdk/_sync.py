@@ -43,12 +43,13 @@ from rock_serve.protocol import (
     SessionStdinBody,
 )
 from rock_serve.sdk import _base
+from rock_serve.sdk._sync_process import ProcessClient
 from rock_serve.sdk._sync_sandbox import Sandbox
 
 __all__ = ["Client"]
 
 
-class Client:
+class Client(ProcessClient):
     """Asynchronous client of the rock-serve REST v1 API.
 
     Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.

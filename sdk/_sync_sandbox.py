@@ -31,6 +31,7 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.sdk._heartbeat import Heartbeat, interval_for
+from rock_serve.sdk._sync_process import SandboxProcesses
 
 if TYPE_CHECKING:
     from rock_serve.sdk._sync import Client
@@ -88,6 +89,11 @@ class Sandbox:
     def id(self) -> str:
         """The sandbox id."""
         return self.record.id
+
+    @property
+    def process(self) -> SandboxProcesses:
+        """Background processes in this sandbox: ``p = sb.process.start(...)``."""
+        return SandboxProcesses(self)
 
     def __enter__(self) -> Sandbox:
         if self._record is None:

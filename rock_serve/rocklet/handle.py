@@ -26,6 +26,7 @@ from rock_serve.protocol import (
     encode_bytes,
 )
 from rock_serve.rocklet import agent as _agent
+from rock_serve.rocklet._processes import ProcessOps
 from rock_serve.rocklet.agent import CHUNK, HEADER, MAX_HEADER, MAX_PAYLOAD, FrameError
 from rock_serve.rocklet.agent import read_frame as _read_frame
 
@@ -85,7 +86,7 @@ class _Call:
         self.queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
 
 
-class RockletHandle:
+class RockletHandle(ProcessOps):
     """Multiplexes many concurrent requests to one rocklet over a pair of byte streams.
 
     If the rocklet dies or its pipe closes, every waiting call fails at once with
