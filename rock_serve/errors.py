@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ArtifactCorrupt",
+    "AgentFailed",
     "BadFrame",
     "Conflict",
     "ErrorCode",
@@ -91,6 +92,7 @@ class ErrorCode(str, Enum):
     PORT_CLOSED = "port_closed"
     NOT_SUPPORTED = "not_supported"
     ARTIFACT_CORRUPT = "artifact_corrupt"
+    AGENT_FAILED = "agent_failed"
 
 
 class RockError(Exception):
@@ -351,6 +353,15 @@ class ArtifactCorrupt(RockError, ValueError):
     """
 
     code = ErrorCode.ARTIFACT_CORRUPT
+    status = 502
+
+
+class AgentFailed(RockError, RuntimeError):
+    """An agent run inside a sandbox could not start or ended without its outcome (see
+    :mod:`rock_serve.agents`); the message carries the tail of the agent's log.
+    """
+
+    code = ErrorCode.AGENT_FAILED
     status = 502
 
 
