@@ -7,9 +7,13 @@ Paths measured (each client owns one sandbox and runs ``echo hi`` in its session
 clients are asyncio tasks of one process, as one rollout driver stepping many envs is):
 
 - HTTP via the Admin (Serve proxy -> Admin replica -> Worker actor -> rocklet), the SDK's
-  ``AsyncClient``;
+  ``AsyncClient(dataplane="admin")``;
+- the direct data plane (``AsyncClient(dataplane="direct")``: HTTP straight to the node's
+  data-plane server in the Worker -> rocklet; one grant per sandbox from the Admin);
 - Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
-- churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray.
+- the direct plane's batch op (``client.run_many``: N sandboxes stepped by one request);
+- churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray, and
+  create -> first command on its own (1 loop).
 
 Floors measured in the same run:
 
@@ -52,9 +56,12 @@ class Row:
     samples: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    #: Operations per sample (a batch of N commands is one sample of N operations).
+    weight: int = 1
+
     @property
     def rate(self) -> float:
-        return len(self.samples) / self.seconds if self.seconds else 0.0
+        return len(self.samples) * self.weight / self.seconds if self.seconds else 0.0
 
 
 async def drive(path: str, ops: list[Op], seconds: float) -> Row:
@@ -140,17 +147,24 @@ async def http_floor(name: str, url: str, method: str, clients: list[int], secon
     return rows
 
 
-async def sessions(url: str | None, clients: list[int], seconds: float, runtime: str):
-    """In-session echo over HTTP (url given) or over Ray (url None)."""
+async def sessions(
+    url: str | None, clients: list[int], seconds: float, runtime: str, mode: str = "admin"
+):
+    """In-session echo over HTTP (url given; ``mode`` admin or direct) or over Ray (url None)."""
     from rock_serve.sdk import AsyncClient
 
-    name = "HTTP via Admin" if url else "Ray transport"
+    name = (
+        ("HTTP via Admin" if mode == "admin" else "direct data plane") if url else "Ray transport"
+    )
     rows = []
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     for n in clients:
         if url:
             client = AsyncClient(
-                base_url=url, timeout=120, transport=httpx.AsyncHTTPTransport(limits=limits)
+                base_url=url,
+                timeout=120,
+                transport=httpx.AsyncHTTPTransport(limits=limits),
+                dataplane=mode,  # type: ignore[arg-type]
             )
         else:
             client = AsyncClient.from_ray(namespace="rock-bench")
@@ -168,26 +182,68 @@ async def sessions(url: str | None, clients: list[int], seconds: float, runtime:
     return rows
 
 
+async def batched(url: str, clients: list[int], seconds: float) -> list[Row]:
+    """The direct plane's batch op: all N sandboxes stepped by one request per round (a GRPO
+    group's step); ops/s counts commands, p50/p99 are per round.
+    """
+    from rock_serve.sdk import AsyncClient
+
+    rows = []
+    for n in clients:
+        if n == 1:
+            continue
+        async with AsyncClient(base_url=url, timeout=120, dataplane="direct") as client:
+            boxes = [client.sandbox() for _ in range(n)]
+            try:
+                for sb in boxes:
+                    await sb.__aenter__()
+                    await sb.run("true")  # its session
+                group = [(sb.id, "echo hi") for sb in boxes]
+
+                async def step(group: list[tuple[str, str]] = group) -> None:
+                    for result in await client.run_many(group):
+                        if isinstance(result, Exception):
+                            raise result
+
+                row = await drive("direct batch (1 req/group)", [step], seconds)
+                row.clients, row.weight = n, n
+                rows.append(row)
+            finally:
+                for sb in boxes:
+                    await sb.__aexit__(None, None, None)
+    return rows
+
+
 async def churn(url: str | None, loops: list[int], seconds: float) -> list[Row]:
-    """create -> first command -> delete per sample."""
+    """create -> first command -> delete per sample; with one loop also the create -> first
+    command latency on its own (a row of its own).
+    """
     from rock_serve.sdk import AsyncClient
 
     name = "churn over HTTP" if url else "churn over Ray"
     rows = []
     for n in loops:
         client = (
-            AsyncClient(base_url=url, timeout=120)
+            AsyncClient(base_url=url, timeout=120, dataplane="admin")
             if url
             else AsyncClient.from_ray(namespace="rock-bench")
         )
+        first = Row(f"create->1st cmd {'HTTP' if url else 'Ray'}", n)
         async with client:
 
-            async def one(client: AsyncClient = client) -> None:
+            async def one(client: AsyncClient = client, first: Row = first) -> None:
+                t0 = time.perf_counter()
                 record = await client.create_sandbox()
                 await client.exec(record.id, "echo hi")
+                first.samples.append(time.perf_counter() - t0)
                 await client.delete_sandbox(record.id)
 
-            rows.append(await drive(name, [one] * n, seconds))
+            row = await drive(name, [one] * n, seconds)
+            rows.append(row)
+            if n == 1:
+                first.samples = first.samples[-len(row.samples) :]  # without the warm-up
+                first.seconds = row.seconds
+                rows.append(first)
     return rows
 
 
@@ -198,7 +254,7 @@ def report(rows: list[Row], runtime: str) -> None:
         base = ping.get(r.clients)
         ratio = (
             f"{r.rate / base.rate:7.2f}x"
-            if base and base.rate and r.path == "HTTP via Admin"
+            if base and base.rate and r.path in ("HTTP via Admin", "direct data plane")
             else ""
         )
         print(
@@ -207,7 +263,7 @@ def report(rows: list[Row], runtime: str) -> None:
         )
     print(
         f"\n({runtime} runtime; 'vs ping' = ops/s over the bare Serve ping's at the same "
-        "concurrency.) Direct data plane: not built yet (issue 13)."
+        "concurrency; a create->1st cmd row's ops/s is that of its churn loop.)"
     )
 
 
@@ -233,7 +289,9 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
     finally:
         proc.terminate()
         proc.wait(10)
-    rows += await sessions(url, clients, opts.seconds, opts.runtime)
+    rows += await sessions(url, clients, opts.seconds, opts.runtime, "admin")
+    rows += await sessions(url, clients, opts.seconds, opts.runtime, "direct")
+    rows += await batched(url, clients, opts.seconds)
     rows += await sessions(None, clients, opts.seconds, opts.runtime)
     loops = [int(c) for c in opts.churn.split(",")]
     rows += await churn(url, loops, opts.churn_seconds)

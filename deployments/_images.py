@@ -6,6 +6,8 @@
   flight on a node (a create's, say) is joined, not repeated.
 - ``GET /v1/images``: :class:`ImageList`, per node: refs, digest, size, last use, in use.
 - ``DELETE /v1/images/{ref}``: removes it from every node's store (409 where a sandbox uses it).
+- ``POST /v1/images/push`` (:class:`ImagePushRequest`, admin): a stored image (a committed
+  one, say) to a registry, with per-request credentials; :class:`ImagePushResult`.
 
 Wiring: ``admin.py`` includes :data:`router` (one line) and calls :func:`bind`; the Worker
 class inherits :class:`ImagesWorker`, whose methods reach its runtime's image store.
@@ -48,9 +50,12 @@ from rock_serve.protocol import (
     ImageList,
     ImagePullEvent,
     ImagePullRequest,
+    ImagePushRequest,
+    ImagePushResult,
     RegistryAuth,
     parse_image_ref,
 )
+from rock_serve.protocol.images import IMAGE_REF_PATTERN
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime.images import ImageStore
 
@@ -144,21 +149,56 @@ async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingRespon
     return StreamingResponse(body(), media_type=_NDJSON)
 
 
+@router.post("/v1/images/push", response_model=ImagePushResult)
+async def push_image(req: ImagePushRequest, principal: Auth) -> ImagePushResult:
+    """Push an image of a node's store to a registry (admin only: the stores are shared).
+
+    The credentials are used for this push only: never logged, stored or returned.
+    """
+    _admin_only(principal, "pushing images")
+    try:
+        parse_image_ref(req.image)
+        dest = parse_image_ref(req.destination)
+    except ValueError as exc:  # pragma: no cover - the schema's pattern refuses these
+        raise InvalidRequest(str(exc)) from None
+    if dest.transport != "docker" or "@" in dest.name:
+        # schema-valid, but not a place one can push to
+        raise Conflict(f"push to a registry tag (host/repo:tag), not {req.destination!r}")
+    workers = await _workers([req.node] if req.node is not None else None)
+    for name, actor in workers:
+        try:
+            digest: str = await call(actor, "image_push", req.image, req.destination, req.auth)
+        except ImageNotFound:
+            continue
+        return ImagePushResult(destination=str(dest), digest=digest, node=name)
+    raise ImageNotFound(f"no node holds image {req.image!r}")
+
+
 @router.get("/v1/images", response_model=ImageList)
 async def list_images(principal: Auth) -> ImageList:
     """Images held by each node's store."""
     images: list[ImageInfo] = []
     disk: dict[str, int] = {}
+    pulls: list[ImagePullEvent] = []
     for name, actor in await _workers(None):
-        infos, used = await call(actor, "images_list")
+        infos, used, inflight = await call(actor, "images_list")
         images += [i.model_copy(update={"node": name}) for i in infos]
+        pulls += [p.model_copy(update={"node": name}) for p in inflight]
         disk[name] = used
-    return ImageList(images=images, disk_bytes=disk)
+    return ImageList(images=images, disk_bytes=disk, pulls=pulls)
 
 
 @router.delete("/v1/images/{ref:path}", status_code=204)
 async def remove_image(
-    ref: Annotated[str, Path(description="Reference or image id.")], principal: Auth
+    ref: Annotated[
+        str,
+        Path(
+            description="Reference or image id.",
+            max_length=512,
+            pattern=IMAGE_REF_PATTERN,  # a malformed reference is a validation error
+        ),
+    ],
+    principal: Auth,
 ) -> None:
     """Remove an image from every node's store (admin only)."""
     _admin_only(principal, "removing images")
@@ -208,11 +248,80 @@ def _split_ref(ref: str) -> tuple[str, str]:
     return ref, "latest"
 
 
+class ImageMetrics:
+    """The node's image store on /metrics (Ray prefixes the names with ``ray_``).
+
+    Gauges ``rock_image_store_bytes``, ``rock_image_store_budget_bytes``,
+    ``rock_image_store_images``, ``rock_image_pulls_in_flight`` and counters
+    ``rock_image_pull_failures_total``, ``rock_image_pulls_total``,
+    ``rock_image_pushes_total``, all by ``worker``; refreshed on every change of the store.
+    A no-op outside a Ray process. Alert: ``ImageStoreNearBudget`` (configs/alerts.yaml).
+    """
+
+    def __init__(self, worker: str) -> None:
+        self.tags = {"worker": worker}
+        self._m: dict[str, Any] = {}
+        self._last: dict[str, int] = {}
+        try:
+            import ray
+            from ray.util import metrics as rm
+        except ImportError:  # pragma: no cover - the server extra is not installed
+            return
+        if not ray.is_initialized():
+            return
+        keys = ("worker",)
+        self._m = {
+            "bytes": rm.Gauge(
+                "rock_image_store_bytes", "Bytes of unpacked layers in the store.", keys
+            ),
+            "budget": rm.Gauge(
+                "rock_image_store_budget_bytes", "The store's disk budget (0 = none).", keys
+            ),
+            "images": rm.Gauge("rock_image_store_images", "Images in the store.", keys),
+            "pulls_in_flight": rm.Gauge(
+                "rock_image_pulls_in_flight", "Pulls running now (shared ones once).", keys
+            ),
+            "pull_failures": rm.Counter(
+                "rock_image_pull_failures_total", "Pulls that ended in an error.", keys
+            ),
+            "pulls": rm.Counter("rock_image_pulls_total", "Transfers done by the store.", keys),
+            "pushes": rm.Counter("rock_image_pushes_total", "Images pushed to registries.", keys),
+        }
+
+    def update(self, store: ImageStore) -> None:
+        """Set the gauges and advance the counters from ``store.stats()``."""
+        if not self._m:
+            return
+        for key, value in store.stats().items():
+            metric = self._m.get(key)
+            if metric is None:
+                continue
+            if key in ("pull_failures", "pulls", "pushes"):
+                delta = value - self._last.get(key, 0)
+                if delta > 0:
+                    metric.inc(delta, tags=self.tags)
+                self._last[key] = value
+            else:
+                metric.set(value, tags=self.tags)
+
+
 class ImagesWorker:
     """The Worker's image methods (mixed into the Worker class)."""
 
     async def _ready(self) -> Any:  # provided by the Worker
         raise NotImplementedError
+
+    def _publish_images(self) -> None:
+        """Hang the store's metrics on it once (the Worker calls this when it publishes)."""
+        if getattr(self, "_image_metrics", None) is not None:
+            return
+        store = getattr(getattr(self, "_runtime", None), "images", None)
+        if not isinstance(store, ImageStore):
+            return
+        metrics = ImageMetrics(str(getattr(self, "name", "")))
+        self._image_metrics = metrics
+        store.listeners.append(metrics.update)
+        metrics.update(store)
 
     async def _store(self) -> ImageStore:
         runtime = await self._ready()
@@ -230,10 +339,10 @@ class ImagesWorker:
         async for event in store.events(ref, auth, force=True):
             yield event
 
-    async def images_list(self) -> tuple[list[ImageInfo], int]:
-        """The node's images and the bytes of their layers."""
+    async def images_list(self) -> tuple[list[ImageInfo], int, list[ImagePullEvent]]:
+        """The node's images, the bytes of their layers and the pulls in flight."""
         store = await self._store()
-        return store.list(), store.disk_bytes()
+        return store.list(), store.disk_bytes(), store.pulls()
 
     async def commit_sandbox(self, sandbox_id: str, ref: str) -> str:
         """Commit a sandbox of this node as image ``ref``; returns its reference."""
@@ -243,6 +352,11 @@ class ImagesWorker:
             raise Conflict(f"the {box.runtime.name} runtime cannot commit sandboxes")
         repo, tag = _split_ref(ref)
         return str(await commit(sandbox_id, repo, tag))
+
+    async def image_push(self, ref: str, dest: str, auth: RegistryAuth | None = None) -> str:
+        """Push ``ref`` of this node's store to the registry reference ``dest``; its digest."""
+        store = await self._store()
+        return await store.push(ref, dest, auth)
 
     async def image_remove(self, ref: str) -> None:
         """Remove ``ref`` from this node's store."""

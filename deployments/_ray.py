@@ -13,6 +13,7 @@ too: a dead or unreachable actor is :class:`RuntimeUnavailable`, a Worker whose 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from rock_serve.errors import (
     SandboxNotFound,
 )
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord, WorkerStatus
+from rock_serve.protocol.fork import ForkRequest
 from rock_serve.runtime._sync import run_sync
 
 __all__ = [
@@ -101,13 +103,19 @@ async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> An
         raise _translate(exc, method) from None
 
 
-async def stream(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+async def stream(
+    actor: ActorHandle, method: str, *args: Any, backpressure: int | None = None, **kwargs: Any
+) -> AsyncIterator[Any]:
     """Iterate over an async-generator actor method's items as they come.
 
-    If the consumer stops early (a client went away), the actor task is cancelled.
+    If the consumer stops early (a client went away), the actor task is cancelled. With
+    ``backpressure`` the actor's generator pauses while that many items are unconsumed.
     """
+    options: dict[str, Any] = {"num_returns": "streaming"}
+    if backpressure is not None:
+        options["_generator_backpressure_num_objects"] = backpressure
     try:
-        gen = getattr(actor, method).options(num_returns="streaming").remote(*args, **kwargs)
+        gen = getattr(actor, method).options(**options).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None
     finished = False
@@ -159,13 +167,37 @@ class RayWorker:
 
     async def list(self) -> list[SandboxRecord]:
         """Every sandbox the Worker owns."""
-        records: list[SandboxRecord] = await call(self.actor, "list")
+        records: builtins.list[SandboxRecord] = await call(self.actor, "list")
         return records
 
     async def status(self) -> WorkerStatus:
         """The Worker's load and capacity."""
         status: WorkerStatus = await call(self.actor, "status")
         return status
+
+    async def fork(
+        self,
+        parent_id: str,
+        child_ids: builtins.list[str],
+        req: ForkRequest,
+        ttl: float,
+        namespace: str,
+    ) -> builtins.list[SandboxRecord]:
+        """Fork a sandbox of this Worker (issue 16)."""
+        records: builtins.list[SandboxRecord] = await call(
+            self.actor, "fork", parent_id, child_ids, req, ttl, namespace
+        )
+        return records
+
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """Pause a sandbox (issue 16)."""
+        record: SandboxRecord = await call(self.actor, "pause", sandbox_id)
+        return record
+
+    async def resume(self, sandbox_id: str) -> SandboxRecord:
+        """Resume a paused sandbox (issue 16)."""
+        record: SandboxRecord = await call(self.actor, "resume", sandbox_id)
+        return record
 
 
 class RayWorkerDirectory:

@@ -43,7 +43,9 @@ from rock_serve.protocol import SandboxRecord
 __all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
 
 #: Scheduler methods reachable over the Ray transport.
-CONTROL_METHODS = frozenset({"health", "create", "get", "list", "delete", "delete_by_token"})
+CONTROL_METHODS = frozenset(
+    {"health", "create", "get", "list", "delete", "delete_by_token", "fork", "pause", "resume"}
+)
 #: Worker methods reachable over the Ray transport -> their audit action (None: not audited).
 DATA_METHODS: dict[str, str | None] = {
     "renew": None,
@@ -66,9 +68,21 @@ DATA_METHODS: dict[str, str | None] = {
     "llm_answer": "llm.answer",
     "llm_release": None,
     "llm_trajectory": None,
+    # background processes (issue 15.1)
+    "start_process": "process.start",
+    "list_processes": None,
+    "process_status": None,
+    "process_input": "process.input",
+    "signal_process": "process.signal",
+    "kill_process": "process.kill",
+    "wait_process": None,
 }
 #: Streaming Worker methods reachable over the Ray transport -> their audit action.
-STREAM_METHODS: dict[str, str] = {"stream_exec": "exec", "stream_in_session": "session.run"}
+STREAM_METHODS: dict[str, str] = {
+    "stream_exec": "exec",
+    "stream_in_session": "session.run",
+    "stream_process_output": "process.output",
+}
 
 
 def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
@@ -82,6 +96,10 @@ def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
         return {"session": first.session, "env_keys": sorted(first.env or {})}
     if method in ("session_stdin", "interrupt_session", "close_session"):
         return {"session": first}
+    if method == "start_process":
+        return {"command": first.command, "env_keys": sorted(first.env or {})}
+    if method in ("process_input", "signal_process", "kill_process"):
+        return {"detail": {"pid": first}}
     if method in ("mkdir", "remove_path"):
         return {"path": first.path}
     if method in ("write_file", "upload_archive"):
@@ -226,6 +244,12 @@ class RayGate:
                 await self._visible(scheduler.get, principal, args[0])
                 await scheduler.delete(args[0])
             return None
+        if method in ("fork", "pause", "resume"):  # issue 16: in the sandbox's namespace
+            record = await self._visible(scheduler.get, principal, args[0])
+            async with self.audited(principal, method, args[0]):
+                if method == "fork":
+                    return await scheduler.fork(args[0], args[1], record.namespace)
+                return await getattr(scheduler, method)(args[0], record.namespace)
         # delete_by_token
         namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
         async with self.audited(

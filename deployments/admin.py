@@ -43,10 +43,14 @@ from rock_serve.config import NAME_PATTERN, ServerArgs, parse_server_args
 from rock_serve.deployments import (
     _compat,
     _console,
+    _dataplane_api,
+    _fork_api,
     _gem,
     _images,
     _llm_api,
     _notify,
+    _ports_api,
+    _processes,
     _rock_api,
     _swerex_api,
 )
@@ -203,6 +207,8 @@ def _streamed_body(scope: Scope) -> bool:
     """Routes whose body is streamed to the Worker (bounded by max_file_bytes, not held)."""
     path: str = scope.get("path", "")
     method: str = scope.get("method", "")
+    if path.startswith("/v1/sandboxes/") and "/ports/" in path:
+        return True  # relayed to a port in the sandbox with flow control (_ports_api.py)
     return (method == "PUT" and path.endswith(("/files", "/archive"))) or "upload" in path
 
 
@@ -317,6 +323,10 @@ app.include_router(
 app.include_router(_gem.router, responses=_ERRORS)
 app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
 app.include_router(_llm_api.router, responses=_ERRORS)  # model service (issue 15.3)
+app.include_router(_dataplane_api.router, responses=_ERRORS)  # direct data plane (issue 13)
+app.include_router(_ports_api.router, responses=_ERRORS)  # /v1/sandboxes/{id}/ports (15.2)
+app.include_router(_fork_api.router, responses=_ERRORS)  # fork, pause, resume (issue 16)
+app.include_router(_processes.router, responses=_ERRORS)  # /processes (issue 15.1)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)
 # SWE-ReX's remote-runtime routes per sandbox (issue 14), in SWE-ReX's dialect.
@@ -462,6 +472,7 @@ class Admin:
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
         _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
         _images.bind(self.args.namespace)
+        _dataplane_api.bind(self.args)
         _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)
         # A redeploy's new limits reach the long-lived Scheduler; start it up early.
         self._scheduler.configure.remote(self.args)

@@ -17,30 +17,37 @@ platform's own routes (compat, GEM) build the client with ``gate=False``: they a
 and audit their caller themselves and call the actors' methods directly.
 
 Sandboxes created through it are owned by the calling Ray job (``ray_job_id``), so the
-platform reaps them when that job's driver dies. :class:`RayClient` is the synchronous twin: it
-runs an :class:`AsyncRayClient` on a private event loop thread (``Client.from_ray()``).
+platform reaps them when that job's driver dies. :class:`RayClient` is the synchronous twin
+(``Client.from_ray()``): the same method bodies with blocking ``ray.get`` I/O, no event loop.
 
-This module lives in ``deployments/`` because only ``deployments/`` imports Ray; the SDK
-imports it lazily, so the HTTP client never needs Ray.
+This module lives in ``deployments/`` because only ``deployments/`` imports Ray; the SDK finds
+it through the ``rock_serve.sdk.transports`` entry point (``ray``), so the SDK imports nothing of
+the server and the HTTP client never needs Ray.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import inspect
 import re
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
+import httpx
+import ray
+
+from rock_serve.deployments._processes_ray import RayProcessClient
 from rock_serve.deployments._ray import (
+    _RAY_ERRORS,
     ActorHandle,
     WorkerHandles,
+    _translate,
     call,
     current_job_id,
     get_scheduler,
     put,
     stream,
+    worker_actor_name,
 )
 from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound, http_status
 from rock_serve.protocol import (
@@ -66,8 +73,11 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.protocol.api import SANDBOX_ID
+from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.processes import ProcessStream
 from rock_serve.sdk import _base
 from rock_serve.sdk._async import AsyncClient
+from rock_serve.sdk._processes import ProcessItem
 from rock_serve.sdk._sync import Client
 
 __all__ = [
@@ -113,7 +123,7 @@ def ray_client(
     raise InvalidRequest(f"no Ray transport for {cls.__name__}")
 
 
-class AsyncRayClient(AsyncClient):
+class AsyncRayClient(RayProcessClient, AsyncClient):
     """An :class:`~rock_serve.sdk.AsyncClient` that talks to the actors over Ray, not HTTP.
 
     Ray must be initialized (inside a Ray job or actor it is).
@@ -156,6 +166,14 @@ class AsyncRayClient(AsyncClient):
 
     async def aclose(self) -> None:
         """Nothing to close: actor handles need no connections of their own."""
+
+    async def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
+        """REST calls of methods the Ray transport does not map (yet) need HTTP.
+
+        Raises:
+            InvalidRequest: always, naming the call.
+        """
+        raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use AsyncClient(base_url)")
 
     # -----------------------------------------------------------------------------------------
     # I/O
@@ -212,6 +230,21 @@ class AsyncRayClient(AsyncClient):
     async def delete_by_token(self, client_token: str) -> None:
         """Delete the sandbox a create with ``client_token`` made (see ``AsyncClient``)."""
         await self._call(None, "delete_by_token", client_token, self.tenant)
+
+    async def fork_sandbox(self, sandbox_id: str, request: ForkRequest) -> ForkResult:
+        """Fork a running sandbox (see :meth:`AsyncClient.fork_sandbox`)."""
+        result: ForkResult = await self._call(None, "fork", sandbox_id, request, self.tenant)
+        return result
+
+    async def pause_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Pause a sandbox (see :meth:`AsyncClient.pause_sandbox`)."""
+        record: SandboxRecord = await self._call(None, "pause", sandbox_id, self.tenant)
+        return record
+
+    async def resume_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Resume a paused sandbox (see :meth:`AsyncClient.resume_sandbox`)."""
+        record: SandboxRecord = await self._call(None, "resume", sandbox_id, self.tenant)
+        return record
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease."""
@@ -420,36 +453,129 @@ class AsyncRayClient(AsyncClient):
 
 
 # ---------------------------------------------------------------------------------------------
-# The synchronous twin
+# The synchronous twin: the same methods, each call a plain ``ray.get`` (no loop, no thread)
+
+
+def _get(ref: Any, method: str) -> Any:
+    try:
+        return ray.get(ref)
+    except _RAY_ERRORS as exc:
+        raise _translate(exc, method) from None
+
+
+class _BlockingRayClient(AsyncRayClient):
+    """:class:`AsyncRayClient` whose I/O blocks in ``ray.get`` and never suspends, so each of
+    its coroutines runs to the end on its first step (:func:`_drive`): the sync client reuses
+    every method body without an event loop.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._actors: dict[str, ActorHandle] = {}
+
+    def _worker(self, sandbox_id: str) -> ActorHandle:
+        short = _worker_of(sandbox_id)
+        actor = self._actors.get(short)
+        if actor is None:
+            try:
+                actor = ray.get_actor(worker_actor_name(short), namespace=self.namespace)
+            except ValueError:
+                raise SandboxNotFound(f"no Worker {short!r} (so no such sandbox)") from None
+            self._actors[short] = actor
+        return actor
+
+    async def _call(self, actor: ActorHandle | None, method: str, *args: Any) -> Any:
+        state = _base.RetryState(self.retry)
+        target = self._scheduler if actor is None else actor
+        if self.gate:
+            method, args = "ray_call", (self.settings.token, method, *args)
+        while True:
+            try:
+                return _get(getattr(target, method).remote(*args), method)
+            except RockError as error:
+                delay = state.after_error(http_status(error.code), error)
+                if delay is None:
+                    raise
+                _base.sleep(delay)
+
+    async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
+        return await self._call(self._worker(sandbox_id), method, sandbox_id, *args)
+
+    async def _ray_stream(self, sandbox_id: str, method: str, request: Any) -> AsyncIterator[Any]:
+        for item in self._blocking_stream(sandbox_id, method, request):
+            yield item
+
+    async def process_output(
+        self,
+        sandbox_id: str,
+        pid: int,
+        *,
+        stream: ProcessStream = "stdout",
+        offset: int = 0,
+        follow: bool = False,
+    ) -> AsyncIterator[ProcessItem]:
+        """One stream's output from ``offset`` (see ``AsyncClient.process_output``)."""
+        rest = (pid, stream, offset, follow)
+        for item in self._blocking_stream(sandbox_id, "stream_process_output", *rest):
+            yield item
+
+    def _blocking_stream(self, sandbox_id: str, method: str, *rest: Any) -> Iterator[Any]:
+        worker = self._worker(sandbox_id)
+        args: tuple[Any, ...] = (sandbox_id, *rest)
+        target = method
+        if self.gate:
+            target, args = "ray_stream", (self.settings.token, method, *args)
+        gen = getattr(worker, target).options(num_returns="streaming").remote(*args)
+        finished = False
+        try:
+            for ref in gen:
+                try:
+                    item = _get(ref, method)
+                except RockError:
+                    finished = True
+                    raise
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    ray.cancel(gen)
+
+
+def _drive(coro: Coroutine[Any, Any, Any] | Any) -> Any:
+    """Run a coroutine of :class:`_BlockingRayClient` to its end (it never suspends)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise RuntimeError("a blocking Ray-transport call suspended")  # pragma: no cover
+
+
+def _drive_iter(items: AsyncIterator[Any]) -> Iterator[Any]:
+    try:
+        while True:
+            try:
+                yield _drive(items.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(StopAsyncIteration, StopIteration):
+                _drive(aclose())
 
 
 def _bridge(name: str) -> Callable[..., Any]:
-    """A sync method that runs ``AsyncRayClient.<name>`` on the client's loop thread."""
+    """A sync method that runs ``AsyncRayClient.<name>`` with blocking I/O."""
     target = getattr(AsyncRayClient, name)
-
-    if inspect.isasyncgenfunction(target):
-
-        def iterate(self: RayClient, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            agen = getattr(self._async, name)(*args, **kwargs)
-            try:
-                while True:
-                    try:
-                        yield self._run(agen.__anext__())
-                    except StopAsyncIteration:
-                        return
-            finally:
-                self._run(agen.aclose())
-
-        iterate.__name__ = iterate.__qualname__ = name
-        iterate.__doc__ = target.__doc__
-        return iterate
 
     def method(self: RayClient, *args: Any, **kwargs: Any) -> Any:
         result = getattr(self._async, name)(*args, **kwargs)
         if inspect.isawaitable(result):
-            return self._run(result)
+            return _drive(result)
         if isinstance(result, AsyncIterator):
-            return self._iterate(result)
+            return _drive_iter(result)
         return result
 
     method.__name__ = method.__qualname__ = name
@@ -460,8 +586,8 @@ def _bridge(name: str) -> Callable[..., Any]:
 class RayClient(Client):
     """A :class:`~rock_serve.sdk.Client` over the Ray transport (see :class:`AsyncRayClient`).
 
-    The async client runs on a private event-loop thread; each method blocks until its call
-    is done. Thread-safe; :meth:`close` stops the thread.
+    Each method blocks in ``ray.get`` on the calling thread (no event loop, no thread of its
+    own), as a Ray task or a rollout worker calls actors. Thread-safe.
     """
 
     def __init__(
@@ -477,38 +603,21 @@ class RayClient(Client):
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
-        self._async = AsyncRayClient(namespace, retry=retry, token=token, gate=True)
+        self._async = _BlockingRayClient(namespace, retry=retry, token=token, gate=True)
         self.namespace = namespace
         self.settings = self._async.settings
         self.retry = self._async.retry
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="rock-ray-client", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, coro: Coroutine[Any, Any, Any] | Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def _iterate(self, items: AsyncIterator[Any]) -> Iterator[Any]:
-        try:
-            while True:
-                try:
-                    yield self._run(items.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                self._run(aclose())
 
     def close(self) -> None:
-        """Stop the loop thread (idempotent)."""
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-        if not self._loop.is_closed():
-            self._loop.close()
+        """Nothing to close: actor handles need no connections of their own."""
+
+    def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
+        """REST calls of methods the Ray transport does not map (yet) need HTTP.
+
+        Raises:
+            InvalidRequest: always, naming the call.
+        """
+        raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use Client(base_url)")
 
 
 _SKIP = {"aclose", "sandbox", "from_ray"}

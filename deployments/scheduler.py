@@ -25,6 +25,7 @@ queue, a queue wait that times out, a full cluster or a namespace over its quota
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import secrets
@@ -34,6 +35,7 @@ from typing import Protocol
 
 import rock_serve
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._fork import ForkScheduler
 from rock_serve.deployments._node import effective_resources
 from rock_serve.deployments._store import StateStore, open_store
 from rock_serve.errors import (
@@ -54,6 +56,7 @@ from rock_serve.protocol import (
     WorkerStatus,
     parse_image_ref,
 )
+from rock_serve.protocol.fork import ForkRequest
 
 __all__ = ["Scheduler", "WorkerDirectory", "WorkerRef"]
 
@@ -107,6 +110,25 @@ class WorkerRef(Protocol):
         """The Worker's load and capacity."""
         ...
 
+    async def fork(
+        self,
+        parent_id: str,
+        child_ids: builtins.list[str],
+        req: ForkRequest,
+        ttl: float,
+        namespace: str,
+    ) -> builtins.list[SandboxRecord]:
+        """Fork a sandbox of this Worker into ``child_ids`` (issue 16)."""
+        ...
+
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """Pause a sandbox (issue 16)."""
+        ...
+
+    async def resume(self, sandbox_id: str) -> SandboxRecord:
+        """Resume a paused sandbox (issue 16)."""
+        ...
+
 
 class WorkerDirectory(Protocol):
     """Where Workers come from: the cluster's nodes and one Worker per node."""
@@ -124,7 +146,7 @@ class WorkerDirectory(Protocol):
         ...
 
 
-class Scheduler:
+class Scheduler(ForkScheduler):
     """Places sandboxes on Workers and keeps the registry."""
 
     def __init__(
@@ -712,3 +734,12 @@ class Scheduler:
         if gate is None:
             gate = self._ray_gate = RayGate(self.args)
         return await gate.use(self.args).control(self, token, method, args)
+
+    async def dataplane_secret(self) -> bytes:
+        """The cluster secret of data-plane tokens when ``dataplane.secret_env`` is unset: made
+        once per Scheduler start (a restart makes a new one; the nodes fetch it again).
+        """
+        secret: bytes | None = getattr(self, "_dataplane_secret", None)
+        if secret is None:
+            secret = self._dataplane_secret = secrets.token_bytes(32)
+        return secret

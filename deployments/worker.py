@@ -35,10 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from rock_serve.config import RuntimeConfig, ServerArgs
+from rock_serve.deployments._dataplane import DataPlaneWorker
+from rock_serve.deployments._fork import ForkWorker
 from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._llm import LLMWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
+from rock_serve.deployments._ports import PortsWorker
+from rock_serve.deployments._processes import ProcessesWorker
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -47,6 +51,7 @@ from rock_serve.errors import (
     RockError,
     SandboxFailed,
     SandboxNotFound,
+    SandboxNotRunning,
     TooLarge,
 )
 from rock_serve.protocol import (
@@ -139,7 +144,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ImagesWorker, LLMWorker):
+class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker, LLMWorker):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -206,6 +211,7 @@ class Worker(ImagesWorker, LLMWorker):
             self._metrics.reaped("leftover")
             with contextlib.suppress(Exception):
                 await runtime.remove(info.id)
+        await self._start_dataplane_at_start()
         self._reaper = asyncio.ensure_future(self._reap_loop())
         self._warmer = asyncio.ensure_future(self._warm_loop())
         self._warm_wanted.set()
@@ -409,6 +415,7 @@ class Worker(ImagesWorker, LLMWorker):
         for task in (self._reaper, self._warmer):
             if task is not None:
                 task.cancel()
+        await self._stop_dataplane()
         while self._warm:
             await self._discard(self._warm.pop())
         ids = list(self._boxes)
@@ -469,6 +476,7 @@ class Worker(ImagesWorker, LLMWorker):
             namespace=namespace,
             ray_job_id=req.ray_job_id,
             trajectory_id=req.trajectory_id,
+            endpoint=self.dataplane_address(),
             lease_seconds=lease,
             history=[StateChange(state=SandboxState.PENDING, at=now)],
         )
@@ -563,6 +571,9 @@ class Worker(ImagesWorker, LLMWorker):
             self._graveyard.popitem(last=False)
         if box.watcher is not None:
             box.watcher.cancel()
+        if box.record.state == SandboxState.PAUSED:  # a frozen rocklet cannot exit
+            with contextlib.suppress(Exception):
+                await box.runtime.resume(sandbox_id)
         with contextlib.suppress(Exception):
             await self._llm_close(sandbox_id)  # its tunnels and pending model calls
         with contextlib.suppress(Exception):
@@ -653,6 +664,7 @@ class Worker(ImagesWorker, LLMWorker):
             counts[box.record.state.value] = counts.get(box.record.state.value, 0) + 1
             by_namespace[box.record.namespace] = by_namespace.get(box.record.namespace, 0) + 1
         self._metrics.sandboxes(counts, by_namespace)
+        self._publish_images()
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         """One sandbox's record; a sandbox whose rocklet is gone shows the runtime's state."""
@@ -702,6 +714,8 @@ class Worker(ImagesWorker, LLMWorker):
         if box.record.state == SandboxState.FAILED:
             reason = box.record.reason.value if box.record.reason else "failed"
             raise SandboxFailed(f"sandbox {sandbox_id!r} failed ({reason})", reason=reason)
+        if box.record.state == SandboxState.PAUSED:
+            raise SandboxNotRunning(f"sandbox {sandbox_id!r} is paused: resume it first")
         return box
 
     async def _once(self, sandbox_id: str, key: str | None, work: Awaitable[T]) -> T:

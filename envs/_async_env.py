@@ -9,6 +9,7 @@ plus ``async with``. Rollout loops step many of them concurrently on one event l
 from __future__ import annotations
 
 import asyncio
+import copy
 import weakref
 from collections.abc import Generator, Mapping
 from types import TracebackType
@@ -223,6 +224,19 @@ class AsyncSandboxEnv(AsyncEnv[ObsT, ActT]):
             on_sandbox_error=on_sandbox_error,
         )
         self._finalizer = weakref.finalize(self, self._lease.release_from_gc)
+        self._fork: tuple[AsyncSandboxEnv[ObsT, ActT], str, ObsT, dict[str, Any]] | None = None
+
+    def take_fork(
+        self, source: AsyncSandboxEnv[ObsT, ActT], sandbox_id: str, obs: ObsT, info: dict[str, Any]
+    ) -> None:
+        """Make the next :meth:`reset` continue ``source``'s just-reset episode in
+        ``sandbox_id``, a fork of ``source``'s sandbox, instead of setting one up (issue 16).
+
+        The reset then returns ``obs`` and ``info`` (with this sandbox's id and
+        ``forked_from``) and replays nothing: files come from the fork, the task's Python state
+        is a copy of ``source``'s. Wrappers see an ordinary reset.
+        """
+        self._fork = (source, sandbox_id, obs, info)
 
     @property
     def sandbox_id(self) -> str | None:
@@ -244,6 +258,15 @@ class AsyncSandboxEnv(AsyncEnv[ObsT, ActT]):
     ) -> tuple[ObsT, dict[str, Any]]:
         """Start an episode (creating the sandbox at the first one); see ``SandboxEnv.reset``."""
         await super().reset(seed=seed)
+        fork, self._fork = self._fork, None
+        if fork is not None:
+            source, sandbox_id, obs, info = fork
+            await self._lease.adopt_async(sandbox_id)
+            self.core = copy.deepcopy(source.core)
+            self._machine.adopt(source._machine, self.core)
+            self.np_random.bit_generator.state = source.np_random.bit_generator.state
+            forked = {**info, "sandbox_id": sandbox_id, "forked_from": source.sandbox_id}
+            return copy.deepcopy(obs), forked
         return await self._drive(self._machine.reset(self.np_random, seed, options))
 
     async def step(self, action: ActT) -> tuple[ObsT, float, bool, bool, dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from rock_serve.errors import RockError, SandboxNotFound
+from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
 from rock_serve.sdk import AsyncClient, Client
 
@@ -286,6 +286,13 @@ class Lease:
                 return
         with contextlib.suppress(SandboxNotFound):
             await client.delete_sandbox(sid)
+
+    async def adopt_async(self, sandbox_id: str) -> None:
+        """Use ``sandbox_id`` (a fork made for this env) instead of the sandbox held now."""
+        if self.key is not None:
+            raise InvalidRequest("an env on a shared sandbox cannot take a fork")
+        await self._drop_async()
+        self.sandbox_id = sandbox_id
 
     async def arelease(self) -> None:
         """Give everything back (idempotent; logs instead of raising)."""

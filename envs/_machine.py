@@ -140,6 +140,20 @@ class Machine(Generic[ObsT, ActT]):
         """Whether the last step terminated or truncated the episode."""
         return self._state is _State.DONE
 
+    def adopt(self, source: Machine[ObsT, ActT], core: EnvCore[ObsT, ActT]) -> None:
+        """Continue ``source``'s freshly reset episode in a fork of its sandbox (issue 16).
+
+        ``core`` is a copy of ``source``'s core; the lease already names the fork. Sessions are
+        not cloned by a fork, so the env's session is opened again at the next command.
+        """
+        if source._state is not _State.RUNNING:
+            raise InvalidRequest("only an env that has just been reset can be forked")
+        self.core = core
+        self._state = _State.RUNNING
+        self._dir = source._dir
+        self._session_open = False
+        self._ctx = source._ctx
+
     def close(self) -> None:
         """Refuse every later call (the driver releases the lease)."""
         self._state = _State.CLOSED

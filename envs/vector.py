@@ -23,18 +23,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 from gymnasium import Space
 from gymnasium.spaces import Tuple
 
-from rock_serve.envs._async_env import AsyncEnv
+from rock_serve.envs._async_env import AsyncEnv, AsyncSandboxEnv
 from rock_serve.envs._clients import default_async_client
 from rock_serve.envs._errors import EnvClosed, EpisodeOver, ResetNeeded
 from rock_serve.envs._registry import make_async
 from rock_serve.errors import InvalidRequest
+from rock_serve.protocol.fork import ForkRequest
 from rock_serve.sdk import AsyncClient
 
 __all__ = ["AsyncEnvGroup", "AsyncVectorEnv", "AutoresetMode", "make_group", "make_vec"]
@@ -242,11 +243,25 @@ class AsyncEnvGroup(AsyncVectorEnv):
     """
 
     def __init__(
-        self, envs: Sequence[AsyncEnv[Any, Any]], seed: int, *, client: AsyncClient | None = None
+        self,
+        envs: Sequence[AsyncEnv[Any, Any]],
+        seed: int,
+        *,
+        client: AsyncClient | None = None,
+        fork_after_reset: bool = False,
     ) -> None:
-        """Group envs under one seed."""
+        """Group envs under one seed.
+
+        With ``fork_after_reset`` a reset sets up the first env only, then forks its sandbox
+        into the others (issue 16): G members from one prepared sandbox, no setup replayed.
+        """
         super().__init__(envs, autoreset_mode="disabled", client=client)
         self.seed = seed
+        self.fork_after_reset = fork_after_reset
+        if fork_after_reset:
+            for env in self.envs:
+                if not isinstance(env.unwrapped, AsyncSandboxEnv):
+                    raise InvalidRequest("fork_after_reset needs envs that run in sandboxes")
 
     async def reset(
         self,
@@ -260,7 +275,35 @@ class AsyncEnvGroup(AsyncVectorEnv):
             raise InvalidRequest("a group has one seed: pass an int")
         if seed is not None:
             self.seed = seed
-        return await super().reset(seed=[self.seed] * self.num_envs, options=options, mask=mask)
+        seeds: list[int | None] = [self.seed] * self.num_envs
+        if self.fork_after_reset and self.num_envs > 1 and mask is None:
+            return await self._forked_reset(seeds, options)
+        return await super().reset(seed=seeds, options=options, mask=mask)
+
+    async def _forked_reset(
+        self, seeds: list[int | None], options: dict[str, Any] | None
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Reset the first member, fork its sandbox into the others; their reset takes it."""
+        self._check_open()
+        first = self.envs[0]
+        try:
+            obs, info = await first.reset(seed=self.seed, options=options)
+            source = cast(AsyncSandboxEnv[Any, Any], first.unwrapped)
+            if source.sandbox_id is not None:  # a core without a sandbox has nothing to fork
+                result = await source.client.fork_sandbox(
+                    source.sandbox_id, ForkRequest(count=self.num_envs - 1, session=False)
+                )
+                for env, record in zip(self.envs[1:], result.items, strict=True):
+                    member = cast(AsyncSandboxEnv[Any, Any], env.unwrapped)
+                    member.take_fork(source, record.id, obs, info)
+        except BaseException:
+            await self.close()  # nothing made by this reset outlives the error
+            raise
+        mask = [False] + [True] * (self.num_envs - 1)
+        observations, infos = await super().reset(seed=seeds, options=options, mask=mask)
+        self._obs[0], observations[0], infos[0] = obs, obs, info
+        self._terminated[0] = self._truncated[0] = False
+        return observations, infos
 
 
 def _client(client: AsyncClient | None) -> tuple[AsyncClient, AsyncClient | None]:
@@ -301,7 +344,13 @@ def make_vec(
 
 
 def make_group(
-    id: str, seed: int, size: int, *, client: AsyncClient | None = None, **kwargs: Any
+    id: str,
+    seed: int,
+    size: int,
+    *,
+    client: AsyncClient | None = None,
+    fork_after_reset: bool = False,
+    **kwargs: Any,
 ) -> AsyncEnvGroup:
     """A GRPO group: ``size`` envs of ``id`` that reset with ``seed``, so on the same task.
 
@@ -310,6 +359,8 @@ def make_group(
         seed: The group's seed.
         size: How many envs (G).
         client: The client they share (None: a default one, closed with the group).
+        fork_after_reset: Set up one member per reset and fork its sandbox into the others
+            (copy-on-write, on its node) instead of creating and setting up ``size`` sandboxes.
         **kwargs: Passed to :func:`~rock_serve.envs.make_async` for every env.
 
     Returns:
@@ -321,4 +372,4 @@ def make_group(
         raise InvalidRequest(f"size must be an int >= 1, not {size!r}")
     shared, own = _client(client)
     envs = [make_async(id, client=shared, **kwargs) for _ in range(size)]
-    return AsyncEnvGroup(envs, seed, client=own)
+    return AsyncEnvGroup(envs, seed, client=own, fork_after_reset=fork_after_reset)

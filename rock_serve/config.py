@@ -32,6 +32,7 @@ __all__ = [
     "NotifyConfig",
     "TracingConfig",
     "CompatConfig",
+    "PortsConfig",
     "DOCKER_TEST_IMAGE",
     "DEFAULT_IMAGE",
     "ImageStoreConfig",
@@ -289,6 +290,13 @@ class ImageStoreConfig(_Config):
         default_factory=list,
         description="Registries (host:port) reached over plain HTTP besides loopback ones.",
     )
+    unpack_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Layers of one pull unpacked at once (each also inflates in a thread of "
+        "its own).",
+    )
 
 
 class BwrapRuntimeConfig(_Config):
@@ -402,6 +410,14 @@ class BwrapRuntimeConfig(_Config):
         default_factory=ImageStoreConfig,
         description="The node's image store; a spec without image gets its default_image. "
         "None = no store: images must be host directories and the default is rootfs.",
+    )
+    max_concurrent_starts: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Sandbox starts (bwrap + the rocklet's first reply) running at once; more "
+        "wait their turn before their start timeout begins, so a burst of creates on a loaded "
+        "node queues instead of timing out. 0 = four per CPU of the node (at least 8).",
     )
 
     def build(self) -> Runtime:
@@ -956,6 +972,61 @@ class LLMConfig(_Config):
     )
 
 
+class DataPlaneConfig(_Config):
+    """The direct data plane: each node's Worker serves its sandboxes' operations itself.
+
+    Its port is the one public per-node port (Ray's stay on loopback): bind it to the address
+    trainers reach the node on. Calls carry a short-lived token scoped to one sandbox, signed
+    by the Admin with the cluster secret and checked on the node without a round trip.
+    """
+
+    enabled: bool = Field(default=True, description="Run the per-node data-plane server.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the server binds (0.0.0.0: every interface of the node).",
+    )
+    port: int = Field(default=0, ge=0, le=65535, description="Port; 0 = a free one.")
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host put in the endpoint clients are sent to (default: host, or the "
+        "node's IP when host is 0.0.0.0).",
+    )
+    token_ttl_seconds: float = Field(
+        default=900.0, gt=0, le=86_400, description="Lifetime of one data-plane token."
+    )
+    secret_env: str = Field(
+        default="ROCK_DATAPLANE_SECRET",
+        description="Environment variable holding the cluster secret tokens are signed with "
+        "(same value on every node). Unset: the Scheduler makes one per cluster start.",
+    )
+
+
+class PortsConfig(_Config):
+    """Ports relayed from outside into sandboxes (``/v1/sandboxes/{id}/ports/{port}/...``)."""
+
+    max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Relayed connections one sandbox may hold open at once (HTTP requests, "
+        "WebSockets and TCP tunnels together); more are refused with resource_exhausted.",
+    )
+    window_bytes: int = Field(
+        default=1 << 20,
+        ge=256 << 10,
+        le=64 << 20,
+        description="Bytes in flight per connection and direction before the sender waits "
+        "for the other side: bounds the memory a slow reader can pin.",
+    )
+    connect_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds a connect to the port inside the sandbox may take (a refused "
+        "connect is port_closed at once).",
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -1032,6 +1103,13 @@ class ServerArgs(_Config):
         le=4096,
         description="Bash sessions one sandbox may hold at once; one more is refused with "
         "resource_exhausted (409).",
+    )
+    max_processes_per_sandbox: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Background processes (/processes) one sandbox may run at once; one more "
+        "is refused with resource_exhausted (409). Ended ones do not count.",
     )
     max_pids_per_sandbox: int = Field(
         default=32_768,
@@ -1122,6 +1200,16 @@ class ServerArgs(_Config):
     llm: LLMConfig = Field(
         default_factory=LLMConfig,
         description="Model service: trajectory storage (local, S3) and per-sandbox limits.",
+    )
+
+    dataplane: DataPlaneConfig = Field(
+        default_factory=DataPlaneConfig,
+        description="The per-node direct data plane (each Worker's HTTP server).",
+    )
+
+    ports: PortsConfig = Field(
+        default_factory=PortsConfig,
+        description="Ports relayed into sandboxes (HTTP/WebSocket proxy, TCP tunnels).",
     )
 
     @model_validator(mode="after")

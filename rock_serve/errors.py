@@ -11,6 +11,8 @@ from enum import Enum
 from typing import Any, ClassVar
 
 __all__ = [
+    "ArtifactCorrupt",
+    "AgentFailed",
     "BadFrame",
     "Conflict",
     "ErrorCode",
@@ -24,9 +26,12 @@ __all__ = [
     "LLMTimeout",
     "NotADirectory",
     "NotFound",
+    "NotSupported",
     "OverCapacity",
     "PathOutsideSandbox",
     "PermissionDenied",
+    "PortClosed",
+    "ProcessNotFound",
     "RateLimited",
     "RegistryUnauthorized",
     "RegistryUnavailable",
@@ -67,6 +72,7 @@ class ErrorCode(str, Enum):
     NOT_FOUND = "not_found"
     SANDBOX_NOT_FOUND = "sandbox_not_found"
     SESSION_NOT_FOUND = "session_not_found"
+    PROCESS_NOT_FOUND = "process_not_found"
     FILE_NOT_FOUND = "file_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
     REGISTRY_UNAUTHORIZED = "registry_unauthorized"
@@ -87,6 +93,10 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"
     LLM_TIMEOUT = "llm_timeout"
     REPLAY_DIVERGED = "replay_diverged"
+    PORT_CLOSED = "port_closed"
+    NOT_SUPPORTED = "not_supported"
+    ARTIFACT_CORRUPT = "artifact_corrupt"
+    AGENT_FAILED = "agent_failed"
 
 
 class RockError(Exception):
@@ -187,6 +197,12 @@ class SessionNotFound(NotFound):
     """No session with that name in the sandbox."""
 
     code = ErrorCode.SESSION_NOT_FOUND
+
+
+class ProcessNotFound(NotFound):
+    """No background process with that pid in the sandbox (or it was forgotten)."""
+
+    code = ErrorCode.PROCESS_NOT_FOUND
 
 
 class FileNotFound(RockError, FileNotFoundError):
@@ -327,6 +343,46 @@ class ReplayDiverged(Conflict):
 
     code = ErrorCode.REPLAY_DIVERGED
     status = 409
+
+
+class PortClosed(RockError, ConnectionRefusedError):
+    """Nothing listens on the port inside the sandbox (the connect was refused there).
+
+    502 Bad Gateway: the platform is the gateway and the upstream (the sandbox's server) is
+    not there, as a reverse proxy reports a refused upstream. Not 404 (the sandbox exists and
+    the route is right) and not 503 (the platform itself is fine; retrying helps only once the
+    sandbox's program listens). ``details['port']`` names the port.
+    """
+
+    code = ErrorCode.PORT_CLOSED
+    status = 502
+
+
+class NotSupported(RockError, NotImplementedError):
+    """The runtime (or the platform's config) cannot do that operation at all (fork on a
+    runtime without copy-on-write layers, say); retrying never helps.
+    """
+
+    code = ErrorCode.NOT_SUPPORTED
+    status = 501
+
+
+class ArtifactCorrupt(RockError, ValueError):
+    """A stored artifact (a snapshot archive) does not hash to its name or does not unpack:
+    the store holds bad bytes. Nothing was made from it.
+    """
+
+    code = ErrorCode.ARTIFACT_CORRUPT
+    status = 502
+
+
+class AgentFailed(RockError, RuntimeError):
+    """An agent run inside a sandbox could not start or ended without its outcome (see
+    :mod:`rock_serve.agents`); the message carries the tail of the agent's log.
+    """
+
+    code = ErrorCode.AGENT_FAILED
+    status = 502
 
 
 _TABLE: dict[ErrorCode, type[RockError]] = {}

@@ -7,12 +7,14 @@ the reply there too; this file holds only the I/O.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
+from rock_serve.errors import RockError
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -26,6 +28,8 @@ from rock_serve.protocol import (
     ImageList,
     ImagePullEvent,
     ImagePullRequest,
+    ImagePushRequest,
+    ImagePushResult,
     ListDirResult,
     MkdirRequest,
     OutputChunk,
@@ -41,13 +45,30 @@ from rock_serve.protocol import (
     SessionRunResult,
     SessionStdinBody,
 )
-from rock_serve.sdk import _base
+from rock_serve.protocol.dataplane import BatchRunItem
+from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.sdk import _base, _fork
+from rock_serve.sdk._async_process import AsyncProcessClient
 from rock_serve.sdk._async_sandbox import AsyncSandbox
+from rock_serve.sdk._async_transport import (
+    AsyncAdminTransport,
+    AsyncDirectTransport,
+    AsyncTransport,
+    DataPlaneMode,
+)
 
 __all__ = ["AsyncClient"]
 
 
-class AsyncClient:
+def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
+    """The data-plane mode ``ROCK_DATAPLANE`` asks for (``auto``, ``direct``, ``admin``)."""
+    value = os.environ.get("ROCK_DATAPLANE", "").strip().lower()
+    if value in ("auto", "direct", "admin"):
+        return cast(DataPlaneMode, value)
+    return default
+
+
+class AsyncClient(AsyncProcessClient):
     """Asynchronous client of the rock-serve REST v1 API.
 
     Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.
@@ -70,10 +91,11 @@ class AsyncClient:
         token: str | None = None,
         timeout: float | None = None,
         retry: _base.RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | AsyncTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        dataplane: DataPlaneMode | None = None,
     ) -> None:
-        """Create a client; it owns an ``httpx.AsyncClient`` until :meth:`aclose`.
+        """Create a client; it owns its transport's connections until :meth:`aclose`.
 
         Args:
             base_url: Root URL of the platform (default ``ROCK_BASE_URL`` or
@@ -82,19 +104,26 @@ class AsyncClient:
             timeout: Seconds per HTTP call (default ``ROCK_TIMEOUT`` or 60); commands get their
                 own timeout plus a margin.
             retry: Retry policy (default :class:`~rock_serve.sdk.RetryPolicy`).
-            transport: An httpx transport to send through (tests, proxies, ASGI apps).
+            transport: What to send through: an SDK transport (see ``_async_transport``), or an
+                httpx transport under the Admin path (tests, proxies, ASGI apps).
             headers: Extra headers sent with every request.
+            dataplane: ``auto`` (default): a sandbox's data-plane calls go straight to its
+                node when it answers, else through the Admin; ``direct``: only straight;
+                ``admin``: always through the Admin (``ROCK_DATAPLANE`` sets the default;
+                with an httpx ``transport`` the default is ``admin``).
         """
         self.settings = _base.ClientSettings.from_env(
             base_url=base_url, token=token, timeout=timeout
         )
         self.retry = retry if retry is not None else _base.RetryPolicy()
-        self._http = httpx.AsyncClient(
-            base_url=self.settings.base_url,
-            headers={**_base.default_headers(self.settings), **(headers or {})},
-            timeout=self.settings.timeout,
-            transport=transport,
-        )
+        if isinstance(transport, AsyncTransport):
+            self._transport = transport
+            admin = getattr(transport, "admin", transport)
+        else:
+            admin = AsyncAdminTransport(self.settings, headers=headers, transport=transport)
+            mode = dataplane or _dataplane_mode(default="admin" if transport else "auto")
+            self._transport = admin if mode == "admin" else AsyncDirectTransport(admin, mode=mode)
+        self._http = cast(httpx.AsyncClient, getattr(admin, "http", None))  # the Admin's
 
     @classmethod
     def from_ray(
@@ -128,9 +157,8 @@ class AsyncClient:
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
-        from rock_serve.deployments.client import ray_client
-
-        return ray_client(cls, namespace, retry=retry, token=token)
+        client: AsyncClient = _base.ray_transport()(cls, namespace, retry=retry, token=token)
+        return client
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -145,7 +173,7 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         """Close the underlying connections."""
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -----------------------------------------------------------------------------------------
     # I/O: the only places that touch the network
@@ -154,9 +182,8 @@ class AsyncClient:
         """Send ``call`` with retries; return a successful reply or raise the typed error."""
         state = _base.RetryState(self.retry)
         while True:
-            request = self._http.build_request(**_base.request_kwargs(call, self.settings))
             try:
-                response = await self._http.send(request, stream=stream)
+                response = await self._transport.send(call, stream=stream)
             except httpx.TransportError as exc:
                 delay = state.after_transport_error(call, exc)
                 if delay is None:
@@ -297,6 +324,45 @@ class AsyncClient:
             SandboxNotFound: No create with that token is known.
         """
         await self._send(_base.delete_by_token(client_token))
+
+    async def fork_sandbox(self, sandbox_id: str, request: ForkRequest) -> ForkResult:
+        """Fork a running sandbox into ``request.count`` copy-on-write children (issue 16).
+
+        Args:
+            sandbox_id: The parent.
+            request: How many children, and what they override (env, labels, owner, ttl).
+
+        Returns:
+            The parent's id and the children's records.
+
+        Raises:
+            SandboxNotRunning: The parent is not running.
+            RateLimited: The children would pass the namespace's quota.
+            NotSupported: The parent's runtime cannot fork.
+        """
+        return _base.parse(await self._send(_fork.fork_sandbox(sandbox_id, request)), ForkResult)
+
+    async def pause_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Freeze a sandbox's processes (its files and memory stay) until :meth:`resume_sandbox`.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record (state ``paused``).
+        """
+        return _base.parse(await self._send(_fork.pause_sandbox(sandbox_id)), SandboxRecord)
+
+    async def resume_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Thaw a paused sandbox.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record (state ``running``).
+        """
+        return _base.parse(await self._send(_fork.resume_sandbox(sandbox_id)), SandboxRecord)
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease (a heartbeat; every call naming the sandbox also renews).
@@ -479,6 +545,60 @@ class AsyncClient:
         body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
         return self._stream(_base.run(sandbox_id, session, body, stream=True), SessionRunResult)
 
+    async def run_many(
+        self,
+        commands: Sequence[tuple[str, str]],
+        *,
+        session: str = "default",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> list[SessionRunResult | RockError]:
+        """Run one command in each of many sandboxes (a GRPO group's step) at once.
+
+        Over the direct data plane this is one request per node; otherwise one call each.
+        The sessions must exist (``create_session``, or a first ``sandbox.run``).
+
+        Args:
+            commands: ``(sandbox_id, command)`` pairs.
+            session: Session name (the same in every sandbox).
+            timeout: Seconds before each command is interrupted (None: no limit).
+            max_output_bytes: Output cap per command.
+
+        Returns:
+            Per pair, in order: its result, or the typed error it met (not raised).
+        """
+        items = [
+            BatchRunItem(
+                sandbox_id=sandbox_id,
+                token="",
+                session=session,
+                command=command,
+                timeout=timeout,
+                max_output_bytes=max_output_bytes,
+            )
+            for sandbox_id, command in commands
+        ]
+        transport = getattr(self, "_transport", None)
+        if isinstance(transport, AsyncDirectTransport) and transport.mode != "admin" and items:
+            done = await transport.run_many(items, timeout)
+            if done is not None:
+                return done
+        results: list[SessionRunResult | RockError] = []
+        for item in items:
+            try:
+                results.append(
+                    await self.run(
+                        item.sandbox_id,
+                        item.command,
+                        session=session,
+                        timeout=timeout,
+                        max_output_bytes=max_output_bytes,
+                    )
+                )
+            except RockError as exc:
+                results.append(exc)
+        return results
+
     async def session_stdin(
         self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False
     ) -> None:
@@ -660,6 +780,28 @@ class AsyncClient:
             The image's reference and node.
         """
         return _base.parse(await self._send(_base.commit_sandbox(sandbox_id, image)), CommitResult)
+
+    async def push_image(
+        self,
+        image: str,
+        destination: str,
+        *,
+        node: str | None = None,
+        auth: RegistryAuth | None = None,
+    ) -> ImagePushResult:
+        """Push a stored image (a committed one, say) to a registry (admin).
+
+        Args:
+            image: The image in a node's store (reference or id).
+            destination: Registry reference (``host[:port]/repo:tag``).
+            node: Worker whose store has it; None = the first that does.
+            auth: Credentials for the destination (sent once, never stored).
+
+        Returns:
+            The destination, the pushed manifest's digest and the node.
+        """
+        request = ImagePushRequest(image=image, destination=destination, node=node, auth=auth)
+        return _base.parse(await self._send(_base.push_image(request)), ImagePushResult)
 
     async def list_images(self) -> ImageList:
         """The images each node's store holds (refs, digest, size, last use, in use)."""

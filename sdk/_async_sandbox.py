@@ -29,7 +29,10 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.protocol.fork import ForkRequest
 from rock_serve.sdk._async_llm import AsyncSandboxLLM
+from rock_serve.sdk._async_ports import AsyncSandboxPorts
+from rock_serve.sdk._async_process import AsyncSandboxProcesses
 from rock_serve.sdk._heartbeat import AsyncHeartbeat, interval_for
 
 if TYPE_CHECKING:
@@ -74,6 +77,8 @@ class AsyncSandbox:
         self.delete_on_exit = delete_on_exit
         self._sessions: set[str] = set()
         self.files = AsyncSandboxFiles(self)
+        #: Its ports: proxy URLs and TCP streams (:class:`AsyncSandboxPorts`).
+        self.ports = AsyncSandboxPorts(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: AsyncHeartbeat | None = None
 
@@ -93,6 +98,11 @@ class AsyncSandbox:
     def id(self) -> str:
         """The sandbox id."""
         return self.record.id
+
+    @property
+    def process(self) -> AsyncSandboxProcesses:
+        """Background processes in this sandbox: ``p = await sb.process.start(...)``."""
+        return AsyncSandboxProcesses(self)
 
     async def __aenter__(self) -> AsyncSandbox:
         if self._record is None:
@@ -131,6 +141,44 @@ class AsyncSandbox:
         except SandboxNotFound:
             pass
         self._sessions.clear()
+
+    async def fork(
+        self,
+        count: int = 1,
+        *,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: float | None = None,
+        lease_seconds: float | None = None,
+    ) -> list[AsyncSandbox]:
+        """Fork this running sandbox into ``count`` copy-on-write children (issue 16).
+
+        Each child has this sandbox's files as they were at the fork point and starts in the
+        cwd and exported env of its ``default`` session. The children are not deleted with
+        this one: delete them, or use each as a context manager.
+
+        Returns:
+            The children, in creation order.
+        """
+        request = ForkRequest(
+            count=count,
+            env=dict(env) if env is not None else None,
+            labels=dict(labels) if labels is not None else None,
+            ttl_seconds=ttl_seconds,
+            lease_seconds=lease_seconds,
+        )
+        result = await self.client.fork_sandbox(self.id, request)
+        return [AsyncSandbox(self.client, record) for record in result.items]
+
+    async def pause(self) -> SandboxRecord:
+        """Freeze the sandbox's processes until :meth:`resume` (files and memory stay)."""
+        self._record = await self.client.pause_sandbox(self.id)
+        return self._record
+
+    async def resume(self) -> SandboxRecord:
+        """Thaw a paused sandbox."""
+        self._record = await self.client.resume_sandbox(self.id)
+        return self._record
 
     async def renew(self) -> SandboxRecord:
         """Renew the sandbox's lease now (the heartbeat does this in the background).

@@ -26,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rock_serve import __version__
 from rock_serve.auth import CREDENTIALS_ENV, credentials_path, read_credentials
-from rock_serve.errors import InternalError, RockError, RockletUnavailable, from_body
+from rock_serve.errors import (
+    InternalError,
+    RockError,
+    RockletUnavailable,
+    RuntimeUnavailable,
+    from_body,
+)
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -34,6 +40,7 @@ from rock_serve.protocol import (
     ExecRequest,
     ExecResult,
     ImagePullRequest,
+    ImagePushRequest,
     MkdirRequest,
     OutputChunk,
     RegistryAuth,
@@ -243,6 +250,9 @@ class Call:
     #: W3C trace id of this call (its retries share it): sent in ``traceparent``, echoed by
     #: the Admin as ``X-Trace-Id`` and written in its logs.
     trace_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+    #: The sandbox whose data-plane operation this is: such a call may go straight to the
+    #: sandbox's node (the direct data plane, same path and body); None: through the Admin.
+    sandbox: str | None = None
 
 
 def new_key() -> str:
@@ -263,7 +273,7 @@ def _session(sandbox_id: str, session: str, *rest: str) -> str:
     return _sandbox(sandbox_id, "sessions", _seg(session), *rest)
 
 
-def _command_read_timeout(timeout: float | None) -> float | None:
+def command_read_timeout(timeout: float | None) -> float | None:
     """A command may take its own timeout; the HTTP read waits that long plus a margin."""
     return None if timeout is None else timeout + COMMAND_TIMEOUT_MARGIN
 
@@ -308,6 +318,13 @@ def pull_images(request: ImagePullRequest) -> Call:
     body = {**_dump(request.model_copy(update={"auth": None})), **_auth_body(request.auth)}
     body["auth"] = body.pop("registry_auth", None)
     return Call("POST", f"{API_PREFIX}/images/pull", json=body, read_timeout=None)
+
+
+def push_image(request: ImagePushRequest) -> Call:
+    """``POST /v1/images/push`` (no read timeout: a push writes every layer out)."""
+    body = {**_dump(request.model_copy(update={"auth": None})), **_auth_body(request.auth)}
+    body["auth"] = body.pop("registry_auth", None)
+    return Call("POST", f"{API_PREFIX}/images/push", json=body, read_timeout=None)
 
 
 def commit_sandbox(sandbox_id: str, image: str) -> Call:
@@ -358,7 +375,7 @@ def delete_by_token(client_token: str) -> Call:
 
 def renew(sandbox_id: str) -> Call:
     """``POST /v1/sandboxes/{id}/renew``."""
-    return Call("POST", f"{_sandbox(sandbox_id)}/renew")
+    return Call("POST", f"{_sandbox(sandbox_id)}/renew", sandbox=sandbox_id)
 
 
 def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Call:
@@ -368,8 +385,9 @@ def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Cal
         _sandbox(sandbox_id, "exec"),
         params=(("stream", "true"),) if stream else (),
         json=_dump(request),
-        read_timeout=_command_read_timeout(request.timeout),
+        read_timeout=command_read_timeout(request.timeout),
         idempotency_key=None if stream else new_key(),
+        sandbox=sandbox_id,
     )
 
 
@@ -399,7 +417,7 @@ def exec_request(
 
 def create_session(sandbox_id: str, request: SessionCreateRequest) -> Call:
     """``POST /v1/sandboxes/{id}/sessions``."""
-    return Call("POST", _sandbox(sandbox_id, "sessions"), json=_dump(request))
+    return Call("POST", _sandbox(sandbox_id, "sessions"), json=_dump(request), sandbox=sandbox_id)
 
 
 def run(sandbox_id: str, session: str, body: SessionRunBody, *, stream: bool = False) -> Call:
@@ -409,29 +427,35 @@ def run(sandbox_id: str, session: str, body: SessionRunBody, *, stream: bool = F
         _session(sandbox_id, session, "run"),
         params=(("stream", "true"),) if stream else (),
         json=body.model_dump(mode="json"),
-        read_timeout=_command_read_timeout(body.timeout),
+        read_timeout=command_read_timeout(body.timeout),
         idempotency_key=None if stream else new_key(),
+        sandbox=sandbox_id,
     )
 
 
 def session_stdin(sandbox_id: str, session: str, body: SessionStdinBody) -> Call:
     """``POST /v1/sandboxes/{id}/sessions/{name}/stdin``."""
-    return Call("POST", _session(sandbox_id, session, "stdin"), json=body.model_dump(mode="json"))
+    return Call(
+        "POST",
+        _session(sandbox_id, session, "stdin"),
+        json=body.model_dump(mode="json"),
+        sandbox=sandbox_id,
+    )
 
 
 def interrupt(sandbox_id: str, session: str) -> Call:
     """``POST /v1/sandboxes/{id}/sessions/{name}/interrupt``."""
-    return Call("POST", _session(sandbox_id, session, "interrupt"))
+    return Call("POST", _session(sandbox_id, session, "interrupt"), sandbox=sandbox_id)
 
 
 def close_session(sandbox_id: str, session: str) -> Call:
     """``DELETE /v1/sandboxes/{id}/sessions/{name}``."""
-    return Call("DELETE", _session(sandbox_id, session))
+    return Call("DELETE", _session(sandbox_id, session), sandbox=sandbox_id)
 
 
 def read_file(sandbox_id: str, path: str) -> Call:
     """``GET /v1/sandboxes/{id}/files?path=``."""
-    return Call("GET", _sandbox(sandbox_id, "files"), params=(("path", path),))
+    return Call("GET", _sandbox(sandbox_id, "files"), params=(("path", path),), sandbox=sandbox_id)
 
 
 def write_file(sandbox_id: str, path: str, data: bytes, mode: int | None = None) -> Call:
@@ -439,42 +463,107 @@ def write_file(sandbox_id: str, path: str, data: bytes, mode: int | None = None)
     params = [("path", path)]
     if mode is not None:
         params.append(("mode", str(mode)))
-    return Call("PUT", _sandbox(sandbox_id, "files"), params=tuple(params), content=bytes(data))
+    return Call(
+        "PUT",
+        _sandbox(sandbox_id, "files"),
+        params=tuple(params),
+        content=bytes(data),
+        sandbox=sandbox_id,
+    )
 
 
 def stat(sandbox_id: str, path: str) -> Call:
     """``GET /v1/sandboxes/{id}/files/stat?path=``."""
-    return Call("GET", _sandbox(sandbox_id, "files", "stat"), params=(("path", path),))
+    return Call(
+        "GET", _sandbox(sandbox_id, "files", "stat"), params=(("path", path),), sandbox=sandbox_id
+    )
 
 
 def list_dir(sandbox_id: str, path: str) -> Call:
     """``GET /v1/sandboxes/{id}/files/list?path=``."""
-    return Call("GET", _sandbox(sandbox_id, "files", "list"), params=(("path", path),))
+    return Call(
+        "GET", _sandbox(sandbox_id, "files", "list"), params=(("path", path),), sandbox=sandbox_id
+    )
 
 
 def mkdir(sandbox_id: str, request: MkdirRequest) -> Call:
     """``POST /v1/sandboxes/{id}/files/mkdir``."""
-    return Call("POST", _sandbox(sandbox_id, "files", "mkdir"), json=request.model_dump())
+    return Call(
+        "POST",
+        _sandbox(sandbox_id, "files", "mkdir"),
+        json=request.model_dump(),
+        sandbox=sandbox_id,
+    )
 
 
 def remove(sandbox_id: str, request: RemoveRequest) -> Call:
     """``POST /v1/sandboxes/{id}/files/remove``."""
-    return Call("POST", _sandbox(sandbox_id, "files", "remove"), json=request.model_dump())
+    return Call(
+        "POST",
+        _sandbox(sandbox_id, "files", "remove"),
+        json=request.model_dump(),
+        sandbox=sandbox_id,
+    )
 
 
 def download_archive(sandbox_id: str, path: str) -> Call:
     """``GET /v1/sandboxes/{id}/archive?path=`` (a tar stream)."""
-    return Call("GET", _sandbox(sandbox_id, "archive"), params=(("path", path),))
+    return Call(
+        "GET", _sandbox(sandbox_id, "archive"), params=(("path", path),), sandbox=sandbox_id
+    )
 
 
 def upload_archive(sandbox_id: str, path: str, data: bytes) -> Call:
     """``PUT /v1/sandboxes/{id}/archive?path=`` with a (possibly compressed) tar as the body."""
-    return Call("PUT", _sandbox(sandbox_id, "archive"), params=(("path", path),), content=data)
+    return Call(
+        "PUT",
+        _sandbox(sandbox_id, "archive"),
+        params=(("path", path),),
+        content=data,
+        sandbox=sandbox_id,
+    )
+
+
+def dataplane_grant(sandbox_id: str) -> Call:
+    """``POST /v1/sandboxes/{id}/dataplane``: the node's address and a token for this sandbox."""
+    return Call("POST", _sandbox(sandbox_id, "dataplane"))
 
 
 def stats(sandbox_id: str) -> Call:
     """``GET /v1/sandboxes/{id}/stats``."""
-    return Call("GET", _sandbox(sandbox_id, "stats"))
+    return Call("GET", _sandbox(sandbox_id, "stats"), sandbox=sandbox_id)
+
+
+def ray_transport() -> Callable[..., Any]:
+    """The Ray transport's factory (``ray_client(cls, namespace, retry=, token=)``).
+
+    It lives with the server code (only ``deployments/`` imports Ray) and is found through the
+    ``rock_serve.sdk.transports`` entry point named ``ray``, so the SDK imports nothing of the
+    server. An install whose metadata predates the entry point falls back to the module the
+    entry point names.
+
+    Raises:
+        RuntimeUnavailable: the server code (the ``server`` extra) is not installed.
+    """
+    from importlib import import_module, metadata
+
+    target = RAY_TRANSPORT
+    for entry in metadata.entry_points(group=TRANSPORTS_GROUP, name="ray"):
+        target = entry.value
+        break
+    module, _, attr = target.partition(":")
+    try:
+        factory: Callable[..., Any] = getattr(import_module(module), attr)
+    except ImportError as exc:
+        raise RuntimeUnavailable(
+            f"the Ray transport needs the server code: pip install 'rock-serve[server]' ({exc})"
+        ) from None
+    return factory
+
+
+#: Entry-point group of the SDK's pluggable transports, and the Ray transport's default target.
+TRANSPORTS_GROUP = "rock_serve.sdk.transports"
+RAY_TRANSPORT = "rock_serve.deployments.client:ray_client"
 
 
 # ---------------------------------------------------------------------------------------------

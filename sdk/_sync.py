@@ -8,12 +8,14 @@ the reply there too; this file holds only the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
+from rock_serve.errors import RockError
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -27,6 +29,8 @@ from rock_serve.protocol import (
     ImageList,
     ImagePullEvent,
     ImagePullRequest,
+    ImagePushRequest,
+    ImagePushResult,
     ListDirResult,
     MkdirRequest,
     OutputChunk,
@@ -42,13 +46,30 @@ from rock_serve.protocol import (
     SessionRunResult,
     SessionStdinBody,
 )
-from rock_serve.sdk import _base
+from rock_serve.protocol.dataplane import BatchRunItem
+from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.sdk import _base, _fork
+from rock_serve.sdk._sync_process import ProcessClient
 from rock_serve.sdk._sync_sandbox import Sandbox
+from rock_serve.sdk._sync_transport import (
+    AdminTransport,
+    DataPlaneMode,
+    DirectTransport,
+    Transport,
+)
 
 __all__ = ["Client"]
 
 
-class Client:
+def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
+    """The data-plane mode ``ROCK_DATAPLANE`` asks for (``auto``, ``direct``, ``admin``)."""
+    value = os.environ.get("ROCK_DATAPLANE", "").strip().lower()
+    if value in ("auto", "direct", "admin"):
+        return cast(DataPlaneMode, value)
+    return default
+
+
+class Client(ProcessClient):
     """Asynchronous client of the rock-serve REST v1 API.
 
     Settings not given fall back to ``ROCK_BASE_URL``, ``ROCK_TOKEN`` and ``ROCK_TIMEOUT``.
@@ -71,10 +92,11 @@ class Client:
         token: str | None = None,
         timeout: float | None = None,
         retry: _base.RetryPolicy | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | Transport | None = None,
         headers: Mapping[str, str] | None = None,
+        dataplane: DataPlaneMode | None = None,
     ) -> None:
-        """Create a client; it owns an ``httpx.Client`` until :meth:`close`.
+        """Create a client; it owns its transport's connections until :meth:`close`.
 
         Args:
             base_url: Root URL of the platform (default ``ROCK_BASE_URL`` or
@@ -83,19 +105,26 @@ class Client:
             timeout: Seconds per HTTP call (default ``ROCK_TIMEOUT`` or 60); commands get their
                 own timeout plus a margin.
             retry: Retry policy (default :class:`~rock_serve.sdk.RetryPolicy`).
-            transport: An httpx transport to send through (tests, proxies, ASGI apps).
+            transport: What to send through: an SDK transport (see ``_sync_transport``), or an
+                httpx transport under the Admin path (tests, proxies, ASGI apps).
             headers: Extra headers sent with every request.
+            dataplane: ``auto`` (default): a sandbox's data-plane calls go straight to its
+                node when it answers, else through the Admin; ``direct``: only straight;
+                ``admin``: always through the Admin (``ROCK_DATAPLANE`` sets the default;
+                with an httpx ``transport`` the default is ``admin``).
         """
         self.settings = _base.ClientSettings.from_env(
             base_url=base_url, token=token, timeout=timeout
         )
         self.retry = retry if retry is not None else _base.RetryPolicy()
-        self._http = httpx.Client(
-            base_url=self.settings.base_url,
-            headers={**_base.default_headers(self.settings), **(headers or {})},
-            timeout=self.settings.timeout,
-            transport=transport,
-        )
+        if isinstance(transport, Transport):
+            self._transport = transport
+            admin = getattr(transport, "admin", transport)
+        else:
+            admin = AdminTransport(self.settings, headers=headers, transport=transport)
+            mode = dataplane or _dataplane_mode(default="admin" if transport else "auto")
+            self._transport = admin if mode == "admin" else DirectTransport(admin, mode=mode)
+        self._http = cast(httpx.Client, getattr(admin, "http", None))  # the Admin's
 
     @classmethod
     def from_ray(
@@ -129,9 +158,8 @@ class Client:
         Raises:
             RuntimeUnavailable: Ray is not initialized or no platform runs in ``namespace``.
         """
-        from rock_serve.deployments.client import ray_client
-
-        return ray_client(cls, namespace, retry=retry, token=token)
+        client: Client = _base.ray_transport()(cls, namespace, retry=retry, token=token)
+        return client
 
     def __enter__(self) -> Client:
         return self
@@ -146,7 +174,7 @@ class Client:
 
     def close(self) -> None:
         """Close the underlying connections."""
-        self._http.close()
+        self._transport.close()
 
     # -----------------------------------------------------------------------------------------
     # I/O: the only places that touch the network
@@ -155,9 +183,8 @@ class Client:
         """Send ``call`` with retries; return a successful reply or raise the typed error."""
         state = _base.RetryState(self.retry)
         while True:
-            request = self._http.build_request(**_base.request_kwargs(call, self.settings))
             try:
-                response = self._http.send(request, stream=stream)
+                response = self._transport.send(call, stream=stream)
             except httpx.TransportError as exc:
                 delay = state.after_transport_error(call, exc)
                 if delay is None:
@@ -296,6 +323,45 @@ class Client:
             SandboxNotFound: No create with that token is known.
         """
         self._send(_base.delete_by_token(client_token))
+
+    def fork_sandbox(self, sandbox_id: str, request: ForkRequest) -> ForkResult:
+        """Fork a running sandbox into ``request.count`` copy-on-write children (issue 16).
+
+        Args:
+            sandbox_id: The parent.
+            request: How many children, and what they override (env, labels, owner, ttl).
+
+        Returns:
+            The parent's id and the children's records.
+
+        Raises:
+            SandboxNotRunning: The parent is not running.
+            RateLimited: The children would pass the namespace's quota.
+            NotSupported: The parent's runtime cannot fork.
+        """
+        return _base.parse(self._send(_fork.fork_sandbox(sandbox_id, request)), ForkResult)
+
+    def pause_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Freeze a sandbox's processes (its files and memory stay) until :meth:`resume_sandbox`.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record (state ``paused``).
+        """
+        return _base.parse(self._send(_fork.pause_sandbox(sandbox_id)), SandboxRecord)
+
+    def resume_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        """Thaw a paused sandbox.
+
+        Args:
+            sandbox_id: The sandbox id.
+
+        Returns:
+            Its record (state ``running``).
+        """
+        return _base.parse(self._send(_fork.resume_sandbox(sandbox_id)), SandboxRecord)
 
     def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease (a heartbeat; every call naming the sandbox also renews).
@@ -478,6 +544,60 @@ class Client:
         body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
         return self._stream(_base.run(sandbox_id, session, body, stream=True), SessionRunResult)
 
+    def run_many(
+        self,
+        commands: Sequence[tuple[str, str]],
+        *,
+        session: str = "default",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> list[SessionRunResult | RockError]:
+        """Run one command in each of many sandboxes (a GRPO group's step) at once.
+
+        Over the direct data plane this is one request per node; otherwise one call each.
+        The sessions must exist (``create_session``, or a first ``sandbox.run``).
+
+        Args:
+            commands: ``(sandbox_id, command)`` pairs.
+            session: Session name (the same in every sandbox).
+            timeout: Seconds before each command is interrupted (None: no limit).
+            max_output_bytes: Output cap per command.
+
+        Returns:
+            Per pair, in order: its result, or the typed error it met (not raised).
+        """
+        items = [
+            BatchRunItem(
+                sandbox_id=sandbox_id,
+                token="",
+                session=session,
+                command=command,
+                timeout=timeout,
+                max_output_bytes=max_output_bytes,
+            )
+            for sandbox_id, command in commands
+        ]
+        transport = getattr(self, "_transport", None)
+        if isinstance(transport, DirectTransport) and transport.mode != "admin" and items:
+            done = transport.run_many(items, timeout)
+            if done is not None:
+                return done
+        results: list[SessionRunResult | RockError] = []
+        for item in items:
+            try:
+                results.append(
+                    self.run(
+                        item.sandbox_id,
+                        item.command,
+                        session=session,
+                        timeout=timeout,
+                        max_output_bytes=max_output_bytes,
+                    )
+                )
+            except RockError as exc:
+                results.append(exc)
+        return results
+
     def session_stdin(
         self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False
     ) -> None:
@@ -659,6 +779,28 @@ class Client:
             The image's reference and node.
         """
         return _base.parse(self._send(_base.commit_sandbox(sandbox_id, image)), CommitResult)
+
+    def push_image(
+        self,
+        image: str,
+        destination: str,
+        *,
+        node: str | None = None,
+        auth: RegistryAuth | None = None,
+    ) -> ImagePushResult:
+        """Push a stored image (a committed one, say) to a registry (admin).
+
+        Args:
+            image: The image in a node's store (reference or id).
+            destination: Registry reference (``host[:port]/repo:tag``).
+            node: Worker whose store has it; None = the first that does.
+            auth: Credentials for the destination (sent once, never stored).
+
+        Returns:
+            The destination, the pushed manifest's digest and the node.
+        """
+        request = ImagePushRequest(image=image, destination=destination, node=node, auth=auth)
+        return _base.parse(self._send(_base.push_image(request)), ImagePushResult)
 
     def list_images(self) -> ImageList:
         """The images each node's store holds (refs, digest, size, last use, in use)."""

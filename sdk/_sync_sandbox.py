@@ -30,8 +30,11 @@ from rock_serve.protocol import (
     SessionCreateResponse,
     SessionRunResult,
 )
+from rock_serve.protocol.fork import ForkRequest
 from rock_serve.sdk._heartbeat import Heartbeat, interval_for
 from rock_serve.sdk._sync_llm import SandboxLLM
+from rock_serve.sdk._sync_ports import SandboxPorts
+from rock_serve.sdk._sync_process import SandboxProcesses
 
 if TYPE_CHECKING:
     from rock_serve.sdk._sync import Client
@@ -75,6 +78,8 @@ class Sandbox:
         self.delete_on_exit = delete_on_exit
         self._sessions: set[str] = set()
         self.files = SandboxFiles(self)
+        #: Its ports: proxy URLs and TCP streams (:class:`SandboxPorts`).
+        self.ports = SandboxPorts(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: Heartbeat | None = None
 
@@ -94,6 +99,11 @@ class Sandbox:
     def id(self) -> str:
         """The sandbox id."""
         return self.record.id
+
+    @property
+    def process(self) -> SandboxProcesses:
+        """Background processes in this sandbox: ``p = sb.process.start(...)``."""
+        return SandboxProcesses(self)
 
     def __enter__(self) -> Sandbox:
         if self._record is None:
@@ -132,6 +142,44 @@ class Sandbox:
         except SandboxNotFound:
             pass
         self._sessions.clear()
+
+    def fork(
+        self,
+        count: int = 1,
+        *,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: float | None = None,
+        lease_seconds: float | None = None,
+    ) -> list[Sandbox]:
+        """Fork this running sandbox into ``count`` copy-on-write children (issue 16).
+
+        Each child has this sandbox's files as they were at the fork point and starts in the
+        cwd and exported env of its ``default`` session. The children are not deleted with
+        this one: delete them, or use each as a context manager.
+
+        Returns:
+            The children, in creation order.
+        """
+        request = ForkRequest(
+            count=count,
+            env=dict(env) if env is not None else None,
+            labels=dict(labels) if labels is not None else None,
+            ttl_seconds=ttl_seconds,
+            lease_seconds=lease_seconds,
+        )
+        result = self.client.fork_sandbox(self.id, request)
+        return [Sandbox(self.client, record) for record in result.items]
+
+    def pause(self) -> SandboxRecord:
+        """Freeze the sandbox's processes until :meth:`resume` (files and memory stay)."""
+        self._record = self.client.pause_sandbox(self.id)
+        return self._record
+
+    def resume(self) -> SandboxRecord:
+        """Thaw a paused sandbox."""
+        self._record = self.client.resume_sandbox(self.id)
+        return self._record
 
     def renew(self) -> SandboxRecord:
         """Renew the sandbox's lease now (the heartbeat does this in the background).

@@ -4,16 +4,19 @@
   find a token) scored by a verifier run in the sandbox; 30 steps.
 - ``rock/CodeExec-v0``: a programming problem answered with Python code, scored by hidden tests
   run in the sandbox; one attempt by default.
+- ``rock/AgentTask-v0``: mini-swe-agent works on a task in the sandbox; each step answers one
+  of its LLM calls; the verifier's verdict when it exits is the reward.
 - ``rock/GuessNumber-v0``: a number-guessing game whose state lives in the sandbox; small and
   fast, for smoke tests; 10 steps.
 """
 
 from rock_serve.envs._registry import register
+from rock_serve.envs.builtin.agent_task import AgentTaskEnv
 from rock_serve.envs.builtin.code_exec import CodeExec
 from rock_serve.envs.builtin.guess_number import GuessNumber
 from rock_serve.envs.builtin.terminal import Terminal
 
-__all__ = ["CodeExec", "GuessNumber", "Terminal"]
+__all__ = ["AgentTaskEnv", "CodeExec", "GuessNumber", "Terminal"]
 
 register(
     id="rock/Terminal-v0",
@@ -35,4 +38,12 @@ register(
     max_episode_steps=10,
     description="Guess a number between 1 and 100 (higher/lower answers); the game's state is "
     "kept in the sandbox. Small and fast, for smoke tests.",
+)
+register(
+    id="rock/AgentTask-v0",
+    entry_point="rock_serve.envs.builtin.agent_task:AgentTaskEnv",
+    max_episode_steps=30,
+    description="mini-swe-agent (image agent-mini) works on a task in the sandbox; each step "
+    "answers one of its LLM calls (observation: the pending request's messages as JSON; action: "
+    "the assistant message); the verifier's verdict when the agent exits is the reward.",
 )

@@ -31,6 +31,11 @@ PUT         /sandboxes/{id}/archive?path=               tar stream (plain or com
 GET         /sandboxes/{id}/stats                       -> SandboxStats
 WebSocket   /sandboxes/{id}/pty?cols=&rows=             binary frames in/out; text frames
                                                         :class:`PtyResize` in, :class:`PtyExit` out
+any         /sandboxes/{id}/ports/{port}/{path}         HTTP proxy to 127.0.0.1:port in the
+                                                        sandbox (502 ``port_closed``); also
+                                                        WebSocket proxy on the same URL
+WebSocket   /sandboxes/{id}/ports/{port}/tcp            raw TCP tunnel: binary frames both ways,
+                                                        see ``protocol/ports.py``
 ==========  ==========================================  ==========================================
 
 Sandbox ids name their owning Worker: ``sb-<worker>-<random>``, so data-plane calls go to that
@@ -148,6 +153,11 @@ class SandboxRecord(WireModel):
     )
     ray_job_id: str | None = Field(default=None, description="Owning Ray job, if any.")
     trajectory_id: str | None = Field(default=None, description="Trajectory it serves, if any.")
+    endpoint: str | None = Field(
+        default=None,
+        description="Base URL of its node's direct data plane, if it runs one (a token for it: "
+        "POST /v1/sandboxes/{id}/dataplane).",
+    )
     lease_seconds: float | None = Field(default=None, description="Lease length, if leased.")
     lease_expires_at: float | None = Field(
         default=None, description="When the lease runs out unless renewed."

@@ -25,6 +25,8 @@ __all__ = [
     "ImageList",
     "ImagePullEvent",
     "ImagePullRequest",
+    "ImagePushRequest",
+    "ImagePushResult",
     "ImageRef",
     "RegistryAuth",
     "parse_image_ref",
@@ -206,6 +208,10 @@ class ImageList(WireModel):
     disk_bytes: dict[str, int] = Field(
         default_factory=dict, description="Bytes of unpacked layers on each node."
     )
+    pulls: list[ImagePullEvent] = Field(
+        default_factory=list,
+        description="Pulls in flight on each node (a create's too) with their progress.",
+    )
 
 
 class CommitRequest(WireModel):
@@ -214,6 +220,30 @@ class CommitRequest(WireModel):
     image: str = Field(
         min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN, description="Reference (repo:tag)."
     )
+
+
+class ImagePushRequest(WireModel):
+    """``POST /v1/images/push``: push an image of a node's store to a registry."""
+
+    image: ImageRefText = Field(description="The stored image (reference or id) to push.")
+    destination: ImageRefText = Field(
+        description="Registry reference to push to (`host[:port]/repo:tag`); plain HTTP only "
+        "for registries on loopback (and the nodes' insecure_registries)."
+    )
+    node: str | None = Field(
+        default=None, max_length=256, description="Worker whose store has it; None = the first."
+    )
+    auth: RegistryAuth | None = Field(
+        default=None, description="Credentials for the destination (never logged or stored)."
+    )
+
+
+class ImagePushResult(WireModel):
+    """The pushed image."""
+
+    destination: str = Field(description="The normalised destination reference.")
+    digest: str = Field(description="Manifest digest in the registry.")
+    node: str = Field(default="", description="Worker whose store pushed it.")
 
 
 class CommitResult(WireModel):

@@ -17,6 +17,7 @@ class SandboxState(str, Enum):
     PENDING = "pending"
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     REMOVED = "removed"
@@ -111,6 +112,14 @@ class SandboxSpec(WireModel):
         description="'default' applies the runtime's seccomp profile (Docker's default "
         "equivalent) to every process; 'unconfined' turns it off and only an admin token "
         "may ask for it (403 otherwise).",
+    )
+    user: str | None = Field(
+        default=None,
+        max_length=65,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$",
+        description="Who the sandbox's processes run as (`name`, `uid`, `name:group`, "
+        "`uid:gid`; names from the image's /etc/passwd and /etc/group), inside the sandbox's "
+        "own user namespace; None = the image's `User` (root if it has none).",
     )
 
     @field_validator("image")

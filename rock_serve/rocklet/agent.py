@@ -499,6 +499,8 @@ class Agent:
         self.tasks = {}
         self.inputs = {}
         self.ptys = {}
+        self.procs = {}  # background processes by pid (proc.* ops)
+        self.ports = {}  # request id -> _PortConn (see "ports" below)
         self.closing = False
 
     # -- output
@@ -558,6 +560,11 @@ class Agent:
             queue = self.inputs.get(rid)
             if queue is not None:
                 queue.put_nowait(payload if kind == "chunk" else None)
+            return
+        if kind == "ack":  # flow control of a port connection (see "ports" below)
+            conn = self.ports.get(rid)
+            if conn is not None:
+                conn.acked(header.get("n"))
             return
         if kind == "cancel":
             task = self.tasks.get(rid)
@@ -646,6 +653,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*[s.kill() for s in self.sessions.values()], return_exceptions=True)
         self.sessions.clear()
+        procs_close(self)
         await self.flush()
 
     # -- paths
@@ -1468,6 +1476,7 @@ async def op_pty_resize(agent, rid, args, payload):
 async def op_shutdown(agent, rid, args, payload):
     await asyncio.gather(*[s.kill() for s in agent.sessions.values()], return_exceptions=True)
     agent.sessions.clear()
+    procs_close(agent)
     return {}
 
 
@@ -1594,6 +1603,503 @@ async def op_reverse_ack(agent, rid, args, payload):
         window["credit"] += _require(args, "bytes", int)
         window["more"].set()
     return {}
+
+
+# ---------------------------------------------------------------------------- background processes
+#
+# ``proc.*`` (issue 15.1): commands that run in the background, each in its own process group,
+# outliving the request that started them and any client. Their stdout and stderr are kept in
+# bounded rings addressed by absolute byte offsets, so a reader resumes where it left off; a
+# reader behind the ring's start gets a ``truncated_before`` marker, never silently less.
+
+#: Processes one agent runs at once unless the host asks for another bound (``max_procs``).
+DEFAULT_MAX_PROCS = 32
+#: Bytes kept per stream of a background process unless ``max_output_bytes`` says otherwise.
+PROC_BUFFER = 1 << 20
+#: Finished processes kept for status and output; older ones are forgotten first.
+KEEP_FINISHED = 64
+#: Seconds a finished process's pipes are still read for before it counts as done (a
+#: background child of it may hold them open for ever).
+PROC_DRAIN = 0.5
+PROC_STREAMS = ("stdout", "stderr")
+
+
+class Ring:
+    """The newest ``cap`` bytes of a stream, addressed by absolute offsets."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.buf = bytearray()
+        self.start = 0
+
+    @property
+    def end(self):
+        return self.start + len(self.buf)
+
+    def add(self, data):
+        self.buf += data
+        over = len(self.buf) - self.cap
+        if over > 0:
+            del self.buf[:over]
+            self.start += over
+
+    def read(self, offset, limit):
+        """``(truncated_before or None, offset served, bytes)`` from ``offset`` on."""
+        lost = None
+        if offset < self.start:
+            lost, offset = self.start, self.start
+        offset = min(offset, self.end)
+        i = offset - self.start
+        return lost, offset, bytes(self.buf[i : i + limit])
+
+
+class BackgroundProcess:
+    """One background process, its output rings and its end."""
+
+    def __init__(self, proc, argv, cap):
+        loop = asyncio.get_event_loop()
+        self.proc = proc
+        self.pid = proc.pid
+        self.argv = argv
+        self.rings = {"stdout": Ring(cap), "stderr": Ring(cap)}
+        self.started_at = time.time()
+        self.ended_at = None
+        self.returncode = None
+        self.done = loop.create_future()  # exited and its output read (or given up on)
+        self.tick = loop.create_future()  # resolved (and replaced) on new output or the end
+        self.pumps = asyncio.gather(
+            self._pump(proc.stdout, self.rings["stdout"]),
+            self._pump(proc.stderr, self.rings["stderr"]),
+        )
+        self.task = asyncio.ensure_future(self._run())
+
+    def _notify(self):
+        tick, self.tick = self.tick, asyncio.get_event_loop().create_future()
+        if not tick.done():
+            tick.set_result(None)
+
+    async def _pump(self, stream, ring):
+        while True:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                return
+            ring.add(data)
+            self._notify()
+
+    async def _run(self):
+        try:
+            await self.proc.wait()
+            self.returncode = self.proc.returncode
+            self.ended_at = time.time()
+            self._close_stdin()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.pumps), PROC_DRAIN)
+            except asyncio.TimeoutError:
+                pass  # the pumps go on; followers stop at what is there now
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
+            self._notify()
+
+    def _close_stdin(self):
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            try:
+                self.proc.stdin.close()
+            except Exception:
+                pass
+
+    @property
+    def running(self):
+        return self.returncode is None
+
+    def info(self):
+        rc = self.returncode
+        return {
+            "pid": self.pid,
+            "command": self.argv,
+            "running": rc is None,
+            "exit_code": None if rc is None else _exit_code(rc),
+            "signal": -rc if rc is not None and rc < 0 else None,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "stdout_bytes": self.rings["stdout"].end,
+            "stderr_bytes": self.rings["stderr"].end,
+            "stdin_open": self.proc.stdin is not None and not self.proc.stdin.is_closing(),
+        }
+
+    def signal(self, sig):
+        _killpg(self.pid, sig)
+
+    def kill(self):
+        """SIGKILL its process group and every descendant (also ones that left the group)."""
+        victims = descendants(self.pid) if self.running else []
+        _killpg(self.pid, signal.SIGKILL)
+        _kill(victims, signal.SIGKILL)
+
+    def close(self, kill=True):
+        """Stop tracking it; ``kill`` its group too (only at the agent's end: once it has
+        exited, its pid may name another group by now).
+        """
+        if kill or self.running:
+            self.kill()
+        self._close_stdin()
+        self.pumps.cancel()
+        self.task.cancel()
+
+
+def _proc_argv(args):
+    """The argv of ``command``: a string runs under ``bash -c`` (unless ``shell`` is false), a
+    list runs as is (joined under ``bash -c`` when ``shell`` is true).
+    """
+    command = args.get("command")
+    shell = args.get("shell")
+    if isinstance(command, str) and command:
+        return ["bash", "-c", command] if shell is not False else command.split()
+    if isinstance(command, list) and command and all(isinstance(a, str) and a for a in command):
+        return ["bash", "-c", " ".join(command)] if shell else list(command)
+    raise AgentError("invalid_request", "command must be a non-empty string or argv list")
+
+
+def _os_bytes(text):
+    """``text`` for the OS: what came as UTF-8 goes back as it was, anything a JSON string can
+    hold (lone surrogates too) becomes some bytes instead of an encoding error.
+    """
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _procs_forget(procs):
+    finished = sorted((p for p in procs.values() if not p.running), key=lambda p: p.ended_at)
+    for p in finished[: max(len(finished) - KEEP_FINISHED, 0)]:
+        procs.pop(p.pid, None)
+        p.close(kill=False)
+
+
+def _proc(agent, args):
+    pid = _require(args, "pid", int)
+    p = agent.procs.get(pid)
+    if p is None:
+        raise AgentError("process_not_found", "no background process %d" % pid, {"pid": pid})
+    return p
+
+
+def _proc_signal(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value <= 64:  # real-time signals have no Signals member: the number is fine
+            return value
+    elif isinstance(value, str):
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None)
+        if sig is not None:
+            return sig
+    raise AgentError("invalid_request", "unknown signal %r" % (value,))
+
+
+def procs_close(agent):
+    """Kill every background process (the agent is ending: so is the sandbox)."""
+    for p in agent.procs.values():
+        p.close()
+    agent.procs.clear()
+
+
+@op("proc.start")
+async def op_proc_start(agent, rid, args, payload):
+    """Start ``command`` in the background (own session and process group); its info."""
+    argv = _proc_argv(args)
+    limit = _require(args, "max_procs", int, DEFAULT_MAX_PROCS)
+    cap = _require(args, "max_output_bytes", int, PROC_BUFFER)
+    if cap < 1:
+        raise AgentError("invalid_request", "max_output_bytes must be positive")
+    running = sum(1 for p in agent.procs.values() if p.running)
+    if running >= limit:
+        raise AgentError(
+            "resource_exhausted",
+            "the sandbox runs %d background processes, its limit: end one first" % running,
+            {"resource": "processes", "limit": limit},
+        )
+    env = dict(os.environ)
+    env.update(_env(args))
+    if argv[0] == "bash" and _which("bash", env.get("PATH")) is None:
+        argv[0] = "/bin/sh"
+    cwd = agent.path(args, "cwd") if args.get("cwd") else None
+    if cwd is not None and not os.path.isdir(cwd):
+        raise AgentError("file_not_found", "cwd %r is not a directory" % cwd)
+    want_stdin = bool(args.get("stdin")) or bool(payload)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *[_os_bytes(a) for a in argv],
+            stdin=asyncio.subprocess.PIPE if want_stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env={_os_bytes(k): _os_bytes(v) for k, v in env.items()},
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise AgentError("file_not_found", "command not found: %s" % argv[0]) from None
+    except PermissionError:
+        raise AgentError("permission_denied", "cannot execute %s" % argv[0]) from None
+    except OSError as exc:
+        raise _os_error(exc) from None
+    except ValueError as exc:  # a NUL byte in an argument or the environment
+        raise AgentError("invalid_request", "cannot start %s: %s" % (argv[0], exc)) from None
+    p = BackgroundProcess(proc, argv, cap)
+    old = agent.procs.pop(p.pid, None)  # an ended one whose pid was reused
+    if old is not None:
+        old.close(kill=False)
+    agent.procs[p.pid] = p
+    _procs_forget(agent.procs)
+    if payload:
+        proc.stdin.write(payload)
+    return p.info()
+
+
+@op("proc.status")
+async def op_proc_status(agent, rid, args, payload):
+    return _proc(agent, args).info()
+
+
+@op("proc.list")
+async def op_proc_list(agent, rid, args, payload):
+    procs = sorted(agent.procs.values(), key=lambda p: (p.started_at, p.pid))
+    return {"processes": [p.info() for p in procs]}
+
+
+@op("proc.output")
+async def op_proc_output(agent, rid, args, payload):
+    """A stream's bytes from ``offset`` as chunks: up to ``max_bytes`` of what is there, or
+    with ``follow`` everything until the process is done.
+
+    Chunks carry their ``offset``; a chunk with ``truncated_before`` (and no bytes) says the
+    bytes before that offset are gone. The result is the process's info plus ``next``, the
+    offset to resume from.
+    """
+    p = _proc(agent, args)
+    stream = _require(args, "stream", str, "stdout")
+    if stream not in PROC_STREAMS:
+        raise AgentError("invalid_request", "stream must be stdout or stderr")
+    offset = _require(args, "offset", int, 0)
+    if offset < 0:
+        raise AgentError("invalid_request", "offset must be >= 0")
+    follow = bool(args.get("follow"))
+    ring = p.rings[stream]
+    budget = None if follow else _require(args, "max_bytes", int, ring.cap)
+    pos = offset
+    while budget is None or budget > 0:
+        tick = p.tick
+        finished = p.done.done()
+        lost, pos, data = ring.read(pos, CHUNK if budget is None else min(CHUNK, budget))
+        if lost is not None:
+            agent.send({"id": rid, "type": "chunk", "stream": stream, "truncated_before": lost})
+        if data:
+            agent.send({"id": rid, "type": "chunk", "stream": stream, "offset": pos}, data)
+            pos += len(data)
+            if budget is not None:
+                budget -= len(data)
+            await agent.flush()
+            continue
+        if finished or not follow:
+            break
+        await asyncio.wait([tick])
+    result = p.info()
+    result.update(stream=stream, next=pos)
+    return result
+
+
+@op("proc.input")
+async def op_proc_input(agent, rid, args, payload):
+    p = _proc(agent, args)
+    stdin = p.proc.stdin
+    if stdin is None:
+        raise AgentError("conflict", "process %d was started without stdin" % p.pid)
+    if stdin.is_closing():
+        raise AgentError("conflict", "stdin of process %d is closed" % p.pid)
+    try:
+        if payload:
+            stdin.write(payload)
+            await stdin.drain()
+        if args.get("eof"):
+            stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        raise AgentError("conflict", "process %d closed its stdin" % p.pid) from None
+    return p.info()
+
+
+@op("proc.signal")
+async def op_proc_signal(agent, rid, args, payload):
+    p = _proc(agent, args)
+    sig = _proc_signal(args.get("signal", "SIGTERM"))
+    if not p.running:
+        raise AgentError("conflict", "process %d has exited" % p.pid, {"pid": p.pid})
+    if args.get("group", True):
+        p.signal(sig)
+    else:
+        _kill([p.pid], sig)
+    return p.info()
+
+
+@op("proc.kill")
+async def op_proc_kill(agent, rid, args, payload):
+    """SIGKILL the process's group and descendants; its final info (a no-op once it ended)."""
+    p = _proc(agent, args)
+    if p.running:
+        p.kill()
+        await asyncio.shield(p.done)
+    return p.info()
+
+
+@op("proc.wait")
+async def op_proc_wait(agent, rid, args, payload):
+    p = _proc(agent, args)
+    timeout = _number(args, "timeout", None)
+    try:
+        await asyncio.wait_for(asyncio.shield(p.done), timeout)
+    except asyncio.TimeoutError:
+        raise AgentError(
+            "timeout",
+            "process %d still runs after %g s" % (p.pid, timeout),
+            {"pid": p.pid},
+        ) from None
+    return p.info()
+
+
+# ---------------------------------------------------------------------------- ports
+#
+# ``port.connect`` relays one TCP connection to 127.0.0.1:PORT in the sandbox's own network
+# namespace over the frame channel, so a port is reachable with ``network: none``.
+#
+# Host -> agent: ``chunk`` frames are bytes for the socket, ``end`` half-closes it (write EOF),
+# ``{"type": "ack", "n": k}`` returns k bytes of credit, ``cancel`` resets the connection.
+# Agent -> host: a ``chunk`` with ``stream: "open"`` once connected, ``stream: "data"`` chunks
+# from the socket, ``stream: "eof"`` when the sandbox side closed its end, and
+# ``stream: "ack"`` with ``n`` once n bytes of host input went into the socket. The result
+# ``{"sent", "received"}`` comes when both directions are done, or (with ``"reset": true``)
+# right after a ``cancel`` reset the connection.
+#
+# Flow control: each side has at most ``window`` unacknowledged bytes in flight towards the
+# other and acks in batches of half a window, so no buffer on either side grows past a window
+# per connection, whatever the speed of the reader.
+
+#: Bytes in flight per direction and connection before the sender waits for an ack.
+PORT_WINDOW = 1 << 20
+#: Port connections one agent holds at once unless the host asks for another bound.
+DEFAULT_MAX_PORT_CONNECTIONS = 64
+#: Seconds a connect to a port in the sandbox may take (a listener with a full backlog).
+PORT_CONNECT_TIMEOUT = 10.0
+
+
+class _PortConn:
+    """Credit towards the host of one relayed connection."""
+
+    def __init__(self, window):
+        self.window = window
+        self.unacked = 0
+        self.credit = asyncio.Event()
+        self.credit.set()
+
+    def acked(self, n):
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            self.unacked = max(self.unacked - n, 0)
+            if self.unacked < self.window:
+                self.credit.set()
+
+    async def spend(self, n):
+        while self.unacked >= self.window:
+            self.credit.clear()
+            await self.credit.wait()
+        self.unacked += n
+
+
+@op("port.connect")
+async def op_port_connect(agent, rid, args, payload):
+    port = _require(args, "port", int)
+    if not 0 < port < 65536:
+        raise AgentError("invalid_request", "port must be in 1..65535")
+    window = _require(args, "window", int, PORT_WINDOW)
+    if window < CHUNK:
+        raise AgentError("invalid_request", "window must be at least %d bytes" % CHUNK)
+    cap = _require(args, "max_connections", int, DEFAULT_MAX_PORT_CONNECTIONS)
+    timeout = _number(args, "connect_timeout", PORT_CONNECT_TIMEOUT)
+    if len(agent.ports) >= cap:
+        raise AgentError(
+            "resource_exhausted",
+            "the sandbox has %d port connections open (the limit)" % len(agent.ports),
+            {"resource": "port_connections", "limit": cap},
+        )
+    conn = agent.ports[rid] = _PortConn(window)
+    writer = None
+    try:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, limit=CHUNK), timeout
+            )
+        except ConnectionRefusedError:
+            raise AgentError(
+                "port_closed", "nothing listens on port %d in the sandbox" % port, {"port": port}
+            ) from None
+        except asyncio.TimeoutError:
+            raise AgentError(
+                "timeout", "connect to port %d did not finish in %g s" % (port, timeout)
+            ) from None
+        except OSError as exc:
+            raise AgentError(
+                "port_closed", "cannot connect to port %d: %s" % (port, exc), {"port": port}
+            ) from None
+        agent.send({"id": rid, "type": "chunk", "stream": "open"})
+        await agent.flush()
+        counts = {"sent": 0, "received": 0}
+
+        async def pump_out():
+            while True:
+                try:
+                    data = await reader.read(CHUNK)
+                except (ConnectionError, OSError):
+                    data = b""
+                if not data:
+                    agent.send({"id": rid, "type": "chunk", "stream": "eof"})
+                    await agent.flush()
+                    return
+                await conn.spend(len(data))
+                counts["received"] += len(data)
+                agent.send({"id": rid, "type": "chunk", "stream": "data"}, data)
+                await agent.flush()
+
+        async def pump_in():
+            pending = 0
+            try:
+                async for data in _input_chunks(payload):
+                    writer.write(data)
+                    await writer.drain()
+                    counts["sent"] += len(data)
+                    pending += len(data)
+                    if pending >= window // 2:
+                        agent.send({"id": rid, "type": "chunk", "stream": "ack", "n": pending})
+                        pending = 0
+                if writer.can_write_eof():
+                    writer.write_eof()
+            except (ConnectionError, OSError):
+                pass  # the sandbox side reset the connection: the output side ends too
+
+        outgoing = asyncio.ensure_future(pump_out())
+        incoming = asyncio.ensure_future(pump_in())
+        try:
+            await asyncio.gather(outgoing, incoming)
+        except asyncio.CancelledError:
+            if agent.closing:
+                raise
+            counts["reset"] = True  # the host's cancel: confirm, so it knows the slot is free
+        finally:
+            outgoing.cancel()
+            incoming.cancel()
+            await asyncio.gather(outgoing, incoming, return_exceptions=True)
+        return counts
+    finally:
+        agent.ports.pop(rid, None)
+        if writer is not None:
+            writer.close()
 
 
 # ---------------------------------------------------------------------------- entry point

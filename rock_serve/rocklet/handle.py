@@ -26,6 +26,7 @@ from rock_serve.protocol import (
     encode_bytes,
 )
 from rock_serve.rocklet import agent as _agent
+from rock_serve.rocklet._processes import ProcessOps
 from rock_serve.rocklet.agent import CHUNK, HEADER, MAX_HEADER, MAX_PAYLOAD, FrameError
 from rock_serve.rocklet.agent import read_frame as _read_frame
 
@@ -85,7 +86,7 @@ class _Call:
         self.queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
 
 
-class RockletHandle:
+class RockletHandle(ProcessOps):
     """Multiplexes many concurrent requests to one rocklet over a pair of byte streams.
 
     If the rocklet dies or its pipe closes, every waiting call fails at once with
@@ -233,6 +234,12 @@ class RockletHandle:
         """
         if self._watchdog is None and self._error is None:
             self._watchdog = asyncio.ensure_future(self._watch(interval, timeout))
+
+    def unwatch(self) -> None:
+        """Stop :meth:`watch` (a paused sandbox's rocklet cannot answer pings)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     async def _watch(self, interval: float, timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import tarfile
+import threading
 
 __all__ = ["upper_to_layer"]
 
@@ -19,11 +20,12 @@ _OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 #: A sandbox's id range base (user namespaces): its files' owners are shifted back by it.
-_SHIFT = [0]
+#: Per thread: a commit and a push may write layers at once.
+_STATE = threading.local()
 
 
 def _unshift(n: int) -> int:
-    base = _SHIFT[0]
+    base = getattr(_STATE, "shift", 0)
     return n - base if base and base <= n < base + 65536 else n
 
 
@@ -44,7 +46,7 @@ def upper_to_layer(
     ``shift``: owners in ``shift .. shift+65535`` (a sandbox's user namespace range on the
     host) are written as ``0 .. 65535``, as the image had them.
     """
-    _SHIFT[0] = shift
+    _STATE.shift = shift
     links: dict[tuple[int, int], str] = {}
     with tarfile.open(blob, "w", format=tarfile.PAX_FORMAT) as tar:
         for dirpath, dirnames, filenames in os.walk(upper):

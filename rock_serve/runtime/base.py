@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import builtins
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rock_serve.protocol import SandboxInfo, SandboxSpec
@@ -76,6 +78,47 @@ class Runtime(abc.ABC):
         from rock_serve.errors import SandboxNotRunning
 
         raise SandboxNotRunning(f"the {self.name} runtime cannot reattach {sandbox_id!r}")
+
+    # -------------------------------------------------------------- fork, pause (issue 16)
+
+    async def fork(
+        self,
+        parent_id: str,
+        child_ids: builtins.list[str],
+        make_spec: Callable[[str, SandboxSpec], SandboxSpec],
+    ) -> builtins.list[SandboxInfo]:
+        """Make ``child_ids`` from the files of the running ``parent_id`` at one atomic point.
+
+        ``make_spec(child_id, parent_spec)`` gives each child's spec. Children are created,
+        not started (as :meth:`create`). All or nothing: on an error no child is left.
+
+        Raises:
+            NotSupported: this runtime cannot fork (this default).
+            SandboxNotRunning: the parent is not running.
+        """
+        from rock_serve.errors import NotSupported
+
+        raise NotSupported(f"the {self.name} runtime cannot fork sandboxes")
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Stop scheduling the sandbox's processes (they keep their memory); files stay.
+
+        Raises:
+            NotSupported: this runtime cannot pause (this default).
+        """
+        from rock_serve.errors import NotSupported
+
+        raise NotSupported(f"the {self.name} runtime cannot pause sandboxes")
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Undo :meth:`pause`.
+
+        Raises:
+            NotSupported: this runtime cannot pause (this default).
+        """
+        from rock_serve.errors import NotSupported
+
+        raise NotSupported(f"the {self.name} runtime cannot pause sandboxes")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources held by the runtime itself (not the sandboxes)."""

@@ -42,6 +42,8 @@ are listed, inspected and removed the same way.
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import contextlib
 import ctypes
 import ctypes.util
@@ -55,6 +57,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 
 from rock_serve.config import BwrapRuntimeConfig
 from rock_serve.errors import (
@@ -64,14 +67,18 @@ from rock_serve.errors import (
     InvalidRequest,
     RuntimeUnavailable,
     SandboxNotFound,
+    SandboxNotRunning,
 )
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._fork import FROZEN_DIR, Freezer, FrozenLayers, copy_layer, freezer_mount
 from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
+from rock_serve.runtime._image_user import resolve_user
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
+from rock_serve.runtime._snapshot import pack_layer, unpack_layer
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -316,6 +323,8 @@ class BwrapRuntime(Runtime):
         if config.userns:
             self._init_userns()
         self._handles: dict[str, RockletHandle] = {}
+        gate = config.max_concurrent_starts or max(8, 4 * (os.cpu_count() or 2))
+        self._start_gate = asyncio.Semaphore(gate)
         self.images = ImageStore(config.images) if config.images is not None else None
         self._node_python: NodePython | None = None
         if self.images is not None:
@@ -461,10 +470,11 @@ class BwrapRuntime(Runtime):
         """
         ref = spec.image
         if self.images is None or (ref is not None and ref.startswith("/")):
-            return {"lowers": self._lower(spec), "host": True}
+            root: dict[str, object] = {"lowers": self._lower(spec), "host": True}
+            return {**root, **await self._user(spec.user or "", root, "the root")}
         img = await self.images.get(ref or self.images.config.default_image, spec.registry_auth)
         self.images.acquire(img, sandbox_id)
-        return {
+        root = {
             "lowers": list(reversed(self.images.layer_dirs(img))),
             "host": False,
             "image_id": img.id,
@@ -472,6 +482,23 @@ class BwrapRuntime(Runtime):
             "workdir": img.workdir,
             "python": img.python,
         }
+        try:
+            return {**root, **await self._user(spec.user or img.user, root, "the image")}
+        except BaseException:
+            self.images.release(sandbox_id)
+            raise
+
+    async def _user(self, user: str, root: dict[str, object], what: str) -> dict[str, object]:
+        """The image's ``User`` (or the spec's) as ids in the sandbox's user namespace."""
+        if not user:
+            return {}
+        lowers = [str(d) for d in root["lowers"]]  # type: ignore[attr-defined]
+        ids = await run_sync(resolve_user, user, lowers, what)
+        if ids.root:
+            return {}
+        if self.slots is None:
+            raise Conflict(f"user {user!r}: running as a non-root user needs userns: true")
+        return {"uid": ids.uid, "gid": ids.gid, "groups": list(ids.groups), "home": ids.home}
 
     def _adopt_images(self, store: ImageStore) -> None:
         """Sandboxes of an earlier instance keep their images in use."""
@@ -634,6 +661,9 @@ class BwrapRuntime(Runtime):
         path = self._dir(sandbox_id)
         meta = read_meta(path)
         cg = self._cgroup(sandbox_id)
+        freezer = self._freezer(sandbox_id, quiet=True)
+        if freezer is not None:
+            freezer.thaw()  # frozen tasks ignore SIGKILL
         if cg.exists():
             cg.kill_all()
         if self.net is not None:
@@ -653,6 +683,11 @@ class BwrapRuntime(Runtime):
             shutil.rmtree(path)
         if meta is not None and meta.uid_base is not None and self.slots is not None:
             self.slots.free(meta.uid_base)
+        if freezer is not None:
+            freezer.remove()
+        self._frozen_layers().release(sandbox_id)
+        if self._fork_locks is not None:
+            self._fork_locks.pop(sandbox_id, None)
 
     # ------------------------------------------------------------------ argv
 
@@ -669,6 +704,8 @@ class BwrapRuntime(Runtime):
         workdir = spec.workdir
         if workdir == "/root" and root_cfg.get("workdir"):
             workdir = str(root_cfg["workdir"])  # the image's WorkingDir, unless the spec sets one
+        elif workdir == "/root" and root_cfg.get("home"):
+            workdir = str(root_cfg["home"])  # a non-root User's home, not root's
         workdir = posixpath.normpath(workdir)
         if not workdir.startswith("/"):
             raise InvalidRequest(f"workdir {spec.workdir!r} must be absolute")
@@ -686,7 +723,16 @@ class BwrapRuntime(Runtime):
         args += ["--hostname", sandbox_id[:63]]
         root = self._root_link(sandbox_id) if uid_base is not None else merged
         args += ["--bind", root, "/"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/sys"]
+        user_boot = ""
+        tmp = ["--tmpfs", "/tmp"]
+        if root_cfg.get("uid") is not None and uid_base is not None:
+            # The image's User: the rocklet (root in the sandbox's user namespace) becomes it
+            # once set up, as Docker's init does: ids only, caps gone, bounding set kept.
+            uid, gid = int(root_cfg["uid"]), int(root_cfg.get("gid") or 0)  # type: ignore[call-overload]
+            groups = sorted({gid, *(int(g) for g in root_cfg.get("groups") or [])})  # type: ignore[attr-defined]
+            user_boot = f"os.setgroups({groups});os.setgid({gid});os.setuid({uid});"
+            tmp = ["--perms", "1777", *tmp]  # /tmp as an image has it, writable by that user
+        args += ["--proc", "/proc", "--dev", "/dev", *tmp, "--tmpfs", "/sys"]
         args += self._masks
         if self.layout.version == 2:
             args += ["--ro-bind", cg.dirs[""], "/sys/fs/cgroup"]
@@ -707,7 +753,7 @@ class BwrapRuntime(Runtime):
             args += ["--seccomp", str(_SECCOMP_FD)]
             seccomp = self.seccomp_file
         rocklet = agent_argv("python3", AGENT_MOUNT, "--root", "/")
-        rocklet[4] = _ENV_BOOT + rocklet[4]
+        rocklet[4] = _ENV_BOOT + user_boot + rocklet[4]
         rocklet = [*python, *rocklet[1:]]
         args += ["--", *rocklet]
         args = enter(self.net, sandbox_id, spec.network, args)  # nsenter its own netns
@@ -723,7 +769,10 @@ class BwrapRuntime(Runtime):
             "LANG": "C.UTF-8",
             "HOSTNAME": sandbox_id[:63],
         }
-        image_env = self._read_root(sandbox_id).get("env")
+        root = self._read_root(sandbox_id)
+        if root.get("home"):
+            env["HOME"] = str(root["home"])  # the image User's home, as Docker sets it
+        image_env = root.get("env")
         if isinstance(image_env, dict):
             env.update({str(k): str(v) for k, v in image_env.items()})
         env.update(spec.env)
@@ -767,15 +816,18 @@ class BwrapRuntime(Runtime):
         argv = self.argv(sandbox_id, spec, cg, meta.uid_base)
         env_file = os.path.join(self._dir(sandbox_id), "env")
         _write_private(env_file, env_bytes(self.sandbox_env(sandbox_id, spec)))
-        return await launch(
-            self._dir(sandbox_id),
-            meta,
-            argv,
-            env={"PATH": os.environ.get("PATH", os.defpath)},
-            handles=self._handles,
-            stop=lambda: self.stop(sandbox_id),
-            timeout=START_TIMEOUT,
-        )
+        # A burst of starts on a loaded node queues here: START_TIMEOUT measures one start,
+        # not the wait behind a hundred others (see max_concurrent_starts).
+        async with self._start_gate:
+            return await launch(
+                self._dir(sandbox_id),
+                meta,
+                argv,
+                env={"PATH": os.environ.get("PATH", os.defpath)},
+                handles=self._handles,
+                stop=lambda: self.stop(sandbox_id),
+                timeout=START_TIMEOUT,
+            )
 
     async def stop(self, sandbox_id: str) -> None:
         """Kill every process in the sandbox's cgroup; the overlay and files stay."""
@@ -858,3 +910,173 @@ class BwrapRuntime(Runtime):
             # bwrap exits with 128+N when the rocklet died of signal N (OOM kill: 9).
             oom = oom and proc.returncode in (137, -9)
         return to_info(meta, failure=FailureReason.OOM_KILLED if oom else None)
+
+    # ------------------------------------------------------------------ fork, pause (issue 16)
+    # See ``_fork``: the parent is frozen, its upper copied once into a frozen layer, thawed;
+    # each child mounts that layer under a fresh upper of its own.
+
+    _frozen: FrozenLayers | None = None
+    _freezer_v1: str | None = None
+    _fork_locks: dict[str, asyncio.Lock] | None = None
+
+    def _fork_lock(self, parent_id: str) -> asyncio.Lock:
+        """One fork (or pause) of a sandbox at a time: a second freeze must not thaw the first."""
+        if self._fork_locks is None:
+            self._fork_locks = {}
+        lock = self._fork_locks.get(parent_id)
+        if lock is None:
+            lock = self._fork_locks[parent_id] = asyncio.Lock()
+        return lock
+
+    def _frozen_layers(self) -> FrozenLayers:
+        if self._frozen is None:
+
+            def scan() -> dict[str, list[str]]:
+                out = {}
+                for meta in list_metas(self.state_dir, self.name):
+                    lowers = self._read_root(meta.id).get("lowers")
+                    if isinstance(lowers, list):
+                        out[meta.id] = [str(x) for x in lowers]
+                return out
+
+            self._frozen = FrozenLayers(os.path.join(self.state_dir, FROZEN_DIR), scan)
+            self._freezer_v1 = freezer_mount()
+        return self._frozen
+
+    def _freezer(self, sandbox_id: str, quiet: bool = False) -> Freezer | None:
+        self._frozen_layers()
+        try:
+            return Freezer(self.layout, self._cgroup(sandbox_id), self._freezer_v1)
+        except RuntimeUnavailable:
+            if quiet:
+                return None
+            raise
+
+    def _running_meta(self, sandbox_id: str) -> SandboxMeta:
+        meta = self._meta(sandbox_id)
+        if not alive(meta):
+            raise SandboxNotRunning(f"sandbox {sandbox_id!r} is not running")
+        return meta
+
+    def _freeze_copy(self, parent_id: str, shift: int) -> str:
+        """Freeze the parent, copy its upper into a new frozen layer, thaw; the layer's path."""
+        freezer = self._freezer(parent_id)
+        assert freezer is not None
+        upper = os.path.join(self._rw_dir(self._dir(parent_id)), "upper")
+        dest = self._frozen_layers().new_path(parent_id)
+        was_paused = freezer.frozen()
+        freezer.freeze()
+        try:
+            copy_layer(upper, dest, shift)
+        finally:
+            if not was_paused:
+                freezer.thaw()
+        return dest
+
+    async def fork(
+        self,
+        parent_id: str,
+        child_ids: builtins.list[str],
+        make_spec: Callable[[str, SandboxSpec], SandboxSpec],
+    ) -> builtins.list[SandboxInfo]:
+        """Children over one frozen copy of the parent's layer (see ``_fork``); not started."""
+        meta = self._running_meta(parent_id)
+        for child_id in child_ids:
+            check_id(child_id)
+        parent_spec = SandboxSpec.model_validate(meta.spec)
+        root = self._read_root(parent_id)
+        lowers = root.get("lowers")
+        if not isinstance(lowers, list):
+            raise SandboxNotRunning(f"sandbox {parent_id!r} has no recorded root")
+        specs = {cid: make_spec(cid, parent_spec) for cid in child_ids}
+        async with self._fork_lock(parent_id):
+            layer = await run_sync(self._freeze_copy, parent_id, meta.uid_base or 0)
+        child_root = {**root, "lowers": [layer, *[str(x) for x in lowers]]}
+        image_id = root.get("image_id")
+        img = self.images.lookup(str(image_id)) if self.images and image_id else None
+        layers = self._frozen_layers()
+        made: builtins.list[str] = []
+
+        async def child(child_id: str) -> SandboxInfo:
+            layers.use(child_id, child_root["lowers"])  # type: ignore[arg-type]
+            if img is not None and self.images is not None:
+                self.images.acquire(img, child_id)
+            made.append(child_id)
+            cmeta = await run_sync(self._create_sync, child_id, specs[child_id], child_root)
+            return self._info(cmeta)
+
+        try:
+            return list(await asyncio.gather(*(child(c) for c in child_ids)))
+        except BaseException:
+            for child_id in made:
+                with contextlib.suppress(Exception):
+                    await self.remove(child_id)
+            raise
+        finally:
+            await run_sync(layers.drop_unused, layer)
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process of the sandbox (no CPU; its memory stays resident)."""
+        self._running_meta(sandbox_id)
+        freezer = self._freezer(sandbox_id)
+        assert freezer is not None
+        async with self._fork_lock(sandbox_id):
+            await run_sync(freezer.freeze)
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Thaw a paused sandbox (no error when it was not paused)."""
+        self._meta(sandbox_id)
+        freezer = self._freezer(sandbox_id)
+        assert freezer is not None
+        async with self._fork_lock(sandbox_id):
+            await run_sync(freezer.thaw)
+
+    def paused(self, sandbox_id: str) -> bool:
+        """True while the sandbox is frozen."""
+        freezer = self._freezer(sandbox_id, quiet=True)
+        return freezer is not None and freezer.frozen()
+
+    async def snapshot(self, sandbox_id: str, dest_dir: str) -> tuple[str, str, int]:
+        """Pack the sandbox's files at one atomic point into ``dest_dir`` (see ``_snapshot``).
+
+        Returns:
+            (archive path, its sha256, its size in bytes).
+
+        Raises:
+            SandboxNotRunning: the sandbox is not running.
+        """
+        meta = self._running_meta(sandbox_id)
+        async with self._fork_lock(sandbox_id):
+            layer = await run_sync(self._freeze_copy, sandbox_id, meta.uid_base or 0)
+        try:
+            return await run_sync(pack_layer, layer, dest_dir)
+        finally:
+            await run_sync(self._frozen_layers().drop_unused, layer)
+
+    async def restore(
+        self, sandbox_id: str, spec: SandboxSpec, archive: str, sha256: str
+    ) -> SandboxInfo:
+        """Create (not start) a sandbox of ``spec`` whose files are a snapshot's.
+
+        The archive's digest is checked before anything is made; on any error nothing is left.
+
+        Raises:
+            SnapshotCorrupt: the archive does not match ``sha256`` or does not unpack.
+        """
+        check_id(sandbox_id)
+        layers = self._frozen_layers()
+        layer = layers.new_path(f"snap-{sha256[:16]}")
+        await run_sync(unpack_layer, archive, sha256, layer)
+        try:
+            root = await self._root(sandbox_id, spec)
+            lowers = root.get("lowers")
+            assert isinstance(lowers, list)
+            root = {**root, "lowers": [layer, *[str(x) for x in lowers]], "snapshot": sha256}
+            layers.use(sandbox_id, root["lowers"])  # type: ignore[arg-type]
+            meta = await run_sync(self._create_sync, sandbox_id, spec, root)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.remove(sandbox_id)
+            await run_sync(layers.drop_unused, layer)
+            raise
+        return self._info(meta)

@@ -452,6 +452,7 @@ class DockerRuntime(Runtime):
                     hostname=sandbox_id[:63],
                     working_dir=spec.workdir,
                     environment=dict(spec.env),
+                    **({"user": spec.user} if spec.user else {}),  # else the image's User
                     labels=labels,
                     stop_signal="SIGTERM",
                     stdin_open=True,

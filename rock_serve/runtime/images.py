@@ -25,9 +25,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +53,7 @@ from rock_serve.protocol.images import (
 )
 from rock_serve.runtime._image_commit import upper_to_layer
 from rock_serve.runtime._image_pull import skopeo_copy
+from rock_serve.runtime._image_push import export_layout, skopeo_push
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime._sync import run_sync
 
@@ -143,8 +146,31 @@ class _Pull:
         self.event = ImagePullEvent(image=ref, phase="queued")
         self.listeners: list[asyncio.Queue[ImagePullEvent]] = []
         self.task: asyncio.Task[Image] | None = None
+        self.loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._layers_done = 0
 
     def update(self, **changes: Any) -> None:
+        """New progress; callable from the unpack threads too (handed to the loop)."""
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._apply(changes)
+        else:
+            self.loop.call_soon_threadsafe(self._apply, changes)
+
+    def layer_done(self) -> None:
+        """One more layer unpacked (from any unpack thread)."""
+        with self._lock:
+            self._layers_done += 1
+            done = self._layers_done
+        self.update(layers_done=done)
+
+    def _apply(self, changes: dict[str, Any]) -> None:
+        if "layers_done" in changes:  # threads finish out of order: progress never goes back
+            changes["layers_done"] = max(changes["layers_done"], self.event.layers_done)
         self.event = self.event.model_copy(update=changes)
         for q in self.listeners:
             q.put_nowait(self.event)
@@ -170,6 +196,12 @@ class ImageStore:
         self._pulls: dict[str, _Pull] = {}
         #: How many pulls (skopeo transfers) this store ran; the bench and tests read it.
         self.pull_count = 0
+        #: Pulls that failed, and pushes done (for /metrics).
+        self.pull_failures = 0
+        self.pushes = 0
+        #: Called (on the loop or a worker thread) after each change: a pull starting or
+        #: ending, an image saved, evicted or removed. Metrics hang here.
+        self.listeners: list[Callable[[ImageStore], None]] = []
         self._clear_tmp()
         self._load()
 
@@ -202,6 +234,26 @@ class ImageStore:
 
     def _save(self, img: Image) -> None:
         _write_json(os.path.join(self.root, "images", f"{_hex(img.id)}.json"), asdict(img))
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(self)
+            except Exception:  # a metrics hiccup never fails a pull
+                log.debug("image store listener failed", exc_info=True)
+
+    def stats(self) -> dict[str, int]:
+        """Numbers for /metrics: bytes used, budget, images, pulls in flight, failures."""
+        return {
+            "bytes": self.disk_bytes(),
+            "budget": self.config.max_bytes,
+            "images": len(self._images),
+            "pulls_in_flight": len(self._pulls),
+            "pull_failures": self.pull_failures,
+            "pulls": self.pull_count,
+            "pushes": self.pushes,
+        }
 
     def layer_dir(self, diff_id: str) -> str:
         """Where a layer is unpacked."""
@@ -334,6 +386,10 @@ class ImageStore:
         pull = self._pulls.get(str(parse_image_ref(ref)))
         return pull.event if pull is not None else None
 
+    def pulls(self) -> list[ImagePullEvent]:
+        """The progress of every pull in flight (what a create waiting on one sees too)."""
+        return [p.event for p in self._pulls.values()]
+
     def _start(self, ref: ImageRef, auth: RegistryAuth | None) -> _Pull:
         key = str(ref)
         pull = self._pulls.get(key)
@@ -345,8 +401,10 @@ class ImageStore:
                 self._pulls.pop(key, None)
                 if not task.cancelled():
                     task.exception()  # retrieved: waiters re-raise it themselves
+                self._changed()
 
             pull.task.add_done_callback(done)
+            self._changed()
         return pull
 
     async def _pull(self, ref: ImageRef, auth: RegistryAuth | None, pull: _Pull) -> Image:
@@ -364,6 +422,8 @@ class ImageStore:
         except BaseException as exc:
             code = getattr(getattr(exc, "code", None), "value", "internal")
             pull.update(phase="error", error={"code": code, "message": str(exc)})
+            if not isinstance(exc, asyncio.CancelledError):
+                self.pull_failures += 1
             raise
         finally:
             await run_sync(shutil.rmtree, work, True)
@@ -412,12 +472,28 @@ class ImageStore:
         if len(diff_ids) != len(descs):
             raise InvalidRequest(f"image {ref}: {len(descs)} layers but {len(diff_ids)} diff ids")
         pull.update(phase="unpacking", layers_total=len(descs), layers_done=0)
-        sizes = []
-        for n, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
+        for desc in descs:
             if desc.get("mediaType") not in _LAYER_TYPES:
                 raise InvalidRequest(f"image {ref}: unsupported layer type {desc.get('mediaType')}")
-            sizes.append(self._ensure_layer(layout, desc["digest"], diff_id, work))
-            pull.update(layers_done=n + 1)
+
+        def one(desc: dict[str, Any], diff_id: str) -> int:
+            size = self._ensure_layer(layout, desc["digest"], diff_id, work)
+            pull.layer_done()
+            return size
+
+        # Layers unpack side by side (each into a tmp dir of its own, renamed when whole):
+        # inflating, hashing and the disk's latency overlap across layers.
+        unique = {d: desc for desc, d in zip(descs, diff_ids, strict=True)}
+        workers = max(1, min(len(unique), self.config.unpack_threads))
+        with ThreadPoolExecutor(workers, thread_name_prefix="layer-unpack") as pool:
+            futures = {d: pool.submit(one, desc, d) for d, desc in unique.items()}
+            try:
+                by_id = {d: fut.result() for d, fut in futures.items()}
+            except BaseException:
+                for fut in futures.values():
+                    fut.cancel()
+                raise
+        sizes = [by_id[d] for d in diff_ids]
         cfg = config.get("config") or {}
         existing = self._images.get(config_digest)
         refs = sorted({*(existing.refs if existing else []), str(ref)})
@@ -561,6 +637,53 @@ class ImageStore:
                 raise
         return int(result["size"])
 
+    # ------------------------------------------------------------------ push
+
+    async def push(self, ref: str, dest: str, auth: RegistryAuth | None = None) -> str:
+        """Push the stored image ``ref`` to the registry reference ``dest``; its digest.
+
+        The image stays in use (never evicted) while its layers are written out.
+        """
+        try:
+            target = parse_image_ref(dest)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if target.transport != "docker":
+            raise InvalidRequest(f"push to a registry reference (host/repo:tag), not {dest!r}")
+        if "@" in target.name:
+            raise InvalidRequest(f"push to a tag, not a digest: {dest!r}")
+        img = self.lookup(ref)
+        if img is None:
+            raise ImageNotFound(f"no image {ref!r} in this node's store")
+        holder = f"push-{uuid.uuid4().hex[:12]}"
+        self.acquire(img, holder)
+        work = os.path.join(self.root, "tmp", holder)
+        os.mkdir(work, 0o700)
+        try:
+            config = {
+                "Env": img.env,
+                "WorkingDir": img.workdir,
+                "User": img.user,
+                "Labels": img.labels,
+            }
+            layout = os.path.join(work, "oci")
+            await run_sync(export_layout, self.layer_dirs(img), config, layout)
+            insecure = target.loopback or (target.registry in self.config.insecure_registries)
+            digest = await skopeo_push(
+                self.skopeo,
+                layout,
+                target,
+                auth=auth,
+                insecure=insecure,
+                timeout=self.config.pull_timeout_seconds,
+            )
+            log.info("image store: pushed %s as %s (%s)", ref, target, digest)
+            self.pushes += 1
+            return digest
+        finally:
+            self.release(holder)
+            await run_sync(shutil.rmtree, work, True)
+
     # ------------------------------------------------------------------ budget
 
     def disk_bytes(self, images: list[Image] | None = None) -> int:
@@ -595,6 +718,7 @@ class ImageStore:
 
     def _forget(self, img: Image, keep: set[str]) -> None:
         self._images.pop(img.id, None)
+        self._changed()
         for ref in img.refs:
             if self._refs.get(ref) == img.id:
                 del self._refs[ref]

@@ -13,8 +13,10 @@ from rich.console import Console
 from rock_serve import __version__
 from rock_serve.config import parse_runtime_config
 from rock_serve.errors import RockError
+from rock_serve.sdk.cli import _ports  # noqa: F401  (registers `rock sandbox port-forward`)
 from rock_serve.sdk.cli._env import env_app
 from rock_serve.sdk.cli._image import image_app
+from rock_serve.sdk.cli._process import process_app
 from rock_serve.sdk.cli._sandbox import sandbox_app
 from rock_serve.sdk.cli._token import token_app
 
@@ -24,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+sandbox_app.add_typer(process_app, name="process")  # rock sandbox process ... (issue 15.1)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(env_app, name="env")
 app.add_typer(token_app, name="token")

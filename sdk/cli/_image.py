@@ -1,4 +1,4 @@
-"""``rock image pull|ls|rm``: the nodes' image stores through the SDK's sync client."""
+"""``rock image pull|ls|rm|push``: the nodes' image stores through the SDK's sync client."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from rock_serve.errors import RockError
 from rock_serve.protocol import RegistryAuth
 from rock_serve.sdk import Client
 
-image_app = typer.Typer(help="Prepull, list and remove images on the nodes.", no_args_is_help=True)
+image_app = typer.Typer(
+    help="Prepull, list, remove and push images on the nodes.", no_args_is_help=True
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -110,3 +112,29 @@ def rm(
         except RockError as exc:
             raise _fail(exc) from None
     console.print(f"removed {ref}")
+
+
+@image_app.command("push")
+def push(
+    image: Annotated[str, typer.Argument(help="Stored image (reference or id), e.g. committed.")],
+    destination: Annotated[str, typer.Argument(help="Registry reference host[:port]/repo:tag.")],
+    node: Annotated[str | None, typer.Option(help="Worker whose store has it.")] = None,
+    username: Annotated[
+        str | None, typer.Option(envvar="ROCK_REGISTRY_USER", help="Registry user.")
+    ] = None,
+    url: BaseUrl = None,
+    token: Token = None,
+) -> None:
+    """Push an image of a node's store to a registry (admin token).
+
+    The registry password comes from ROCK_REGISTRY_PASSWORD (never from the command line).
+    """
+    auth = None
+    if username is not None:
+        auth = RegistryAuth(username=username, password=os.environ.get("ROCK_REGISTRY_PASSWORD"))
+    with Client(url, token=token) as client:
+        try:
+            result = client.push_image(image, destination, node=node, auth=auth)
+        except RockError as exc:
+            raise _fail(exc) from None
+    console.print(f"{result.node}: pushed {result.destination}@{result.digest}")

@@ -395,3 +395,26 @@ async def test_output_larger_than_a_frame_arrives_whole(sh):
     assert not result.truncated
     assert len(result.output) == size
     assert sh.alive
+
+
+# ---------------------------------------------------------------- background processes
+
+
+async def test_background_process_in_every_runtime(h):
+    from rock_serve.protocol.processes import (
+        ProcessOutputChunk,
+        ProcessOutputEnd,
+        ProcessStartRequest,
+    )
+
+    info = await h.start_process(
+        ProcessStartRequest(command="trap 'exit 9' TERM; echo up; while :; do sleep 0.05; done")
+    )
+    follow = h.process_output(info.pid, follow=True)
+    first = await follow.__anext__()
+    assert isinstance(first, ProcessOutputChunk) and first.data == "up\n"
+    assert (await h.process_status(info.pid)).running
+    await h.signal_process(info.pid, "TERM")  # its own process group, in any pid namespace
+    rest = [item async for item in follow]
+    assert isinstance(rest[-1], ProcessOutputEnd) and rest[-1].process.exit_code == 9
+    assert [p.pid for p in (await h.list_processes()).processes] == [info.pid]

@@ -35,6 +35,8 @@ SECRETS = {
     "session env value": "s3cr3t-session-env-value",
     "session stdin": "s3cr3t-session-stdin",
     "file content": "s3cr3t-file-content",
+    "process env value": "s3cr3t-process-env-value",
+    "process input": "s3cr3t-process-input",
     "wrong token": "rk_s3cr3t-wrong-token",
 }
 
@@ -146,6 +148,11 @@ def test_who_did_what_to_which_sandbox_and_how_it_ended(audit_app, redis_server)
         assert alice.post(f"{base}/files/mkdir", json={"path": "d"}).status_code == 204
         removed = alice.post(f"{base}/files/remove", json={"path": "d", "recursive": True})
         assert removed.status_code == 204, removed.text
+        proc = {"command": "cat", "stdin": True, "env": {"PK": SECRETS["process env value"]}}
+        pid = alice.post(f"{base}/processes", json=proc).json()["pid"]
+        fed = alice.post(f"{base}/processes/{pid}/input", json={"data": SECRETS["process input"]})
+        assert fed.status_code == 200, fed.text
+        assert alice.delete(f"{base}/processes/{pid}").json()["signal"] == 9
         assert bob.post(f"{base}/exec", json={"command": "echo bob-was-here"}).status_code == 404
         wrong = {"Authorization": f"Bearer {SECRETS['wrong token']}"}
         assert alice.post(f"{base}/exec", json=exec_body, headers=wrong).status_code == 401
@@ -166,6 +173,9 @@ def test_who_did_what_to_which_sandbox_and_how_it_ended(audit_app, redis_server)
         ("file.write", "alice", 200, "ok"),
         ("file.mkdir", "alice", 204, "ok"),
         ("file.remove", "alice", 204, "ok"),
+        ("process.start", "alice", 201, "ok"),
+        ("process.input", "alice", 200, "ok"),
+        ("process.kill", "alice", 200, "ok"),
         ("exec", "bob", 404, "sandbox_not_found"),
         ("pty.open", "alice", 101, "ok"),
         ("pty.close", "alice", 200, "ok"),
@@ -199,6 +209,10 @@ def test_who_did_what_to_which_sandbox_and_how_it_ended(audit_app, redis_server)
         assert mine["file.write"]["path"] == "notes.txt"
         assert mine["file.write"]["detail"]["bytes"] == len(SECRETS["file content"])
         assert mine["pty.close"]["detail"]["exit_code"] == 5
+        assert mine["process.start"]["command"] == "cat"
+        assert mine["process.start"]["env_keys"] == ["PK"]
+        assert mine["process.start"]["detail"]["pid"] == pid
+        assert mine["process.input"]["detail"]["bytes"] == len(SECRETS["process input"])
         assert all(isinstance(e["ts"], float) and e["client"] for e in mine.values())
         refused = [e for e in events if e["action"] == "auth"]
         assert refused, "the wrong token was not audited"

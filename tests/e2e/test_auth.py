@@ -190,6 +190,10 @@ def test_a_sandbox_belongs_to_its_creators_namespace(auth_app, users):
         ("PUT", "/files", None),
         ("GET", "/archive", None),
         ("GET", "/stats", None),
+        ("POST", "/processes", {"command": "true"}),
+        ("GET", "/processes", None),
+        ("GET", "/processes/1/output", None),
+        ("DELETE", "/processes/1", None),
         ("POST", "/files/mkdir", {"path": "x"}),
         ("POST", "/files/remove", {"path": "x"}),
     ):

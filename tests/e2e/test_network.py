@@ -130,3 +130,35 @@ def test_cli_creates_a_bridge_sandbox_with_an_allow_list(net_platform, outside):
         [*argv[:5], "--network", "host"], env=env, capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 1 and "invalid_config" in refused.stderr
+
+
+def test_bridge_sandbox_port_is_relayed(net_platform):
+    """A server on the bridged sandbox's loopback is reached through the port relay (issue
+    15.2): the rocklet connects inside the sandbox's own network namespace."""
+    from tests._wait import wait_until
+
+    plat, _ = net_platform
+    with plat.client() as api:
+        resp = api.post("/v1/sandboxes", json={"network": "bridge", "ttl_seconds": 120})
+        assert resp.status_code == 201, resp.text
+        sandbox_id = resp.json()["id"]
+        api.post(
+            f"/v1/sandboxes/{sandbox_id}/sessions",
+            json={"session": "srv"},
+        ).raise_for_status()
+        started = api.post(
+            f"/v1/sandboxes/{sandbox_id}/sessions/srv/run",
+            json={
+                "command": "mkdir -p site && echo relayed >site/x.txt && "
+                "python3 -m http.server 8765 --bind 127.0.0.1 -d site >/dev/null 2>&1 &"
+            },
+        )
+        assert started.status_code == 200, started.text
+
+        def fetched():
+            got = api.get(f"/v1/sandboxes/{sandbox_id}/ports/8765/x.txt")
+            assert got.status_code in (200, 502), got.text  # 502 port_closed: not yet up
+            return got if got.status_code == 200 else None
+
+        assert wait_until(fetched, what="the bridged sandbox's server").text == "relayed\n"
+        assert api.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204

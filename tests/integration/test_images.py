@@ -2,8 +2,9 @@
 
 Covers: layer unpacking (whiteouts, opaque dirs, links, setuid, owners) as a sandbox sees it,
 refused escapes, typed errors (not found, bad credentials, registry down, store full,
-malformed reference), single flight, LRU eviction, sharing of layers, and that a default
-sandbox sees none of the host's files.
+malformed reference), single flight, LRU eviction, sharing of layers, that a default
+sandbox sees none of the host's files, and the image's User (the ``nonroot`` test image: its
+processes run as that user in the sandbox's user namespace, no capabilities left).
 """
 
 from __future__ import annotations
@@ -325,9 +326,22 @@ async def test_store_full_and_lru_eviction(tmp_path):
     big_ref = layout_with(tmp_path, "big", [{"b.bin": b"b" * 5000}, {"c.bin": b"c" * 5000}])
     # room for the big image alone: the small one is evicted (least recently used, unused)
     store = store_at(tmp_path / "store", max_bytes=10_500)
+    seen: list[dict[str, int]] = []  # what /metrics gets (ImageMetrics listens the same way)
+    store.listeners.append(lambda s: seen.append(s.stats()))
     first = await store.get(small_ref)
+    assert seen[0]["pulls_in_flight"] == 1 and seen[-1]["pulls_in_flight"] == 0
+    assert seen[-1] | {"pulls_in_flight": 0} == {
+        "bytes": 1000,
+        "budget": 10_500,
+        "images": 1,
+        "pulls_in_flight": 0,
+        "pull_failures": 0,
+        "pulls": 1,
+        "pushes": 0,
+    }
     await store.get(big_ref)
     assert [i.refs for i in store.list()] == [[big_ref]]
+    assert seen[-1]["bytes"] == 10_000 and seen[-1]["images"] == 1
     assert not os.path.exists(store.layer_dir(first.layers[0]))
     # in use: never evicted; a new image that does not fit is image_store_full
     img = store.lookup(big_ref)
@@ -335,6 +349,7 @@ async def test_store_full_and_lru_eviction(tmp_path):
     with pytest.raises(errors.ImageStoreFull):
         await store.get(small_ref)
     assert store.lookup(big_ref) is not None
+    assert seen[-1]["pull_failures"] == 1 and seen[-1]["pulls_in_flight"] == 0
     assert not os.path.exists(store.layer_dir(first.layers[0]))  # the refused one is gone
     with pytest.raises(errors.Conflict):
         await store.remove(big_ref)
@@ -370,6 +385,52 @@ async def test_images_share_layers_on_disk(shared_root, registry):
     assert store.disk_bytes() == multi.size  # the base layer is stored once
 
 
+# ---------------------------------------------------------------- image User
+
+PROBE = (
+    "id -u; id -g; id -G; pwd; echo $HOME; touch /tmp/t && echo tmp-ok;"
+    " grep CapEff /proc/self/status; (touch ~/made && stat -c '%u:%g' ~/made) || echo denied"
+)
+
+
+async def _probe(rt, spec: SandboxSpec) -> list[str]:
+    sid = f"t-{uuid.uuid4().hex[:16]}"
+    await rt.create(sid, spec)
+    try:
+        h = await rt.start(sid)
+        out = await h.exec(ExecRequest(command=PROBE))
+        assert out.exit_code == 0, out
+        return out.stdout.split("\n")
+    finally:
+        await rt.remove(sid)
+
+
+@needs_bwrap
+async def test_bwrap_runs_the_sandbox_as_the_images_user(bwrap):
+    lines = await _probe(bwrap, SandboxSpec(image=oci("nonroot")))
+    assert lines[:2] == ["1000", "1000"] and sorted(lines[2].split()) == ["1000", "50"]
+    assert lines[3:6] == ["/home/agent", "/home/agent", "tmp-ok"]
+    assert lines[6].split() == ["CapEff:", "0000000000000000"]
+    assert lines[7] == "1000:1000"  # a file it makes is its own (inside the namespace)
+    # the create's user wins over the image's; the image's WorkingDir stays
+    spec = SandboxSpec(image=oci("nonroot"), user="nobody:staff")
+    lines = await _probe(bwrap, spec)
+    assert lines[:5] == ["65534", "50", "50", "/home/agent", "/"]
+    assert lines[7] == "denied"  # nobody may not write to / (permissions hold)
+    # an image without User runs as root, as before
+    root = await _probe(bwrap, SandboxSpec(image=oci("nopython")))
+    assert root[:2] == ["0", "0"]
+
+
+@needs_bwrap
+async def test_unknown_user_is_a_conflict_and_leaves_nothing(bwrap):
+    with pytest.raises(errors.Conflict, match="not in the image"):
+        await bwrap.create("t-nouser", SandboxSpec(image=oci("nonroot"), user="mallory"))
+    assert await bwrap.list() == []
+    img = bwrap.images.lookup(oci("nonroot"))
+    assert img is not None and img.user == "agent" and bwrap.images.in_use(img.id) == 0
+
+
 # ---------------------------------------------------------------- commit
 
 
@@ -403,6 +464,47 @@ async def test_commit_makes_an_image_usable_at_once(bwrap, registry):
     assert "No such file" in lines[4] and lines[5] == "/opt"
     await bwrap.remove(sid2)
     assert bwrap.images.in_use(img.id) == 0
+
+
+@needs_bwrap
+async def test_commit_push_then_pull_and_run_on_a_fresh_store(
+    bwrap, private_registry, tmp_path, caplog
+):
+    caplog.set_level("DEBUG")
+    sid, h = await _started(bwrap, SandboxSpec(image=oci("nopython")))
+    await _sh(h, "echo pushed-marker > /root/marker; mkdir -p /opt/x && ln -s ../root /opt/x/r")
+    committed = await bwrap.commit(sid, "local/pushme", "v1")
+    await bwrap.remove(sid)
+    dest = private_registry.ref(f"team/pushed:{uuid.uuid4().hex[:8]}")
+    store = bwrap.images
+    with pytest.raises(errors.RegistryUnauthorized):
+        await store.push(committed, dest, RegistryAuth(username=AUTH[0], password="wrong"))
+    with pytest.raises(errors.RegistryUnauthorized):
+        await store.push(committed, dest)  # no credentials, never the node's own login
+    with pytest.raises(errors.ImageNotFound):
+        await store.push("local/never:v1", dest)
+    good = RegistryAuth(username=AUTH[0], password=AUTH[1])
+    digest = await store.push(committed, dest, good)
+    assert digest.startswith("sha256:")
+    assert AUTH[1] not in caplog.text
+    assert [n for n in os.listdir(store.root + "/tmp") if n.startswith("push-")] == []
+    # a fresh node: pull what was pushed (with credentials) and run it
+    cfg = BwrapRuntimeConfig(
+        state_dir=str(tmp_path / "state2"),
+        cgroup_parent=TEST_CGROUP_PARENT,
+        images=ImageStoreConfig(root=str(tmp_path / "fresh")),
+    )
+    fresh = cfg.build()
+    try:
+        sid2, h2 = await _started(fresh, SandboxSpec(image=dest, registry_auth=good))
+        assert await _sh(h2, "cat /root/marker; readlink /opt/x/r") == "pushed-marker\n../root\n"
+        img = fresh.images.lookup(dest)
+        src = store.lookup(committed)
+        assert img is not None and src is not None and len(img.layers) == len(src.layers)
+        assert img.labels["rock-serve.committed-from"] == src.labels["rock-serve.committed-from"]
+        await fresh.remove(sid2)
+    finally:
+        await fresh.close()
 
 
 @needs_bwrap

@@ -252,7 +252,8 @@ def _exported_names() -> set[str]:
     import re
     from pathlib import Path
 
-    source = (Path(__file__).resolve().parents[2] / "deployments" / "_metrics.py").read_text()
+    deployments = Path(__file__).resolve().parents[2] / "deployments"
+    source = "".join((deployments / f).read_text() for f in ("_metrics.py", "_images.py"))
     names = set(re.findall(r'rm\.\w+\(\s*"(rock_\w+)"', source))
     assert len(names) >= 10
     return {f"ray_{n}" for n in names}

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_exported_members():
     assert set(rock_serve.sdk.__all__) == {
         "AsyncClient",
+        "AsyncProcess",
+        "AsyncProcessOutput",
         "AsyncSandbox",
         "AsyncSandboxFiles",
         "AsyncLLMCallHandle",
@@ -42,11 +44,15 @@ def test_exported_members():
         "LLMCallHandle",
         "LLMRelay",
         "SandboxLLM",
+        "AsyncSandboxProcesses",
         "Client",
         "ClientSettings",
+        "Process",
+        "ProcessOutput",
         "RetryPolicy",
         "Sandbox",
         "SandboxFiles",
+        "SandboxProcesses",
     }
     for name in rock_serve.sdk.__all__:
         assert hasattr(rock_serve.sdk, name)
@@ -68,6 +74,10 @@ def test_the_twins_have_the_same_methods():
     assert public(rock_serve.sdk.AsyncClient) == public(rock_serve.sdk.Client)
     assert public(rock_serve.sdk.AsyncSandbox) == public(rock_serve.sdk.Sandbox)
     assert public(rock_serve.sdk.AsyncSandboxFiles) == public(rock_serve.sdk.SandboxFiles)
+    for name in ("Process", "ProcessOutput", "SandboxProcesses"):
+        assert public(getattr(rock_serve.sdk, "Async" + name)) == public(
+            getattr(rock_serve.sdk, name)
+        )
     assert hasattr(rock_serve.sdk.AsyncClient, "aclose") and hasattr(Client, "close")
 
 
