@@ -173,22 +173,6 @@ def test_relay_over_ray_many_sandboxes_one_connection(bwrap_host_tools_platform:
             assert reply["status"] == 200
             content = json.loads(reply["body"])["choices"][0]["message"]["content"]
             assert content == f"HELLO FROM {i}"
-        # The sync twin over Ray: sb.llm on a Client.from_ray sandbox object.
-        from rock_serve.sdk import Sandbox
-
-        ray_sync = Client.from_ray(namespace=namespace)
-        try:
-            sb = Sandbox(ray_sync, sandboxes[0].record, delete_on_exit=False, heartbeat=False)
-            agent = _run_agent(sandboxes[0], "sync")
-            call = next(iter(sb.llm.calls(wait=5)))
-            call.respond(completion("over ray, sync"))
-            (reply,) = agent.result(timeout=120)
-            assert json.loads(reply["body"])["choices"][0]["message"]["content"] == (
-                "over ray, sync"
-            )
-            assert len(sb.llm.trajectory()) == 2
-        finally:
-            ray_sync.close()
     finally:
         for sb in sandboxes:
             sb.__exit__(None, None, None)
