@@ -45,6 +45,15 @@ def test_reverse_ports_need_an_admin():
     check_spec_privileges(Principal("t", "default"), CreateSandboxRequest(model_service={}))
 
 
+def test_a_proxying_model_service_needs_an_admin():
+    # The node sends the proxied requests: a tenant must not aim it at what the node reaches.
+    spec = {"mode": "proxy", "base_url": "http://169.254.169.254/latest", "api_key": "k"}
+    req = CreateSandboxRequest(model_service=spec)
+    check_spec_privileges(Principal("root", "default", admin=True), req)
+    with pytest.raises(PermissionDenied, match="proxy"):
+        check_spec_privileges(Principal("t", "default"), req)
+
+
 def test_error_codes_in_the_table():
     assert error_class("replay_diverged") is ReplayDiverged
     assert http_status("replay_diverged") == 409
