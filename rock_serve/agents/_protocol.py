@@ -25,11 +25,13 @@ __all__ = [
     "CallEvent",
     "ExitEvent",
     "agent_argv",
+    "agent_command",
     "completion",
     "launch_command",
     "launch_files",
     "next_argv",
     "parse_event",
+    "repo_files",
     "response_body",
 ]
 
@@ -93,10 +95,23 @@ def agent_argv(
     return AGENTS[agent](task, step_limit=step_limit, model=model)
 
 
+def repo_files(task: AgentTask) -> dict[str, str]:
+    """The task's repository, as paths relative to a run's base directory."""
+    return {f"{REPO_DIR}/{path}": content for path, content in task.files.items()}
+
+
+def agent_command(argv: list[str]) -> str:
+    """Bash (run in ``repo/``) that runs the agent unattended, its output in ``.llm/agent.log``;
+    its LLM endpoint is the sandbox's model service (``OPENAI_BASE_URL`` from the platform).
+    """
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in AGENT_ENV.items())
+    return f"exec env {env} {shlex.join(argv)} > ../{LLM_DIR}/agent.log 2>&1 < /dev/null"
+
+
 def launch_files(task: AgentTask) -> dict[str, str]:
     """The files to write before the launch: the task's repository and the relay."""
     relay = resources.files("rock_serve.agents").joinpath("_sandbox_relay.py").read_text()
-    files = {f"{REPO_DIR}/{path}": content for path, content in task.files.items()}
+    files = repo_files(task)
     files[f"{LLM_DIR}/relay.py"] = relay
     return files
 

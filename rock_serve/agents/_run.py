@@ -1,19 +1,21 @@
 """Run a real agent package in a sandbox, its LLM calls answered by the trainer.
 
-:func:`start_agent` writes the task and starts the agent in the background; the run's
-:meth:`AgentRun.calls` yields each LLM call the agent makes (``call.request`` is the
-chat.completions body; ``await call.respond(completion)`` or ``await call.fail(message)``
-answers it) until the agent exits; :meth:`AgentRun.verify` runs the task's verifier.
-:func:`run_agent` does all of it with a policy function and returns an :class:`AgentOutcome`.
-
-The calls reach the trainer through :func:`llm_calls`, the one seam between an agent run and
-the model service: today an in-sandbox relay (``_sandbox_relay.py``, over file and exec
-operations, so it works with ``network: none`` on every runtime); the platform's model service
-(``sb.llm.calls()``) plugs in there.
+The sandbox must have the platform's model service (created with
+``model_service={"mode": "relay"}``): the agent's ``OPENAI_BASE_URL`` is the sandbox's own
+endpoint, whose calls the trainer answers through ``sb.llm``, over HTTP or Ray, and every call
+is recorded as the sandbox's trajectory. :func:`start_agent` writes the task and starts the
+agent as a background process; the run's :meth:`AgentRun.calls` yields each LLM call the agent
+makes (``call.request`` is the chat.completions body; ``await call.respond(completion)`` or
+``await call.fail(message)`` answers it) until the agent exits; :meth:`AgentRun.verify` runs
+the task's verifier. :func:`run_agent` does all of it with a policy function (or, with
+``policy=None``, leaves the answers to the model service itself: ``proxy`` or ``replay`` mode)
+and returns an :class:`AgentOutcome`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import secrets
 import time
@@ -24,19 +26,14 @@ from typing import Any
 from rock_serve.agents._protocol import (
     LLM_DIR,
     REPO_DIR,
-    CallEvent,
-    ExitEvent,
     agent_argv,
+    agent_command,
     completion,
-    launch_command,
-    launch_files,
-    next_argv,
-    parse_event,
-    response_body,
+    repo_files,
 )
 from rock_serve.agents._tasks import AgentTask, builtin_task
 from rock_serve.errors import AgentFailed, InvalidRequest, Timeout
-from rock_serve.sdk import AsyncSandbox
+from rock_serve.sdk import AsyncLLMCallHandle, AsyncProcess, AsyncSandbox
 
 __all__ = [
     "AgentOutcome",
@@ -52,14 +49,14 @@ __all__ = [
 #: chat.completion object, sync or async.
 Policy = Callable[[dict[str, Any]], "str | dict[str, Any] | Awaitable[str | dict[str, Any]]"]
 
-#: How long one wait for the agent's next call may block inside the sandbox.
+#: How long one long poll for the agent's next call may wait.
 _WAIT_SLICE = 20.0
 
 
 @dataclass
 class LLMCall:
-    """One LLM call of the agent, waiting for the trainer's answer (the model service's shape:
-    ``.request``, ``.sandbox_id``, ``respond``, ``fail``).
+    """One LLM call of the agent, waiting for the trainer's answer (wraps the model service's
+    call handle: ``.request``, ``.sandbox_id``, ``respond``, ``fail``).
     """
 
     request: dict[str, Any]
@@ -69,6 +66,7 @@ class LLMCall:
     n: int
     """1 for the agent's first call, then 2, 3..."""
     _run: AgentRun = field(repr=False)
+    _handle: AsyncLLMCallHandle = field(repr=False)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -76,13 +74,19 @@ class LLMCall:
         return list(self.request.get("messages", []))
 
     async def respond(self, answer: dict[str, Any] | str) -> None:
-        """Answer with a chat.completion object (or just the assistant message's text)."""
+        """Answer with a chat.completion object (or just the assistant message's text).
+
+        Raises:
+            NotFound: The call no longer waits (it timed out, the agent left).
+        """
         body = answer if isinstance(answer, dict) else completion(answer, self.request, n=self.n)
-        await self._run._answer(self, body, None)
+        await self._handle.respond(body)
+        self._run.trajectory.append({"request": self.request, "response": body})
 
     async def fail(self, message: str) -> None:
-        """Answer with an error: the agent's client sees an OpenAI-style HTTP 502."""
-        await self._run._answer(self, None, message)
+        """Answer with an error: the agent's client sees an OpenAI-style HTTP 500."""
+        await self._handle.fail(message)
+        self._run.trajectory.append({"request": self.request, "error": message})
 
 
 @dataclass
@@ -94,9 +98,12 @@ class AgentOutcome:
     exit_code: int
     """The agent process's exit code."""
     calls: int
-    """LLM calls the agent made."""
+    """LLM calls the agent made (answered by the trainer, or by the model service itself)."""
     trajectory: list[dict[str, Any]]
-    """Every call: ``{"request": body, "response": completion}`` (or ``"error"``)."""
+    """Every call as the model service recorded it: ``{"request", "response"}`` (or
+    ``"error"``); replayable with ``model_service={"mode": "replay", "replay": ...}``."""
+    trajectory_id: str
+    """The sandbox's trajectory id (the recorded JSONL's name in the trajectory store)."""
     verifier_output: str
     """The tail of the verifier's output."""
     log_tail: str
@@ -108,57 +115,51 @@ class AgentOutcome:
 class AgentRun:
     """A started agent in a sandbox (see :func:`start_agent`)."""
 
-    def __init__(self, sandbox: AsyncSandbox, task: AgentTask, base: str, timeout: float) -> None:
-        """Track a run whose files live under ``base`` in the sandbox."""
+    def __init__(
+        self, sandbox: AsyncSandbox, task: AgentTask, base: str, timeout: float, proc: AsyncProcess
+    ) -> None:
+        """Track a run whose files live under ``base`` in the sandbox, its agent ``proc``."""
         self.sandbox = sandbox
         self.task = task
         self.base = base
+        self.process = proc
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.exit_code: int | None = None
         self.trajectory: list[dict[str, Any]] = []
+        """The calls this run's trainer answered (see :meth:`LLMCall.respond`)."""
         self.started = time.monotonic()
 
-    async def _exec(self, argv: list[str] | str, timeout: float) -> str:
-        result = await self.sandbox.exec(argv, cwd=self.base, timeout=timeout)
-        if result.exit_code != 0 or result.timed_out:
-            raise AgentFailed(
-                f"relay command failed (exit {result.exit_code}): "
-                f"{(result.stdout_bytes() + result.stderr_bytes()).decode(errors='replace')[-500:]}"
-            )
-        return result.stdout_bytes().decode("utf-8", "replace")
-
-    async def next_event(self, n: int) -> CallEvent | ExitEvent:
-        """Wait for the agent's call ``n`` or its exit.
-
-        Raises:
-            Timeout: The run's timeout passed first.
-        """
-        while True:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise Timeout(f"the agent made no call and did not exit within {self.timeout:g}s")
-            wait = min(_WAIT_SLICE, left)
-            event = parse_event(await self._exec(next_argv(n, wait), wait + 30))
-            if event is not None:
-                return event
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout(f"the agent did not finish within {self.timeout:g}s")
+        return left
 
     async def calls(self) -> AsyncIterator[LLMCall]:
         """The agent's LLM calls, in order, until it exits (then :attr:`exit_code` is set).
 
-        Answer each call before asking for the next one.
+        Answer each call before asking for the next one (the agent waits for it).
+
+        Raises:
+            Timeout: The run's timeout passed first.
         """
         async for call in llm_calls(self):
             yield call
 
-    async def _answer(
-        self, call: LLMCall, answer: dict[str, Any] | None, error: str | None
-    ) -> None:
-        path, body = response_body(call.n, answer, error)
-        await self.sandbox.files.write(f"{self.base}/{path}", body)
-        entry: dict[str, Any] = {"request": call.request}
-        entry["response" if error is None else "error"] = answer if error is None else error
-        self.trajectory.append(entry)
+    async def wait(self) -> int:
+        """Wait for the agent's exit without answering calls (the model service answers them:
+        proxy or replay mode); its exit code.
+
+        Raises:
+            Timeout: The run's timeout passed first.
+        """
+        try:
+            info = await self.process.wait(timeout=self._left())
+        except Timeout:
+            raise Timeout(f"the agent did not finish within {self.timeout:g}s") from None
+        self.exit_code = info.exit_code if info.exit_code is not None else -1
+        return self.exit_code
 
     async def verify(self) -> tuple[float, str]:
         """Run the task's verifier in the repository: ``(reward, output tail)``."""
@@ -178,23 +179,42 @@ class AgentRun:
 
     async def kill(self) -> None:
         """End the agent (its whole process group) if it still runs; idempotent."""
-        await self.sandbox.exec(
-            f"p=$(cat {LLM_DIR}/pid 2>/dev/null) && kill -KILL -- -$p 2>/dev/null; true",
-            cwd=self.base,
-            timeout=30,
-        )
+        with contextlib.suppress(Exception):
+            info = await self.process.kill()
+            if self.exit_code is None and info.exit_code is not None:
+                self.exit_code = info.exit_code
 
 
 async def llm_calls(run: AgentRun) -> AsyncIterator[LLMCall]:
-    """The seam to the model service: the agent's pending LLM calls, until it exits."""
+    """The agent's pending LLM calls from the sandbox's model service (``sb.llm``), until the
+    agent process exits: a long poll for calls raced against the process's wait.
+    """
     n = 1
-    while True:
-        event = await run.next_event(n)
-        if isinstance(event, ExitEvent):
-            run.exit_code = event.exit_code
-            return
-        yield LLMCall(event.request, run.sandbox.id, event.n, run)
-        n += 1
+    waiter = asyncio.ensure_future(run.process.wait())
+    poll: asyncio.Future[list[AsyncLLMCallHandle]] | None = None
+    try:
+        while True:
+            left = run._left()
+            poll = asyncio.ensure_future(run.sandbox.llm.poll(wait=min(_WAIT_SLICE, left)))
+            done, _ = await asyncio.wait(
+                {poll, waiter}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            if poll in done:
+                handles, poll = poll.result(), None
+                for handle in handles:
+                    yield LLMCall(handle.request, run.sandbox.id, n, run, handle)
+                    n += 1
+                continue
+            if waiter in done:
+                info = waiter.result()
+                run.exit_code = info.exit_code if info.exit_code is not None else -1
+                return
+    finally:
+        for task in (poll, waiter):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
 
 async def start_agent(
@@ -204,41 +224,39 @@ async def start_agent(
     agent: str = "mini-swe-agent",
     step_limit: int = 20,
     timeout: float = 600.0,
-    call_timeout: float = 300.0,
 ) -> AgentRun:
     """Write the task into the sandbox and start the agent on it in the background.
 
     Args:
-        sandbox: A running sandbox whose image has the agent (``agent-mini`` for
-            mini-swe-agent) and python3.
+        sandbox: A running sandbox created with ``model_service`` (the agent's LLM endpoint;
+            its ``timeout`` is how long the agent waits for one answer) whose image has the
+            agent (``agent-mini`` for mini-swe-agent) and python3.
         task: An :class:`AgentTask` or the name of a built-in one.
         agent: The agent package to run.
         step_limit: The most LLM calls the agent may make.
         timeout: Seconds the whole run may take.
-        call_timeout: Seconds the agent waits for one answer before its call fails.
 
     Raises:
         InvalidRequest: Unknown agent or task, bad limits.
     """
     task = builtin_task(task) if isinstance(task, str) else task
     argv = agent_argv(agent, task, step_limit=step_limit)
-    if not 0 < timeout <= 86_400 or not 0 < call_timeout <= 86_400:
-        raise InvalidRequest("timeout and call_timeout must be in (0, 86400] seconds")
+    if not 0 < timeout <= 86_400:
+        raise InvalidRequest("timeout must be in (0, 86400] seconds")
     base = f"/tmp/rock-agent-{secrets.token_hex(6)}"
     await sandbox.files.mkdir(f"{base}/{LLM_DIR}")
     await sandbox.files.mkdir(f"{base}/{REPO_DIR}")
-    for path, content in launch_files(task).items():
+    for path, content in repo_files(task).items():
         await sandbox.files.write(f"{base}/{path}", content)
-    run = AgentRun(sandbox, task, base, timeout)
-    await run._exec(
-        ["bash", "-c", launch_command(argv, call_timeout=call_timeout, detach=True)], 30
+    proc = await sandbox.process.start(
+        ["bash", "-c", agent_command(argv)], cwd=f"{base}/{REPO_DIR}"
     )
-    return run
+    return AgentRun(sandbox, task, base, timeout, proc)
 
 
 async def run_agent(
     sandbox: AsyncSandbox,
-    policy: Policy,
+    policy: Policy | None,
     *,
     task: AgentTask | str = "fix_add",
     agent: str = "mini-swe-agent",
@@ -248,16 +266,18 @@ async def run_agent(
     """Run an agent on a task in a sandbox, answering its LLM calls with ``policy``; verify.
 
     Args:
-        sandbox: A running sandbox whose image has the agent (e.g. ``agent-mini``).
+        sandbox: A running sandbox with ``model_service`` whose image has the agent (e.g.
+            ``agent-mini``).
         policy: Answers each chat.completions request (text or a chat.completion object;
             sync or async). An exception in it fails that call (the agent sees an error).
+            None: the model service answers by itself (``proxy`` or ``replay`` mode).
         task: An :class:`AgentTask` or a built-in task's name.
         agent: The agent package to run.
         step_limit: The most LLM calls the agent may make.
         timeout: Seconds the whole run may take.
 
     Returns:
-        The verifier's reward, the agent's exit code, the trajectory and log tails.
+        The verifier's reward, the agent's exit code, the recorded trajectory and log tails.
 
     Raises:
         InvalidRequest: Unknown agent or task, bad limits.
@@ -266,29 +286,39 @@ async def run_agent(
     """
     run = await start_agent(sandbox, task, agent=agent, step_limit=step_limit, timeout=timeout)
     try:
-        async for call in run.calls():
-            try:
-                answer = policy(call.request)
-                if inspect.isawaitable(answer):
-                    answer = await answer
-            except Exception as exc:
-                await call.fail(f"policy error: {type(exc).__name__}: {exc}")
-                continue
-            await call.respond(answer)
+        if policy is None:
+            await run.wait()
+        else:
+            await _answer_all(run, policy)
     finally:
         if run.exit_code is None:
             await run.kill()
     log = await run.log_tail()
     assert run.exit_code is not None
-    if not run.trajectory and run.exit_code != 0:
+    record = await sandbox.llm.trajectory_record()
+    steps = [s.model_dump(mode="json", exclude_none=True) for s in record.steps]
+    if not steps and run.exit_code != 0:
         raise AgentFailed(f"{agent} exited with {run.exit_code} before its first LLM call: {log}")
     reward, verdict = await run.verify()
     return AgentOutcome(
         reward=reward,
         exit_code=run.exit_code,
-        calls=len(run.trajectory),
-        trajectory=run.trajectory,
+        calls=len(steps),
+        trajectory=steps,
+        trajectory_id=record.trajectory_id,
         verifier_output=verdict,
         log_tail=log,
         seconds=time.monotonic() - run.started,
     )
+
+
+async def _answer_all(run: AgentRun, policy: Policy) -> None:
+    async for call in run.calls():
+        try:
+            answer = policy(call.request)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except Exception as exc:
+            await call.fail(f"policy error: {type(exc).__name__}: {exc}")
+            continue
+        await call.respond(answer)

@@ -1,7 +1,8 @@
-"""mini-swe-agent in a bwrap sandbox (image ``agent-mini``), its LLM calls answered by the
-trainer: ``run_agent`` end to end with a real OpenAI-compatible server (scripted) behind the
-trainer, and the ``rock/AgentTask-v0`` env stepped one LLM call at a time with a solving and a
-wrong scripted policy (reward 1, then 0).
+"""mini-swe-agent in a bwrap sandbox (image ``agent-mini``, network none), its LLM calls going
+to the platform's model service: answered by the trainer (relay) over HTTP and over Ray, by a
+real OpenAI-compatible server (proxy), and from the recorded trajectory (replay, same verdict);
+and the ``rock/AgentTask-v0`` env stepped one LLM call at a time with a solving and a wrong
+scripted policy (reward 1, then 0).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import rock_serve.envs as envs
 from rock_serve.agents import (
     AGENT_IMAGE,
     SUBMIT,
-    HTTPPolicy,
+    AgentOutcome,
+    AgentTask,
     ScriptedPolicy,
     action_message,
     builtin_task,
@@ -80,33 +82,85 @@ async def model_server(policy: ScriptedPolicy) -> AsyncIterator[tuple[str, list[
         await asyncio.wait_for(task, 15)
 
 
-@pytest.mark.slow
-async def test_agent_solves_the_task_with_a_served_model(agent_platform):
-    """mini-swe-agent's calls go to a real OpenAI-compatible server through the trainer
-    (HTTPPolicy); the scripted model behind it solves the task: reward 1."""
-    task = builtin_task("fix_add")
-    async with (
-        model_server(ScriptedPolicy(solution_replies(task))) as (url, seen),
-        HTTPPolicy(url, api_key=KEY, model="served-model") as policy,
-        AsyncClient(agent_platform.url) as client,
-        client.sandbox(image=AGENT_IMAGE) as sb,
-    ):
-        outcome = await run_agent(sb, policy, task=task, timeout=300)
-        # The key stayed on the trainer's side.
-        leaked = await sb.exec(f"grep -rl {KEY} /tmp /root /proc/*/environ 2>/dev/null", timeout=60)
-        assert leaked.stdout == ""
+RELAY = {"mode": "relay", "timeout": 120}
+
+
+def _assert_solved(outcome: AgentOutcome, task: AgentTask) -> None:
     assert outcome.reward == 1.0, (outcome.verifier_output, outcome.log_tail)
     assert outcome.exit_code == 0, outcome.log_tail
-    assert outcome.calls == len(seen) == len(task.solution) + 1
-    assert {body["model"] for body in seen} == {"served-model"}
+    assert outcome.calls == len(outcome.trajectory) == len(task.solution) + 1
     first = outcome.trajectory[0]["request"]
     assert task.instruction in first["messages"][-1]["content"]
-    assert first["model"] == "rock-policy"
     # The agent ran the commands: the second request carries the first command's output.
     assert "return a - b" in outcome.trajectory[1]["request"]["messages"][-1]["content"]
     assert outcome.trajectory[-1]["response"]["choices"][0]["message"]["content"].endswith(
         f"{SUBMIT}\n```"
     )
+
+
+@pytest.mark.slow
+async def test_agent_solves_over_http_and_the_trajectory_replays(agent_platform):
+    """The trainer answers mini-swe-agent's calls through the model service (relay, HTTP
+    transport): reward 1, every call recorded; a fresh sandbox in replay mode with that
+    trajectory, and no trainer, reaches the same verdict; a wrong policy gets 0."""
+    task = builtin_task("fix_add")
+    async with AsyncClient(agent_platform.url) as client:
+        async with client.sandbox(
+            image=AGENT_IMAGE, model_service=RELAY, trajectory_id="fix-add-http"
+        ) as sb:
+            outcome = await run_agent(sb, ScriptedPolicy(solution_replies(task)), timeout=300)
+            recorded = await sb.llm.trajectory()
+        _assert_solved(outcome, task)
+        assert outcome.trajectory_id == "fix-add-http"
+        assert outcome.trajectory == recorded
+        assert {s["request"]["model"] for s in recorded} == {"rock-policy"}
+        async with client.sandbox(
+            image=AGENT_IMAGE, model_service={"mode": "replay", "replay": recorded}
+        ) as sb:
+            replayed = await run_agent(sb, None, timeout=300)
+        assert (replayed.reward, replayed.exit_code) == (1.0, 0), replayed.log_tail
+        assert [s["response"] for s in replayed.trajectory] == [s["response"] for s in recorded]
+        wrong = ScriptedPolicy([action_message("cat calc.py"), action_message(SUBMIT)])
+        async with client.sandbox(image=AGENT_IMAGE, model_service=RELAY) as sb:
+            failed = await run_agent(sb, wrong, timeout=300)
+        assert (failed.reward, failed.exit_code, failed.calls) == (0.0, 0, 2), failed.log_tail
+
+
+@pytest.mark.slow
+async def test_agent_solves_over_ray(agent_platform):
+    """The same episode with the trainer on the Ray transport (sandbox, files, the agent's
+    process and its LLM calls all through ``AsyncClient.from_ray``): reward 1."""
+    task = builtin_task("fix_add")
+    async with (
+        AsyncClient.from_ray(namespace="rock-e2e-bwrap") as client,
+        client.sandbox(image=AGENT_IMAGE, model_service=RELAY) as sb,
+    ):
+        outcome = await run_agent(sb, ScriptedPolicy(solution_replies(task)), timeout=300)
+    _assert_solved(outcome, task)
+    assert outcome.trajectory_id == sb.id
+
+
+@pytest.mark.slow
+async def test_agent_with_a_served_model_in_proxy_mode(agent_platform):
+    """proxy mode: the node forwards the agent's calls to a real OpenAI-compatible server
+    (scripted) with a key that never enters the sandbox; no trainer loop; reward 1."""
+    task = builtin_task("fix_add")
+    spec = {"mode": "proxy", "api_key": KEY, "model": "served-model"}
+    async with (
+        model_server(ScriptedPolicy(solution_replies(task))) as (url, seen),
+        AsyncClient(agent_platform.url) as client,
+        client.sandbox(image=AGENT_IMAGE, model_service={**spec, "base_url": url}) as sb,
+    ):
+        outcome = await run_agent(sb, None, timeout=300)
+        leaked = await sb.exec(
+            f"env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; "
+            f"grep -rl {KEY} /tmp /root 2>/dev/null; true",
+            timeout=60,
+        )
+        assert KEY not in leaked.stdout
+    _assert_solved(outcome, task)
+    assert len(seen) == outcome.calls
+    assert {body["model"] for body in seen} == {"served-model"}
 
 
 def _episode(env, policy: ScriptedPolicy, seed: int) -> tuple[float, int, dict]:
