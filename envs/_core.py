@@ -1,7 +1,8 @@
 """What an env author writes: an :class:`EnvCore`, the I/O-free logic of a sandbox env.
 
 A core's ``reset`` and ``step`` are generators. They ``yield`` operations on the env's sandbox
-(:class:`Run`, :class:`Exec`, :class:`WriteFiles`, :class:`ReadFile`) and receive each result
+(:class:`Run`, :class:`Exec`, :class:`WriteFiles`, :class:`ReadFile`; :class:`LLMPoll` and
+:class:`LLMRespond` for an agent's model calls) and receive each result
 back, then ``return`` what Gymnasium's ``reset``/``step`` return. The same core is driven by the
 sync :class:`~rock_serve.envs.SandboxEnv` (through :class:`~rock_serve.sdk.Client`) and by the
 async :class:`~rock_serve.envs.AsyncSandboxEnv` (through :class:`~rock_serve.sdk.AsyncClient`),
@@ -42,6 +43,8 @@ __all__ = [
     "EnvCore",
     "EpisodeContext",
     "Exec",
+    "LLMPoll",
+    "LLMRespond",
     "Op",
     "ReadFile",
     "Run",
@@ -97,8 +100,30 @@ class ReadFile:
     missing_ok: bool = False
 
 
+@dataclass(frozen=True)
+class LLMPoll:
+    """Wait up to ``wait`` seconds for LLM calls of the agent in the sandbox (the sandbox's
+    model service in relay mode, see docs/model-service.md); the result is a list of
+    :class:`~rock_serve.protocol.llm.LLMCall`, empty when none came.
+    """
+
+    wait: float = 1.0
+    max_calls: int = 1
+
+
+@dataclass(frozen=True)
+class LLMRespond:
+    """Answer a polled LLM call with a chat.completion object (or fail it with ``error``);
+    the result is None.
+    """
+
+    call_id: str
+    response: dict[str, Any] | None = None
+    error: str | None = None
+
+
 #: An operation a core may yield.
-Op: TypeAlias = Run | Exec | WriteFiles | ReadFile
+Op: TypeAlias = Run | Exec | WriteFiles | ReadFile | LLMPoll | LLMRespond
 
 
 @dataclass

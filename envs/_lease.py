@@ -18,15 +18,23 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
-from rock_serve.sdk import AsyncClient, Client
+from rock_serve.sdk import AsyncClient, Client, _async_llm, _sync_llm
 
-__all__ = ["AcquireSandbox", "Call", "DropSandbox", "Effect", "Lease", "pending_releases"]
+__all__ = [
+    "AcquireSandbox",
+    "Call",
+    "CallLLM",
+    "DropSandbox",
+    "Effect",
+    "Lease",
+    "pending_releases",
+]
 
 log = logging.getLogger("rock_serve.envs")
 
@@ -50,7 +58,17 @@ class DropSandbox:
     """Give the sandbox back now (it died); the next reset acquires a new one."""
 
 
-Effect = Call | AcquireSandbox | DropSandbox
+@dataclass(frozen=True)
+class CallLLM:
+    """One model-service call of the SDK (``poll_calls`` or ``answer_call`` of ``sb.llm``'s
+    module) with the client and these arguments.
+    """
+
+    function: Literal["poll_calls", "answer_call"]
+    args: tuple[Any, ...] = ()
+
+
+Effect = Call | CallLLM | AcquireSandbox | DropSandbox
 
 #: Work started by garbage collection or cancellation, kept referenced until it is done.
 _PENDING: set[asyncio.Task[Any]] = set()
@@ -183,6 +201,8 @@ class Lease:
         assert isinstance(client, Client)
         if isinstance(effect, Call):
             return getattr(client, effect.method)(*effect.args, **effect.kwargs)
+        if isinstance(effect, CallLLM):
+            return getattr(_sync_llm, effect.function)(client, *effect.args)
         if isinstance(effect, AcquireSandbox):
             if self.key is not None:
                 self.sandbox_id = SHARED.acquire_sync(client, self.key, self.request)
@@ -242,6 +262,8 @@ class Lease:
         assert isinstance(client, AsyncClient)
         if isinstance(effect, Call):
             return await getattr(client, effect.method)(*effect.args, **effect.kwargs)
+        if isinstance(effect, CallLLM):
+            return await getattr(_async_llm, effect.function)(client, *effect.args)
         if isinstance(effect, AcquireSandbox):
             if self.key is not None:
                 self.sandbox_id = await SHARED.acquire_async(client, self.key, self.request)

@@ -21,9 +21,19 @@ from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
-from rock_serve.envs._core import EnvCore, EpisodeContext, Exec, Op, ReadFile, Run, WriteFiles
+from rock_serve.envs._core import (
+    EnvCore,
+    EpisodeContext,
+    Exec,
+    LLMPoll,
+    LLMRespond,
+    Op,
+    ReadFile,
+    Run,
+    WriteFiles,
+)
 from rock_serve.envs._errors import EnvClosed, EpisodeOver, InvalidAction, ResetNeeded
-from rock_serve.envs._lease import AcquireSandbox, Call, DropSandbox, Effect, Lease
+from rock_serve.envs._lease import AcquireSandbox, Call, CallLLM, DropSandbox, Effect, Lease
 from rock_serve.errors import (
     FileNotFound,
     InvalidRequest,
@@ -36,6 +46,7 @@ from rock_serve.errors import (
     SessionNotFound,
 )
 from rock_serve.protocol import SessionRunResult
+from rock_serve.protocol.llm import LLMAnswer
 
 __all__ = ["SANDBOX_LOST", "Machine", "OnSandboxError", "names"]
 
@@ -295,6 +306,11 @@ class Machine(Generic[ObsT, ActT]):
                 f"{type(self.core).__name__} yielded {type(op).__name__} but has no sandbox "
                 "(uses_sandbox is False)"
             )
+        if isinstance(op, LLMPoll):
+            return (yield CallLLM("poll_calls", (sid, op.wait, op.max_calls)))
+        if isinstance(op, LLMRespond):
+            answer = LLMAnswer(response=op.response, error=op.error)
+            return (yield CallLLM("answer_call", (sid, op.call_id, answer)))
         workdir = self.lease.workdir
         if isinstance(op, WriteFiles):
             self._dir = _Dir.DIRTY

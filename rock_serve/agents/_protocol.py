@@ -1,18 +1,15 @@
-"""The sans-IO part of an agent run: files, commands and parsing shared by
+"""The sans-IO part of an agent run: files and commands shared by
 :func:`~rock_serve.agents.run_agent` (async SDK) and ``rock/AgentTask-v0`` (env ops).
 
 Layout, relative to a run's base directory: ``repo/`` (the task's files; the agent's working
-directory) and ``.llm/`` (the in-sandbox relay: ``relay.py``, requests, answers, ``agent.log``,
-``exit.json``). Every command here runs with the base directory as its working directory.
+directory) and ``.llm/`` (``agent.log``, mini-swe-agent's ``trajectory.json``). The agent's LLM
+endpoint is the sandbox's model service (``OPENAI_BASE_URL``, set by the platform).
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from rock_serve.agents._tasks import AgentTask
@@ -22,17 +19,10 @@ __all__ = [
     "AGENTS",
     "LLM_DIR",
     "REPO_DIR",
-    "CallEvent",
-    "ExitEvent",
     "agent_argv",
     "agent_command",
     "completion",
-    "launch_command",
-    "launch_files",
-    "next_argv",
-    "parse_event",
     "repo_files",
-    "response_body",
 ]
 
 REPO_DIR = "repo"
@@ -108,71 +98,6 @@ def agent_command(argv: list[str]) -> str:
     return f"exec env {env} {shlex.join(argv)} > ../{LLM_DIR}/agent.log 2>&1 < /dev/null"
 
 
-def launch_files(task: AgentTask) -> dict[str, str]:
-    """The files to write before the launch: the task's repository and the relay."""
-    relay = resources.files("rock_serve.agents").joinpath("_sandbox_relay.py").read_text()
-    files = repo_files(task)
-    files[f"{LLM_DIR}/relay.py"] = relay
-    return files
-
-
-def launch_command(argv: list[str], *, call_timeout: float, detach: bool) -> str:
-    """Bash that starts the relay (which starts the agent) in the background and returns.
-
-    ``detach`` puts the run in a session of its own (and records its pid in ``.llm/pid``) so it
-    outlives the exec that started it; without it the run stays in the caller's process group
-    (a bash session, whose close ends it).
-    """
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in AGENT_ENV.items())
-    relay = (
-        f"env {env} python3 ../{LLM_DIR}/relay.py serve ../{LLM_DIR} --timeout {call_timeout:g} "
-        f"-- {shlex.join(argv)}"
-    )
-    redirect = f"> ../{LLM_DIR}/agent.log 2>&1 < /dev/null &"
-    if detach:
-        return f"cd {REPO_DIR} && {{ setsid {relay} {redirect} echo $! > ../{LLM_DIR}/pid; }}"
-    return f"cd {REPO_DIR} && {{ {relay} {redirect} }}"
-
-
-def next_argv(n: int, wait: float) -> list[str]:
-    """The command that waits (up to ``wait`` seconds) for call ``n`` or the agent's exit."""
-    return ["python3", f"{LLM_DIR}/relay.py", "next", LLM_DIR, str(n), f"{wait:g}"]
-
-
-@dataclass(frozen=True)
-class CallEvent:
-    """The agent's call number ``n`` is pending; ``request`` is its chat.completions body."""
-
-    n: int
-    request: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ExitEvent:
-    """The agent exited with ``exit_code`` after ``calls`` LLM calls."""
-
-    exit_code: int
-    calls: int
-
-
-def parse_event(stdout: str) -> CallEvent | ExitEvent | None:
-    """What ``next_argv`` printed: a call, the exit, or None (nothing yet).
-
-    Raises:
-        ValueError: The output is not the relay's.
-    """
-    line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
-    data = json.loads(line)
-    kind = data.get("kind")
-    if kind == "call":
-        return CallEvent(int(data["n"]), dict(data["request"]))
-    if kind == "exit":
-        return ExitEvent(int(data["exit_code"]), int(data.get("calls", 0)))
-    if kind == "timeout":
-        return None
-    raise ValueError(f"unexpected relay output {line[:200]!r}")
-
-
 def completion(
     content: str, request: dict[str, Any] | None = None, *, n: int = 0
 ) -> dict[str, Any]:
@@ -191,11 +116,3 @@ def completion(
         ],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
-
-
-def response_body(
-    n: int, answer: dict[str, Any] | None, error: str | None = None
-) -> tuple[str, str]:
-    """The path and content that answer call ``n`` (a completion, or an error message)."""
-    body = {"error": error} if error is not None else {"completion": answer}
-    return f"{LLM_DIR}/{n}.resp.json", json.dumps(body)

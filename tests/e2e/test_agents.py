@@ -33,6 +33,7 @@ from rock_serve.agents import (
     solution_replies,
 )
 from rock_serve.envs import EpisodeOver
+from rock_serve.errors import AgentFailed
 from rock_serve.sdk import AsyncClient, Client
 from tests.e2e.conftest import Platform
 
@@ -138,6 +139,18 @@ async def test_agent_solves_over_ray(agent_platform):
         outcome = await run_agent(sb, ScriptedPolicy(solution_replies(task)), timeout=300)
     _assert_solved(outcome, task)
     assert outcome.trajectory_id == sb.id
+
+
+async def test_an_agent_that_cannot_start_is_typed(agent_platform):
+    """The default image has no mini-swe-agent: its process exits before any LLM call, and
+    run_agent says so (AgentFailed with the log), no hang."""
+    async with (
+        AsyncClient(agent_platform.url) as client,
+        client.sandbox(model_service=RELAY) as sb,
+    ):
+        with pytest.raises(AgentFailed, match="before its first LLM call") as info:
+            await run_agent(sb, ScriptedPolicy(["never used"]), timeout=120)
+    assert "mini" in str(info.value)
 
 
 @pytest.mark.slow

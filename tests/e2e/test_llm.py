@@ -255,6 +255,19 @@ def test_trainer_never_answers_typed_timeout_nothing_left(platform: Any, client:
         assert resp.json()["error"]["code"] == "not_found"
 
 
+def test_a_failed_call_reaches_the_agent_openai_style(client: Client) -> None:
+    """``call.fail(message)``: the agent gets a 500 with the message; the trajectory says so."""
+    with client.sandbox(model_service={"mode": "relay", "port": _free_port()}) as sb:
+        agent = _run_agent(sb, "fail me")
+        call = next(iter(sb.llm.calls(wait=5)))
+        call.fail("the trainer gave up")
+        (reply,) = agent.result(timeout=120)
+        assert reply["status"] == 500
+        assert "the trainer gave up" in json.loads(reply["body"])["error"]["message"]
+        (step,) = sb.llm.trajectory()
+        assert "response" not in step and step["error"]
+
+
 def test_late_answer_after_agent_disconnect_is_not_found(platform: Any, client: Client) -> None:
     port = _free_port()
     with client.sandbox(model_service={"mode": "relay", "port": port}) as sb:

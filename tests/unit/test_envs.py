@@ -118,10 +118,10 @@ def test_exported_members():
         "AsyncEnv", "AsyncEnvGroup", "AsyncOrderEnforcing", "AsyncSandboxEnv", "AsyncTimeLimit",
         "AsyncVectorEnv", "AsyncWrapper", "Env", "EnvClosed", "EnvCore", "EnvExists",
         "EnvNotFound", "EnvSpec", "EpisodeContext", "EpisodeOver", "Exec", "InvalidAction",
-        "InvalidEnvKwargs", "Op", "OrderEnforcing", "ReadFile", "ResetNeeded", "Run",
-        "SandboxEnv", "UnicodeText", "WriteFiles", "check_async_env", "check_env", "list_envs",
-        "make", "make_async", "make_group", "make_vec", "output_text", "register", "spec",
-        "unregister",
+        "InvalidEnvKwargs", "LLMPoll", "LLMRespond", "Op", "OrderEnforcing", "ReadFile",
+        "ResetNeeded", "Run", "SandboxEnv", "UnicodeText", "WriteFiles", "check_async_env",
+        "check_env", "list_envs", "make", "make_async", "make_group", "make_vec", "output_text",
+        "register", "spec", "unregister",
     }  # fmt: skip
     assert set(envs.__all__) == expected
     assert set(rock_serve.envs.vector.__all__) == {
