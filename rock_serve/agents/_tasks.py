@@ -94,7 +94,9 @@ BUILTIN_TASKS: dict[str, AgentTask] = {
         verifier=_VERIFY_FIX_ADD,
         solution=(
             "cat calc.py",
-            "sed -i 's/return a - b/return a + b/' calc.py && python3 -m unittest test_calc",
+            # Output without timings: a replay of the episode sees the very same observations.
+            "sed -i 's/return a - b/return a + b/' calc.py && "
+            "python3 -m unittest test_calc > /dev/null 2>&1 && echo 'the tests pass'",
         ),
     ),
 }
