@@ -47,6 +47,7 @@ from rock_serve.deployments._auth import (
     same_origin,
 )
 from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments._trace import TRACE_ID, install_logging
 from rock_serve.errors import NotFound, PermissionDenied, RockError
 from rock_serve.protocol import (
     ConsoleEvent,
@@ -75,7 +76,6 @@ log = logging.getLogger("rock_serve.requests")
 
 #: The current request's id and trace id (also in every structured log line of the request).
 REQUEST_ID: ContextVar[str] = ContextVar("rock_request_id", default="-")
-TRACE_ID: ContextVar[str] = ContextVar("rock_trace_id", default="-")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -263,6 +263,7 @@ class RequestContext:
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
+        install_logging()  # this process's rock_serve log lines carry trace=<id>
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -300,7 +301,7 @@ class RequestContext:
                 if span is not None:
                     span.set_attribute("http.status_code", status)
                     span.set_attribute("rock.request_id", request_id)
-                if status >= 400:
+                if status >= 400 or (method == "POST" and _CREATE.search(path)):
                     log.info(
                         json.dumps(
                             {

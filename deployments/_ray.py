@@ -24,6 +24,7 @@ from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._trace import TRACED_METHOD, traced
 from rock_serve.errors import (
     InternalError,
     RockError,
@@ -96,8 +97,15 @@ def _translate(exc: BaseException, what: str) -> RockError:
 
 
 async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors."""
+    """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors.
+
+    Under a trace id (``_trace.TRACE_ID``) the call goes through the actor's
+    ``rock_traced``, which runs ``method`` with that trace id set in the actor.
+    """
+    trace_id = traced()
     try:
+        if trace_id is not None:
+            return await getattr(actor, TRACED_METHOD).remote(trace_id, method, *args, **kwargs)
         return await getattr(actor, method).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None

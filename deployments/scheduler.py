@@ -38,6 +38,7 @@ from rock_serve.config import ServerArgs
 from rock_serve.deployments._fork import ForkScheduler
 from rock_serve.deployments._node import effective_resources
 from rock_serve.deployments._store import StateStore, open_store
+from rock_serve.deployments._trace import TracedActor, untraced_task
 from rock_serve.errors import (
     InvalidRequest,
     RateLimited,
@@ -146,7 +147,7 @@ class WorkerDirectory(Protocol):
         ...
 
 
-class Scheduler(ForkScheduler):
+class Scheduler(ForkScheduler, TracedActor):
     """Places sandboxes on Workers and keeps the registry."""
 
     def __init__(
@@ -195,7 +196,7 @@ class Scheduler(ForkScheduler):
     async def ready(self) -> None:
         """Finish start-up (idempotent): one Worker per node, registry rebuilt, sync loop on."""
         if self._startup is None:
-            self._startup = asyncio.ensure_future(self._start())
+            self._startup = untraced_task(self._start())
         try:
             await asyncio.shield(self._startup)
         except BaseException:
@@ -216,7 +217,7 @@ class Scheduler(ForkScheduler):
                 log.info("scheduler: loaded %d records from %s", len(loaded), self._store.name)
         await self.sync()
         if self._loop_task is None:
-            self._loop_task = asyncio.ensure_future(self._sync_loop())
+            self._loop_task = untraced_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
         while True:

@@ -42,6 +42,7 @@ from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
+from rock_serve.deployments._trace import TracedActor, untraced_task
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -143,7 +144,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker):
+class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker, TracedActor):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -196,7 +197,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             raise self._broken
         assert self._runtime is not None
         if self._startup is None:
-            self._startup = asyncio.ensure_future(self._start(self._runtime))
+            self._startup = untraced_task(self._start(self._runtime))
         await asyncio.shield(self._startup)
         return self._runtime
 
@@ -211,8 +212,8 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             with contextlib.suppress(Exception):
                 await runtime.remove(info.id)
         await self._start_dataplane_at_start()
-        self._reaper = asyncio.ensure_future(self._reap_loop())
-        self._warmer = asyncio.ensure_future(self._warm_loop())
+        self._reaper = untraced_task(self._reap_loop())
+        self._warmer = untraced_task(self._warm_loop())
         self._warm_wanted.set()
 
     # ------------------------------------------------------------------ warm pool

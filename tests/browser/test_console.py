@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from websockets.sync.client import connect
+
+from tests.e2e._head import wait_for
 
 from .conftest import ConsoleApp, login, shot
 
@@ -389,3 +393,29 @@ def test_fork_pause_resume_buttons_by_role(page, console_app):
     page.wait_for_selector("#toast:not([hidden])")
     assert page.locator("#toast strong").inner_text().startswith("not_supported")
     shot(page, "operator-actions")
+
+
+def test_one_trace_id_in_admin_scheduler_and_worker_logs_for_a_create(console_app):
+    trace_id = uuid.uuid4().hex
+    headers = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    with console_app.client("alice") as api:
+        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 600}, headers=headers)
+        assert resp.status_code == 201, resp.text
+        assert resp.headers["x-trace-id"] == trace_id
+    logs = Path(console_app.ray_temp) / "session_latest" / "logs"
+    marker = f"trace={trace_id}"
+
+    def loggers() -> set[str]:
+        found = set()
+        for path in logs.glob("worker-*.err"):
+            for line in path.read_text(errors="replace").splitlines():
+                if marker in line:
+                    found.add(line.split(marker)[0].split()[-1])  # the logger's name
+        return found
+
+    wanted = {
+        "rock_serve.requests",  # the Admin's request line
+        "rock_serve.deployments.scheduler",  # "created ... on ..."
+        "rock_serve.deployments.worker",  # "created sandbox ..."
+    }
+    wait_for(lambda: wanted <= loggers(), time.monotonic() + 30, f"{wanted} log lines")
