@@ -677,6 +677,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             capacity=self.args.max_sandboxes_per_node,
             runtime=self.args.runtime.type,
             warm=len(self._warm),
+            reaped=dict(self._metrics.reaped_counts),
         )
 
     # ------------------------------------------------------------------ data plane

@@ -189,6 +189,9 @@ class WorkerStatus(WireModel):
     capacity: int = Field(description="Most sandboxes it may own.")
     runtime: str = Field(description="Runtime it uses.")
     warm: int = Field(default=0, description="Started sandboxes waiting in its warm pool.")
+    reaped: dict[str, int] = Field(
+        default_factory=dict, description="Sandboxes it reaped since it started, by reason."
+    )
 
 
 class Health(WireModel):

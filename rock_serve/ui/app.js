@@ -555,13 +555,16 @@
         const states = [...new Set(S.flatMap((s) => Object.keys(s.sandboxes)))];
         const pts = (f) => S.filter((s) => f(s) !== null && f(s) !== undefined).map((s) => [s.t, f(s)]);
         const codes = [...new Set(S.flatMap((s) => Object.keys(s.errors)))];
+        const reasons = [...new Set(S.flatMap((s) => Object.keys(s.reaped || {})))];
         box.replaceChildren(
           chart("Sandboxes by state", states.map((st) => ({ name: st, points: pts((s) => s.sandboxes[st] || 0) }))),
           chart("Requests per second", [{ name: "requests", points: pts((s) => s.requests / Math.max(s.interval, 1e-9)) },
             { name: "429", points: pts((s) => s.rate_limited / Math.max(s.interval, 1e-9)) }]),
           chart("Create latency (s)", [{ name: "p50", points: pts((s) => s.create_p50) }, { name: "p99", points: pts((s) => s.create_p99) }]),
           chart("Op latency (s)", [{ name: "p50", points: pts((s) => s.op_p50) }, { name: "p99", points: pts((s) => s.op_p99) }]),
-          chart("Errors by status", codes.map((c) => ({ name: c, points: pts((s) => s.errors[c] || 0) }))));
+          chart("Errors by status", codes.map((c) => ({ name: c, points: pts((s) => s.errors[c] || 0) }))),
+          chart("Reaps by reason", reasons.map((r) => ({ name: r, points: pts((s) => (s.reaped || {})[r] || 0) }))),
+          chart("Paused sandboxes", [{ name: "paused", points: pts((s) => s.sandboxes.paused || 0) }]));
         box.dataset.samples = String(S.length);
       } catch (err) { toast(err); }
     }

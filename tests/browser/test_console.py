@@ -419,3 +419,21 @@ def test_one_trace_id_in_admin_scheduler_and_worker_logs_for_a_create(console_ap
         "rock_serve.deployments.worker",  # "created sandbox ..."
     }
     wait_for(lambda: wanted <= loggers(), time.monotonic() + 30, f"{wanted} log lines")
+
+
+def test_reaps_by_reason_and_paused_charts(page, console_app):
+    with console_app.client("root") as api:
+        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 1})
+        assert resp.status_code == 201, resp.text
+        sandbox_id = resp.json()["id"]
+    login(page, console_app, "root")
+    page.goto(f"{console_app.ui}#/metrics")
+    # The Worker's reaper removes it past its TTL; the next sample counts it by reason.
+    page.wait_for_selector("svg.chart polyline[data-series='ttl_expired']", timeout=60_000)
+    with console_app.client("root") as api:
+        assert api.get(f"/v1/sandboxes/{sandbox_id}").status_code == 404
+    captions = page.locator("#charts figcaption").all_inner_texts()
+    assert {"Reaps by reason", "Paused sandboxes"} <= set(captions)
+    label = page.locator("svg.chart[aria-label^='Reaps by reason']").get_attribute("aria-label")
+    assert "ttl_expired" in label
+    shot(page, "reaps-chart")

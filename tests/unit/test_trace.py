@@ -1,4 +1,5 @@
-"""The trace id crosses actor calls: ``_ray.call`` -> ``TracedActor.rock_traced`` -> logs.
+"""The trace id crosses actor calls: ``_ray.call`` -> ``TracedActor.rock_traced`` -> logs;
+and the reaps-by-reason counts behind the console's chart.
 
 The Ray actor handle is the seam: :class:`Handle` runs each ``.remote`` call as a task in an
 empty context, as another process would (nothing of the caller's contextvars arrives).
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from rock_serve.deployments._console import ReapDeltas, Samples
+from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._ray import call
 from rock_serve.deployments._trace import (
     TRACE_ID,
@@ -22,6 +25,7 @@ from rock_serve.deployments._trace import (
     untraced_task,
 )
 from rock_serve.errors import SandboxNotFound
+from rock_serve.protocol import WorkerStatus
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 log = logging.getLogger("rock_serve.deployments.test_trace")
@@ -156,3 +160,43 @@ def test_the_log_handler_is_installed_once_and_prints_the_trace_id():
     assert handler.format(record).endswith(
         f"rock_serve.deployments.test_trace trace={TRACE} hello you"
     )
+
+
+# ------------------------------------------------------------------ reaps chart (issue 17.1)
+
+
+def _status(name: str, reaped: dict[str, int]) -> WorkerStatus:
+    return WorkerStatus(
+        name=name,
+        node_id="n" * 12,
+        alive=True,
+        sandboxes=0,
+        capacity=4,
+        runtime="fake",
+        reaped=reaped,
+    )
+
+
+def test_reap_deltas_per_interval_survive_new_and_restarted_workers():
+    deltas = ReapDeltas()
+    assert deltas.step([_status("a", {"ttl_expired": 2})]) == {"ttl_expired": 2}
+    assert deltas.step([_status("a", {"ttl_expired": 2})]) == {}
+    step = deltas.step(
+        [_status("a", {"ttl_expired": 3, "lease_expired": 1}), _status("b", {"leftover": 1})]
+    )
+    assert step == {"ttl_expired": 1, "lease_expired": 1, "leftover": 1}
+    # "a" restarted: its counts start again from zero.
+    assert deltas.step([_status("a", {"ttl_expired": 1}), _status("b", {"leftover": 1})]) == {
+        "ttl_expired": 1
+    }
+
+
+def test_the_worker_metrics_count_reaps_by_reason_and_samples_keep_them():
+    recorder = metrics("worker", "w1", "fake")
+    recorder.reaped("ttl_expired")
+    recorder.reaped("ttl_expired", 2)
+    recorder.reaped("adopted", 0)  # counts nothing
+    assert recorder.reaped_counts == {"ttl_expired": 3}
+    samples = Samples(interval=1)
+    assert samples.take({"paused": 1}, {"ttl_expired": 3}).reaped == {"ttl_expired": 3}
+    assert samples.take({}).reaped == {}
