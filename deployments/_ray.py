@@ -99,12 +99,13 @@ def _translate(exc: BaseException, what: str) -> RockError:
 async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> Any:
     """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors.
 
-    Under a trace id (``_trace.TRACE_ID``) the call goes through the actor's
-    ``rock_traced``, which runs ``method`` with that trace id set in the actor.
+    Under a trace id (``_trace.TRACE_ID``) the call to an actor that has ``rock_traced``
+    (a ``_trace.TracedActor``: the Scheduler and the Worker) goes through it, which runs
+    ``method`` with that trace id set in the actor; other actors are called directly.
     """
     trace_id = traced()
     try:
-        if trace_id is not None:
+        if trace_id is not None and hasattr(actor, TRACED_METHOD):
             return await getattr(actor, TRACED_METHOD).remote(trace_id, method, *args, **kwargs)
         return await getattr(actor, method).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:

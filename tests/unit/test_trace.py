@@ -39,6 +39,7 @@ class Handle:
         self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
+        getattr(self._actor, name)  # AttributeError for a method the actor lacks, as Ray's
         handle = self
 
         class Method:
@@ -200,3 +201,18 @@ def test_the_worker_metrics_count_reaps_by_reason_and_samples_keep_them():
     samples = Samples(interval=1)
     assert samples.take({"paused": 1}, {"ttl_expired": 3}).reaped == {"ttl_expired": 3}
     assert samples.take({}).reaped == {}
+
+
+class PlainActor:
+    async def hello(self) -> str:
+        return TRACE_ID.get()
+
+
+async def test_an_actor_without_rock_traced_is_called_directly_under_a_trace():
+    handle = Handle(PlainActor())
+    token = TRACE_ID.set(TRACE)
+    try:
+        assert await call(handle, "hello") == "-"  # another process: no trace id arrives
+    finally:
+        TRACE_ID.reset(token)
+    assert handle.calls == ["hello"]
