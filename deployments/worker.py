@@ -42,6 +42,7 @@ from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
+from rock_serve.deployments._snapshot import SnapshotWorker
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -76,6 +77,7 @@ from rock_serve.protocol import (
     WorkerStatus,
 )
 from rock_serve.protocol.api import LIFECYCLE_FIELDS
+from rock_serve.protocol.snapshot import SnapshotRecord
 from rock_serve.rocklet.handle import PtyProcess, RockletHandle
 from rock_serve.runtime.base import Runtime
 
@@ -143,7 +145,9 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker):
+class Worker(
+    ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker, SnapshotWorker
+):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -434,8 +438,10 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
         req: CreateSandboxRequest,
         ttl: float,
         namespace: str = "default",
+        snapshot: SnapshotRecord | None = None,
     ) -> SandboxRecord:
-        """Create and start a sandbox. On any failure nothing is left behind.
+        """Create and start a sandbox (over ``snapshot``'s files when given). On any failure
+        nothing is left behind.
 
         Raises:
             RateLimited: the node is at ``max_sandboxes_per_node``.
@@ -482,7 +488,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             LABEL_WORKER: self.name,
             LABEL_RECORD: record.model_dump_json(exclude={"history"}),
         }
-        warm = self._take_warm(spec)
+        warm = self._take_warm(spec) if snapshot is None else None
         if warm is not None:
             record.id = warm.record.id  # the pool's sandbox keeps its id
             _step(record, SandboxState.STARTING, now, "warm_pool")
@@ -505,7 +511,10 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
         started = time.perf_counter()
         try:
             _step(record, SandboxState.STARTING, self._clock())
-            await runtime.create(sandbox_id, spec)
+            if snapshot is None:
+                await runtime.create(sandbox_id, spec)
+            else:
+                await self._restore_snapshot(runtime, sandbox_id, spec, snapshot)
             handle = await runtime.start(sandbox_id)
             _step(record, SandboxState.RUNNING, self._clock())
             box = _Box(record, handle, runtime)

@@ -91,11 +91,17 @@ class CreateSandboxRequest(SandboxSpec):
     trajectory_id: str | None = Field(
         default=None, max_length=256, description="Trajectory (episode) it serves, if any."
     )
+    snapshot: str | None = Field(
+        default=None,
+        pattern=r"^snap-[0-9a-f]{8,64}$",
+        description="Create over this snapshot's files (issue 16; image and resources default "
+        "to the snapshot's). Another namespace's snapshot is a 404.",
+    )
 
 
 #: Fields of :class:`CreateSandboxRequest` that are not part of the runtime's spec.
 LIFECYCLE_FIELDS = frozenset(
-    {"ttl_seconds", "client_token", "lease_seconds", "ray_job_id", "trajectory_id"}
+    {"ttl_seconds", "client_token", "lease_seconds", "ray_job_id", "trajectory_id", "snapshot"}
 )
 
 
