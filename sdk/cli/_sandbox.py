@@ -50,6 +50,7 @@ def create(
         list[str] | None,
         typer.Option(help="Allowed destination cidr|host[:port] for bridge (repeatable)."),
     ] = None,
+    snapshot: Annotated[str | None, typer.Option(help="Create over this snapshot's files.")] = None,
     url: BaseUrl = None,
     token: Token = None,
 ) -> None:
@@ -66,6 +67,7 @@ def create(
                 resources=resources,
                 network=network,
                 egress=egress or None,
+                **({"snapshot": snapshot} if snapshot else {}),
             )
         except RockError as exc:
             raise _fail(exc) from None

@@ -1,0 +1,69 @@
+"""Snapshots through the real platform (issue 16): the HTTP routes, the SDK and the CLI.
+
+The bwrap app of the session's Ray (``bwrap_platform``, node store only: no S3). Through S3
+across two nodes, corrupt archives, namespaces and retention: tests/integration/
+test_snapshot_api.py.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from rock_serve.errors import NotFound
+from rock_serve.sdk import AsyncClient
+from rock_serve.sdk.cli._app import app as cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.bwrap]
+
+
+async def test_snapshot_routes_sdk_and_cli(bwrap_platform):
+    url = bwrap_platform.url
+    async with AsyncClient(url) as client, client.sandbox(env={"TOKEN": "s3cret"}) as sb:
+        await sb.exec("mkdir -p /work && echo saved > /work/state")
+        with httpx.Client(base_url=url, timeout=120) as api:
+            made = api.post(f"/v1/sandboxes/{sb.id}/snapshot", json={"labels": {"k": "v"}})
+            assert made.status_code == 201, made.text
+            body = made.json()
+            assert body["id"].startswith("snap-") and body["sandbox_id"] == sb.id
+            assert body["labels"] == {"k": "v"} and body["size"] > 0 and body["in_s3"] is False
+            assert "TOKEN" in body["env_keys"] and "s3cret" not in made.text
+            snap_id = body["id"]
+            assert api.get(f"/v1/snapshots/{snap_id}").json() == body
+            assert snap_id in [s["id"] for s in api.get("/v1/snapshots").json()["items"]]
+            created = api.post("/v1/sandboxes", json={"snapshot": snap_id})
+            assert created.status_code == 201, created.text
+            restored = created.json()["id"]
+            out = api.post(f"/v1/sandboxes/{restored}/exec", json={"command": "cat /work/state"})
+            assert out.json()["stdout"] == "saved\n"
+            assert api.delete(f"/v1/sandboxes/{restored}").status_code == 204
+
+            unknown = api.get("/v1/snapshots/snap-0000000000000000")
+            assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+            bad = api.post("/v1/sandboxes", json={"snapshot": "snap-0000000000000000"})
+            assert bad.status_code == 404 and bad.json()["error"]["code"] == "not_found"
+            bad = api.post("/v1/sandboxes", json={"snapshot": "../etc"})
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+            gone = api.post("/v1/sandboxes/sb-abcdef123456-0000000000000000/snapshot", json={})
+            assert gone.status_code == 404
+
+        # The SDK: sb.snapshot(), client.snapshots, create(snapshot=...).
+        await sb.exec("echo two > /work/state")
+        snap = await sb.snapshot()
+        assert (await client.snapshots.get(snap.id)).digest == snap.digest
+        async with client.sandbox(snapshot=snap.id) as copy:
+            assert (await copy.exec("cat /work/state")).stdout == "two\n"
+        await client.snapshots.delete(snap.id)
+        with pytest.raises(NotFound):
+            await client.snapshots.get(snap.id)
+
+        # The CLI.
+        runner = CliRunner()
+        made_cli = runner.invoke(cli, ["sandbox", "snapshot", sb.id, "--url", url])
+        assert made_cli.exit_code == 0, made_cli.output
+        cli_id = made_cli.output.strip()
+        listed = runner.invoke(cli, ["snapshot", "ls", "--url", url])
+        assert listed.exit_code == 0 and cli_id[:12] in listed.output
+        assert runner.invoke(cli, ["snapshot", "rm", cli_id, snap_id, "--url", url]).exit_code == 0
+        assert await client.snapshots.list() == []
