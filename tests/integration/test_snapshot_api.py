@@ -201,3 +201,14 @@ async def test_namespaces_and_retention(cluster: _Cluster) -> None:
     await c.scheduler.delete_snapshot(third.id, "team-a")
     assert [s.id for s in await c.scheduler.snapshots("team-a")] == [second.id]
     assert not s3.exists(third.digest)
+
+    # max_age_seconds: a snapshot made later deletes those older than that (made an hour ago
+    # here by rewriting its record's created_at in the state store).
+    snapshots = c.scheduler.args.snapshots.model_copy(update={"max_age_seconds": 600})
+    c.scheduler.args = c.scheduler.args.model_copy(update={"snapshots": snapshots})
+    old = second.model_copy(update={"created_at": second.created_at - 3600})
+    await c.scheduler._store.doc_put("snapshots", old.id, old.model_dump_json())
+    await c.sh(c.scheduler._records[src].worker or "", src, "echo 4 > /work/four")
+    fourth = await c.scheduler.snapshot(src, SnapshotRequest(), "team-a")
+    assert [s.id for s in await c.scheduler.snapshots("team-a")] == [fourth.id]
+    assert not s3.exists(second.digest)
