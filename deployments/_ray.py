@@ -212,6 +212,11 @@ class RayWorker:
         made: dict[str, Any] = await call(self.actor, "snapshot", sandbox_id)
         return made
 
+    async def take_archived(self) -> builtins.list[dict[str, Any]]:
+        """Sandboxes this Worker archived on lease expiry since the last call."""
+        items: builtins.list[dict[str, Any]] = await call(self.actor, "take_archived")
+        return items
+
     async def drop_snapshot(self, archive: str, digest: str, s3: bool = False) -> None:
         """Delete a snapshot archive from this node (and S3)."""
         await call(self.actor, "drop_snapshot", archive, digest, s3)

@@ -244,6 +244,9 @@ class RayGate:
                 await self._visible(scheduler.get, principal, args[0])
                 await scheduler.delete(args[0])
             return None
+        if method == "resume" and args[0] not in scheduler._records:  # archived (issue 16)
+            async with self.audited(principal, method, args[0]):
+                return await scheduler.resume(args[0], principal.namespace)
         if method in ("fork", "pause", "resume"):  # issue 16: in the sandbox's namespace
             record = await self._visible(scheduler.get, principal, args[0])
             async with self.audited(principal, method, args[0]):

@@ -35,7 +35,7 @@ from rock_serve.errors import (
     SandboxNotFound,
     SandboxNotRunning,
 )
-from rock_serve.protocol import CreateSandboxRequest, SandboxSpec, SandboxState
+from rock_serve.protocol import CreateSandboxRequest, SandboxRecord, SandboxSpec, SandboxState
 from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.runtime._snapshot import SnapshotCorrupt
 from rock_serve.runtime._sync import run_sync
@@ -62,6 +62,7 @@ class SnapshotWorker:
     """The Worker's snapshot and restore (see the module docstring)."""
 
     _snap_s3: Any = None
+    _archived: dict[str, Any]
 
     def _snap_dir(self) -> str:
         w = cast("Worker", self)
@@ -137,6 +138,38 @@ class SnapshotWorker:
             "env_keys": env_keys,
         }
 
+    async def _archive(self, sandbox_id: str) -> bool:
+        """Snapshot a sandbox whose lease ran out when its create asked for it (before the
+        reaper removes it); the Scheduler takes the result with :meth:`take_archived`.
+
+        Returns:
+            True when it was archived; False when it was not asked for or failed (logged:
+            the sandbox is then reaped as usual).
+        """
+        w = cast("Worker", self)
+        box = w._boxes.get(sandbox_id)
+        if box is None or not box.record.archive_on_expiry:
+            return False
+        try:
+            if box.record.state == SandboxState.PAUSED:
+                await w.resume(sandbox_id)
+            made = await self.snapshot(sandbox_id)
+        except Exception as exc:
+            log.error("worker %s: cannot archive %s: %s", w.name, sandbox_id, exc)
+            return False
+        archived: dict[str, Any] = getattr(self, "_archived", None) or {}
+        archived[sandbox_id] = {**made, "record": box.record.model_copy(deep=True)}
+        self._archived = archived
+        return True
+
+    async def take_archived(self) -> list[dict[str, Any]]:
+        """The sandboxes archived since the last call (each: the snapshot's fields and the
+        sandbox's ``record``); the Scheduler records them as snapshots.
+        """
+        archived: dict[str, Any] = getattr(self, "_archived", None) or {}
+        self._archived: dict[str, Any] = {}
+        return list(archived.values())
+
     async def drop_snapshot(self, archive: str, digest: str, s3: bool = False) -> None:
         """Delete an archive from this node's store (and from S3 when ``s3``); idempotent."""
         w = cast("Worker", self)
@@ -184,6 +217,92 @@ class SnapshotWorker:
 
 class SnapshotScheduler:
     """The Scheduler's snapshot records, namespaces and retention."""
+
+    async def _collect_archived(self) -> None:
+        """Record the sandboxes the Workers archived on lease expiry (from ``sync``)."""
+        s = cast("Scheduler", self)
+        for worker in list(s._workers.values()):
+            take = getattr(worker, "take_archived", None)
+            if take is None:  # a WorkerRef without archives (tests' fakes)
+                continue
+            try:
+                items = await take()
+            except RockError as exc:
+                log.warning("scheduler: no archived list from %s: %s", worker.name, exc)
+                continue
+            for made in items:
+                record = made["record"]
+                snap = SnapshotRecord(
+                    id=f"snap-{secrets.token_hex(12)}",
+                    namespace=record.namespace,
+                    sandbox_id=record.id,
+                    digest=made["digest"],
+                    archive=made["archive"],
+                    size=made["size"],
+                    image=record.image,
+                    resources=record.resources,
+                    network=record.network,
+                    env_keys=made["env_keys"],
+                    labels=dict(record.labels),
+                    owner=record.owner,
+                    node=worker.name,
+                    in_s3=made["in_s3"],
+                    created_at=time.time(),
+                    archived=True,
+                )
+                await s._store.doc_put(KIND, snap.id, snap.model_dump_json())
+                log.info("scheduler: %s archived as %s", record.id, snap.id)
+
+    async def resume(self, sandbox_id: str, namespace: str = "default") -> SandboxRecord:
+        """Thaw a paused sandbox, or bring an archived one back with its id (on the node its
+        id names, over its archive).
+
+        Raises:
+            SandboxNotFound: neither a sandbox nor an archived one of ``namespace``.
+            SandboxNotRunning: the node it was archived on is gone (create from the snapshot
+                instead: ``{"snapshot": id}`` restores it anywhere with a new id).
+        """
+        s = cast("Scheduler", self)
+        await s.ready()
+        if sandbox_id in s._records:
+            record: SandboxRecord = await s._on_worker(sandbox_id, namespace, "resume")
+            return record
+        snap = next(
+            (
+                r
+                for r in await self._snap_records()
+                if r.archived and r.sandbox_id == sandbox_id and r.namespace == namespace
+            ),
+            None,
+        )
+        if snap is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+        worker = next((w for w in s._workers.values() if w.name == snap.node), None)
+        if worker is None:
+            raise SandboxNotRunning(
+                f"the node of archived sandbox {sandbox_id!r} is gone: create from {snap.id}"
+            )
+        req = CreateSandboxRequest(
+            image=snap.image,
+            resources=snap.resources,
+            network=snap.network,
+            labels=snap.labels,
+            owner=snap.owner,
+            archive_on_expiry=True,
+        )
+        s._tombstones.pop(sandbox_id, None)
+        s._inflight_ids.add(sandbox_id)
+        try:
+            ttl = s.args.default_ttl_seconds
+            made = await worker.create(sandbox_id, req, ttl, namespace, snap)  # type: ignore[call-arg]
+        finally:
+            s._inflight_ids.discard(sandbox_id)
+        s._records[sandbox_id] = made
+        s._registered[sandbox_id] = s._clock()
+        await s._save(made)
+        await self._drop(snap)
+        log.info("scheduler: resumed archived %s from %s", sandbox_id, snap.id)
+        return made
 
     async def _snap_records(self) -> list[SnapshotRecord]:
         s = cast("Scheduler", self)

@@ -147,7 +147,7 @@ class WorkerDirectory(Protocol):
         ...
 
 
-class Scheduler(ForkScheduler, SnapshotScheduler):
+class Scheduler(SnapshotScheduler, ForkScheduler):  # SnapshotScheduler.resume first
     """Places sandboxes on Workers and keeps the registry."""
 
     def __init__(
@@ -280,6 +280,7 @@ class Scheduler(ForkScheduler, SnapshotScheduler):
                 if isinstance(result, BaseException):
                     continue
                 self._reconcile(worker.name, result, now)
+            await self._collect_archived()  # issue 16: lease-expired sandboxes kept as snapshots
         self._wake()  # reaped sandboxes freed capacity
         self._prune_tokens()
         dropped, self._dropped = tuple(self._dropped), []

@@ -360,7 +360,9 @@ class Worker(
                 expired.append((sid, "ttl_expired"))
             elif record.lease_expires_at is not None and record.lease_expires_at <= now:
                 expired.append((sid, "lease_expired"))
-        for sid, reason in expired:
+        for i, (sid, reason) in enumerate(expired):
+            if reason == "lease_expired" and await self._archive(sid):  # issue 16
+                expired[i] = (sid, reason := "archived")
             log.info(
                 "worker %s: reaping sandbox %s (%s)",
                 self.name,
@@ -481,6 +483,7 @@ class Worker(
             trajectory_id=req.trajectory_id,
             endpoint=self.dataplane_address(),
             lease_seconds=lease,
+            archive_on_expiry=req.archive_on_expiry,
             history=[StateChange(state=SandboxState.PENDING, at=now)],
         )
         spec.labels = {

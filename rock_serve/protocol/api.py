@@ -97,11 +97,19 @@ class CreateSandboxRequest(SandboxSpec):
         description="Create over this snapshot's files (issue 16; image and resources default "
         "to the snapshot's). Another namespace's snapshot is a 404.",
     )
+    archive_on_expiry: bool = Field(
+        default=False,
+        description="When its lease runs out, snapshot it (node store and S3) before removing "
+        "it; POST /v1/sandboxes/{id}/resume brings it back with the same id (issue 16).",
+    )
 
 
 #: Fields of :class:`CreateSandboxRequest` that are not part of the runtime's spec.
 LIFECYCLE_FIELDS = frozenset(
-    {"ttl_seconds", "client_token", "lease_seconds", "ray_job_id", "trajectory_id", "snapshot"}
+    {
+        *("ttl_seconds", "client_token", "lease_seconds", "ray_job_id", "trajectory_id"),
+        *("snapshot", "archive_on_expiry"),
+    }
 )
 
 
@@ -145,6 +153,9 @@ class SandboxRecord(WireModel):
         "POST /v1/sandboxes/{id}/dataplane).",
     )
     lease_seconds: float | None = Field(default=None, description="Lease length, if leased.")
+    archive_on_expiry: bool = Field(
+        default=False, description="Archived (snapshot, then removed) when its lease runs out."
+    )
     lease_expires_at: float | None = Field(
         default=None, description="When the lease runs out unless renewed."
     )

@@ -46,6 +46,11 @@ class SnapshotRecord(WireModel):
     node: str = Field(description="Worker that made it (holds the archive locally).")
     in_s3: bool = Field(default=False, description="Also stored in S3.")
     created_at: float = Field(description="When, seconds since the epoch.")
+    archived: bool = Field(
+        default=False,
+        description="Made by archive-on-expiry: ``POST /v1/sandboxes/{sandbox_id}/resume`` "
+        "brings the sandbox back with its id (and deletes this record).",
+    )
 
 
 class SnapshotList(WireModel):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from rock_serve.errors import NotFound
 from rock_serve.sdk import AsyncClient
 from rock_serve.sdk.cli._app import app as cli
+from tests._wait import wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.bwrap]
 
@@ -67,3 +68,27 @@ async def test_snapshot_routes_sdk_and_cli(bwrap_platform):
         assert listed.exit_code == 0 and cli_id[:12] in listed.output
         assert runner.invoke(cli, ["snapshot", "rm", cli_id, snap_id, "--url", url]).exit_code == 0
         assert await client.snapshots.list() == []
+
+
+def test_archive_on_lease_expiry_and_resume_over_http(bwrap_platform):
+    with httpx.Client(base_url=bwrap_platform.url, timeout=120) as api:
+        made = api.post("/v1/sandboxes", json={"archive_on_expiry": True, "lease_seconds": 1})
+        assert made.status_code == 201, made.text
+        sid = made.json()["id"]
+        api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo kept > /root/kept"})
+
+        def archived() -> list[dict[str, object]]:
+            items = api.get("/v1/snapshots").json()["items"]
+            return [s for s in items if s["archived"] and s["sandbox_id"] == sid]
+
+        snaps = wait_until(archived, timeout=60, what="the archive of the lease-expired sandbox")
+        assert api.get(f"/v1/sandboxes/{sid}").status_code == 404  # reaped: archived
+        back = api.post(f"/v1/sandboxes/{sid}/resume")
+        assert back.status_code == 200, back.text
+        assert back.json()["id"] == sid and back.json()["state"] == "running"
+        out = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "cat /root/kept"})
+        assert out.json()["stdout"] == "kept\n"
+        assert api.get(f"/v1/snapshots/{snaps[0]['id']}").status_code == 404
+        assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
+        missing = api.post("/v1/sandboxes/sb-abcdef123456-0000000000000000/resume")
+        assert missing.status_code == 404

@@ -21,7 +21,7 @@ from rock_serve.deployments._snapshot import snapshot_dir
 from rock_serve.deployments._store import MemoryStore
 from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.deployments.worker import Worker
-from rock_serve.errors import ArtifactCorrupt, NotFound, http_status
+from rock_serve.errors import ArtifactCorrupt, NotFound, SandboxNotFound, http_status
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest
 from rock_serve.protocol.snapshot import SnapshotRequest
 from rock_serve.runtime._fork import FROZEN_DIR
@@ -212,3 +212,28 @@ async def test_namespaces_and_retention(cluster: _Cluster) -> None:
     fourth = await c.scheduler.snapshot(src, SnapshotRequest(), "team-a")
     assert [s.id for s in await c.scheduler.snapshots("team-a")] == [fourth.id]
     assert not s3.exists(second.digest)
+
+
+async def test_archive_on_lease_expiry_then_resume_with_the_same_id(cluster: _Cluster) -> None:
+    c = cluster
+    rec = await c.scheduler.create(CreateSandboxRequest(archive_on_expiry=True, lease_seconds=600))
+    assert rec.archive_on_expiry
+    worker = c.worker(rec.worker or "")
+    await c.sh(worker.name, rec.id, "echo kept > /root/kept")
+    worker._boxes[rec.id].record.lease_expires_at = worker._clock() - 1  # the lease ran out
+    await worker.reap()
+    assert rec.id not in worker._boxes
+    await c.scheduler.sync()
+    assert rec.id not in c.scheduler._records
+    archived = [s for s in await c.scheduler.snapshots() if s.archived]
+    assert [s.sandbox_id for s in archived] == [rec.id] and archived[0].in_s3
+    with pytest.raises(SandboxNotFound):  # another namespace cannot resume it
+        await c.scheduler.resume(rec.id, "team-b")
+
+    back = await c.scheduler.resume(rec.id)
+    assert back.id == rec.id and back.worker == rec.worker and back.state.value == "running"
+    assert await c.sh(worker.name, rec.id, "cat /root/kept") == "kept\n"
+    assert [s for s in await c.scheduler.snapshots() if s.archived] == []
+    assert not c.a._s3().exists(archived[0].digest)  # the archive went with its record
+    with pytest.raises(SandboxNotFound):
+        await c.scheduler.resume("sb-snapa-0000000000000000")
