@@ -1,6 +1,7 @@
 """Snapshots through the real platform (issue 16): the HTTP routes, the SDK and the CLI.
 
-The bwrap app of the session's Ray (``bwrap_platform``, node store only: no S3). Through S3
+The bwrap app of the session's Ray (``bwrap_platform``, node store only: no S3), over HTTP, the
+SDK, the CLI and the Ray transport; archive on lease expiry and resume. Through S3
 across two nodes, corrupt archives, namespaces and retention: tests/integration/
 test_snapshot_api.py.
 """
@@ -92,3 +93,18 @@ def test_archive_on_lease_expiry_and_resume_over_http(bwrap_platform):
         assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
         missing = api.post("/v1/sandboxes/sb-abcdef123456-0000000000000000/resume")
         assert missing.status_code == 404
+
+
+async def test_snapshots_over_the_ray_transport(bwrap_platform):
+    client = AsyncClient.from_ray(namespace="rock-e2e-bwrap")
+    async with client, client.sandbox() as sb:
+        await sb.exec("echo ray > /root/r")
+        snap = await sb.snapshot(labels={"via": "ray"})
+        assert snap.labels == {"via": "ray"}
+        assert snap.id in [s.id for s in await client.snapshots.list()]
+        assert (await client.snapshots.get(snap.id)).digest == snap.digest
+        async with client.sandbox(snapshot=snap.id) as copy:
+            assert (await copy.exec("cat /root/r")).stdout == "ray\n"
+        await client.snapshots.delete(snap.id)
+        with pytest.raises(NotFound):
+            await client.snapshots.get(snap.id)
