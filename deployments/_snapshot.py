@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from rock_serve.errors import (
+    Conflict,
     NotFound,
     NotSupported,
     RockError,
@@ -56,6 +57,17 @@ KIND = "snapshots"
 def snapshot_dir(state_dir: str) -> str:
     """The node store of snapshot archives under a runtime's state dir."""
     return os.path.join(state_dir, ".snapshots")
+
+
+def _image_id(runtime: Any, sandbox_id: str) -> str | None:
+    """The id of the image a sandbox's layers come from, when the runtime records it."""
+    read_root = getattr(runtime, "_read_root", None)
+    if read_root is None:
+        return None
+    with contextlib.suppress(Exception):
+        value = read_root(sandbox_id).get("image_id")
+        return str(value) if value else None
+    return None
 
 
 class SnapshotWorker:
@@ -120,6 +132,7 @@ class SnapshotWorker:
         if meta is not None:
             with contextlib.suppress(Exception):
                 env_keys = sorted(meta(sandbox_id).spec.get("env", {}))
+        image_digest = _image_id(runtime, sandbox_id)
         log.info(
             "worker %s: snapshot of %s: %s (%d bytes%s) in %.1f ms",
             w.name,
@@ -136,6 +149,7 @@ class SnapshotWorker:
             "size": size,
             "in_s3": s3 is not None,
             "env_keys": env_keys,
+            "image_digest": image_digest,
         }
 
     async def _archive(self, sandbox_id: str) -> bool:
@@ -213,6 +227,14 @@ class SnapshotWorker:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(local)
             raise
+        now = _image_id(runtime, sandbox_id)
+        if snap.image_digest is not None and now is not None and now != snap.image_digest:
+            with contextlib.suppress(Exception):
+                await runtime.remove(sandbox_id)
+            raise Conflict(
+                f"snapshot {snap.id!r} was taken over image {snap.image!r} {snap.image_digest}; "
+                f"that reference is now {now}: its files would sit over other layers"
+            )
 
 
 class SnapshotScheduler:
@@ -240,6 +262,7 @@ class SnapshotScheduler:
                     archive=made["archive"],
                     size=made["size"],
                     image=record.image,
+                    image_digest=made.get("image_digest"),
                     resources=record.resources,
                     network=record.network,
                     env_keys=made["env_keys"],
@@ -342,6 +365,7 @@ class SnapshotScheduler:
             archive=made["archive"],
             size=made["size"],
             image=record.image,
+            image_digest=made.get("image_digest"),
             resources=record.resources,
             network=record.network,
             env_keys=made["env_keys"],

@@ -129,6 +129,7 @@ async def test_snapshot_on_a_restores_on_b_through_s3(cluster: _Cluster) -> None
     assert snap.size > 0 and snap.archive.startswith(snap.digest)
     assert "SECRET" in snap.env_keys and "hunter2" not in snap.model_dump_json()
     assert snap.labels == {"task": "t"} and snap.node == src_worker
+    assert snap.image_digest, snap  # the image the files sit over, by id
     assert [s.id for s in await c.scheduler.snapshots("default")] == [snap.id]
     assert await c.scheduler.get_snapshot(snap.id) == snap
 
