@@ -204,11 +204,24 @@ def check_spec_privileges(principal: Principal, spec: SandboxSpec) -> None:
     """Refuse spec fields that weaken containment to callers that are not admins.
 
     Raises:
-        PermissionDenied: a non-admin token asked for ``seccomp: unconfined``.
+        PermissionDenied: a non-admin token asked for ``seccomp: unconfined``,
+            ``reverse_ports`` or a proxying ``model_service``.
     """
     if spec.seccomp != "default" and not principal.admin:
         raise PermissionDenied(
             f"seccomp {spec.seccomp!r} needs an admin token (token {principal.name!r} is not)"
+        )
+    if getattr(spec, "reverse_ports", None) and not principal.admin:
+        # They connect from the node's own network: an operator's decision (issue 15.2).
+        raise PermissionDenied(
+            f"reverse_ports need an admin token (token {principal.name!r} is not)"
+        )
+    service = getattr(spec, "model_service", None)
+    if service is not None and service.mode == "proxy" and not principal.admin:
+        # The node itself sends the requests to base_url: from a tenant's token that would be
+        # a request forger aimed at whatever the node can reach (issue 15.3).
+        raise PermissionDenied(
+            f"model_service mode 'proxy' needs an admin token (token {principal.name!r} is not)"
         )
 
 

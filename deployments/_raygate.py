@@ -32,6 +32,7 @@ from typing import Any
 from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._audit import AuditEvent, AuditLog
+from rock_serve.deployments._auth import check_spec_privileges
 from rock_serve.errors import (
     InvalidRequest,
     PermissionDenied,
@@ -68,6 +69,10 @@ DATA_METHODS: dict[str, str | None] = {
     "remove_path": "file.remove",
     "download_archive": None,
     "upload_archive": "archive.upload",
+    "llm_poll": None,  # model service (issue 15.3)
+    "llm_answer": "llm.answer",
+    "llm_release": None,
+    "llm_trajectory": None,
     # background processes (issue 15.1)
     "start_process": "process.start",
     "list_processes": None,
@@ -219,6 +224,7 @@ class RayGate:
         principal = self.authenticate(token)
         if method == "create":
             req = args[0]
+            check_spec_privileges(principal, req)  # the Admin's rule, on this transport too
             namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
             detail = {"owner": req.owner, "image": req.image, "network": req.network}
             async with self.audited(

@@ -47,6 +47,7 @@ from rock_serve.deployments import (
     _fork_api,
     _gem,
     _images,
+    _llm_api,
     _notify,
     _ports_api,
     _processes,
@@ -322,6 +323,7 @@ app.include_router(
 # ROCK's GEM env API (issue 7); its routes take the caller (``Auth``) themselves.
 app.include_router(_gem.router, responses=_ERRORS)
 app.include_router(_images.router, responses=_ERRORS)  # /v1/images (issue 12)
+app.include_router(_llm_api.router, responses=_ERRORS)  # model service (issue 15.3)
 app.include_router(_dataplane_api.router, responses=_ERRORS)  # direct data plane (issue 13)
 app.include_router(_ports_api.router, responses=_ERRORS)  # /v1/sandboxes/{id}/ports (15.2)
 app.include_router(_fork_api.router, responses=_ERRORS)  # fork, pause, resume (issue 16)

@@ -38,6 +38,7 @@ from rock_serve.config import RuntimeConfig, ServerArgs
 from rock_serve.deployments._dataplane import DataPlaneWorker
 from rock_serve.deployments._fork import ForkWorker
 from rock_serve.deployments._images import ImagesWorker
+from rock_serve.deployments._llm import LLMWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.deployments._ports import PortsWorker
@@ -146,7 +147,13 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
 
 
 class Worker(
-    ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker, SnapshotWorker
+    ProcessesWorker,
+    ImagesWorker,
+    DataPlaneWorker,
+    PortsWorker,
+    ForkWorker,
+    LLMWorker,
+    SnapshotWorker,
 ):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
@@ -427,6 +434,7 @@ class Worker(
         for sid in ids:
             with contextlib.suppress(SandboxNotFound):
                 await self.remove(sid, reason="shutdown")
+        await self._llm_shutdown()  # model service (issue 15.3)
         for runtime in {id(r): r for r in [*self._old_runtimes, self._runtime] if r}.values():
             with contextlib.suppress(Exception):
                 await runtime.close()
@@ -461,6 +469,7 @@ class Worker(
         spec.registry_auth = req.registry_auth  # excluded from dumps: never stored
         resources = effective_resources(req.resources, self.args.runtime)
         check_resources(resources, self._node, self.args)
+        await self._llm_prepare(sandbox_id, req, spec)  # OPENAI_* env, reverse ports (15.3)
         now = self._clock()
         lease = (
             req.lease_seconds if req.lease_seconds is not None else self.args.default_lease_seconds
@@ -494,6 +503,13 @@ class Worker(
         warm = self._take_warm(spec) if snapshot is None else None
         if warm is not None:
             record.id = warm.record.id  # the pool's sandbox keeps its id
+            self._llm_rekey(sandbox_id, record.id)
+            try:
+                await self._llm_attach(record.id, warm.handle)
+            except BaseException:
+                await self._llm_close(record.id)
+                await self._discard(warm)
+                raise
             _step(record, SandboxState.STARTING, now, "warm_pool")
             _step(record, SandboxState.RUNNING, now, "warm_pool")
             box = _Box(record, warm.handle, warm.runtime)
@@ -519,6 +535,11 @@ class Worker(
             else:
                 await self._restore_snapshot(runtime, sandbox_id, spec, snapshot)
             handle = await runtime.start(sandbox_id)
+            try:
+                await self._llm_attach(sandbox_id, handle)
+            except BaseException:
+                await handle.close()
+                raise
             _step(record, SandboxState.RUNNING, self._clock())
             box = _Box(record, handle, runtime)
             self._touch(box, self._clock())
@@ -537,12 +558,15 @@ class Worker(
             )
             return record
         except Conflict:
+            await self._llm_close(sandbox_id)
             raise  # the id belongs to someone else: leave it alone
         except BaseException as exc:
             self._metrics.created(time.perf_counter() - started, ok=False, namespace=namespace)
             code = exc.code.value if isinstance(exc, RockError) else "internal"
             self._metrics.error("create", code)
             # Removal is idempotent, so this also cleans up a half-made sandbox.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._llm_close(sandbox_id))
             with contextlib.suppress(Exception):
                 await asyncio.shield(runtime.remove(sandbox_id))
             raise
@@ -568,6 +592,8 @@ class Worker(
         if box.record.state == SandboxState.PAUSED:  # a frozen rocklet cannot exit
             with contextlib.suppress(Exception):
                 await box.runtime.resume(sandbox_id)
+        with contextlib.suppress(Exception):
+            await self._llm_close(sandbox_id)  # its tunnels and pending model calls
         with contextlib.suppress(Exception):
             await box.handle.close()
         try:

@@ -36,6 +36,7 @@ __all__ = [
     "DOCKER_TEST_IMAGE",
     "DEFAULT_IMAGE",
     "ImageStoreConfig",
+    "LLMConfig",
     "WarmPoolConfig",
     "BwrapRuntimeConfig",
     "DockerRuntimeConfig",
@@ -942,6 +943,35 @@ class WarmPoolConfig(_Config):
     )
 
 
+class LLMConfig(_Config):
+    """The model service (``model_service`` on create): trajectories and limits."""
+
+    trajectory_dir: str | None = Field(
+        default=None,
+        description="Directory for trajectory JSONL files (<trajectory_id>.jsonl); None = "
+        "<tmp>/rock-serve-trajectories.",
+    )
+    s3_bucket: str | None = Field(
+        default=None, description="Also write each trajectory to this S3 bucket (boto3)."
+    )
+    s3_prefix: str = Field(default="trajectories/", description="Key prefix in s3_bucket.")
+    s3_endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL (None = AWS); credentials from boto3's chain."
+    )
+    max_pending_calls: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="Calls one sandbox may have waiting for the trainer (more: 429).",
+    )
+    max_steps: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="Most steps one trajectory records."
+    )
+    max_request_bytes: int = Field(
+        default=8 << 20, ge=1024, description="Largest chat.completions body the service takes."
+    )
+
+
 class DataPlaneConfig(_Config):
     """The direct data plane: each node's Worker serves its sandboxes' operations itself.
 
@@ -1196,6 +1226,11 @@ class ServerArgs(_Config):
         default_factory=CompatConfig,
         description="Image mapping of the compatibility APIs (ROCK, SandboxFusion).",
     )
+    llm: LLMConfig = Field(
+        default_factory=LLMConfig,
+        description="Model service: trajectory storage (local, S3) and per-sandbox limits.",
+    )
+
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig,
         description="The per-node direct data plane (each Worker's HTTP server).",

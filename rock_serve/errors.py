@@ -23,6 +23,7 @@ __all__ = [
     "InvalidConfig",
     "InvalidRequest",
     "IsADirectory",
+    "LLMTimeout",
     "NotADirectory",
     "NotFound",
     "NotSupported",
@@ -34,6 +35,7 @@ __all__ = [
     "RateLimited",
     "RegistryUnauthorized",
     "RegistryUnavailable",
+    "ReplayDiverged",
     "ResourceExhausted",
     "RockError",
     "RockletUnavailable",
@@ -89,6 +91,8 @@ class ErrorCode(str, Enum):
     ROCKLET_UNAVAILABLE = "rocklet_unavailable"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     TIMEOUT = "timeout"
+    LLM_TIMEOUT = "llm_timeout"
+    REPLAY_DIVERGED = "replay_diverged"
     PORT_CLOSED = "port_closed"
     NOT_SUPPORTED = "not_supported"
     ARTIFACT_CORRUPT = "artifact_corrupt"
@@ -323,6 +327,22 @@ class Timeout(RockError, TimeoutError):
 
     code = ErrorCode.TIMEOUT
     status = 504
+
+
+class LLMTimeout(Timeout):
+    """The trainer did not answer a model-service call in time (the agent gets a 504)."""
+
+    code = ErrorCode.LLM_TIMEOUT
+    status = 504
+
+
+class ReplayDiverged(Conflict):
+    """A replayed episode asked the model something other than the recorded request
+    (``details.step``: the index of the step that differs).
+    """
+
+    code = ErrorCode.REPLAY_DIVERGED
+    status = 409
 
 
 class PortClosed(RockError, ConnectionRefusedError):

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {
     ROOT / "sdk" / "_async.py": ROOT / "sdk" / "_sync.py",
     ROOT / "sdk" / "_async_sandbox.py": ROOT / "sdk" / "_sync_sandbox.py",
+    ROOT / "sdk" / "_async_llm.py": ROOT / "sdk" / "_sync_llm.py",
     ROOT / "sdk" / "_async_transport.py": ROOT / "sdk" / "_sync_transport.py",
     ROOT / "sdk" / "_async_ports.py": ROOT / "sdk" / "_sync_ports.py",
     ROOT / "sdk" / "_async_process.py": ROOT / "sdk" / "_sync_process.py",
@@ -61,6 +62,10 @@ SUBS = {
     "_async": "_sync",
     "_async_sandbox": "_sync_sandbox",
     "asynchronous": "synchronous",
+    "AsyncSandboxLLM": "SandboxLLM",
+    "AsyncLLMCallHandle": "LLMCallHandle",
+    "ray_data_async": "ray_data_sync",
+    "_async_llm": "_sync_llm",
 }
 _WORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, SUBS), key=len, reverse=True)) + r")\b")
 _ASYNC_KW = re.compile(r"\basync (def|with|for)\b")

@@ -31,6 +31,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.fork import ForkRequest
 from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
+from rock_serve.sdk._async_llm import AsyncSandboxLLM
 from rock_serve.sdk._async_ports import AsyncSandboxPorts
 from rock_serve.sdk._async_process import AsyncSandboxProcesses
 from rock_serve.sdk._heartbeat import AsyncHeartbeat, interval_for
@@ -81,6 +82,11 @@ class AsyncSandbox:
         self.ports = AsyncSandboxPorts(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: AsyncHeartbeat | None = None
+
+    @property
+    def llm(self) -> AsyncSandboxLLM:
+        """The sandbox's model service (``model_service`` on create): relayed calls, trajectory."""
+        return AsyncSandboxLLM(self)
 
     @property
     def record(self) -> SandboxRecord:

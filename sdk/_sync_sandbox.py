@@ -33,6 +33,7 @@ from rock_serve.protocol import (
 from rock_serve.protocol.fork import ForkRequest
 from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.sdk._heartbeat import Heartbeat, interval_for
+from rock_serve.sdk._sync_llm import SandboxLLM
 from rock_serve.sdk._sync_ports import SandboxPorts
 from rock_serve.sdk._sync_process import SandboxProcesses
 
@@ -82,6 +83,11 @@ class Sandbox:
         self.ports = SandboxPorts(self)
         self.heartbeat_enabled = heartbeat
         self._heartbeat: Heartbeat | None = None
+
+    @property
+    def llm(self) -> SandboxLLM:
+        """The sandbox's model service (``model_service`` on create): relayed calls, trajectory."""
+        return SandboxLLM(self)
 
     @property
     def record(self) -> SandboxRecord:

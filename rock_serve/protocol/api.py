@@ -55,6 +55,7 @@ from rock_serve.protocol.commands import (
     MAX_OUTPUT,
     MAX_TIMEOUT,
 )
+from rock_serve.protocol.llm import ModelServiceSpec, ReversePort
 from rock_serve.protocol.sandbox import FailureReason, Resources, SandboxSpec, SandboxState
 
 SANDBOX_ID = r"^sb-[a-z0-9]{1,16}-[a-z0-9]{8,32}$"
@@ -102,13 +103,31 @@ class CreateSandboxRequest(SandboxSpec):
         description="When its lease runs out, snapshot it (node store and S3) before removing "
         "it; POST /v1/sandboxes/{id}/resume brings it back with the same id (issue 16).",
     )
+    model_service: ModelServiceSpec | None = Field(
+        default=None,
+        description="An OpenAI-compatible endpoint inside the sandbox (OPENAI_BASE_URL) "
+        "answered by the trainer (relay), a served model (proxy) or a recording (replay).",
+    )
+    reverse_ports: list[ReversePort] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ports inside the sandbox whose connections reach host:port targets on "
+        "the node (works with network none).",
+    )
 
 
 #: Fields of :class:`CreateSandboxRequest` that are not part of the runtime's spec.
 LIFECYCLE_FIELDS = frozenset(
     {
-        *("ttl_seconds", "client_token", "lease_seconds", "ray_job_id", "trajectory_id"),
-        *("snapshot", "archive_on_expiry"),
+        "ttl_seconds",
+        "client_token",
+        "lease_seconds",
+        "ray_job_id",
+        "trajectory_id",
+        "model_service",
+        "reverse_ports",
+        "snapshot",
+        "archive_on_expiry",
     }
 )
 

@@ -1480,6 +1480,131 @@ async def op_shutdown(agent, rid, args, payload):
     return {}
 
 
+# ---------------------------------------------------------------------------- reverse tunnel
+# (issue 15.2, reverse direction) A port inside the sandbox whose connections reach a target on
+# the node side. ``reverse.listen`` binds 127.0.0.1:PORT in the sandbox's network namespace
+# (so it works with network none) and streams one "accept" chunk (payload: the connection id,
+# ASCII) per accepted connection; the host claims each with ``reverse.attach`` (``more``: its
+# input chunks are bytes for the sandbox side, "end" half-closes it; output chunks "data" are
+# the sandbox side's bytes, one empty "eof" chunk when it half-closed). Cancelling the listen
+# closes the port and every connection not yet claimed; cancelling an attach closes its socket.
+
+REVERSE_CLAIM_SECONDS = 30.0
+REVERSE_BACKLOG = 128
+# Flow control, per connection and direction: at most this many bytes sent and not yet
+# acknowledged by the other side's write (host -> agent: ``reverse.ack`` requests; agent ->
+# host: "ack" chunks whose payload is the byte count). Buffers stay bounded either way.
+REVERSE_WINDOW = 512 << 10
+
+
+@op("reverse.listen")
+async def op_reverse_listen(agent, rid, args, payload):
+    port = _require(args, "port", int)
+    if not 0 <= port <= 65535:
+        raise AgentError("invalid_request", "port must be in 0..65535")
+    conns = agent.__dict__.setdefault("rev_conns", {})
+    counter = agent.__dict__.setdefault("rev_counter", [0])
+    emit_accept = agent.streamer(rid, "accept")
+    mine = set()
+    loop = asyncio.get_running_loop()
+
+    def expire(cid):
+        item = conns.pop(cid, None)
+        if item is not None:
+            item[1].close()
+
+    async def accepted(reader, writer):
+        counter[0] += 1
+        cid = "%d.%d" % (rid, counter[0])
+        conns[cid] = (reader, writer)
+        mine.add(cid)
+        loop.call_later(REVERSE_CLAIM_SECONDS, expire, cid)
+        emit_accept(cid.encode("ascii"))
+        await agent.flush()
+
+    try:
+        server = await asyncio.start_server(
+            accepted, "127.0.0.1", port, backlog=REVERSE_BACKLOG, reuse_address=True
+        )
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AgentError("conflict", "port %d is in use in the sandbox" % port) from None
+        raise
+    bound = server.sockets[0].getsockname()[1]
+    agent.streamer(rid, "listening")(str(bound).encode("ascii"))
+    await agent.flush()
+    try:
+        await asyncio.Event().wait()  # until cancelled (the host closed the tunnel)
+    finally:
+        server.close()
+        for cid in mine:
+            expire(cid)
+    return {}  # pragma: no cover - only cancellation ends it
+
+
+@op("reverse.attach")
+async def op_reverse_attach(agent, rid, args, payload):
+    cid = _require(args, "conn", str)
+    item = agent.__dict__.get("rev_conns", {}).pop(cid, None)
+    if item is None:
+        raise AgentError("not_found", "no pending connection %r" % cid)
+    reader, writer = item
+    if args.get("reject"):
+        writer.close()  # the node could not reach the target, or is at its limit
+        return {}
+    emit = agent.streamer(rid, "data")
+    window = {"credit": REVERSE_WINDOW, "more": asyncio.Event()}
+    agent.__dict__.setdefault("rev_windows", {})[rid] = window
+
+    async def pump_out():
+        while True:
+            while window["credit"] <= 0:
+                window["more"].clear()
+                await window["more"].wait()
+            data = await reader.read(CHUNK)
+            if not data:
+                agent.send({"id": rid, "type": "chunk", "stream": "eof"})
+                await agent.flush()
+                return
+            window["credit"] -= len(data)
+            emit(data)
+            await agent.flush()
+
+    async def pump_in():
+        if not isinstance(payload, asyncio.Queue):
+            return
+        async for data in _input_chunks(payload):
+            writer.write(data)
+            await writer.drain()
+            agent.send({"id": rid, "type": "chunk", "stream": "ack"}, b"%d" % len(data))
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    out = asyncio.ensure_future(pump_out())
+    inp = asyncio.ensure_future(pump_in())
+    try:
+        await asyncio.gather(out, inp)
+        return {}
+    except (ConnectionError, OSError):
+        return {"reset": True}
+    finally:
+        agent.rev_windows.pop(rid, None)
+        out.cancel()
+        inp.cancel()
+        await asyncio.gather(out, inp, return_exceptions=True)
+        writer.close()
+
+
+@op("reverse.ack")
+async def op_reverse_ack(agent, rid, args, payload):
+    """The host wrote ``bytes`` of connection ``attach``'s output: that much more may come."""
+    window = agent.__dict__.get("rev_windows", {}).get(_require(args, "attach", int))
+    if window is not None:
+        window["credit"] += _require(args, "bytes", int)
+        window["more"].set()
+    return {}
+
+
 # ---------------------------------------------------------------------------- background processes
 #
 # ``proc.*`` (issue 15.1): commands that run in the background, each in its own process group,

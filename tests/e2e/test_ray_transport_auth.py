@@ -93,6 +93,7 @@ def test_ray_transport_checks_the_token_and_audits(ray_head, tmp_path):
     for key in ("b_get", "b_run", "b_read", "b_exec", "b_delete", "b_stream"):
         assert got[key] == "sandbox_not_found", key
     assert got["b_list"] == []
+    assert got["b_unconfined"] == "permission_denied"
     # The admin sees and deletes it.
     assert got["root_list"] == [sid]
     assert got["root_read"] == "a's note"

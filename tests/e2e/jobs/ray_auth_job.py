@@ -56,6 +56,8 @@ async def main(namespace: str, tokens: dict[str, str]) -> dict[str, object]:
     out["b_exec"] = await outcome(b.exec(sb.id, ["cat", "s.txt"]))
     out["b_delete"] = await outcome(b.delete_sandbox(sb.id))
     out["b_list"] = [r.id for r in await b.list_sandboxes()]
+    # Spec fields that weaken containment are an admin's, on this transport as over HTTP.
+    out["b_unconfined"] = await outcome(b.create_sandbox(ttl_seconds=60, seccomp="unconfined"))
     out["b_stream"] = await outcome(_drain(b.stream_exec(sb.id, "cat s.txt")))
 
     out["root_list"] = [r.id for r in await root.list_sandboxes()]
