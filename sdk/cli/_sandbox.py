@@ -37,6 +37,20 @@ def _fail(exc: RockError) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _snapshot_fields(
+    snapshot: str | None, resources: dict[str, Any], network: str
+) -> dict[str, Any]:
+    """Over a snapshot, resources and network default to the snapshot's (unless given)."""
+    if snapshot is None:
+        return {"resources": resources, "network": network}
+    out: dict[str, Any] = {"snapshot": snapshot}
+    if resources:
+        out["resources"] = resources
+    if network != "none":
+        out["network"] = network
+    return out
+
+
 @sandbox_app.command("create")
 def create(
     image: Annotated[str | None, typer.Option(help="Image or rootfs.")] = None,
@@ -64,10 +78,8 @@ def create(
                 ttl_seconds=ttl,
                 owner=owner,
                 labels=labels,
-                resources=resources,
-                network=network,
                 egress=egress or None,
-                **({"snapshot": snapshot} if snapshot else {}),
+                **_snapshot_fields(snapshot, resources, network),
             )
         except RockError as exc:
             raise _fail(exc) from None

@@ -67,6 +67,12 @@ async def test_snapshot_routes_sdk_and_cli(bwrap_platform):
         cli_id = made_cli.output.strip()
         listed = runner.invoke(cli, ["snapshot", "ls", "--url", url])
         assert listed.exit_code == 0 and cli_id[:12] in listed.output
+        back = runner.invoke(cli, ["sandbox", "create", "--snapshot", cli_id, "--url", url])
+        assert back.exit_code == 0, back.output
+        copy_id = back.output.strip()
+        out = await client.exec(copy_id, "cat /work/state")
+        assert out.stdout == "two\n"
+        await client.delete_sandbox(copy_id)
         assert runner.invoke(cli, ["snapshot", "rm", cli_id, snap_id, "--url", url]).exit_code == 0
         assert await client.snapshots.list() == []
 
