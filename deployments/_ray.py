@@ -155,10 +155,18 @@ class RayWorker:
         self.actor = actor
 
     async def create(
-        self, sandbox_id: str, req: CreateSandboxRequest, ttl: float, namespace: str
+        self,
+        sandbox_id: str,
+        req: CreateSandboxRequest,
+        ttl: float,
+        namespace: str,
+        snapshot: Any = None,
     ) -> SandboxRecord:
-        """Create and start a sandbox on this Worker."""
-        record: SandboxRecord = await call(self.actor, "create", sandbox_id, req, ttl, namespace)
+        """Create and start a sandbox on this Worker (over ``snapshot``'s files when given)."""
+        extra = () if snapshot is None else (snapshot,)
+        record: SandboxRecord = await call(
+            self.actor, "create", sandbox_id, req, ttl, namespace, *extra
+        )
         return record
 
     async def reap_ids(self, ids: list[str], reason: str) -> list[str]:
@@ -207,6 +215,20 @@ class RayWorker:
         """Resume a paused sandbox (issue 16)."""
         record: SandboxRecord = await call(self.actor, "resume", sandbox_id)
         return record
+
+    async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
+        """Snapshot a sandbox of this Worker into its node store and S3 (issue 16)."""
+        made: dict[str, Any] = await call(self.actor, "snapshot", sandbox_id)
+        return made
+
+    async def take_archived(self) -> builtins.list[dict[str, Any]]:
+        """Sandboxes this Worker archived on lease expiry since the last call."""
+        items: builtins.list[dict[str, Any]] = await call(self.actor, "take_archived")
+        return items
+
+    async def drop_snapshot(self, archive: str, digest: str, s3: bool = False) -> None:
+        """Delete a snapshot archive from this node (and S3)."""
+        await call(self.actor, "drop_snapshot", archive, digest, s3)
 
 
 class RayWorkerDirectory:

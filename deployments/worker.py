@@ -43,6 +43,7 @@ from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
+from rock_serve.deployments._snapshot import SnapshotWorker
 from rock_serve.deployments._trace import TracedActor, untraced_task
 from rock_serve.errors import (
     Conflict,
@@ -78,6 +79,7 @@ from rock_serve.protocol import (
     WorkerStatus,
 )
 from rock_serve.protocol.api import LIFECYCLE_FIELDS
+from rock_serve.protocol.snapshot import SnapshotRecord
 from rock_serve.rocklet.handle import PtyProcess, RockletHandle
 from rock_serve.runtime.base import Runtime
 
@@ -146,7 +148,14 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
 
 
 class Worker(
-    ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker, LLMWorker, TracedActor
+    ProcessesWorker,
+    ImagesWorker,
+    DataPlaneWorker,
+    PortsWorker,
+    ForkWorker,
+    LLMWorker,
+    SnapshotWorker,
+    TracedActor,
 ):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
@@ -360,7 +369,9 @@ class Worker(
                 expired.append((sid, "ttl_expired"))
             elif record.lease_expires_at is not None and record.lease_expires_at <= now:
                 expired.append((sid, "lease_expired"))
-        for sid, reason in expired:
+        for i, (sid, reason) in enumerate(expired):
+            if reason == "lease_expired" and await self._archive(sid):  # issue 16
+                expired[i] = (sid, reason := "archived")
             log.info(
                 "worker %s: reaping sandbox %s (%s)",
                 self.name,
@@ -439,8 +450,10 @@ class Worker(
         req: CreateSandboxRequest,
         ttl: float,
         namespace: str = "default",
+        snapshot: SnapshotRecord | None = None,
     ) -> SandboxRecord:
-        """Create and start a sandbox. On any failure nothing is left behind.
+        """Create and start a sandbox (over ``snapshot``'s files when given). On any failure
+        nothing is left behind.
 
         Raises:
             RateLimited: the node is at ``max_sandboxes_per_node``.
@@ -481,6 +494,7 @@ class Worker(
             trajectory_id=req.trajectory_id,
             endpoint=self.dataplane_address(),
             lease_seconds=lease,
+            archive_on_expiry=req.archive_on_expiry,
             history=[StateChange(state=SandboxState.PENDING, at=now)],
         )
         spec.labels = {
@@ -488,7 +502,7 @@ class Worker(
             LABEL_WORKER: self.name,
             LABEL_RECORD: record.model_dump_json(exclude={"history"}),
         }
-        warm = self._take_warm(spec)
+        warm = self._take_warm(spec) if snapshot is None else None
         if warm is not None:
             record.id = warm.record.id  # the pool's sandbox keeps its id
             self._llm_rekey(sandbox_id, record.id)
@@ -518,7 +532,10 @@ class Worker(
         started = time.perf_counter()
         try:
             _step(record, SandboxState.STARTING, self._clock())
-            await runtime.create(sandbox_id, spec)
+            if snapshot is None:
+                await runtime.create(sandbox_id, spec)
+            else:
+                await self._restore_snapshot(runtime, sandbox_id, spec, snapshot)
             handle = await runtime.start(sandbox_id)
             try:
                 await self._llm_attach(sandbox_id, handle)
