@@ -47,6 +47,7 @@ from rock_serve.deployments._auth import (
     same_origin,
 )
 from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments._trace import TRACE_ID, install_logging
 from rock_serve.errors import NotFound, PermissionDenied, RockError
 from rock_serve.protocol import (
     ConsoleEvent,
@@ -60,9 +61,11 @@ from rock_serve.protocol import (
     LoginRequest,
     MetricsSample,
     SandboxList,
+    WorkerStatus,
 )
 
 __all__ = [
+    "ReapDeltas",
     "REQUEST_ID",
     "TRACE_ID",
     "RequestContext",
@@ -75,7 +78,6 @@ log = logging.getLogger("rock_serve.requests")
 
 #: The current request's id and trace id (also in every structured log line of the request).
 REQUEST_ID: ContextVar[str] = ContextVar("rock_request_id", default="-")
-TRACE_ID: ContextVar[str] = ContextVar("rock_trace_id", default="-")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -139,8 +141,12 @@ class Samples:
         elif _OP.search(path) and status < 400:
             self._op.append(seconds)
 
-    def take(self, sandboxes: dict[str, int]) -> MetricsSample:
-        """Close the interval: one sample of what happened since the last."""
+    def take(
+        self, sandboxes: dict[str, int], reaped: dict[str, int] | None = None
+    ) -> MetricsSample:
+        """Close the interval: one sample of what happened since the last (``reaped``: the
+        interval's reaps by reason, see :class:`ReapDeltas`).
+        """
         now = self._clock()
         sample = MetricsSample(
             t=now,
@@ -153,6 +159,7 @@ class Samples:
             create_p99=_quantile(self._create, 0.99),
             op_p50=_quantile(self._op, 0.5),
             op_p99=_quantile(self._op, 0.99),
+            reaped=dict(reaped or {}),
         )
         self._points.append(sample)
         self._since = now
@@ -162,6 +169,30 @@ class Samples:
     def series(self) -> ConsoleMetrics:
         """Every kept sample, oldest first."""
         return ConsoleMetrics(interval_seconds=self.interval, samples=list(self._points))
+
+
+class ReapDeltas:
+    """Turns each Worker's reap counts since it started into the reaps of one interval.
+
+    A Worker seen for the first time counts from zero; one whose counts went down (its actor
+    restarted) counts from its new totals.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[str, int]] = {}
+
+    def step(self, workers: list[WorkerStatus]) -> dict[str, int]:
+        """Reaps by reason since the previous step, summed over ``workers``."""
+        delta: dict[str, int] = {}
+        for worker in workers:
+            before = self._last.get(worker.name, {})
+            restarted = any(worker.reaped.get(r, 0) < n for r, n in before.items())
+            for reason, n in worker.reaped.items():
+                d = n if restarted else n - before.get(reason, 0)
+                if d > 0:
+                    delta[reason] = delta.get(reason, 0) + d
+            self._last[worker.name] = dict(worker.reaped)
+        return delta
 
 
 # ----------------------------------------------------------------------------- request ids
@@ -263,6 +294,7 @@ class RequestContext:
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
+        install_logging()  # this process's rock_serve log lines carry trace=<id>
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -300,7 +332,7 @@ class RequestContext:
                 if span is not None:
                     span.set_attribute("http.status_code", status)
                     span.set_attribute("rock.request_id", request_id)
-                if status >= 400:
+                if status >= 400 or (method == "POST" and _CREATE.search(path)):
                     log.info(
                         json.dumps(
                             {
@@ -367,8 +399,14 @@ def _start_sampler() -> None:
     samples = _samples(interval)
     scheduler = admin._scheduler
 
+    reaps = ReapDeltas()
+
     async def loop() -> None:
         while True:
+            reaped: dict[str, int] = {}
+            with contextlib.suppress(RockError):
+                health: Health = await call(scheduler, "health")
+                reaped = reaps.step(health.workers)
             by_ns: dict[str, dict[str, int]] = {}
             with contextlib.suppress(RockError):
                 result: SandboxList = await call(scheduler, "list", None, None, {}, None)
@@ -380,7 +418,7 @@ def _start_sampler() -> None:
             for states in by_ns.values():
                 for state, n in states.items():
                     totals[state] = totals.get(state, 0) + n
-            samples.take(totals)
+            samples.take(totals, reaped)
             await asyncio.sleep(interval)
 
     _STATE["sampler"] = asyncio.ensure_future(loop())
@@ -554,7 +592,7 @@ async def ui_metrics(principal: Auth) -> ConsoleMetrics:
         return series
     # A tenant sees the platform's rates, and only its own namespace's sandbox counts (now).
     mine = _STATE.get("by_namespace", {}).get(principal.namespace, {})
-    samples = [s.model_copy(update={"sandboxes": {}}) for s in series.samples]
+    samples = [s.model_copy(update={"sandboxes": {}, "reaped": {}}) for s in series.samples]
     if samples:
         samples[-1] = samples[-1].model_copy(update={"sandboxes": dict(mine)})
     return ConsoleMetrics(interval_seconds=series.interval_seconds, samples=samples)

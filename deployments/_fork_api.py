@@ -17,6 +17,7 @@ from fastapi import APIRouter
 
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import call
+from rock_serve.errors import SandboxNotFound
 from rock_serve.protocol import SandboxRecord
 from rock_serve.protocol.fork import ForkRequest, ForkResult
 
@@ -70,8 +71,14 @@ async def pause_sandbox(sandbox_id: str, principal: Auth) -> SandboxRecord:
 
 @router.post("/v1/sandboxes/{sandbox_id}/resume", response_model=SandboxRecord)
 async def resume_sandbox(sandbox_id: str, principal: Auth) -> SandboxRecord:
-    """Thaw a paused sandbox (a running one is returned as it is)."""
+    """Thaw a paused sandbox (a running one is returned as it is); an archived one (its
+    lease ran out with ``archive_on_expiry``) comes back with its id over its snapshot.
+    """
     admin = _admin()
-    namespace = await _namespace(admin, principal, sandbox_id)
+    try:
+        namespace = await _namespace(admin, principal, sandbox_id)
+    except SandboxNotFound:  # archived? The Scheduler looks in the caller's namespace.
+        namespace = principal.namespace
     record: SandboxRecord = await call(admin._scheduler, "resume", sandbox_id, namespace)
+    admin._guard.remember(record.id, record.namespace)
     return record

@@ -42,6 +42,8 @@ class Metrics:
         self.runtime = runtime
         self._namespaces: set[str] = set()
         self._ns_counts: dict[str, int] = {}
+        #: Sandboxes reaped by reason since this recorder was made (the console's chart).
+        self.reaped_counts: dict[str, int] = {}
         self._m: dict[str, Any] = {}
         try:
             import ray
@@ -167,6 +169,8 @@ class Metrics:
 
     def reaped(self, reason: str, n: int = 1) -> None:
         """``n`` sandboxes were reaped for ``reason`` (e.g. ``ttl``)."""
+        if n:
+            self.reaped_counts[reason] = self.reaped_counts.get(reason, 0) + n
         if self._m and n:
             self._m["reaped"].inc(n, tags=self._tags(reason=reason))
 

@@ -24,6 +24,7 @@ from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._trace import TRACED_METHOD, traced
 from rock_serve.errors import (
     InternalError,
     RockError,
@@ -96,8 +97,16 @@ def _translate(exc: BaseException, what: str) -> RockError:
 
 
 async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors."""
+    """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors.
+
+    Under a trace id (``_trace.TRACE_ID``) the call to an actor that has ``rock_traced``
+    (a ``_trace.TracedActor``: the Scheduler and the Worker) goes through it, which runs
+    ``method`` with that trace id set in the actor; other actors are called directly.
+    """
+    trace_id = traced()
     try:
+        if trace_id is not None and hasattr(actor, TRACED_METHOD):
+            return await getattr(actor, TRACED_METHOD).remote(trace_id, method, *args, **kwargs)
         return await getattr(actor, method).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None
@@ -146,10 +155,18 @@ class RayWorker:
         self.actor = actor
 
     async def create(
-        self, sandbox_id: str, req: CreateSandboxRequest, ttl: float, namespace: str
+        self,
+        sandbox_id: str,
+        req: CreateSandboxRequest,
+        ttl: float,
+        namespace: str,
+        snapshot: Any = None,
     ) -> SandboxRecord:
-        """Create and start a sandbox on this Worker."""
-        record: SandboxRecord = await call(self.actor, "create", sandbox_id, req, ttl, namespace)
+        """Create and start a sandbox on this Worker (over ``snapshot``'s files when given)."""
+        extra = () if snapshot is None else (snapshot,)
+        record: SandboxRecord = await call(
+            self.actor, "create", sandbox_id, req, ttl, namespace, *extra
+        )
         return record
 
     async def reap_ids(self, ids: list[str], reason: str) -> list[str]:
@@ -198,6 +215,20 @@ class RayWorker:
         """Resume a paused sandbox (issue 16)."""
         record: SandboxRecord = await call(self.actor, "resume", sandbox_id)
         return record
+
+    async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
+        """Snapshot a sandbox of this Worker into its node store and S3 (issue 16)."""
+        made: dict[str, Any] = await call(self.actor, "snapshot", sandbox_id)
+        return made
+
+    async def take_archived(self) -> builtins.list[dict[str, Any]]:
+        """Sandboxes this Worker archived on lease expiry since the last call."""
+        items: builtins.list[dict[str, Any]] = await call(self.actor, "take_archived")
+        return items
+
+    async def drop_snapshot(self, archive: str, digest: str, s3: bool = False) -> None:
+        """Delete a snapshot archive from this node (and S3)."""
+        await call(self.actor, "drop_snapshot", archive, digest, s3)
 
 
 class RayWorkerDirectory:

@@ -45,7 +45,11 @@ __all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
 
 #: Scheduler methods reachable over the Ray transport.
 CONTROL_METHODS = frozenset(
-    {"health", "create", "get", "list", "delete", "delete_by_token", "fork", "pause", "resume"}
+    {
+        *("health", "create", "get", "list", "delete", "delete_by_token"),
+        *("fork", "pause", "resume"),
+        *("snapshot", "snapshots", "get_snapshot", "delete_snapshot"),
+    }
 )
 #: Worker methods reachable over the Ray transport -> their audit action (None: not audited).
 DATA_METHODS: dict[str, str | None] = {
@@ -246,12 +250,27 @@ class RayGate:
                 await self._visible(scheduler.get, principal, args[0])
                 await scheduler.delete(args[0])
             return None
+        if method == "resume" and args[0] not in scheduler._records:  # archived (issue 16)
+            async with self.audited(principal, method, args[0]):
+                return await scheduler.resume(args[0], principal.namespace)
         if method in ("fork", "pause", "resume"):  # issue 16: in the sandbox's namespace
             record = await self._visible(scheduler.get, principal, args[0])
             async with self.audited(principal, method, args[0]):
                 if method == "fork":
                     return await scheduler.fork(args[0], args[1], record.namespace)
                 return await getattr(scheduler, method)(args[0], record.namespace)
+        if method == "snapshot":  # issue 16: in the sandbox's namespace
+            record = await self._visible(scheduler.get, principal, args[0])
+            async with self.audited(principal, method, args[0]):
+                return await scheduler.snapshot(args[0], args[1], record.namespace)
+        if method in ("snapshots", "get_snapshot", "delete_snapshot"):  # the caller's namespace
+            scope = None if principal.admin else principal.namespace
+            if method == "snapshots":
+                return await scheduler.snapshots(scope)
+            if method == "delete_snapshot":
+                async with self.audited(principal, "snapshot.delete", status=204):
+                    return await scheduler.delete_snapshot(args[0], scope)
+            return await scheduler.get_snapshot(args[0], scope)
         # delete_by_token
         namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
         async with self.audited(

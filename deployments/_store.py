@@ -20,6 +20,7 @@ key                                type    value
                                            expires (PX) after the claim's ttl. Hashed: a token is
                                            client-chosen text, never a key name.
 ``<p>:tombstone:<sandbox id>``     string  ``1``; expires (PX) after the tombstone's ttl.
+``<p>:docs:<kind>``                hash    key -> JSON of small documents (``snapshots``).
 =================================  ======  ====================================================
 
 Records are written with ``model_dump_json`` and read with ``model_validate_json``; a stored
@@ -164,6 +165,18 @@ class StateStore(Protocol):
         """True while the id's tombstone lasts."""
         ...
 
+    async def doc_put(self, kind: str, key: str, data: str) -> None:
+        """Insert or replace one JSON document of ``kind`` (e.g. ``snapshots``)."""
+        ...
+
+    async def doc_delete(self, kind: str, key: str) -> None:
+        """Forget one document (no error when there is none)."""
+        ...
+
+    async def docs(self, kind: str) -> dict[str, str]:
+        """Every document of ``kind``: key -> JSON."""
+        ...
+
     async def ping(self) -> bool:
         """True when the backend answers (never raises)."""
         ...
@@ -242,6 +255,7 @@ class MemoryStore:
         self._records: dict[str, str] = {}  # id -> record JSON
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (sandbox id, expires at)
         self._tombstones: dict[str, float] = {}  # sandbox id -> expires at
+        self._docs: dict[str, dict[str, str]] = {}  # kind -> key -> JSON
         #: (expires at, kind, key) of every token/tombstone set: expired entries leave in order.
         self._expiry: list[tuple[float, str, str]] = []
         self._closed = False
@@ -331,6 +345,21 @@ class MemoryStore:
         self._expire()
         return sandbox_id in self._tombstones
 
+    async def doc_put(self, kind: str, key: str, data: str) -> None:
+        """Insert or replace one document."""
+        self._check()
+        self._docs.setdefault(kind, {})[key] = data
+
+    async def doc_delete(self, kind: str, key: str) -> None:
+        """Forget one document."""
+        self._check()
+        self._docs.get(kind, {}).pop(key, None)
+
+    async def docs(self, kind: str) -> dict[str, str]:
+        """Every document of ``kind``."""
+        self._check()
+        return dict(self._docs.get(kind, {}))
+
     async def ping(self) -> bool:
         """True until closed."""
         return not self._closed
@@ -380,6 +409,7 @@ class RedisStore:
         self._records_key = f"{prefix}:sandboxes"
         self._token_prefix = f"{prefix}:token:"
         self._tombstone_prefix = f"{prefix}:tombstone:"
+        self._docs_prefix = f"{prefix}:docs:"
         self._timeout = config.call_timeout_seconds
         try:
             pool = BlockingConnectionPool.from_url(
@@ -496,6 +526,21 @@ class RedisStore:
             pipe.hset(self._records_key, mapping={r.id: r.model_dump_json() for r in chunk})
             await asyncio.sleep(0)  # serializing thousands of records: let others run
         await self._call("put_many", pipe.execute, self._timeout + _PER_RECORD * len(records))
+
+    async def doc_put(self, kind: str, key: str, data: str) -> None:
+        """HSET of ``<p>:docs:<kind>``."""
+        await self._call("doc_put", lambda: self._redis.hset(self._docs_prefix + kind, key, data))
+
+    async def doc_delete(self, kind: str, key: str) -> None:
+        """HDEL of ``<p>:docs:<kind>``."""
+        await self._call("doc_delete", lambda: self._redis.hdel(self._docs_prefix + kind, key))
+
+    async def docs(self, kind: str) -> dict[str, str]:
+        """HGETALL of ``<p>:docs:<kind>`` (kinds are small: snapshots, not sandboxes)."""
+        raw: dict[Any, Any] = await self._call(
+            "docs", lambda: self._redis.hgetall(self._docs_prefix + kind)
+        )
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def claim_token(self, token: str, sandbox_id: str, ttl: float) -> str | None:
         """Bind ``token`` to ``sandbox_id`` unless bound to another id (one Lua script).

@@ -52,6 +52,7 @@ from rock_serve.deployments import (
     _ports_api,
     _processes,
     _rock_api,
+    _snapshot_api,
     _swerex_api,
 )
 from rock_serve.deployments._audit import AuditEvent, AuditLog
@@ -326,6 +327,7 @@ app.include_router(_llm_api.router, responses=_ERRORS)  # model service (issue 1
 app.include_router(_dataplane_api.router, responses=_ERRORS)  # direct data plane (issue 13)
 app.include_router(_ports_api.router, responses=_ERRORS)  # /v1/sandboxes/{id}/ports (15.2)
 app.include_router(_fork_api.router, responses=_ERRORS)  # fork, pause, resume (issue 16)
+app.include_router(_snapshot_api.router, responses=_ERRORS)  # snapshots (issue 16)
 app.include_router(_processes.router, responses=_ERRORS)  # /processes (issue 15.1)
 # ROCK's sandbox API (issue 14): answers in ROCK's envelope, errors included.
 app.include_router(_rock_api.router)

@@ -75,6 +75,7 @@ from rock_serve.protocol import (
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.fork import ForkRequest, ForkResult
 from rock_serve.protocol.processes import ProcessStream
+from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base
 from rock_serve.sdk._async import AsyncClient
 from rock_serve.sdk._processes import ProcessItem
@@ -245,6 +246,29 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         """Resume a paused sandbox (see :meth:`AsyncClient.resume_sandbox`)."""
         record: SandboxRecord = await self._call(None, "resume", sandbox_id, self.tenant)
         return record
+
+    async def snapshot_sandbox(
+        self, sandbox_id: str, request: SnapshotRequest | None = None
+    ) -> SnapshotRecord:
+        """Snapshot a sandbox (see :meth:`AsyncClient.snapshot_sandbox`)."""
+        snap: SnapshotRecord = await self._call(
+            None, "snapshot", sandbox_id, request or SnapshotRequest(), self.tenant
+        )
+        return snap
+
+    async def list_snapshots(self) -> list[SnapshotRecord]:
+        """The namespace's snapshots (see :meth:`AsyncClient.list_snapshots`)."""
+        items: list[SnapshotRecord] = await self._call(None, "snapshots", self.tenant)
+        return items
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        """One snapshot (see :meth:`AsyncClient.get_snapshot`)."""
+        snap: SnapshotRecord = await self._call(None, "get_snapshot", snapshot_id, self.tenant)
+        return snap
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot (see :meth:`AsyncClient.delete_snapshot`)."""
+        await self._call(None, "delete_snapshot", snapshot_id, self.tenant)
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease."""

@@ -31,13 +31,15 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import rock_serve
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._fork import ForkScheduler
 from rock_serve.deployments._node import effective_resources
+from rock_serve.deployments._snapshot import SnapshotScheduler
 from rock_serve.deployments._store import StateStore, open_store
+from rock_serve.deployments._trace import TracedActor, untraced_task
 from rock_serve.errors import (
     InvalidRequest,
     RateLimited,
@@ -146,7 +148,7 @@ class WorkerDirectory(Protocol):
         ...
 
 
-class Scheduler(ForkScheduler):
+class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotScheduler.resume first
     """Places sandboxes on Workers and keeps the registry."""
 
     def __init__(
@@ -195,7 +197,7 @@ class Scheduler(ForkScheduler):
     async def ready(self) -> None:
         """Finish start-up (idempotent): one Worker per node, registry rebuilt, sync loop on."""
         if self._startup is None:
-            self._startup = asyncio.ensure_future(self._start())
+            self._startup = untraced_task(self._start())
         try:
             await asyncio.shield(self._startup)
         except BaseException:
@@ -216,7 +218,7 @@ class Scheduler(ForkScheduler):
                 log.info("scheduler: loaded %d records from %s", len(loaded), self._store.name)
         await self.sync()
         if self._loop_task is None:
-            self._loop_task = asyncio.ensure_future(self._sync_loop())
+            self._loop_task = untraced_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
         while True:
@@ -279,6 +281,7 @@ class Scheduler(ForkScheduler):
                 if isinstance(result, BaseException):
                     continue
                 self._reconcile(worker.name, result, now)
+            await self._collect_archived()  # issue 16: lease-expired sandboxes kept as snapshots
         self._wake()  # reaped sandboxes freed capacity
         self._prune_tokens()
         dropped, self._dropped = tuple(self._dropped), []
@@ -543,9 +546,10 @@ class Scheduler(ForkScheduler):
                 f"lease_seconds {req.lease_seconds} is over the limit of "
                 f"{self.args.max_lease_seconds}"
             )
+        req, snap = await self._snapshot_for_create(req, namespace)
         token = req.client_token
         if token is None:
-            return await self._create(req, ttl, namespace)
+            return await self._create(req, ttl, namespace, snap)
         token = f"{namespace}/{token}"
         known = self._tokens.get(token)
         if known is not None:
@@ -561,7 +565,7 @@ class Scheduler(ForkScheduler):
         future: asyncio.Future[SandboxRecord] = asyncio.get_running_loop().create_future()
         self._tokens[token] = future
         try:
-            record = await self._create(req, ttl, namespace)
+            record = await self._create(req, ttl, namespace, snap)
         except BaseException as exc:
             self._tokens.pop(token, None)
             future.set_exception(exc)
@@ -573,12 +577,17 @@ class Scheduler(ForkScheduler):
                 await self._store.claim_token(token, record.id, self.args.state.token_ttl_seconds)
         return record
 
-    async def _create(self, req: CreateSandboxRequest, ttl: float, namespace: str) -> SandboxRecord:
+    async def _create(
+        self, req: CreateSandboxRequest, ttl: float, namespace: str, snap: Any = None
+    ) -> SandboxRecord:
         worker, held = await self._admit(namespace, req)
         sandbox_id = f"sb-{worker.name}-{secrets.token_hex(8)}"
         self._inflight_ids.add(sandbox_id)
         try:
-            record = await worker.create(sandbox_id, req, ttl, namespace)
+            if snap is None:
+                record = await worker.create(sandbox_id, req, ttl, namespace)
+            else:  # any node: its Worker fetches the archive from S3 when absent
+                record = await worker.create(sandbox_id, req, ttl, namespace, snap)  # type: ignore[call-arg]
         finally:
             self._release(worker.name, namespace, held)
             self._inflight_ids.discard(sandbox_id)

@@ -43,6 +43,8 @@ from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
+from rock_serve.deployments._snapshot import SnapshotWorker
+from rock_serve.deployments._trace import TracedActor, untraced_task
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -77,6 +79,7 @@ from rock_serve.protocol import (
     WorkerStatus,
 )
 from rock_serve.protocol.api import LIFECYCLE_FIELDS
+from rock_serve.protocol.snapshot import SnapshotRecord
 from rock_serve.rocklet.handle import PtyProcess, RockletHandle
 from rock_serve.runtime.base import Runtime
 
@@ -144,7 +147,16 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
     record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
-class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWorker, LLMWorker):
+class Worker(
+    ProcessesWorker,
+    ImagesWorker,
+    DataPlaneWorker,
+    PortsWorker,
+    ForkWorker,
+    LLMWorker,
+    SnapshotWorker,
+    TracedActor,
+):
     """One node's sandboxes: create/remove, TTL reaping and the data plane."""
 
     def __init__(
@@ -197,7 +209,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             raise self._broken
         assert self._runtime is not None
         if self._startup is None:
-            self._startup = asyncio.ensure_future(self._start(self._runtime))
+            self._startup = untraced_task(self._start(self._runtime))
         await asyncio.shield(self._startup)
         return self._runtime
 
@@ -212,8 +224,8 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             with contextlib.suppress(Exception):
                 await runtime.remove(info.id)
         await self._start_dataplane_at_start()
-        self._reaper = asyncio.ensure_future(self._reap_loop())
-        self._warmer = asyncio.ensure_future(self._warm_loop())
+        self._reaper = untraced_task(self._reap_loop())
+        self._warmer = untraced_task(self._warm_loop())
         self._warm_wanted.set()
 
     # ------------------------------------------------------------------ warm pool
@@ -357,7 +369,9 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
                 expired.append((sid, "ttl_expired"))
             elif record.lease_expires_at is not None and record.lease_expires_at <= now:
                 expired.append((sid, "lease_expired"))
-        for sid, reason in expired:
+        for i, (sid, reason) in enumerate(expired):
+            if reason == "lease_expired" and await self._archive(sid):  # issue 16
+                expired[i] = (sid, reason := "archived")
             log.info(
                 "worker %s: reaping sandbox %s (%s)",
                 self.name,
@@ -436,8 +450,10 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
         req: CreateSandboxRequest,
         ttl: float,
         namespace: str = "default",
+        snapshot: SnapshotRecord | None = None,
     ) -> SandboxRecord:
-        """Create and start a sandbox. On any failure nothing is left behind.
+        """Create and start a sandbox (over ``snapshot``'s files when given). On any failure
+        nothing is left behind.
 
         Raises:
             RateLimited: the node is at ``max_sandboxes_per_node``.
@@ -478,6 +494,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             trajectory_id=req.trajectory_id,
             endpoint=self.dataplane_address(),
             lease_seconds=lease,
+            archive_on_expiry=req.archive_on_expiry,
             history=[StateChange(state=SandboxState.PENDING, at=now)],
         )
         spec.labels = {
@@ -485,7 +502,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             LABEL_WORKER: self.name,
             LABEL_RECORD: record.model_dump_json(exclude={"history"}),
         }
-        warm = self._take_warm(spec)
+        warm = self._take_warm(spec) if snapshot is None else None
         if warm is not None:
             record.id = warm.record.id  # the pool's sandbox keeps its id
             self._llm_rekey(sandbox_id, record.id)
@@ -515,7 +532,10 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
         started = time.perf_counter()
         try:
             _step(record, SandboxState.STARTING, self._clock())
-            await runtime.create(sandbox_id, spec)
+            if snapshot is None:
+                await runtime.create(sandbox_id, spec)
+            else:
+                await self._restore_snapshot(runtime, sandbox_id, spec, snapshot)
             handle = await runtime.start(sandbox_id)
             try:
                 await self._llm_attach(sandbox_id, handle)
@@ -696,6 +716,7 @@ class Worker(ProcessesWorker, ImagesWorker, DataPlaneWorker, PortsWorker, ForkWo
             capacity=self.args.max_sandboxes_per_node,
             runtime=self.args.runtime.type,
             warm=len(self._warm),
+            reaped=dict(self._metrics.reaped_counts),
         )
 
     # ------------------------------------------------------------------ data plane

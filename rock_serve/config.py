@@ -1027,6 +1027,35 @@ class PortsConfig(_Config):
     )
 
 
+class SnapshotS3Config(_Config):
+    """Where snapshot archives go in S3 (boto3; credentials from the usual AWS sources)."""
+
+    bucket: str = Field(min_length=3, max_length=63, description="Bucket name (must exist).")
+    prefix: str = Field(
+        default="rock-serve/snapshots",
+        max_length=512,
+        description="Key prefix; archives live at ``<prefix>/sha256/<digest>``.",
+    )
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint (None = AWS).")
+    region: str | None = Field(default=None, description="Region name (None = boto3's default).")
+
+
+class SnapshotConfig(_Config):
+    """Snapshots (issue 16): the S3 store and retention per namespace."""
+
+    s3: SnapshotS3Config | None = Field(
+        default=None,
+        description="S3 store of the archives (None: node stores only; a snapshot then "
+        "restores only on the node that made it).",
+    )
+    max_per_namespace: int | None = Field(
+        default=None, ge=1, description="Most snapshots a namespace keeps (oldest go first)."
+    )
+    max_age_seconds: float | None = Field(
+        default=None, gt=0, description="Snapshots older than this are deleted."
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -1210,6 +1239,10 @@ class ServerArgs(_Config):
     ports: PortsConfig = Field(
         default_factory=PortsConfig,
         description="Ports relayed into sandboxes (HTTP/WebSocket proxy, TCP tunnels).",
+    )
+    snapshots: SnapshotConfig = Field(
+        default_factory=SnapshotConfig,
+        description="Snapshot archives: S3 store and retention (issue 16).",
     )
 
     @model_validator(mode="after")

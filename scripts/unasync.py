@@ -36,6 +36,7 @@ SUBS = {
     "_async_transport": "_sync_transport",
     "AsyncSandbox": "Sandbox",
     "AsyncSandboxFiles": "SandboxFiles",
+    "AsyncSnapshots": "Snapshots",
     "AsyncSandboxPorts": "SandboxPorts",
     "AsyncPortStream": "PortStream",
     "_async_ports": "_sync_ports",

@@ -7,6 +7,7 @@ the reply there too; this file holds only the I/O.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -47,6 +48,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.snapshot import SnapshotList, SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base, _fork
 from rock_serve.sdk._async_process import AsyncProcessClient
 from rock_serve.sdk._async_sandbox import AsyncSandbox
@@ -57,7 +59,7 @@ from rock_serve.sdk._async_transport import (
     DataPlaneMode,
 )
 
-__all__ = ["AsyncClient"]
+__all__ = ["AsyncClient", "AsyncSnapshots"]
 
 
 def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
@@ -363,6 +365,50 @@ class AsyncClient(AsyncProcessClient):
             Its record (state ``running``).
         """
         return _base.parse(await self._send(_fork.resume_sandbox(sandbox_id)), SandboxRecord)
+
+    async def snapshot_sandbox(
+        self, sandbox_id: str, request: SnapshotRequest | None = None
+    ) -> SnapshotRecord:
+        """Snapshot a running sandbox's files into an immutable record (issue 16).
+
+        Args:
+            sandbox_id: The sandbox id.
+            request: Labels of the snapshot (default: the sandbox's).
+
+        Returns:
+            The snapshot; ``create_sandbox(snapshot=its id)`` restores it on any node.
+
+        Raises:
+            SandboxNotRunning: The sandbox is not running.
+            NotSupported: Its runtime cannot snapshot.
+        """
+        call = _fork.snapshot_sandbox(sandbox_id, request or SnapshotRequest())
+        return _base.parse(await self._send(call), SnapshotRecord)
+
+    async def list_snapshots(self) -> list[SnapshotRecord]:
+        """The caller's namespace's snapshots, newest first."""
+        return _base.parse(await self._send(_fork.list_snapshots()), SnapshotList).items
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        """One snapshot.
+
+        Raises:
+            NotFound: No such snapshot in the caller's namespace.
+        """
+        return _base.parse(await self._send(_fork.get_snapshot(snapshot_id)), SnapshotRecord)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot (its archive goes once no other snapshot uses it).
+
+        Raises:
+            NotFound: No such snapshot in the caller's namespace.
+        """
+        await self._send(_fork.delete_snapshot(snapshot_id))
+
+    @property
+    def snapshots(self) -> AsyncSnapshots:
+        """``client.snapshots.list()``, ``.get(id)``, ``.delete(id)``."""
+        return AsyncSnapshots(self)
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease (a heartbeat; every call naming the sandbox also renews).
@@ -814,3 +860,22 @@ class AsyncClient(AsyncProcessClient):
             ref: The reference or image id.
         """
         await self._send(_base.remove_image(ref))
+
+
+class AsyncSnapshots:
+    """The snapshots of the client's namespace (``client.snapshots``)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def list(self) -> builtins.list[SnapshotRecord]:
+        """Newest first."""
+        return await self.client.list_snapshots()
+
+    async def get(self, snapshot_id: str) -> SnapshotRecord:
+        """One snapshot (NotFound for an unknown one or another namespace's)."""
+        return await self.client.get_snapshot(snapshot_id)
+
+    async def delete(self, snapshot_id: str) -> None:
+        """Delete one."""
+        await self.client.delete_snapshot(snapshot_id)

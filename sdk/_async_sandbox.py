@@ -30,6 +30,7 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.protocol.fork import ForkRequest
+from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.sdk._async_llm import AsyncSandboxLLM
 from rock_serve.sdk._async_ports import AsyncSandboxPorts
 from rock_serve.sdk._async_process import AsyncSandboxProcesses
@@ -169,6 +170,13 @@ class AsyncSandbox:
         )
         result = await self.client.fork_sandbox(self.id, request)
         return [AsyncSandbox(self.client, record) for record in result.items]
+
+    async def snapshot(self, *, labels: Mapping[str, str] | None = None) -> SnapshotRecord:
+        """Snapshot this sandbox's files at one atomic point (issue 16); restore it with
+        ``client.sandbox(snapshot=snap.id)`` on any node.
+        """
+        request = SnapshotRequest(labels=dict(labels) if labels is not None else None)
+        return await self.client.snapshot_sandbox(self.id, request)
 
     async def pause(self) -> SandboxRecord:
         """Freeze the sandbox's processes until :meth:`resume` (files and memory stay)."""

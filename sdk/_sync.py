@@ -8,6 +8,7 @@ the reply there too; this file holds only the I/O.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -48,6 +49,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.snapshot import SnapshotList, SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base, _fork
 from rock_serve.sdk._sync_process import ProcessClient
 from rock_serve.sdk._sync_sandbox import Sandbox
@@ -58,7 +60,7 @@ from rock_serve.sdk._sync_transport import (
     Transport,
 )
 
-__all__ = ["Client"]
+__all__ = ["Client", "Snapshots"]
 
 
 def _dataplane_mode(default: DataPlaneMode) -> DataPlaneMode:
@@ -362,6 +364,50 @@ class Client(ProcessClient):
             Its record (state ``running``).
         """
         return _base.parse(self._send(_fork.resume_sandbox(sandbox_id)), SandboxRecord)
+
+    def snapshot_sandbox(
+        self, sandbox_id: str, request: SnapshotRequest | None = None
+    ) -> SnapshotRecord:
+        """Snapshot a running sandbox's files into an immutable record (issue 16).
+
+        Args:
+            sandbox_id: The sandbox id.
+            request: Labels of the snapshot (default: the sandbox's).
+
+        Returns:
+            The snapshot; ``create_sandbox(snapshot=its id)`` restores it on any node.
+
+        Raises:
+            SandboxNotRunning: The sandbox is not running.
+            NotSupported: Its runtime cannot snapshot.
+        """
+        call = _fork.snapshot_sandbox(sandbox_id, request or SnapshotRequest())
+        return _base.parse(self._send(call), SnapshotRecord)
+
+    def list_snapshots(self) -> list[SnapshotRecord]:
+        """The caller's namespace's snapshots, newest first."""
+        return _base.parse(self._send(_fork.list_snapshots()), SnapshotList).items
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        """One snapshot.
+
+        Raises:
+            NotFound: No such snapshot in the caller's namespace.
+        """
+        return _base.parse(self._send(_fork.get_snapshot(snapshot_id)), SnapshotRecord)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot (its archive goes once no other snapshot uses it).
+
+        Raises:
+            NotFound: No such snapshot in the caller's namespace.
+        """
+        self._send(_fork.delete_snapshot(snapshot_id))
+
+    @property
+    def snapshots(self) -> Snapshots:
+        """``client.snapshots.list()``, ``.get(id)``, ``.delete(id)``."""
+        return Snapshots(self)
 
     def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease (a heartbeat; every call naming the sandbox also renews).
@@ -813,3 +859,22 @@ class Client(ProcessClient):
             ref: The reference or image id.
         """
         self._send(_base.remove_image(ref))
+
+
+class Snapshots:
+    """The snapshots of the client's namespace (``client.snapshots``)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def list(self) -> builtins.list[SnapshotRecord]:
+        """Newest first."""
+        return self.client.list_snapshots()
+
+    def get(self, snapshot_id: str) -> SnapshotRecord:
+        """One snapshot (NotFound for an unknown one or another namespace's)."""
+        return self.client.get_snapshot(snapshot_id)
+
+    def delete(self, snapshot_id: str) -> None:
+        """Delete one."""
+        self.client.delete_snapshot(snapshot_id)

@@ -31,6 +31,7 @@ from rock_serve.protocol import (
     SessionRunResult,
 )
 from rock_serve.protocol.fork import ForkRequest
+from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.sdk._heartbeat import Heartbeat, interval_for
 from rock_serve.sdk._sync_llm import SandboxLLM
 from rock_serve.sdk._sync_ports import SandboxPorts
@@ -170,6 +171,13 @@ class Sandbox:
         )
         result = self.client.fork_sandbox(self.id, request)
         return [Sandbox(self.client, record) for record in result.items]
+
+    def snapshot(self, *, labels: Mapping[str, str] | None = None) -> SnapshotRecord:
+        """Snapshot this sandbox's files at one atomic point (issue 16); restore it with
+        ``client.sandbox(snapshot=snap.id)`` on any node.
+        """
+        request = SnapshotRequest(labels=dict(labels) if labels is not None else None)
+        return self.client.snapshot_sandbox(self.id, request)
 
     def pause(self) -> SandboxRecord:
         """Freeze the sandbox's processes until :meth:`resume` (files and memory stay)."""

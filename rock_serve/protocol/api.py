@@ -92,6 +92,17 @@ class CreateSandboxRequest(SandboxSpec):
     trajectory_id: str | None = Field(
         default=None, max_length=256, description="Trajectory (episode) it serves, if any."
     )
+    snapshot: str | None = Field(
+        default=None,
+        pattern=r"^snap-[0-9a-f]{8,64}$",
+        description="Create over this snapshot's files (issue 16; image and resources default "
+        "to the snapshot's). Another namespace's snapshot is a 404.",
+    )
+    archive_on_expiry: bool = Field(
+        default=False,
+        description="When its lease runs out, snapshot it (node store and S3) before removing "
+        "it; POST /v1/sandboxes/{id}/resume brings it back with the same id (issue 16).",
+    )
     model_service: ModelServiceSpec | None = Field(
         default=None,
         description="An OpenAI-compatible endpoint inside the sandbox (OPENAI_BASE_URL) "
@@ -115,6 +126,8 @@ LIFECYCLE_FIELDS = frozenset(
         "trajectory_id",
         "model_service",
         "reverse_ports",
+        "snapshot",
+        "archive_on_expiry",
     }
 )
 
@@ -159,6 +172,9 @@ class SandboxRecord(WireModel):
         "POST /v1/sandboxes/{id}/dataplane).",
     )
     lease_seconds: float | None = Field(default=None, description="Lease length, if leased.")
+    archive_on_expiry: bool = Field(
+        default=False, description="Archived (snapshot, then removed) when its lease runs out."
+    )
     lease_expires_at: float | None = Field(
         default=None, description="When the lease runs out unless renewed."
     )
@@ -209,6 +225,9 @@ class WorkerStatus(WireModel):
     capacity: int = Field(description="Most sandboxes it may own.")
     runtime: str = Field(description="Runtime it uses.")
     warm: int = Field(default=0, description="Started sandboxes waiting in its warm pool.")
+    reaped: dict[str, int] = Field(
+        default_factory=dict, description="Sandboxes it reaped since it started, by reason."
+    )
 
 
 class Health(WireModel):

@@ -104,6 +104,9 @@ class MetricsSample(WireModel):
     create_p99: float | None = Field(default=None, description="Create latency p99, seconds.")
     op_p50: float | None = Field(default=None, description="Data-plane call p50, seconds.")
     op_p99: float | None = Field(default=None, description="Data-plane call p99, seconds.")
+    reaped: dict[str, int] = Field(
+        default_factory=dict, description="Sandboxes reaped in the interval, by reason."
+    )
 
 
 class ConsoleMetrics(WireModel):

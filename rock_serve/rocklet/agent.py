@@ -2227,6 +2227,11 @@ def main(argv=None):
         sys.stderr.write("usage: agent.py [--root DIR] [--seccomp BPF_FILE]\n")
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # A platform started in the background (`cmd &` from a script, nohup) hands its children
+    # SIGINT/SIGQUIT ignored, and an ignored signal stays ignored across exec: the sandbox's
+    # shells and programs would never see ^C or an interrupt. Start them from the defaults.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     _not_dumpable()
     if seccomp is not None:
         try:

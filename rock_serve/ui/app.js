@@ -70,6 +70,7 @@
     if (state.events) { state.events.close(); state.events = null; }
     if (state.ws) { state.ws.close(); state.ws = null; }
     if (state.term) { state.term.dispose(); state.term = null; }
+    if (state.follow) { state.follow.abort(); state.follow = null; }
   }
   function page(title, ...children) {
     const el = document.getElementById("page");
@@ -147,7 +148,7 @@
   function sandboxesPage() {
     const search = h("input", { id: "search", type: "search", placeholder: "id, owner, label…" });
     const stateSel = h("select", { id: "state-filter" }, h("option", { value: "", text: "any" }),
-      ["pending", "starting", "running", "stopping", "stopped", "failed"].map(
+      ["pending", "starting", "running", "paused", "stopping", "stopped", "failed"].map(
         (s) => h("option", { value: s, text: s })));
     const nsInput = h("input", { id: "ns-filter", type: "text", placeholder: "any" });
     const count = h("p", { id: "count", "aria-live": "polite" });
@@ -276,6 +277,22 @@
         } }, "Delete"),
         h("button", { type: "button", id: "open-terminal", onclick: () => openTerminal(id, termBox) }, "Open terminal"));
     }
+    // Fork, pause and resume: shown to everyone, disabled for a read-only role.
+    const lifecycle = (bid, label, verb, body) => h("button", { type: "button", id: bid,
+      disabled: !state.me.may_act, title: state.me.may_act ? null : "read-only role",
+      onclick: async () => {
+        try {
+          const res = await json(path + "/" + verb, { method: "POST",
+            headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}) });
+          if (verb === "fork") {
+            const child = res.items[0].id;
+            toast({ code: "ok", message: "forked into " + res.items.map((r) => r.id).join(", ") });
+            location.hash = "#/sandbox/" + encodeURIComponent(child);
+          } else { toast({ code: "ok", message: id + " is " + res.state }); route(); }
+        } catch (e) { toast(e); }
+      } }, label);
+    actions.append(lifecycle("fork", "Fork", "fork", { count: 1 }),
+      rec.state === "paused" ? lifecycle("resume", "Resume", "resume") : lifecycle("pause", "Pause", "pause"));
     const termBox = h("div", { id: "terminal", class: "terminal", hidden: true, "aria-label": "Terminal" });
     page("Sandbox " + id,
       actions,
@@ -298,6 +315,8 @@
             h("td", { text: c.state }), h("td", { text: c.reason || "" })))))),
       h("section", { "aria-labelledby": "h-term" }, h("h2", { id: "h-term", text: "Terminal" }), termBox,
         state.me.may_act ? null : h("p", { text: "Read-only role: no terminal." })),
+      processesSection(id, path),
+      portSection(id, path),
       filesSection(id, path));
     async function stats() {
       try {
@@ -336,6 +355,85 @@
     ws.onclose = () => { box.dataset.connected = "0"; };
     term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(enc.encode(d)); });
     term.onResize(({ cols, rows }) => { if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "resize", cols, rows })); });
+  }
+
+  // ------------------------------------------------------------------ processes, ports
+  function processesSection(id, path) {
+    const list = h("tbody", { id: "processes" });
+    const out = h("pre", { id: "process-output", class: "output", "aria-live": "polite", hidden: true });
+    const outTitle = h("h3", { id: "h-output", hidden: true });
+    async function show() {
+      try {
+        const res = await json(path + "/processes");
+        list.replaceChildren(...res.processes.map((p) => h("tr", { "data-pid": String(p.pid) },
+          h("td", { text: String(p.pid) }), h("td", {}, h("code", { text: p.command.join(" ") })),
+          h("td", { class: p.running ? "state-running" : "state-stopped",
+            text: p.running ? "running" : (p.signal ? "killed (signal " + p.signal + ")" : "exited") }),
+          h("td", { text: p.exit_code === null ? "–" : String(p.exit_code) }),
+          h("td", { text: age((p.ended_at || now()) - p.started_at) }),
+          h("td", {},
+            h("button", { type: "button", class: "follow", "aria-label": "Output of " + p.pid,
+              onclick: () => follow(p.pid) }, "Output"),
+            h("button", { type: "button", class: "kill", "aria-label": "Kill " + p.pid,
+              disabled: !state.me.may_act || !p.running, onclick: async () => {
+                try { await json(path + "/processes/" + p.pid, { method: "DELETE" }); await show(); } catch (e) { toast(e); }
+              } }, "Kill")))));
+        list.dataset.loaded = "1";
+      } catch (err) { /* not running (paused, stopped): keep the last list */ }
+    }
+    // Follows stdout of one process over the NDJSON stream (the `next` offset resumes).
+    async function follow(pid) {
+      if (state.follow) state.follow.abort();
+      const ctl = new AbortController();
+      state.follow = ctl;
+      out.hidden = false; outTitle.hidden = false;
+      outTitle.textContent = "Output of " + pid;
+      out.textContent = "";
+      out.dataset.pid = String(pid); out.dataset.ended = "0";
+      try {
+        const resp = await api(path + "/processes/" + pid + "/output?follow=true&stream=stdout", { signal: ctl.signal });
+        const reader = resp.body.getReader();
+        const dec = new TextDecoder();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += dec.decode(value, { stream: true });
+          let nl;
+          while ((nl = buf.indexOf("\n")) >= 0) {
+            const line = buf.slice(0, nl); buf = buf.slice(nl + 1);
+            if (!line.trim()) continue;
+            const m = JSON.parse(line);
+            if (m.error) { toast(m.error); continue; }
+            if (m.type === "data") out.append(m.encoding === "base64" ? atob(m.data) : m.data);
+            else if (m.type === "truncated") out.append("[… output before byte " + m.truncated_before + " dropped]\n");
+            else if (m.type === "end") { out.dataset.ended = "1"; show(); }
+          }
+        }
+      } catch (err) { if (err.name !== "AbortError") toast(err); }
+    }
+    show();
+    state.timers.push(setInterval(show, 2000));
+    return h("section", { "aria-labelledby": "h-proc" }, h("h2", { id: "h-proc", text: "Processes" }),
+      h("table", { id: "process-table" }, h("thead", {}, h("tr", {}, ["PID", "Command", "Status", "Exit code", "Ran", "Actions"]
+        .map((c) => h("th", { scope: "col", text: c })))), list),
+      outTitle, out);
+  }
+  function portSection(id, path) {
+    const port = h("input", { id: "port", type: "number", min: "1", max: "65535", value: "8000" });
+    const link = h("a", { id: "open-port", target: "_blank", rel: "noopener" });
+    const update = () => {
+      const n = parseInt(port.value, 10);
+      const ok = n >= 1 && n <= 65535;
+      link.setAttribute("href", ok ? path + "/ports/" + n + "/" : "#");
+      link.textContent = ok ? "Open port " + n : "Open port";
+      link.toggleAttribute("aria-disabled", !ok);
+    };
+    port.addEventListener("input", update);
+    update();
+    return h("section", { "aria-labelledby": "h-port" }, h("h2", { id: "h-port", text: "Ports" }),
+      state.me.may_act ? h("p", { class: "filters" }, h("label", { for: "port" }, "Port in the sandbox", port), link)
+        : h("p", { text: "Read-only role: no port access." }));
   }
 
   function filesSection(id, path) {
@@ -457,13 +555,16 @@
         const states = [...new Set(S.flatMap((s) => Object.keys(s.sandboxes)))];
         const pts = (f) => S.filter((s) => f(s) !== null && f(s) !== undefined).map((s) => [s.t, f(s)]);
         const codes = [...new Set(S.flatMap((s) => Object.keys(s.errors)))];
+        const reasons = [...new Set(S.flatMap((s) => Object.keys(s.reaped || {})))];
         box.replaceChildren(
           chart("Sandboxes by state", states.map((st) => ({ name: st, points: pts((s) => s.sandboxes[st] || 0) }))),
           chart("Requests per second", [{ name: "requests", points: pts((s) => s.requests / Math.max(s.interval, 1e-9)) },
             { name: "429", points: pts((s) => s.rate_limited / Math.max(s.interval, 1e-9)) }]),
           chart("Create latency (s)", [{ name: "p50", points: pts((s) => s.create_p50) }, { name: "p99", points: pts((s) => s.create_p99) }]),
           chart("Op latency (s)", [{ name: "p50", points: pts((s) => s.op_p50) }, { name: "p99", points: pts((s) => s.op_p99) }]),
-          chart("Errors by status", codes.map((c) => ({ name: c, points: pts((s) => s.errors[c] || 0) }))));
+          chart("Errors by status", codes.map((c) => ({ name: c, points: pts((s) => s.errors[c] || 0) }))),
+          chart("Reaps by reason", reasons.map((r) => ({ name: r, points: pts((s) => (s.reaped || {})[r] || 0) }))),
+          chart("Paused sandboxes", [{ name: "paused", points: pts((s) => s.sandboxes.paused || 0) }]));
         box.dataset.samples = String(S.length);
       } catch (err) { toast(err); }
     }

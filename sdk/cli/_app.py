@@ -18,6 +18,7 @@ from rock_serve.sdk.cli._env import env_app
 from rock_serve.sdk.cli._image import image_app
 from rock_serve.sdk.cli._process import process_app
 from rock_serve.sdk.cli._sandbox import sandbox_app
+from rock_serve.sdk.cli._snapshot import snapshot_app
 from rock_serve.sdk.cli._token import token_app
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(env_app, name="env")
 app.add_typer(token_app, name="token")
 app.add_typer(image_app, name="image")
+app.add_typer(snapshot_app, name="snapshot")  # rock snapshot ls|rm (issue 16)
 console = Console()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

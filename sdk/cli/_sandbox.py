@@ -37,6 +37,20 @@ def _fail(exc: RockError) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _snapshot_fields(
+    snapshot: str | None, resources: dict[str, Any], network: str
+) -> dict[str, Any]:
+    """Over a snapshot, resources and network default to the snapshot's (unless given)."""
+    if snapshot is None:
+        return {"resources": resources, "network": network}
+    out: dict[str, Any] = {"snapshot": snapshot}
+    if resources:
+        out["resources"] = resources
+    if network != "none":
+        out["network"] = network
+    return out
+
+
 @sandbox_app.command("create")
 def create(
     image: Annotated[str | None, typer.Option(help="Image or rootfs.")] = None,
@@ -50,6 +64,7 @@ def create(
         list[str] | None,
         typer.Option(help="Allowed destination cidr|host[:port] for bridge (repeatable)."),
     ] = None,
+    snapshot: Annotated[str | None, typer.Option(help="Create over this snapshot's files.")] = None,
     url: BaseUrl = None,
     token: Token = None,
 ) -> None:
@@ -63,9 +78,8 @@ def create(
                 ttl_seconds=ttl,
                 owner=owner,
                 labels=labels,
-                resources=resources,
-                network=network,
                 egress=egress or None,
+                **_snapshot_fields(snapshot, resources, network),
             )
         except RockError as exc:
             raise _fail(exc) from None

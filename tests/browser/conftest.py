@@ -74,6 +74,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 class ConsoleApp:
     url: str
     tokens: dict[str, str]
+    #: The Ray head's --temp-dir (its session's logs are under session_latest/logs).
+    ray_temp: str = ""
 
     def client(self, user: str) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.tokens[user]}"}
@@ -113,7 +115,7 @@ def console_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleApp
 
     with ray_head() as head:
         deploy(head, tmp_path_factory.mktemp("console"), "rock-console", edit)
-        app = ConsoleApp(url=head.url, tokens=tokens)
+        app = ConsoleApp(url=head.url, tokens=tokens, ray_temp=head.temp)
         yield app
         with app.client("root") as root:
             for item in root.get("/v1/sandboxes").json().get("items", []):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from websockets.sync.client import connect
+
+from tests.e2e._head import wait_for
 
 from .conftest import ConsoleApp, login, shot
 
@@ -298,3 +302,138 @@ def test_workers_and_envs_pages(page, console_app):
     finally:
         with console_app.client("alice") as alice:
             alice.post(f"{gem}/close", json={"sandbox_id": instance})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_processes_follow_output_kill_and_open_a_port(page, console_app):
+    sandbox_id = _create(console_app, "alice")
+    port = _free_port()
+    with console_app.client("alice") as api:
+        base = f"/v1/sandboxes/{sandbox_id}/processes"
+        talker = api.post(
+            base, json={"command": "for i in 1 2 3; do echo line-$i; done; sleep 600"}
+        ).json()["pid"]
+        failing = api.post(base, json={"command": "echo bye; exit 3"}).json()["pid"]
+        server = api.post(
+            base,
+            json={
+                "command": f"mkdir -p www && echo served-by-sandbox > www/index.html && "
+                f"exec python3 -m http.server {port} --bind 127.0.0.1 -d www"
+            },
+        ).json()["pid"]
+        api.post(f"{base}/{failing}/wait", params={"timeout": 30})
+    login(page, console_app, "alice")
+    page.goto(f"{console_app.ui}#/sandbox/{sandbox_id}")
+    rows = page.locator("#processes tr")
+    page.wait_for_selector(f'#processes tr[data-pid="{server}"]')
+    cells = page.locator(f'#processes tr[data-pid="{failing}"] td').all_inner_texts()
+    assert cells[2:4] == ["exited", "3"]
+    assert rows.count() == 3
+    # Live output over the NDJSON stream.
+    page.get_by_role("button", name=f"Output of {talker}").click()
+    page.wait_for_function(
+        "() => document.querySelector('#process-output').textContent.includes('line-3')"
+    )
+    assert page.locator("#process-output").inner_text().splitlines()[:3] == [
+        "line-1",
+        "line-2",
+        "line-3",
+    ]
+    shot(page, "processes")
+    # Kill ends the followed stream too, and the list shows the signal.
+    page.get_by_role("button", name=f"Kill {talker}").click()
+    page.wait_for_selector("#process-output[data-ended='1']")
+    page.wait_for_function(
+        "pid => document.querySelector(`#processes tr[data-pid='${pid}'] td:nth-child(3)`)"
+        ".textContent.startsWith('killed')",
+        arg=talker,
+    )
+    assert page.get_by_role("button", name=f"Kill {talker}").is_disabled()
+    # "Open port" links to the port relay; the session cookie gets through it.
+    page.get_by_label("Port in the sandbox").fill(str(port))
+    link = page.locator("#open-port")
+    href = link.get_attribute("href")
+    assert href == f"/v1/sandboxes/{sandbox_id}/ports/{port}/"
+    with page.context.expect_page() as opened:
+        link.click()
+    tab = opened.value
+    tab.wait_for_load_state()
+    assert "served-by-sandbox" in tab.content()
+    tab.close()
+
+
+def test_fork_pause_resume_buttons_by_role(page, console_app):
+    sandbox_id = _create(console_app, "alice")
+    login(page, console_app, "vera")
+    page.goto(f"{console_app.ui}#/sandbox/{sandbox_id}")
+    page.wait_for_selector("#processes[data-loaded='1']", state="attached")
+    for name in ("Fork", "Pause"):
+        assert page.get_by_role("button", name=name).is_disabled()
+    assert page.locator("#open-port").count() == 0
+    page.goto(f"{console_app.ui}#/sandboxes")
+    page.get_by_role("button", name="Log out").click()
+    # An operator acts on another namespace's sandbox; this platform's runtime (local) cannot
+    # pause, and the console says so with the API's typed error.
+    login(page, console_app, "otto")
+    page.goto(f"{console_app.ui}#/sandbox/{sandbox_id}")
+    pause = page.get_by_role("button", name="Pause")
+    assert pause.is_enabled()
+    pause.click()
+    page.wait_for_selector("#toast:not([hidden])")
+    assert page.locator("#toast strong").inner_text().startswith("not_supported")
+    page.get_by_role("button", name="Dismiss").click()
+    page.get_by_role("button", name="Fork").click()
+    page.wait_for_selector("#toast:not([hidden])")
+    assert page.locator("#toast strong").inner_text().startswith("not_supported")
+    shot(page, "operator-actions")
+
+
+def test_one_trace_id_in_admin_scheduler_and_worker_logs_for_a_create(console_app):
+    trace_id = uuid.uuid4().hex
+    headers = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    with console_app.client("alice") as api:
+        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 600}, headers=headers)
+        assert resp.status_code == 201, resp.text
+        assert resp.headers["x-trace-id"] == trace_id
+    logs = Path(console_app.ray_temp) / "session_latest" / "logs"
+    marker = f"trace={trace_id}"
+
+    def loggers() -> set[str]:
+        found = set()
+        for path in logs.glob("worker-*.err"):
+            for line in path.read_text(errors="replace").splitlines():
+                if marker in line:
+                    found.add(line.split(marker)[0].split()[-1])  # the logger's name
+        return found
+
+    wanted = {
+        "rock_serve.requests",  # the Admin's request line
+        "rock_serve.deployments.scheduler",  # "created ... on ..."
+        "rock_serve.deployments.worker",  # "created sandbox ..."
+    }
+    wait_for(lambda: wanted <= loggers(), time.monotonic() + 30, f"{wanted} log lines")
+
+
+def test_reaps_by_reason_and_paused_charts(page, console_app):
+    with console_app.client("root") as api:
+        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 1})
+        assert resp.status_code == 201, resp.text
+        sandbox_id = resp.json()["id"]
+    login(page, console_app, "root")
+    page.goto(f"{console_app.ui}#/metrics")
+    # The Worker's reaper removes it past its TTL; the next sample counts it by reason.
+    page.wait_for_selector("svg.chart polyline[data-series='ttl_expired']", timeout=60_000)
+    with console_app.client("root") as api:
+        assert api.get(f"/v1/sandboxes/{sandbox_id}").status_code == 404
+    captions = page.locator("#charts figcaption").all_inner_texts()
+    assert {"Reaps by reason", "Paused sandboxes"} <= set(captions)
+    label = page.locator("svg.chart[aria-label^='Reaps by reason']").get_attribute("aria-label")
+    assert "ttl_expired" in label
+    shot(page, "reaps-chart")

@@ -245,3 +245,30 @@ async def test_inside_paths_work_relative_and_absolute(handle, tmp_path):
     await handle.write_file("a/b.txt", b"x")
     assert await handle.read_file(str(tmp_path / "a" / "b.txt")) == b"x"
     assert (tmp_path / "a" / "b.txt").read_bytes() == b"x"
+
+
+def _ignore_interrupts() -> None:
+    # What `cmd &` in a script (CI's runner, nohup) hands a platform: SIGINT/SIGQUIT ignored.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+
+async def test_commands_see_interrupts_even_if_the_platform_ignores_them(tmp_path):
+    h = await RockletHandle.spawn(
+        [sys.executable, "-I", AGENT_PATH, "--root", str(tmp_path)],
+        preexec_fn=_ignore_interrupts,
+    )
+    try:
+        await h.create_session(SessionCreateRequest(session="s"))
+        ignored = await h.run_in_session(
+            SessionRunRequest(session="s", command="grep SigIgn /proc/self/status")
+        )
+        assert int(ignored.output.split()[1], 16) & 0b110 == 0, ignored.output
+        result = await h.run_in_session(
+            SessionRunRequest(session="s", command="sleep 30", timeout=0.3)
+        )
+        assert result.timed_out and result.exit_code == 130, result
+    finally:
+        await h.close()

@@ -213,6 +213,18 @@ async def test_ttl_must_be_positive(store, ttl):
         await store.tombstone("sb-a", ttl)
 
 
+async def test_documents_by_kind(store):  # snapshot records (issue 16)
+    assert await store.docs("snapshots") == {}
+    await store.doc_put("snapshots", "snap-1", '{"a": 1}')
+    await store.doc_put("snapshots", "snap-1", '{"a": 2}')
+    await store.doc_put("other", "snap-1", "{}")
+    assert await store.docs("snapshots") == {"snap-1": '{"a": 2}'}
+    await store.doc_delete("snapshots", "snap-1")
+    await store.doc_delete("snapshots", "snap-1")
+    assert await store.docs("snapshots") == {} and await store.docs("other") == {"snap-1": "{}"}
+    assert await store.load() == []  # documents are not sandbox records
+
+
 async def test_ping_and_close(store):
     assert await store.ping()
     await store.close()
