@@ -279,7 +279,8 @@ LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=")]
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Path in sandbox.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": 'Error body `{"error": {"code", "message"}}`.'}
-    for status in (400, 401, 403, 404, 409, 413, 429, 500, 503, 504)
+    # Every status the error table can answer (501 not_supported, 502 port_closed, ...).
+    for status in sorted({http_status(code) for code in ErrorCode})
 }
 #: The 200 reply of exec and session run with ``?stream=true``.
 _STREAMED: dict[str, Any] = {

@@ -34,10 +34,16 @@ class ForkRequest(WireModel):
         default=None, max_length=256, description="Owner of the children (default: the parent's)."
     )
     ttl_seconds: float | None = Field(
-        default=None, gt=0, description="Hard deadline of each child (default: the platform's)."
+        default=None,
+        gt=0,
+        le=7 * 86_400,  # as on create
+        description="Hard deadline of each child (default: the platform's).",
     )
     lease_seconds: float | None = Field(
-        default=None, gt=0, description="Lease of each child (default: the parent's)."
+        default=None,
+        gt=0,
+        le=86_400,  # as on create
+        description="Lease of each child (default: the parent's).",
     )
     session: bool = Field(
         default=True,

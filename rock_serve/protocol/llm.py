@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from rock_serve.protocol._base import WireModel
 
@@ -141,6 +141,16 @@ class LLMRelease(WireModel):
 
 class LLMAnswer(WireModel):
     """The trainer's answer to one call: a chat.completion object, or an error message."""
+
+    # "Exactly one of" in the schema too, so a schema-valid body is never refused.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["response"], "properties": {"response": {"type": "object"}}},
+                {"required": ["error"], "properties": {"error": {"type": "string"}}},
+            ]
+        }
+    )
 
     response: dict[str, Any] | None = Field(
         default=None, description="The chat.completion object (choices, usage, ...)."
