@@ -98,6 +98,45 @@ def _authfile(dirpath: str, ref: ImageRef, auth: RegistryAuth) -> str | None:
     return path
 
 
+async def run_skopeo(
+    argv: list[str], home: str, skopeo: str, timeout: float, what: str
+) -> tuple[int, str]:
+    """Run one skopeo command (HOME = ``home``, nothing of the node's environment but PATH).
+
+    Returns:
+        Its exit status and stderr text.
+
+    Raises:
+        RuntimeUnavailable: no skopeo.
+        RegistryUnavailable: it took longer than ``timeout`` (killed; retry later).
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={"PATH": os.environ.get("PATH", os.defpath), "HOME": home},
+        )
+    except FileNotFoundError:
+        raise RuntimeUnavailable(f"skopeo not found ({skopeo!r}): install skopeo") from None
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RegistryUnavailable(
+            f"{what} took longer than {timeout:.0f}s", retry_after=5.0
+        ) from None
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, err.decode("utf-8", "replace")
+
+
 async def skopeo_copy(
     skopeo: str,
     ref: ImageRef,
@@ -126,30 +165,7 @@ async def skopeo_copy(
                     f.write('{"auths": {}}')
                 argv += ["--src-authfile", empty]
         argv += [ref.source(), f"oci:{dest_layout}:img"]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env={"PATH": os.environ.get("PATH", os.defpath), "HOME": private},
-            )
-        except FileNotFoundError:
-            raise RuntimeUnavailable(f"skopeo not found ({skopeo!r}): install skopeo") from None
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise RegistryUnavailable(
-                f"pulling {ref} took longer than {timeout:.0f}s", retry_after=5.0
-            ) from None
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-    if proc.returncode != 0:
-        text = err.decode("utf-8", "replace")
+        returncode, text = await run_skopeo(argv, private, skopeo, timeout, f"pulling {ref}")
+    if returncode != 0:
         log.info("skopeo copy %s failed: %s", ref, text.strip()[-300:])
         raise classify(ref, text)

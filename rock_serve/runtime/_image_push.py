@@ -15,17 +15,15 @@ argv, logs or records; a bearer token has no authfile form in skopeo 1.9 and goe
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import tempfile
 from typing import Any
 
-from rock_serve.errors import RegistryUnavailable, RuntimeUnavailable
 from rock_serve.protocol.images import ImageRef, RegistryAuth
 from rock_serve.runtime._image_commit import upper_to_layer
-from rock_serve.runtime._image_pull import _authfile, classify
+from rock_serve.runtime._image_pull import _authfile, classify, run_skopeo
 
 __all__ = ["export_layout", "skopeo_push"]
 
@@ -110,30 +108,8 @@ async def skopeo_push(
             argv += ["--dest-authfile", empty]
         digestfile = os.path.join(private, "digest")
         argv += ["--digestfile", digestfile, f"oci:{layout}:img", dest.source()]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env={"PATH": os.environ.get("PATH", os.defpath), "HOME": private},
-            )
-        except FileNotFoundError:
-            raise RuntimeUnavailable(f"skopeo not found ({skopeo!r}): install skopeo") from None
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise RegistryUnavailable(
-                f"pushing {dest} took longer than {timeout:.0f}s", retry_after=5.0
-            ) from None
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise classify(dest, err.decode("utf-8", "replace"))
+        returncode, text = await run_skopeo(argv, private, skopeo, timeout, f"pushing {dest}")
+        if returncode != 0:
+            raise classify(dest, text)
         with open(digestfile) as f:
             return f.read().strip()
