@@ -144,6 +144,9 @@ class ForkWorker:
             record.history = [StateChange(state=SandboxState.PENDING, at=now, reason="fork")]
             records[child_id] = record
 
+        # A parent with a model service: each child gets its own (key, trajectory, tunnel).
+        services = {c: w._llm_fork(parent_id, c) for c in child_ids}
+
         def make_spec(child_id: str, spec: SandboxSpec) -> SandboxSpec:
             record = records[child_id]
             env = dict(spec.env)
@@ -152,6 +155,7 @@ class ForkWorker:
                 workdir, exported = session
                 env.update(exported)
             env.update(req.env or {})
+            env.update(services[child_id])
             labels = {
                 **record.labels,
                 LABEL_WORKER: w.name,
@@ -172,6 +176,7 @@ class ForkWorker:
 
             async def start(child_id: str) -> None:
                 handles[child_id] = await runtime.start(child_id)
+                await w._llm_attach(child_id, handles[child_id])
 
             await asyncio.gather(*(start(c) for c in child_ids))
         except BaseException:
@@ -179,6 +184,8 @@ class ForkWorker:
                 with contextlib.suppress(Exception):
                     await handle.close()
             for child_id in child_ids:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(w._llm_close(child_id))
                 with contextlib.suppress(Exception):
                     await asyncio.shield(runtime.remove(child_id))
             raise

@@ -324,6 +324,34 @@ class LLMWorker:
             svc.spec = ms.model_copy(update={"port": 0})
         self._llm_services[sandbox_id] = svc
 
+    def _llm_fork(self, parent_id: str, child_id: str) -> dict[str, str]:
+        """A fork child of a sandbox with a model service gets one of its own: same mode and
+        reverse ports, its own key and trajectory (the parent's recorded steps so far, so a
+        replay or a trainer sees the child's history whole).
+
+        Returns:
+            The env the child's OPENAI_* entries must be overridden with (empty: no service).
+        """
+        parent = self._llm_services.get(parent_id) if hasattr(self, "_llm_services") else None
+        if parent is None:
+            return {}
+        svc = _Service(
+            sandbox_id=child_id,
+            spec=parent.spec.model_copy(deep=True),
+            key=parent.key,
+            trajectory_id=child_id,
+            steps=list(parent.steps),
+            reverse=list(parent.reverse),
+            replay_pos=parent.replay_pos,
+        )
+        env: dict[str, str] = {}
+        if parent.key in self._llm_keys:  # a model service (not only reverse ports)
+            svc.key = "sk-rock-" + secrets.token_urlsafe(24)
+            self._llm_keys[svc.key] = svc
+            env["OPENAI_API_KEY"] = svc.key
+        self._llm_services[child_id] = svc
+        return env
+
     def _llm_rekey(self, old: str, new: str) -> None:
         """The create was served from the warm pool: the sandbox has that one's id."""
         svc = self._llm_services.pop(old, None) if hasattr(self, "_llm_services") else None

@@ -144,6 +144,36 @@ def test_relay_over_http_with_network_none(bwrap_host_tools_platform: Any) -> No
         assert record.trajectory_id == "traj-http"
 
 
+def test_a_fork_child_gets_its_own_model_service(bwrap_platform: Any) -> None:
+    """Forking a sandbox with a model service: the child's agent reaches the trainer through
+    the child's own tunnel, key and trajectory (issue 16 on top of 15.3).
+    """
+    with (
+        Client(base_url=bwrap_platform.url) as client,
+        client.sandbox(model_service={"mode": "relay"}) as parent,
+    ):
+        parent_key = parent.exec("printenv OPENAI_API_KEY").stdout.strip()
+        (child,) = parent.fork(1)
+        try:
+            child_key = child.exec("printenv OPENAI_API_KEY").stdout.strip()
+            assert child_key.startswith("sk-rock-") and child_key != parent_key
+            agent = _run_agent(child, "from the child")
+            for call in child.llm.calls(wait=5):
+                assert call.sandbox_id == child.id
+                assert call.request["messages"][0]["content"] == "from the child"
+                call.respond(completion("child answer"))
+                break
+            (reply,) = agent.result(timeout=120)
+            assert reply["status"] == 200, reply
+            assert json.loads(reply["body"])["choices"][0]["message"]["content"] == "child answer"
+            assert [s["request"]["messages"][0]["content"] for s in child.llm.trajectory()] == [
+                "from the child"
+            ]
+            assert parent.llm.trajectory() == []  # the parent's record is its own
+        finally:
+            child.delete()
+
+
 def test_relay_over_ray_many_sandboxes_one_connection(bwrap_host_tools_platform: Any) -> None:
     """Three sandboxes' agents answered through one multiplexed relay over the Ray transport."""
     namespace = "rock-e2e-bwrap-host"
