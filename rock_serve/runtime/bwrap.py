@@ -65,6 +65,7 @@ from rock_serve.errors import (
     ImageNotFound,
     InvalidConfig,
     InvalidRequest,
+    NotSupported,
     RuntimeUnavailable,
     SandboxNotFound,
     SandboxNotRunning,
@@ -988,6 +989,14 @@ class BwrapRuntime(Runtime):
         lowers = root.get("lowers")
         if not isinstance(lowers, list):
             raise SandboxNotRunning(f"sandbox {parent_id!r} has no recorded root")
+        state = os.path.realpath(self.state_dir).rstrip("/") + "/"
+        if any(state.startswith(os.path.realpath(str(d)).rstrip("/") + "/") for d in lowers):
+            # The host-tools root has the host's / as a lower: the frozen layer (in the state
+            # dir) would sit inside another layer, which overlayfs refuses (ELOOP).
+            raise NotSupported(
+                f"sandbox {parent_id!r} runs on the host-tools root; fork needs an image-backed "
+                "sandbox"
+            )
         specs = {cid: make_spec(cid, parent_spec) for cid in child_ids}
         async with self._fork_lock(parent_id):
             layer = await run_sync(self._freeze_copy, parent_id, meta.uid_base or 0)

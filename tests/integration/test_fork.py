@@ -266,3 +266,21 @@ async def test_runtimes_without_fork_say_not_supported(tmp_path) -> None:
         assert [r.id for r in await worker.list()] == [sid]  # nothing half-made
     finally:
         await worker.shutdown()
+
+
+async def test_fork_of_a_host_tools_sandbox_is_not_supported(tmp_path) -> None:
+    # The host-tools root has the host's / as a lower layer, and the frozen copy would sit
+    # inside it: overlayfs refuses that (ELOOP). A typed 501 up front, and nothing made.
+    config = make_config("bwrap", str(tmp_path / "state")).model_copy(update={"images": None})
+    worker = Worker(ServerArgs(runtime=config), "host", "node-host")  # type: ignore[arg-type]
+    await worker.ready()
+    try:
+        sid = f"sb-host-{uuid.uuid4().hex[:16]}"
+        await worker.create(sid, CreateSandboxRequest(), ttl=60)
+        with pytest.raises(NotSupported, match="host-tools"):
+            await worker.fork(sid, [f"sb-host-{uuid.uuid4().hex[:16]}"], ForkRequest(), 60)
+        assert [r.id for r in await worker.list()] == [sid]
+        frozen = os.path.join(str(tmp_path / "state"), FROZEN_DIR)
+        assert not os.path.isdir(frozen) or not os.listdir(frozen)
+    finally:
+        await worker.shutdown()
