@@ -635,6 +635,10 @@ class RayClient(Client):
     def close(self) -> None:
         """Nothing to close: actor handles need no connections of their own."""
 
+    def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
+        """A Worker data-plane call (through the gate), blocking in ``ray.get``."""
+        return _drive(self._async._data(sandbox_id, method, *args))
+
     def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
         """REST calls of methods the Ray transport does not map (yet) need HTTP.
 

@@ -79,5 +79,5 @@ async def ray_data_async(client: Any, sandbox_id: str, method: str, *args: Any) 
 
 
 def ray_data_sync(client: Any, sandbox_id: str, method: str, *args: Any) -> Any:
-    """A Worker data-plane call through a ``RayClient`` (its private loop thread)."""
-    return client._run(client._async._data(sandbox_id, method, *args))
+    """A Worker data-plane call through a ``RayClient`` (blocking in ``ray.get``)."""
+    return client._data(sandbox_id, method, *args)

@@ -131,18 +131,10 @@ class LLMRelay:
         """Every relayed call of the sandboxes; ends when all of them are gone."""
         client: Any = self._client
         if _llm_base.is_ray(client):
-            # The Ray client's async twin on its own loop thread.
-            inner = AsyncLLMRelay(client._async, self.sandbox_ids, wait=self.wait)
-            agen: Any = inner.calls()
-            try:
-                while True:
-                    try:
-                        call = client._run(agen.__anext__())
-                    except StopAsyncIteration:
-                        return
-                    yield _SyncRayCall(client, call)
-            finally:
-                client._run(agen.aclose())
+            # The sync Ray client blocks in ray.get, one call at a time: poll the sandboxes in
+            # turn (each poll waits at most ``wait``, shorter when there are several to visit).
+            yield from self._ray_calls(client)
+            return
         batch: list[LLMCall] = []
         try:
             while self.sandbox_ids:
@@ -158,23 +150,24 @@ class LLMRelay:
             for sandbox_id, ids in _by_sandbox(batch).items():
                 release_calls_sync(client, sandbox_id, ids)
 
-
-class _SyncRayCall:
-    """A call taken on the Ray client's loop, answered from the caller's thread."""
-
-    def __init__(self, client: Any, call: AsyncLLMCallHandle) -> None:
-        self._client = client
-        self._call = call
-        self.request = call.request
-        self.sandbox_id = call.sandbox_id
-        self.call_id = call.call_id
-        self.step = call.step
-
-    def respond(self, completion: dict[str, Any]) -> None:
-        self._client._run(self._call.respond(completion))
-
-    def fail(self, message: str) -> None:
-        self._client._run(self._call.fail(message))
+    def _ray_calls(self, client: Any) -> Iterator[LLMCallHandle]:
+        while self.sandbox_ids:
+            wait = self.wait if len(self.sandbox_ids) == 1 else min(self.wait, 1.0)
+            for sandbox_id in list(self.sandbox_ids):
+                try:
+                    calls: list[LLMCall] = _llm_base.ray_data_sync(
+                        client, sandbox_id, "llm_poll", wait, 4096
+                    )
+                except (SandboxNotFound, NotFound):
+                    self.sandbox_ids.remove(sandbox_id)
+                    continue
+                while calls:
+                    call = calls.pop(0)
+                    try:
+                        yield LLMCallHandle(client, call)
+                    except GeneratorExit:
+                        release_calls_sync(client, sandbox_id, [c.call_id for c in calls])
+                        raise
 
 
 def _by_sandbox(calls: list[LLMCall]) -> dict[str, list[str]]:
