@@ -139,15 +139,19 @@ _SCHEMA_DOCKER = (
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"  # ASCII \w: Rust's and Python's \w differ
     rf"(?:@{_DIGEST})?"
 )
-_PATH_CHAR = r"[^\s,\\/\x00]"
+#: Control characters and every Unicode space, spelled out: ``\s`` differs between the
+#: validator (Rust), Python and the schema fuzzer's generator (U+0085, U+001C..U+001F...).
+_SPACE = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_PATH_CHAR = rf"[^{_SPACE},\\/]"
 #: An absolute path with no ``..`` segment (no look-ahead: schema generators lack it).
 _SCHEMA_PATH = (
-    rf"(?:/(?:[^\s,\\/\x00.]{_PATH_CHAR}*|\.|\.[^\s,\\/\x00.]{_PATH_CHAR}*|\.\.{_PATH_CHAR}+)?)+"  # noqa: E501
+    rf"(?:/(?:[^{_SPACE},\\/.]{_PATH_CHAR}*|\.|\.[^{_SPACE},\\/.]{_PATH_CHAR}*"
+    rf"|\.\.{_PATH_CHAR}+)?)+"
 )
 #: The whole grammar of :func:`parse_image_ref` as a JSON-schema pattern, so that what the
 #: schema accepts is what the server accepts (malformed references are schema-invalid).
 IMAGE_REF_PATTERN = (
-    rf"^(?:/[^\s\x00]*|(?:oci|oci-archive|docker-archive):{_SCHEMA_PATH}|{_SCHEMA_DOCKER})$"
+    rf"^(?:/[^{_SPACE}]*|(?:oci|oci-archive|docker-archive):{_SCHEMA_PATH}|{_SCHEMA_DOCKER})$"
 )
 #: An image reference as the schema states it.
 ImageRefText = Annotated[str, Field(min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN)]
