@@ -20,6 +20,7 @@ from rock_serve.envs.hub import (
     S3StoreConfig,
 )
 from rock_serve.errors import InvalidConfig, NotFound, RuntimeUnavailable
+from tests._s3 import use_test_credentials
 
 pytestmark = pytest.mark.s3
 
@@ -29,25 +30,9 @@ moto_server = pytest.importorskip("moto.server")
 SPEC = {"name": "acme/Echo-v0", "entry_point": "acme.envs:Echo"}
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture(autouse=True)
 def _credentials(monkeypatch):
-    # boto3's usual chain: the environment. Never a real account.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+    use_test_credentials(monkeypatch)
 
 
 @pytest.fixture

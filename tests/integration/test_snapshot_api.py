@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -25,23 +25,13 @@ from rock_serve.errors import ArtifactCorrupt, NotFound, SandboxNotFound, http_s
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest
 from rock_serve.protocol.snapshot import SnapshotRequest
 from rock_serve.runtime._fork import FROZEN_DIR
+from tests._s3 import use_test_credentials
 from tests.contract.conftest import RUNTIMES, make_config
 
 pytestmark = [pytest.mark.s3, pytest.mark.bwrap, *RUNTIMES[1].marks]
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 class _Directory:
@@ -77,9 +67,7 @@ class _Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path, s3_endpoint, monkeypatch) -> AsyncIterator[_Cluster]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    use_test_credentials(monkeypatch)
     bucket = f"snap-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
         Bucket=bucket

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from rock_serve.errors import http_status
 from rock_serve.protocol import ExecRequest, SandboxSpec
 from rock_serve.runtime._snapshot import SnapshotCorrupt, unpack_layer
 from rock_serve.runtime.bwrap import BwrapRuntime
+from tests._s3 import use_test_credentials
 from tests.contract.conftest import RUNTIMES, make_config
 
 pytestmark = [pytest.mark.s3, pytest.mark.bwrap, *RUNTIMES[1].marks]
@@ -30,22 +31,9 @@ moto_server = pytest.importorskip("moto.server")
 hub = pytest.importorskip("rock_serve.envs.hub")
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def store(s3_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    use_test_credentials(monkeypatch)
     bucket = f"snap-{uuid.uuid4().hex[:12]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
