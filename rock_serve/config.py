@@ -411,6 +411,14 @@ class BwrapRuntimeConfig(_Config):
         description="The node's image store; a spec without image gets its default_image. "
         "None = no store: images must be host directories and the default is rootfs.",
     )
+    disk_pool: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Pre-formatted sparse ext4 disk files kept ready per disk size (made in "
+        "the background after a create uses one): a create with disk_mb only loop-mounts "
+        "one. A removed sandbox's disk is deleted, never reused. 0 = mkfs at each create.",
+    )
     max_concurrent_starts: int = Field(
         default=0,
         ge=0,

@@ -24,7 +24,6 @@ Many requests run at once; replies are matched by id. EOF on stdin closes every 
 exits with status 0.
 """
 
-import asyncio
 import errno
 import json
 import os
@@ -34,9 +33,26 @@ import stat as stat_mod
 import struct
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # shutil, tarfile and threading are imported where used: start-up time is sandbox create time.
+# So is asyncio (~45 ms): the fast start (see below) serves the first requests without it.
+
+
+class _LazyAsyncio:
+    """``asyncio`` imported at its first use."""
+
+    def __getattr__(self, name):
+        global asyncio
+        import asyncio
+
+        return getattr(asyncio, name)
+
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = _LazyAsyncio()
 
 VERSION = "1"
 HEADER = struct.Struct(">II")
@@ -2105,14 +2121,345 @@ async def op_port_connect(agent, rid, args, payload):
 # ---------------------------------------------------------------------------- entry point
 
 
-async def amain(root):
-    """Serve the agent on this process's stdin/stdout until EOF."""
-    # stdout belongs to the framing: anything else printing must go to stderr.
-    out_fd = os.dup(1)
-    os.dup2(2, 1)
+# ---------------------------------------------------------------------------- fast start
+
+# Importing asyncio costs ~45 ms on a small VM: most of a sandbox's create -> first command.
+# So the agent starts on a small poll loop of its own (below) that answers ``ping`` and runs
+# plain ``exec`` requests one at a time, and hands over to the asyncio agent (importing it
+# then) as soon as anything else arrives: another op, a second request while an exec runs,
+# a frame it does not like (the asyncio agent reads the same bytes and answers as always),
+# or when the host has been quiet for a moment. The frame format and replies are the same.
+
+#: Seconds without a frame after which the fast loop hands over to the asyncio agent.
+FAST_IDLE = 0.25
+
+
+class _SyncWriter:
+    """A blocking ``write`` for :meth:`Agent.send` while the fast loop runs."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+
+def _pidfds():
+    """Whether this kernel and Python have pidfds (Linux >= 5.3, Python >= 3.9)."""
+    if not hasattr(os, "pidfd_open") or not hasattr(os, "posix_spawn"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+def _fast_exec_ok(args, payload, header):
+    """Whether ``exec`` with these arguments can run in the fast loop."""
+    return not header.get("more") and not payload and not args.get("stream") and not args.get("cwd")
+
+
+class _SyncExec:
+    """One ``exec`` run without asyncio: as :func:`op_exec` (same argv, limits, result)."""
+
+    def __init__(self, rid, args):
+        self.rid = rid
+        self.started = time.monotonic()
+        command = args.get("command")
+        shell = args.get("shell")
+        if isinstance(command, str):
+            argv = ["bash", "-c", command] if shell is not False else command.split()
+        elif isinstance(command, list) and command and all(isinstance(a, str) for a in command):
+            argv = ["bash", "-c", " ".join(command)] if shell else list(command)
+        else:
+            raise AgentError("invalid_request", "command must be a string or a non-empty argv list")
+        self.timeout = _number(args, "timeout", DEFAULT_TIMEOUT)
+        cap = int(_number(args, "max_output_bytes", DEFAULT_MAX_OUTPUT))
+        env = dict(os.environ)
+        env.update(_env(args))
+        if argv[0] == "bash" and _which("bash", env.get("PATH")) is None:
+            argv[0] = "/bin/sh"
+        path = argv[0] if "/" in argv[0] else _which(argv[0], env.get("PATH"))
+        self.argv, self.env, self.path = argv, env, path
+        self.out, self.err = Capture(cap), Capture(cap)
+        self.pid = self.pidfd = None
+        self.pipes = {}
+        self.returncode = None
+        self.timed_out = False
+        self.cancelled = False
+        self.grace_until = None
+
+    def start(self):
+        """Spawn the command; False when it is not found (the asyncio path reports that)."""
+        if self.path is None or not os.path.isfile(self.path):
+            return False
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            self.pid = os.posix_spawn(
+                self.path,
+                self.argv,
+                self.env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+                setsid=True,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            )
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.pipes = {out_r: self.out, err_r: self.err}
+        self.pidfd = os.pidfd_open(self.pid)
+        self.deadline = self.started + self.timeout
+        return True
+
+    def fds(self):
+        return [*self.pipes, *([self.pidfd] if self.returncode is None else [])]
+
+    def wait_for(self):
+        """Milliseconds until the next deadline (timeout, or the end of the output grace);
+        None: none (killed, waiting for its end).
+        """
+        if self.returncode is None and self.timed_out:
+            return None
+        until = self.grace_until if self.returncode is not None else self.deadline
+        return max(0.0, until - time.monotonic()) * 1000
+
+    def ready(self, fd):
+        if fd == self.pidfd:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self.pidfd)
+            # A background child may still hold the pipes: take what is there.
+            self.grace_until = time.monotonic() + (0.5 if self.timed_out else 0.05)
+            return
+        data = os.read(fd, READ_SIZE)
+        if data:
+            self.pipes[fd].add(data)
+        else:
+            os.close(fd)
+            del self.pipes[fd]
+
+    def tick(self):
+        """Act on a passed deadline: kill at the timeout, stop reading after the grace."""
+        if self.returncode is None:
+            if time.monotonic() >= self.deadline and not self.timed_out:
+                self.timed_out = True
+                _killpg(self.pid, signal.SIGKILL)
+        elif time.monotonic() >= self.grace_until:
+            for fd in self.pipes:
+                os.close(fd)
+            self.pipes = {}
+
+    def cancel(self):
+        self.cancelled = True
+        if self.returncode is None:
+            _killpg(self.pid, signal.SIGKILL)
+
+    def done(self):
+        return self.returncode is not None and not self.pipes
+
+    def result(self):
+        return {
+            "exit_code": _exit_code(self.returncode),
+            "stdout_len": len(self.out.data),
+            "duration": time.monotonic() - self.started,
+            "timed_out": self.timed_out,
+            "truncated": self.out.truncated or self.err.truncated,
+        }, bytes(self.out.data) + bytes(self.err.data)
+
+    def finish(self):
+        """Run to the end (in a thread of the asyncio agent after a hand-over)."""
+        import select
+
+        while not self.done():
+            poller = select.poll()
+            for fd in self.fds():
+                poller.register(fd, select.POLLIN)
+            events = poller.poll(self.wait_for())
+            for fd, _ in events:
+                self.ready(fd)
+            if not events:
+                self.tick()
+        return self.result()
+
+    async def resume(self, agent, rid, args, payload):
+        """The handler of this request once the asyncio agent owns it."""
+        try:
+            return await _run_in_thread(self.finish)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+
+def _sync_reply(agent, rid, call):
+    """Send the reply of ``call()`` as :meth:`Agent.handle` does."""
+    try:
+        result = call()
+        data, out = result if isinstance(result, tuple) else (result, b"")
+        if len(out) > CHUNK:
+            agent.streamer(rid, "data")(out)
+            out = b""
+        agent.send({"id": rid, "type": "result", "data": data}, out)
+    except AgentError as exc:
+        agent.send({"id": rid, "type": "error", "error": exc.body()})
+    except OSError as exc:
+        agent.send({"id": rid, "type": "error", "error": _os_error(exc).body()})
+
+
+def _ping(agent, rid, args, payload):
+    try:
+        op_ping(agent, rid, args, payload).send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AgentError("internal", "ping awaited")  # pragma: no cover
+
+
+def _fast_serve(agent, out_fd):
+    """Serve what needs no asyncio.
+
+    Returns ``(unread bytes, running exec or None, eof)`` for the asyncio agent, or None at
+    EOF (done: nothing needs it).
+    """
+    import select
+
+    if not hasattr(select, "poll"):
+        return b"", None, False
+    exec_ok = _pidfds()
+    # asyncio starts children with close_fds: here every fd but stdio is close-on-exec.
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+    agent.writer = _SyncWriter(out_fd)
+    buf = bytearray()
+    running = None
+    eof = False
+    while True:
+        # Whole frames in the buffer first.
+        while len(buf) >= HEADER.size:
+            head_len, payload_len = HEADER.unpack_from(buf)
+            if head_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
+                return bytes(buf), running, eof
+            end = HEADER.size + head_len + payload_len
+            if len(buf) < end:
+                break
+            try:
+                head = bytes(buf[HEADER.size : HEADER.size + head_len])
+                header = json.loads(head.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError too
+                return bytes(buf), running, eof
+            if not isinstance(header, dict):
+                return bytes(buf), running, eof
+            rid, op_name, kind = header.get("id"), header.get("op"), header.get("type")
+            args = header.get("args") or {}
+            payload = bytes(buf[HEADER.size + head_len : end])
+            if kind == "cancel" and running is not None and rid == running.rid:
+                running.cancel()
+            elif kind is not None or not isinstance(rid, int) or isinstance(rid, bool):
+                return bytes(buf), running, eof
+            elif not isinstance(args, dict):
+                return bytes(buf), running, eof
+            elif op_name == "ping":
+                _sync_reply(agent, rid, lambda r=rid, a=args, p=payload: _ping(agent, r, a, p))
+            elif (
+                op_name == "exec"
+                and exec_ok
+                and running is None
+                and _fast_exec_ok(args, payload, header)
+            ):
+                job = None
+                try:
+                    job = _SyncExec(rid, args)
+                    if not job.start():
+                        return bytes(buf), running, eof  # not found: the asyncio path says so
+                    running = job
+                except FileNotFoundError as exc:  # as op_exec: the shell's "not found"
+                    _sync_reply(agent, rid, lambda e=exc, j=job: _not_found(e, j.started))
+                except (AgentError, OSError) as exc:
+                    _sync_reply(agent, rid, lambda e=exc: _raise(e))
+            else:
+                return bytes(buf), running, eof
+            del buf[:end]
+        if running is not None and running.done():
+            if not running.cancelled:
+                _sync_reply(agent, running.rid, running.result)
+            running = None
+        if eof:
+            if buf:
+                return bytes(buf), running, eof  # a truncated frame: the asyncio agent says so
+            if running is not None:
+                running.cancel()
+                running.finish()
+            return None
+        poller = select.poll()
+        poller.register(0, select.POLLIN)
+        if running is not None:
+            for fd in running.fds():
+                poller.register(fd, select.POLLIN)
+        wait = running.wait_for() if running is not None else FAST_IDLE * 1000
+        events = poller.poll(wait)
+        if not events:
+            if running is None:
+                return bytes(buf), None, eof  # quiet: time to bring up the asyncio agent
+            running.tick()
+            continue
+        for fd, _ in events:
+            if fd == 0:
+                data = os.read(0, READ_SIZE)
+                if data:
+                    buf += data
+                else:
+                    eof = True
+            elif running is not None:
+                running.ready(fd)
+
+
+def _raise(exc):
+    raise exc
+
+
+def _not_found(exc, started):
+    return {
+        "exit_code": 127,
+        "stdout_len": 0,
+        "duration": time.monotonic() - started,
+        "timed_out": False,
+        "truncated": False,
+    }, ("%s\n" % exc).encode()
+
+
+async def amain(root, out_fd=None, agent=None, pending=b"", running=None, eof=False):
+    """Serve the agent on this process's stdin/stdout until EOF.
+
+    After a fast start: its ``pending`` bytes first, its ``running`` exec as a request.
+    """
+    if out_fd is None:
+        # stdout belongs to the framing: anything else printing must go to stderr.
+        out_fd = os.dup(1)
+        os.dup2(2, 1)
     _thread_free_child_watcher()
-    reader, writer = await _stdio_on(out_fd)
-    await Agent(reader, writer, root).serve()
+    reader, writer = await _stdio_on(out_fd, pending, eof)
+    if agent is None:
+        agent = Agent(reader, writer, root)
+    agent.reader, agent.writer = reader, writer
+    if running is not None:
+        task = asyncio.ensure_future(agent.handle(running.rid, running.resume, {}, b""))
+        agent.tasks[running.rid] = task
+    await agent.serve()
 
 
 def _thread_free_child_watcher():
@@ -2131,12 +2478,17 @@ def _thread_free_child_watcher():
     asyncio.set_child_watcher(watcher)
 
 
-async def _stdio_on(out_fd):
+async def _stdio_on(out_fd, pending=b"", eof=False):
     loop = asyncio.get_event_loop()
     reader = asyncio.StreamReader(limit=MAX_PAYLOAD + MAX_HEADER)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0)
-    )
+    if pending:
+        reader.feed_data(pending)  # read by the fast start, not served there
+    if eof:
+        reader.feed_eof()
+    else:
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0)
+        )
     transport, protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(out_fd, "wb", 0)
     )
@@ -2240,7 +2592,13 @@ def main(argv=None):
             sys.stderr.write("rocklet: cannot load the seccomp filter %s: %s\n" % (seccomp, exc))
             return 2
     try:
-        asyncio.run(amain(root))
+        # stdout belongs to the framing: anything else printing must go to stderr.
+        out_fd = os.dup(1)
+        os.dup2(2, 1)
+        agent = Agent(None, None, root)
+        state = _fast_serve(agent, out_fd)
+        if state is not None:
+            asyncio.run(amain(root, out_fd, agent, *state))
     except KeyboardInterrupt:
         pass
     return 0

@@ -73,6 +73,7 @@ from rock_serve.errors import (
 from rock_serve.protocol import FailureReason, Resources, SandboxInfo, SandboxSpec
 from rock_serve.rocklet.handle import RockletHandle, agent_argv, install_agent
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._disk_pool import DiskPool, loop_mount, make_disk
 from rock_serve.runtime._fork import FROZEN_DIR, Freezer, FrozenLayers, copy_layer, freezer_mount
 from rock_serve.runtime._image_python import PYTHON_MOUNT, NodePython, node_python_bundle
 from rock_serve.runtime._image_user import resolve_user
@@ -320,6 +321,13 @@ class BwrapRuntime(Runtime):
                 self._masks += ["--ro-bind", p, p]
         self._mkfs = shutil.which("mkfs.ext4") or ""
         self._mount_bin = shutil.which("mount") or ""
+        self.disks: DiskPool | None = None
+        if self._mkfs and config.disk_pool > 0:
+            self.disks = DiskPool(
+                os.path.join(self.state_dir, ".disks"), config.disk_pool, self._mkfs
+            )
+            if config.default_resources.disk_mb is not None:
+                self.disks.want(config.default_resources.disk_mb)  # made in the background
         self.slots: SlotPool | None = None
         if config.userns:
             self._init_userns()
@@ -589,19 +597,18 @@ class BwrapRuntime(Runtime):
         if not self._mkfs or not self._mount_bin:
             raise RuntimeUnavailable("disk_mb needs mkfs.ext4 and mount (e2fsprogs, mount)")
         image = os.path.join(path, "disk.img")
-        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, disk_mb << 20)
-        finally:
-            os.close(fd)
-        opts = "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"
-        _run([self._mkfs, "-q", "-F", "-O", "^has_journal", "-m", "0", "-E", opts, image])
+        if self.disks is None or not self.disks.take(disk_mb, image):
+            make_disk(image, disk_mb, self._mkfs)  # none ready: made here (the pool refills)
         os.mkdir(os.path.join(path, "disk"), 0o700)
         self._mount_disk(path)
 
     def _mount_disk(self, path: str) -> None:
         image, target = os.path.join(path, "disk.img"), os.path.join(path, "disk")
-        _run([self._mount_bin, "-o", "loop,nodev,nosuid", image, target])
+        try:
+            loop_mount(image, target, _MS_NODEV | _MS_NOSUID)
+        except OSError as exc:  # no LOOP_CONFIGURE (Linux < 5.8): util-linux finds a device
+            log.debug("loop mount of %s by ioctl failed (%s); using mount(8)", image, exc)
+            _run([self._mount_bin, "-o", "loop,nodev,nosuid", image, target])
 
     def _mount(self, path: str, lower: list[str], uid_base: int | None = None) -> None:
         merged = os.path.join(path, "merged")
@@ -896,6 +903,8 @@ class BwrapRuntime(Runtime):
         The user namespaces are let go of: running sandboxes keep theirs.
         """
         self._handles.clear()
+        if self.disks is not None:
+            await run_sync(self.disks.close)
         if self.images is not None:
             await self.images.close()
         if self.slots is not None:
