@@ -14,9 +14,10 @@ the rocklet's boot code (environment, capability bounding set), then plus ``impo
 each row is the difference to the row before. "ready frame" is the real start (spawn ->
 first reply) minus that last variant.
 
-With ``--compare`` the same run also measures create -> first command with the disk pool off
-and with the rocklet started the old way (asyncio imported before the first frame), so the
-before/after ratios come from one run on one machine state. Needs root and bwrap.
+With ``--compare REF`` the same run first measures the tree of git ref REF (``git archive``'d
+to a temp dir, first on PYTHONPATH: e.g. ``main`` before this branch's merge, or the commit
+before the disk pool and the rocklet's fast start), then this checkout, each in its own
+process, so before/after come from one run on one machine state. Needs root and bwrap.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("ROCK_BENCH_TREE"):  # the "before" side: that tree's rock_serve
+    sys.path.insert(0, os.environ["ROCK_BENCH_TREE"])
 
 from bench._harness import pct  # noqa: E402
 from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig  # noqa: E402
@@ -124,17 +127,16 @@ def variants(rt: Any, sid: str) -> dict[str, float]:
     return out
 
 
-async def phases(n: int, disk_pool: int, agent_lazy: bool) -> dict[str, list[float]]:
+async def phases(n: int, disk_pool: int) -> dict[str, list[float]]:
     """One runtime; ``n`` samples (after 3 warm-ups) of the phase split."""
     work = tempfile.mkdtemp(prefix="rock-bench-startup-", dir="/var/tmp")
+    extra = {"disk_pool": disk_pool} if "disk_pool" in BwrapRuntimeConfig.model_fields else {}
     cfg = BwrapRuntimeConfig(
         state_dir=f"{work}/state",
         cgroup_parent=CGROUP,
         images=ImageStoreConfig(root=f"{work}/store", local_sources=["/var/cache/rock-serve/"]),
-        disk_pool=disk_pool,
+        **extra,
     )
-    if not agent_lazy:
-        os.environ["ROCK_AGENT_EAGER"] = "1"
     rt: Any = cfg.build()
     ref = oci("bookworm")
     await rt.images.get(ref)
@@ -215,17 +217,19 @@ async def phases(n: int, disk_pool: int, agent_lazy: bool) -> dict[str, list[flo
             with contextlib.suppress(Exception):
                 await rt.remove(info.id)
         await rt.close()
-        os.environ.pop("ROCK_AGENT_EAGER", None)
         shutil.rmtree(work, ignore_errors=True)
     return dict(table)
 
 
-def run_side(args: list[str]) -> dict[str, list[float]]:
+def run_side(args: list[str], pythonpath: str | None = None) -> dict[str, list[float]]:
     """One configuration in its own process (a fresh interpreter, its own runtime)."""
     import json
 
+    env = dict(os.environ)
+    if pythonpath:
+        env["ROCK_BENCH_TREE"] = pythonpath
     cmd = [sys.executable, __file__, "--side", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"side {args} failed:\n{done.stderr[-3000:]}")
     result: dict[str, list[float]] = json.loads(done.stdout.splitlines()[-1])
@@ -241,28 +245,29 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", action="store_true", help="print the phase table")
-    parser.add_argument("--compare", action="store_true", help="before/after columns too")
+    parser.add_argument("--compare", metavar="REF", help="a 'before' column: git ref's tree")
     parser.add_argument("-n", type=int, default=20)
     parser.add_argument("--disk-pool", type=int, default=None)
-    parser.add_argument("--eager-agent", action="store_true")
     parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     pool = 4 if opts.disk_pool is None else opts.disk_pool
     if opts.side:
-        out = asyncio.run(phases(opts.n, pool, not opts.eager_agent))
+        out = asyncio.run(phases(opts.n, pool))
         print(json.dumps(out))
         return 0
-    side: Callable[..., list[str]] = lambda p, eager: [  # noqa: E731
-        "-n",
-        str(opts.n),
-        "--disk-pool",
-        str(p),
-        *(["--eager-agent"] if eager else []),
-    ]
+    side = ["-n", str(opts.n), "--disk-pool", str(pool)]
     cols: list[tuple[str, dict[str, list[float]]]] = []
     if opts.compare:
-        cols.append(("before (no disk pool, asyncio first)", run_side(side(0, True))))
-    cols.append((f"now (disk pool {pool}, lazy asyncio)", run_side(side(pool, False))))
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with tempfile.TemporaryDirectory(prefix="rock-before-") as before:
+            archive = subprocess.run(
+                ["git", "-C", repo, "archive", opts.compare, "rock_serve"],
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)
+            cols.append((f"before ({opts.compare})", run_side(side, before)))
+    cols.append((f"now (disk pool {pool})", run_side(side)))
     print(f"bwrap, bookworm image (cached), default spec, n={opts.n}, p50 / p99 ms")
     print("| phase | " + " | ".join(c for c, _ in cols) + " |")
     print("|---|" + "---|" * len(cols))

@@ -2131,7 +2131,7 @@ async def op_port_connect(agent, rid, args, payload):
 # or when the host has been quiet for a moment. The frame format and replies are the same.
 
 #: Seconds without a frame after which the fast loop hands over to the asyncio agent.
-FAST_IDLE = 0.25
+FAST_IDLE = float(os.environ.get("ROCKLET_FAST_IDLE") or 0.25)
 
 
 class _SyncWriter:
