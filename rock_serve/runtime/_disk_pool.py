@@ -7,8 +7,9 @@ loop-mounted. ``mkfs.ext4`` (10 ms idle, 50+ ms on a loaded node) and ``mount -o
 command. Here:
 
 - :class:`DiskPool` keeps up to ``per_size`` freshly made files per disk size in a directory
-  of the state dir, made by one background thread after a create takes one (and for the
-  default size at start). A create renames one into its sandbox dir; a file is made once and
+  of the state dir, made by one background thread after creates ask for one: as many as
+  were asked for so far, up to ``per_size`` (a runtime that makes one sandbox makes one
+  spare disk, not ``per_size``). A create renames one into its sandbox dir; a file is made once and
   used by one sandbox only: a removed sandbox's disk is deleted with its dir, never
   recycled, so nothing written by one tenant reaches another. Files are made under a
   ``.tmp`` name and renamed when complete, so a crash never leaves a half-made disk in the
@@ -126,6 +127,7 @@ class DiskPool:
         os.makedirs(directory, 0o700, exist_ok=True)
         self._ready: dict[int, list[str]] = {}
         self._sizes: list[int] = []  # most recently wanted last
+        self._asked: dict[int, int] = {}  # disks asked for per size: how many to keep ready
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -145,7 +147,9 @@ class DiskPool:
             return len(self._ready.get(size_mb, []))
 
     def want(self, size_mb: int) -> None:
-        """Keep ``per_size`` disks of this size ready (made in the background)."""
+        """One more disk of this size was asked for: keep that many ready (up to
+        ``per_size``), made in the background.
+        """
         if self.per_size <= 0:
             return
         drop: list[str] = []
@@ -155,8 +159,11 @@ class DiskPool:
             if size_mb in self._sizes:
                 self._sizes.remove(size_mb)
             self._sizes.append(size_mb)
+            self._asked[size_mb] = min(self.per_size, self._asked.get(size_mb, 0) + 1)
             while len(self._sizes) > MAX_SIZES:
-                drop += self._ready.pop(self._sizes.pop(0), [])
+                gone = self._sizes.pop(0)
+                self._asked.pop(gone, None)
+                drop += self._ready.pop(gone, [])
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._fill, name="rock-disk-pool", daemon=True
@@ -184,7 +191,7 @@ class DiskPool:
 
     def _missing(self) -> int | None:
         for size in reversed(self._sizes):
-            if len(self._ready.get(size, [])) < self.per_size:
+            if len(self._ready.get(size, [])) < self._asked.get(size, 0):
                 return size
         return None
 
@@ -210,6 +217,7 @@ class DiskPool:
                     # Give up on this size until a create wants it again.
                     if size in self._sizes:
                         self._sizes.remove(size)
+                        self._asked.pop(size, None)
                 continue
             with self._cond:
                 if self._closed or size not in self._sizes:

@@ -326,8 +326,6 @@ class BwrapRuntime(Runtime):
             self.disks = DiskPool(
                 os.path.join(self.state_dir, ".disks"), config.disk_pool, self._mkfs
             )
-            if config.default_resources.disk_mb is not None:
-                self.disks.want(config.default_resources.disk_mb)  # made in the background
         self.slots: SlotPool | None = None
         if config.userns:
             self._init_userns()
