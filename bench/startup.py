@@ -14,6 +14,9 @@ the rocklet's boot code (environment, capability bounding set), then plus ``impo
 each row is the difference to the row before. "ready frame" is the real start (spawn ->
 first reply) minus that last variant.
 
+With ``--worker`` it adds bench/images.py's rows: create -> first command at the Worker (the
+Worker class in-process on this runtime), from a cached image and from a warm pool.
+
 With ``--compare REF`` the same run first measures the tree of git ref REF (``git archive``'d
 to a temp dir, first on PYTHONPATH: e.g. ``main`` before this branch's merge, or the commit
 before the disk pool and the rocklet's fast start), then this checkout, each in its own
@@ -44,6 +47,7 @@ if os.environ.get("ROCK_BENCH_TREE"):  # the "before" side: that tree's rock_ser
 from bench._harness import pct  # noqa: E402
 from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig  # noqa: E402
 from rock_serve.protocol import ExecRequest, SandboxSpec  # noqa: E402
+from rock_serve.rocklet import handle as handle_mod  # noqa: E402
 from rock_serve.runtime import _cgroup, bwrap  # noqa: E402
 from tests._registry import oci  # noqa: E402
 
@@ -99,31 +103,50 @@ def run_variant(argv: list[str], cmd: list[str]) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def variants(rt: Any, sid: str) -> dict[str, float]:
-    """Time the start's parts by running cut-down commands in the sandbox ``sid``."""
+def floors(rt: Any, sid: str) -> dict[str, float]:
+    """The same start with the rocklet replaced by ``true``, then by ``python -c pass``."""
     meta = rt._meta(sid)
     spec = SandboxSpec.model_validate(meta.spec)
     argv = rt.argv(sid, spec, rt._cgroup(sid), meta.uid_base)
     env_file = os.path.join(rt._dir(sid), "env")
     rocklet = argv[_tail(argv) :]  # [python, -I, -S, -c, code, --root, /]
-    python, code = rocklet[: rocklet.index("-c")], rocklet[rocklet.index("-c") + 1]
-    boot_end = code.index("import sys;sys.modules['ssl']")
-    boot, agent = code[:boot_end], code[boot_end:]
-    agent_import = agent[: agent.index("sys.exit(")]
+    python = rocklet[: rocklet.index("-c")]
     out: dict[str, float] = {}
-    steps = [
-        ("bwrap exec + cgroup join (floor: `true`)", ["/bin/true"]),
-        ("interpreter start", [*python, "-c", "pass"]),
-        ("rocklet boot code (env, caps)", [*python, "-c", boot + "pass"]),
-        ("agent imports", [*python, "-c", boot + agent_import + "pass"]),
-    ]
-    prev = 0.0
-    for name, cmd in steps:
+    for name, cmd in (
+        ("floor: bwrap `true` (same wrapper, cgroup join, mounts)", ["/bin/true"]),
+        ("floor: same + `python3 -I -S -c pass`", [*python, "-c", "pass"]),
+    ):
         bwrap._write_private(env_file, bwrap.env_bytes(rt.sandbox_env(sid, spec)))
-        t = run_variant(argv, cmd)
-        out[name] = t - prev
-        prev = t
-    out["_variants_total"] = prev
+        out[name] = run_variant(argv, cmd)
+    return out
+
+
+def _mark(name: str) -> str:
+    """Boot code that writes ``@name <wall clock>`` to the rocklet's log (its stderr)."""
+    return (
+        f"import time as _T,sys as _S;_S.stderr.write('@{name} %r\\n'%_T.time());_S.stderr.flush();"
+    )
+
+
+def _cpu_ms(cg: Any) -> float | None:
+    """CPU time used by the sandbox's processes so far (cpuacct / cpu.stat), in ms."""
+    try:
+        if "cpuacct" in cg.dirs:
+            with open(os.path.join(cg.dirs["cpuacct"], "cpuacct.usage")) as f:
+                return int(f.read()) / 1e6
+        with open(os.path.join(cg.dirs[""], "cpu.stat")) as f:
+            return int(dict(ln.split() for ln in f)["usage_usec"]) / 1e3
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _marks(path: str) -> dict[str, float]:
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("@T"):
+                name, value = line.split()
+                out[name[1:]] = float(value)
     return out
 
 
@@ -152,6 +175,20 @@ async def phases(n: int, disk_pool: int) -> dict[str, list[float]]:
     clock.wrap(bwrap, "write_meta", "record (meta.json)")
     clock.wrap(rt, "argv", "start: argv")
     clock.wrap(bwrap, "launch", "start: spawn -> first reply")
+    # Timestamps from inside the sandbox (wall clock, the host's): interpreter up, boot code
+    # done, agent imported; written to the rocklet's stderr (agent.log).
+    bwrap._ENV_BOOT = _mark("T0") + bwrap._ENV_BOOT + _mark("T1")
+    handle_mod._BOOT = handle_mod._BOOT.replace("import agent;", "import agent;" + _mark("T2"))
+    spawned: list[float] = []
+    orig_launch = bwrap.launch
+
+    async def launch(*a: Any, **k: Any) -> Any:
+        spawned.append(time.time())
+        h = await orig_launch(*a, **k)
+        spawned.append(time.time())
+        return h
+
+    bwrap.launch = launch
     table: dict[str, list[float]] = defaultdict(list)
     echo = ExecRequest(command="echo hi")
     try:
@@ -166,8 +203,11 @@ async def phases(n: int, disk_pool: int) -> dict[str, list[float]]:
             res = await h.exec(echo)
             t_done = time.perf_counter()
             assert res.stdout == "hi\n", res
+            marks = _marks(os.path.join(rt._dir(sid), "agent.log"))
+            cpu = _cpu_ms(rt._cgroup(sid))
+            t_spawn, t_ready = spawned[-2:]
             await rt.stop(sid)
-            split = await asyncio.to_thread(variants, rt, sid)
+            floor = await asyncio.to_thread(floors, rt, sid)
             await rt.remove(sid)
             if i < 3:
                 continue
@@ -202,16 +242,26 @@ async def phases(n: int, disk_pool: int) -> dict[str, list[float]]:
             table["create: other (validation, thread hops)"].append(
                 create_ms - sync - now.get("image lookup", 0.0) - now.get("image user", 0.0)
             )
-            launch = now.get("start: spawn -> first reply", 0.0)
-            total_v = split.pop("_variants_total")
-            for k, v in split.items():
-                table[k].append(v)
-            table["ready frame (rest of spawn -> first reply)"].append(launch - total_v)
+            launch_ms = now.get("start: spawn -> first reply", 0.0)
+            table["start: spawn -> interpreter up (sh, cgroup join, bwrap, python init)"].append(
+                (marks["T0"] - t_spawn) * 1000
+            )
+            table["start: rocklet boot code (env fd, capability bounding set)"].append(
+                (marks["T1"] - marks["T0"]) * 1000
+            )
+            table["start: agent imports"].append((marks["T2"] - marks["T1"]) * 1000)
+            table["start: agent main -> ready frame at the host"].append(
+                (t_ready - marks["T2"]) * 1000
+            )
             table["start: other (argv, env file, checks)"].append(
-                (t_started - t_created) * 1000 - launch
+                (t_started - t_created) * 1000 - launch_ms
             )
             table["first exec `echo hi`"].append((t_done - t_started) * 1000)
             table["TOTAL create -> first command"].append((t_done - t0) * 1000)
+            for k, v in floor.items():
+                table[k].append(v)
+            if cpu is not None:
+                table["CPU ms in the sandbox's cgroup, start -> first command"].append(cpu)
     finally:
         for info in await rt.list():
             with contextlib.suppress(Exception):
@@ -219,6 +269,23 @@ async def phases(n: int, disk_pool: int) -> dict[str, list[float]]:
         await rt.close()
         shutil.rmtree(work, ignore_errors=True)
     return dict(table)
+
+
+async def worker_rows(n: int) -> dict[str, list[float]]:
+    """create -> first command at the Worker (bench/images.py's rows), cached and warm pool."""
+    from bench.images import worker_latency
+
+    work = tempfile.mkdtemp(prefix="rock-bench-startup-w-", dir="/var/tmp")
+    try:
+        state, store = f"{work}/state", f"{work}/store"
+        cached, _ = await worker_latency(state, store, oci("bookworm"), n, pool=False)
+        pooled, _ = await worker_latency(state, store, oci("bookworm"), n, pool=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "Worker: create -> first command, cached image": cached,
+        "Worker: create -> first command, warm pool": pooled,
+    }
 
 
 def run_side(args: list[str], pythonpath: str | None = None) -> dict[str, list[float]]:
@@ -248,14 +315,17 @@ def main() -> int:
     parser.add_argument("--compare", metavar="REF", help="a 'before' column: git ref's tree")
     parser.add_argument("-n", type=int, default=20)
     parser.add_argument("--disk-pool", type=int, default=None)
+    parser.add_argument("--worker", action="store_true", help="Worker-level rows too")
     parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     pool = 4 if opts.disk_pool is None else opts.disk_pool
     if opts.side:
         out = asyncio.run(phases(opts.n, pool))
+        if opts.worker:
+            out.update(asyncio.run(worker_rows(opts.n)))
         print(json.dumps(out))
         return 0
-    side = ["-n", str(opts.n), "--disk-pool", str(pool)]
+    side = ["-n", str(opts.n), "--disk-pool", str(pool), *(["--worker"] if opts.worker else [])]
     cols: list[tuple[str, dict[str, list[float]]]] = []
     if opts.compare:
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,7 +349,7 @@ def main() -> int:
             cols[1][1]["TOTAL create -> first command"],
         )
         print(f"| after / before (p50) | {pct(a, 50) / pct(b, 50):.2f}x | |")
-    floor = cols[-1][1]["bwrap exec + cgroup join (floor: `true`)"]
+    floor = cols[-1][1]["floor: bwrap `true` (same wrapper, cgroup join, mounts)"]
     total = cols[-1][1]["TOTAL create -> first command"]
     print(f"| now / floor `bwrap true` (p50) | {pct(total, 50) / pct(floor, 50):.2f}x | |")
     return 0
