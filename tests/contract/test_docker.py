@@ -206,9 +206,14 @@ async def test_oom_kill_of_the_init_fails_the_sandbox(rt):
     pids = await pids_named(h, "docker-init") + await pids_named(h, "keepalive")
     assert len(pids) == 2
     await sh(h, " ; ".join(f"echo 1000 > /proc/{p}/oom_score_adj" for p in pids))
-    hog = "b = bytearray(128 << 20); b[::4096] = b'x' * len(b[::4096])"
+    # Two hogs of 40 MiB each: together over the limit, each one's badness (its rss) below the
+    # init's (oom_score_adj 1000 = the whole limit). One hog of 128 MiB could outscore the init
+    # when the rocklet leaves it most of the 64 MiB (the rocklet starts without asyncio).
+    hog = "b = bytearray(40 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(60)"
     with pytest.raises(errors.RockletUnavailable):
-        await h.exec(ExecRequest(command=["python3", "-c", hog], timeout=30))
+        await h.exec(
+            ExecRequest(command=f'python3 -c "{hog}" & python3 -c "{hog}"; wait', timeout=30)
+        )
     await h.wait_closed()
     info = await rt.inspect(sid)
     assert (info.state, info.reason) == (SandboxState.FAILED, FailureReason.OOM_KILLED)
