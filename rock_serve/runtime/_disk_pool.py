@@ -64,6 +64,13 @@ def make_disk(image: str, size_mb: int, mkfs: str) -> None:
             os.unlink(image)
         err = done.stderr.decode(errors="replace").strip()
         raise RuntimeUnavailable(f"mkfs.ext4 failed: {err}")
+    # Written back now: a loop mount of a file with mkfs's pages still dirty took 5x longer
+    # (8.5 vs 1.7 ms p50, the fsync 0.5 ms; done in the pool's thread for pooled disks).
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _LIBC: ctypes.CDLL | None = None
