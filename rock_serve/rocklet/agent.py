@@ -2355,6 +2355,8 @@ def _fast_serve(agent, out_fd):
     buf = bytearray()
     running = None
     eof = False
+    wake = None  # (read end, write end, switch interval) while asyncio imports in a thread
+    imported = False
     while True:
         # Whole frames in the buffer first.
         while len(buf) >= HEADER.size:
@@ -2412,16 +2414,28 @@ def _fast_serve(agent, out_fd):
                 running.cancel()
                 running.finish()
             return None
+        if imported and running is None:
+            return bytes(buf), None, eof  # asyncio is in: the asyncio agent takes over
         poller = select.poll()
         poller.register(0, select.POLLIN)
+        if wake is not None:
+            poller.register(wake[0], select.POLLIN)
         if running is not None:
             for fd in running.fds():
                 poller.register(fd, select.POLLIN)
-        wait = running.wait_for() if running is not None else FAST_IDLE * 1000
+        if running is not None:
+            wait = running.wait_for()
+        else:
+            wait = FAST_IDLE * 1000 if wake is None else None
         events = poller.poll(wait)
         if not events:
             if running is None:
-                return bytes(buf), None, eof  # quiet: time to bring up the asyncio agent
+                # Quiet: import asyncio in a thread while this loop keeps serving (a request
+                # arriving meanwhile does not wait for the import); hand over when it is in.
+                wake = _import_in_background()
+                if wake is None:
+                    return bytes(buf), None, eof  # no thread (pids limit): import it now
+                continue
             running.tick()
             continue
         for fd, _ in events:
@@ -2431,8 +2445,43 @@ def _fast_serve(agent, out_fd):
                     buf += data
                 else:
                     eof = True
+            elif wake is not None and fd == wake[0]:
+                for end in wake[:2]:
+                    os.close(end)
+                sys.setswitchinterval(wake[2])
+                wake, imported = None, True
             elif running is not None:
                 running.ready(fd)
+
+
+def _import_in_background():
+    """Start importing asyncio in a thread; ``(read end, write end, old switch interval)`` of
+    the pipe it writes to when done, or None when no thread can start.
+    """
+    try:
+        import threading
+
+        r, w = os.pipe()
+    except (ImportError, OSError):
+        return None
+
+    def run():
+        try:
+            import asyncio  # noqa: F401
+        except BaseException:
+            pass  # the hand-over imports it again and reports what fails
+        finally:
+            os.write(w, b"x")
+
+    try:
+        threading.Thread(target=run, name="rocklet-import", daemon=True).start()
+    except RuntimeError:  # can't start new thread: at the pids limit
+        os.close(r)
+        os.close(w)
+        return None
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)  # the serving loop gets the GIL back within 1 ms
+    return r, w, old
 
 
 def _raise(exc):
@@ -2603,7 +2652,9 @@ def main(argv=None):
         out_fd = os.dup(1)
         os.dup2(2, 1)
         agent = Agent(None, None, root)
+        switch = sys.getswitchinterval()
         state = _fast_serve(agent, out_fd)
+        sys.setswitchinterval(switch)
         if state is not None:
             asyncio.run(amain(root, out_fd, agent, *state))
     except KeyboardInterrupt:

@@ -25,10 +25,10 @@ _BOOT = (
 )
 
 
-async def _spawn(tmp_path: Path) -> tuple[RockletHandle, Path]:
+async def _spawn(tmp_path: Path, idle: str = "3600") -> tuple[RockletHandle, Path]:
     mark = tmp_path / "asyncio-imported"
     boot = _BOOT.format(dir=os.path.dirname(AGENT_PATH), mark=str(mark))
-    env = {"PATH": os.environ.get("PATH", os.defpath), "ROCKLET_FAST_IDLE": "3600"}
+    env = {"PATH": os.environ.get("PATH", os.defpath), "ROCKLET_FAST_IDLE": idle}
     h = await RockletHandle.spawn([sys.executable, "-I", "-S", "-c", boot], env=env)
     return h, mark
 
@@ -116,3 +116,16 @@ async def test_eof_during_a_fast_exec_kills_it_and_exits(tmp_path: Path) -> None
     task.cancel()
     await async_wait_until(lambda: not os.path.exists(f"/proc/{text}"), what="the kill")
     assert mark.read_text() == "False"
+
+
+async def test_quiet_agent_imports_asyncio_in_a_thread_and_hands_over(tmp_path: Path) -> None:
+    h, mark = await _spawn(tmp_path, idle="0.01")
+    assert (await h.exec(ExecRequest(command="echo one"))).stdout == "one\n"
+    # Whether the import thread is still running or the asyncio agent has taken over, both
+    # kinds of request are answered; a session needs the asyncio agent.
+    results = await asyncio.gather(*(h.exec(ExecRequest(command=f"echo {i}")) for i in range(5)))
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(5)]
+    stat = await h.stat(str(tmp_path))
+    assert stat.type == "dir"
+    await _exited(h)
+    assert mark.read_text() == "True"
