@@ -23,9 +23,19 @@ from pydantic import ValidationError
 
 from rock_serve import errors
 from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig
-from rock_serve.protocol import ExecRequest, RegistryAuth, SandboxSpec
+from rock_serve.protocol import (
+    CommitRequest,
+    CreateSandboxRequest,
+    ExecRequest,
+    ImagePullRequest,
+    ImagePushRequest,
+    RegistryAuth,
+    SandboxSpec,
+    validate_image_ref,
+)
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime.images import ImageStore
+from rock_serve.sdk import _base as sdk_base
 from tests._registry import IMAGE_CACHE, Registry, free_port, oci, registry_skip_reason
 from tests.contract.conftest import _BWRAP_SKIP, REQUIRE_DOCKER, TEST_CGROUP_PARENT
 
@@ -116,8 +126,25 @@ def _tar(path, members) -> str:
         [("link", tarfile.SYMTYPE, "/OUTSIDE"), ("link/escape.txt", tarfile.REGTYPE, b"pwned")],
         [("link", tarfile.SYMTYPE, "../.."), ("link/escape.txt", tarfile.REGTYPE, b"pwned")],
         [("hard", tarfile.LNKTYPE, "../escape.txt")],
+        # a hard link through an absolute symlink would link a host file into the layer
+        [("link", tarfile.SYMTYPE, "/etc"), ("hard", tarfile.LNKTYPE, "link/hostname")],
+        # a chain: a relative symlink to an absolute one, then a write through the first
+        [
+            ("a", tarfile.SYMTYPE, "b"),
+            ("b", tarfile.SYMTYPE, "/OUTSIDE"),
+            ("a/escape.txt", tarfile.REGTYPE, b"pwned"),
+        ],
     ],
-    ids=["dotdot", "absolute", "nested-dotdot", "abs-symlink-dir", "rel-symlink-dir", "hardlink"],
+    ids=[
+        "dotdot",
+        "absolute",
+        "nested-dotdot",
+        "abs-symlink-dir",
+        "rel-symlink-dir",
+        "hardlink",
+        "hardlink-via-abs-symlink",
+        "symlink-chain",
+    ],
 )
 def test_escaping_layers_are_refused_and_write_nothing_outside(tmp_path, members):
     outside = tmp_path / "OUTSIDE"
@@ -314,11 +341,61 @@ async def test_local_sources_outside_the_allow_list_are_refused(tmp_path):
         await closed.get("docker-daemon:rock-serve/test:bookworm")
 
 
-def test_malformed_references_are_validation_errors():
-    for bad in ["UPPER/case", "a b", "x:" + "t" * 200, "oci:relative/path", "-lead", "a@sha256:z"]:
-        with pytest.raises(ValidationError):
-            SandboxSpec(image=bad)
-    assert SandboxSpec(image="python:3.11-slim").image == "python:3.11-slim"
+MALFORMED = [
+    "UPPER/case",
+    "a b",
+    "x:" + "t" * 200,
+    "oci:relative/path",
+    "oci:/var/../etc",
+    "-lead",
+    "a@sha256:z",
+    "docker-daemon:Bad",
+    "",
+    "a" * 513,
+]
+
+
+@pytest.mark.parametrize("bad", MALFORMED)
+def test_malformed_references_are_invalid_image_reference(bad):
+    # every wire model that takes a reference: pydantic's error is of our code's type...
+    for build in (
+        lambda: SandboxSpec(image=bad),
+        lambda: ImagePullRequest(images=["python:3.11", bad]),
+        lambda: ImagePushRequest(image="a/b:c", destination=bad),
+        lambda: CommitRequest(image=bad),
+    ):
+        with pytest.raises(ValidationError) as info:
+            build()
+        assert [e["type"] for e in info.value.errors()] == ["invalid_image_reference"]
+        # ...which the one table turns into the typed error, 422 over HTTP
+        typed = errors.from_validation(info.value.errors())
+        assert type(typed) is errors.InvalidImageReference
+        assert errors.http_status(typed.code) == 422 and isinstance(typed, ValueError)
+    with pytest.raises(errors.InvalidImageReference):
+        validate_image_ref(bad)
+    with pytest.raises(errors.InvalidImageReference):  # the SDK raises it typed, client side
+        sdk_base.build(CreateSandboxRequest, image=bad)
+
+
+def test_well_formed_references_and_other_violations():
+    for good in (
+        "python:3.11-slim",
+        "registry:5000/org/task-123:v2",
+        "name@sha256:" + "a" * 64,
+        "oci:/var/cache/layout:tag",
+        "docker-daemon:rock-serve/test:bookworm",
+        "/srv/rootfs",
+    ):
+        assert SandboxSpec(image=good).image == good
+        assert str(validate_image_ref(good))
+    # a non-string is an ordinary schema violation: invalid_request (400), pydantic's error
+    with pytest.raises(ValidationError) as info:
+        SandboxSpec(image=5)  # type: ignore[arg-type]
+    assert type(errors.from_validation(info.value.errors())) is errors.InvalidRequest
+    with pytest.raises(ValidationError):
+        sdk_base.build(CreateSandboxRequest, image=5)
+    # the JSON schema keeps the pattern the fuzzer and clients read
+    assert "pattern" in str(SandboxSpec.model_json_schema()["properties"]["image"])
 
 
 async def test_store_full_and_lru_eviction(tmp_path):
