@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -582,6 +583,41 @@ async def test_commit_push_then_pull_and_run_on_a_fresh_store(
         await fresh.remove(sid2)
     finally:
         await fresh.close()
+
+
+def _layer_digests(registry: Registry, name: str) -> list[str]:
+    repo, tag = name.rsplit(":", 1)
+    accept = (
+        "application/vnd.oci.image.manifest.v1+json,"
+        "application/vnd.docker.distribution.manifest.v2+json"
+    )
+    reply = httpx.get(
+        f"http://{registry.host}/v2/{repo}/manifests/{tag}", headers={"Accept": accept}
+    )
+    reply.raise_for_status()
+    return [layer["digest"] for layer in reply.json()["layers"]]
+
+
+async def test_push_sends_the_original_layer_blobs_when_the_store_keeps_them(tmp_path, registry):
+    src = registry.ref("test/nopython:v1")
+    original = await asyncio.to_thread(_layer_digests, registry, "test/nopython:v1")
+    dest = f"pushed/kept:{uuid.uuid4().hex[:8]}"
+    store = store_at(tmp_path / "kept", keep_layer_blobs=True)
+    img = await store.get(src)
+    blobs = tmp_path / "kept" / "blobs" / "sha256"
+    assert sorted(os.listdir(blobs)) == sorted(d.split(":")[1] for d in set(original))
+    kept = sum(os.path.getsize(blobs / n) for n in os.listdir(blobs))
+    assert img.size > kept  # the kept blobs count against the budget
+    # the pushed image's layers are the source's, digest for digest (a re-tar's never are:
+    # member order, headers and gzip's output differ)
+    await store.push(src, registry.ref(dest))
+    assert await asyncio.to_thread(_layer_digests, registry, dest) == original
+    again = store_at(tmp_path / "again")
+    assert (await again.get(registry.ref(dest))).layers == img.layers
+    # removing the image drops its kept blobs with its layers
+    await store.remove(src)
+    assert os.listdir(blobs) == []
+    assert os.listdir(tmp_path / "kept" / "layers" / "sha256") == []
 
 
 @needs_bwrap
