@@ -22,7 +22,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from rock_serve import errors
+from rock_serve import envs, errors
 from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig
 from rock_serve.protocol import (
     CommitRequest,
@@ -36,6 +36,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime.images import ImageStore
+from rock_serve.sdk import Client
 from rock_serve.sdk import _base as sdk_base
 from tests._registry import IMAGE_CACHE, Registry, free_port, oci, registry_skip_reason
 from tests.contract.conftest import _BWRAP_SKIP, REQUIRE_DOCKER, TEST_CGROUP_PARENT
@@ -376,6 +377,13 @@ def test_malformed_references_are_invalid_image_reference(bad):
         validate_image_ref(bad)
     with pytest.raises(errors.InvalidImageReference):  # the SDK raises it typed, client side
         sdk_base.build(CreateSandboxRequest, image=bad)
+
+
+def test_an_env_with_a_malformed_image_is_refused_typed_at_make():
+    # what GEM's /make answers (422) when its kwargs carry sandbox={"image": ...}
+    with Client("http://127.0.0.1:9") as client:  # never reached: make refuses first
+        with pytest.raises(errors.InvalidImageReference, match="bad sandbox settings"):
+            envs.make("rock/GuessNumber-v0", client=client, sandbox={"image": "Bad Ref!"})
 
 
 def test_well_formed_references_and_other_violations():
