@@ -42,6 +42,7 @@ from rock_serve.errors import (
     ImageNotFound,
     ImageStoreFull,
     InvalidConfig,
+    InvalidImageReference,
     InvalidRequest,
     PermissionDenied,
     RegistryUnavailable,
@@ -297,10 +298,7 @@ class ImageStore:
         self, ref: str, auth: RegistryAuth | None = None, *, force: bool = False
     ) -> Image:
         """The image ``ref`` names, pulled first if the store lacks it (one pull per ref)."""
-        try:
-            parsed = parse_image_ref(ref)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        parsed = parse_image_ref(ref)  # malformed: InvalidImageReference (422)
         self._check_source(parsed)
         key = str(parsed)
         if not force:
@@ -332,9 +330,9 @@ class ImageStore:
         """Pull (or join the pull of) ``ref`` and yield its progress, ending with done/error."""
         try:
             parsed = parse_image_ref(ref)
-        except ValueError as exc:
+        except InvalidImageReference as exc:
             yield ImagePullEvent(
-                image=ref, phase="error", error={"code": "invalid_request", "message": str(exc)}
+                image=ref, phase="error", error={"code": exc.code.value, "message": exc.message}
             )
             return
         try:
@@ -604,10 +602,7 @@ class ImageStore:
         shift: int = 0,
     ) -> Image:
         """A new image ``ref``: ``parent``'s layers plus ``upper`` (an overlay upper dir)."""
-        try:
-            parsed = parse_image_ref(ref)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        parsed = parse_image_ref(ref)  # malformed: InvalidImageReference (422)
         if parsed.transport != "docker":
             raise InvalidRequest(f"commit needs a plain reference (repo:tag), not {ref!r}")
         return await run_sync(self._commit_sync, upper, parent, str(parsed), skip, shift)
@@ -684,10 +679,7 @@ class ImageStore:
 
         The image stays in use (never evicted) while its layers are written out.
         """
-        try:
-            target = parse_image_ref(dest)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        target = parse_image_ref(dest)  # malformed: InvalidImageReference (422)
         if target.transport != "docker":
             raise InvalidRequest(f"push to a registry reference (host/repo:tag), not {dest!r}")
         if "@" in target.name:

@@ -379,6 +379,19 @@ def test_malformed_references_are_invalid_image_reference(bad):
         sdk_base.build(CreateSandboxRequest, image=bad)
 
 
+async def test_the_store_refuses_malformed_references_typed(tmp_path):
+    store = store_at(tmp_path / "store")
+    for call in (
+        lambda: store.get("Bad Ref!"),
+        lambda: store.push("python:3.11", "Bad Ref!"),
+        lambda: store.commit(str(tmp_path), None, "UPPER/case"),
+    ):
+        with pytest.raises(errors.InvalidImageReference):
+            await call()
+    events = [e async for e in store.events("Bad Ref!")]
+    assert [(e.phase, e.error["code"]) for e in events] == [("error", "invalid_image_reference")]
+
+
 def test_an_env_with_a_malformed_image_is_refused_typed_at_make():
     # what GEM's /make answers (422) when its kwargs carry sandbox={"image": ...}
     with Client("http://127.0.0.1:9") as client:  # never reached: make refuses first
