@@ -244,7 +244,10 @@ class ImageInfo(WireModel):
     id: str = Field(description="Image id: the digest of its config.")
     manifest_digest: str | None = Field(default=None, description="Manifest digest, if known.")
     layers: list[str] = Field(description="Layer diff ids, lowest first.")
-    size_bytes: int = Field(description="Unpacked size of its layers (shared ones counted).")
+    size_bytes: int = Field(
+        description="Bytes of its layers on disk: unpacked, plus their compressed blobs where "
+        "the store keeps them (shared layers counted)."
+    )
     last_used: float = Field(description="Last create or pull that used it (epoch seconds).")
     in_use: int = Field(default=0, description="Sandboxes using it now.")
 
@@ -254,7 +257,8 @@ class ImageList(WireModel):
 
     images: list[ImageInfo] = Field(description="Images per node.")
     disk_bytes: dict[str, int] = Field(
-        default_factory=dict, description="Bytes of unpacked layers on each node."
+        default_factory=dict,
+        description="Bytes of layers on disk on each node (unpacked, plus kept blobs).",
     )
     pulls: list[ImagePullEvent] = Field(
         default_factory=list,
