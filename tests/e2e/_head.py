@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import yaml
 
+from rock_serve.sdk.cli._platform import serve_deploy
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -140,15 +142,7 @@ def deploy(
         time.monotonic() + 60,
         "the dashboard",
     )
-    result = subprocess.run(
-        [str(BIN / "serve"), "deploy", str(path), "--address", head.dashboard],
-        env=head.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = serve_deploy(path, head.dashboard, timeout=120, env=head.env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
 
     def deployed() -> bool:
