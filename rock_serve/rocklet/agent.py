@@ -16,8 +16,8 @@ Host -> agent headers:
 
 A request may carry ``"trace": "<32 hex>"`` (the host caller's W3C trace id): the agent keeps
 it for that op, writes it in its stderr log lines about the op (one JSON object a line:
-``{"ts", "level", "logger": "rocklet", "event": "op.start"|"op.end", "trace", "op", "id",
-"ms"?, "outcome"?}``) and puts it in the error it returns (``error.trace``). Untraced ops are
+``{"ts": unix seconds, "level", "logger": "rocklet", "event": "op.start"|"op.end", "trace",
+"op", "id", "ms"?, "outcome"?}``) and puts it in the error it returns (``error.trace``). Untraced ops are
 not logged.
 
 Agent -> host headers:
@@ -61,14 +61,16 @@ TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _trace_log(fields):
-    """One structured log line on stderr (the host keeps it: agent.log, docker's stream)."""
-    line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "level": "info"}
-    line["logger"] = "rocklet"
+    """One structured log line on stderr (the host keeps it: agent.log, docker's stream).
+
+    One unbuffered write of a whole line (no text layer, no flush): lines of concurrent ops
+    never interleave and the line is on file before the op's reply is sent.
+    """
+    line = {"ts": round(time.time(), 6), "level": "info", "logger": "rocklet"}
     line.update(fields)
     try:
-        sys.stderr.write(json.dumps(line, separators=(",", ":")) + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
+        os.write(2, (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8"))
+    except OSError:
         pass
 
 

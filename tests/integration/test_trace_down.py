@@ -340,3 +340,22 @@ async def test_spans_of_the_worker_and_the_rocklet_call_are_children_of_the_admi
     assert worker_span.parent.span_id == admin.context.span_id
     assert rocklet.parent is not None and rocklet.parent.span_id == worker_span.context.span_id
     assert rocklet.attributes is not None and rocklet.attributes["rock.sandbox_id"] == sid
+
+
+async def test_the_ray_gate_keeps_the_clients_id_or_gives_the_call_one(
+    worker: Worker, tmp_path: Path
+) -> None:
+    """The Ray transport (``Worker.ray_call``): one id per call there too."""
+    sid = await _create(worker, "gggggggg")
+    handle = Handle(worker)
+    token = TRACE_ID.set(TRACE)  # a client under a trace sends it (through rock_traced)
+    try:
+        await call(handle, "ray_call", None, "exec", sid, ExecRequest(command="true"))
+    finally:
+        TRACE_ID.reset(token)
+    await call(handle, "ray_call", None, "exec", sid, ExecRequest(command="true"))  # none sent
+    assert handle.calls == ["rock_traced", "ray_call"]
+    ends = [x for x in _agent_lines(tmp_path / "state", sid) if x["event"] == "op.end"]
+    assert [x["op"] for x in ends] == ["exec", "exec"]
+    assert ends[0]["trace"] == TRACE
+    assert len(ends[1]["trace"]) == 32 and ends[1]["trace"] != TRACE
