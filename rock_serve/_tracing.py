@@ -93,11 +93,14 @@ def set_parent(value: str) -> bool:
 def untraced_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     """Start a long-lived background task outside any caller's trace (a loop started during
     a traced call must not carry that call's trace id for its whole life).
+
+    Raises:
+        RuntimeError: no running event loop (as ``loop.create_task`` would).
     """
     context = contextvars.copy_context()
     context.run(TRACE_ID.set, "-")
     context.run(SPAN_ID.set, "-")
-    return context.run(asyncio.ensure_future, coro)  # the task copies `context`
+    return asyncio.get_running_loop().create_task(coro, context=context)
 
 
 class Spans:
