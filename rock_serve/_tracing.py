@@ -100,7 +100,7 @@ def untraced_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     context = contextvars.copy_context()
     context.run(TRACE_ID.set, "-")
     context.run(SPAN_ID.set, "-")
-    return asyncio.get_running_loop().create_task(coro, context=context)
+    return context.run(asyncio.get_running_loop().create_task, coro)  # the task copies it
 
 
 class Spans:
