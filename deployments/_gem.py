@@ -42,6 +42,7 @@ from pydantic import BaseModel
 from rock_serve.auth import Principal
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments._trace import untraced_task
 from rock_serve.deployments.client import AsyncRayClient
 from rock_serve.envs import AsyncEnv, list_envs, make_async
 from rock_serve.envs.integrations import (
@@ -363,7 +364,7 @@ class EnvTable:
 
     def _start(self) -> None:
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+            self._reaper = untraced_task(self._reap_loop())  # not under a call's trace
 
     async def _reap_loop(self) -> None:
         while True:

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import stream
+from rock_serve.deployments._trace import logged_stream
 from rock_serve.errors import RockError, to_body
 from rock_serve.protocol.processes import (
     ProcessInfo,
@@ -102,7 +103,8 @@ class ProcessesWorker:
     ) -> AsyncIterator[ProcessItem]:
         """A stream's output from ``offset`` (see the module doc); last a ProcessOutputEnd."""
         handle = self._box(sandbox_id).handle
-        async for item in handle.process_output(pid, stream=stream, offset=offset, follow=follow):
+        items = handle.process_output(pid, stream=stream, offset=offset, follow=follow)
+        async for item in logged_stream(f"process.output {pid}", sandbox_id, items):
             yield item
 
     async def process_input(self, sandbox_id: str, pid: int, body: ProcessInputBody) -> ProcessInfo:
