@@ -58,18 +58,29 @@ DEFAULT_MAX_SESSIONS = 32
 KILL_GRACE = 1.0
 SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Bytes of trace lines one agent writes in its life (agent.log is never rotated): past it, one
+#: ``trace.capped`` line and no more.
+TRACE_LOG_BYTES = 4 << 20
+_trace_written = [0]
 
 
 def _trace_log(fields):
     """One structured log line on stderr (the host keeps it: agent.log, docker's stream).
 
     One unbuffered write of a whole line (no text layer, no flush): lines of concurrent ops
-    never interleave and the line is on file before the op's reply is sent.
+    never interleave and the line is on file before the op's reply is sent. At most
+    ``TRACE_LOG_BYTES`` in all.
     """
+    if _trace_written[0] >= TRACE_LOG_BYTES:
+        return
     line = {"ts": round(time.time(), 6), "level": "info", "logger": "rocklet"}
     line.update(fields)
+    data = (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8")
+    _trace_written[0] += len(data)
+    if _trace_written[0] >= TRACE_LOG_BYTES:
+        data = b'{"level":"warning","logger":"rocklet","event":"trace.capped"}\n'
     try:
-        os.write(2, (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8"))
+        os.write(2, data)
     except OSError:
         pass
 

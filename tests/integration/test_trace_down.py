@@ -359,3 +359,17 @@ async def test_the_ray_gate_keeps_the_clients_id_or_gives_the_call_one(
     assert [x["op"] for x in ends] == ["exec", "exec"]
     assert ends[0]["trace"] == TRACE
     assert len(ends[1]["trace"]) == 32 and ends[1]["trace"] != TRACE
+
+
+def test_the_rocklets_trace_lines_are_bounded(capfd, monkeypatch):
+    """agent.log is never rotated: past TRACE_LOG_BYTES one ``trace.capped`` line, then none."""
+    from rock_serve.rocklet import agent
+
+    monkeypatch.setattr(agent, "TRACE_LOG_BYTES", 1000)
+    monkeypatch.setattr(agent, "_trace_written", [0])
+    for i in range(100):
+        agent._trace_log({"event": "op.start", "trace": "0" * 32, "op": "ping", "id": i})
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[-1] == '{"level":"warning","logger":"rocklet","event":"trace.capped"}'
+    assert sum(len(x) + 1 for x in lines) <= 1000 + len(lines[-1]) + 1
+    assert 3 < len(lines) < 100
