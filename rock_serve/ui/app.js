@@ -577,7 +577,7 @@
         h("td", { text: String(ep.steps) + (ep.dropped_steps ? " (" + ep.dropped_steps + " not kept)" : "") }),
         h("td", { text: fmt(ep.total_reward) }), h("td", { text: ep.done ? "yes" : "no" }),
         h("td", { text: new Date(ep.started * 1000).toLocaleTimeString() }))))),
-      list.total > list.items.length ? h("p", { text: list.total + " episodes kept; the newest " + list.items.length + " are listed." }) : null);
+      ...(list.total > list.items.length ? [h("p", { text: list.total + " episodes kept; the newest " + list.items.length + " are listed." })] : []));
     episodesBox.dataset.loaded = "1";
     // Steps of the chosen episode, a page at a time.
     const tbody = h("tbody", { id: "step-rows" });
@@ -626,6 +626,9 @@
     callsBox.append(calls, moreCalls);
     await llm();
   }
+
+  // ------------------------------------------------------------------ charts (SVG)
+  const COLORS = ["#0a58ca", "#137333", "#b42318", "#8250df", "#bf8700", "#1b7c83", "#57606a"];
   function chart(title, series) {
     // series: [{name, points: [[t, v], ...]}]
     const W = 420, H = 160, P = 28;
