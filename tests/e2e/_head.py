@@ -149,7 +149,7 @@ def deploy(
     path.write_text(yaml.safe_dump(config))
     wait_for(
         lambda: httpx.get(f"{head.dashboard}/api/version", timeout=5).status_code == 200,
-        time.monotonic() + 60,
+        time.monotonic() + 180,  # about a minute on a 2-core machine at load 30
         "the dashboard",
     )
     result = subprocess.run(
