@@ -110,10 +110,10 @@ class ProcessesWorker:
                 listed: ProcessList = await asyncio.wait_for(
                     box.handle.list_processes(), REFRESH_TIMEOUT
                 )
-            except (RockError, asyncio.TimeoutError):
+            except Exception:  # gone, paused, busy or broken: never the status's problem
                 if sandbox_id not in self._boxes:
                     table.pop(sandbox_id, None)
-                return  # keep what we knew (paused, busy)
+                return  # keep what we knew
             running = {p.pid for p in listed.processes if p.running}
             if running:
                 table[sandbox_id] = running
