@@ -135,10 +135,11 @@ def test_metric_charts_render(page, console_app):
         _line(page, caption, series).wait_for(state="attached")
     label = page.locator("svg.chart").first.get_attribute("aria-label")
     assert label is not None and re.search(r"running \d", label)
-    processes = page.locator("svg.chart[aria-label^='Processes running']").get_attribute(
-        "aria-label"
+    # The page reloads its samples every 5 s: wait for one taken after the process started.
+    page.wait_for_function(
+        "() => /processes [1-9]/.test(document.querySelector("
+        "\"svg.chart[aria-label^='Processes running']\")?.getAttribute('aria-label') || '')"
     )
-    assert processes is not None and re.search(r"processes [1-9]", processes)
     shot(page, "metrics")
 
 
