@@ -167,12 +167,12 @@ def deploy(
         health = httpx.get(f"{head.url}/v1/health", timeout=10).json()
         return bool(health.get("status") == "ok" and health.get("namespace") == namespace)
 
-    wait_for(deployed, time.monotonic() + 90, "the deployed app")
+    wait_for(deployed, time.monotonic() + 180, "the deployed app")
     for prefix in also or {}:
         url = f"{head.url}{prefix}/v1/health"
         wait_for(
             lambda url=url: httpx.get(url, timeout=10).json().get("status") == "ok",
-            time.monotonic() + 90,
+            time.monotonic() + 180,
             f"the app at {prefix}",
         )
     return state_dir
