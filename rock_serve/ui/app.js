@@ -658,6 +658,12 @@
       line.setAttribute("fill", "none"); line.setAttribute("stroke", COLORS[i % COLORS.length]);
       line.setAttribute("stroke-width", "2"); line.setAttribute("data-series", s.name);
       svg.append(line);
+      // The latest point as a dot: a series of one sample (a rare create, one error) shows too.
+      const [lt, lv] = s.points[s.points.length - 1];
+      const dot = document.createElementNS(svg.namespaceURI, "circle");
+      dot.setAttribute("cx", x(lt).toFixed(1)); dot.setAttribute("cy", y(lv).toFixed(1));
+      dot.setAttribute("r", "2.5"); dot.setAttribute("fill", COLORS[i % COLORS.length]);
+      svg.append(dot);
     });
     return h("figure", {}, h("figcaption", { text: title }), svg,
       h("div", { class: "legend" }, series.map((s, i) => h("span", { style: "color:" + COLORS[i % COLORS.length], text: "■ " + s.name }))));
