@@ -149,10 +149,14 @@ class Samples:
             self._op.append(seconds)
 
     def take(
-        self, sandboxes: dict[str, int], reaped: dict[str, int] | None = None
+        self,
+        sandboxes: dict[str, int],
+        reaped: dict[str, int] | None = None,
+        processes: int | None = None,
     ) -> MetricsSample:
         """Close the interval: one sample of what happened since the last (``reaped``: the
-        interval's reaps by reason, see :class:`ReapDeltas`).
+        interval's reaps by reason, see :class:`ReapDeltas`; ``processes``: background
+        processes running, summed over the Workers).
         """
         now = self._clock()
         sample = MetricsSample(
@@ -167,6 +171,7 @@ class Samples:
             op_p50=_quantile(self._op, 0.5),
             op_p99=_quantile(self._op, 0.99),
             reaped=dict(reaped or {}),
+            processes_running=processes,
         )
         self._points.append(sample)
         self._since = now
@@ -374,9 +379,11 @@ def _start_sampler() -> None:
     async def loop() -> None:
         while True:
             reaped: dict[str, int] = {}
+            processes: int | None = None
             with contextlib.suppress(RockError):
                 health: Health = await call(scheduler, "health")
                 reaped = reaps.step(health.workers)
+                processes = sum(w.processes_running for w in health.workers if w.alive)
             by_ns: dict[str, dict[str, int]] = {}
             with contextlib.suppress(RockError):
                 result: SandboxList = await call(scheduler, "list", None, None, {}, None)
@@ -388,7 +395,7 @@ def _start_sampler() -> None:
             for states in by_ns.values():
                 for state, n in states.items():
                     totals[state] = totals.get(state, 0) + n
-            samples.take(totals, reaped)
+            samples.take(totals, reaped, processes)
             await asyncio.sleep(interval)
 
     _STATE["sampler"] = untraced_task(loop())  # started by a request: not under its trace
@@ -562,7 +569,10 @@ async def ui_metrics(principal: Auth) -> ConsoleMetrics:
         return series
     # A tenant sees the platform's rates, and only its own namespace's sandbox counts (now).
     mine = _STATE.get("by_namespace", {}).get(principal.namespace, {})
-    samples = [s.model_copy(update={"sandboxes": {}, "reaped": {}}) for s in series.samples]
+    samples = [
+        s.model_copy(update={"sandboxes": {}, "reaped": {}, "processes_running": None})
+        for s in series.samples
+    ]
     if samples:
         samples[-1] = samples[-1].model_copy(update={"sandboxes": dict(mine)})
     return ConsoleMetrics(interval_seconds=series.interval_seconds, samples=samples)
@@ -597,5 +607,8 @@ async def ui_envs(principal: Auth) -> EnvInstances:
 
 def install(app: FastAPI) -> None:
     """Add the console's routes and the request-id middleware to the Admin's app."""
+    from rock_serve.deployments import _console_envs
+
     app.include_router(router)
+    app.include_router(_console_envs.router)
     app.add_middleware(RequestContext)

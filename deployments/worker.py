@@ -711,6 +711,8 @@ class Worker(
 
     async def status(self) -> WorkerStatus:
         """Load, capacity and runtime."""
+        processes = await self.processes_running()
+        self._metrics.processes(processes)
         return WorkerStatus(
             name=self.name,
             node_id=self.node_id,
@@ -720,6 +722,7 @@ class Worker(
             runtime=self.args.runtime.type,
             warm=len(self._warm),
             reaped=dict(self._metrics.reaped_counts),
+            processes_running=processes,
         )
 
     # ------------------------------------------------------------------ data plane
