@@ -5,16 +5,18 @@ made by ``AsyncClient.from_ray(namespace=...)`` skips HTTP: control-plane calls 
 Scheduler actor and data-plane calls straight to the Worker actor named in the sandbox id (one
 actor call, no Serve proxy, no Admin). It has the methods of
 :class:`~rock_serve.sdk.AsyncClient` and raises the same typed errors; requests are built by the
-SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only). File
-contents over :data:`OBJECT_REF_THRESHOLD` bytes travel as one object in Ray's object store.
+SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only). Sandbox
+operations travel as their typed models (:mod:`rock_serve.protocol.ops`) to ``Worker.op``; a
+large file rides in its model, which Ray puts in its object store by itself.
 
 Auth and audit: a client made by ``from_ray`` carries the caller's platform token
 (``ROCK_TOKEN``, else the credentials file, as the HTTP SDK finds it) and calls the actors'
-Ray-transport entry points (``Scheduler.ray_call``, ``Worker.ray_call``/``ray_stream``), which
-check it as the Admin does (namespaces, admin) and audit the calls as HTTP's are audited (see
-``_raygate``); no or a wrong token while auth is required is a typed ``unauthorized``. The
-platform's own routes (compat, GEM) build the client with ``gate=False``: they authenticated
-and audit their caller themselves and call the actors' methods directly.
+Ray-transport entry points (``Scheduler.ray_call``, ``Worker.ray_op``/``ray_op_stream`` and
+``Worker.ray_call``), which check it as the Admin does (namespaces, admin) and audit the calls
+as HTTP's are audited (see ``_raygate``); no or a wrong token while auth is required is a
+typed ``unauthorized``. The platform's own routes (compat, GEM) build the client with
+``gate=False``: they authenticated and audit their caller themselves and call the actors'
+methods directly.
 
 Sandboxes created through it are owned by the calling Ray job (``ray_job_id``), so the
 platform reaps them when that job's driver dies. :class:`RayClient` is the synchronous twin
@@ -45,7 +47,6 @@ from rock_serve.deployments._ray import (
     call,
     current_job_id,
     get_scheduler,
-    put,
     stream,
     worker_actor_name,
 )
@@ -60,9 +61,7 @@ from rock_serve.protocol import (
     FileWritten,
     Health,
     ListDirResult,
-    MkdirRequest,
     OutputChunk,
-    RemoveRequest,
     SandboxList,
     SandboxRecord,
     SandboxState,
@@ -74,6 +73,25 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.ops import (
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    FileWriteOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    Streams,
+    TarDownloadOp,
+    TarUploadOp,
+)
 from rock_serve.protocol.processes import ProcessStream
 from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base
@@ -83,7 +101,6 @@ from rock_serve.sdk._sync import Client
 
 __all__ = [
     "DEFAULT_NAMESPACE",
-    "OBJECT_REF_THRESHOLD",
     "AsyncRayClient",
     "RayClient",
     "ray_client",
@@ -91,11 +108,27 @@ __all__ = [
 
 #: The Ray namespace of the platform's actors when ``ServerArgs.namespace`` is not set.
 DEFAULT_NAMESPACE = "rock-serve"
-#: File contents larger than this many bytes are put in the object store once, by reference.
-OBJECT_REF_THRESHOLD = 1 << 20
 
 _ID = re.compile(SANDBOX_ID)
 C = TypeVar("C")
+R = TypeVar("R")
+ItemT = TypeVar("ItemT")
+
+
+def _gated(method: str, token: str | None, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """The gated entry point and arguments of an actor call (token checked, call audited)."""
+    if method == "op":
+        return "ray_op", (token, *args)
+    return "ray_call", (token, method, *args)
+
+
+def _gated_stream(
+    method: str, token: str | None, args: tuple[Any, ...]
+) -> tuple[str, tuple[Any, ...]]:
+    """The gated entry point and arguments of a streaming actor call."""
+    if method == "op_stream":
+        return "ray_op_stream", (token, *args)
+    return "ray_stream", (token, method, *args)
 
 
 def _worker_of(sandbox_id: str) -> str:
@@ -184,7 +217,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         state = _base.RetryState(self.retry)
         target = self._scheduler if actor is None else actor
         if self.gate:  # the entry point that checks the token and audits
-            method, args = "ray_call", (self.settings.token, method, *args)
+            method, args = _gated(method, self.settings.token, args)
         while True:
             try:
                 return await call(target, method, *args)
@@ -198,13 +231,21 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         worker = await self._workers.get(_worker_of(sandbox_id))
         return await self._call(worker, method, sandbox_id, *args)
 
+    async def _op(self, sandbox_id: str, operation: Op[R]) -> R:
+        """Run one sandbox operation on its Worker (``Worker.op``, or ``ray_op`` gated)."""
+        return cast(R, await self._data(sandbox_id, "op", operation))
+
+    async def _op_stream(self, sandbox_id: str, operation: Streams[ItemT]) -> AsyncIterator[ItemT]:
+        """Stream one operation's items (``Worker.op_stream``, or ``ray_op_stream`` gated)."""
+        async for item in self._ray_stream(sandbox_id, "op_stream", operation):
+            yield item
+
     async def _ray_stream(self, sandbox_id: str, method: str, request: Any) -> AsyncIterator[Any]:
         worker = await self._workers.get(_worker_of(sandbox_id))
+        args: tuple[Any, ...] = (sandbox_id, request)
         if self.gate:
-            items = stream(worker, "ray_stream", self.settings.token, method, sandbox_id, request)
-        else:
-            items = stream(worker, method, sandbox_id, request)
-        async for item in items:
+            method, args = _gated_stream(method, self.settings.token, args)
+        async for item in stream(worker, method, *args):
             yield item
 
     # -----------------------------------------------------------------------------------------
@@ -300,8 +341,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
         """Resource usage and limits of a sandbox."""
-        result: SandboxStats = await self._data(sandbox_id, "stats")
-        return result
+        return await self._op(sandbox_id, StatsOp())
 
     # -----------------------------------------------------------------------------------------
     # One-shot commands
@@ -328,8 +368,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
             timeout=timeout,
             max_output_bytes=max_output_bytes,
         )
-        result: ExecResult = await self._data(sandbox_id, "exec", request)
-        return result
+        return await self._op(sandbox_id, ExecOp.of(request))
 
     async def stream_exec(
         self,
@@ -353,7 +392,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
             timeout=timeout,
             max_output_bytes=max_output_bytes,
         )
-        async for item in self._ray_stream(sandbox_id, "stream_exec", request):
+        async for item in self._op_stream(sandbox_id, ExecOp.of(request)):
             yield item
 
     # -----------------------------------------------------------------------------------------
@@ -375,8 +414,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
             cwd=cwd,
             startup_commands=list(startup_commands or []),
         )
-        result: SessionCreateResponse = await self._data(sandbox_id, "create_session", request)
-        return result
+        return await self._op(sandbox_id, SessionCreateOp.of(request))
 
     async def run(
         self,
@@ -391,8 +429,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         request = SessionRunRequest(
             session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
         )
-        result: SessionRunResult = await self._data(sandbox_id, "run_in_session", request)
-        return result
+        return await self._op(sandbox_id, SessionRunOp.of(request))
 
     async def stream_run(
         self,
@@ -407,73 +444,63 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         request = SessionRunRequest(
             session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
         )
-        async for item in self._ray_stream(sandbox_id, "stream_in_session", request):
+        async for item in self._op_stream(sandbox_id, SessionRunOp.of(request)):
             yield item
 
     async def session_stdin(
         self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False
     ) -> None:
         """Write to the stdin of the command running in a session."""
-        await self._data(sandbox_id, "session_stdin", session, data.encode(), eof)
+        await self._op(sandbox_id, SessionStdinOp(session=session, data=data, eof=eof))
 
     async def interrupt(self, sandbox_id: str, *, session: str = "default") -> None:
         """Interrupt the command running in a session (like Ctrl-C)."""
-        await self._data(sandbox_id, "interrupt_session", session)
+        await self._op(sandbox_id, SessionInterruptOp(session=session))
 
     async def close_session(self, sandbox_id: str, *, session: str = "default") -> None:
         """Close a session and kill its processes."""
-        await self._data(sandbox_id, "close_session", session)
+        await self._op(sandbox_id, SessionCloseOp(session=session))
 
     # -----------------------------------------------------------------------------------------
     # Files
 
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
         """Read a whole file (up to the platform's ``max_file_bytes``)."""
-        data: bytes = await self._data(sandbox_id, "read_file", path)
-        return data
+        return await self._op(sandbox_id, FileReadOp(path=path))
 
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None
     ) -> FileWritten:
         """Write a whole file; contents over the threshold go through the object store."""
-        payload: Any = put(bytes(data)) if len(data) > OBJECT_REF_THRESHOLD else bytes(data)
-        size: int = await self._data(sandbox_id, "write_file", path, payload, mode)
-        return FileWritten(path=path, size=size)
+        return await self._op(sandbox_id, FileWriteOp(path=path, data=bytes(data), mode=mode))
 
     async def stat(self, sandbox_id: str, path: str) -> FileInfo:
         """Describe one file or directory."""
-        result: FileInfo = await self._data(sandbox_id, "stat", path)
-        return result
+        return await self._op(sandbox_id, FileStatOp(path=path))
 
     async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
         """List a directory."""
-        result: ListDirResult = await self._data(sandbox_id, "list_dir", path)
-        return result
+        return await self._op(sandbox_id, FileListOp(path=path))
 
     async def mkdir(
         self, sandbox_id: str, path: str, *, parents: bool = True, exist_ok: bool = True
     ) -> None:
         """Create a directory."""
-        await self._data(
-            sandbox_id, "mkdir", MkdirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        )
+        await self._op(sandbox_id, MkdirOp(path=path, parents=parents, exist_ok=exist_ok))
 
     async def remove(
         self, sandbox_id: str, path: str, *, recursive: bool = False, missing_ok: bool = False
     ) -> None:
         """Remove a file or directory."""
-        request = RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
-        await self._data(sandbox_id, "remove_path", request)
+        await self._op(sandbox_id, RemoveOp(path=path, recursive=recursive, missing_ok=missing_ok))
 
     async def download_archive(self, sandbox_id: str, path: str) -> bytes:
         """An uncompressed tar of a file or directory (up to ``max_file_bytes``)."""
-        data: bytes = await self._data(sandbox_id, "download_archive", path)
-        return data
+        return await self._op(sandbox_id, TarDownloadOp(path=path))
 
     async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
         """Extract a tar (plain or compressed) into directory ``path``."""
-        payload: Any = put(bytes(data)) if len(data) > OBJECT_REF_THRESHOLD else bytes(data)
-        await self._data(sandbox_id, "upload_archive", path, payload)
+        await self._op(sandbox_id, TarUploadOp(path=path, data=bytes(data)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +539,7 @@ class _BlockingRayClient(AsyncRayClient):
         state = _base.RetryState(self.retry)
         target = self._scheduler if actor is None else actor
         if self.gate:
-            method, args = "ray_call", (self.settings.token, method, *args)
+            method, args = _gated(method, self.settings.token, args)
         while True:
             try:
                 return _get(getattr(target, method).remote(*args), method)
@@ -548,7 +575,7 @@ class _BlockingRayClient(AsyncRayClient):
         args: tuple[Any, ...] = (sandbox_id, *rest)
         target = method
         if self.gate:
-            target, args = "ray_stream", (self.settings.token, method, *args)
+            target, args = _gated_stream(method, self.settings.token, args)
         gen = getattr(worker, target).options(num_returns="streaming").remote(*args)
         finished = False
         try:
