@@ -1,6 +1,7 @@
 """The one operation model (``rock_serve.protocol.ops``): every operation in the union has its
-four places (agent handler, Worker dispatch row, REST route in the OpenAPI schema, SDK method)
-and runs through ``Worker.op`` / ``Worker.op_stream`` against a real rocklet (local runtime).
+places (agent handler, Worker dispatch row, REST route in the Admin's OpenAPI schema and on the
+direct data plane, SDK method on every client) and runs through ``Worker.op`` /
+``Worker.op_stream`` against a real rocklet (local runtime).
 
 Adding an operation without one of its places fails here (see docs/operations.md).
 """
@@ -13,12 +14,13 @@ import io
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import pytest
 from pydantic import ValidationError
 
 from rock_serve.config import ServerArgs
+from rock_serve.deployments._dataplane import make_app
 from rock_serve.deployments._ops import HANDLERS, STREAM_HANDLERS
 from rock_serve.deployments.client import AsyncRayClient, RayClient
 from rock_serve.deployments.worker import Worker
@@ -58,6 +60,11 @@ UNION: list[type[Op[Any]]] = list(get_args(get_args(Operation)[0]))
 
 
 _MISSING = object()
+
+
+@functools.cache
+def _direct_routes() -> list[Any]:
+    return list(make_app(cast(Any, None)).routes)  # the routes only; no Worker is called
 
 
 @functools.cache
@@ -112,6 +119,9 @@ def test_every_operation_has_its_four_places(tag):
     method, path = spec.route
     paths = _schema()["paths"]
     assert method.lower() in paths.get(path, {}), f"{tag}: no {method} {path} in the schema"
+    # ... and on the node's direct data plane (same path and method)
+    direct = {(r.path, m) for r in _direct_routes() for m in (r.methods or ())}
+    assert (path, method) in direct, f"{tag}: no {method} {path} on the direct data plane"
     # 4. the SDK method, on both clients and both Ray clients (which must not override it
     # with a string-named actor call)
     for client in (AsyncClient, Client, AsyncRayClient, RayClient):
