@@ -165,7 +165,7 @@ def _mode(request: Request) -> int | None:
     if raw is None or raw == "":
         return None
     try:
-        mode = int(raw, 8) if raw.startswith("0") and raw != "0" else int(raw)
+        mode = int(raw, 8)  # octal permission bits, as the Admin's route reads them
     except ValueError:
         raise InvalidRequest(f"invalid mode {raw!r}") from None
     if not 0 <= mode <= 0o7777:

@@ -5,9 +5,10 @@ made by ``AsyncClient.from_ray(namespace=...)`` skips HTTP: control-plane calls 
 Scheduler actor and data-plane calls straight to the Worker actor named in the sandbox id (one
 actor call, no Serve proxy, no Admin). It has the methods of
 :class:`~rock_serve.sdk.AsyncClient` and raises the same typed errors; requests are built by the
-SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only). Sandbox
-operations travel as their typed models (:mod:`rock_serve.protocol.ops`) to ``Worker.op``; a
-large file rides in its model, which Ray puts in its object store by itself.
+SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only).
+Sandbox operations (exec, sessions, files, archives, stats) use the SDK's own methods: their
+REST call is mapped to its typed operation (:mod:`~rock_serve.deployments._ray_ops`) and sent to
+``Worker.op``; a large file rides in its model, which Ray puts in its object store by itself.
 
 Auth and audit: a client made by ``from_ray`` carries the caller's platform token
 (``ROCK_TOKEN``, else the credentials file, as the HTTP SDK finds it) and calls the actors'
@@ -50,47 +51,20 @@ from rock_serve.deployments._ray import (
     stream,
     worker_actor_name,
 )
+from rock_serve.deployments._ray_ops import operation_of, reply, stream_reply
 from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound, http_status
 from rock_serve.protocol import (
-    DEFAULT_MAX_OUTPUT,
-    DEFAULT_TIMEOUT,
     CreateSandboxRequest,
-    ExecRequest,
-    ExecResult,
-    FileInfo,
-    FileWritten,
     Health,
-    ListDirResult,
-    OutputChunk,
     SandboxList,
     SandboxRecord,
     SandboxState,
-    SandboxStats,
-    SessionCreateRequest,
-    SessionCreateResponse,
-    SessionRunRequest,
-    SessionRunResult,
 )
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.fork import ForkRequest, ForkResult
 from rock_serve.protocol.ops import (
-    ExecOp,
-    FileListOp,
-    FileReadOp,
-    FileStatOp,
-    FileWriteOp,
-    MkdirOp,
     Op,
-    RemoveOp,
-    SessionCloseOp,
-    SessionCreateOp,
-    SessionInterruptOp,
-    SessionRunOp,
-    SessionStdinOp,
-    StatsOp,
     Streams,
-    TarDownloadOp,
-    TarUploadOp,
 )
 from rock_serve.protocol.processes import ProcessStream
 from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
@@ -202,12 +176,20 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         """Nothing to close: actor handles need no connections of their own."""
 
     async def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
-        """REST calls of methods the Ray transport does not map (yet) need HTTP.
+        """A data-plane call as its operation on the sandbox's Worker (``_ray_ops``), replied
+        as the Admin would; the SDK's own method builds the call and parses the reply.
 
         Raises:
-            InvalidRequest: always, naming the call.
+            InvalidRequest: a REST call the Ray transport does not map (it needs HTTP).
+            RockError: the operation's typed error (retried by the SDK's policy on the way).
         """
-        raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use AsyncClient(base_url)")
+        mapped = operation_of(call)
+        if mapped is None:
+            raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use AsyncClient(base_url)")
+        sandbox_id, operation, streamed = mapped
+        if streamed:
+            return stream_reply(call, self._op_stream(sandbox_id, cast(Any, operation)))
+        return reply(call, await self._op(sandbox_id, operation))
 
     # -----------------------------------------------------------------------------------------
     # I/O
@@ -338,169 +320,6 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         """Delete a sandbox and everything in it."""
         _worker_of(sandbox_id)
         await self._call(None, "delete", sandbox_id)
-
-    async def stats(self, sandbox_id: str) -> SandboxStats:
-        """Resource usage and limits of a sandbox."""
-        return await self._op(sandbox_id, StatsOp())
-
-    # -----------------------------------------------------------------------------------------
-    # One-shot commands
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        command: str | list[str] | ExecRequest,
-        *,
-        shell: bool | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> ExecResult:
-        """Run one command to completion in a fresh process."""
-        request = _base.exec_request(
-            command,
-            shell=shell,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            timeout=timeout,
-            max_output_bytes=max_output_bytes,
-        )
-        return await self._op(sandbox_id, ExecOp.of(request))
-
-    async def stream_exec(
-        self,
-        sandbox_id: str,
-        command: str | list[str] | ExecRequest,
-        *,
-        shell: bool | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> AsyncIterator[OutputChunk | ExecResult]:
-        """Run one command and stream its output as it comes."""
-        request = _base.exec_request(
-            command,
-            shell=shell,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            timeout=timeout,
-            max_output_bytes=max_output_bytes,
-        )
-        async for item in self._op_stream(sandbox_id, ExecOp.of(request)):
-            yield item
-
-    # -----------------------------------------------------------------------------------------
-    # Sessions
-
-    async def create_session(
-        self,
-        sandbox_id: str,
-        session: str = "default",
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        startup_commands: list[str] | None = None,
-    ) -> SessionCreateResponse:
-        """Start a persistent bash session."""
-        request = SessionCreateRequest(
-            session=session,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            startup_commands=list(startup_commands or []),
-        )
-        return await self._op(sandbox_id, SessionCreateOp.of(request))
-
-    async def run(
-        self,
-        sandbox_id: str,
-        command: str,
-        *,
-        session: str = "default",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> SessionRunResult:
-        """Run a command in an existing session."""
-        request = SessionRunRequest(
-            session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
-        )
-        return await self._op(sandbox_id, SessionRunOp.of(request))
-
-    async def stream_run(
-        self,
-        sandbox_id: str,
-        command: str,
-        *,
-        session: str = "default",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> AsyncIterator[OutputChunk | SessionRunResult]:
-        """Run a command in a session and stream its output as it comes."""
-        request = SessionRunRequest(
-            session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
-        )
-        async for item in self._op_stream(sandbox_id, SessionRunOp.of(request)):
-            yield item
-
-    async def session_stdin(
-        self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False
-    ) -> None:
-        """Write to the stdin of the command running in a session."""
-        await self._op(sandbox_id, SessionStdinOp(session=session, data=data, eof=eof))
-
-    async def interrupt(self, sandbox_id: str, *, session: str = "default") -> None:
-        """Interrupt the command running in a session (like Ctrl-C)."""
-        await self._op(sandbox_id, SessionInterruptOp(session=session))
-
-    async def close_session(self, sandbox_id: str, *, session: str = "default") -> None:
-        """Close a session and kill its processes."""
-        await self._op(sandbox_id, SessionCloseOp(session=session))
-
-    # -----------------------------------------------------------------------------------------
-    # Files
-
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """Read a whole file (up to the platform's ``max_file_bytes``)."""
-        return await self._op(sandbox_id, FileReadOp(path=path))
-
-    async def write_file(
-        self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None
-    ) -> FileWritten:
-        """Write a whole file; contents over the threshold go through the object store."""
-        return await self._op(sandbox_id, FileWriteOp(path=path, data=bytes(data), mode=mode))
-
-    async def stat(self, sandbox_id: str, path: str) -> FileInfo:
-        """Describe one file or directory."""
-        return await self._op(sandbox_id, FileStatOp(path=path))
-
-    async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
-        """List a directory."""
-        return await self._op(sandbox_id, FileListOp(path=path))
-
-    async def mkdir(
-        self, sandbox_id: str, path: str, *, parents: bool = True, exist_ok: bool = True
-    ) -> None:
-        """Create a directory."""
-        await self._op(sandbox_id, MkdirOp(path=path, parents=parents, exist_ok=exist_ok))
-
-    async def remove(
-        self, sandbox_id: str, path: str, *, recursive: bool = False, missing_ok: bool = False
-    ) -> None:
-        """Remove a file or directory."""
-        await self._op(sandbox_id, RemoveOp(path=path, recursive=recursive, missing_ok=missing_ok))
-
-    async def download_archive(self, sandbox_id: str, path: str) -> bytes:
-        """An uncompressed tar of a file or directory (up to ``max_file_bytes``)."""
-        return await self._op(sandbox_id, TarDownloadOp(path=path))
-
-    async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
-        """Extract a tar (plain or compressed) into directory ``path``."""
-        await self._op(sandbox_id, TarUploadOp(path=path, data=bytes(data)))
 
 
 # ---------------------------------------------------------------------------------------------

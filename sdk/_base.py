@@ -462,7 +462,7 @@ def write_file(sandbox_id: str, path: str, data: bytes, mode: int | None = None)
     """``PUT /v1/sandboxes/{id}/files?path=&mode=`` with the raw bytes as the body."""
     params = [("path", path)]
     if mode is not None:
-        params.append(("mode", str(mode)))
+        params.append(("mode", format(mode, "o")))  # octal, as the route reads it
     return Call(
         "PUT",
         _sandbox(sandbox_id, "files"),

@@ -268,3 +268,62 @@ async def test_streaming_operations_stream(worker):
             pass
     with pytest.raises(InvalidRequest):  # not an operation
         await w.op(sid, ExecRequest(command="true"))  # type: ignore[arg-type]
+
+
+def _calls(sid: str) -> dict[str, Any]:
+    """The SDK's own call for each operation (as ``AsyncClient`` builds it)."""
+    from rock_serve.protocol import MkdirRequest, RemoveRequest, SessionRunBody, SessionStdinBody
+    from rock_serve.protocol.commands import SessionCreateRequest
+    from rock_serve.sdk import _base
+
+    return {
+        "exec": _base.exec_(sid, ExecRequest(command="echo hi", env={"A": "1"})),
+        "session.create": _base.create_session(sid, SessionCreateRequest(session="s.1")),
+        "session.run": _base.run(sid, "s.1", SessionRunBody(command="pwd")),
+        "session.stdin": _base.session_stdin(sid, "s.1", SessionStdinBody(data="y\n", eof=True)),
+        "session.interrupt": _base.interrupt(sid, "s.1"),
+        "session.close": _base.close_session(sid, "s.1"),
+        "file.read": _base.read_file(sid, "/a b?c"),
+        "file.write": _base.write_file(sid, "/a", b"\x00\xff", 0o640),
+        "file.stat": _base.stat(sid, "/a"),
+        "file.list": _base.list_dir(sid, "/"),
+        "file.mkdir": _base.mkdir(sid, MkdirRequest(path="/d", parents=False)),
+        "file.remove": _base.remove(sid, RemoveRequest(path="/d", recursive=True)),
+        "tar.download": _base.download_archive(sid, "/d"),
+        "tar.upload": _base.upload_archive(sid, "/d", b"tar"),
+        "stats": _base.stats(sid),
+    }
+
+
+def test_the_ray_transport_maps_each_sdk_call_to_its_operation():
+    """Over Ray the SDK's own calls become operations (no Ray-client method per operation)."""
+    from rock_serve.deployments._ray_ops import operation_of, reply
+    from rock_serve.protocol import FileWritten
+    from rock_serve.sdk import _base
+
+    sid = "sb-w1-0123456789abcdef"
+    calls = _calls(sid)
+    assert sorted(calls) == sorted(OPS), "a new operation needs its SDK call here"
+    ops = {}
+    for tag, call in calls.items():
+        mapped = operation_of(call)
+        assert mapped is not None, tag
+        assert mapped[0] == sid and type(mapped[1]) is OPS[tag].model and not mapped[2]
+        ops[tag] = mapped[1]
+    assert ops["exec"].env == {"A": "1"} and ops["exec"].idempotency_key is not None
+    assert ops["session.run"].session == "s.1" and ops["session.run"].command == "pwd"
+    assert (ops["session.stdin"].data, ops["session.stdin"].eof) == ("y\n", True)
+    assert ops["file.read"].path == "/a b?c"
+    assert (ops["file.write"].data, ops["file.write"].mode) == (b"\x00\xff", 0o640)
+    assert (ops["file.mkdir"].parents, ops["file.remove"].recursive) == (False, True)
+    assert ops["tar.upload"].data == b"tar"
+    streamed = operation_of(_base.exec_(sid, ExecRequest(command="x"), stream=True))
+    assert streamed is not None and streamed[2] and streamed[1].idempotency_key is None
+    # Not data-plane operations: left to the other paths.
+    assert operation_of(_base.get_sandbox(sid)) is None
+    assert operation_of(_base.renew(sid)) is None
+    # The reply parses as the Admin's would.
+    written = FileWritten(path="/a", size=2)
+    assert _base.parse(reply(calls["file.write"], written), FileWritten) == written
+    assert reply(calls["file.read"], b"\x00").content == b"\x00"
+    assert reply(calls["file.mkdir"], None).status_code == 204
