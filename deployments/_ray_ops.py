@@ -3,9 +3,10 @@
 ``AsyncClient`` builds every request with its sans-IO core (a :class:`~rock_serve.sdk._base.Call`)
 and parses the reply. Over Ray, :func:`operation_of` turns a data-plane call into its typed
 operation by the route in :data:`~rock_serve.protocol.ops.OPS` (path segments, query, JSON body,
-raw body, ``Idempotency-Key``), the Worker runs it (``Worker.op`` / ``ray_op``), and
+raw body), the Worker runs it (``Worker.op`` / ``ray_op``), and
 :func:`reply` / :func:`stream_reply` give the SDK the reply the Admin would have sent (JSON, raw
-bytes, 204, or NDJSON ending in the result or an error line). So the Ray client needs no method
+bytes or 204, held as the value itself so the SDK parses nothing; or NDJSON ending in the
+result or an error line). So the Ray client needs no method
 of its own per operation: a new operation's SDK method works over Ray as it is.
 """
 
@@ -18,11 +19,11 @@ from typing import Any
 from urllib.parse import unquote
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from rock_serve.errors import InvalidRequest, RockError, to_body
 from rock_serve.protocol.ops import OPS, Op, OpSpec
-from rock_serve.sdk._base import Call
+from rock_serve.sdk._base import Call, Held
 
 __all__ = ["operation_of", "reply", "stream_reply"]
 
@@ -63,8 +64,8 @@ def operation_of(call: Call) -> tuple[str, Op[Any], bool] | None:
         model_fields = spec.model.model_fields
         if call.content is not None and "data" in model_fields:
             fields["data"] = call.content
-        if call.idempotency_key is not None and "idempotency_key" in model_fields:
-            fields["idempotency_key"] = call.idempotency_key
+        # No idempotency key: the Ray transport retries only admission refusals (429/503,
+        # before anything ran), and a key costs the Worker a task per command (measured).
         try:
             return sandbox_id, spec.model.model_validate(fields), streamed
         except ValidationError as exc:
@@ -81,19 +82,10 @@ def _request(call: Call) -> httpx.Request:
 
 
 def reply(call: Call, result: Any) -> httpx.Response:
-    """The Admin's reply for ``result``: JSON for a model, raw bytes, or 204 for none."""
-    if result is None:
-        return httpx.Response(204, request=_request(call))
-    if isinstance(result, bytes):
-        return httpx.Response(200, content=result, request=_request(call))
-    if isinstance(result, BaseModel):
-        return httpx.Response(
-            200,
-            content=result.model_dump_json().encode(),
-            headers={"content-type": "application/json"},
-            request=_request(call),
-        )
-    raise InvalidRequest(f"no reply for a {type(result).__name__}")  # pragma: no cover
+    """The reply for ``result`` (a model, bytes or None), held as it is: the SDK's ``parse``
+    takes the model without a JSON round trip; ``content`` gives the Admin's body.
+    """
+    return Held(result)
 
 
 def stream_reply(call: Call, items: AsyncIterator[Any]) -> httpx.Response:

@@ -310,7 +310,7 @@ def test_the_ray_transport_maps_each_sdk_call_to_its_operation():
         assert mapped is not None, tag
         assert mapped[0] == sid and type(mapped[1]) is OPS[tag].model and not mapped[2]
         ops[tag] = mapped[1]
-    assert ops["exec"].env == {"A": "1"} and ops["exec"].idempotency_key is not None
+    assert ops["exec"].env == {"A": "1"} and ops["exec"].idempotency_key is None
     assert ops["session.run"].session == "s.1" and ops["session.run"].command == "pwd"
     assert (ops["session.stdin"].data, ops["session.stdin"].eof) == ("y\n", True)
     assert ops["file.read"].path == "/a b?c"
