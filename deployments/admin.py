@@ -83,6 +83,7 @@ from rock_serve.errors import (
     RockError,
     SandboxNotFound,
     TooLarge,
+    from_validation,
     http_status,
     to_body,
 )
@@ -194,12 +195,9 @@ async def _rock_error(request: Request, exc: RockError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
-        for err in exc.errors()
-    )
-    _count_error(request, ErrorCode.INVALID_REQUEST.value)
-    return error_response(InvalidRequest(problems[:2000] or "invalid request"))
+    error = from_validation(exc.errors())  # invalid_request, or a validator's own code (422)
+    _count_error(request, error.code.value)
+    return error_response(error)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -315,7 +313,9 @@ _HEALTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _openapi() -> dict[str, Any]:
-    """FastAPI's schema without its 422 replies: validation errors are our 400 error body."""
+    """FastAPI's schema without its 422 replies: validation errors are our error body (400
+    ``invalid_request``; 422 ``invalid_image_reference`` for a malformed image reference).
+    """
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
@@ -327,8 +327,10 @@ def _openapi() -> dict[str, Any]:
         )
         for item in schema.get("paths", {}).values():
             for operation in item.values():
-                if isinstance(operation, dict):
-                    operation.get("responses", {}).pop("422", None)
+                # FastAPI's own 422 (HTTPValidationError) only: our 422 is the error body
+                responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+                if "HTTPValidationError" in str(responses.get("422", "")):
+                    responses.pop("422")
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema

@@ -28,10 +28,12 @@ from rock_serve import __version__
 from rock_serve.auth import CREDENTIALS_ENV, credentials_path, read_credentials
 from rock_serve.errors import (
     InternalError,
+    InvalidRequest,
     RockError,
     RockletUnavailable,
     RuntimeUnavailable,
     from_body,
+    from_validation,
 )
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
@@ -663,6 +665,23 @@ class Held(httpx.Response):
         if isinstance(self.value, BaseModel):
             return self.value.model_dump_json().encode()
         return b""
+
+
+def build(model: type[M], **fields: Any) -> M:
+    """A request model from its fields, as the server would validate it.
+
+    Raises:
+        InvalidImageReference: a malformed image reference (a validator's own error type is
+            raised as its typed error, the one the server would answer).
+        pydantic.ValidationError: any other schema violation, as pydantic reports it.
+    """
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        error = from_validation(exc.errors())
+        if type(error) is InvalidRequest:
+            raise
+        raise error from None
 
 
 def parse(response: httpx.Response, model: type[M]) -> M:
