@@ -358,6 +358,7 @@ class RayGate:
             InvalidRequest: ``operation`` is not an operation model.
             SandboxNotFound: unknown, or in a namespace the caller may not see.
         """
+        _trace_call()
         spec = OPS.get(str(getattr(operation, "op", "")))
         if spec is None or type(operation) is not spec.model:
             raise InvalidRequest(f"not a sandbox operation: {type(operation).__name__}")
@@ -373,6 +374,7 @@ class RayGate:
         self, worker: Any, token: str | None, sandbox_id: str, operation: Any
     ) -> AsyncIterator[Any]:
         """A streaming operation from the Ray transport (see :meth:`data_op`)."""
+        _trace_call()
         spec = OPS.get(str(getattr(operation, "op", "")))
         if spec is None or spec.item is None or type(operation) is not spec.model:
             raise InvalidRequest(f"not a streaming operation: {type(operation).__name__}")
