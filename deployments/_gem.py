@@ -30,6 +30,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -41,7 +42,9 @@ from pydantic import BaseModel
 
 from rock_serve.auth import Principal
 from rock_serve.deployments._auth import Auth
+from rock_serve.deployments._episodes import EpisodeLog
 from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments._trace import untraced_task
 from rock_serve.deployments.client import AsyncRayClient
 from rock_serve.envs import AsyncEnv, list_envs, make_async
 from rock_serve.envs.integrations import (
@@ -65,6 +68,7 @@ from rock_serve.errors import (
     RuntimeUnavailable,
 )
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
+from rock_serve.protocol.trajectories import EpisodeList, EpisodeStepPage
 from rock_serve.runtime._sync import run_sync
 
 __all__ = [
@@ -92,6 +96,8 @@ LEASE_MARGIN_SECONDS = 60.0
 #: Most instances in the table, and per namespace.
 MAX_INSTANCES = 10_000
 MAX_INSTANCES_PER_NAMESPACE = 2_000
+#: Closed instances whose episodes the console can still show (the newest closed).
+MAX_ENDED = 100
 _HEAD_RESOURCE = "node:__internal_head__"
 
 router = APIRouter(prefix=GEM_PREFIX, tags=["gem"])
@@ -135,6 +141,10 @@ class _Instance:
     env: AsyncEnv[Any, Any]
     last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Its last episodes, for the console (bounded; see ``_episodes``).
+    episodes: EpisodeLog = field(default_factory=EpisodeLog)
+    sandbox_id: str | None = None
+    closed: bool = False
 
 
 def _jsonable(value: Any) -> Any:
@@ -179,6 +189,8 @@ class EnvTable:
         self.reap_interval_seconds = reap_interval_seconds
         self._clock = clock
         self._instances: dict[str, _Instance] = {}
+        #: Closed instances kept for their episodes (console), oldest first.
+        self._ended: OrderedDict[str, _Instance] = OrderedDict()
         self._clients: dict[str, AsyncRayClient] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -231,7 +243,10 @@ class EnvTable:
         instance = self._get(caller, req.sandbox_id)
         async with self._using(instance):
             obs, info = await instance.env.reset(seed=req.seed, options=req.options)
-        return GemResetResponse(observation=_jsonable(obs), info=_jsonable(info))
+            instance.sandbox_id = getattr(instance.env.unwrapped, "sandbox_id", None)
+            reply = GemResetResponse(observation=_jsonable(obs), info=_jsonable(info))
+            instance.episodes.reset(reply.observation, reply.info, instance.sandbox_id)
+        return reply
 
     async def step(self, caller: Principal, req: GemStepRequest) -> GemStepResponse:
         """Apply an action.
@@ -244,13 +259,22 @@ class EnvTable:
         instance = self._get(caller, req.sandbox_id)
         async with self._using(instance):
             obs, reward, terminated, truncated, info = await instance.env.step(req.action)
-        return GemStepResponse(
-            observation=_jsonable(obs),
-            reward=float(reward),
-            terminated=bool(terminated),
-            truncated=bool(truncated),
-            info=_jsonable(info),
-        )
+            reply = GemStepResponse(
+                observation=_jsonable(obs),
+                reward=float(reward),
+                terminated=bool(terminated),
+                truncated=bool(truncated),
+                info=_jsonable(info),
+            )
+            instance.episodes.step(
+                _jsonable(req.action),
+                reply.observation,
+                reply.reward,
+                reply.terminated,
+                reply.truncated,
+                reply.info,
+            )
+        return reply
 
     async def close(self, caller: Principal, req: GemCloseRequest) -> GemCloseResponse:
         """Close an instance and delete its sandbox.
@@ -289,7 +313,9 @@ class EnvTable:
         self._wake.set()
 
     async def describe(self, caller: Principal) -> list[dict[str, Any]]:
-        """The open instances the caller may see (the console's envs page), newest use first."""
+        """The instances the caller may see (the console's envs page): open ones, then the
+        last closed ones, newest use first.
+        """
         now = self._clock()
         rows = [
             {
@@ -298,11 +324,42 @@ class EnvTable:
                 "namespace": i.namespace,
                 "idle_seconds": round(now - i.last_used, 1),
                 "busy": i.lock.locked(),
+                "sandbox_id": i.sandbox_id,
+                "episodes": len(i.episodes),
+                "closed": i.closed,
             }
-            for i in self._instances.values()
+            for i in [*self._instances.values(), *self._ended.values()]
             if caller.may_see(i.namespace)
         ]
-        return sorted(rows, key=lambda r: r["idle_seconds"])
+        return sorted(rows, key=lambda r: (r["closed"], r["idle_seconds"]))
+
+    async def episodes(
+        self, caller: Principal, instance_id: str, offset: int, limit: int
+    ) -> EpisodeList:
+        """A page of an instance's kept episodes, newest first (closed instances too).
+
+        Raises:
+            NotFound: Unknown instance, or one of another namespace (404).
+        """
+        instance = self._seen(caller, instance_id)
+        total, items = instance.episodes.page(offset, limit)
+        return EpisodeList(
+            instance_id=instance.id, env_id=instance.env_id, total=total, offset=offset, items=items
+        )
+
+    async def episode_steps(
+        self, caller: Principal, instance_id: str, index: int, offset: int, limit: int
+    ) -> EpisodeStepPage:
+        """A page of one episode's steps.
+
+        Raises:
+            NotFound: Unknown instance or episode (404).
+        """
+        instance = self._seen(caller, instance_id)
+        summary, total, items = instance.episodes.steps(index, offset, limit)
+        return EpisodeStepPage(
+            instance_id=instance.id, episode=summary, total=total, offset=offset, items=items
+        )
 
     async def instances(self) -> dict[str, int]:
         """How many instances each namespace has open."""
@@ -325,6 +382,12 @@ class EnvTable:
 
     # ------------------------------------------------------------------ internals
 
+    def _seen(self, caller: Principal, instance_id: str) -> _Instance:
+        instance = self._instances.get(instance_id) or self._ended.get(instance_id)
+        if instance is None or not caller.may_see(instance.namespace):
+            raise NotFound(f"no env instance {instance_id!r} (never made, or closed long ago)")
+        return instance
+
     def _get(self, caller: Principal, instance_id: str) -> _Instance:
         instance = self._instances.get(instance_id)
         if instance is None or not caller.may_see(instance.namespace):
@@ -343,6 +406,10 @@ class EnvTable:
                 instance.last_used = self._clock()
 
     async def _close(self, instance: _Instance, why: str) -> None:
+        instance.closed = True
+        self._ended[instance.id] = instance
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
         try:
             await instance.env.close()
         except Exception:
@@ -363,7 +430,7 @@ class EnvTable:
 
     def _start(self) -> None:
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+            self._reaper = untraced_task(self._reap_loop())  # not under a call's trace
 
     async def _reap_loop(self) -> None:
         while True:

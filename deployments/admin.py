@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
@@ -67,6 +67,7 @@ from rock_serve.deployments._auth import (
     websocket_token,
 )
 from rock_serve.deployments._metrics import Metrics, metrics
+from rock_serve.deployments._ops import worker_op, worker_op_stream
 from rock_serve.deployments._ray import (
     ActorHandle,
     WorkerHandles,
@@ -82,6 +83,7 @@ from rock_serve.errors import (
     RockError,
     SandboxNotFound,
     TooLarge,
+    from_validation,
     http_status,
     to_body,
 )
@@ -111,10 +113,29 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.commands import SESSION_NAME
+from rock_serve.protocol.ops import (
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    FileWriteOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    TarDownloadOp,
+    TarUploadOp,
+)
 
 __all__ = ["Admin", "app"]
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 _ID = re.compile(SANDBOX_ID)
 _NDJSON = "application/x-ndjson"
@@ -174,12 +195,9 @@ async def _rock_error(request: Request, exc: RockError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
-        for err in exc.errors()
-    )
-    _count_error(request, ErrorCode.INVALID_REQUEST.value)
-    return error_response(InvalidRequest(problems[:2000] or "invalid request"))
+    error = from_validation(exc.errors())  # invalid_request, or a validator's own code (422)
+    _count_error(request, error.code.value)
+    return error_response(error)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -295,7 +313,9 @@ _HEALTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _openapi() -> dict[str, Any]:
-    """FastAPI's schema without its 422 replies: validation errors are our 400 error body."""
+    """FastAPI's schema without its 422 replies: validation errors are our error body (400
+    ``invalid_request``; 422 ``invalid_image_reference`` for a malformed image reference).
+    """
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
@@ -307,8 +327,10 @@ def _openapi() -> dict[str, Any]:
         )
         for item in schema.get("paths", {}).values():
             for operation in item.values():
-                if isinstance(operation, dict):
-                    operation.get("responses", {}).pop("422", None)
+                # FastAPI's own 422 (HTTPValidationError) only: our 422 is the error body
+                responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+                if "HTTPValidationError" in str(responses.get("422", "")):
+                    responses.pop("422")
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
@@ -536,6 +558,10 @@ class Admin:
     async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         return await call(await self._worker(sandbox_id), method, sandbox_id, *args)
 
+    async def _op(self, sandbox_id: str, operation: Op[R]) -> R:
+        """Run one sandbox operation on the Worker that holds the sandbox."""
+        return await worker_op(await self._worker(sandbox_id), sandbox_id, operation)
+
     # ---------------------------------------------------------------- control plane
 
     @app.get("/v1/health", response_model=Health, responses=_HEALTH_ERRORS)
@@ -671,8 +697,8 @@ class Admin:
         ) as event:
             if stream_:
                 worker = await self._worker(sandbox_id)
-                return await _ndjson(stream(worker, "stream_exec", sandbox_id, req))
-            result: ExecResult = await self._data(sandbox_id, "exec", req, _idem(request))
+                return await _ndjson(worker_op_stream(worker, sandbox_id, ExecOp.of(req)))
+            result = await self._op(sandbox_id, ExecOp.of(req, _idem(request)))
             event["detail"]["exit_code"] = result.exit_code
             return result
 
@@ -694,7 +720,7 @@ class Admin:
             command="\n".join(req.startup_commands) if req.startup_commands else None,
             env_keys=sorted(req.env or {}),
         ):
-            result: SessionCreateResponse = await self._data(sandbox_id, "create_session", req)
+            result = await self._op(sandbox_id, SessionCreateOp.of(req))
         return result
 
     @app.post(
@@ -727,10 +753,8 @@ class Admin:
         ) as event:
             if stream_:
                 worker = await self._worker(sandbox_id)
-                return await _ndjson(stream(worker, "stream_in_session", sandbox_id, req))
-            result: SessionRunResult = await self._data(
-                sandbox_id, "run_in_session", req, _idem(request)
-            )
+                return await _ndjson(worker_op_stream(worker, sandbox_id, SessionRunOp.of(req)))
+            result = await self._op(sandbox_id, SessionRunOp.of(req, _idem(request)))
             event["detail"]["exit_code"] = result.exit_code
             return result
 
@@ -756,7 +780,9 @@ class Admin:
             session=session,
             detail={"bytes": len(data), "eof": body.eof},  # never the data: it may be a secret
         ):
-            await self._data(sandbox_id, "session_stdin", session, data, body.eof)
+            await self._op(
+                sandbox_id, SessionStdinOp(session=session, data=body.data, eof=body.eof)
+            )
         return Response(status_code=204)
 
     @app.post(
@@ -771,7 +797,7 @@ class Admin:
         async with self._audited(
             request, principal, "session.interrupt", sandbox_id, status=204, session=session
         ):
-            await self._data(sandbox_id, "interrupt_session", session)
+            await self._op(sandbox_id, SessionInterruptOp(session=session))
         return Response(status_code=204)
 
     @app.delete("/v1/sandboxes/{sandbox_id}/sessions/{session}", status_code=204, responses=_ERRORS)
@@ -782,7 +808,7 @@ class Admin:
         async with self._audited(
             request, principal, "session.close", sandbox_id, status=204, session=session
         ):
-            await self._data(sandbox_id, "close_session", session)
+            await self._op(sandbox_id, SessionCloseOp(session=session))
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- files
@@ -796,7 +822,7 @@ class Admin:
         """A file's raw bytes, streamed (any size)."""
         worker = await self._worker(sandbox_id)
         return await _relay(
-            stream(worker, "iter_file", sandbox_id, path), "application/octet-stream"
+            worker_op_stream(worker, sandbox_id, FileReadOp(path=path)), "application/octet-stream"
         )
 
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, responses=_ERRORS)
@@ -836,9 +862,9 @@ class Admin:
         else:  # the whole body fits one chunk: one call
             data = bytes(buffer)
             if kind == "file":
-                size: int = await call(worker, "write_file", sandbox_id, path, data, mode)
-                return size
-            await call(worker, "upload_archive", sandbox_id, path, data)
+                op = FileWriteOp(path=path, data=data, mode=mode)
+                return (await worker_op(worker, sandbox_id, op)).size
+            await worker_op(worker, sandbox_id, TarUploadOp(path=path, data=data))
             return len(data)
         upload_id: str = await call(worker, "upload_open", sandbox_id, kind, path, mode)
         try:
@@ -864,7 +890,8 @@ class Admin:
     async def download_archive(self, sandbox_id: str, path: PathQuery, principal: Auth) -> Response:
         """An uncompressed tar of a file or directory, streamed (any size)."""
         worker = await self._worker(sandbox_id)
-        return await _relay(stream(worker, "iter_archive", sandbox_id, path), "application/x-tar")
+        items = worker_op_stream(worker, sandbox_id, TarDownloadOp(path=path))
+        return await _relay(items, "application/x-tar")
 
     @app.put("/v1/sandboxes/{sandbox_id}/archive", status_code=204, responses=_ERRORS)
     async def upload_archive(
@@ -880,16 +907,14 @@ class Admin:
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)
     async def stat(self, sandbox_id: str, path: PathQuery, principal: Auth) -> FileInfo:
         """Stat a path (symlinks are not followed)."""
-        result: FileInfo = await self._data(sandbox_id, "stat", path)
-        return result
+        return await self._op(sandbox_id, FileStatOp(path=path))
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files/list", response_model=ListDirResult, responses=_ERRORS
     )
     async def list_dir(self, sandbox_id: str, path: PathQuery, principal: Auth) -> ListDirResult:
         """List a directory."""
-        result: ListDirResult = await self._data(sandbox_id, "list_dir", path)
-        return result
+        return await self._op(sandbox_id, FileListOp(path=path))
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
     async def mkdir(
@@ -899,7 +924,7 @@ class Admin:
         async with self._audited(
             request, principal, "file.mkdir", sandbox_id, status=204, path=req.path
         ):
-            await self._data(sandbox_id, "mkdir", req)
+            await self._op(sandbox_id, MkdirOp.model_validate(req.model_dump()))
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/remove", status_code=204, responses=_ERRORS)
@@ -916,14 +941,13 @@ class Admin:
             path=req.path,
             detail={"recursive": req.recursive},
         ):
-            await self._data(sandbox_id, "remove_path", req)
+            await self._op(sandbox_id, RemoveOp.model_validate(req.model_dump()))
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/stats", response_model=SandboxStats, responses=_ERRORS)
     async def stats(self, sandbox_id: str, principal: Auth) -> SandboxStats:
         """CPU, memory and process usage and limits of a sandbox."""
-        result: SandboxStats = await self._data(sandbox_id, "stats")
-        return result
+        return await self._op(sandbox_id, StatsOp())
 
     # ---------------------------------------------------------------- pty
 

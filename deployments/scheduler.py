@@ -39,7 +39,7 @@ from rock_serve.deployments._fork import ForkScheduler
 from rock_serve.deployments._node import effective_resources
 from rock_serve.deployments._snapshot import SnapshotScheduler
 from rock_serve.deployments._store import StateStore, open_store
-from rock_serve.deployments._trace import TracedActor, untraced_task
+from rock_serve.deployments._trace import SPANS, TracedActor, untraced_task
 from rock_serve.errors import (
     InvalidRequest,
     RateLimited,
@@ -165,6 +165,8 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
         self.args = args
         self._directory = directory
         self._clock = clock
+        if args.tracing.otlp_endpoint:  # spans of its calls, children of the Admin's
+            SPANS.configure(args.tracing.otlp_endpoint, args.tracing.service_name)
         self._workers: dict[str, WorkerRef] = {}  # node id -> Worker
         self._lost_nodes: set[str] = set()
         self._records: dict[str, SandboxRecord] = {}
