@@ -2240,6 +2240,7 @@ class _SyncExec:
         self.timed_out = False
         self.cancelled = False
         self.grace_until = None
+        self.trace, self.op_started = None, self.started
 
     def start(self):
         """Spawn the command; False when it is not found (the asyncio path reports that)."""
@@ -2344,26 +2345,53 @@ class _SyncExec:
 
     async def resume(self, agent, rid, args, payload):
         """The handler of this request once the asyncio agent owns it."""
+        outcome = "cancelled"
         try:
-            return await _run_in_thread(self.finish)
+            result = await _run_in_thread(self.finish)
+            outcome = "ok"
+            return result
         except asyncio.CancelledError:
             self.cancel()
             raise
+        finally:
+            _trace_end(rid, "exec", self.trace, self.op_started, outcome)
 
 
-def _sync_reply(agent, rid, call):
-    """Send the reply of ``call()`` as :meth:`Agent.handle` does."""
+def _trace_start(rid, op, trace):
+    """As :meth:`Agent.handle`: a traced op's start line; returns its start time."""
+    if trace:
+        _trace_log({"event": "op.start", "trace": trace, "op": op, "id": rid})
+    return time.monotonic()
+
+
+def _trace_end(rid, op, trace, started, outcome):
+    if trace:
+        ms = round((time.monotonic() - started) * 1000, 3)
+        end = {"event": "op.end", "trace": trace, "op": op, "id": rid, "ms": ms}
+        end["outcome"] = outcome
+        _trace_log(end)
+
+
+def _sync_reply(agent, rid, call, op=None, trace=None, started=None):
+    """Send the reply of ``call()`` as :meth:`Agent.handle` does (trace lines included;
+    ``started``: the op's start line was written already, at that time).
+    """
+    if started is None:
+        started = _trace_start(rid, op, trace)
     try:
         result = call()
         data, out = result if isinstance(result, tuple) else (result, b"")
         if len(out) > CHUNK:
             agent.streamer(rid, "data")(out)
             out = b""
-        agent.send({"id": rid, "type": "result", "data": data}, out)
-    except AgentError as exc:
-        agent.send({"id": rid, "type": "error", "error": exc.body()})
-    except OSError as exc:
-        agent.send({"id": rid, "type": "error", "error": _os_error(exc).body()})
+        reply, outcome = ({"id": rid, "type": "result", "data": data}, out), "ok"
+    except Exception as exc:
+        error = _error_body(exc)
+        if trace:
+            error["trace"] = trace
+        reply, outcome = ({"id": rid, "type": "error", "error": error}, b""), error["code"]
+    _trace_end(rid, op, trace, started, outcome)
+    agent.send(*reply)
 
 
 def _ping(agent, rid, args, payload):
@@ -2420,6 +2448,9 @@ def _fast_serve(agent, out_fd):
             if not isinstance(header, dict):
                 return bytes(buf), running, eof
             rid, op_name, kind = header.get("id"), header.get("op"), header.get("type")
+            trace = header.get("trace")
+            if not isinstance(trace, str) or not TRACE_ID.match(trace):
+                trace = None  # as Agent.dispatch: a bad trace id is ignored
             args = header.get("args") or {}
             payload = bytes(buf[HEADER.size + head_len : end])
             if kind == "cancel" and running is not None and rid == running.rid:
@@ -2429,7 +2460,8 @@ def _fast_serve(agent, out_fd):
             elif not isinstance(args, dict):
                 return bytes(buf), running, eof
             elif op_name == "ping":
-                _sync_reply(agent, rid, lambda r=rid, a=args, p=payload: _ping(agent, r, a, p))
+                call = lambda r=rid, a=args, p=payload: _ping(agent, r, a, p)  # noqa: E731
+                _sync_reply(agent, rid, call, "ping", trace)
             elif (
                 op_name == "exec"
                 and exec_ok
@@ -2441,17 +2473,22 @@ def _fast_serve(agent, out_fd):
                     job = _SyncExec(rid, args)
                     if not job.start():
                         return bytes(buf), running, eof  # not found: the asyncio path says so
+                    job.trace, job.op_started = trace, _trace_start(rid, "exec", trace)
                     running = job
                 except FileNotFoundError as exc:  # as op_exec: the shell's "not found"
-                    _sync_reply(agent, rid, lambda e=exc, j=job: _not_found(e, j.started))
+                    call = lambda e=exc, j=job: _not_found(e, j.started)  # noqa: E731
+                    _sync_reply(agent, rid, call, "exec", trace)
                 except (AgentError, OSError) as exc:
-                    _sync_reply(agent, rid, lambda e=exc: _raise(e))
+                    _sync_reply(agent, rid, lambda e=exc: _raise(e), "exec", trace)
             else:
                 return bytes(buf), running, eof
             del buf[:end]
         if running is not None and running.done():
-            if not running.cancelled:
-                _sync_reply(agent, running.rid, running.result)
+            if running.cancelled:
+                _trace_end(running.rid, "exec", running.trace, running.op_started, "cancelled")
+            else:
+                job = running
+                _sync_reply(agent, job.rid, job.result, "exec", job.trace, job.op_started)
             running = None
         if eof:
             if buf:
@@ -2459,6 +2496,7 @@ def _fast_serve(agent, out_fd):
             if running is not None:
                 running.cancel()
                 running.finish()
+                _trace_end(running.rid, "exec", running.trace, running.op_started, "cancelled")
             return None
         if imported and running is None:
             return bytes(buf), None, eof  # asyncio is in: the asyncio agent takes over
