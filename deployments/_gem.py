@@ -12,7 +12,8 @@ Ray transport, so the env's sandbox is an ordinary platform sandbox in the calle
 (quotas apply), created at the instance's first reset and deleted when it closes. Instances
 belong to the caller's namespace: another namespace sees them as unknown (admins see all).
 
-**Nothing leaks.** An instance unused for ``idle_ttl_seconds`` is closed by the table's reaper.
+**Nothing leaks.** An instance unused for ``gem.idle_ttl_seconds`` (``ServerArgs.gem``: the idle
+TTL and the instance limits) is closed by the table's reaper.
 Its sandbox carries a lease a bit longer than that, renewed by every step: if the table itself
 dies, the platform reaps the sandboxes on its own. Sandboxes are labelled
 ``rock-serve/integration=gem-api``. They carry no Ray job id: the table outlives the job that
@@ -40,6 +41,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from rock_serve.auth import Principal
+from rock_serve.config import GemConfig
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import ActorHandle, call
 from rock_serve.deployments.client import AsyncRayClient
@@ -64,6 +66,7 @@ from rock_serve.errors import (
     RockError,
     RuntimeUnavailable,
 )
+from rock_serve.lifetime import IdleLifetime
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
 from rock_serve.runtime._sync import run_sync
 
@@ -83,15 +86,6 @@ log = logging.getLogger(__name__)
 ENV_TABLE_NAME = "rock-envs"
 #: Label key and value on the sandboxes of GEM env instances.
 GEM_LABEL = ("rock-serve/integration", "gem-api")
-#: Instances unused this long are closed.
-IDLE_TTL_SECONDS = 600.0
-#: How often the reaper looks for idle instances (at most).
-REAP_INTERVAL_SECONDS = 10.0
-#: Extra seconds of a sandbox's lease over the idle TTL (the lease outlives a reap cycle).
-LEASE_MARGIN_SECONDS = 60.0
-#: Most instances in the table, and per namespace.
-MAX_INSTANCES = 10_000
-MAX_INSTANCES_PER_NAMESPACE = 2_000
 _HEAD_RESOURCE = "node:__internal_head__"
 
 router = APIRouter(prefix=GEM_PREFIX, tags=["gem"])
@@ -168,15 +162,15 @@ class EnvTable:
     def __init__(
         self,
         namespace: str,
+        config: GemConfig | dict[str, Any] | None = None,
         *,
-        idle_ttl_seconds: float = IDLE_TTL_SECONDS,
-        reap_interval_seconds: float = REAP_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Serve the platform whose actors live in Ray namespace ``namespace``."""
+        """Serve the platform whose actors live in Ray namespace ``namespace``, with the idle
+        TTL and limits of ``config`` (``ServerArgs.gem``).
+        """
         self.namespace = namespace
-        self.idle_ttl_seconds = idle_ttl_seconds
-        self.reap_interval_seconds = reap_interval_seconds
+        self.config = GemConfig.model_validate(config or {})
         self._clock = clock
         self._instances: dict[str, _Instance] = {}
         self._clients: dict[str, AsyncRayClient] = {}
@@ -196,10 +190,10 @@ class EnvTable:
         self._start()
         if "client" in req.env_kwargs:
             raise InvalidRequest("'client' cannot be given over HTTP: the platform sets it")
-        if len(self._instances) >= MAX_INSTANCES:
+        if len(self._instances) >= self.config.max_instances:
             raise RateLimited(f"{len(self._instances)} env instances are open", retry_after=5)
         mine = sum(1 for i in self._instances.values() if i.namespace == caller.namespace)
-        if mine >= MAX_INSTANCES_PER_NAMESPACE:
+        if mine >= self.config.max_instances_per_namespace:
             raise RateLimited(
                 f"namespace {caller.namespace!r} has {mine} env instances open; close some",
                 retry_after=5,
@@ -278,13 +272,22 @@ class EnvTable:
     # ------------------------------------------------------------------ operations
 
     async def configure(
-        self, idle_ttl_seconds: float | None = None, reap_interval_seconds: float | None = None
+        self,
+        config: GemConfig | dict[str, Any] | None = None,
+        *,
+        idle_ttl_seconds: float | None = None,
+        reap_interval_seconds: float | None = None,
     ) -> None:
-        """Change the idle TTL and the reap interval (applies to open instances too)."""
+        """Take a new config (a redeploy's ``ServerArgs.gem``) and/or change the idle TTL and
+        the reap interval; applies to open instances too.
+        """
+        update: dict[str, float] = {}
         if idle_ttl_seconds is not None:
-            self.idle_ttl_seconds = float(idle_ttl_seconds)
+            update["idle_ttl_seconds"] = float(idle_ttl_seconds)
         if reap_interval_seconds is not None:
-            self.reap_interval_seconds = float(reap_interval_seconds)
+            update["reap_interval_seconds"] = float(reap_interval_seconds)
+        base = self.config if config is None else GemConfig.model_validate(config)
+        self.config = GemConfig.model_validate({**base.model_dump(), **update})
         self._start()
         self._wake.set()
 
@@ -313,9 +316,11 @@ class EnvTable:
 
     async def reap(self) -> list[str]:
         """Close every instance unused for ``idle_ttl_seconds``; returns their ids."""
-        deadline = self._clock() - self.idle_ttl_seconds
+        now, life = self._clock(), self.lifetime
         idle = [
-            i for i in self._instances.values() if i.last_used <= deadline and not i.lock.locked()
+            i
+            for i in self._instances.values()
+            if life.idle(i.last_used, now) and not i.lock.locked()
         ]
         for instance in idle:
             if self._instances.get(instance.id) is instance:
@@ -358,8 +363,14 @@ class EnvTable:
             self._clients[caller] = client
         return client
 
+    @property
+    def lifetime(self) -> IdleLifetime:
+        """The instances' idle rule (from :attr:`config`)."""
+        c = self.config
+        return IdleLifetime(c.idle_ttl_seconds, c.reap_interval_seconds, c.lease_margin_seconds)
+
     def _lease(self) -> float:
-        return self.idle_ttl_seconds + LEASE_MARGIN_SECONDS
+        return self.lifetime.lease_seconds()
 
     def _start(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -369,7 +380,7 @@ class EnvTable:
         while True:
             self._wake = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
-                interval = min(self.reap_interval_seconds, max(self.idle_ttl_seconds / 4, 0.05))
+                interval = self.lifetime.reap_pause()
                 await asyncio.wait_for(self._wake.wait(), interval)
             try:
                 await self.reap()
@@ -380,7 +391,7 @@ class EnvTable:
 # ----------------------------------------------------------------------------- Ray wiring
 
 
-def get_or_create_env_table(namespace: str) -> ActorHandle:
+def get_or_create_env_table(namespace: str, config: GemConfig | None = None) -> ActorHandle:
     """The platform's detached :class:`EnvTable` actor (created on first use); blocks."""
     cls = ray.remote(EnvTable)
     return cls.options(
@@ -394,18 +405,22 @@ def get_or_create_env_table(namespace: str) -> ActorHandle:
         max_task_retries=0,
         # On the head node, as the Scheduler: it outlives every other node.
         resources={_HEAD_RESOURCE: 0.001},
-    ).remote(namespace)
+    ).remote(namespace, (config or GemConfig()).model_dump())
 
 
 #: Per-replica state: the platform namespace (set by :func:`bind`) and the table's handle.
 _PLATFORM: dict[str, Any] = {}
 
 
-def bind(namespace: str) -> None:
-    """Tell this process's GEM routes which platform they serve (from ``Admin.__init__``)."""
-    if _PLATFORM.get("namespace") != namespace:
+def bind(namespace: str, config: GemConfig | None = None) -> None:
+    """Tell this process's GEM routes which platform they serve and the table's config
+    (``ServerArgs.gem``; from ``Admin.__init__``).
+    """
+    config = config or GemConfig()
+    if _PLATFORM.get("namespace") != namespace or _PLATFORM.get("config") != config:
         _PLATFORM.clear()
         _PLATFORM["namespace"] = namespace
+        _PLATFORM["config"] = config
 
 
 async def env_table() -> ActorHandle:
@@ -419,7 +434,10 @@ async def env_table() -> ActorHandle:
         namespace = _PLATFORM.get("namespace")
         if namespace is None:
             raise RuntimeUnavailable("the GEM routes are not bound to a platform")
-        actor = await run_sync(get_or_create_env_table, namespace)
+        config: GemConfig = _PLATFORM["config"]
+        actor = await run_sync(get_or_create_env_table, namespace, config)
+        # An existing table (made before a redeploy) takes this deploy's config.
+        await call(actor, "configure", config.model_dump())
         _PLATFORM["table"] = actor
     return actor
 

@@ -473,7 +473,7 @@ class Admin:
         self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
-        _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
+        _gem.bind(self.args.namespace, self.args.gem)  # the env table's namespace and config
         _images.bind(self.args.namespace)
         _dataplane_api.bind(self.args)
         _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)
