@@ -18,13 +18,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, ItemsView, Iterator, ValuesView
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from rock_serve.lifetime import Lifetime
 from rock_serve.protocol import Resources, SandboxRecord
 
-__all__ = ["RESOURCE_FIELDS", "Registry", "Usage"]
+__all__ = ["RESOURCE_FIELDS", "Registry", "Usage", "weights"]
 
 #: The resources quotas count, in :class:`Usage` order.
 RESOURCE_FIELDS = ("cpus", "memory_mb", "disk_mb")
@@ -33,25 +32,34 @@ RESOURCE_FIELDS = ("cpus", "memory_mb", "disk_mb")
 Weigh = Callable[[Resources], Resources]
 
 
+#: CPUs are summed in millionths of a CPU: integers, so removals leave no rounding behind.
+_CPU_UNITS = 1_000_000
+
+#: One sandbox's weights: (micro-CPUs, MiB of memory, MiB of disk).
+Weights = tuple[int, int, int]
+
+
 @dataclass
 class Usage:
-    """Live sandboxes and their resources (exact sums: removals leave no rounding behind)."""
+    """Live sandboxes and their resources (integer sums, exact through adds and removals)."""
 
     sandboxes: int = 0
-    cpus: Fraction = Fraction(0)
-    memory_mb: Fraction = Fraction(0)
-    disk_mb: Fraction = Fraction(0)
+    micro_cpus: int = 0
+    memory_mb: int = 0
+    disk_mb: int = 0
 
-    def add(self, weights: tuple[Fraction, Fraction, Fraction], sign: int) -> None:
+    def add(self, weights: Weights, sign: int) -> None:
         """Count (``sign=1``) or uncount (``sign=-1``) one sandbox of these weights."""
         self.sandboxes += sign
-        self.cpus += sign * weights[0]
+        self.micro_cpus += sign * weights[0]
         self.memory_mb += sign * weights[1]
         self.disk_mb += sign * weights[2]
 
     def total(self, field: str) -> float:
-        """One resource's sum."""
-        value: Fraction = getattr(self, field)
+        """One resource's sum (``cpus``, ``memory_mb`` or ``disk_mb``)."""
+        if field == "cpus":
+            return self.micro_cpus / _CPU_UNITS
+        value: int = getattr(self, field)
         return float(value)
 
 
@@ -60,14 +68,15 @@ class _Counted:
     worker: str
     namespace: str
     expires_at: float | None
-    weights: tuple[Fraction, Fraction, Fraction]
+    weights: Weights
 
 
-def _weights(resources: Resources) -> tuple[Fraction, Fraction, Fraction]:
+def weights(resources: Resources) -> Weights:
+    """What one sandbox of these (effective) resources adds to its namespace's usage."""
     return (
-        Fraction(resources.cpus or 0),
-        Fraction(resources.memory_mb or 0),
-        Fraction(resources.disk_mb or 0),
+        round((resources.cpus or 0) * _CPU_UNITS),
+        resources.memory_mb or 0,
+        resources.disk_mb or 0,
     )
 
 
@@ -96,8 +105,12 @@ class Registry(dict[str, SandboxRecord]):
             self._uncount(sandbox_id, old)
         if record.expires_at is not None and record.expires_at <= self._swept_to:
             return  # past its TTL already: counts nowhere
-        weights = _weights(self._weigh(record.resources))
-        counted = _Counted(record.worker, record.namespace, record.expires_at, weights)
+        counted = _Counted(
+            record.worker,
+            record.namespace,
+            record.expires_at,
+            weights(self._weigh(record.resources)),
+        )
         self._count(sandbox_id, counted)
         if record.expires_at is not None and (old is None or old.expires_at != record.expires_at):
             heapq.heappush(self._deadlines, (record.expires_at, sandbox_id))
