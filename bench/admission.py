@@ -149,8 +149,8 @@ async def main() -> None:
     creates = 200 if ns.quick else ns.creates
     floor, _ = await run(0, creates, ns.workers, scan=False)
     print(
-        f"{creates} creates per row (scan rows: at most 200), {ns.workers} Workers; floor (incremental, empty registry): "
-        f"{floor:.0f} admissions/s"
+        f"{creates} creates per row (scan rows: at most 200), {ns.workers} Workers; "
+        f"floor (incremental, empty registry): {floor:.0f} admissions/s"
     )
     header = ("records held", "mode", "adm/s", "p50 ms", "p99 ms")
     print("{:>12} | {:<11} | {:>8} | {:>7} | {:>7} | ratio".format(*header))

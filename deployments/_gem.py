@@ -19,8 +19,12 @@ dies, the platform reaps the sandboxes on its own. Sandboxes are labelled
 ``rock-serve/integration=gem-api``. They carry no Ray job id: the table outlives the job that
 happened to create it.
 
-Wiring (``admin.py``): ``app.include_router(_gem.router, ...)`` before ``@serve.ingress``, and
-``_gem.bind(args.namespace)`` in ``Admin.__init__``. Every route takes the caller (``Auth``).
+Wiring: ``app.include_router(_gem.router, ...)`` before ``@serve.ingress`` (``admin.py``), so the
+routes and their URLs stay the Admin's; their calls go to the ``GemApi`` deployment
+(``_gem_app.py``), which ``build_app`` composes beside the Admin and which alone talks to the
+env table. ``_gem.bind(args.namespace, args.gem, via)`` in ``Admin.__init__`` wires them; an
+Admin deployed on its own (no ``GemApi`` handle) calls the table itself. Every route takes the
+caller (``Auth``).
 """
 
 # No "from __future__ import annotations": FastAPI reads these annotations at include time.
@@ -33,11 +37,11 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import ray
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from rock_serve.auth import Principal
@@ -412,15 +416,18 @@ def get_or_create_env_table(namespace: str, config: GemConfig | None = None) -> 
 _PLATFORM: dict[str, Any] = {}
 
 
-def bind(namespace: str, config: GemConfig | None = None) -> None:
+def bind(namespace: str, config: GemConfig | None = None, via: Any = None) -> None:
     """Tell this process's GEM routes which platform they serve and the table's config
-    (``ServerArgs.gem``; from ``Admin.__init__``).
+    (``ServerArgs.gem``; from ``Admin.__init__`` and ``GemApi.__init__``). With ``via`` (the
+    handle of the ``GemApi`` deployment, as ``build_app`` composes it) the routes call that
+    deployment; without (an Admin deployed on its own) they call the table themselves.
     """
     config = config or GemConfig()
     if _PLATFORM.get("namespace") != namespace or _PLATFORM.get("config") != config:
         _PLATFORM.clear()
         _PLATFORM["namespace"] = namespace
         _PLATFORM["config"] = config
+    _PLATFORM["via"] = via
 
 
 async def env_table() -> ActorHandle:
@@ -442,10 +449,9 @@ async def env_table() -> ActorHandle:
     return actor
 
 
-Table = Annotated[ActorHandle, Depends(env_table)]
-
-
-async def _call(table: ActorHandle, method: str, caller: Principal, body: BaseModel) -> Any:
+async def table_call(method: str, caller: Principal, body: BaseModel) -> Any:
+    """Call the env table's ``method`` for ``caller`` (looked up once; again if it died)."""
+    table = await env_table()
     try:
         return await call(table, method, caller, body)
     except RuntimeUnavailable:
@@ -453,44 +459,52 @@ async def _call(table: ActorHandle, method: str, caller: Principal, body: BaseMo
         raise
 
 
+async def _call(method: str, caller: Principal, body: BaseModel) -> Any:
+    """A route's call: through the ``GemApi`` deployment when bound to one, else direct."""
+    via = _PLATFORM.get("via")
+    if via is not None:
+        return await call(via, method, caller, body)
+    return await table_call(method, caller, body)
+
+
 @router.post("/make", response_model=GemMakeResponse)
-async def gem_make(req: GemMakeRequest, caller: Auth, table: Table) -> GemMakeResponse:
+async def gem_make(req: GemMakeRequest, caller: Auth) -> GemMakeResponse:
     """Make an env instance (ROCK's ``make``; ``kwargs`` reach the env).
 
     Returns ``{"sandbox_id": <instance id>}``; the instance's sandbox is created at its first
     reset. Unknown env id: 404; keyword arguments the env does not take: 400.
     """
-    result: GemMakeResponse = await _call(table, "make", caller, req)
+    result: GemMakeResponse = await _call("make", caller, req)
     return result
 
 
 @router.post("/reset", response_model=GemResetResponse)
-async def gem_reset(req: GemResetRequest, caller: Auth, table: Table) -> GemResetResponse:
+async def gem_reset(req: GemResetRequest, caller: Auth) -> GemResetResponse:
     """Start an episode: ``{"observation", "info"}``. Unknown instance: 404."""
-    result: GemResetResponse = await _call(table, "reset", caller, req)
+    result: GemResetResponse = await _call("reset", caller, req)
     return result
 
 
 @router.post("/step", response_model=GemStepResponse)
-async def gem_step(req: GemStepRequest, caller: Auth, table: Table) -> GemStepResponse:
+async def gem_step(req: GemStepRequest, caller: Auth) -> GemStepResponse:
     """Apply an action: ``{"observation", "reward", "terminated", "truncated", "info"}``.
 
     Before the first reset or after the episode ended: 409; an action outside the action
     space: 400; unknown instance: 404.
     """
-    result: GemStepResponse = await _call(table, "step", caller, req)
+    result: GemStepResponse = await _call("step", caller, req)
     return result
 
 
 @router.post("/close", response_model=GemCloseResponse)
-async def gem_close(req: GemCloseRequest, caller: Auth, table: Table) -> GemCloseResponse:
+async def gem_close(req: GemCloseRequest, caller: Auth) -> GemCloseResponse:
     """Close an instance and delete its sandbox: ``{"sandbox_id"}``. Unknown instance: 404."""
-    result: GemCloseResponse = await _call(table, "close", caller, req)
+    result: GemCloseResponse = await _call("close", caller, req)
     return result
 
 
 @router.post("/list", response_model=GemListResponse)
-async def gem_list(req: GemListRequest, caller: Auth, table: Table) -> GemListResponse:
+async def gem_list(req: GemListRequest, caller: Auth) -> GemListResponse:
     """The env ids ``make`` accepts: ``{"env_id": [...]}``."""
-    result: GemListResponse = await _call(table, "list_ids", caller, req)
+    result: GemListResponse = await _call("list_ids", caller, req)
     return result

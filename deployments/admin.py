@@ -252,14 +252,17 @@ def _idem(request: Request) -> str | None:
 class Admin:
     """REST v1: validation, error mapping and routing; no state of its own."""
 
-    def __init__(self, args: dict[str, Any] | ServerArgs) -> None:
+    def __init__(self, args: dict[str, Any] | ServerArgs, gem: Any = None) -> None:
+        """Serve the platform of ``args``; ``gem`` is the GemApi deployment's handle (from
+        ``build_app``; None: the GEM routes call the env table themselves).
+        """
         self.args = args if isinstance(args, ServerArgs) else parse_server_args(args)
         pin_replica_grpc()  # Serve's replica gRPC server: the node's IP, not every address
         _BODY_LIMITS.update(request=self.args.max_request_bytes, file=self.args.max_file_bytes)
         self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
-        _gem.bind(self.args.namespace, self.args.gem)  # the env table's namespace and config
+        _gem.bind(self.args.namespace, self.args.gem, gem)  # GEM routes -> the GemApi deployment
         _images.bind(self.args.namespace)
         _dataplane_api.bind(self.args)
         _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)

@@ -109,8 +109,16 @@ def test_kill_9_of_an_http_trainer_holding_20_sandboxes_leaks_nothing(chaos: Pla
     with chaos.client() as api:
         try:
             assert len(ids) == 20
-            time.sleep(2 * LEASE)  # the heartbeats keep them alive past two leases
-            assert sorted(_owned(api, "trainer-http")) == sorted(ids)
+            started = time.time()
+
+            def renewed_past_two_leases() -> bool:
+                # The heartbeats keep every one alive (none may go) and renew it after two
+                # leases have passed: a renewal at t puts its lease's end at t + LEASE.
+                items = api.get("/v1/sandboxes", params={"owner": "trainer-http"}).json()["items"]
+                assert sorted(r["id"] for r in items) == sorted(ids)
+                return all((r["lease_expires_at"] or 0) > started + 3 * LEASE for r in items)
+
+            _wait(renewed_past_two_leases, 10 * LEASE + 30, "renewals past two leases")
         finally:
             _kill(proc)
         killed = time.monotonic()
