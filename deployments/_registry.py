@@ -68,6 +68,7 @@ class _Counted:
     worker: str
     namespace: str
     expires_at: float | None
+    resources: Resources
     weights: Weights
 
 
@@ -102,6 +103,13 @@ class Registry(dict[str, SandboxRecord]):
         super().__setitem__(sandbox_id, record)
         old = self._counted.get(sandbox_id)
         if old is not None:
+            if (
+                old.expires_at == record.expires_at
+                and old.worker == record.worker
+                and old.namespace == record.namespace
+                and old.resources == record.resources
+            ):
+                return  # a sync's fresh copy of the same sandbox: its counts stand
             self._uncount(sandbox_id, old)
         if record.expires_at is not None and record.expires_at <= self._swept_to:
             return  # past its TTL already: counts nowhere
@@ -109,6 +117,7 @@ class Registry(dict[str, SandboxRecord]):
             record.worker,
             record.namespace,
             record.expires_at,
+            record.resources,
             weights(self._weigh(record.resources)),
         )
         self._count(sandbox_id, counted)
@@ -191,7 +200,8 @@ class Registry(dict[str, SandboxRecord]):
     def reweigh(self, weigh: Weigh) -> None:
         """Count resources anew with ``weigh`` (a redeploy changed the runtime's defaults)."""
         self._weigh = weigh
-        for sandbox_id in list(self._counted):
+        for sandbox_id, counted in list(self._counted.items()):
+            self._uncount(sandbox_id, counted)
             self[sandbox_id] = dict.__getitem__(self, sandbox_id)
 
     # ------------------------------------------------------------------ internals

@@ -248,3 +248,18 @@ def test_the_deadline_heap_stays_bounded_through_repeated_syncs():
     assert len(registry._deadlines) <= 2 * len(registry) + 64
     assert registry.load("aaaaaaaaaaaa", 5000.0 + 48) == 100
     assert registry.load("aaaaaaaaaaaa", 5000.0 + 49) == 0
+
+
+def test_a_sync_copy_keeps_its_counts_and_a_new_runtime_reweighs_them():
+    doubled = Resources(cpus=2)
+    registry = Registry(lambda r: r if r.cpus else doubled)  # unset cpus: the runtime's 2
+    worker = FakeWorker("aaaaaaaaaaaa", Clock())
+    record = worker.record("sb-aaaaaaaaaaaa-x", "team", 60)
+    registry[record.id] = record
+    updates = registry.updates
+    registry[record.id] = record.model_copy(update={"state": SandboxState.FAILED})
+    assert registry.updates == updates  # same sandbox, same counts: nothing recounted
+    assert registry.usage("team", 1000).total("cpus") == 2
+    registry.reweigh(lambda r: r if r.cpus else Resources(cpus=0.25))
+    assert registry.usage("team", 1000).total("cpus") == 0.25
+    assert registry.load("aaaaaaaaaaaa", 1059.9) == 1 and registry.load("aaaaaaaaaaaa", 1060) == 0
