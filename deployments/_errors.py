@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rock_serve.deployments._metrics import Metrics, metrics
-from rock_serve.errors import ErrorCode, InvalidRequest, RockError, http_status, to_body
+from rock_serve.errors import ErrorCode, RockError, from_validation, http_status, to_body
 
 __all__ = ["admin_metrics", "error_response", "install"]
 
@@ -64,12 +64,9 @@ async def _rock_error(request: Request, exc: RockError) -> JSONResponse:
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
-        for err in exc.errors()
-    )
-    _count_error(request, ErrorCode.INVALID_REQUEST.value)
-    return error_response(InvalidRequest(problems[:2000] or "invalid request"))
+    error = from_validation(exc.errors())  # invalid_request, or a validator's own code (422)
+    _count_error(request, error.code.value)
+    return error_response(error)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from rock_serve.auth import Principal
 from rock_serve.deployments._auth import Auth
@@ -55,7 +56,7 @@ from rock_serve.protocol import (
     RegistryAuth,
     parse_image_ref,
 )
-from rock_serve.protocol.images import IMAGE_REF_PATTERN
+from rock_serve.protocol.images import IMAGE_REF_PATTERN, check_image_ref
 from rock_serve.runtime._sync import run_sync
 from rock_serve.runtime.images import ImageStore
 
@@ -102,24 +103,14 @@ def _admin_only(principal: Principal, what: str) -> None:
 )
 async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingResponse:
     """Prepull images on nodes; progress as NDJSON ``ImagePullEvent`` lines."""
-    # A malformed reference is that image's error line (phase "error"), not a refusal of the
-    # whole batch: the others are still pulled.
-    malformed: dict[str, str] = {}
-    for ref in req.images:
-        try:
-            parse_image_ref(ref)
-        except ValueError as exc:
-            malformed[ref] = str(exc)
+    # A malformed reference refuses the whole batch (422 invalid_image_reference, from the
+    # schema's ImageRefText) before any pull starts: a typo is an answer, not a stream line.
     workers = await _workers(req.nodes)
     queue: asyncio.Queue[ImagePullEvent | None] = asyncio.Queue()
 
     scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
 
     async def one(name: str, actor: ActorHandle, ref: str) -> None:
-        if ref in malformed:
-            error = {"code": "invalid_request", "message": malformed[ref]}
-            await queue.put(ImagePullEvent(node=name, image=ref, phase="error", error=error))
-            return
         try:
             async for event in stream(actor, "image_pull_events", ref, req.auth):
                 if event.phase == "done":
@@ -156,11 +147,7 @@ async def push_image(req: ImagePushRequest, principal: Auth) -> ImagePushResult:
     The credentials are used for this push only: never logged, stored or returned.
     """
     _admin_only(principal, "pushing images")
-    try:
-        parse_image_ref(req.image)
-        dest = parse_image_ref(req.destination)
-    except ValueError as exc:  # pragma: no cover - the schema's pattern refuses these
-        raise InvalidRequest(str(exc)) from None
+    dest = parse_image_ref(req.destination)  # schema-checked (ImageRefText): never malformed
     if dest.transport != "docker" or "@" in dest.name:
         # schema-valid, but not a place one can push to
         raise Conflict(f"push to a registry tag (host/repo:tag), not {req.destination!r}")
@@ -192,11 +179,8 @@ async def list_images(principal: Auth) -> ImageList:
 async def remove_image(
     ref: Annotated[
         str,
-        Path(
-            description="Reference or image id.",
-            max_length=512,
-            pattern=IMAGE_REF_PATTERN,  # a malformed reference is a validation error
-        ),
+        Path(description="Reference or image id.", max_length=512, pattern=IMAGE_REF_PATTERN),
+        BeforeValidator(check_image_ref),  # malformed: 422 invalid_image_reference
     ],
     principal: Auth,
 ) -> None:
@@ -228,10 +212,6 @@ async def commit_sandbox(sandbox_id: str, req: CommitRequest, principal: Auth) -
     """
     from ray import serve  # here: the Worker imports this module, and must not load Serve
 
-    try:
-        parse_image_ref(req.image)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
     admin: Any = serve.get_replica_context().servable_object
     worker = await admin._worker(sandbox_id)  # checks the caller may use that sandbox
     ref: str = await call(worker, "commit_sandbox", sandbox_id, req.image)

@@ -39,7 +39,7 @@ from rock_serve.errors import (
     RockError,
     SandboxNotFound,
 )
-from rock_serve.protocol import SandboxRecord
+from rock_serve.protocol import SandboxRecord, validate_image_ref
 
 __all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
 
@@ -224,6 +224,8 @@ class RayGate:
         principal = self.authenticate(token)
         if method == "create":
             req = args[0]
+            if req.image is not None:  # a model_copy'd request skipped its validators
+                validate_image_ref(req.image)  # malformed: invalid_image_reference (as REST)
             check_spec_privileges(principal, req)  # the Admin's rule, on this transport too
             namespace = self._namespace(principal, args[1] if len(args) > 1 else None)
             detail = {"owner": req.owner, "image": req.image, "network": req.network}

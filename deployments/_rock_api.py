@@ -57,6 +57,7 @@ from rock_serve.protocol import (
     Resources,
     SandboxRecord,
     SandboxState,
+    validate_image_ref,
 )
 from rock_serve.protocol.rock import (
     RockBashAction,
@@ -210,7 +211,10 @@ def _image(name: str) -> str | None:
     policy = compat.rock_unmapped_images
     if policy == "auto":
         policy = "pass" if _admin().args.runtime.type == "docker" else "default"
-    return name if policy == "pass" else None
+    if policy != "pass":
+        return None
+    validate_image_ref(name)  # malformed: invalid_image_reference, in ROCK's envelope
+    return name
 
 
 def _iso(ts: float | None) -> str | None:

@@ -163,7 +163,9 @@ _HEALTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _openapi() -> dict[str, Any]:
-    """FastAPI's schema without its 422 replies: validation errors are our 400 error body."""
+    """FastAPI's schema without its 422 replies: validation errors are our error body (400
+    ``invalid_request``; 422 ``invalid_image_reference`` for a malformed image reference).
+    """
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
@@ -175,8 +177,10 @@ def _openapi() -> dict[str, Any]:
         )
         for item in schema.get("paths", {}).values():
             for operation in item.values():
-                if isinstance(operation, dict):
-                    operation.get("responses", {}).pop("422", None)
+                # FastAPI's own 422 (HTTPValidationError) only: our 422 is the error body
+                responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+                if "HTTPValidationError" in str(responses.get("422", "")):
+                    responses.pop("422")
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema

@@ -220,7 +220,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
     ) -> SandboxRecord:
         """Create a sandbox (see :meth:`AsyncClient.create_sandbox`)."""
         if request is None:
-            request = CreateSandboxRequest(**spec)
+            request = _base.build(CreateSandboxRequest, **spec)
         elif spec:
             request = request.model_copy(update=spec)
         if request.ray_job_id is None:

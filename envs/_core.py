@@ -35,8 +35,9 @@ from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 import numpy as np
 from gymnasium import Space
 from gymnasium.spaces import Text
+from pydantic import ValidationError
 
-from rock_serve.errors import InvalidRequest, RockError
+from rock_serve.errors import InvalidRequest, RockError, from_validation
 from rock_serve.protocol import CreateSandboxRequest, ExecResult, SessionRunResult
 
 __all__ = [
@@ -217,5 +218,8 @@ def sandbox_request(
     fields["labels"] = {**fields.get("labels", {}), **labels}
     try:
         return CreateSandboxRequest.model_validate(fields)
+    except ValidationError as exc:
+        error = from_validation(exc.errors())  # a malformed image: invalid_image_reference
+        raise type(error)(f"bad sandbox settings: {error.message}") from None
     except ValueError as exc:
         raise InvalidRequest(f"bad sandbox settings: {exc}") from None

@@ -298,6 +298,14 @@ class ImageStoreConfig(_Config):
         description="Layers of one pull unpacked at once (each also inflates in a thread of "
         "its own).",
     )
+    keep_layer_blobs: bool = Field(
+        default=False,
+        description="Keep each newly pulled layer's compressed blob next to its unpacked "
+        "dir (about a third more disk, counted in the layer's size against max_bytes), so a "
+        "push of the image, or of a commit on top of it, sends the original layers: the "
+        "registry gets the same layer digests (shared with the source image, not uploaded "
+        "again). Off: a push re-tars the unpacked layers, so its layer digests are new.",
+    )
 
 
 class BwrapRuntimeConfig(_Config):

@@ -7,6 +7,7 @@ so ``except LookupError`` catches :class:`SandboxNotFound`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ __all__ = [
     "ImageStoreFull",
     "InternalError",
     "InvalidConfig",
+    "InvalidImageReference",
     "InvalidRequest",
     "IsADirectory",
     "LLMTimeout",
@@ -52,6 +54,7 @@ __all__ = [
     "UnknownOperation",
     "error_class",
     "from_body",
+    "from_validation",
     "http_status",
     "to_body",
 ]
@@ -62,6 +65,7 @@ class ErrorCode(str, Enum):
 
     INVALID_REQUEST = "invalid_request"
     INVALID_CONFIG = "invalid_config"
+    INVALID_IMAGE_REFERENCE = "invalid_image_reference"
     BAD_FRAME = "bad_frame"
     UNKNOWN_OPERATION = "unknown_operation"
     PATH_OUTSIDE_SANDBOX = "path_outside_sandbox"
@@ -122,6 +126,17 @@ class InvalidRequest(RockError, ValueError):
 
     code = ErrorCode.INVALID_REQUEST
     status = 400
+
+
+class InvalidImageReference(InvalidRequest):
+    """An image reference that is not one (``Bad Ref!``, ``UPPER/case``, a relative ``oci:``
+    path): 422, the body is well-formed JSON but names no image. Validators raise it as a
+    pydantic error of the same type (``invalid_image_reference``); :func:`from_validation`
+    turns that back into this class.
+    """
+
+    code = ErrorCode.INVALID_IMAGE_REFERENCE
+    status = 422
 
 
 class InvalidConfig(RockError, ValueError):
@@ -404,6 +419,7 @@ _BY_STATUS: dict[int, type[RockError]] = {
     404: NotFound,
     409: Conflict,
     413: TooLarge,
+    422: InvalidRequest,
     429: RateLimited,
     503: RuntimeUnavailable,
     504: Timeout,
@@ -452,3 +468,28 @@ def from_body(body: Any, *, status: int | None = None) -> RockError:
         retry_after=err.get("retry_after"),
         **(details or {}),
     )
+
+
+def from_validation(problems: Iterable[Mapping[str, Any]]) -> InvalidRequest:
+    """One typed error for a failed validation (pydantic's ``errors()`` list).
+
+    A problem whose ``type`` is the code of an :class:`InvalidRequest` subclass (a validator
+    raised ``PydanticCustomError(code, ...)``, as the image-reference check does) picks that
+    class; anything else is :class:`InvalidRequest`. The message names every problem
+    (``loc: msg; ...``), so this table stays the one place a code gets its status.
+    """
+    problems = list(problems)
+    cls: type[InvalidRequest] = InvalidRequest
+    for problem in problems:
+        found = _TABLE.get(_CODES.get(str(problem.get("type")), ErrorCode.INTERNAL))
+        if found is not None and issubclass(found, InvalidRequest):
+            cls = found
+            break
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in problem.get('loc', ()))}: {problem.get('msg', '')}"
+        for problem in problems
+    )
+    return cls(message[:2000] or "invalid request")
+
+
+_CODES = {code.value: code for code in ErrorCode}

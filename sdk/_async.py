@@ -247,7 +247,7 @@ class AsyncClient(AsyncProcessClient):
             The new sandbox's record.
         """
         if request is None:
-            request = CreateSandboxRequest(**spec)
+            request = _base.build(CreateSandboxRequest, **spec)
         elif spec:
             request = request.model_copy(update=spec)
         return _base.parse(await self._send(_base.create_sandbox(request)), SandboxRecord)
@@ -263,7 +263,7 @@ class AsyncClient(AsyncProcessClient):
             The (not yet created) sandbox object.
         """
         if request is None:
-            request = CreateSandboxRequest(**spec)
+            request = _base.build(CreateSandboxRequest, **spec)
         elif spec:
             request = request.model_copy(update=spec)
         return AsyncSandbox(self, request=request)
@@ -806,7 +806,7 @@ class AsyncClient(AsyncProcessClient):
         Yields:
             Progress events; each node and image ends with ``done`` or ``error``.
         """
-        request = ImagePullRequest(images=images, nodes=nodes, auth=auth)
+        request = _base.build(ImagePullRequest, images=images, nodes=nodes, auth=auth)
         response = await self._send(_base.pull_images(request), stream=True)
         try:
             async for line in response.aiter_lines():
@@ -846,7 +846,9 @@ class AsyncClient(AsyncProcessClient):
         Returns:
             The destination, the pushed manifest's digest and the node.
         """
-        request = ImagePushRequest(image=image, destination=destination, node=node, auth=auth)
+        request = _base.build(
+            ImagePushRequest, image=image, destination=destination, node=node, auth=auth
+        )
         return _base.parse(await self._send(_base.push_image(request)), ImagePushResult)
 
     async def list_images(self) -> ImageList:

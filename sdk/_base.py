@@ -28,10 +28,12 @@ from rock_serve import __version__
 from rock_serve.auth import CREDENTIALS_ENV, credentials_path, read_credentials
 from rock_serve.errors import (
     InternalError,
+    InvalidRequest,
     RockError,
     RockletUnavailable,
     RuntimeUnavailable,
     from_body,
+    from_validation,
 )
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
@@ -641,6 +643,23 @@ def error_from_response(response: httpx.Response) -> RockError:
     if error.retry_after is None:
         error.retry_after = parse_retry_after(response.headers.get("Retry-After"))
     return error
+
+
+def build(model: type[M], **fields: Any) -> M:
+    """A request model from its fields, as the server would validate it.
+
+    Raises:
+        InvalidImageReference: a malformed image reference (a validator's own error type is
+            raised as its typed error, the one the server would answer).
+        pydantic.ValidationError: any other schema violation, as pydantic reports it.
+    """
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        error = from_validation(exc.errors())
+        if type(error) is InvalidRequest:
+            raise
+        raise error from None
 
 
 def parse(response: httpx.Response, model: type[M]) -> M:

@@ -246,7 +246,7 @@ class Client(ProcessClient):
             The new sandbox's record.
         """
         if request is None:
-            request = CreateSandboxRequest(**spec)
+            request = _base.build(CreateSandboxRequest, **spec)
         elif spec:
             request = request.model_copy(update=spec)
         return _base.parse(self._send(_base.create_sandbox(request)), SandboxRecord)
@@ -262,7 +262,7 @@ class Client(ProcessClient):
             The (not yet created) sandbox object.
         """
         if request is None:
-            request = CreateSandboxRequest(**spec)
+            request = _base.build(CreateSandboxRequest, **spec)
         elif spec:
             request = request.model_copy(update=spec)
         return Sandbox(self, request=request)
@@ -805,7 +805,7 @@ class Client(ProcessClient):
         Yields:
             Progress events; each node and image ends with ``done`` or ``error``.
         """
-        request = ImagePullRequest(images=images, nodes=nodes, auth=auth)
+        request = _base.build(ImagePullRequest, images=images, nodes=nodes, auth=auth)
         response = self._send(_base.pull_images(request), stream=True)
         try:
             for line in response.iter_lines():
@@ -845,7 +845,9 @@ class Client(ProcessClient):
         Returns:
             The destination, the pushed manifest's digest and the node.
         """
-        request = ImagePushRequest(image=image, destination=destination, node=node, auth=auth)
+        request = _base.build(
+            ImagePushRequest, image=image, destination=destination, node=node, auth=auth
+        )
         return _base.parse(self._send(_base.push_image(request)), ImagePushResult)
 
     def list_images(self) -> ImageList:

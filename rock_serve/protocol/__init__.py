@@ -59,8 +59,10 @@ from rock_serve.protocol.images import (
     ImagePushRequest,
     ImagePushResult,
     ImageRef,
+    ImageRefText,
     RegistryAuth,
     parse_image_ref,
+    validate_image_ref,
 )
 from rock_serve.protocol.sandbox import (
     FailureReason,
@@ -111,6 +113,7 @@ __all__ = [
     "ImagePushRequest",
     "ImagePushResult",
     "ImageRef",
+    "ImageRefText",
     "ListDirResult",
     "MkdirRequest",
     "OutputChunk",
@@ -134,4 +137,5 @@ __all__ = [
     "decode_text",
     "encode_bytes",
     "parse_image_ref",
+    "validate_image_ref",
 ]

@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
+from pydantic_core import PydanticCustomError
 
+from rock_serve.errors import ErrorCode, InvalidImageReference
 from rock_serve.protocol._base import WireModel
 
 __all__ = [
@@ -28,7 +30,10 @@ __all__ = [
     "ImagePushRequest",
     "ImagePushResult",
     "ImageRef",
+    "ImageRefText",
     "RegistryAuth",
+    "check_image_ref",
+    "validate_image_ref",
     "parse_image_ref",
 ]
 
@@ -81,11 +86,13 @@ class ImageRef:
 def _docker_name(text: str) -> tuple[str, str]:
     m = _REF.match(text)
     if m is None or len(text) > 512:
-        raise ValueError(f"malformed image reference {text!r}")
+        raise InvalidImageReference(f"malformed image reference {text!r}")
     domain, path = m.group("domain"), m.group("path")
     if domain is not None and not ("." in domain or ":" in domain or domain == "localhost"):
         if domain != domain.lower():
-            raise ValueError(f"malformed image reference {text!r} (repository must be lowercase)")
+            raise InvalidImageReference(
+                f"malformed image reference {text!r} (repository must be lowercase)"
+            )
         path, domain = f"{domain}/{path}", None
     if domain is None or domain in ("docker.io", "index.docker.io"):
         domain = "docker.io"
@@ -106,10 +113,10 @@ def parse_image_ref(text: str) -> ImageRef:
     """Parse and normalise a reference (``python`` -> ``docker.io/library/python:latest``).
 
     Raises:
-        ValueError: the reference is malformed.
+        InvalidImageReference: the reference is malformed (a ``ValueError``).
     """
     if not text or text != text.strip() or any(c in text for c in "\0\n\t "):
-        raise ValueError(f"malformed image reference {text!r}")
+        raise InvalidImageReference(f"malformed image reference {text!r}")
     if text.startswith("/"):
         return ImageRef("host", text)
     transport, sep, rest = text.partition(":")
@@ -118,7 +125,7 @@ def parse_image_ref(text: str) -> ImageRef:
             name, domain = _docker_name(rest)
             return ImageRef("docker-daemon", name, domain)
         if not rest.startswith("/") or "/../" in rest + "/" or any(c in rest for c in ",\\"):
-            raise ValueError(f"{transport} image path must be absolute: {text!r}")
+            raise InvalidImageReference(f"{transport} image path must be absolute: {text!r}")
         return ImageRef(transport, rest)  # type: ignore[arg-type]
     if text.startswith("docker://"):
         text = text[len("docker://") :]
@@ -153,8 +160,43 @@ _SCHEMA_PATH = (
 IMAGE_REF_PATTERN = (
     rf"^(?:/[^{_SPACE}]*|(?:oci|oci-archive|docker-archive):{_SCHEMA_PATH}|{_SCHEMA_DOCKER})$"
 )
-#: An image reference as the schema states it.
-ImageRefText = Annotated[str, Field(min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN)]
+_IMAGE_REF_RE = re.compile(IMAGE_REF_PATTERN)
+
+
+def validate_image_ref(text: str) -> ImageRef:
+    """Parse a reference as the wire does: the schema's pattern (what clients were told) and
+    :func:`parse_image_ref` (what the store understands) must both accept it.
+
+    Raises:
+        InvalidImageReference: either refuses it (422 over HTTP).
+    """
+    if not 1 <= len(text) <= 512 or _IMAGE_REF_RE.match(text) is None:
+        raise InvalidImageReference(f"malformed image reference {text[:200]!r}")
+    return parse_image_ref(text)
+
+
+def check_image_ref(value: object) -> object:
+    """A pydantic before-validator: a string :func:`validate_image_ref` refuses is a validation
+    error of type ``invalid_image_reference`` (the Admin answers 422 with that code, see
+    :func:`rock_serve.errors.from_validation`); other types pass on to the ``str`` check. It runs
+    before the pattern, so a malformed reference never ends as a bare ``string_pattern_mismatch``.
+    """
+    if isinstance(value, str):
+        try:
+            validate_image_ref(value)
+        except InvalidImageReference as exc:
+            raise PydanticCustomError(
+                ErrorCode.INVALID_IMAGE_REFERENCE.value, "{message}", {"message": exc.message}
+            ) from None
+    return value
+
+
+#: An image reference as the schema states it; a malformed one is ``invalid_image_reference``.
+ImageRefText = Annotated[
+    str,
+    Field(min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN),
+    BeforeValidator(check_image_ref),  # after Field: it then runs first and keeps the pattern
+]
 
 
 class RegistryAuth(WireModel):
@@ -170,7 +212,9 @@ class RegistryAuth(WireModel):
 class ImagePullRequest(WireModel):
     """``POST /v1/images/pull``: prepull images on some or all nodes."""
 
-    images: list[str] = Field(min_length=1, max_length=256, description="References to pull.")
+    images: list[ImageRefText] = Field(
+        min_length=1, max_length=256, description="References to pull (a malformed one: 422)."
+    )
     nodes: list[str] | None = Field(
         default=None, description="Worker names to pull on; None = every Worker."
     )
@@ -200,7 +244,10 @@ class ImageInfo(WireModel):
     id: str = Field(description="Image id: the digest of its config.")
     manifest_digest: str | None = Field(default=None, description="Manifest digest, if known.")
     layers: list[str] = Field(description="Layer diff ids, lowest first.")
-    size_bytes: int = Field(description="Unpacked size of its layers (shared ones counted).")
+    size_bytes: int = Field(
+        description="Bytes of its layers on disk: unpacked, plus their compressed blobs where "
+        "the store keeps them (shared layers counted)."
+    )
     last_used: float = Field(description="Last create or pull that used it (epoch seconds).")
     in_use: int = Field(default=0, description="Sandboxes using it now.")
 
@@ -210,7 +257,8 @@ class ImageList(WireModel):
 
     images: list[ImageInfo] = Field(description="Images per node.")
     disk_bytes: dict[str, int] = Field(
-        default_factory=dict, description="Bytes of unpacked layers on each node."
+        default_factory=dict,
+        description="Bytes of layers on disk on each node (unpacked, plus kept blobs).",
     )
     pulls: list[ImagePullEvent] = Field(
         default_factory=list,
@@ -221,9 +269,7 @@ class ImageList(WireModel):
 class CommitRequest(WireModel):
     """``POST /v1/sandboxes/{id}/commit``: save a sandbox's files as a new image."""
 
-    image: str = Field(
-        min_length=1, max_length=512, pattern=IMAGE_REF_PATTERN, description="Reference (repo:tag)."
-    )
+    image: ImageRefText = Field(description="Reference (repo:tag).")
 
 
 class ImagePushRequest(WireModel):

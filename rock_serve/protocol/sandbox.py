@@ -5,10 +5,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from rock_serve.protocol._base import WireModel
-from rock_serve.protocol.images import IMAGE_REF_PATTERN, RegistryAuth, parse_image_ref
+from rock_serve.protocol.images import ImageRefText, RegistryAuth
 
 
 class SandboxState(str, Enum):
@@ -73,14 +73,12 @@ class Resources(WireModel):
 class SandboxSpec(WireModel):
     """What to create."""
 
-    image: str | None = Field(
+    image: ImageRefText | None = Field(
         default=None,
-        min_length=1,
-        max_length=512,
-        pattern=IMAGE_REF_PATTERN,
         description="Image reference (`python:3.11`, `registry:5000/org/task:v2`, "
         "`name@sha256:...`, `oci:/layout:tag`, `docker-daemon:ref`) or an absolute rootfs "
-        "directory; None = the runtime's default image.",
+        "directory; None = the runtime's default image. A malformed one: 422 "
+        "`invalid_image_reference`.",
     )
     registry_auth: RegistryAuth | None = Field(
         default=None,
@@ -121,13 +119,6 @@ class SandboxSpec(WireModel):
         "`uid:gid`; names from the image's /etc/passwd and /etc/group), inside the sandbox's "
         "own user namespace; None = the image's `User` (root if it has none).",
     )
-
-    @field_validator("image")
-    @classmethod
-    def _check_image(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_image_ref(value)  # ValueError -> a validation error (422 over HTTP)
-        return value
 
 
 class SandboxInfo(WireModel):

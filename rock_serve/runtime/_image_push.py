@@ -1,11 +1,15 @@
 """Push a stored image to a registry: its layers -> a temporary OCI layout -> skopeo.
 
-The store keeps layers unpacked (the blobs are not kept: they would double the disk), so a
-push writes each layer dir back as an uncompressed tar (:func:`upper_to_layer`: overlay
-whiteouts become OCI ones) and a config with those tars' diff ids (the image's Env,
-WorkingDir, User and labels), then ``skopeo copy oci:<layout> docker://<dest>``, which
-gzips the layers on the way (``--dest-compress``), checks the registry's answers and skips
-blobs the registry has. The pushed image's manifest digest is returned (``--digestfile``).
+The store keeps layers unpacked, and their compressed blobs as pulled only with
+``keep_layer_blobs`` (about a third more disk). A kept blob goes into the layout as it is
+(same digest as in the source registry, so the registry shares it instead of storing a
+copy); any other layer dir is written back as an uncompressed tar (:func:`upper_to_layer`:
+overlay whiteouts become OCI ones), whose bytes cannot equal the original tar's (member
+order, headers and the compressor's output are not recorded), so its digest is new. The
+config lists the layers' diff ids (the image's Env, WorkingDir, User and labels), then
+``skopeo copy oci:<layout> docker://<dest>`` gzips the plain tars on the way
+(``--dest-compress``; compressed blobs pass unchanged), checks the registry's answers and
+skips blobs the registry has. The pushed image's manifest digest is returned (``--digestfile``).
 
 Credentials go to a 0600 authfile in a private temp dir (deleted after the copy), never
 argv, logs or records; a bearer token has no authfile form in skopeo 1.9 and goes in
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -28,6 +33,7 @@ from rock_serve.runtime._image_pull import _authfile, classify, run_skopeo
 __all__ = ["export_layout", "skopeo_push"]
 
 _LAYER = "application/vnd.oci.image.layer.v1.tar"
+_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 _CONFIG = "application/vnd.oci.image.config.v1+json"
 _MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -39,9 +45,18 @@ def _blob(layout: str, data: bytes) -> dict[str, Any]:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def export_layout(layer_dirs: list[str], config: dict[str, Any], layout: str) -> None:
+def export_layout(
+    layer_dirs: list[str],
+    config: dict[str, Any],
+    layout: str,
+    kept: list[tuple[str, dict[str, Any]] | None] | None = None,
+) -> None:
     """Write an OCI layout at ``layout`` (tag ``img``): ``layer_dirs`` (lowest first) as
     tars, ``config`` (its ``config`` part: Env, WorkingDir, User, Labels) as the image config.
+
+    ``kept``: per layer, the store's original compressed blob and its descriptor (mediaType,
+    digest, size, diff_id), used as is instead of a re-tar of the dir (None where the store
+    has none).
     """
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs, mode=0o700)
@@ -49,6 +64,20 @@ def export_layout(layer_dirs: list[str], config: dict[str, Any], layout: str) ->
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
     layers, diff_ids = [], []
     for n, d in enumerate(layer_dirs):
+        original = kept[n] if kept else None
+        if original is not None:
+            path, desc = original
+            target = os.path.join(blobs, desc["digest"].split(":", 1)[1])
+            if not os.path.exists(target):
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copyfile(path, target)
+            plain = "gzip" not in desc["mediaType"]
+            media = _LAYER if plain else _LAYER_GZIP
+            layers.append({"mediaType": media, "digest": desc["digest"], "size": desc["size"]})
+            diff_ids.append(desc["diff_id"])
+            continue
         tmp = os.path.join(layout, f"layer-{n}.tar")
         digest = upper_to_layer(d, tmp)
         size = os.path.getsize(tmp)

@@ -8,6 +8,9 @@ Layout under ``root`` (keep it short: an overlay mount lists every layer's path)
 - ``images/<config digest>.json``: one image: the references naming it, its manifest digest,
   layer diff ids (lowest first) and sizes, the config fields a runtime honours (Env,
   WorkingDir, User, labels), whether its own python3 can run the rocklet, and last use.
+- ``blobs/sha256/<digest>`` and ``layers/sha256/<diffid>.blob.json`` (its descriptor): a
+  layer's compressed blob as pulled, kept only with ``keep_layer_blobs``, so that a push
+  sends it unchanged.
 - ``tmp/``: skopeo's OCI layouts and unpacks in progress (cleared at start).
 
 Single flight: concurrent requests for one missing reference share one pull (and its
@@ -39,6 +42,7 @@ from rock_serve.errors import (
     ImageNotFound,
     ImageStoreFull,
     InvalidConfig,
+    InvalidImageReference,
     InvalidRequest,
     PermissionDenied,
     RegistryUnavailable,
@@ -187,7 +191,7 @@ class ImageStore:
         if any(c in self.root for c in ",:\\\n"):
             raise InvalidConfig(f"image store root {self.root!r} must be free of ',', ':', '\\'")
         self.skopeo = shutil.which(config.skopeo_path) or config.skopeo_path
-        for sub in ("layers/sha256", "images", "tmp"):
+        for sub in ("layers/sha256", "images", "tmp", "blobs/sha256"):
             os.makedirs(os.path.join(self.root, sub), mode=0o711, exist_ok=True)
         os.chmod(self.root, 0o711)
         self._images: dict[str, Image] = {}
@@ -294,10 +298,7 @@ class ImageStore:
         self, ref: str, auth: RegistryAuth | None = None, *, force: bool = False
     ) -> Image:
         """The image ``ref`` names, pulled first if the store lacks it (one pull per ref)."""
-        try:
-            parsed = parse_image_ref(ref)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        parsed = parse_image_ref(ref)  # malformed: InvalidImageReference (422)
         self._check_source(parsed)
         key = str(parsed)
         if not force:
@@ -329,9 +330,9 @@ class ImageStore:
         """Pull (or join the pull of) ``ref`` and yield its progress, ending with done/error."""
         try:
             parsed = parse_image_ref(ref)
-        except ValueError as exc:
+        except InvalidImageReference as exc:
             yield ImagePullEvent(
-                image=ref, phase="error", error={"code": "invalid_request", "message": str(exc)}
+                image=ref, phase="error", error={"code": exc.code.value, "message": exc.message}
             )
             return
         try:
@@ -477,7 +478,7 @@ class ImageStore:
                 raise InvalidRequest(f"image {ref}: unsupported layer type {desc.get('mediaType')}")
 
         def one(desc: dict[str, Any], diff_id: str) -> int:
-            size = self._ensure_layer(layout, desc["digest"], diff_id, work)
+            size = self._ensure_layer(layout, desc["digest"], diff_id, work, desc["mediaType"])
             pull.layer_done()
             return size
 
@@ -520,7 +521,9 @@ class ImageStore:
         self._refs[str(ref)] = img.id
         return img
 
-    def _ensure_layer(self, layout: str, digest: str, diff_id: str, work: str) -> int:
+    def _ensure_layer(
+        self, layout: str, digest: str, diff_id: str, work: str, media_type: str = ""
+    ) -> int:
         final = self.layer_dir(diff_id)
         size_file = final + ".size"
         if os.path.isdir(final):
@@ -544,14 +547,49 @@ class ImageStore:
             raise RegistryUnavailable(
                 f"layer {digest}: diff id {result['diff_id']} does not match {diff_id}"
             )
-        _write_json(size_file, result["size"])
+        size = int(result["size"])
+        if self.config.keep_layer_blobs:
+            size += self._keep_blob(blob, final, digest, media_type)
+        _write_json(size_file, size)
         try:
             os.rename(tmp, final)
         except OSError:
             if not os.path.isdir(final):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another pull made it first
-        return int(result["size"])
+        return size
+
+    def _keep_blob(self, blob: str, final: str, digest: str, media_type: str) -> int:
+        """Link the checked blob into ``blobs/`` (by its digest: concurrent pulls of one layer
+        write the same bytes to the same name) and describe it beside the layer; its size.
+        Done before the layer dir appears, so a visible layer's descriptor names a whole blob.
+        """
+        kept = self._blob_path(digest)
+        if not os.path.isfile(kept):
+            tmp = f"{kept}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                os.link(blob, tmp)  # tmp/ is on the store's filesystem
+            except OSError:
+                shutil.copyfile(blob, tmp)
+            os.replace(tmp, kept)
+        size = os.path.getsize(kept)
+        _write_json(final + ".blob.json", {"mediaType": media_type, "digest": digest, "size": size})
+        return size
+
+    def _blob_path(self, digest: str) -> str:
+        return os.path.join(self.root, "blobs", "sha256", _hex(digest))
+
+    def kept_blob(self, diff_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The layer's compressed blob as pulled and its descriptor, if the store kept it."""
+        try:
+            with open(self.layer_dir(diff_id) + ".blob.json") as f:
+                desc: dict[str, Any] = json.load(f)
+            path = self._blob_path(str(desc["digest"]))
+        except (OSError, ValueError, KeyError):
+            return None
+        if not os.path.isfile(path):
+            return None
+        return path, {**desc, "diff_id": diff_id}
 
     # ------------------------------------------------------------------ commit
 
@@ -564,10 +602,7 @@ class ImageStore:
         shift: int = 0,
     ) -> Image:
         """A new image ``ref``: ``parent``'s layers plus ``upper`` (an overlay upper dir)."""
-        try:
-            parsed = parse_image_ref(ref)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        parsed = parse_image_ref(ref)  # malformed: InvalidImageReference (422)
         if parsed.transport != "docker":
             raise InvalidRequest(f"commit needs a plain reference (repo:tag), not {ref!r}")
         return await run_sync(self._commit_sync, upper, parent, str(parsed), skip, shift)
@@ -644,10 +679,7 @@ class ImageStore:
 
         The image stays in use (never evicted) while its layers are written out.
         """
-        try:
-            target = parse_image_ref(dest)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        target = parse_image_ref(dest)  # malformed: InvalidImageReference (422)
         if target.transport != "docker":
             raise InvalidRequest(f"push to a registry reference (host/repo:tag), not {dest!r}")
         if "@" in target.name:
@@ -667,7 +699,8 @@ class ImageStore:
                 "Labels": img.labels,
             }
             layout = os.path.join(work, "oci")
-            await run_sync(export_layout, self.layer_dirs(img), config, layout)
+            kept = [self.kept_blob(lid) for lid in img.layers]
+            await run_sync(export_layout, self.layer_dirs(img), config, layout, kept)
             insecure = target.loopback or (target.registry in self.config.insecure_registries)
             digest = await skopeo_push(
                 self.skopeo,
@@ -735,8 +768,13 @@ class ImageStore:
             with contextlib.suppress(OSError):
                 os.rename(final, doomed)  # gone from view at once, then deleted
                 shutil.rmtree(doomed, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.unlink(final + ".size")
+            kept = self.kept_blob(lid)
+            if kept is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(kept[0])
+            for suffix in (".size", ".blob.json"):
+                with contextlib.suppress(OSError):
+                    os.unlink(final + suffix)
 
     # ------------------------------------------------------------------ list / remove
 

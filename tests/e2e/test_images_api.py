@@ -3,7 +3,6 @@ registry with per-create credentials, remove; the CLI's ``rock image``; typed er
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import uuid
 import pytest
 
 from rock_serve import errors
-from rock_serve.protocol import RegistryAuth
+from rock_serve.protocol import CreateSandboxRequest, RegistryAuth
 from rock_serve.sdk import Client
 from tests._registry import Registry, oci, registry_skip_reason
 
@@ -105,20 +104,72 @@ def test_create_errors_are_typed(bwrap_platform, registry):
             client.create_sandbox(
                 image=ref, registry_auth=RegistryAuth(username=USER, password="nope")
             )
-        # A malformed reference is a validation error wherever it appears (the platform's
-        # validation answer: 400 invalid_request naming the field), from the schema's pattern.
-        bad = "Bad Ref!"
+        assert client.list_sandboxes() == []
+
+
+BAD = "Bad Ref!"
+
+
+def test_malformed_references_are_422_everywhere(bwrap_platform):
+    """A malformed image reference is 422 ``invalid_image_reference`` on every route that takes
+    one (the schema documents it there), a typed exception in the SDK (built client side or
+    answered by the server), on the CLI and over the Ray transport's gate."""
+    url = bwrap_platform.url
+    with Client(url) as client:
         for method, path, body, where in [
-            ("POST", "/v1/sandboxes", {"image": bad}, "body.image"),
-            ("POST", "/v1/images/push", {"image": bad, "destination": "a/b:c"}, "body.image"),
-            ("POST", "/v1/images/push", {"image": "a/b:c", "destination": bad}, "body.dest"),
+            ("POST", "/v1/sandboxes", {"image": BAD}, "body.image"),
+            ("POST", "/v1/images/pull", {"images": ["busybox", BAD]}, "body.images.1"),
+            ("POST", "/v1/images/push", {"image": BAD, "destination": "a/b:c"}, "body.image"),
+            ("POST", "/v1/images/push", {"image": "a/b:c", "destination": BAD}, "body.dest"),
+            ("POST", "/v1/sandboxes/sb-x/commit", {"image": "UPPER/case"}, "body.image"),
             ("DELETE", "/v1/images/Bad%20Ref!", None, "path.ref"),
         ]:
             resp = client._http.request(method, path, json=body)
-            assert resp.status_code == 400, (path, resp.text)
-            assert resp.json()["error"]["code"] == "invalid_request"
-            assert where in json.dumps(resp.json()), resp.text
+            assert resp.status_code == 422, (path, resp.text)
+            assert resp.json()["error"]["code"] == "invalid_image_reference", resp.text
+            assert where in resp.json()["error"]["message"], resp.text
+        # any other schema violation stays 400 invalid_request
+        resp = client._http.post("/v1/sandboxes", json={"image": 5})
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request"
+        schema = client._http.get("/openapi.json").json()["paths"]
+        for path, method in [
+            ("/v1/sandboxes", "post"),
+            ("/v1/images/pull", "post"),
+            ("/v1/images/push", "post"),
+            ("/v1/images/{ref}", "delete"),
+            ("/v1/sandboxes/{sandbox_id}/commit", "post"),
+        ]:
+            documented = schema[path][method]["responses"]["422"]
+            assert documented["content"]["application/json"]["schema"]["$ref"].endswith(
+                "/ErrorBody"
+            ), documented
+        # the SDK: typed whether it refuses the request itself or the server does
+        with pytest.raises(errors.InvalidImageReference):
+            client.create_sandbox(image=BAD)
+        with pytest.raises(errors.InvalidImageReference):  # model_copy: the server refuses
+            client.create_sandbox(CreateSandboxRequest(), image=BAD)
+        with pytest.raises(errors.InvalidImageReference):
+            list(client.pull_images(["busybox", BAD]))
+        with pytest.raises(errors.InvalidImageReference):
+            client.push_image("a/b:c", BAD)
+        with pytest.raises(errors.InvalidImageReference):
+            client.remove_image(BAD)
+        with pytest.raises(errors.InvalidImageReference):
+            client.commit_sandbox("sb-x", "UPPER/case")
         assert client.list_sandboxes() == []
+    # the CLI prints the code
+    for argv in (["image", "rm", BAD], ["sandbox", "create", "--image", BAD]):
+        refused = _rock(url, *argv, check=False)
+        assert refused.returncode == 1 and "invalid_image_reference" in refused.stderr, refused
+    # the Ray transport: the gate checks a request that skipped its validators (model_copy)
+    from rock_serve.deployments.client import RayClient
+
+    with RayClient("rock-e2e-bwrap") as ray_client:
+        with pytest.raises(errors.InvalidImageReference):
+            ray_client.create_sandbox(CreateSandboxRequest(), image=BAD)
+        with pytest.raises(errors.InvalidImageReference):
+            ray_client.create_sandbox(image=BAD)
+        assert ray_client.list_sandboxes() == []
 
 
 def test_commit_over_rest_then_create_from_it(bwrap_platform):

@@ -18,14 +18,26 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
-from rock_serve import errors
+from rock_serve import envs, errors
 from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig
-from rock_serve.protocol import ExecRequest, RegistryAuth, SandboxSpec
+from rock_serve.protocol import (
+    CommitRequest,
+    CreateSandboxRequest,
+    ExecRequest,
+    ImagePullRequest,
+    ImagePushRequest,
+    RegistryAuth,
+    SandboxSpec,
+    validate_image_ref,
+)
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime.images import ImageStore
+from rock_serve.sdk import Client
+from rock_serve.sdk import _base as sdk_base
 from tests._registry import IMAGE_CACHE, Registry, free_port, oci, registry_skip_reason
 from tests.contract.conftest import _BWRAP_SKIP, REQUIRE_DOCKER, TEST_CGROUP_PARENT
 
@@ -116,8 +128,25 @@ def _tar(path, members) -> str:
         [("link", tarfile.SYMTYPE, "/OUTSIDE"), ("link/escape.txt", tarfile.REGTYPE, b"pwned")],
         [("link", tarfile.SYMTYPE, "../.."), ("link/escape.txt", tarfile.REGTYPE, b"pwned")],
         [("hard", tarfile.LNKTYPE, "../escape.txt")],
+        # a hard link through an absolute symlink would link a host file into the layer
+        [("link", tarfile.SYMTYPE, "/etc"), ("hard", tarfile.LNKTYPE, "link/hostname")],
+        # a chain: a relative symlink to an absolute one, then a write through the first
+        [
+            ("a", tarfile.SYMTYPE, "b"),
+            ("b", tarfile.SYMTYPE, "/OUTSIDE"),
+            ("a/escape.txt", tarfile.REGTYPE, b"pwned"),
+        ],
     ],
-    ids=["dotdot", "absolute", "nested-dotdot", "abs-symlink-dir", "rel-symlink-dir", "hardlink"],
+    ids=[
+        "dotdot",
+        "absolute",
+        "nested-dotdot",
+        "abs-symlink-dir",
+        "rel-symlink-dir",
+        "hardlink",
+        "hardlink-via-abs-symlink",
+        "symlink-chain",
+    ],
 )
 def test_escaping_layers_are_refused_and_write_nothing_outside(tmp_path, members):
     outside = tmp_path / "OUTSIDE"
@@ -314,11 +343,81 @@ async def test_local_sources_outside_the_allow_list_are_refused(tmp_path):
         await closed.get("docker-daemon:rock-serve/test:bookworm")
 
 
-def test_malformed_references_are_validation_errors():
-    for bad in ["UPPER/case", "a b", "x:" + "t" * 200, "oci:relative/path", "-lead", "a@sha256:z"]:
-        with pytest.raises(ValidationError):
-            SandboxSpec(image=bad)
-    assert SandboxSpec(image="python:3.11-slim").image == "python:3.11-slim"
+MALFORMED = [
+    "UPPER/case",
+    "a b",
+    "x:" + "t" * 200,
+    "oci:relative/path",
+    "oci:/var/../etc",
+    "-lead",
+    "a@sha256:z",
+    "docker-daemon:Bad",
+    "",
+    "a" * 513,
+]
+
+
+@pytest.mark.parametrize("bad", MALFORMED)
+def test_malformed_references_are_invalid_image_reference(bad):
+    # every wire model that takes a reference: pydantic's error is of our code's type...
+    for build in (
+        lambda: SandboxSpec(image=bad),
+        lambda: ImagePullRequest(images=["python:3.11", bad]),
+        lambda: ImagePushRequest(image="a/b:c", destination=bad),
+        lambda: CommitRequest(image=bad),
+    ):
+        with pytest.raises(ValidationError) as info:
+            build()
+        assert [e["type"] for e in info.value.errors()] == ["invalid_image_reference"]
+        # ...which the one table turns into the typed error, 422 over HTTP
+        typed = errors.from_validation(info.value.errors())
+        assert type(typed) is errors.InvalidImageReference
+        assert errors.http_status(typed.code) == 422 and isinstance(typed, ValueError)
+    with pytest.raises(errors.InvalidImageReference):
+        validate_image_ref(bad)
+    with pytest.raises(errors.InvalidImageReference):  # the SDK raises it typed, client side
+        sdk_base.build(CreateSandboxRequest, image=bad)
+
+
+async def test_the_store_refuses_malformed_references_typed(tmp_path):
+    store = store_at(tmp_path / "store")
+    for call in (
+        lambda: store.get("Bad Ref!"),
+        lambda: store.push("python:3.11", "Bad Ref!"),
+        lambda: store.commit(str(tmp_path), None, "UPPER/case"),
+    ):
+        with pytest.raises(errors.InvalidImageReference):
+            await call()
+    events = [e async for e in store.events("Bad Ref!")]
+    assert [(e.phase, e.error["code"]) for e in events] == [("error", "invalid_image_reference")]
+
+
+def test_an_env_with_a_malformed_image_is_refused_typed_at_make():
+    # what GEM's /make answers (422) when its kwargs carry sandbox={"image": ...}
+    with Client("http://127.0.0.1:9") as client:  # never reached: make refuses first
+        with pytest.raises(errors.InvalidImageReference, match="bad sandbox settings"):
+            envs.make("rock/GuessNumber-v0", client=client, sandbox={"image": "Bad Ref!"})
+
+
+def test_well_formed_references_and_other_violations():
+    for good in (
+        "python:3.11-slim",
+        "registry:5000/org/task-123:v2",
+        "name@sha256:" + "a" * 64,
+        "oci:/var/cache/layout:tag",
+        "docker-daemon:rock-serve/test:bookworm",
+        "/srv/rootfs",
+    ):
+        assert SandboxSpec(image=good).image == good
+        assert str(validate_image_ref(good))
+    # a non-string is an ordinary schema violation: invalid_request (400), pydantic's error
+    with pytest.raises(ValidationError) as info:
+        SandboxSpec(image=5)  # type: ignore[arg-type]
+    assert type(errors.from_validation(info.value.errors())) is errors.InvalidRequest
+    with pytest.raises(ValidationError):
+        sdk_base.build(CreateSandboxRequest, image=5)
+    # the JSON schema keeps the pattern the fuzzer and clients read
+    assert "pattern" in str(SandboxSpec.model_json_schema()["properties"]["image"])
 
 
 async def test_store_full_and_lru_eviction(tmp_path):
@@ -505,6 +604,41 @@ async def test_commit_push_then_pull_and_run_on_a_fresh_store(
         await fresh.remove(sid2)
     finally:
         await fresh.close()
+
+
+def _layer_digests(registry: Registry, name: str) -> list[str]:
+    repo, tag = name.rsplit(":", 1)
+    accept = (
+        "application/vnd.oci.image.manifest.v1+json,"
+        "application/vnd.docker.distribution.manifest.v2+json"
+    )
+    reply = httpx.get(
+        f"http://{registry.host}/v2/{repo}/manifests/{tag}", headers={"Accept": accept}
+    )
+    reply.raise_for_status()
+    return [layer["digest"] for layer in reply.json()["layers"]]
+
+
+async def test_push_sends_the_original_layer_blobs_when_the_store_keeps_them(tmp_path, registry):
+    src = registry.ref("test/nopython:v1")
+    original = await asyncio.to_thread(_layer_digests, registry, "test/nopython:v1")
+    dest = f"pushed/kept:{uuid.uuid4().hex[:8]}"
+    store = store_at(tmp_path / "kept", keep_layer_blobs=True)
+    img = await store.get(src)
+    blobs = tmp_path / "kept" / "blobs" / "sha256"
+    assert sorted(os.listdir(blobs)) == sorted(d.split(":")[1] for d in set(original))
+    kept = sum(os.path.getsize(blobs / n) for n in os.listdir(blobs))
+    assert img.size > kept  # the kept blobs count against the budget
+    # the pushed image's layers are the source's, digest for digest (a re-tar's never are:
+    # member order, headers and gzip's output differ)
+    await store.push(src, registry.ref(dest))
+    assert await asyncio.to_thread(_layer_digests, registry, dest) == original
+    again = store_at(tmp_path / "again")
+    assert (await again.get(registry.ref(dest))).layers == img.layers
+    # removing the image drops its kept blobs with its layers
+    await store.remove(src)
+    assert os.listdir(blobs) == []
+    assert os.listdir(tmp_path / "kept" / "layers" / "sha256") == []
 
 
 @needs_bwrap

@@ -3,7 +3,8 @@
 N concurrent ``Worker.create`` calls (24 here, to stay within the suite's time: each costs a
 rocklet start; ``bench/images.py`` runs 100) of an image no store has: one pull, every create
 running, none failed; while the pull runs, anyone joining it (``store.events``) and the
-store's list of pulls in flight see the leader's progress. Starts queue behind the runtime's
+Worker's list of pulls in flight (what ``GET /v1/images`` shows while the creates wait) see
+the leader's progress. Starts queue behind the runtime's
 start gate (``max_concurrent_starts``) so their start timeout measures one start each.
 """
 
@@ -53,10 +54,12 @@ async def test_concurrent_creates_of_an_uncached_image_pull_once(tmp_path, regis
     inflight = []
 
     async def follow() -> None:
-        # a follower that joins once the leader's pull is under way
-        while not store.pulls():
+        # what GET /v1/images shows while the creates wait (the Worker's images_list, which
+        # the Admin lists per node): the creates' pull in flight, with its progress; then a
+        # follower that joins it
+        while not (listed := (await worker.images_list())[2]):
             await asyncio.sleep(0.01)
-        inflight.extend(store.pulls())
+        inflight.extend(listed)
         async for ev in store.events(ref):
             phases.append(ev.phase)
 
@@ -81,6 +84,7 @@ async def test_concurrent_creates_of_an_uncached_image_pull_once(tmp_path, regis
         assert len({r.id for r in results}) == N  # type: ignore[union-attr]
         # the follower saw the leader's pull: the same reference, its phases, then done
         assert inflight and inflight[0].image == str(parse_image_ref(ref))
+        assert inflight[0].phase in ("queued", "pulling", "unpacking"), inflight
         assert phases[-1] == "done" and ("unpacking" in phases or "pulling" in phases), phases
         img = store.lookup(ref)
         assert img is not None and store.in_use(img.id) == N
