@@ -26,6 +26,7 @@ import argparse
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import _harness as harness
@@ -174,7 +175,21 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--churn", type=int, default=20, help="creates per second")
     parser.add_argument("--churn-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "artifacts" / "bench",
+        help="where the screenshots go",
+    )
     opts = parser.parse_args()
+    opts.artifacts.mkdir(parents=True, exist_ok=True)
+    shots: list[Path] = []
+
+    def shot(page: Any, name: str) -> None:
+        path = opts.artifacts / f"console-{name}.png"
+        page.screenshot(path=str(path))
+        shots.append(path)
+
     from playwright.sync_api import sync_playwright
 
     console = {"sample_interval_seconds": 5.0, "events_interval_seconds": 0.5}
@@ -196,8 +211,15 @@ def main() -> None:
         _fill(fake, opts.sandboxes)
         fill_s = time.monotonic() - t0
         full = [_load(page, fake + "/ui/", opts.sandboxes) for _ in range(5)]
+        page.locator("#search").fill("")
+        page.wait_for_function("() => document.querySelectorAll('#rows tr').length > 0")
+        shot(page, f"{opts.sandboxes}-rows")
         churn = _churn(page, fake, opts.churn_seconds, opts.churn)
         browser_echo = _echo_browser(page, local, opts.keys)
+        shot(page, "terminal-echo")
+        page.goto(fake + "/ui/#/metrics")
+        page.wait_for_selector("#charts figure")
+        shot(page, "charts")
         raw_echo = _echo_raw(local, opts.keys)
         browser.close()
 
@@ -232,6 +254,7 @@ def main() -> None:
         f"echo mean browser {statistics.mean(browser_echo):.1f} ms, raw "
         f"{statistics.mean(raw_echo):.1f} ms"
     )
+    print("screenshots: " + ", ".join(str(p) for p in shots))
 
 
 if __name__ == "__main__":

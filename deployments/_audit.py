@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rock_serve.auth import Principal
 from rock_serve.config import AuditConfig
+from rock_serve.deployments._trace import untraced_task
 from rock_serve.errors import ErrorCode, InvalidConfig, RockError
 from rock_serve.runtime._sync import run_sync
 
@@ -286,7 +287,7 @@ class AuditLog:
             if self._queue is None:
                 self._queue = asyncio.Queue(self.config.queue_size)
             if self._task is None or self._task.done():
-                self._task = asyncio.get_running_loop().create_task(self._drain())
+                self._task = untraced_task(self._drain())  # outlives the call
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self._failed("queue", 1, "the queue is full; event dropped")

@@ -29,7 +29,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
@@ -47,7 +46,15 @@ from rock_serve.deployments._auth import (
     same_origin,
 )
 from rock_serve.deployments._ray import ActorHandle, call
-from rock_serve.deployments._trace import TRACE_ID, install_logging
+from rock_serve.deployments._trace import (
+    SPAN_ID,
+    SPANS,
+    TRACE_ID,
+    install_logging,
+    request_ids,
+    untraced_task,
+    with_ids,
+)
 from rock_serve.errors import NotFound, PermissionDenied, RockError
 from rock_serve.protocol import (
     ConsoleEvent,
@@ -142,10 +149,14 @@ class Samples:
             self._op.append(seconds)
 
     def take(
-        self, sandboxes: dict[str, int], reaped: dict[str, int] | None = None
+        self,
+        sandboxes: dict[str, int],
+        reaped: dict[str, int] | None = None,
+        processes: int | None = None,
     ) -> MetricsSample:
         """Close the interval: one sample of what happened since the last (``reaped``: the
-        interval's reaps by reason, see :class:`ReapDeltas`).
+        interval's reaps by reason, see :class:`ReapDeltas`; ``processes``: background
+        processes running, summed over the Workers).
         """
         now = self._clock()
         sample = MetricsSample(
@@ -160,6 +171,7 @@ class Samples:
             op_p50=_quantile(self._op, 0.5),
             op_p99=_quantile(self._op, 0.99),
             reaped=dict(reaped or {}),
+            processes_running=processes,
         )
         self._points.append(sample)
         self._since = now
@@ -204,71 +216,28 @@ def _new_trace(headers: dict[str, str]) -> tuple[str, str]:
     Behind the Serve proxy the request always has an ``x-request-id`` (the client's, or one
     the proxy made), which the proxy also echoes; Serve's own logs carry it too.
     """
-    request_id = headers.get("x-request-id", "")
-    if not _REQUEST_ID_OK.match(request_id):
-        request_id = uuid.uuid4().hex
-    match = _TRACEPARENT.match(headers.get("traceparent", "").strip().lower())
-    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    request_id, trace_id, _ = request_ids(headers)
     return request_id, trace_id
 
 
 class _Tracer:
-    """OpenTelemetry spans, when configured and installed; otherwise nothing at all."""
-
-    def __init__(self) -> None:
-        self._tracer: Any = None
-        self._provider: Any = None
-        self._configured: tuple[str | None, str] | None = None
+    """The Admin's spans: this process's :data:`~rock_serve._tracing.SPANS` (one home), whose
+    request spans are the parents of the Scheduler's, the Worker's and the rocklet calls'.
+    """
 
     def configure(self, endpoint: str | None, service: str) -> None:
-        if self._configured == (endpoint, service):
-            return
-        self._configured = (endpoint, service)
-        if self._provider is not None:
-            self._provider.shutdown()
-        self._tracer = self._provider = None
-        if not endpoint:
-            return
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
-                OTLPSpanExporter,
-            )
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        except ImportError:
-            log.warning("tracing.otlp_endpoint is set but opentelemetry-sdk is not installed")
-            return
-        provider = TracerProvider(resource=Resource.create({"service.name": service}))
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        self._provider = provider
-        self._tracer = provider.get_tracer("rock_serve")
+        SPANS.configure(endpoint, service)
 
     def flush(self) -> None:
         """Export the spans still buffered (blocks; tests and shutdown)."""
-        if self._provider is not None:
-            self._provider.force_flush()
+        SPANS.flush()
 
     @contextlib.contextmanager
     def span(self, name: str, trace_id: str, attributes: dict[str, Any]) -> Any:
-        if self._tracer is None:
-            yield None
-            return
-        from opentelemetry import trace
-
-        parent = trace.set_span_in_context(
-            trace.NonRecordingSpan(
-                trace.SpanContext(
-                    trace_id=int(trace_id, 16),
-                    span_id=int(secrets.token_hex(8), 16),
-                    is_remote=True,
-                    trace_flags=trace.TraceFlags(1),
-                )
-            )
-        )
-        with self._tracer.start_as_current_span(
-            name, context=parent, attributes=attributes
-        ) as span:
+        """A span of the request (the trace id is already :data:`TRACE_ID`); it is the current
+        span (:data:`SPAN_ID`) for the request's calls.
+        """
+        with SPANS.span(name, attributes) as span:
             yield span
 
 
@@ -301,13 +270,19 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id, trace_id = _new_trace(headers)
+        request_id, trace_id, parent_span = request_ids(headers)
         REQUEST_ID.set(request_id)
         TRACE_ID.set(trace_id)
+        SPAN_ID.set(parent_span or "-")  # the client's span: parent of the request's
         scope.setdefault("state", {})["request_id"] = request_id
         scope["state"]["trace_id"] = trace_id
-        if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # the accept carries the ids (the pty WebSocket)
+            echo = None if headers.get("x-request-id") == request_id else request_id
+
+            async def accept_with_ids(message: MutableMapping[str, Any]) -> None:
+                await send(with_ids(message, trace_id, echo))
+
+            await self.app(scope, receive, accept_with_ids)
             return
         started = time.perf_counter()
         status = 500
@@ -404,9 +379,11 @@ def _start_sampler() -> None:
     async def loop() -> None:
         while True:
             reaped: dict[str, int] = {}
+            processes: int | None = None
             with contextlib.suppress(RockError):
                 health: Health = await call(scheduler, "health")
                 reaped = reaps.step(health.workers)
+                processes = sum(w.processes_running for w in health.workers if w.alive)
             by_ns: dict[str, dict[str, int]] = {}
             with contextlib.suppress(RockError):
                 result: SandboxList = await call(scheduler, "list", None, None, {}, None)
@@ -418,10 +395,10 @@ def _start_sampler() -> None:
             for states in by_ns.values():
                 for state, n in states.items():
                     totals[state] = totals.get(state, 0) + n
-            samples.take(totals, reaped)
+            samples.take(totals, reaped, processes)
             await asyncio.sleep(interval)
 
-    _STATE["sampler"] = asyncio.ensure_future(loop())
+    _STATE["sampler"] = untraced_task(loop())  # started by a request: not under its trace
 
 
 def _static(name: str) -> Response:
@@ -592,7 +569,10 @@ async def ui_metrics(principal: Auth) -> ConsoleMetrics:
         return series
     # A tenant sees the platform's rates, and only its own namespace's sandbox counts (now).
     mine = _STATE.get("by_namespace", {}).get(principal.namespace, {})
-    samples = [s.model_copy(update={"sandboxes": {}, "reaped": {}}) for s in series.samples]
+    samples = [
+        s.model_copy(update={"sandboxes": {}, "reaped": {}, "processes_running": None})
+        for s in series.samples
+    ]
     if samples:
         samples[-1] = samples[-1].model_copy(update={"sandboxes": dict(mine)})
     return ConsoleMetrics(interval_seconds=series.interval_seconds, samples=samples)
@@ -627,5 +607,8 @@ async def ui_envs(principal: Auth) -> EnvInstances:
 
 def install(app: FastAPI) -> None:
     """Add the console's routes and the request-id middleware to the Admin's app."""
+    from rock_serve.deployments import _console_envs
+
     app.include_router(router)
+    app.include_router(_console_envs.router)
     app.add_middleware(RequestContext)

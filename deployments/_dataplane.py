@@ -16,6 +16,8 @@ handle: no Ray call at all.
   name and namespace, ``detail.transport = "direct"``), into the Worker's audit log.
 - Binding: ``dataplane.host``/``port`` (default 127.0.0.1 and a free port). This port is the one
   per-node port to open to trainers; Ray's ports stay on loopback / the private network.
+- Tracing: every request gets a trace id (the client's ``traceparent``, else new) that reaches
+  the rocklet, echoed in ``X-Trace-ID`` with ``X-Request-ID`` (``_trace.TraceMiddleware``).
 - Secret: the ``dataplane.secret_env`` variable (same on every node), else one the Scheduler
   makes per cluster start (fetched once; again when a token names another key id).
 """
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -44,6 +47,7 @@ from rock_serve import dataplane_token
 from rock_serve.auth import Principal
 from rock_serve.config import DataPlaneConfig, ServerArgs
 from rock_serve.deployments._audit import AuditEvent
+from rock_serve.deployments._trace import TraceMiddleware, untraced_task
 from rock_serve.errors import (
     InvalidConfig,
     InvalidRequest,
@@ -467,7 +471,11 @@ def make_app(worker: Worker) -> Starlette:
         Route(f"{sb}/stats", s.route(s.stats), methods=["GET"]),
         Route(f"{sb}/renew", s.route(s.renew), methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
+    return Starlette(
+        routes=routes,
+        exception_handlers={404: _not_found, 405: _not_found},
+        middleware=[Middleware(TraceMiddleware)],  # one trace id per request, echoed
+    )
 
 
 def _advertised(config: DataPlaneConfig, port: int) -> str:
@@ -522,8 +530,8 @@ class DataPlaneWorker:
             return str(state["endpoint"])
         lock: asyncio.Lock = state.setdefault("lock", asyncio.Lock())
         async with lock:
-            if "endpoint" not in state:
-                await self._start_dataplane(state)
+            if "endpoint" not in state:  # its server's tasks outlive this (traced) call
+                await untraced_task(self._start_dataplane(state))
         return str(state["endpoint"])
 
     async def _start_dataplane(self, state: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,9 @@ from pydantic import BaseModel
 from rock_serve.auth import Principal
 from rock_serve.config import GemConfig
 from rock_serve.deployments._auth import Auth
+from rock_serve.deployments._episodes import EpisodeLog
 from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments._trace import untraced_task
 from rock_serve.deployments.client import AsyncRayClient
 from rock_serve.envs import AsyncEnv, list_envs, make_async
 from rock_serve.envs.integrations import (
@@ -72,6 +75,7 @@ from rock_serve.errors import (
 )
 from rock_serve.lifetime import IdleLifetime
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
+from rock_serve.protocol.trajectories import EpisodeList, EpisodeStepPage
 from rock_serve.runtime._sync import run_sync
 
 __all__ = [
@@ -90,6 +94,8 @@ log = logging.getLogger(__name__)
 ENV_TABLE_NAME = "rock-envs"
 #: Label key and value on the sandboxes of GEM env instances.
 GEM_LABEL = ("rock-serve/integration", "gem-api")
+#: Closed instances whose episodes the console can still show (the newest closed).
+MAX_ENDED = 100
 _HEAD_RESOURCE = "node:__internal_head__"
 
 router = APIRouter(prefix=GEM_PREFIX, tags=["gem"])
@@ -133,6 +139,10 @@ class _Instance:
     env: AsyncEnv[Any, Any]
     last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Its last episodes, for the console (bounded; see ``_episodes``).
+    episodes: EpisodeLog = field(default_factory=EpisodeLog)
+    sandbox_id: str | None = None
+    closed: bool = False
 
 
 def _jsonable(value: Any) -> Any:
@@ -177,6 +187,8 @@ class EnvTable:
         self.config = GemConfig.model_validate(config or {})
         self._clock = clock
         self._instances: dict[str, _Instance] = {}
+        #: Closed instances kept for their episodes (console), oldest first.
+        self._ended: OrderedDict[str, _Instance] = OrderedDict()
         self._clients: dict[str, AsyncRayClient] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -229,7 +241,10 @@ class EnvTable:
         instance = self._get(caller, req.sandbox_id)
         async with self._using(instance):
             obs, info = await instance.env.reset(seed=req.seed, options=req.options)
-        return GemResetResponse(observation=_jsonable(obs), info=_jsonable(info))
+            instance.sandbox_id = getattr(instance.env.unwrapped, "sandbox_id", None)
+            reply = GemResetResponse(observation=_jsonable(obs), info=_jsonable(info))
+            instance.episodes.reset(reply.observation, reply.info, instance.sandbox_id)
+        return reply
 
     async def step(self, caller: Principal, req: GemStepRequest) -> GemStepResponse:
         """Apply an action.
@@ -242,13 +257,22 @@ class EnvTable:
         instance = self._get(caller, req.sandbox_id)
         async with self._using(instance):
             obs, reward, terminated, truncated, info = await instance.env.step(req.action)
-        return GemStepResponse(
-            observation=_jsonable(obs),
-            reward=float(reward),
-            terminated=bool(terminated),
-            truncated=bool(truncated),
-            info=_jsonable(info),
-        )
+            reply = GemStepResponse(
+                observation=_jsonable(obs),
+                reward=float(reward),
+                terminated=bool(terminated),
+                truncated=bool(truncated),
+                info=_jsonable(info),
+            )
+            instance.episodes.step(
+                _jsonable(req.action),
+                reply.observation,
+                reply.reward,
+                reply.terminated,
+                reply.truncated,
+                reply.info,
+            )
+        return reply
 
     async def close(self, caller: Principal, req: GemCloseRequest) -> GemCloseResponse:
         """Close an instance and delete its sandbox.
@@ -296,7 +320,9 @@ class EnvTable:
         self._wake.set()
 
     async def describe(self, caller: Principal) -> list[dict[str, Any]]:
-        """The open instances the caller may see (the console's envs page), newest use first."""
+        """The instances the caller may see (the console's envs page): open ones, then the
+        last closed ones, newest use first.
+        """
         now = self._clock()
         rows = [
             {
@@ -305,11 +331,42 @@ class EnvTable:
                 "namespace": i.namespace,
                 "idle_seconds": round(now - i.last_used, 1),
                 "busy": i.lock.locked(),
+                "sandbox_id": i.sandbox_id,
+                "episodes": len(i.episodes),
+                "closed": i.closed,
             }
-            for i in self._instances.values()
+            for i in [*self._instances.values(), *self._ended.values()]
             if caller.may_see(i.namespace)
         ]
-        return sorted(rows, key=lambda r: r["idle_seconds"])
+        return sorted(rows, key=lambda r: (r["closed"], r["idle_seconds"]))
+
+    async def episodes(
+        self, caller: Principal, instance_id: str, offset: int, limit: int
+    ) -> EpisodeList:
+        """A page of an instance's kept episodes, newest first (closed instances too).
+
+        Raises:
+            NotFound: Unknown instance, or one of another namespace (404).
+        """
+        instance = self._seen(caller, instance_id)
+        total, items = instance.episodes.page(offset, limit)
+        return EpisodeList(
+            instance_id=instance.id, env_id=instance.env_id, total=total, offset=offset, items=items
+        )
+
+    async def episode_steps(
+        self, caller: Principal, instance_id: str, index: int, offset: int, limit: int
+    ) -> EpisodeStepPage:
+        """A page of one episode's steps.
+
+        Raises:
+            NotFound: Unknown instance or episode (404).
+        """
+        instance = self._seen(caller, instance_id)
+        summary, total, items = instance.episodes.steps(index, offset, limit)
+        return EpisodeStepPage(
+            instance_id=instance.id, episode=summary, total=total, offset=offset, items=items
+        )
 
     async def instances(self) -> dict[str, int]:
         """How many instances each namespace has open."""
@@ -334,6 +391,12 @@ class EnvTable:
 
     # ------------------------------------------------------------------ internals
 
+    def _seen(self, caller: Principal, instance_id: str) -> _Instance:
+        instance = self._instances.get(instance_id) or self._ended.get(instance_id)
+        if instance is None or not caller.may_see(instance.namespace):
+            raise NotFound(f"no env instance {instance_id!r} (never made, or closed long ago)")
+        return instance
+
     def _get(self, caller: Principal, instance_id: str) -> _Instance:
         instance = self._instances.get(instance_id)
         if instance is None or not caller.may_see(instance.namespace):
@@ -352,6 +415,10 @@ class EnvTable:
                 instance.last_used = self._clock()
 
     async def _close(self, instance: _Instance, why: str) -> None:
+        instance.closed = True
+        self._ended[instance.id] = instance
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
         try:
             await instance.env.close()
         except Exception:
@@ -378,7 +445,7 @@ class EnvTable:
 
     def _start(self) -> None:
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+            self._reaper = untraced_task(self._reap_loop())  # not under a call's trace
 
     async def _reap_loop(self) -> None:
         while True:

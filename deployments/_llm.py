@@ -48,6 +48,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 
 from rock_serve.config import LLMConfig, ServerArgs
+from rock_serve.deployments._trace import untraced_task
 from rock_serve.errors import (
     InternalError,
     InvalidRequest,
@@ -432,7 +433,7 @@ class LLMWorker:
             self._llm_app(), log_level="warning", access_log=False, lifespan="off"
         )
         server = uvicorn.Server(config)
-        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        task = untraced_task(server.serve(sockets=[sock]))  # outlives the call
         while not server.started and not task.done():
             await asyncio.sleep(0.005)
         if not server.started:

@@ -6,6 +6,7 @@ Names (Ray prefixes them with ``ray_``): ``rock_sandboxes{worker,runtime,state}`
 ``rock_op_seconds{worker,runtime,namespace,op}`` histograms,
 ``rock_errors_total{component,op,code}`` counter,
 ``rock_reaped_total{worker,runtime,reason}`` counter,
+``rock_processes_running{worker,runtime}`` gauge (the Worker's process table),
 ``rock_rejected_total{component,namespace,code}`` (401/403/429) and
 ``rock_audit_errors_total{component,sink}`` counters; set by the watcher
 (``deployments/_notify.py``): ``rock_workers{state}``, ``rock_admission{kind}`` and
@@ -106,6 +107,11 @@ class Metrics:
                 "reap intervals (reaper lag; sampled by the Admin).",
                 tag_keys=("component", "kind"),
             ),
+            "processes": rm.Gauge(
+                "rock_processes_running",
+                description="Background processes running in a Worker's sandboxes.",
+                tag_keys=("worker", "runtime"),
+            ),
             "audit_errors": rm.Counter(
                 "rock_audit_errors_total",
                 description="Audit events a sink failed to write (or dropped), by sink.",
@@ -117,6 +123,11 @@ class Metrics:
     def enabled(self) -> bool:
         """True when the metrics are exported (inside Ray)."""
         return bool(self._m)
+
+    def processes(self, running: int) -> None:
+        """Set the processes-running gauge."""
+        if self._m:
+            self._m["processes"].set(running, tags=self._tags())
 
     def namespace(self, namespace: str) -> str:
         """``namespace`` as a label value: itself, or ``other`` past :data:`MAX_NAMESPACES`."""

@@ -35,6 +35,7 @@ import ray
 from rock_serve.config import NotifyConfig, ServerArgs
 from rock_serve.deployments._metrics import Metrics, metrics
 from rock_serve.deployments._ray import ActorHandle, call, get_or_create_scheduler
+from rock_serve.deployments._trace import untraced_task
 from rock_serve.errors import RockError
 from rock_serve.protocol import ConsoleRow, Health, SandboxList, SandboxState, WebhookEvent
 from rock_serve.runtime._sync import run_sync
@@ -198,8 +199,8 @@ class Watcher:
         """Run the watch and the sender (once; later calls do nothing)."""
         if not self._tasks or all(t.done() for t in self._tasks):
             self._tasks = [
-                asyncio.ensure_future(self._watch()),
-                asyncio.ensure_future(self._send()),
+                untraced_task(self._watch()),  # long-lived: not under a call's trace
+                untraced_task(self._send()),
             ]
 
     async def _watch(self) -> None:

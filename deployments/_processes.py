@@ -20,6 +20,7 @@ Auth, namespaces and audit as every sandbox route: the routes go through the Adm
 
 # No "from __future__ import annotations": FastAPI reads these annotations at include time.
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -31,6 +32,7 @@ from pydantic import BaseModel
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import stream
+from rock_serve.deployments._trace import logged_stream
 from rock_serve.errors import RockError, to_body
 from rock_serve.protocol.processes import (
     ProcessInfo,
@@ -44,7 +46,7 @@ from rock_serve.protocol.processes import (
     ProcessTruncated,
 )
 
-__all__ = ["MAX_WAIT", "ProcessesWorker", "router"]
+__all__ = ["MAX_WAIT", "REFRESH_TIMEOUT", "ProcessesWorker", "router"]
 
 router = APIRouter(tags=["processes"])
 _NDJSON = "application/x-ndjson"
@@ -54,18 +56,81 @@ MAX_WAIT = 3600.0
 
 Pid = Annotated[int, Path(ge=1, le=(1 << 31) - 1, description="The process's pid.")]
 ProcessItem = ProcessOutputChunk | ProcessTruncated | ProcessOutputEnd
+#: Seconds one sandbox's process list may take while the process table is refreshed.
+REFRESH_TIMEOUT = 5.0
 
 
 # ----------------------------------------------------------------------------- Worker side
 
 
 class ProcessesWorker:
-    """The Worker's process methods (mixed into ``Worker``: ``_box`` and ``args`` are its)."""
+    """The Worker's process methods (mixed into ``Worker``: ``_box``, ``_boxes`` and ``args``
+    are its).
+
+    It also keeps the Worker's process table (the console's "processes running" chart and the
+    ``rock_processes_running`` gauge): the pids seen running, per sandbox, from the replies of
+    these methods. :meth:`processes_running` answers from the table at once and refreshes it in
+    the background from the rocklets of the sandboxes that had processes running (processes
+    end on their own), so a status probe never waits on a rocklet and idle sandboxes cost
+    nothing. The refresh reads ``_boxes`` directly: it must not renew leases.
+    """
 
     args: ServerArgs
+    _boxes: dict[str, Any]
 
     def _box(self, sandbox_id: str) -> Any:
         raise NotImplementedError  # pragma: no cover
+
+    def _proc_table(self) -> dict[str, set[int]]:
+        table: dict[str, set[int]] | None = self.__dict__.get("_running_pids")
+        if table is None:
+            table = self.__dict__["_running_pids"] = {}
+        return table
+
+    def _proc_seen(self, sandbox_id: str, info: ProcessInfo) -> ProcessInfo:
+        """Note a reply's process in the table; returns ``info``."""
+        table = self._proc_table()
+        pids = table.setdefault(sandbox_id, set())
+        if info.running:
+            pids.add(info.pid)
+        else:
+            pids.discard(info.pid)
+        if not pids:
+            del table[sandbox_id]
+        return info
+
+    async def _proc_refresh(self) -> None:
+        table = self._proc_table()
+
+        async def one(sandbox_id: str) -> None:
+            box = self._boxes.get(sandbox_id)
+            if box is None:  # removed: its processes ended with it
+                table.pop(sandbox_id, None)
+                return
+            try:
+                listed: ProcessList = await asyncio.wait_for(
+                    box.handle.list_processes(), REFRESH_TIMEOUT
+                )
+            except Exception:  # gone, paused, busy or broken: never the status's problem
+                if sandbox_id not in self._boxes:
+                    table.pop(sandbox_id, None)
+                return  # keep what we knew
+            running = {p.pid for p in listed.processes if p.running}
+            if running:
+                table[sandbox_id] = running
+            else:
+                table.pop(sandbox_id, None)
+
+        await asyncio.gather(*(one(sandbox_id) for sandbox_id in list(table)))
+
+    async def processes_running(self) -> int:
+        """Background processes running in this Worker's sandboxes, from the process table
+        (as of the last refresh; this call starts the next one without waiting for it).
+        """
+        task: asyncio.Task[None] | None = self.__dict__.get("_proc_refresher")
+        if (task is None or task.done()) and self._proc_table():
+            self.__dict__["_proc_refresher"] = asyncio.ensure_future(self._proc_refresh())
+        return sum(len(pids) for pids in self._proc_table().values())
 
     async def start_process(self, sandbox_id: str, req: ProcessStartRequest) -> ProcessInfo:
         """Start a background process (at most ``max_processes_per_sandbox`` running at once;
@@ -80,17 +145,19 @@ class ProcessesWorker:
         info: ProcessInfo = await handle.start_process(
             req, max_procs=self.args.max_processes_per_sandbox
         )
-        return info
+        return self._proc_seen(sandbox_id, info)
 
     async def list_processes(self, sandbox_id: str) -> ProcessList:
         """Running and recently ended background processes."""
         result: ProcessList = await self._box(sandbox_id).handle.list_processes()
+        for info in result.processes:
+            self._proc_seen(sandbox_id, info)
         return result
 
     async def process_status(self, sandbox_id: str, pid: int) -> ProcessInfo:
         """One background process's status."""
         info: ProcessInfo = await self._box(sandbox_id).handle.process_status(pid)
-        return info
+        return self._proc_seen(sandbox_id, info)
 
     async def stream_process_output(
         self,
@@ -102,7 +169,8 @@ class ProcessesWorker:
     ) -> AsyncIterator[ProcessItem]:
         """A stream's output from ``offset`` (see the module doc); last a ProcessOutputEnd."""
         handle = self._box(sandbox_id).handle
-        async for item in handle.process_output(pid, stream=stream, offset=offset, follow=follow):
+        items = handle.process_output(pid, stream=stream, offset=offset, follow=follow)
+        async for item in logged_stream(f"process.output {pid}", sandbox_id, items):
             yield item
 
     async def process_input(self, sandbox_id: str, pid: int, body: ProcessInputBody) -> ProcessInfo:
@@ -122,7 +190,7 @@ class ProcessesWorker:
     async def kill_process(self, sandbox_id: str, pid: int) -> ProcessInfo:
         """SIGKILL a background process's group and descendants."""
         info: ProcessInfo = await self._box(sandbox_id).handle.kill_process(pid)
-        return info
+        return self._proc_seen(sandbox_id, info)
 
     async def wait_process(
         self, sandbox_id: str, pid: int, timeout: float | None = None
@@ -133,7 +201,7 @@ class ProcessesWorker:
             Timeout: it still runs after ``timeout`` seconds.
         """
         info: ProcessInfo = await self._box(sandbox_id).handle.wait_process(pid, timeout)
-        return info
+        return self._proc_seen(sandbox_id, info)
 
 
 # ----------------------------------------------------------------------------- Admin routes

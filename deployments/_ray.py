@@ -24,7 +24,7 @@ from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rock_serve.config import ServerArgs
-from rock_serve.deployments._trace import TRACED_METHOD, traced
+from rock_serve.deployments._trace import TRACED_METHOD, TRACED_STREAM, parent
 from rock_serve.errors import (
     InternalError,
     RockError,
@@ -103,7 +103,7 @@ async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> An
     (a ``_trace.TracedActor``: the Scheduler and the Worker) goes through it, which runs
     ``method`` with that trace id set in the actor; other actors are called directly.
     """
-    trace_id = traced()
+    trace_id = parent()
     try:
         if trace_id is not None and hasattr(actor, TRACED_METHOD):
             return await getattr(actor, TRACED_METHOD).remote(trace_id, method, *args, **kwargs)
@@ -119,12 +119,21 @@ async def stream(
 
     If the consumer stops early (a client went away), the actor task is cancelled. With
     ``backpressure`` the actor's generator pauses while that many items are unconsumed.
+    Under a trace id the stream goes through ``rock_traced_stream`` (as :func:`call` does).
     """
     options: dict[str, Any] = {"num_returns": "streaming"}
     if backpressure is not None:
         options["_generator_backpressure_num_objects"] = backpressure
+    trace_id = parent()
     try:
-        gen = getattr(actor, method).options(**options).remote(*args, **kwargs)
+        if trace_id is not None and hasattr(actor, TRACED_STREAM):
+            gen = (
+                getattr(actor, TRACED_STREAM)
+                .options(**options)
+                .remote(trace_id, method, *args, **kwargs)
+            )
+        else:
+            gen = getattr(actor, method).options(**options).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:
         raise _translate(exc, method) from None
     finished = False

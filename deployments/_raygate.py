@@ -14,7 +14,9 @@ SDK finds it). :class:`RayGate` does there what the Admin does for HTTP:
   namespace; admins pass;
 - one :class:`~rock_serve.deployments._audit.AuditEvent` per mutating call, with the same
   action names as HTTP, ``client="ray"`` and ``detail.transport="ray"``;
-- only the methods the SDK uses are reachable through it.
+- only the methods the SDK uses are reachable through it;
+- one trace id per call, as over HTTP: the client's (sent through ``rock_traced``) or a new
+  one, which reaches the rocklet and the log lines.
 
 What it is not: a barrier against code that can reach Ray itself. Ray's own ports run code for
 whoever holds Ray's token (``rock up`` turns Ray's token auth on and keeps them on loopback);
@@ -33,6 +35,7 @@ from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import check_spec_privileges
+from rock_serve.deployments._trace import TRACE_ID, new_trace_id, traced
 from rock_serve.errors import (
     InvalidRequest,
     PermissionDenied,
@@ -111,6 +114,14 @@ def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
         size = len(args[1]) if len(args) > 1 and isinstance(args[1], bytes | bytearray) else None
         return {"path": first, "detail": {"bytes": size} if size is not None else {}}
     return {}
+
+
+def _trace_call() -> None:
+    """Give the Ray-transport call being served a trace id when its client sent none (each
+    actor call runs in its own task: this sets it for that call only).
+    """
+    if traced() is None:
+        TRACE_ID.set(new_trace_id())
 
 
 class RayGate:
@@ -211,6 +222,7 @@ class RayGate:
             SandboxNotFound: unknown, or in a namespace the caller may not see.
             PermissionDenied: a non-admin asked to list another namespace.
         """
+        _trace_call()
         if method not in CONTROL_METHODS:
             raise InvalidRequest(f"no Ray-transport method {method!r}")
         if method == "health":  # like GET /v1/health: no token needed; Workers for admins
@@ -306,6 +318,7 @@ class RayGate:
             InvalidRequest: ``method`` is not one the Ray transport offers.
             SandboxNotFound: unknown, or in a namespace the caller may not see.
         """
+        _trace_call()
         if method not in DATA_METHODS:
             raise InvalidRequest(f"no Ray-transport method {method!r}")
         principal = self.authenticate(token)
@@ -321,6 +334,7 @@ class RayGate:
         self, worker: Any, token: str | None, method: str, sandbox_id: str, args: tuple[Any, ...]
     ) -> AsyncIterator[Any]:
         """A streaming Worker call from the Ray transport (see :meth:`data`)."""
+        _trace_call()
         if method not in STREAM_METHODS:
             raise InvalidRequest(f"no Ray-transport stream {method!r}")
         principal = self.authenticate(token)

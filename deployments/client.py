@@ -49,6 +49,7 @@ from rock_serve.deployments._ray import (
     stream,
     worker_actor_name,
 )
+from rock_serve.deployments._trace import TRACE_ID, new_trace_id, traced
 from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound, http_status
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
@@ -185,14 +186,20 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         target = self._scheduler if actor is None else actor
         if self.gate:  # the entry point that checks the token and audits
             method, args = "ray_call", (self.settings.token, method, *args)
-        while True:
-            try:
-                return await call(target, method, *args)
-            except RockError as error:
-                delay = state.after_error(http_status(error.code), error)
-                if delay is None:
-                    raise
-                await _base.asleep(delay)
+        # One trace id for the call and its retries (a caller's own trace is kept).
+        token = TRACE_ID.set(new_trace_id()) if traced() is None else None
+        try:
+            while True:
+                try:
+                    return await call(target, method, *args)
+                except RockError as error:
+                    delay = state.after_error(http_status(error.code), error)
+                    if delay is None:
+                        raise
+                    await _base.asleep(delay)
+        finally:
+            if token is not None:
+                TRACE_ID.reset(token)
 
     async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         worker = await self._workers.get(_worker_of(sandbox_id))

@@ -40,7 +40,7 @@ from rock_serve.deployments._node import effective_resources
 from rock_serve.deployments._registry import Registry
 from rock_serve.deployments._snapshot import SnapshotScheduler
 from rock_serve.deployments._store import StateStore, open_store
-from rock_serve.deployments._trace import TracedActor, untraced_task
+from rock_serve.deployments._trace import SPANS, TracedActor, untraced_task
 from rock_serve.errors import (
     RateLimited,
     RockError,
@@ -166,6 +166,8 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
         self.args = args
         self._directory = directory
         self._clock = clock
+        if args.tracing.otlp_endpoint:  # spans of its calls, children of the Admin's
+            SPANS.configure(args.tracing.otlp_endpoint, args.tracing.service_name)
         self._workers: dict[str, WorkerRef] = {}  # node id -> Worker
         self._lost_nodes: set[str] = set()
         #: The registry, with the live counts admission reads (no scan per create).

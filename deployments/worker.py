@@ -44,7 +44,7 @@ from rock_serve.deployments._node import NodeCapacity, check_resources, effectiv
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
 from rock_serve.deployments._snapshot import SnapshotWorker
-from rock_serve.deployments._trace import TracedActor, untraced_task
+from rock_serve.deployments._trace import SPANS, TracedActor, logged_stream, untraced_task
 from rock_serve.errors import (
     Conflict,
     InvalidRequest,
@@ -172,6 +172,8 @@ class Worker(
         self.name = name
         self.node_id = node_id
         self._clock = clock
+        if args.tracing.otlp_endpoint:  # spans of its calls and rocklet ops, under the Admin's
+            SPANS.configure(args.tracing.otlp_endpoint, args.tracing.service_name)
         self._boxes: dict[str, _Box] = {}
         self._creating: set[str] = set()
         self._runtime: Runtime | None = runtime
@@ -315,7 +317,7 @@ class Worker(
                 self._warm_wanted.set()
                 box.pool = ""
                 return box
-            asyncio.ensure_future(self._discard(box))
+            untraced_task(self._discard(box))
         self._warm_wanted.set()
         return None
 
@@ -398,6 +400,7 @@ class Worker(
         """Take a redeploy's args: limits at once; a changed runtime for new sandboxes."""
         old = self.args
         self.args = args
+        SPANS.configure(args.tracing.otlp_endpoint, args.tracing.service_name)
         self._node = NodeCapacity.measure(args.runtime)
         self._warm_wanted.set()
         if args.runtime != old.runtime:
@@ -618,7 +621,7 @@ class Worker(
         interval = self.args.rocklet_ping_interval_seconds
         if interval is not None:
             box.handle.watch(interval, self.args.rocklet_ping_timeout_seconds)
-        box.watcher = asyncio.ensure_future(self._await_failure(box))
+        box.watcher = untraced_task(self._await_failure(box))  # outlives the traced create
 
     async def _await_failure(self, box: _Box) -> None:
         await box.handle.wait_closed()
@@ -705,6 +708,8 @@ class Worker(
 
     async def status(self) -> WorkerStatus:
         """Load, capacity and runtime."""
+        processes = await self.processes_running()
+        self._metrics.processes(processes)
         return WorkerStatus(
             name=self.name,
             node_id=self.node_id,
@@ -714,6 +719,7 @@ class Worker(
             runtime=self.args.runtime.type,
             warm=len(self._warm),
             reaped=dict(self._metrics.reaped_counts),
+            processes_running=processes,
         )
 
     # ------------------------------------------------------------------ data plane
@@ -779,7 +785,8 @@ class Worker(
         self, sandbox_id: str, req: ExecRequest
     ) -> AsyncIterator[OutputChunk | ExecResult]:
         """Run one command, yielding output chunks and then the result."""
-        async for item in self._box(sandbox_id).handle.stream_exec(self._capped(req)):
+        items = self._box(sandbox_id).handle.stream_exec(self._capped(req))
+        async for item in logged_stream("exec", sandbox_id, items, log):
             yield item
 
     async def create_session(
@@ -810,7 +817,8 @@ class Worker(
         self, sandbox_id: str, req: SessionRunRequest
     ) -> AsyncIterator[OutputChunk | SessionRunResult]:
         """Run a command in a session, yielding output chunks and then the result."""
-        async for item in self._box(sandbox_id).handle.stream_in_session(self._capped(req)):
+        items = self._box(sandbox_id).handle.stream_in_session(self._capped(req))
+        async for item in logged_stream("session.run", sandbox_id, items, log):
             yield item
 
     async def session_stdin(
@@ -1014,7 +1022,7 @@ class Worker(
             self._ptys[pty_id] = p
             try:
                 yield b""
-                async for data in p:
+                async for data in logged_stream("pty", sandbox_id, aiter(p), log):
                     yield data
                 assert p.exit_code is not None
                 yield p.exit_code

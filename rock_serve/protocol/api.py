@@ -228,6 +228,9 @@ class WorkerStatus(WireModel):
     reaped: dict[str, int] = Field(
         default_factory=dict, description="Sandboxes it reaped since it started, by reason."
     )
+    processes_running: int = Field(
+        default=0, description="Background processes running in its sandboxes (process table)."
+    )
 
 
 class Health(WireModel):

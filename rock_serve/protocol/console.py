@@ -107,6 +107,11 @@ class MetricsSample(WireModel):
     reaped: dict[str, int] = Field(
         default_factory=dict, description="Sandboxes reaped in the interval, by reason."
     )
+    processes_running: int | None = Field(
+        default=None,
+        description="Background processes running in the sandboxes, summed over the Workers' "
+        "process tables (None for a tenant: a platform-wide figure).",
+    )
 
 
 class ConsoleMetrics(WireModel):
@@ -136,12 +141,19 @@ class EnvInstance(WireModel):
     namespace: str = Field(description="Namespace it belongs to.")
     idle_seconds: float = Field(description="Seconds since its last call.")
     busy: bool = Field(description="True while a call runs on it.")
+    sandbox_id: str | None = Field(
+        default=None, description="Its sandbox (after its first reset), for its LLM calls."
+    )
+    episodes: int = Field(default=0, ge=0, description="Episodes kept for the console.")
+    closed: bool = Field(default=False, description="Closed (kept for its episodes).")
 
 
 class EnvInstances(WireModel):
     """Reply of ``GET /ui/api/envs``."""
 
-    items: list[EnvInstance] = Field(description="Open instances the caller may see.")
+    items: list[EnvInstance] = Field(
+        description="Instances the caller may see: open ones, then recently closed ones."
+    )
 
 
 class WebhookEvent(WireModel):

@@ -14,6 +14,12 @@ Host -> agent headers:
   ``{"id": n, "type": "end"}`` ends them (``file.write``, ``tar.upload``).
 - ``{"id": n, "type": "cancel"}``: give up on request ``n``.
 
+A request may carry ``"trace": "<32 hex>"`` (the host caller's W3C trace id): the agent keeps
+it for that op, writes it in its stderr log lines about the op (one JSON object a line:
+``{"ts": unix seconds, "level", "logger": "rocklet", "event": "op.start"|"op.end", "trace",
+"op", "id", "ms"?, "outcome"?}``) and puts it in the error it returns (``error.trace``). Untraced ops are
+not logged.
+
 Agent -> host headers:
 
 - ``{"id": n, "type": "chunk", "stream": "output"|"stdout"|"stderr"|"data"}``: streamed bytes.
@@ -51,6 +57,32 @@ DEFAULT_MAX_SESSIONS = 32
 #: Seconds between SIGINT and SIGKILL of a timed-out command, and before a shell restart.
 KILL_GRACE = 1.0
 SESSION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Bytes of trace lines one agent writes in its life (agent.log is never rotated): past it, one
+#: ``trace.capped`` line and no more.
+TRACE_LOG_BYTES = 4 << 20
+_trace_written = [0]
+
+
+def _trace_log(fields):
+    """One structured log line on stderr (the host keeps it: agent.log, docker's stream).
+
+    One unbuffered write of a whole line (no text layer, no flush): lines of concurrent ops
+    never interleave and the line is on file before the op's reply is sent. At most
+    ``TRACE_LOG_BYTES`` in all.
+    """
+    if _trace_written[0] >= TRACE_LOG_BYTES:
+        return
+    line = {"ts": round(time.time(), 6), "level": "info", "logger": "rocklet"}
+    line.update(fields)
+    data = (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8")
+    _trace_written[0] += len(data)
+    if _trace_written[0] >= TRACE_LOG_BYTES:
+        data = b'{"level":"warning","logger":"rocklet","event":"trace.capped"}\n'
+    try:
+        os.write(2, data)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------- framing
@@ -160,6 +192,22 @@ def _os_error(exc, path=""):
         errno.ENOTEMPTY: "conflict",
     }.get(exc.errno, "invalid_request")
     return AgentError(code, "%s: %s" % (exc.strerror or exc, path or exc.filename or ""))
+
+
+def _error_body(exc):
+    """The error object of an op that raised ``exc`` (never a traceback)."""
+    if isinstance(exc, AgentError):
+        return exc.body()
+    if isinstance(exc, OSError):
+        return _os_error(exc).body()
+    if isinstance(exc, RuntimeError):
+        # "can't start new thread": the sandbox is at its pids limit (threads count).
+        err = AgentError("internal", "%s: %s" % (type(exc).__name__, exc))
+        if "thread" in str(exc):
+            err = AgentError("resource_exhausted", err.message, {"resource": "pids"})
+        return err.body()
+    # a bug: report it without a traceback
+    return {"code": "internal", "message": "%s: %s" % (type(exc).__name__, exc)}
 
 
 def _require(args, key, kind, default=None, optional=False):
@@ -582,27 +630,21 @@ class Agent:
             return
         op = header.get("op")
         args = header.get("args") or {}
+        trace = header.get("trace")
+        if not isinstance(trace, str) or not TRACE_ID.match(trace):
+            trace = None  # a bad trace id is ignored, never trusted
         if not isinstance(args, dict):
-            self.send(
-                {
-                    "id": rid,
-                    "type": "error",
-                    "error": {"code": "invalid_request", "message": "args must be an object"},
-                }
-            )
+            error = {"code": "invalid_request", "message": "args must be an object"}
+            if trace:
+                error["trace"] = trace
+            self.send({"id": rid, "type": "error", "error": error})
             return
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            self.send(
-                {
-                    "id": rid,
-                    "type": "error",
-                    "error": {
-                        "code": "unknown_operation",
-                        "message": "unknown operation: %r" % (op,),
-                    },
-                }
-            )
+            error = {"code": "unknown_operation", "message": "unknown operation: %r" % (op,)}
+            if trace:
+                error["trace"] = trace
+            self.send({"id": rid, "type": "error", "error": error})
             return
         if header.get("more"):
             queue = asyncio.Queue()
@@ -610,10 +652,20 @@ class Agent:
                 queue.put_nowait(payload)
             self.inputs[rid] = queue
             payload = queue
-        task = asyncio.ensure_future(self.handle(rid, handler, args, payload))
+        task = asyncio.ensure_future(self.handle(rid, handler, args, payload, op, trace))
         self.tasks[rid] = task
 
-    async def handle(self, rid, handler, args, payload):
+    async def handle(self, rid, handler, args, payload, op=None, trace=None):
+        """Run one op and send its result or error.
+
+        A traced op is logged at its start and, before its reply is sent, at its end (so the
+        line is written when the host gets the reply); its error reply carries the trace id.
+        """
+        if trace:
+            started = time.monotonic()
+            _trace_log({"event": "op.start", "trace": trace, "op": op, "id": rid})
+        reply = None
+        outcome = "cancelled"
         try:
             result = await handler(self, rid, args, payload)
             data, out = result if isinstance(result, tuple) else (result, b"")
@@ -621,28 +673,22 @@ class Agent:
                 # Bulk output goes ahead as chunks: no frame outgrows MAX_PAYLOAD.
                 self.streamer(rid, "data")(out)
                 out = b""
-            self.send({"id": rid, "type": "result", "data": data}, out)
+            reply, outcome = ({"id": rid, "type": "result", "data": data}, out), "ok"
         except asyncio.CancelledError:
             pass  # the host gave up on it (or the agent is shutting down): nobody waits
-        except AgentError as exc:
-            self.send({"id": rid, "type": "error", "error": exc.body()})
-        except OSError as exc:
-            self.send({"id": rid, "type": "error", "error": _os_error(exc).body()})
-        except RuntimeError as exc:
-            # "can't start new thread": the sandbox is at its pids limit (threads count).
-            err = AgentError("internal", "%s: %s" % (type(exc).__name__, exc))
-            if "thread" in str(exc):
-                err = AgentError("resource_exhausted", err.message, {"resource": "pids"})
-            self.send({"id": rid, "type": "error", "error": err.body()})
-        except Exception as exc:  # a bug: report it without a traceback
-            self.send(
-                {
-                    "id": rid,
-                    "type": "error",
-                    "error": {"code": "internal", "message": "%s: %s" % (type(exc).__name__, exc)},
-                }
-            )
+        except Exception as exc:
+            error = _error_body(exc)
+            if trace:
+                error["trace"] = trace
+            reply, outcome = ({"id": rid, "type": "error", "error": error}, b""), error["code"]
         finally:
+            if trace:
+                ms = round((time.monotonic() - started) * 1000, 3)
+                end = {"event": "op.end", "trace": trace, "op": op, "id": rid, "ms": ms}
+                end["outcome"] = outcome
+                _trace_log(end)
+            if reply is not None:
+                self.send(*reply)
             self.tasks.pop(rid, None)
             self.inputs.pop(rid, None)
             await self.flush()

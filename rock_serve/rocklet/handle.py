@@ -11,6 +11,7 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
+from rock_serve._tracing import SPANS, traced, untraced_task
 from rock_serve.errors import RockletUnavailable, TooLarge, error_class
 from rock_serve.protocol import (
     ExecRequest,
@@ -95,6 +96,10 @@ class RockletHandle(ProcessOps):
 
     A request that would not fit one frame is refused here with
     :class:`~rock_serve.errors.TooLarge`, before it reaches the rocklet.
+
+    Each request frame carries the caller's trace id (``"trace"``, from
+    :data:`rock_serve._tracing.TRACE_ID`) when there is one: the rocklet writes it in its log
+    lines about the op and in the error it returns.
     """
 
     def __init__(
@@ -207,6 +212,10 @@ class RockletHandle(ProcessOps):
     def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self._error is not None:
             raise self._error
+        if "op" in header and "trace" not in header:
+            trace_id = traced()
+            if trace_id is not None:
+                header["trace"] = trace_id
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         if len(head) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
             # The rocklet would drop it: refuse it here, where the caller gets the reason.
@@ -233,7 +242,8 @@ class RockletHandle(ProcessOps):
         (every waiting and later call gets :class:`~rock_serve.errors.RockletUnavailable`).
         """
         if self._watchdog is None and self._error is None:
-            self._watchdog = asyncio.ensure_future(self._watch(interval, timeout))
+            # untraced: its pings must not carry the trace of the call that started it
+            self._watchdog = untraced_task(self._watch(interval, timeout))
 
     def unwatch(self) -> None:
         """Stop :meth:`watch` (a paused sandbox's rocklet cannot answer pings)."""
@@ -284,6 +294,12 @@ class RockletHandle(ProcessOps):
         call = _Call()
         self._calls[rid] = call
         finished = False
+        # The op's span (when spans are exported) ends with its result or error: a caller
+        # that returns on the result frame leaves this generator suspended until collected.
+        span = contextlib.ExitStack()
+        span.enter_context(
+            SPANS.span(f"rocklet {op}", {"rock.sandbox_id": self.name}, current=False)
+        )
         try:
             header: dict[str, Any] = {"id": rid, "op": op, "args": args}
             if upload is not None:
@@ -308,10 +324,15 @@ class RockletHandle(ProcessOps):
                     raise _error(header)
                 if kind == "result":
                     finished = True
+                    span.close()
                 yield header, data
                 if finished:
                     return
+        except BaseException as exc:
+            span.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         finally:
+            span.close()
             self._calls.pop(rid, None)
             if not finished and self._error is None:
                 # The caller gave up (cancelled or stopped iterating): tell the rocklet.

@@ -130,10 +130,13 @@
     clearPage();
     const hash = location.hash || "#/sandboxes";
     for (const a of document.querySelectorAll("nav a"))
-      a.toggleAttribute("aria-current", hash.startsWith(a.getAttribute("href")));
+      a.toggleAttribute("aria-current", hash.startsWith(a.getAttribute("href")) ||
+        (a.getAttribute("href") === "#/envs" && hash.startsWith("#/env/")));
     for (const a of document.querySelectorAll("nav a[aria-current]")) a.setAttribute("aria-current", "page");
     const m = hash.match(/^#\/sandbox\/([^/]+)$/);
     if (m) return sandboxPage(decodeURIComponent(m[1]));
+    const e = hash.match(/^#\/env\/([^/]+)(?:\/episode\/(\d+))?$/);
+    if (e) return envPage(decodeURIComponent(e[1]), e[2] === undefined ? null : Number(e[2]));
     if (hash === "#/workers") return workersPage();
     if (hash === "#/envs") return envsPage();
     if (hash === "#/metrics") return metricsPage();
@@ -497,16 +500,131 @@
   async function envsPage() {
     const body = h("div", { id: "envs" });
     page("Envs", body);
+    const cols = ["Instance", "Env", "Namespace", "Idle", "Busy", "Episodes", "Sandbox", "Open"];
     async function load() {
       try {
         const res = await json(UI + "/envs");
-        body.replaceChildren(res.items.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Instance", "Env", "Namespace", "Idle", "Busy"].map((c) => h("th", { scope: "col", text: c })))),
-          h("tbody", {}, res.items.map((e) => h("tr", {}, [e.id, e.env_id, e.namespace, age(e.idle_seconds), e.busy ? "yes" : "no"].map((v) => h("td", { text: v }))))))
-          : h("p", { text: "No GEM env instances are open." }));
+        body.replaceChildren(res.items.length ? h("table", {},
+          h("caption", { class: "skip", text: "Env instances" }),
+          h("thead", {}, h("tr", {}, cols.map((c) => h("th", { scope: "col", text: c })))),
+          h("tbody", {}, res.items.map((e) => h("tr", { "data-id": e.id },
+            h("td", {}, h("a", { href: "#/env/" + encodeURIComponent(e.id), text: e.id })),
+            [e.env_id, e.namespace, age(e.idle_seconds), e.busy ? "yes" : "no", String(e.episodes),
+              e.sandbox_id || "–", e.closed ? "closed" : "open"].map((v) => h("td", { text: v }))))))
+          : h("p", { text: "No GEM env instances are open (or recently closed)." }));
       } catch (err) { toast(err); }
     }
     load();
     state.timers.push(setInterval(load, 5000));
+  }
+  // One env instance: its episodes, one episode's steps, and its sandbox's LLM calls beside.
+  const STEPS_PAGE = 100, CALLS_PAGE = 50, EPISODES_PAGE = 20;
+  const cut = (text, n) => (text && text.length > n ? text.slice(0, n - 1) + "…" : text || "");
+  function llmText(message) {
+    if (!message) return "";
+    if (typeof message.content === "string") return message.content;
+    if (Array.isArray(message.content)) return message.content.map((p) => p.text || "").join("");
+    if (message.tool_calls) return JSON.stringify(message.tool_calls);
+    return JSON.stringify(message);
+  }
+  function llmCall(step, i) {
+    const msgs = (step.request && step.request.messages) || [];
+    const last = msgs[msgs.length - 1];
+    const choice = step.response && step.response.choices && step.response.choices[0];
+    const answer = step.error ? "error: " + JSON.stringify(step.error)
+      : choice ? llmText(choice.message || choice.delta) : "(waiting for an answer)";
+    return h("li", { class: "llm-call", "data-index": String(i) },
+      h("h3", { text: "Call " + (i + 1) + (step.request && step.request.model ? " · " + step.request.model : "") }),
+      h("div", { class: "grid2" },
+        h("div", {}, h("strong", { text: "Request" + (last ? " (" + last.role + ", " + msgs.length + " messages)" : "") }),
+          h("pre", { class: "output llm-request", text: cut(llmText(last), 4000) })),
+        h("div", {}, h("strong", { text: "Response" }),
+          h("pre", { class: "output llm-response", text: cut(answer, 4000) }))));
+  }
+  async function envPage(id, wanted) {
+    const episodesBox = h("div", { id: "episodes" });
+    const stepsBox = h("section", { id: "steps", "aria-labelledby": "steps-title" },
+      h("h2", { id: "steps-title", text: "Steps" }));
+    const callsBox = h("section", { id: "llm", "aria-labelledby": "llm-title" },
+      h("h2", { id: "llm-title", text: "LLM calls" }));
+    const summary = h("dl", { id: "env-summary" });
+    page("Env " + id, h("p", {}, h("a", { href: "#/envs", text: "← all env instances" })), summary,
+      h("section", { "aria-labelledby": "episodes-title" }, h("h2", { id: "episodes-title", text: "Episodes" }), episodesBox),
+      h("div", { class: "grid2 side-by-side" }, stepsBox, callsBox));
+    const base = UI + "/envs/" + encodeURIComponent(id) + "/episodes";
+    let list;
+    try {
+      const all = await json(UI + "/envs");
+      const inst = all.items.find((x) => x.id === id);
+      if (inst) summary.replaceChildren(
+        ...[["Env", inst.env_id], ["Namespace", inst.namespace], ["Sandbox", inst.sandbox_id || "–"],
+          ["State", inst.closed ? "closed" : inst.busy ? "busy" : "open"]]
+          .flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })]));
+      list = await json(base + "?limit=" + EPISODES_PAGE);
+    } catch (err) { episodesBox.replaceChildren(h("p", { class: "error", text: err.message })); return toast(err); }
+    if (!list.items.length) {
+      episodesBox.replaceChildren(h("p", { text: "No episode yet (reset the env to start one)." }));
+      episodesBox.dataset.loaded = "1";
+      return;
+    }
+    const current = wanted === null ? list.items[0].index : wanted;
+    episodesBox.replaceChildren(h("table", { id: "episode-list" },
+      h("caption", { class: "skip", text: "Episodes, newest first" }),
+      h("thead", {}, h("tr", {}, ["Episode", "Steps", "Total reward", "Done", "Started"].map((c) => h("th", { scope: "col", text: c })))),
+      h("tbody", {}, list.items.map((ep) => h("tr", { "data-index": String(ep.index) },
+        h("td", {}, h("a", { href: "#/env/" + encodeURIComponent(id) + "/episode/" + ep.index,
+          "aria-current": ep.index === current ? "true" : null, text: "Episode " + ep.index })),
+        h("td", { text: String(ep.steps) + (ep.dropped_steps ? " (" + ep.dropped_steps + " not kept)" : "") }),
+        h("td", { text: fmt(ep.total_reward) }), h("td", { text: ep.done ? "yes" : "no" }),
+        h("td", { text: new Date(ep.started * 1000).toLocaleTimeString() }))))),
+      ...(list.total > list.items.length ? [h("p", { text: list.total + " episodes kept; the newest " + list.items.length + " are listed." })] : []));
+    episodesBox.dataset.loaded = "1";
+    // Steps of the chosen episode, a page at a time.
+    const tbody = h("tbody", { id: "step-rows" });
+    const moreSteps = h("button", { type: "button", id: "more-steps", hidden: true }, "More steps");
+    stepsBox.append(h("table", { id: "step-table" },
+      h("caption", { class: "skip", text: "Steps of episode " + current }),
+      h("thead", {}, h("tr", {}, ["Step", "Action", "Reward", "End", "Observation"].map((c) => h("th", { scope: "col", text: c })))),
+      tbody), moreSteps);
+    let sandboxId = null, stepsAt = 0;
+    async function steps() {
+      try {
+        const res = await json(base + "/" + current + "?offset=" + stepsAt + "&limit=" + STEPS_PAGE);
+        sandboxId = res.episode.sandbox_id;
+        for (const st of res.items) tbody.append(h("tr", { "data-step": String(st.index) },
+          h("td", { text: st.index === 0 ? "reset" : String(st.index) }),
+          h("td", {}, h("code", { text: st.action === null ? "–" : cut(st.action, 200) })),
+          h("td", { text: st.reward === null ? "–" : fmt(st.reward) }),
+          h("td", { text: st.terminated ? "terminated" : st.truncated ? "truncated" : "" }),
+          h("td", { class: "obs", title: st.observation, text: cut(st.observation, 200) })));
+        stepsAt += res.items.length;
+        moreSteps.hidden = stepsAt >= res.total;
+        stepsBox.dataset.loaded = "1";
+      } catch (err) { toast(err); }
+    }
+    moreSteps.addEventListener("click", steps);
+    await steps();
+    // The sandbox's recorded LLM calls (its model service), when it has one.
+    const calls = h("ol", { id: "llm-calls" });
+    const moreCalls = h("button", { type: "button", id: "more-calls", hidden: true }, "More calls");
+    let callsAt = 0;
+    async function llm() {
+      if (!sandboxId) { callsBox.append(h("p", { text: "This episode has no sandbox." })); callsBox.dataset.loaded = "1"; return; }
+      try {
+        const res = await json(UI + "/sandboxes/" + encodeURIComponent(sandboxId) + "/trajectory?offset=" + callsAt + "&limit=" + CALLS_PAGE);
+        res.items.forEach((st, i) => calls.append(llmCall(st, callsAt + i)));
+        callsAt += res.items.length;
+        moreCalls.hidden = callsAt >= res.total;
+        if (!res.total) callsBox.append(h("p", { text: "No LLM call recorded yet." }));
+      } catch (err) {
+        if (err.status !== 404) toast(err);
+        callsBox.append(h("p", { text: err.status === 404 ? "No LLM calls recorded for sandbox " + sandboxId + "." : err.message }));
+      }
+      callsBox.dataset.loaded = "1";
+    }
+    moreCalls.addEventListener("click", llm);
+    callsBox.append(calls, moreCalls);
+    await llm();
   }
 
   // ------------------------------------------------------------------ charts (SVG)
@@ -540,6 +658,12 @@
       line.setAttribute("fill", "none"); line.setAttribute("stroke", COLORS[i % COLORS.length]);
       line.setAttribute("stroke-width", "2"); line.setAttribute("data-series", s.name);
       svg.append(line);
+      // The latest point as a dot: a series of one sample (a rare create, one error) shows too.
+      const [lt, lv] = s.points[s.points.length - 1];
+      const dot = document.createElementNS(svg.namespaceURI, "circle");
+      dot.setAttribute("cx", x(lt).toFixed(1)); dot.setAttribute("cy", y(lv).toFixed(1));
+      dot.setAttribute("r", "2.5"); dot.setAttribute("fill", COLORS[i % COLORS.length]);
+      svg.append(dot);
     });
     return h("figure", {}, h("figcaption", { text: title }), svg,
       h("div", { class: "legend" }, series.map((s, i) => h("span", { style: "color:" + COLORS[i % COLORS.length], text: "■ " + s.name }))));
@@ -564,7 +688,8 @@
           chart("Op latency (s)", [{ name: "p50", points: pts((s) => s.op_p50) }, { name: "p99", points: pts((s) => s.op_p99) }]),
           chart("Errors by status", codes.map((c) => ({ name: c, points: pts((s) => s.errors[c] || 0) }))),
           chart("Reaps by reason", reasons.map((r) => ({ name: r, points: pts((s) => (s.reaped || {})[r] || 0) }))),
-          chart("Paused sandboxes", [{ name: "paused", points: pts((s) => s.sandboxes.paused || 0) }]));
+          chart("Paused sandboxes", [{ name: "paused", points: pts((s) => s.sandboxes.paused || 0) }]),
+          chart("Processes running", [{ name: "processes", points: pts((s) => s.processes_running) }]));
         box.dataset.samples = String(S.length);
       } catch (err) { toast(err); }
     }

@@ -162,6 +162,50 @@ def _run(
     )
 
 
+#: What ``serve deploy`` prints when the dashboard dropped or refused its request (seen on 2 busy
+#: cores). The PUT is declarative (the same config twice is one deployment), so it is sent again.
+_DROPPED = ("Connection aborted", "RemoteDisconnected", "Connection refused", "Connection reset")
+
+
+def serve_deploy(
+    config: Path,
+    dashboard: str,
+    *,
+    timeout: float,
+    ray_auth: bool | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``serve deploy config`` against ``dashboard``; resent (backoff 1-8 s) while the dashboard
+    drops the connection, until ``timeout``. Returns the last attempt.
+
+    Args:
+        config: The Serve config file.
+        dashboard: The head's dashboard URL.
+        timeout: Seconds for every attempt together.
+        ray_auth: Whether to send Ray's token (with ``env`` None).
+        env: The environment to run in (default: this process's, with Ray's token as asked).
+        cwd: Working directory.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while True:
+        res = subprocess.run(
+            [_bin("serve"), "deploy", str(config), "-a", dashboard],
+            env=env if env is not None else _env(ray_auth),
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, deadline - time.monotonic()),
+            cwd=cwd,
+            check=False,
+        )
+        dropped = res.returncode != 0 and any(m in res.stderr for m in _DROPPED)
+        if not dropped or time.monotonic() + delay >= deadline:
+            return res
+        time.sleep(delay)
+        delay = min(2 * delay, 8.0)
+
+
 def _head_auth(dashboard: str) -> bool | None:
     """Whether the head at ``dashboard`` needs Ray's token (None: no head answers)."""
     try:
@@ -326,11 +370,7 @@ def up(
                     f"(its hash in {token_file})"
                 )
         progress.update(task, description=f"serve deploy {config}")
-        res = _run(
-            [_bin("serve"), "deploy", str(config), "-a", dashboard],
-            timeout=timeout,
-            ray_auth=ray_auth,
-        )
+        res = serve_deploy(config, dashboard, timeout=timeout, ray_auth=ray_auth)
         if res.returncode != 0:
             raise SystemExit(f"rock: serve deploy failed:\n{res.stderr[-2000:]}")
         health = _wait_healthy(api, time.monotonic() + timeout, progress, task)

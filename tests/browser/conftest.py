@@ -22,6 +22,7 @@ import pytest
 from rock_serve.auth import generate_token, hash_token
 from rock_serve.config import TokenEntry
 from rock_serve.sdk import Client
+from tests.contract.conftest import bwrap_unavailable, make_config
 from tests.e2e._head import BIN, deploy, ray_head
 
 CHROMIUM = "/usr/bin/chromium"
@@ -76,6 +77,8 @@ class ConsoleApp:
     tokens: dict[str, str]
     #: The Ray head's --temp-dir (its session's logs are under session_latest/logs).
     ray_temp: str = ""
+    #: The same platform on bwrap (host tools) beside it, same tokens (pause/resume).
+    bwrap: ConsoleApp | None = None
 
     def client(self, user: str) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.tokens[user]}"}
@@ -113,13 +116,25 @@ def console_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleApp
         app["args"]["reap_interval_seconds"] = 0.5
         app["args"]["console"] = {"sample_interval_seconds": 1.0, "events_interval_seconds": 0.25}
 
+    tmp = tmp_path_factory.mktemp("console")
+
+    def on_bwrap(app: dict[str, Any]) -> None:
+        app["args"]["runtime"] = make_config("bwrap", str(tmp / "bwrap")).model_dump(mode="json")
+        app["args"]["max_sandboxes_per_node"] = 4
+
+    also = {} if bwrap_unavailable() else {"/bw": on_bwrap}
     with ray_head() as head:
-        deploy(head, tmp_path_factory.mktemp("console"), "rock-console", edit)
+        deploy(head, tmp, "rock-console", edit, also=also)
         app = ConsoleApp(url=head.url, tokens=tokens, ray_temp=head.temp)
+        if also:
+            app.bwrap = ConsoleApp(url=head.url + "/bw", tokens=tokens, ray_temp=head.temp)
         yield app
-        with app.client("root") as root:
-            for item in root.get("/v1/sandboxes").json().get("items", []):
-                root.delete(f"/v1/sandboxes/{item['id']}")
+        for platform in (app, app.bwrap):
+            if platform is None:
+                continue
+            with platform.client("root") as root:
+                for item in root.get("/v1/sandboxes").json().get("items", []):
+                    root.delete(f"/v1/sandboxes/{item['id']}")
 
 
 @pytest.fixture

@@ -106,18 +106,40 @@ def test_upload_then_download_a_file(page, console_app, tmp_path: Path):
     shot(page, "files")
 
 
+def _line(page: Any, caption: str, series: str) -> Any:
+    figure = page.locator("#charts figure", has=page.locator(f"figcaption:text-is('{caption}')"))
+    return figure.locator(f"polyline[data-series='{series}']")
+
+
 def test_metric_charts_render(page, console_app):
-    _create(console_app, "root")
-    login(page, console_app, "root")
+    login(page, console_app, "root")  # the console starts sampling: then the actions count
     page.goto(f"{console_app.ui}#/metrics")
+    sandbox_id = _create(console_app, "root")
+    with console_app.client("root") as api:  # one of each thing the charts count
+        assert api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "true"}).is_success
+        assert api.get("/v1/sandboxes/sb-nosuch-0000000000000000").status_code == 404
+        started = api.post(f"/v1/sandboxes/{sandbox_id}/processes", json={"command": "sleep 600"})
+        assert started.status_code == 201, started.text
     # Samples come once a second here; wait for at least two and a drawn line.
     page.wait_for_function("() => Number(document.querySelector('#charts')?.dataset.samples) >= 2")
-    page.wait_for_selector("svg.chart polyline[data-series='running']")
-    figures = page.locator("figure figcaption").all_inner_texts()
-    assert "Sandboxes by state" in figures
-    assert "Create latency (s)" in figures
+    # A flat line has no height (Playwright calls it hidden): attached is what counts.
+    page.wait_for_selector("svg.chart polyline[data-series='running']", state="attached")
+    # Every chart the issue names draws its line (reaps: test_reaps_by_reason_and_paused_charts).
+    for caption, series in [
+        ("Sandboxes by state", "running"),
+        ("Create latency (s)", "p50"),
+        ("Op latency (s)", "p50"),
+        ("Errors by status", "404"),
+        ("Processes running", "processes"),
+    ]:
+        _line(page, caption, series).wait_for(state="attached")
     label = page.locator("svg.chart").first.get_attribute("aria-label")
     assert label is not None and re.search(r"running \d", label)
+    # The page reloads its samples every 5 s: wait for one taken after the process started.
+    page.wait_for_function(
+        "() => /processes [1-9]/.test(document.querySelector("
+        "\"svg.chart[aria-label^='Processes running']\")?.getAttribute('aria-label') || '')"
+    )
     shot(page, "metrics")
 
 
@@ -304,6 +326,89 @@ def test_workers_and_envs_pages(page, console_app):
             alice.post(f"{gem}/close", json={"sandbox_id": instance})
 
 
+_AGENT = (
+    "import json, os, urllib.request\n"
+    "body = {'model': 'policy', 'messages': [{'role': 'user', 'content': 'pick a number'}]}\n"
+    "req = urllib.request.Request(os.environ['OPENAI_BASE_URL'] + '/chat/completions',\n"
+    "    data=json.dumps(body).encode(), headers={'Content-Type': 'application/json',\n"
+    "    'Authorization': 'Bearer ' + os.environ['OPENAI_API_KEY']})\n"
+    "reply = json.load(urllib.request.urlopen(req, timeout=60))\n"
+    "print(reply['choices'][0]['message']['content'])\n"
+)
+
+
+def test_an_env_episode_beside_its_llm_calls(page, console_app):
+    from rock_serve.sdk._sync_llm import LLMCallHandle, poll_calls
+
+    gem = "/apis/v1/envs/gem"
+    spec = {"model_service": {"mode": "relay", "port": _free_port()}}
+    with console_app.client("alice") as alice, console_app.sdk("alice") as sdk:
+        made = alice.post(
+            f"{gem}/make", json={"env_id": "rock/GuessNumber-v0", "env_kwargs": {"sandbox": spec}}
+        )
+        assert made.status_code == 200, made.text
+        instance = made.json()["sandbox_id"]
+        assert alice.post(f"{gem}/reset", json={"sandbox_id": instance, "seed": 7}).is_success
+        (row,) = [e for e in alice.get("/ui/api/envs").json()["items"] if e["id"] == instance]
+        sandbox_id = row["sandbox_id"]
+        # The policy's model call: the agent in the sandbox asks, the trainer answers (SDK).
+        agent = sdk.start_process(sandbox_id, ["python3", "-c", _AGENT])
+        (call,) = poll_calls(sdk, sandbox_id, 30, 1)
+        LLMCallHandle(sdk, call).respond(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "policy",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "I guess 50"},
+                    }
+                ],
+            }
+        )
+        assert sdk.wait_process(sandbox_id, agent.pid, timeout=30).exit_code == 0
+        for guess in ("50", "25"):
+            step = alice.post(f"{gem}/step", json={"sandbox_id": instance, "action": guess})
+            assert step.status_code == 200, step.text
+        # Pages are bounded; a tenant of another namespace sees none of it.
+        too_big = alice.get(f"/ui/api/envs/{instance}/episodes", params={"limit": 100_000})
+        assert too_big.status_code in (400, 422) and "code" in too_big.json()["error"]
+    with console_app.client("bob") as bob:
+        assert bob.get(f"/ui/api/envs/{instance}/episodes").status_code == 404
+        assert bob.get(f"/ui/api/sandboxes/{sandbox_id}/trajectory").status_code == 404
+    try:
+        login(page, console_app, "vera")  # a viewer may read
+        page.goto(f"{console_app.ui}#/envs")
+        link = page.get_by_role("link", name=instance)
+        link.focus()  # keyboard: the instance is a link, Enter opens it
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#steps[data-loaded='1']")
+        page.wait_for_selector("#llm[data-loaded='1']")
+        assert page.get_by_role("heading", name="Steps").is_visible()
+        assert page.get_by_role("heading", name="LLM calls").is_visible()
+        episodes = page.locator("#episode-list tbody tr")
+        assert episodes.count() == 1
+        assert episodes.first.locator("td").all_inner_texts()[:4] == ["Episode 0", "2", "0.0", "no"]
+        steps = [r.locator("td").all_inner_texts() for r in page.locator("#step-rows tr").all()]
+        assert [c[:3] for c in steps] == [
+            ["reset", "–", "–"],
+            ["1", '"50"', "0.0"],
+            ["2", '"25"', "0.0"],
+        ]
+        assert "than 50" in steps[1][4]
+        calls = page.locator("#llm-calls li")
+        assert calls.count() == 1
+        assert calls.first.locator(".llm-request").inner_text() == "pick a number"
+        assert calls.first.locator(".llm-response").inner_text() == "I guess 50"
+        shot(page, "env-episode-and-llm-calls")
+    finally:
+        with console_app.client("alice") as alice:
+            alice.post(f"{gem}/close", json={"sandbox_id": instance})
+
+
 def _free_port() -> int:
     import socket
 
@@ -437,3 +542,40 @@ def test_reaps_by_reason_and_paused_charts(page, console_app):
     label = page.locator("svg.chart[aria-label^='Reaps by reason']").get_attribute("aria-label")
     assert "ttl_expired" in label
     shot(page, "reaps-chart")
+
+
+def test_pause_and_resume_a_bwrap_sandbox_from_its_page(page, console_app):
+    # The local runtime answers not_supported (above); bwrap pauses (the cgroup freezer).
+    platform = console_app.bwrap
+    if platform is None:
+        pytest.skip("bwrap cannot run here")
+    with platform.client("otto") as api:
+        made = api.post("/v1/sandboxes", json={"ttl_seconds": 600})
+        assert made.status_code == 201, made.text
+        sandbox_id = made.json()["id"]
+        started = api.post(f"/v1/sandboxes/{sandbox_id}/processes", json={"command": "sleep 600"})
+        assert started.status_code == 201, started.text
+        pid = started.json()["pid"]
+        try:
+            login(page, platform, "otto")
+            page.goto(f"{platform.ui}#/sandbox/{sandbox_id}")
+            page.get_by_role("button", name="Pause").click()
+            page.get_by_role("button", name="Resume").wait_for()
+            assert page.locator("#toast strong").inner_text().startswith("ok")
+            assert page.locator("dt:text-is('State') + dd").inner_text() == "paused"
+            assert api.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "paused"
+            shot(page, "bwrap-paused")
+            page.get_by_role("button", name="Dismiss").click()
+            page.get_by_role("button", name="Resume").click()
+            page.get_by_role("button", name="Pause").wait_for()
+            assert page.locator("dt:text-is('State') + dd").inner_text() == "running"
+            states = page.locator("#history td:nth-child(2)").all_inner_texts()
+            assert states[-2:] == ["paused", "running"]
+            # Its processes lived through it, and it runs commands again.
+            process = api.get(f"/v1/sandboxes/{sandbox_id}/processes/{pid}").json()
+            assert process["running"] is True
+            again = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": "echo back"})
+            assert again.json()["stdout"] == "back\n"
+            shot(page, "bwrap-resumed")
+        finally:
+            api.delete(f"/v1/sandboxes/{sandbox_id}")

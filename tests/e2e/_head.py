@@ -9,6 +9,7 @@ temp state dir, a free HTTP port and its own namespace; nothing else changes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from rock_serve.sdk.cli._platform import serve_deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -116,11 +119,15 @@ def deploy(
     namespace: str,
     edit: Callable[[dict[str, Any]], None] | None = None,
     state: str = "state",
+    also: dict[str, Callable[[dict[str, Any]], None]] | None = None,
 ) -> Path:
     """`serve deploy` serve_config.yaml (local runtime) and wait until healthy; the state dir.
 
     ``edit`` may change the application's entry (``args``, ``deployments``) before deploying,
-    as a user editing the YAML would.
+    as a user editing the YAML would. ``also`` deploys more platforms beside it on the same
+    head (one Ray head costs more than one more app): route prefix -> an edit of a copy of
+    the edited entry (the copy is named after the prefix and gets its own namespace
+    ``<namespace>-<prefix>``; the edit sets at least its runtime).
     """
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": head.http_port}
@@ -133,27 +140,33 @@ def deploy(
     app["args"]["audit"] = {"path": str(tmp_path / f"audit-{state}.jsonl")}
     if edit is not None:
         edit(app)
+    for prefix, more in (also or {}).items():
+        other = copy.deepcopy(app)
+        name = prefix.strip("/")
+        other["name"], other["route_prefix"] = f"{app['name']}-{name}", prefix
+        other["args"]["namespace"] = f"{namespace}-{name}"
+        more(other)
+        config["applications"].append(other)
     path = tmp_path / f"serve_config-{state}.yaml"
     path.write_text(yaml.safe_dump(config))
     wait_for(
         lambda: httpx.get(f"{head.dashboard}/api/version", timeout=5).status_code == 200,
-        time.monotonic() + 60,
+        time.monotonic() + 180,  # about a minute on a 2-core machine at load 30
         "the dashboard",
     )
-    result = subprocess.run(
-        [str(BIN / "serve"), "deploy", str(path), "--address", head.dashboard],
-        env=head.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = serve_deploy(path, head.dashboard, timeout=120, env=head.env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
 
     def deployed() -> bool:
         health = httpx.get(f"{head.url}/v1/health", timeout=10).json()
         return bool(health.get("status") == "ok" and health.get("namespace") == namespace)
 
-    wait_for(deployed, time.monotonic() + 90, "the deployed app")
+    wait_for(deployed, time.monotonic() + 180, "the deployed app")
+    for prefix in also or {}:
+        url = f"{head.url}{prefix}/v1/health"
+        wait_for(
+            lambda url=url: httpx.get(url, timeout=10).json().get("status") == "ok",
+            time.monotonic() + 180,
+            f"the app at {prefix}",
+        )
     return state_dir
