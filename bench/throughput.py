@@ -1,7 +1,7 @@
 """Benchmark: in-session ops/s at 1, 16 and 64 concurrent clients, churn, and the floors, one run.
 
 Usage: ``.venv/bin/python bench/throughput.py [--seconds 5] [--runtime bwrap|local]
-[--clients 1,16,64] [--churn-seconds 8]``
+[--clients 1,16,64] [--churn-seconds 8] [--only floors,admin,direct,batch,ray,churn]``
 
 Paths measured (each client owns one sandbox and runs ``echo hi`` in its session in a loop;
 clients are asyncio tasks of one process, as one rollout driver stepping many envs is):
@@ -269,9 +269,34 @@ def report(rows: list[Row], runtime: str) -> None:
 
 async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
     clients = [int(c) for c in opts.clients.split(",")]
+    only = set(opts.only.split(",")) if opts.only else set(PATHS)
     rows: list[Row] = []
-    rows += await rocklet_floor(clients, opts.seconds)
-    rows += await http_floor("bare Serve GET /ping", url, "GET", clients, opts.seconds)
+    if "floors" in only:
+        rows += await floors(url, clients, opts.seconds)
+    if "admin" in only:
+        rows += await sessions(url, clients, opts.seconds, opts.runtime, "admin")
+    if "direct" in only:
+        rows += await sessions(url, clients, opts.seconds, opts.runtime, "direct")
+    if "batch" in only:
+        rows += await batched(url, clients, opts.seconds)
+    if "ray" in only:
+        rows += await sessions(None, clients, opts.seconds, opts.runtime)
+    loops = [int(c) for c in opts.churn.split(",")]
+    if "churn" in only:
+        rows += await churn(url, loops, opts.churn_seconds)
+        rows += await churn(None, loops, opts.churn_seconds)
+    return rows
+
+
+#: The groups of rows ``--only`` can pick.
+PATHS = ("floors", "admin", "direct", "batch", "ray", "churn")
+
+
+async def floors(url: str, clients: list[int], seconds: float) -> list[Row]:
+    """The rocklet through its handle, a bare Serve ping and a bare uvicorn echo."""
+    rows: list[Row] = []
+    rows += await rocklet_floor(clients, seconds)
+    rows += await http_floor("bare Serve GET /ping", url, "GET", clients, seconds)
     port = harness.free_port()
     proc = subprocess.Popen([sys.executable, "-c", UVICORN_APP, str(port)])
     try:
@@ -285,17 +310,10 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
-        rows += await http_floor("bare uvicorn echo", echo_url, "POST", clients, opts.seconds)
+        rows += await http_floor("bare uvicorn echo", echo_url, "POST", clients, seconds)
     finally:
         proc.terminate()
         proc.wait(10)
-    rows += await sessions(url, clients, opts.seconds, opts.runtime, "admin")
-    rows += await sessions(url, clients, opts.seconds, opts.runtime, "direct")
-    rows += await batched(url, clients, opts.seconds)
-    rows += await sessions(None, clients, opts.seconds, opts.runtime)
-    loops = [int(c) for c in opts.churn.split(",")]
-    rows += await churn(url, loops, opts.churn_seconds)
-    rows += await churn(None, loops, opts.churn_seconds)
     return rows
 
 
@@ -306,6 +324,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--churn", default="1,8")
     parser.add_argument("--runtime", default="bwrap", choices=["local", "bwrap"])
+    parser.add_argument("--only", default="", help=f"comma list of {','.join(PATHS)} (all)")
     opts = parser.parse_args()
     capacity = max(int(c) for c in opts.clients.split(",")) + 16
     base = {

@@ -58,7 +58,6 @@ from rock_serve.errors import (
 )
 from rock_serve.protocol import (
     ExecRequest,
-    FileWritten,
     MkdirRequest,
     RemoveRequest,
     SessionCreateRequest,
@@ -72,6 +71,23 @@ from rock_serve.protocol.dataplane import (
     BatchRunOutcome,
     BatchRunReply,
     BatchRunRequest,
+)
+from rock_serve.protocol.ops import (
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    FileWriteOp,
+    MkdirOp,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    TarDownloadOp,
+    TarUploadOp,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +169,7 @@ def _mode(request: Request) -> int | None:
     if raw is None or raw == "":
         return None
     try:
-        mode = int(raw, 8) if raw.startswith("0") and raw != "0" else int(raw)
+        mode = int(raw, 8)  # octal permission bits, as the Admin's route reads them
     except ValueError:
         raise InvalidRequest(f"invalid mode {raw!r}") from None
     if not 0 <= mode <= 0o7777:
@@ -267,10 +283,11 @@ class _Server:
         detail = {"stream": streamed, "cwd": req.cwd, "stdin_bytes": len(req.stdin or "")}
         if streamed:
             return await self._stream(
-                request, claims, "exec", fields, detail, self.worker.stream_exec(sid, req)
+                request, claims, "exec", fields, detail, self.worker.op_stream(sid, ExecOp.of(req))
             )
         async with self.audited(request, claims, "exec", **fields, detail=detail) as event:
-            result = await self.worker.exec(sid, req, request.headers.get("idempotency-key"))
+            key = request.headers.get("idempotency-key")
+            result = await self.worker.op(sid, ExecOp.of(req, key))
             event["detail"]["exit_code"] = result.exit_code
         return _model(result)
 
@@ -287,13 +304,13 @@ class _Server:
                 "session.run",
                 fields,
                 {"stream": True},
-                self.worker.stream_in_session(sid, req),
+                self.worker.op_stream(sid, SessionRunOp.of(req)),
             )
         async with self.audited(
             request, claims, "session.run", **fields, detail={"stream": False}
         ) as event:
             key = request.headers.get("idempotency-key")
-            result = await self.worker.run_in_session(sid, req, key)
+            result = await self.worker.op(sid, SessionRunOp.of(req, key))
             event["detail"]["exit_code"] = result.exit_code
         return _model(result)
 
@@ -335,73 +352,73 @@ class _Server:
             command="\n".join(req.startup_commands) if req.startup_commands else None,
             env_keys=sorted(req.env or {}),
         ):
-            result = await self.worker.create_session(sid, req)
+            result = await self.worker.op(sid, SessionCreateOp.of(req))
         return _model(result)
 
     async def stdin(self, request: Request, sid: str, claims: Any) -> Response:
         session = _session(request)
         body: SessionStdinBody = _parse(SessionStdinBody, await request.body())
-        data = body.data.encode("utf-8")
-        detail = {"bytes": len(data), "eof": body.eof}
+        detail = {"bytes": len(body.data.encode("utf-8")), "eof": body.eof}
+        op = SessionStdinOp(session=session, data=body.data, eof=body.eof)
         async with self.audited(request, claims, "session.stdin", session=session, detail=detail):
-            await self.worker.session_stdin(sid, session, data, body.eof)
+            await self.worker.op(sid, op)
         return _model(None)
 
     async def interrupt(self, request: Request, sid: str, claims: Any) -> Response:
         session = _session(request)
         async with self.audited(request, claims, "session.interrupt", session=session):
-            await self.worker.interrupt_session(sid, session)
+            await self.worker.op(sid, SessionInterruptOp(session=session))
         return _model(None)
 
     async def close_session(self, request: Request, sid: str, claims: Any) -> Response:
         session = _session(request)
         async with self.audited(request, claims, "session.close", session=session):
-            await self.worker.close_session(sid, session)
+            await self.worker.op(sid, SessionCloseOp(session=session))
         return _model(None)
 
     async def files(self, request: Request, sid: str, claims: Any) -> Response:
         path = _path(request)
         if request.method == "GET":
-            data = await self.worker.read_file(sid, path)
+            data = await self.worker.op(sid, FileReadOp(path=path))
             return Response(data, media_type="application/octet-stream")
         mode = _mode(request)
         data = await request.body()
         detail = {"bytes": len(data)}
         async with self.audited(request, claims, "file.write", path=path, detail=detail):
-            size = await self.worker.write_file(sid, path, data, mode)
-        return _model(FileWritten(path=path, size=size))
+            written = await self.worker.op(sid, FileWriteOp(path=path, data=data, mode=mode))
+        return _model(written)
 
     async def archive(self, request: Request, sid: str, claims: Any) -> Response:
         path = _path(request)
         if request.method == "GET":
-            data = await self.worker.download_archive(sid, path)
+            data = await self.worker.op(sid, TarDownloadOp(path=path))
             return Response(data, media_type="application/x-tar")
         data = await request.body()
         detail = {"bytes": len(data)}
         async with self.audited(request, claims, "archive.upload", path=path, detail=detail):
-            await self.worker.upload_archive(sid, path, data)
+            await self.worker.op(sid, TarUploadOp(path=path, data=data))
         return _model(None)
 
     async def stat(self, request: Request, sid: str, claims: Any) -> Response:
-        return _model(await self.worker.stat(sid, _path(request)))
+        return _model(await self.worker.op(sid, FileStatOp(path=_path(request))))
 
     async def list_dir(self, request: Request, sid: str, claims: Any) -> Response:
-        return _model(await self.worker.list_dir(sid, _path(request)))
+        return _model(await self.worker.op(sid, FileListOp(path=_path(request))))
 
     async def mkdir(self, request: Request, sid: str, claims: Any) -> Response:
         req: MkdirRequest = _parse(MkdirRequest, await request.body())
         async with self.audited(request, claims, "file.mkdir", path=req.path):
-            await self.worker.mkdir(sid, req)
+            await self.worker.op(sid, MkdirOp.model_validate(req.model_dump()))
         return _model(None)
 
     async def remove(self, request: Request, sid: str, claims: Any) -> Response:
         req: RemoveRequest = _parse(RemoveRequest, await request.body())
         async with self.audited(request, claims, "file.remove", path=req.path):
-            await self.worker.remove_path(sid, req)
+            await self.worker.op(sid, RemoveOp.model_validate(req.model_dump()))
         return _model(None)
 
     async def stats(self, request: Request, sid: str, claims: Any) -> Response:
-        return _model(await self.worker.stats(sid))
+        return _model(await self.worker.op(sid, StatsOp()))
 
     async def renew(self, request: Request, sid: str, claims: Any) -> Response:
         return _model(await self.worker.renew(sid))
@@ -428,7 +445,7 @@ async def _batch(server: _Server, request: Request) -> Response:
             fields = {"command": item.command, "session": item.session}
             detail = {"stream": False, "batch": len(batch.items)}
             async with server.audited(request, claims, "session.run", **fields, detail=detail):
-                result = await server.worker.run_in_session(item.sandbox_id, req)
+                result = await server.worker.op(item.sandbox_id, SessionRunOp.of(req))
             return BatchRunOutcome(result=result)
         except Exception as exc:
             return BatchRunOutcome(error=to_body(exc)["error"])

@@ -14,7 +14,8 @@ SDK finds it). :class:`RayGate` does there what the Admin does for HTTP:
   namespace; admins pass;
 - one :class:`~rock_serve.deployments._audit.AuditEvent` per mutating call, with the same
   action names as HTTP, ``client="ray"`` and ``detail.transport="ray"``;
-- only the methods the SDK uses are reachable through it;
+- only the methods the SDK uses are reachable through it: sandbox operations as typed models
+  (``Worker.ray_op`` / ``ray_op_stream``, see :mod:`rock_serve.protocol.ops`), the rest by name.
 - one trace id per call, as over HTTP: the client's (sent through ``rock_traced``) or a new
   one, which reaches the rocklet and the log lines.
 
@@ -43,6 +44,20 @@ from rock_serve.errors import (
     SandboxNotFound,
 )
 from rock_serve.protocol import SandboxRecord, validate_image_ref
+from rock_serve.protocol.ops import (
+    OPS,
+    ExecOp,
+    FileWriteOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    TarUploadOp,
+)
 
 __all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
 
@@ -57,21 +72,7 @@ CONTROL_METHODS = frozenset(
 #: Worker methods reachable over the Ray transport -> their audit action (None: not audited).
 DATA_METHODS: dict[str, str | None] = {
     "renew": None,
-    "stats": None,
-    "exec": "exec",
-    "create_session": "session.create",
-    "run_in_session": "session.run",
-    "session_stdin": "session.stdin",
-    "interrupt_session": "session.interrupt",
-    "close_session": "session.close",
-    "read_file": None,
-    "write_file": "file.write",
-    "stat": None,
-    "list_dir": None,
-    "mkdir": "file.mkdir",
-    "remove_path": "file.remove",
-    "download_archive": None,
-    "upload_archive": "archive.upload",
+    # sandbox operations (exec, sessions, files, archives, stats) come through ``ray_op``
     "llm_poll": None,  # model service (issue 15.3)
     "llm_answer": "llm.answer",
     "llm_release": None,
@@ -87,32 +88,34 @@ DATA_METHODS: dict[str, str | None] = {
 }
 #: Streaming Worker methods reachable over the Ray transport -> their audit action.
 STREAM_METHODS: dict[str, str] = {
-    "stream_exec": "exec",
-    "stream_in_session": "session.run",
     "stream_process_output": "process.output",
 }
+
+
+def _op_fields(operation: Any) -> dict[str, Any]:
+    """The audit fields of an operation (command, env keys, session, path; no values)."""
+    if isinstance(operation, ExecOp):
+        return {"command": operation.command, "env_keys": sorted(operation.env or {})}
+    if isinstance(operation, SessionRunOp):
+        return {"command": operation.command, "session": operation.session}
+    if isinstance(operation, SessionCreateOp):
+        return {"session": operation.session, "env_keys": sorted(operation.env or {})}
+    if isinstance(operation, SessionStdinOp | SessionInterruptOp | SessionCloseOp):
+        return {"session": operation.session}
+    if isinstance(operation, MkdirOp | RemoveOp):
+        return {"path": operation.path}
+    if isinstance(operation, FileWriteOp | TarUploadOp):
+        return {"path": operation.path, "detail": {"bytes": len(operation.data)}}
+    return {}
 
 
 def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     """The audit fields of a data-plane call (command, env keys, session, path; no values)."""
     first: Any = args[0] if args else None
-    if method in ("exec", "stream_exec"):
-        return {"command": first.command, "env_keys": sorted(first.env or {})}
-    if method in ("run_in_session", "stream_in_session"):
-        return {"command": first.command, "session": first.session}
-    if method == "create_session":
-        return {"session": first.session, "env_keys": sorted(first.env or {})}
-    if method in ("session_stdin", "interrupt_session", "close_session"):
-        return {"session": first}
     if method == "start_process":
         return {"command": first.command, "env_keys": sorted(first.env or {})}
     if method in ("process_input", "signal_process", "kill_process"):
         return {"detail": {"pid": first}}
-    if method in ("mkdir", "remove_path"):
-        return {"path": first.path}
-    if method in ("write_file", "upload_archive"):
-        size = len(args[1]) if len(args) > 1 and isinstance(args[1], bytes | bytearray) else None
-        return {"path": first, "detail": {"bytes": size} if size is not None else {}}
     return {}
 
 
@@ -342,4 +345,46 @@ class RayGate:
         async with self.audited(principal, STREAM_METHODS[method], sandbox_id, **fields):
             await self._check(worker, principal, sandbox_id)
             async for item in getattr(worker, method)(sandbox_id, *args):
+                yield item
+
+    async def data_op(
+        self, worker: Any, token: str | None, sandbox_id: str, operation: Op[Any]
+    ) -> Any:
+        """An operation from the Ray transport (``worker`` is the Worker itself): checked and
+        audited as :meth:`data`, run by ``Worker.op``.
+
+        Raises:
+            Unauthorized: no or an unknown token while auth is required.
+            InvalidRequest: ``operation`` is not an operation model.
+            SandboxNotFound: unknown, or in a namespace the caller may not see.
+        """
+        _trace_call()
+        spec = OPS.get(str(getattr(operation, "op", "")))
+        if spec is None or type(operation) is not spec.model:
+            raise InvalidRequest(f"not a sandbox operation: {type(operation).__name__}")
+        principal = self.authenticate(token)
+        if spec.audit is None:
+            await self._check(worker, principal, sandbox_id)
+            return await worker.op(sandbox_id, operation)
+        async with self.audited(principal, spec.audit, sandbox_id, **_op_fields(operation)):
+            await self._check(worker, principal, sandbox_id)
+            return await worker.op(sandbox_id, operation)
+
+    async def data_op_stream(
+        self, worker: Any, token: str | None, sandbox_id: str, operation: Any
+    ) -> AsyncIterator[Any]:
+        """A streaming operation from the Ray transport (see :meth:`data_op`)."""
+        _trace_call()
+        spec = OPS.get(str(getattr(operation, "op", "")))
+        if spec is None or spec.item is None or type(operation) is not spec.model:
+            raise InvalidRequest(f"not a streaming operation: {type(operation).__name__}")
+        principal = self.authenticate(token)
+        if spec.audit is None:
+            await self._check(worker, principal, sandbox_id)
+            async for item in worker.op_stream(sandbox_id, operation):
+                yield item
+            return
+        async with self.audited(principal, spec.audit, sandbox_id, **_op_fields(operation)):
+            await self._check(worker, principal, sandbox_id)
+            async for item in worker.op_stream(sandbox_id, operation):
                 yield item

@@ -23,9 +23,11 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketState
 
+from rock_serve.deployments._ops import worker_op
 from rock_serve.deployments._ray import ActorHandle, call
 from rock_serve.errors import InvalidRequest, NotFound, RockError, TooLarge, to_body
 from rock_serve.protocol import PtyResize
+from rock_serve.protocol.ops import FileWriteOp, TarUploadOp
 
 __all__ = [
     "NDJSON",
@@ -151,9 +153,9 @@ async def upload(
     else:  # the whole body fits one chunk: one call
         data = bytes(buffer)
         if kind == "file":
-            size: int = await call(worker, "write_file", sandbox_id, path, data, mode)
-            return size
-        await call(worker, "upload_archive", sandbox_id, path, data)
+            op = FileWriteOp(path=path, data=data, mode=mode)
+            return (await worker_op(worker, sandbox_id, op)).size
+        await worker_op(worker, sandbox_id, TarUploadOp(path=path, data=data))
         return len(data)
     upload_id: str = await call(worker, "upload_open", sandbox_id, kind, path, mode)
     try:

@@ -25,7 +25,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
@@ -70,6 +70,7 @@ from rock_serve.deployments._auth import (
 from rock_serve.deployments._bodylimit import BODY_LIMITS as _BODY_LIMITS
 from rock_serve.deployments._bodylimit import BodyLimit
 from rock_serve.deployments._errors import admin_metrics as _admin_metrics
+from rock_serve.deployments._ops import worker_op, worker_op_stream
 from rock_serve.deployments._ray import (
     ActorHandle,
     WorkerHandles,
@@ -117,10 +118,27 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.commands import SESSION_NAME
+from rock_serve.protocol.ops import (
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    TarDownloadOp,
+)
 
 __all__ = ["Admin", "app"]
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 _ID = re.compile(SANDBOX_ID)
 
@@ -329,6 +347,10 @@ class Admin:
     async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         return await call(await self._worker(sandbox_id), method, sandbox_id, *args)
 
+    async def _op(self, sandbox_id: str, operation: Op[R]) -> R:
+        """Run one sandbox operation on the Worker that holds the sandbox."""
+        return await worker_op(await self._worker(sandbox_id), sandbox_id, operation)
+
     # ---------------------------------------------------------------- control plane
 
     @app.get("/v1/health", response_model=Health, responses=_HEALTH_ERRORS)
@@ -464,8 +486,8 @@ class Admin:
         ) as event:
             if stream_:
                 worker = await self._worker(sandbox_id)
-                return await _ndjson(stream(worker, "stream_exec", sandbox_id, req))
-            result: ExecResult = await self._data(sandbox_id, "exec", req, _idem(request))
+                return await _ndjson(worker_op_stream(worker, sandbox_id, ExecOp.of(req)))
+            result = await self._op(sandbox_id, ExecOp.of(req, _idem(request)))
             event["detail"]["exit_code"] = result.exit_code
             return result
 
@@ -487,7 +509,7 @@ class Admin:
             command="\n".join(req.startup_commands) if req.startup_commands else None,
             env_keys=sorted(req.env or {}),
         ):
-            result: SessionCreateResponse = await self._data(sandbox_id, "create_session", req)
+            result = await self._op(sandbox_id, SessionCreateOp.of(req))
         return result
 
     @app.post(
@@ -520,10 +542,8 @@ class Admin:
         ) as event:
             if stream_:
                 worker = await self._worker(sandbox_id)
-                return await _ndjson(stream(worker, "stream_in_session", sandbox_id, req))
-            result: SessionRunResult = await self._data(
-                sandbox_id, "run_in_session", req, _idem(request)
-            )
+                return await _ndjson(worker_op_stream(worker, sandbox_id, SessionRunOp.of(req)))
+            result = await self._op(sandbox_id, SessionRunOp.of(req, _idem(request)))
             event["detail"]["exit_code"] = result.exit_code
             return result
 
@@ -549,7 +569,9 @@ class Admin:
             session=session,
             detail={"bytes": len(data), "eof": body.eof},  # never the data: it may be a secret
         ):
-            await self._data(sandbox_id, "session_stdin", session, data, body.eof)
+            await self._op(
+                sandbox_id, SessionStdinOp(session=session, data=body.data, eof=body.eof)
+            )
         return Response(status_code=204)
 
     @app.post(
@@ -564,7 +586,7 @@ class Admin:
         async with self._audited(
             request, principal, "session.interrupt", sandbox_id, status=204, session=session
         ):
-            await self._data(sandbox_id, "interrupt_session", session)
+            await self._op(sandbox_id, SessionInterruptOp(session=session))
         return Response(status_code=204)
 
     @app.delete("/v1/sandboxes/{sandbox_id}/sessions/{session}", status_code=204, responses=_ERRORS)
@@ -575,7 +597,7 @@ class Admin:
         async with self._audited(
             request, principal, "session.close", sandbox_id, status=204, session=session
         ):
-            await self._data(sandbox_id, "close_session", session)
+            await self._op(sandbox_id, SessionCloseOp(session=session))
         return Response(status_code=204)
 
     # ---------------------------------------------------------------- files
@@ -589,7 +611,7 @@ class Admin:
         """A file's raw bytes, streamed (any size)."""
         worker = await self._worker(sandbox_id)
         return await _relay(
-            stream(worker, "iter_file", sandbox_id, path), "application/octet-stream"
+            worker_op_stream(worker, sandbox_id, FileReadOp(path=path)), "application/octet-stream"
         )
 
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, responses=_ERRORS)
@@ -626,7 +648,8 @@ class Admin:
     async def download_archive(self, sandbox_id: str, path: PathQuery, principal: Auth) -> Response:
         """An uncompressed tar of a file or directory, streamed (any size)."""
         worker = await self._worker(sandbox_id)
-        return await _relay(stream(worker, "iter_archive", sandbox_id, path), "application/x-tar")
+        items = worker_op_stream(worker, sandbox_id, TarDownloadOp(path=path))
+        return await _relay(items, "application/x-tar")
 
     @app.put("/v1/sandboxes/{sandbox_id}/archive", status_code=204, responses=_ERRORS)
     async def upload_archive(
@@ -642,16 +665,14 @@ class Admin:
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)
     async def stat(self, sandbox_id: str, path: PathQuery, principal: Auth) -> FileInfo:
         """Stat a path (symlinks are not followed)."""
-        result: FileInfo = await self._data(sandbox_id, "stat", path)
-        return result
+        return await self._op(sandbox_id, FileStatOp(path=path))
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files/list", response_model=ListDirResult, responses=_ERRORS
     )
     async def list_dir(self, sandbox_id: str, path: PathQuery, principal: Auth) -> ListDirResult:
         """List a directory."""
-        result: ListDirResult = await self._data(sandbox_id, "list_dir", path)
-        return result
+        return await self._op(sandbox_id, FileListOp(path=path))
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
     async def mkdir(
@@ -661,7 +682,7 @@ class Admin:
         async with self._audited(
             request, principal, "file.mkdir", sandbox_id, status=204, path=req.path
         ):
-            await self._data(sandbox_id, "mkdir", req)
+            await self._op(sandbox_id, MkdirOp.model_validate(req.model_dump()))
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/remove", status_code=204, responses=_ERRORS)
@@ -678,14 +699,13 @@ class Admin:
             path=req.path,
             detail={"recursive": req.recursive},
         ):
-            await self._data(sandbox_id, "remove_path", req)
+            await self._op(sandbox_id, RemoveOp.model_validate(req.model_dump()))
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/stats", response_model=SandboxStats, responses=_ERRORS)
     async def stats(self, sandbox_id: str, principal: Auth) -> SandboxStats:
         """CPU, memory and process usage and limits of a sandbox."""
-        result: SandboxStats = await self._data(sandbox_id, "stats")
-        return result
+        return await self._op(sandbox_id, StatsOp())
 
     # ---------------------------------------------------------------- pty
 

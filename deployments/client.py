@@ -5,16 +5,19 @@ made by ``AsyncClient.from_ray(namespace=...)`` skips HTTP: control-plane calls 
 Scheduler actor and data-plane calls straight to the Worker actor named in the sandbox id (one
 actor call, no Serve proxy, no Admin). It has the methods of
 :class:`~rock_serve.sdk.AsyncClient` and raises the same typed errors; requests are built by the
-SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only). File
-contents over :data:`OBJECT_REF_THRESHOLD` bytes travel as one object in Ray's object store.
+SDK's sans-IO core and retried by its :class:`~rock_serve.sdk.RetryPolicy` (429/503 only).
+Sandbox operations (exec, sessions, files, archives, stats) use the SDK's own methods: their
+REST call is mapped to its typed operation (:mod:`~rock_serve.deployments._ray_ops`) and sent to
+``Worker.op``; a large file rides in its model, which Ray puts in its object store by itself.
 
 Auth and audit: a client made by ``from_ray`` carries the caller's platform token
 (``ROCK_TOKEN``, else the credentials file, as the HTTP SDK finds it) and calls the actors'
-Ray-transport entry points (``Scheduler.ray_call``, ``Worker.ray_call``/``ray_stream``), which
-check it as the Admin does (namespaces, admin) and audit the calls as HTTP's are audited (see
-``_raygate``); no or a wrong token while auth is required is a typed ``unauthorized``. The
-platform's own routes (compat, GEM) build the client with ``gate=False``: they authenticated
-and audit their caller themselves and call the actors' methods directly.
+Ray-transport entry points (``Scheduler.ray_call``, ``Worker.ray_op``/``ray_op_stream`` and
+``Worker.ray_call``), which check it as the Admin does (namespaces, admin) and audit the calls
+as HTTP's are audited (see ``_raygate``); no or a wrong token while auth is required is a
+typed ``unauthorized``. The platform's own routes (compat, GEM) build the client with
+``gate=False``: they authenticated and audit their caller themselves and call the actors'
+methods directly.
 
 Sandboxes created through it are owned by the calling Ray job (``ray_job_id``), so the
 platform reaps them when that job's driver dies. :class:`RayClient` is the synchronous twin
@@ -45,36 +48,25 @@ from rock_serve.deployments._ray import (
     call,
     current_job_id,
     get_scheduler,
-    put,
     stream,
     worker_actor_name,
 )
+from rock_serve.deployments._ray_ops import operation_of, reply, stream_reply
 from rock_serve.deployments._trace import TRACE_ID, new_trace_id, traced
 from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound, http_status
 from rock_serve.protocol import (
-    DEFAULT_MAX_OUTPUT,
-    DEFAULT_TIMEOUT,
     CreateSandboxRequest,
-    ExecRequest,
-    ExecResult,
-    FileInfo,
-    FileWritten,
     Health,
-    ListDirResult,
-    MkdirRequest,
-    OutputChunk,
-    RemoveRequest,
     SandboxList,
     SandboxRecord,
     SandboxState,
-    SandboxStats,
-    SessionCreateRequest,
-    SessionCreateResponse,
-    SessionRunRequest,
-    SessionRunResult,
 )
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.ops import (
+    Op,
+    Streams,
+)
 from rock_serve.protocol.processes import ProcessStream
 from rock_serve.protocol.snapshot import SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base
@@ -84,7 +76,6 @@ from rock_serve.sdk._sync import Client
 
 __all__ = [
     "DEFAULT_NAMESPACE",
-    "OBJECT_REF_THRESHOLD",
     "AsyncRayClient",
     "RayClient",
     "ray_client",
@@ -92,11 +83,27 @@ __all__ = [
 
 #: The Ray namespace of the platform's actors when ``ServerArgs.namespace`` is not set.
 DEFAULT_NAMESPACE = "rock-serve"
-#: File contents larger than this many bytes are put in the object store once, by reference.
-OBJECT_REF_THRESHOLD = 1 << 20
 
 _ID = re.compile(SANDBOX_ID)
 C = TypeVar("C")
+R = TypeVar("R")
+ItemT = TypeVar("ItemT")
+
+
+def _gated(method: str, token: str | None, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """The gated entry point and arguments of an actor call (token checked, call audited)."""
+    if method == "op":
+        return "ray_op", (token, *args)
+    return "ray_call", (token, method, *args)
+
+
+def _gated_stream(
+    method: str, token: str | None, args: tuple[Any, ...]
+) -> tuple[str, tuple[Any, ...]]:
+    """The gated entry point and arguments of a streaming actor call."""
+    if method == "op_stream":
+        return "ray_op_stream", (token, *args)
+    return "ray_stream", (token, method, *args)
 
 
 def _worker_of(sandbox_id: str) -> str:
@@ -170,12 +177,20 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         """Nothing to close: actor handles need no connections of their own."""
 
     async def _send(self, call: _base.Call, *, stream: bool = False) -> httpx.Response:
-        """REST calls of methods the Ray transport does not map (yet) need HTTP.
+        """A data-plane call as its operation on the sandbox's Worker (``_ray_ops``), replied
+        as the Admin would; the SDK's own method builds the call and parses the reply.
 
         Raises:
-            InvalidRequest: always, naming the call.
+            InvalidRequest: a REST call the Ray transport does not map (it needs HTTP).
+            RockError: the operation's typed error (retried by the SDK's policy on the way).
         """
-        raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use AsyncClient(base_url)")
+        mapped = operation_of(call)
+        if mapped is None:
+            raise InvalidRequest(f"{call.method} {call.path} needs HTTP: use AsyncClient(base_url)")
+        sandbox_id, operation, streamed = mapped
+        if streamed:
+            return stream_reply(call, self._op_stream(sandbox_id, cast(Any, operation)))
+        return reply(call, await self._op(sandbox_id, operation))
 
     # -----------------------------------------------------------------------------------------
     # I/O
@@ -185,7 +200,7 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         state = _base.RetryState(self.retry)
         target = self._scheduler if actor is None else actor
         if self.gate:  # the entry point that checks the token and audits
-            method, args = "ray_call", (self.settings.token, method, *args)
+            method, args = _gated(method, self.settings.token, args)
         # One trace id for the call and its retries (a caller's own trace is kept).
         token = TRACE_ID.set(new_trace_id()) if traced() is None else None
         try:
@@ -205,13 +220,21 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         worker = await self._workers.get(_worker_of(sandbox_id))
         return await self._call(worker, method, sandbox_id, *args)
 
+    async def _op(self, sandbox_id: str, operation: Op[R]) -> R:
+        """Run one sandbox operation on its Worker (``Worker.op``, or ``ray_op`` gated)."""
+        return cast(R, await self._data(sandbox_id, "op", operation))
+
+    async def _op_stream(self, sandbox_id: str, operation: Streams[ItemT]) -> AsyncIterator[ItemT]:
+        """Stream one operation's items (``Worker.op_stream``, or ``ray_op_stream`` gated)."""
+        async for item in self._ray_stream(sandbox_id, "op_stream", operation):
+            yield item
+
     async def _ray_stream(self, sandbox_id: str, method: str, request: Any) -> AsyncIterator[Any]:
         worker = await self._workers.get(_worker_of(sandbox_id))
+        args: tuple[Any, ...] = (sandbox_id, request)
         if self.gate:
-            items = stream(worker, "ray_stream", self.settings.token, method, sandbox_id, request)
-        else:
-            items = stream(worker, method, sandbox_id, request)
-        async for item in items:
+            method, args = _gated_stream(method, self.settings.token, args)
+        async for item in stream(worker, method, *args):
             yield item
 
     # -----------------------------------------------------------------------------------------
@@ -305,183 +328,6 @@ class AsyncRayClient(RayProcessClient, AsyncClient):
         _worker_of(sandbox_id)
         await self._call(None, "delete", sandbox_id)
 
-    async def stats(self, sandbox_id: str) -> SandboxStats:
-        """Resource usage and limits of a sandbox."""
-        result: SandboxStats = await self._data(sandbox_id, "stats")
-        return result
-
-    # -----------------------------------------------------------------------------------------
-    # One-shot commands
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        command: str | list[str] | ExecRequest,
-        *,
-        shell: bool | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> ExecResult:
-        """Run one command to completion in a fresh process."""
-        request = _base.exec_request(
-            command,
-            shell=shell,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            timeout=timeout,
-            max_output_bytes=max_output_bytes,
-        )
-        result: ExecResult = await self._data(sandbox_id, "exec", request)
-        return result
-
-    async def stream_exec(
-        self,
-        sandbox_id: str,
-        command: str | list[str] | ExecRequest,
-        *,
-        shell: bool | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> AsyncIterator[OutputChunk | ExecResult]:
-        """Run one command and stream its output as it comes."""
-        request = _base.exec_request(
-            command,
-            shell=shell,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            timeout=timeout,
-            max_output_bytes=max_output_bytes,
-        )
-        async for item in self._ray_stream(sandbox_id, "stream_exec", request):
-            yield item
-
-    # -----------------------------------------------------------------------------------------
-    # Sessions
-
-    async def create_session(
-        self,
-        sandbox_id: str,
-        session: str = "default",
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        startup_commands: list[str] | None = None,
-    ) -> SessionCreateResponse:
-        """Start a persistent bash session."""
-        request = SessionCreateRequest(
-            session=session,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            startup_commands=list(startup_commands or []),
-        )
-        result: SessionCreateResponse = await self._data(sandbox_id, "create_session", request)
-        return result
-
-    async def run(
-        self,
-        sandbox_id: str,
-        command: str,
-        *,
-        session: str = "default",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> SessionRunResult:
-        """Run a command in an existing session."""
-        request = SessionRunRequest(
-            session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
-        )
-        result: SessionRunResult = await self._data(sandbox_id, "run_in_session", request)
-        return result
-
-    async def stream_run(
-        self,
-        sandbox_id: str,
-        command: str,
-        *,
-        session: str = "default",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
-    ) -> AsyncIterator[OutputChunk | SessionRunResult]:
-        """Run a command in a session and stream its output as it comes."""
-        request = SessionRunRequest(
-            session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
-        )
-        async for item in self._ray_stream(sandbox_id, "stream_in_session", request):
-            yield item
-
-    async def session_stdin(
-        self, sandbox_id: str, data: str, *, session: str = "default", eof: bool = False
-    ) -> None:
-        """Write to the stdin of the command running in a session."""
-        await self._data(sandbox_id, "session_stdin", session, data.encode(), eof)
-
-    async def interrupt(self, sandbox_id: str, *, session: str = "default") -> None:
-        """Interrupt the command running in a session (like Ctrl-C)."""
-        await self._data(sandbox_id, "interrupt_session", session)
-
-    async def close_session(self, sandbox_id: str, *, session: str = "default") -> None:
-        """Close a session and kill its processes."""
-        await self._data(sandbox_id, "close_session", session)
-
-    # -----------------------------------------------------------------------------------------
-    # Files
-
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """Read a whole file (up to the platform's ``max_file_bytes``)."""
-        data: bytes = await self._data(sandbox_id, "read_file", path)
-        return data
-
-    async def write_file(
-        self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None
-    ) -> FileWritten:
-        """Write a whole file; contents over the threshold go through the object store."""
-        payload: Any = put(bytes(data)) if len(data) > OBJECT_REF_THRESHOLD else bytes(data)
-        size: int = await self._data(sandbox_id, "write_file", path, payload, mode)
-        return FileWritten(path=path, size=size)
-
-    async def stat(self, sandbox_id: str, path: str) -> FileInfo:
-        """Describe one file or directory."""
-        result: FileInfo = await self._data(sandbox_id, "stat", path)
-        return result
-
-    async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
-        """List a directory."""
-        result: ListDirResult = await self._data(sandbox_id, "list_dir", path)
-        return result
-
-    async def mkdir(
-        self, sandbox_id: str, path: str, *, parents: bool = True, exist_ok: bool = True
-    ) -> None:
-        """Create a directory."""
-        await self._data(
-            sandbox_id, "mkdir", MkdirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        )
-
-    async def remove(
-        self, sandbox_id: str, path: str, *, recursive: bool = False, missing_ok: bool = False
-    ) -> None:
-        """Remove a file or directory."""
-        request = RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
-        await self._data(sandbox_id, "remove_path", request)
-
-    async def download_archive(self, sandbox_id: str, path: str) -> bytes:
-        """An uncompressed tar of a file or directory (up to ``max_file_bytes``)."""
-        data: bytes = await self._data(sandbox_id, "download_archive", path)
-        return data
-
-    async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
-        """Extract a tar (plain or compressed) into directory ``path``."""
-        payload: Any = put(bytes(data)) if len(data) > OBJECT_REF_THRESHOLD else bytes(data)
-        await self._data(sandbox_id, "upload_archive", path, payload)
-
 
 # ---------------------------------------------------------------------------------------------
 # The synchronous twin: the same methods, each call a plain ``ray.get`` (no loop, no thread)
@@ -519,7 +365,7 @@ class _BlockingRayClient(AsyncRayClient):
         state = _base.RetryState(self.retry)
         target = self._scheduler if actor is None else actor
         if self.gate:
-            method, args = "ray_call", (self.settings.token, method, *args)
+            method, args = _gated(method, self.settings.token, args)
         while True:
             try:
                 return _get(getattr(target, method).remote(*args), method)
@@ -555,7 +401,7 @@ class _BlockingRayClient(AsyncRayClient):
         args: tuple[Any, ...] = (sandbox_id, *rest)
         target = method
         if self.gate:
-            target, args = "ray_stream", (self.settings.token, method, *args)
+            target, args = _gated_stream(method, self.settings.token, args)
         gen = getattr(worker, target).options(num_returns="streaming").remote(*args)
         finished = False
         try:

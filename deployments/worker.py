@@ -41,6 +41,7 @@ from rock_serve.deployments._images import ImagesWorker
 from rock_serve.deployments._llm import LLMWorker
 from rock_serve.deployments._metrics import metrics
 from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
+from rock_serve.deployments._ops import OpsWorker
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
 from rock_serve.deployments._snapshot import SnapshotWorker
@@ -149,6 +150,7 @@ def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | N
 
 
 class Worker(
+    OpsWorker,
     ProcessesWorker,
     ImagesWorker,
     DataPlaneWorker,

@@ -464,7 +464,7 @@ def write_file(sandbox_id: str, path: str, data: bytes, mode: int | None = None)
     """``PUT /v1/sandboxes/{id}/files?path=&mode=`` with the raw bytes as the body."""
     params = [("path", path)]
     if mode is not None:
-        params.append(("mode", str(mode)))
+        params.append(("mode", format(mode, "o")))  # octal, as the route reads it
     return Call(
         "PUT",
         _sandbox(sandbox_id, "files"),
@@ -645,6 +645,28 @@ def error_from_response(response: httpx.Response) -> RockError:
     return error
 
 
+class Held(httpx.Response):
+    """A successful reply a transport holds as a value, never encoded (the Ray transport gets
+    the result model from the Worker): :func:`parse` returns it as it is, ``content`` is its
+    bytes (or JSON). Nothing of httpx's body machinery runs: no HTTP was involved.
+    """
+
+    def __init__(self, value: Any) -> None:  # noqa: D107 - no super().__init__: see above
+        self.value = value
+        self.status_code = 204 if value is None else 200
+        self.headers = httpx.Headers()
+        self.extensions = {}
+
+    @property
+    def content(self) -> bytes:
+        """The value as a body: bytes as they are, a model as JSON, nothing for none."""
+        if isinstance(self.value, bytes):
+            return self.value
+        if isinstance(self.value, BaseModel):
+            return self.value.model_dump_json().encode()
+        return b""
+
+
 def build(model: type[M], **fields: Any) -> M:
     """A request model from its fields, as the server would validate it.
 
@@ -664,6 +686,8 @@ def build(model: type[M], **fields: Any) -> M:
 
 def parse(response: httpx.Response, model: type[M]) -> M:
     """The reply body as ``model``; a body that does not fit is an :class:`InternalError`."""
+    if isinstance(response, Held) and isinstance(response.value, model):
+        return response.value
     try:
         return model.model_validate_json(response.content)
     except ValidationError as exc:

@@ -28,6 +28,7 @@ from rock_serve.deployments._trace import SPANS, TRACE_ID, install_logging
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import RockError
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest
+from rock_serve.protocol.ops import ExecOp
 from rock_serve.rocklet import AGENT_PATH
 from rock_serve.rocklet.agent import encode_frame, read_frame
 from tests._wait import async_wait_until
@@ -345,16 +346,16 @@ async def test_spans_of_the_worker_and_the_rocklet_call_are_children_of_the_admi
 async def test_the_ray_gate_keeps_the_clients_id_or_gives_the_call_one(
     worker: Worker, tmp_path: Path
 ) -> None:
-    """The Ray transport (``Worker.ray_call``): one id per call there too."""
+    """The Ray transport (``Worker.ray_op``): one id per call there too."""
     sid = await _create(worker, "gggggggg")
     handle = Handle(worker)
     token = TRACE_ID.set(TRACE)  # a client under a trace sends it (through rock_traced)
     try:
-        await call(handle, "ray_call", None, "exec", sid, ExecRequest(command="true"))
+        await call(handle, "ray_op", None, sid, ExecOp(command="true"))
     finally:
         TRACE_ID.reset(token)
-    await call(handle, "ray_call", None, "exec", sid, ExecRequest(command="true"))  # none sent
-    assert handle.calls == ["rock_traced", "ray_call"]
+    await call(handle, "ray_op", None, sid, ExecOp(command="true"))  # none sent
+    assert handle.calls == ["rock_traced", "ray_op"]
     ends = [x for x in _agent_lines(tmp_path / "state", sid) if x["event"] == "op.end"]
     assert [x["op"] for x in ends] == ["exec", "exec"]
     assert ends[0]["trace"] == TRACE

@@ -1,5 +1,6 @@
-"""The Worker's Ray-transport entry point (``Worker.ray_call``/``ray_stream``) on the fake
-runtime: the platform token is checked, namespaces are scoped as over HTTP, calls are audited.
+"""The Worker's Ray-transport entry points (``Worker.ray_op``/``ray_op_stream`` for sandbox
+operations, ``ray_call`` for the rest) on the fake runtime: the platform token is checked,
+namespaces are scoped as over HTTP, calls are audited.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rock_serve.protocol import (
     SessionRunRequest,
     SessionRunResult,
 )
+from rock_serve.protocol.ops import ExecOp, FileReadOp, SessionRunOp, StatsOp
 from rock_serve.runtime.fake import FakeRuntime
 
 TOKENS = {name: generate_token() for name in ("alice", "bob", "root")}
@@ -59,38 +61,44 @@ async def test_the_token_decides_who_may_call(worker):
     sid = "sb-w1-0123456789abcdef"
     await worker.create(sid, CreateSandboxRequest(), ttl=600, namespace="team-a")
     await worker.create_session(sid, SessionCreateRequest())
-    run = SessionRunRequest(command="echo hi")
+    run = SessionRunOp(command="echo hi")
 
     with pytest.raises(Unauthorized):
-        await worker.ray_call(None, "run_in_session", sid, run)
+        await worker.ray_op(None, sid, run)
     with pytest.raises(Unauthorized):
-        await worker.ray_call("rock_forged", "run_in_session", sid, run)
-    result = await worker.ray_call(TOKENS["alice"], "run_in_session", sid, run)
+        await worker.ray_op("rock_forged", sid, run)
+    result = await worker.ray_op(TOKENS["alice"], sid, run)
     assert result.output == "hi\n"
     # Another namespace: exactly as an unknown sandbox; an admin passes.
     with pytest.raises(SandboxNotFound):
-        await worker.ray_call(TOKENS["bob"], "exec", sid, ExecRequest(command="echo x"))
+        await worker.ray_op(TOKENS["bob"], sid, ExecOp(command="echo x"))
     with pytest.raises(SandboxNotFound):
-        await worker.ray_call(TOKENS["bob"], "read_file", sid, "/etc/hostname")
-    out = await worker.ray_call(TOKENS["root"], "exec", sid, ExecRequest(command="echo root"))
+        await worker.ray_op(TOKENS["bob"], sid, FileReadOp(path="/etc/hostname"))
+    out = await worker.ray_op(TOKENS["root"], sid, ExecOp(command="echo root"))
     assert out.stdout == "root\n"
-    # Only the SDK's methods: not shutdown, reconfigure or the Worker's internals.
-    for method in ("shutdown", "reconfigure", "remove", "_box", "ray_call"):
+    # Only the SDK's methods: not shutdown, reconfigure or the Worker's internals, and the
+    # sandbox operations only as typed models (not by their old method names).
+    for method in ("shutdown", "reconfigure", "remove", "_box", "ray_call", "exec", "op"):
         with pytest.raises(InvalidRequest):
             await worker.ray_call(TOKENS["root"], method, sid)
+    # A plain request model is not an operation.
+    with pytest.raises(InvalidRequest):
+        await worker.ray_op(TOKENS["root"], sid, ExecRequest(command="echo x"))  # type: ignore[arg-type]
+    # An operation that does not stream is refused by the streaming entry point.
+    with pytest.raises(InvalidRequest):
+        async for _ in worker.ray_op_stream(TOKENS["root"], sid, StatsOp()):  # type: ignore[arg-type]
+            pass
 
     items = [
         item
-        async for item in worker.ray_stream(
-            TOKENS["alice"], "stream_in_session", sid, SessionRunRequest(command="echo s")
+        async for item in worker.ray_op_stream(
+            TOKENS["alice"], sid, SessionRunOp.of(SessionRunRequest(command="echo s"))
         )
     ]
     assert isinstance(items[-1], SessionRunResult)  # (the e2e test checks the output)
     assert items[-1].exit_code == 0
     with pytest.raises(SandboxNotFound):
-        async for _ in worker.ray_stream(
-            TOKENS["bob"], "stream_exec", sid, ExecRequest(command="echo x")
-        ):
+        async for _ in worker.ray_op_stream(TOKENS["bob"], sid, ExecOp(command="echo x")):
             pass
 
     events = await _events(worker)

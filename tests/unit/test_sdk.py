@@ -509,7 +509,7 @@ async def test_files(client, platform):
     assert written.size == 256
     request = platform.requests[-1]
     assert request.method == "PUT" and request.content == data
-    assert dict(request.url.params) == {"path": "/root/a.bin", "mode": str(0o600)}
+    assert dict(request.url.params) == {"path": "/root/a.bin", "mode": "600"}
     assert await call(client.read_file(sb.id, "/root/a.bin")) == data
     info = await call(client.stat(sb.id, "/root/a.bin"))
     assert (info.type, info.size) == ("file", 256)

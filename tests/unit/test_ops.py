@@ -1,0 +1,329 @@
+"""The one operation model (``rock_serve.protocol.ops``): every operation in the union has its
+places (agent handler, Worker dispatch row, REST route in the Admin's OpenAPI schema and on the
+direct data plane, SDK method on every client) and runs through ``Worker.op`` /
+``Worker.op_stream`` against a real rocklet (local runtime).
+
+Adding an operation without one of its places fails here (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Any, cast, get_args
+
+import pytest
+from pydantic import ValidationError
+
+from rock_serve.config import ServerArgs
+from rock_serve.deployments._dataplane import make_app
+from rock_serve.deployments._ops import HANDLERS, STREAM_HANDLERS
+from rock_serve.deployments.client import AsyncRayClient, RayClient
+from rock_serve.deployments.worker import Worker
+from rock_serve.errors import Conflict, InvalidRequest
+from rock_serve.protocol import CreateSandboxRequest, ExecRequest, OutputChunk
+from rock_serve.protocol.ops import (
+    OPS,
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    FileWriteOp,
+    MkdirOp,
+    Op,
+    Operation,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    Streams,
+    TarDownloadOp,
+    TarUploadOp,
+    parse_operation,
+)
+from rock_serve.rocklet.agent import OPS as AGENT_OPS
+from rock_serve.sdk import AsyncClient, Client
+from tests._wait import async_wait_until
+
+with warnings.catch_warnings():  # Ray Serve's own models warn on import (pydantic 2.x)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from rock_serve.deployments.admin import app
+
+UNION: list[type[Op[Any]]] = list(get_args(get_args(Operation)[0]))
+
+
+_MISSING = object()
+
+
+@functools.cache
+def _direct_routes() -> list[Any]:
+    return list(make_app(cast(Any, None)).routes)  # the routes only; no Worker is called
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    with warnings.catch_warnings():  # the swerex route's two methods share an operation id
+        warnings.simplefilter("ignore", UserWarning)
+        return app.openapi()
+
+
+def _generic_arg(model: type, origin: type) -> Any:
+    """The type argument ``model`` gave ``origin`` (``ExecOp`` -> ``Op[ExecResult]`` ->
+    ExecResult), or ``_MISSING`` when it does not derive from it.
+    """
+    for base in model.__mro__:
+        meta = getattr(base, "__pydantic_generic_metadata__", None)
+        if meta and meta["origin"] is origin:
+            return meta["args"][0]
+    return _MISSING
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    def members(t: Any) -> set[Any]:
+        return {type(None) if m is None else m for m in (get_args(t) or (t,))}
+
+    return members(a) == members(b)
+
+
+def test_the_registry_is_the_union():
+    tags = [model.model_fields["op"].default for model in UNION]
+    assert len(tags) == len(set(tags)), "two operations share a tag"
+    assert sorted(tags) == sorted(OPS), "OPS and the Operation union disagree"
+    for tag, spec in OPS.items():
+        assert spec.model.model_fields["op"].default == tag
+        result = _generic_arg(spec.model, Op)
+        assert result is not _MISSING and _same_type(result, spec.result), f"{tag}: result"
+        item = _generic_arg(spec.model, Streams)
+        if spec.item is None:
+            assert item is _MISSING, f"{tag}: streams but OPS says it does not"
+        else:
+            assert _same_type(item, spec.item), f"{tag}: stream item"
+
+
+@pytest.mark.parametrize("tag", sorted(OPS))
+def test_every_operation_has_its_four_places(tag):
+    spec = OPS[tag]
+    # 1. the agent's handler (the tag is the rocklet's own operation name)
+    assert tag in AGENT_OPS, f"{tag}: no handler in rock_serve/rocklet/agent.py"
+    # 2. the Worker's dispatch row (and its streaming twin exactly when it streams)
+    assert spec.model in HANDLERS, f"{tag}: no row in deployments/_ops.py HANDLERS"
+    assert (spec.model in STREAM_HANDLERS) == (spec.item is not None), f"{tag}: stream row"
+    # 3. the REST route, in the Admin's OpenAPI schema
+    method, path = spec.route
+    paths = _schema()["paths"]
+    assert method.lower() in paths.get(path, {}), f"{tag}: no {method} {path} in the schema"
+    # ... and on the node's direct data plane (same path and method)
+    direct = {(r.path, m) for r in _direct_routes() for m in (r.methods or ())}
+    assert (path, method) in direct, f"{tag}: no {method} {path} on the direct data plane"
+    # 4. the SDK method, on both clients and both Ray clients (which must not override it
+    # with a string-named actor call)
+    for client in (AsyncClient, Client, AsyncRayClient, RayClient):
+        assert callable(getattr(client, spec.sdk, None)), f"{tag}: no {client.__name__}.{spec.sdk}"
+
+
+def test_no_dispatch_row_without_an_operation():
+    assert set(HANDLERS) == set(UNION)
+    assert set(STREAM_HANDLERS) <= set(UNION)
+
+
+def test_operations_parse_by_tag():
+    op = parse_operation({"op": "session.run", "command": "echo hi", "idempotency_key": "k"})
+    assert isinstance(op, SessionRunOp)
+    assert (op.command, op.session, op.idempotency_key) == ("echo hi", "default", "k")
+    assert isinstance(parse_operation(b'{"op": "stats"}'), StatsOp)
+    with pytest.raises(ValidationError):
+        parse_operation({"op": "file.chmod", "path": "/x"})
+    with pytest.raises(ValidationError):  # the request's own rules hold
+        parse_operation({"op": "session.run", "session": "a b", "command": "true"})
+    # From a validated request, no second validation and the same fields set.
+    req = ExecRequest(command=["echo", "x"], timeout=5)
+    op = ExecOp.of(req, "key-1")
+    assert op.request(ExecRequest) == req
+    assert op.request(ExecRequest).model_fields_set == req.model_fields_set
+    assert op.idempotency_key == "key-1"
+
+
+def _tar(name: str, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+#: The command a session runs while these operations are sent to it.
+_WHILE_RUNNING = {
+    "session.stdin": "read x; echo got $x",
+    "session.interrupt": "sh -c 'touch started; exec sleep 30'",
+}
+
+
+async def _while_running(w: Worker, sid: str, command: str, op: Op[Any]) -> tuple[Any, Any]:
+    """Send ``op`` once ``command`` runs in session s1; returns (op's result, the command's
+    result).
+    """
+    run = asyncio.ensure_future(w.op(sid, SessionRunOp(session="s1", command=command)))
+
+    async def stdin_taken() -> bool:
+        try:
+            await w.op(sid, op)
+        except Conflict:  # the command does not run yet
+            return False
+        return True
+
+    async def started() -> bool:
+        return (await w.op(sid, ExecOp(command="test -e started"))).exit_code == 0
+
+    if isinstance(op, SessionStdinOp):
+        await async_wait_until(stdin_taken, what="the command to take stdin")
+        return None, await run
+    await async_wait_until(started, what="the command to start")
+    result = await w.op(sid, op)
+    return result, await run
+
+
+@pytest.fixture
+async def worker(tmp_path):
+    args = ServerArgs.model_validate({"runtime": {"type": "local"}, "warm_pool_size": 0})
+    w = Worker(args, "w1", "node-1")
+    await w.ready()
+    sid = "sb-w1-0123456789abcdef"
+    await w.create(sid, CreateSandboxRequest(), ttl=600)
+    yield w, sid
+    await w.shutdown()
+
+
+async def test_every_operation_runs_through_the_one_entry_point(worker):
+    w, sid = worker
+    root = Path("ops")  # relative: inside the sandbox's directory
+    steps: list[Op[Any]] = [
+        MkdirOp(path=str(root)),
+        FileWriteOp(path=str(root / "a.txt"), data=b"hello\n", mode=0o600),
+        FileReadOp(path=str(root / "a.txt")),
+        FileStatOp(path=str(root / "a.txt")),
+        FileListOp(path=str(root)),
+        TarUploadOp(path=str(root / "t"), data=_tar("b.txt", b"from tar")),
+        TarDownloadOp(path=str(root / "t")),
+        ExecOp(command=f"cat {root}/t/b.txt", idempotency_key="once"),
+        SessionCreateOp(session="s1"),
+        SessionRunOp(session="s1", command="export X=1; echo $X"),
+        SessionStdinOp(session="s1", data="typed\n"),
+        SessionInterruptOp(session="s1"),
+        SessionCloseOp(session="s1"),
+        RemoveOp(path=str(root), recursive=True),
+        StatsOp(),
+    ]
+    assert {type(op) for op in steps} == set(UNION), "a new operation needs a step here"
+    results: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    for op in steps:
+        tag = type(op).model_fields["op"].default
+        # What crosses Ray or the wire: the model survives a round trip by its tag.
+        assert parse_operation(op.model_dump()) == op
+        if tag in _WHILE_RUNNING:  # needs a command running in the session
+            result, runs[tag] = await _while_running(w, sid, _WHILE_RUNNING[tag], op)
+        else:
+            result = await w.op(sid, op)
+        expected = OPS[tag].result
+        allowed = tuple(t for t in (get_args(expected) or (expected,)))
+        assert isinstance(result, allowed), f"{tag}: {type(result).__name__}"
+        results[tag] = result
+    assert results["file.read"] == b"hello\n"
+    assert results["file.stat"].size == 6 and results["file.stat"].mode & 0o777 == 0o600
+    assert [e.name for e in results["file.list"].entries] == ["a.txt"]
+    assert results["file.write"].size == 6
+    with tarfile.open(fileobj=io.BytesIO(results["tar.download"])) as tar:
+        assert "b.txt" in {Path(m.name).name for m in tar.getmembers()}
+    assert results["exec"].stdout == "from tar"
+    assert results["session.run"].output == "1\n"
+    assert runs["session.stdin"].output == "got typed\n"
+    assert runs["session.interrupt"].exit_code == 130
+    assert (await w.op(sid, ExecOp(command="test -e ops"))).exit_code == 1  # removed
+    assert results["stats"].pids_current >= 1
+
+
+async def test_streaming_operations_stream(worker):
+    w, sid = worker
+    await w.op(sid, FileWriteOp(path="f", data=b"x" * 100_000))
+    items = [i async for i in w.op_stream(sid, ExecOp(command="echo one; echo two"))]
+    assert all(isinstance(i, OutputChunk) for i in items[:-1])
+    assert "".join(i.data for i in items[:-1]) == "one\ntwo\n" and items[-1].exit_code == 0
+    await w.op(sid, SessionCreateOp())
+    items = [i async for i in w.op_stream(sid, SessionRunOp(command="echo s"))]
+    assert "".join(i.data for i in items[:-1]) == "s\n" and items[-1].exit_code == 0
+    chunks = [c async for c in w.op_stream(sid, FileReadOp(path="f"))]
+    assert b"".join(chunks) == b"x" * 100_000
+    tar = b"".join([c async for c in w.op_stream(sid, TarDownloadOp(path="f"))])
+    assert tarfile.open(fileobj=io.BytesIO(tar)).getmembers()[0].size == 100_000
+    with pytest.raises(InvalidRequest):  # does not stream
+        async for _ in w.op_stream(sid, StatsOp()):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(InvalidRequest):  # not an operation
+        await w.op(sid, ExecRequest(command="true"))  # type: ignore[arg-type]
+
+
+def _calls(sid: str) -> dict[str, Any]:
+    """The SDK's own call for each operation (as ``AsyncClient`` builds it)."""
+    from rock_serve.protocol import MkdirRequest, RemoveRequest, SessionRunBody, SessionStdinBody
+    from rock_serve.protocol.commands import SessionCreateRequest
+    from rock_serve.sdk import _base
+
+    return {
+        "exec": _base.exec_(sid, ExecRequest(command="echo hi", env={"A": "1"})),
+        "session.create": _base.create_session(sid, SessionCreateRequest(session="s.1")),
+        "session.run": _base.run(sid, "s.1", SessionRunBody(command="pwd")),
+        "session.stdin": _base.session_stdin(sid, "s.1", SessionStdinBody(data="y\n", eof=True)),
+        "session.interrupt": _base.interrupt(sid, "s.1"),
+        "session.close": _base.close_session(sid, "s.1"),
+        "file.read": _base.read_file(sid, "/a b?c"),
+        "file.write": _base.write_file(sid, "/a", b"\x00\xff", 0o640),
+        "file.stat": _base.stat(sid, "/a"),
+        "file.list": _base.list_dir(sid, "/"),
+        "file.mkdir": _base.mkdir(sid, MkdirRequest(path="/d", parents=False)),
+        "file.remove": _base.remove(sid, RemoveRequest(path="/d", recursive=True)),
+        "tar.download": _base.download_archive(sid, "/d"),
+        "tar.upload": _base.upload_archive(sid, "/d", b"tar"),
+        "stats": _base.stats(sid),
+    }
+
+
+def test_the_ray_transport_maps_each_sdk_call_to_its_operation():
+    """Over Ray the SDK's own calls become operations (no Ray-client method per operation)."""
+    from rock_serve.deployments._ray_ops import operation_of, reply
+    from rock_serve.protocol import FileWritten
+    from rock_serve.sdk import _base
+
+    sid = "sb-w1-0123456789abcdef"
+    calls = _calls(sid)
+    assert sorted(calls) == sorted(OPS), "a new operation needs its SDK call here"
+    ops = {}
+    for tag, call in calls.items():
+        mapped = operation_of(call)
+        assert mapped is not None, tag
+        assert mapped[0] == sid and type(mapped[1]) is OPS[tag].model and not mapped[2]
+        ops[tag] = mapped[1]
+    assert ops["exec"].env == {"A": "1"} and ops["exec"].idempotency_key is None
+    assert ops["session.run"].session == "s.1" and ops["session.run"].command == "pwd"
+    assert (ops["session.stdin"].data, ops["session.stdin"].eof) == ("y\n", True)
+    assert ops["file.read"].path == "/a b?c"
+    assert (ops["file.write"].data, ops["file.write"].mode) == (b"\x00\xff", 0o640)
+    assert (ops["file.mkdir"].parents, ops["file.remove"].recursive) == (False, True)
+    assert ops["tar.upload"].data == b"tar"
+    streamed = operation_of(_base.exec_(sid, ExecRequest(command="x"), stream=True))
+    assert streamed is not None and streamed[2] and streamed[1].idempotency_key is None
+    # Not data-plane operations: left to the other paths.
+    assert operation_of(_base.get_sandbox(sid)) is None
+    assert operation_of(_base.renew(sid)) is None
+    # The reply parses as the Admin's would.
+    written = FileWritten(path="/a", size=2)
+    assert _base.parse(reply(calls["file.write"], written), FileWritten) == written
+    assert reply(calls["file.read"], b"\x00").content == b"\x00"
+    assert reply(calls["file.mkdir"], None).status_code == 204
