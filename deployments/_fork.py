@@ -24,13 +24,13 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from rock_serve.deployments._node import effective_resources
 from rock_serve.errors import (
     RateLimited,
     RockError,
     SandboxNotFound,
     SandboxNotRunning,
 )
+from rock_serve.lifetime import Lifetime
 from rock_serve.protocol import (
     SandboxRecord,
     SandboxSpec,
@@ -127,7 +127,7 @@ class ForkWorker:
         parent = box.record
         session = await self._session_state(box) if req.session else None
         now = w._clock()
-        lease = req.lease_seconds if req.lease_seconds is not None else parent.lease_seconds
+        lease = Lifetime.fork_lease(req.lease_seconds, parent.lease_seconds)
         records: dict[str, SandboxRecord] = {}
         for child_id in child_ids:
             record = parent.model_copy(deep=True)
@@ -137,7 +137,7 @@ class ForkWorker:
             record.owner = req.owner if req.owner is not None else parent.owner
             record.labels = dict(req.labels) if req.labels is not None else dict(parent.labels)
             record.created_at = now
-            record.expires_at = now + ttl
+            record.expires_at = Lifetime.expires_at(now, ttl)
             record.namespace = namespace
             record.lease_seconds = lease
             record.lease_expires_at = None
@@ -271,10 +271,9 @@ class ForkScheduler:
         quota = s.args.quotas.get(namespace, s.args.default_quota)
         if quota is None:
             return
-        now = s._clock()
-        mine = [r for r in s._records.values() if r.namespace == namespace and s._live(r, now)]
+        mine = s._records.usage(namespace, s._clock())
         retry = s.args.create_retry_after_seconds
-        have = len(mine) + s._inflight_ns.get(namespace, 0)
+        have = mine.sandboxes + s._inflight_ns.get(namespace, 0)
         if quota.max_sandboxes is not None and have + count > quota.max_sandboxes:
             raise RateLimited(
                 f"namespace {namespace!r} has {have} sandboxes: {count} more would pass its "
@@ -282,9 +281,7 @@ class ForkScheduler:
                 retry_after=retry,
                 quota="sandboxes",
             )
-        runtime = s.args.runtime
-        held = [effective_resources(r.resources, runtime) for r in mine]
-        held += s._inflight_res.get(namespace, [])
+        held = s._inflight_res.get(namespace, [])
         for field, limit in (
             ("cpus", quota.max_cpus),
             ("memory_mb", quota.max_memory_mb),
@@ -293,7 +290,7 @@ class ForkScheduler:
             if limit is None:
                 continue
             each = getattr(parent.resources, field) or 0
-            total = sum(getattr(r, field) or 0 for r in held) + each * count
+            total = mine.total(field) + sum(getattr(r, field) or 0 for r in held) + each * count
             if total > limit:
                 raise RateLimited(
                     f"namespace {namespace!r} would use {total:g} {field}, over its quota of "
@@ -313,20 +310,12 @@ class ForkScheduler:
             RateLimited: the namespace's quota (or the node) has no room for the children.
             InvalidRequest: ``ttl_seconds``/``lease_seconds`` over their limits.
         """
-        from rock_serve.errors import InvalidRequest
-
         s = cast("Scheduler", self)
         await s.ready()
         parent = s._records.get(parent_id)
         if parent is None or parent.namespace != namespace:
             raise SandboxNotFound(f"no sandbox {parent_id!r}")
-        ttl = req.ttl_seconds if req.ttl_seconds is not None else s.args.default_ttl_seconds
-        if ttl > s.args.max_ttl_seconds:
-            raise InvalidRequest(f"ttl_seconds {ttl} is over the limit of {s.args.max_ttl_seconds}")
-        if req.lease_seconds is not None and req.lease_seconds > s.args.max_lease_seconds:
-            raise InvalidRequest(
-                f"lease_seconds {req.lease_seconds} is over the limit of {s.args.max_lease_seconds}"
-            )
+        ttl = Lifetime.of(s.args).admit(req.ttl_seconds, req.lease_seconds)
         worker = next((w for w in s._workers.values() if w.name == parent.worker), None)
         if worker is None:
             raise SandboxNotRunning(f"the node of sandbox {parent_id!r} is gone")

@@ -12,14 +12,19 @@ Ray transport, so the env's sandbox is an ordinary platform sandbox in the calle
 (quotas apply), created at the instance's first reset and deleted when it closes. Instances
 belong to the caller's namespace: another namespace sees them as unknown (admins see all).
 
-**Nothing leaks.** An instance unused for ``idle_ttl_seconds`` is closed by the table's reaper.
+**Nothing leaks.** An instance unused for ``gem.idle_ttl_seconds`` (``ServerArgs.gem``: the idle
+TTL and the instance limits) is closed by the table's reaper.
 Its sandbox carries a lease a bit longer than that, renewed by every step: if the table itself
 dies, the platform reaps the sandboxes on its own. Sandboxes are labelled
 ``rock-serve/integration=gem-api``. They carry no Ray job id: the table outlives the job that
 happened to create it.
 
-Wiring (``admin.py``): ``app.include_router(_gem.router, ...)`` before ``@serve.ingress``, and
-``_gem.bind(args.namespace)`` in ``Admin.__init__``. Every route takes the caller (``Auth``).
+Wiring: ``app.include_router(_gem.router, ...)`` before ``@serve.ingress`` (``admin.py``), so the
+routes and their URLs stay the Admin's; their calls go to the ``GemApi`` deployment
+(``_gem_app.py``), which ``build_app`` composes beside the Admin and which alone talks to the
+env table. ``_gem.bind(args.namespace, args.gem, via)`` in ``Admin.__init__`` wires them; an
+Admin deployed on its own (no ``GemApi`` handle) calls the table itself. Every route takes the
+caller (``Auth``).
 """
 
 # No "from __future__ import annotations": FastAPI reads these annotations at include time.
@@ -33,14 +38,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import ray
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from rock_serve.auth import Principal
+from rock_serve.config import GemConfig
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._episodes import EpisodeLog
 from rock_serve.deployments._ray import ActorHandle, call
@@ -67,6 +73,7 @@ from rock_serve.errors import (
     RockError,
     RuntimeUnavailable,
 )
+from rock_serve.lifetime import IdleLifetime
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
 from rock_serve.protocol.trajectories import EpisodeList, EpisodeStepPage
 from rock_serve.runtime._sync import run_sync
@@ -87,15 +94,6 @@ log = logging.getLogger(__name__)
 ENV_TABLE_NAME = "rock-envs"
 #: Label key and value on the sandboxes of GEM env instances.
 GEM_LABEL = ("rock-serve/integration", "gem-api")
-#: Instances unused this long are closed.
-IDLE_TTL_SECONDS = 600.0
-#: How often the reaper looks for idle instances (at most).
-REAP_INTERVAL_SECONDS = 10.0
-#: Extra seconds of a sandbox's lease over the idle TTL (the lease outlives a reap cycle).
-LEASE_MARGIN_SECONDS = 60.0
-#: Most instances in the table, and per namespace.
-MAX_INSTANCES = 10_000
-MAX_INSTANCES_PER_NAMESPACE = 2_000
 #: Closed instances whose episodes the console can still show (the newest closed).
 MAX_ENDED = 100
 _HEAD_RESOURCE = "node:__internal_head__"
@@ -178,15 +176,15 @@ class EnvTable:
     def __init__(
         self,
         namespace: str,
+        config: GemConfig | dict[str, Any] | None = None,
         *,
-        idle_ttl_seconds: float = IDLE_TTL_SECONDS,
-        reap_interval_seconds: float = REAP_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Serve the platform whose actors live in Ray namespace ``namespace``."""
+        """Serve the platform whose actors live in Ray namespace ``namespace``, with the idle
+        TTL and limits of ``config`` (``ServerArgs.gem``).
+        """
         self.namespace = namespace
-        self.idle_ttl_seconds = idle_ttl_seconds
-        self.reap_interval_seconds = reap_interval_seconds
+        self.config = GemConfig.model_validate(config or {})
         self._clock = clock
         self._instances: dict[str, _Instance] = {}
         #: Closed instances kept for their episodes (console), oldest first.
@@ -208,10 +206,10 @@ class EnvTable:
         self._start()
         if "client" in req.env_kwargs:
             raise InvalidRequest("'client' cannot be given over HTTP: the platform sets it")
-        if len(self._instances) >= MAX_INSTANCES:
+        if len(self._instances) >= self.config.max_instances:
             raise RateLimited(f"{len(self._instances)} env instances are open", retry_after=5)
         mine = sum(1 for i in self._instances.values() if i.namespace == caller.namespace)
-        if mine >= MAX_INSTANCES_PER_NAMESPACE:
+        if mine >= self.config.max_instances_per_namespace:
             raise RateLimited(
                 f"namespace {caller.namespace!r} has {mine} env instances open; close some",
                 retry_after=5,
@@ -302,13 +300,22 @@ class EnvTable:
     # ------------------------------------------------------------------ operations
 
     async def configure(
-        self, idle_ttl_seconds: float | None = None, reap_interval_seconds: float | None = None
+        self,
+        config: GemConfig | dict[str, Any] | None = None,
+        *,
+        idle_ttl_seconds: float | None = None,
+        reap_interval_seconds: float | None = None,
     ) -> None:
-        """Change the idle TTL and the reap interval (applies to open instances too)."""
+        """Take a new config (a redeploy's ``ServerArgs.gem``) and/or change the idle TTL and
+        the reap interval; applies to open instances too.
+        """
+        update: dict[str, float] = {}
         if idle_ttl_seconds is not None:
-            self.idle_ttl_seconds = float(idle_ttl_seconds)
+            update["idle_ttl_seconds"] = float(idle_ttl_seconds)
         if reap_interval_seconds is not None:
-            self.reap_interval_seconds = float(reap_interval_seconds)
+            update["reap_interval_seconds"] = float(reap_interval_seconds)
+        base = self.config if config is None else GemConfig.model_validate(config)
+        self.config = GemConfig.model_validate({**base.model_dump(), **update})
         self._start()
         self._wake.set()
 
@@ -370,9 +377,11 @@ class EnvTable:
 
     async def reap(self) -> list[str]:
         """Close every instance unused for ``idle_ttl_seconds``; returns their ids."""
-        deadline = self._clock() - self.idle_ttl_seconds
+        now, life = self._clock(), self.lifetime
         idle = [
-            i for i in self._instances.values() if i.last_used <= deadline and not i.lock.locked()
+            i
+            for i in self._instances.values()
+            if life.idle(i.last_used, now) and not i.lock.locked()
         ]
         for instance in idle:
             if self._instances.get(instance.id) is instance:
@@ -425,8 +434,14 @@ class EnvTable:
             self._clients[caller] = client
         return client
 
+    @property
+    def lifetime(self) -> IdleLifetime:
+        """The instances' idle rule (from :attr:`config`)."""
+        c = self.config
+        return IdleLifetime(c.idle_ttl_seconds, c.reap_interval_seconds, c.lease_margin_seconds)
+
     def _lease(self) -> float:
-        return self.idle_ttl_seconds + LEASE_MARGIN_SECONDS
+        return self.lifetime.lease_seconds()
 
     def _start(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -436,7 +451,7 @@ class EnvTable:
         while True:
             self._wake = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
-                interval = min(self.reap_interval_seconds, max(self.idle_ttl_seconds / 4, 0.05))
+                interval = self.lifetime.reap_pause()
                 await asyncio.wait_for(self._wake.wait(), interval)
             try:
                 await self.reap()
@@ -447,7 +462,7 @@ class EnvTable:
 # ----------------------------------------------------------------------------- Ray wiring
 
 
-def get_or_create_env_table(namespace: str) -> ActorHandle:
+def get_or_create_env_table(namespace: str, config: GemConfig | None = None) -> ActorHandle:
     """The platform's detached :class:`EnvTable` actor (created on first use); blocks."""
     cls = ray.remote(EnvTable)
     return cls.options(
@@ -461,18 +476,25 @@ def get_or_create_env_table(namespace: str) -> ActorHandle:
         max_task_retries=0,
         # On the head node, as the Scheduler: it outlives every other node.
         resources={_HEAD_RESOURCE: 0.001},
-    ).remote(namespace)
+    ).remote(namespace, (config or GemConfig()).model_dump())
 
 
 #: Per-replica state: the platform namespace (set by :func:`bind`) and the table's handle.
 _PLATFORM: dict[str, Any] = {}
 
 
-def bind(namespace: str) -> None:
-    """Tell this process's GEM routes which platform they serve (from ``Admin.__init__``)."""
-    if _PLATFORM.get("namespace") != namespace:
+def bind(namespace: str, config: GemConfig | None = None, via: Any = None) -> None:
+    """Tell this process's GEM routes which platform they serve and the table's config
+    (``ServerArgs.gem``; from ``Admin.__init__`` and ``GemApi.__init__``). With ``via`` (the
+    handle of the ``GemApi`` deployment, as ``build_app`` composes it) the routes call that
+    deployment; without (an Admin deployed on its own) they call the table themselves.
+    """
+    config = config or GemConfig()
+    if _PLATFORM.get("namespace") != namespace or _PLATFORM.get("config") != config:
         _PLATFORM.clear()
         _PLATFORM["namespace"] = namespace
+        _PLATFORM["config"] = config
+    _PLATFORM["via"] = via
 
 
 async def env_table() -> ActorHandle:
@@ -486,15 +508,17 @@ async def env_table() -> ActorHandle:
         namespace = _PLATFORM.get("namespace")
         if namespace is None:
             raise RuntimeUnavailable("the GEM routes are not bound to a platform")
-        actor = await run_sync(get_or_create_env_table, namespace)
+        config: GemConfig = _PLATFORM["config"]
+        actor = await run_sync(get_or_create_env_table, namespace, config)
+        # An existing table (made before a redeploy) takes this deploy's config.
+        await call(actor, "configure", config.model_dump())
         _PLATFORM["table"] = actor
     return actor
 
 
-Table = Annotated[ActorHandle, Depends(env_table)]
-
-
-async def _call(table: ActorHandle, method: str, caller: Principal, body: BaseModel) -> Any:
+async def table_call(method: str, caller: Principal, body: BaseModel) -> Any:
+    """Call the env table's ``method`` for ``caller`` (looked up once; again if it died)."""
+    table = await env_table()
     try:
         return await call(table, method, caller, body)
     except RuntimeUnavailable:
@@ -502,44 +526,52 @@ async def _call(table: ActorHandle, method: str, caller: Principal, body: BaseMo
         raise
 
 
+async def _call(method: str, caller: Principal, body: BaseModel) -> Any:
+    """A route's call: through the ``GemApi`` deployment when bound to one, else direct."""
+    via = _PLATFORM.get("via")
+    if via is not None:
+        return await call(via, method, caller, body)
+    return await table_call(method, caller, body)
+
+
 @router.post("/make", response_model=GemMakeResponse)
-async def gem_make(req: GemMakeRequest, caller: Auth, table: Table) -> GemMakeResponse:
+async def gem_make(req: GemMakeRequest, caller: Auth) -> GemMakeResponse:
     """Make an env instance (ROCK's ``make``; ``kwargs`` reach the env).
 
     Returns ``{"sandbox_id": <instance id>}``; the instance's sandbox is created at its first
     reset. Unknown env id: 404; keyword arguments the env does not take: 400.
     """
-    result: GemMakeResponse = await _call(table, "make", caller, req)
+    result: GemMakeResponse = await _call("make", caller, req)
     return result
 
 
 @router.post("/reset", response_model=GemResetResponse)
-async def gem_reset(req: GemResetRequest, caller: Auth, table: Table) -> GemResetResponse:
+async def gem_reset(req: GemResetRequest, caller: Auth) -> GemResetResponse:
     """Start an episode: ``{"observation", "info"}``. Unknown instance: 404."""
-    result: GemResetResponse = await _call(table, "reset", caller, req)
+    result: GemResetResponse = await _call("reset", caller, req)
     return result
 
 
 @router.post("/step", response_model=GemStepResponse)
-async def gem_step(req: GemStepRequest, caller: Auth, table: Table) -> GemStepResponse:
+async def gem_step(req: GemStepRequest, caller: Auth) -> GemStepResponse:
     """Apply an action: ``{"observation", "reward", "terminated", "truncated", "info"}``.
 
     Before the first reset or after the episode ended: 409; an action outside the action
     space: 400; unknown instance: 404.
     """
-    result: GemStepResponse = await _call(table, "step", caller, req)
+    result: GemStepResponse = await _call("step", caller, req)
     return result
 
 
 @router.post("/close", response_model=GemCloseResponse)
-async def gem_close(req: GemCloseRequest, caller: Auth, table: Table) -> GemCloseResponse:
+async def gem_close(req: GemCloseRequest, caller: Auth) -> GemCloseResponse:
     """Close an instance and delete its sandbox: ``{"sandbox_id"}``. Unknown instance: 404."""
-    result: GemCloseResponse = await _call(table, "close", caller, req)
+    result: GemCloseResponse = await _call("close", caller, req)
     return result
 
 
 @router.post("/list", response_model=GemListResponse)
-async def gem_list(req: GemListRequest, caller: Auth, table: Table) -> GemListResponse:
+async def gem_list(req: GemListRequest, caller: Auth) -> GemListResponse:
     """The env ids ``make`` accepts: ``{"env_id": [...]}``."""
-    result: GemListResponse = await _call(table, "list_ids", caller, req)
+    result: GemListResponse = await _call("list_ids", caller, req)
     return result

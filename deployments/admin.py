@@ -6,9 +6,13 @@ as the one body ``{"error": {"code", "message", "retry_after"?}}`` with the tabl
 on 429/503, a ``Retry-After`` header.
 
 File and archive bodies are streamed both ways: downloads are relayed chunk by chunk from the
-rocklet, uploads are sent to the Worker in chunks of ``_UPLOAD_CHUNK`` bytes with
+rocklet, uploads are sent to the Worker in chunks of ``_relays.UPLOAD_CHUNK`` bytes with
 backpressure, so no body is ever held whole in a replica (``max_file_bytes`` caps an upload's
 size, not memory).
+
+The module composes: routes here; error rendering in ``_errors.py``; body limits in
+``_bodylimit.py``; the stream, upload and pty relays in ``_relays.py``; the other API groups in
+their own ``_*_api.py`` routers.
 """
 
 # No "from __future__ import annotations": Serve pickles the FastAPI app to its replicas, and
@@ -16,9 +20,7 @@ size, not memory).
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -27,15 +29,12 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, StringConstraints, ValidationError
+from fastapi.responses import Response
+from pydantic import StringConstraints
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 
 import rock_serve
 from rock_serve.auth import Authenticator, Principal
@@ -44,6 +43,7 @@ from rock_serve.deployments import (
     _compat,
     _console,
     _dataplane_api,
+    _errors,
     _fork_api,
     _gem,
     _images,
@@ -51,6 +51,7 @@ from rock_serve.deployments import (
     _notify,
     _ports_api,
     _processes,
+    _relays,
     _rock_api,
     _snapshot_api,
     _swerex_api,
@@ -66,7 +67,9 @@ from rock_serve.deployments._auth import (
     set_caller,
     websocket_token,
 )
-from rock_serve.deployments._metrics import Metrics, metrics
+from rock_serve.deployments._bodylimit import BODY_LIMITS as _BODY_LIMITS
+from rock_serve.deployments._bodylimit import BodyLimit
+from rock_serve.deployments._errors import admin_metrics as _admin_metrics
 from rock_serve.deployments._ops import worker_op, worker_op_stream
 from rock_serve.deployments._ray import (
     ActorHandle,
@@ -76,16 +79,19 @@ from rock_serve.deployments._ray import (
     pin_replica_grpc,
     stream,
 )
+from rock_serve.deployments._relays import NDJSON as _NDJSON
+from rock_serve.deployments._relays import ndjson as _ndjson
+from rock_serve.deployments._relays import pty_dimension as _pty_dimension
+from rock_serve.deployments._relays import pty_input as _pty_input
+from rock_serve.deployments._relays import pty_output as _pty_output
+from rock_serve.deployments._relays import relay as _relay
+from rock_serve.deployments._relays import ws_error as _ws_error
 from rock_serve.errors import (
     ErrorCode,
     InvalidRequest,
-    NotFound,
     RockError,
     SandboxNotFound,
-    TooLarge,
-    from_validation,
     http_status,
-    to_body,
 )
 from rock_serve.protocol import (
     CreateSandboxRequest,
@@ -98,7 +104,6 @@ from rock_serve.protocol import (
     ListDirResult,
     MkdirRequest,
     PtyExit,
-    PtyResize,
     RemoveRequest,
     SandboxList,
     SandboxRecord,
@@ -118,7 +123,6 @@ from rock_serve.protocol.ops import (
     FileListOp,
     FileReadOp,
     FileStatOp,
-    FileWriteOp,
     MkdirOp,
     Op,
     RemoveOp,
@@ -129,7 +133,6 @@ from rock_serve.protocol.ops import (
     SessionStdinOp,
     StatsOp,
     TarDownloadOp,
-    TarUploadOp,
 )
 
 __all__ = ["Admin", "app"]
@@ -138,9 +141,6 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 _ID = re.compile(SANDBOX_ID)
-_NDJSON = "application/x-ndjson"
-#: Bytes per chunk of an upload sent to a Worker (one actor call each).
-_UPLOAD_CHUNK = 1 << 20
 
 app = FastAPI(
     title="rock-serve",
@@ -152,141 +152,9 @@ app = FastAPI(
 
 # ----------------------------------------------------------------------------- errors
 
-
-def error_response(exc: BaseException) -> JSONResponse:
-    """The one error body, with the table's status and Retry-After on 429/503."""
-    body = to_body(exc)
-    status = http_status(body["error"]["code"])
-    headers: dict[str, str] = {}
-    retry_after = body["error"].get("retry_after")
-    if retry_after is not None and status in (429, 503):
-        headers["Retry-After"] = str(max(1, math.ceil(float(retry_after))))
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="rock-serve"'
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-_METRICS: list[Metrics] = []
-#: Codes counted by caller namespace too (``rock_rejected_total``).
-_REJECTED = {ErrorCode.UNAUTHORIZED.value, ErrorCode.PERMISSION_DENIED.value, "rate_limited"}
-
-
-def _admin_metrics() -> Metrics:
-    """The Admin's metrics (made once per replica process)."""
-    if not _METRICS:
-        _METRICS.append(metrics("admin"))
-    return _METRICS[0]
-
-
-def _count_error(request: Request, code: str) -> None:
-    """Errors by route and code on the Admin; refusals also by the caller's namespace."""
-    route = request.scope.get("route")
-    _admin_metrics().error(getattr(route, "path", "unmatched"), code)
-    if code in _REJECTED:
-        principal = getattr(request.state, "principal", None)
-        _admin_metrics().rejected(principal.namespace if principal else "-", code)
-
-
-@app.exception_handler(RockError)
-async def _rock_error(request: Request, exc: RockError) -> JSONResponse:
-    _count_error(request, exc.code.value)
-    return error_response(exc)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    error = from_validation(exc.errors())  # invalid_request, or a validator's own code (422)
-    _count_error(request, error.code.value)
-    return error_response(error)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
-    return JSONResponse(
-        {"error": {"code": code.value, "message": str(exc.detail)}}, status_code=exc.status_code
-    )
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    _count_error(request, ErrorCode.INTERNAL.value)
-    return error_response(exc)
-
-
-# ----------------------------------------------------------------------------- body limits
-
-#: The replica's body limits (set from ServerArgs by ``Admin.__init__``): JSON bodies, and the
-#: streamed bodies of file/archive uploads.
-_BODY_LIMITS = {"request": ServerArgs().max_request_bytes, "file": ServerArgs().max_file_bytes}
-
-
-def _streamed_body(scope: Scope) -> bool:
-    """Routes whose body is streamed to the Worker (bounded by max_file_bytes, not held)."""
-    path: str = scope.get("path", "")
-    method: str = scope.get("method", "")
-    if path.startswith("/v1/sandboxes/") and "/ports/" in path:
-        return True  # relayed to a port in the sandbox with flow control (_ports_api.py)
-    return (method == "PUT" and path.endswith(("/files", "/archive"))) or "upload" in path
-
-
-class BodyLimit:
-    """Refuse request bodies over their limit with 413 ``too_large`` before a route reads them.
-
-    A declared Content-Length over the limit is refused at once; a chunked JSON body is read up
-    to the limit (it would be read whole by the route anyway) and refused past it. Streamed
-    upload bodies are only checked by their declared length here; the Worker counts the rest.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        streamed = _streamed_body(scope)
-        limit = _BODY_LIMITS["file" if streamed else "request"]
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > limit:
-                await self._refuse(scope, receive, send, f"of {int(declared)} bytes", limit)
-                return
-            await self.app(scope, receive, send)
-            return
-        if streamed or scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client went away
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                await self._refuse(scope, receive, send, "(chunked)", limit)
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, what: str, limit: int) -> None:
-        exc = TooLarge(f"request body {what} is over the {limit}-byte limit", limit=limit)
-        _admin_metrics().error("body_limit", exc.code.value)
-        await error_response(exc)(scope, receive, send)
-
-
+# Every error leaves as the one body (``_errors.py``); bodies over their limit are refused
+# before a route reads them (``_bodylimit.py``).
+_errors.install(app)
 app.add_middleware(BodyLimit)
 
 
@@ -388,41 +256,6 @@ def _parse_mode(mode: str | None) -> int | None:
     return value
 
 
-async def _ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
-    """Stream models as NDJSON; an error before the first item is a normal error response."""
-    first = await items.__anext__()
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield first.model_dump_json().encode() + b"\n"
-            async for item in items:
-                yield item.model_dump_json().encode() + b"\n"
-        except RockError as exc:
-            yield json.dumps(to_body(exc)).encode() + b"\n"
-        finally:
-            await items.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(body(), media_type=_NDJSON)
-
-
-async def _relay(chunks: AsyncIterator[bytes], media_type: str) -> Response:
-    """Relay a byte stream; an error before the first chunk is a normal error response."""
-    try:
-        first = await chunks.__anext__()
-    except StopAsyncIteration:
-        return Response(content=b"", media_type=media_type)
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(body(), media_type=media_type)
-
-
 def _idem(request: Request) -> str | None:
     """The request's ``Idempotency-Key`` (1-128 printable characters), if any."""
     key = request.headers.get("idempotency-key")
@@ -433,53 +266,6 @@ def _idem(request: Request) -> str | None:
     return key
 
 
-def _pty_dimension(value: str, name: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise InvalidRequest(f"query {name}={value!r} must be an integer in 1..65535")
-    return int(value)
-
-
-async def _ws_error(ws: WebSocket, exc: BaseException, code: int) -> None:
-    """Send the one error body as a text frame, then close with ``code``."""
-    if isinstance(exc, StopAsyncIteration):
-        exc = InvalidRequest("the pty ended before it started")
-    if ws.application_state == WebSocketState.CONNECTED:
-        await ws.send_text(json.dumps(to_body(exc)))
-        await ws.close(code=code)
-
-
-async def _pty_output(ws: WebSocket, items: AsyncIterator[Any]) -> int:
-    """Forward output to the client; returns the exit code."""
-    async for item in items:
-        if isinstance(item, bytes):
-            if item:
-                await ws.send_bytes(item)
-        else:
-            return int(item)
-    raise InvalidRequest("the pty ended without an exit code")
-
-
-async def _pty_input(ws: WebSocket, worker: ActorHandle, pty_id: str) -> None:
-    """Forward keystrokes and control messages until the client goes away."""
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        try:
-            if message.get("bytes") is not None:
-                await call(worker, "pty_input", pty_id, message["bytes"])
-            elif message.get("text") is not None:
-                try:
-                    resize = PtyResize.model_validate_json(message["text"])
-                except ValidationError as exc:
-                    problem = InvalidRequest(f"bad control message: {exc.errors()[0]['msg']}")
-                    await ws.send_text(json.dumps(to_body(problem)))
-                    continue
-                await call(worker, "pty_resize", pty_id, resize.cols, resize.rows)
-        except NotFound:
-            pass  # the pty just ended: the output side sends the exit code
-
-
 # ----------------------------------------------------------------------------- deployment
 
 
@@ -488,14 +274,17 @@ async def _pty_input(ws: WebSocket, worker: ActorHandle, pty_id: str) -> None:
 class Admin:
     """REST v1: validation, error mapping and routing; no state of its own."""
 
-    def __init__(self, args: dict[str, Any] | ServerArgs) -> None:
+    def __init__(self, args: dict[str, Any] | ServerArgs, gem: Any = None) -> None:
+        """Serve the platform of ``args``; ``gem`` is the GemApi deployment's handle (from
+        ``build_app``; None: the GEM routes call the env table themselves).
+        """
         self.args = args if isinstance(args, ServerArgs) else parse_server_args(args)
         pin_replica_grpc()  # Serve's replica gRPC server: the node's IP, not every address
         _BODY_LIMITS.update(request=self.args.max_request_bytes, file=self.args.max_file_bytes)
         self._scheduler: ActorHandle = get_or_create_scheduler(self.args)
         self._workers = WorkerHandles(self.args.namespace)
         _compat.bind(self.args.namespace)  # the compat routes' platform client needs it
-        _gem.bind(self.args.namespace)  # the GEM routes' env table lives in that namespace
+        _gem.bind(self.args.namespace, self.args.gem, gem)  # GEM routes -> the GemApi deployment
         _images.bind(self.args.namespace)
         _dataplane_api.bind(self.args)
         _notify.start_watcher(self.args)  # alert gauges and the webhook (one per platform)
@@ -847,40 +636,9 @@ class Admin:
     async def _upload(
         self, sandbox_id: str, request: Request, kind: str, path: str, mode: int | None = None
     ) -> int:
-        """Send the request body to the Worker: one call when small, else chunk by chunk."""
+        """Send the request body to the Worker (see ``_relays.upload``)."""
         limit = self.args.max_file_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise TooLarge(f"body of {declared} bytes is over the {limit}-byte limit", limit=limit)
-        worker = await self._worker(sandbox_id)
-        body = request.stream()
-        buffer = bytearray()
-        async for chunk in body:
-            buffer += chunk
-            if len(buffer) > _UPLOAD_CHUNK:
-                break
-        else:  # the whole body fits one chunk: one call
-            data = bytes(buffer)
-            if kind == "file":
-                op = FileWriteOp(path=path, data=data, mode=mode)
-                return (await worker_op(worker, sandbox_id, op)).size
-            await worker_op(worker, sandbox_id, TarUploadOp(path=path, data=data))
-            return len(data)
-        upload_id: str = await call(worker, "upload_open", sandbox_id, kind, path, mode)
-        try:
-            async for chunk in body:
-                buffer += chunk
-                while len(buffer) >= _UPLOAD_CHUNK:
-                    await call(worker, "upload_chunk", upload_id, bytes(buffer[:_UPLOAD_CHUNK]))
-                    del buffer[:_UPLOAD_CHUNK]
-            if buffer:
-                await call(worker, "upload_chunk", upload_id, bytes(buffer))
-            written: int = await call(worker, "upload_close", upload_id)
-            return written
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await call(worker, "upload_abort", upload_id)
-            raise
+        return await _relays.upload(self._worker, limit, sandbox_id, request, kind, path, mode)
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/archive",

@@ -37,16 +37,17 @@ import rock_serve
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._fork import ForkScheduler
 from rock_serve.deployments._node import effective_resources
+from rock_serve.deployments._registry import Registry
 from rock_serve.deployments._snapshot import SnapshotScheduler
 from rock_serve.deployments._store import StateStore, open_store
 from rock_serve.deployments._trace import SPANS, TracedActor, untraced_task
 from rock_serve.errors import (
-    InvalidRequest,
     RateLimited,
     RockError,
     RuntimeUnavailable,
     SandboxNotFound,
 )
+from rock_serve.lifetime import Lifetime
 from rock_serve.protocol import (
     CreateSandboxRequest,
     FailureReason,
@@ -169,7 +170,8 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
             SPANS.configure(args.tracing.otlp_endpoint, args.tracing.service_name)
         self._workers: dict[str, WorkerRef] = {}  # node id -> Worker
         self._lost_nodes: set[str] = set()
-        self._records: dict[str, SandboxRecord] = {}
+        #: The registry, with the live counts admission reads (no scan per create).
+        self._records = Registry(self._weigh)
         self._inflight: dict[str, int] = {}  # worker name -> creates in flight
         self._inflight_ids: set[str] = set()
         #: Image -> Workers whose store holds it (learned from creates and prepulls): placement
@@ -244,7 +246,10 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
         theirs). Workers that do not answer get the args when they are next ensured.
         """
         changed = args != self.args
+        reweigh = args.runtime != self.args.runtime
         self.args = args
+        if reweigh:
+            self._records.reweigh(self._weigh)
         if hasattr(self._directory, "args"):
             self._directory.args = args
         if changed:
@@ -377,11 +382,14 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
     # ------------------------------------------------------------------ placement
 
     def _live(self, record: SandboxRecord, now: float) -> bool:
-        return record.expires_at is None or record.expires_at > now
+        return Lifetime.live(record, now)
+
+    def _weigh(self, resources: Resources) -> Resources:
+        """A sandbox's effective resources (what quotas count)."""
+        return effective_resources(resources, self.args.runtime)
 
     def _load(self, worker: str, now: float) -> int:
-        owned = sum(1 for r in self._records.values() if r.worker == worker and self._live(r, now))
-        return owned + self._inflight.get(worker, 0)
+        return self._records.load(worker, now) + self._inflight.get(worker, 0)
 
     def _place(self, image: str | None = None) -> WorkerRef | None:
         """The least loaded Worker with room (preferring those that hold ``image``), or None
@@ -430,11 +438,8 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
         quota = self.args.quotas.get(namespace, self.args.default_quota)
         if quota is None:
             return
-        now = self._clock()
-        mine = [
-            r for r in self._records.values() if r.namespace == namespace and self._live(r, now)
-        ]
-        count = len(mine) + self._inflight_ns.get(namespace, 0)
+        mine = self._records.usage(namespace, self._clock())
+        count = mine.sandboxes + self._inflight_ns.get(namespace, 0)
         retry = self.args.create_retry_after_seconds
         if quota.max_sandboxes is not None and count + 1 > quota.max_sandboxes:
             raise RateLimited(
@@ -442,10 +447,8 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
                 retry_after=retry,
                 quota="sandboxes",
             )
-        runtime = self.args.runtime
-        held = [effective_resources(r.resources, runtime) for r in mine]
-        held += self._inflight_res.get(namespace, [])
-        new = effective_resources(req.resources, runtime)
+        held = self._inflight_res.get(namespace, [])
+        new = self._weigh(req.resources)
         for field, limit, unit in (
             ("cpus", quota.max_cpus, "cpus"),
             ("memory_mb", quota.max_memory_mb, "MiB of memory"),
@@ -453,7 +456,7 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
         ):
             if limit is None:
                 continue
-            total = sum(getattr(r, field) or 0 for r in [*held, new])
+            total = mine.total(field) + sum(getattr(r, field) or 0 for r in [*held, new])
             if total > limit:
                 raise RateLimited(
                     f"namespace {namespace!r} would use {total:g} {unit}, over its quota of "
@@ -538,16 +541,7 @@ class Scheduler(SnapshotScheduler, ForkScheduler, TracedActor):  # SnapshotSched
             RuntimeUnavailable: no Worker is available.
         """
         await self.ready()
-        ttl = req.ttl_seconds if req.ttl_seconds is not None else self.args.default_ttl_seconds
-        if ttl > self.args.max_ttl_seconds:
-            raise InvalidRequest(
-                f"ttl_seconds {ttl} is over the limit of {self.args.max_ttl_seconds}"
-            )
-        if req.lease_seconds is not None and req.lease_seconds > self.args.max_lease_seconds:
-            raise InvalidRequest(
-                f"lease_seconds {req.lease_seconds} is over the limit of "
-                f"{self.args.max_lease_seconds}"
-            )
+        ttl = Lifetime.of(self.args).admit(req.ttl_seconds, req.lease_seconds)
         req, snap = await self._snapshot_for_create(req, namespace)
         token = req.client_token
         if token is None:

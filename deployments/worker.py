@@ -57,6 +57,7 @@ from rock_serve.errors import (
     SandboxNotRunning,
     TooLarge,
 )
+from rock_serve.lifetime import Lifetime
 from rock_serve.protocol import (
     CreateSandboxRequest,
     ExecRequest,
@@ -337,7 +338,7 @@ class Worker(
         except ValueError:
             return False
         now = self._clock()
-        if record.expires_at is not None and record.expires_at <= now:
+        if not Lifetime.adoptable(record, now):
             return False
         try:
             handle = await runtime.attach(info.id)
@@ -368,11 +369,9 @@ class Worker(
         await self._reap_uploads(now)
         expired: list[tuple[str, str]] = []
         for sid, box in self._boxes.items():
-            record = box.record
-            if record.expires_at is not None and record.expires_at <= now:
-                expired.append((sid, "ttl_expired"))
-            elif record.lease_expires_at is not None and record.lease_expires_at <= now:
-                expired.append((sid, "lease_expired"))
+            why = Lifetime.reap_reason(box.record, now)
+            if why is not None:
+                expired.append((sid, why))
         for i, (sid, reason) in enumerate(expired):
             if reason == "lease_expired" and await self._archive(sid):  # issue 16
                 expired[i] = (sid, reason := "archived")
@@ -478,9 +477,7 @@ class Worker(
         check_resources(resources, self._node, self.args)
         await self._llm_prepare(sandbox_id, req, spec)  # OPENAI_* env, reverse ports (15.3)
         now = self._clock()
-        lease = (
-            req.lease_seconds if req.lease_seconds is not None else self.args.default_lease_seconds
-        )
+        lease = Lifetime.of(self.args).lease(req.lease_seconds)
         record = SandboxRecord(
             id=sandbox_id,
             state=SandboxState.PENDING,
@@ -493,7 +490,7 @@ class Worker(
             worker=self.name,
             node_id=self.node_id,
             created_at=now,
-            expires_at=now + ttl,
+            expires_at=Lifetime.expires_at(now, ttl),
             namespace=namespace,
             ray_job_id=req.ray_job_id,
             trajectory_id=req.trajectory_id,
@@ -674,9 +671,9 @@ class Worker(
         )
 
     def _touch(self, box: _Box, now: float) -> None:
-        lease = box.record.lease_seconds
-        if lease is not None:
-            box.record.lease_expires_at = now + lease
+        deadline = Lifetime.lease_deadline(box.record.lease_seconds, now)
+        if deadline is not None:
+            box.record.lease_expires_at = deadline
 
     async def renew(self, sandbox_id: str) -> SandboxRecord:
         """Renew a sandbox's lease (any call naming it does too); returns its record."""

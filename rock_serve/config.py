@@ -29,6 +29,7 @@ __all__ = [
     "AuditConfig",
     "AuthConfig",
     "ConsoleConfig",
+    "GemConfig",
     "NotifyConfig",
     "TracingConfig",
     "CompatConfig",
@@ -1072,6 +1073,35 @@ class SnapshotConfig(_Config):
     )
 
 
+class GemConfig(_Config):
+    """The GEM env API (``/apis/v1/envs/gem/*``): its table of env instances."""
+
+    idle_ttl_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="An env instance unused this long is closed (and its sandbox deleted).",
+    )
+    reap_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="How often (at most) the table looks for idle instances; a quarter of "
+        "idle_ttl_seconds when that is shorter.",
+    )
+    lease_margin_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Extra seconds of an instance's sandbox lease over idle_ttl_seconds (the "
+        "lease outlives a reap cycle, so the reaper, not the lease, ends an idle instance).",
+    )
+    max_instances: int = Field(
+        default=10_000, ge=1, description="Most env instances open in the platform."
+    )
+    max_instances_per_namespace: int = Field(
+        default=2_000, ge=1, description="Most env instances one namespace may have open."
+    )
+
+
 class ServerArgs(_Config):
     """The platform's settings: the ``args:`` block of ``serve_config.yaml`` (see ``configs/``)."""
 
@@ -1259,6 +1289,10 @@ class ServerArgs(_Config):
     snapshots: SnapshotConfig = Field(
         default_factory=SnapshotConfig,
         description="Snapshot archives: S3 store and retention (issue 16).",
+    )
+    gem: GemConfig = Field(
+        default_factory=GemConfig,
+        description="The GEM env API: idle TTL and instance limits of its env table.",
     )
 
     @model_validator(mode="after")

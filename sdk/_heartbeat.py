@@ -1,10 +1,10 @@
 """Background lease renewal for sandbox objects: an asyncio task (async) or a thread (sync).
 
 While a sandbox object lives (inside its ``with`` block), its heartbeat renews the sandbox's
-lease every third of the lease, so a live trainer keeps its sandboxes and a dead one (``kill -9``)
-loses them one lease later. The heartbeat holds the sandbox object weakly: once the object is
-garbage, the beats stop. A failed beat is logged and retried at the next one; a sandbox that is
-gone ends the heartbeat.
+lease every third of the lease (``rock_serve.lifetime.renew_interval``), so a live trainer keeps
+its sandboxes and a dead one (``kill -9``) loses them one lease later. The heartbeat holds the
+sandbox object weakly: once the object is garbage, the beats stop. A failed beat is logged and
+retried at the next one; a sandbox that is gone ends the heartbeat.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from rock_serve.errors import SandboxNotFound
+from rock_serve.lifetime import MIN_RENEW_INTERVAL, renew_interval
 
 if TYPE_CHECKING:
     from rock_serve.sdk._async_sandbox import AsyncSandbox
@@ -26,15 +27,13 @@ __all__ = ["AsyncHeartbeat", "Heartbeat", "interval_for"]
 
 log = logging.getLogger("rock_serve.sdk")
 
-#: Shortest time between two beats, whatever the lease.
-MIN_INTERVAL = 0.2
+#: Shortest time between two beats, whatever the lease (the rule lives in ``rock_serve.lifetime``).
+MIN_INTERVAL = MIN_RENEW_INTERVAL
 
 
 def interval_for(lease_seconds: float | None) -> float | None:
     """Seconds between beats for a lease (a third of it), or None when there is no lease."""
-    if lease_seconds is None:
-        return None
-    return max(MIN_INTERVAL, lease_seconds / 3)
+    return renew_interval(lease_seconds)
 
 
 class AsyncHeartbeat:

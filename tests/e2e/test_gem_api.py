@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from rock_serve.deployments._gem import ENV_TABLE_NAME, IDLE_TTL_SECONDS, REAP_INTERVAL_SECONDS
+from rock_serve.config import GemConfig
+from rock_serve.deployments._gem import ENV_TABLE_NAME
 from rock_serve.envs.integrations import GemEnvClient, gem_make
 from rock_serve.errors import Conflict, InvalidRequest, NotFound
 from tests._wait import wait_until
@@ -236,11 +237,7 @@ def test_idle_instances_are_reaped(api):
         # The instance leaves the table before its sandbox is deleted: wait for that too.
         wait_until(lambda: _gem_sandboxes(api) == [], what="the reaped instance's sandbox to go")
     finally:
-        ray.get(
-            table.configure.remote(
-                idle_ttl_seconds=IDLE_TTL_SECONDS, reap_interval_seconds=REAP_INTERVAL_SECONDS
-            )
-        )
+        ray.get(table.configure.remote(GemConfig()))
 
 
 # ---------------------------------------------------------------------------------------------
