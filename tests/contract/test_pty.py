@@ -49,6 +49,13 @@ async def test_resize_reaches_stty(sandbox):
         await _expect(p, b"43 132", seen)
 
 
+#: Exit 0 once a ``sleep 30.25`` runs in the sandbox (no pgrep in minimal images: /proc).
+_JOB_RUNNING = (
+    "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done"
+    " | grep -q '^sleep 30[.]25'; echo $?"
+)
+
+
 async def test_ctrl_c_interrupts_the_foreground_job(sandbox):
     runtime, _, h = sandbox
     if runtime.name == "gvisor":
@@ -58,8 +65,14 @@ async def test_ctrl_c_interrupts_the_foreground_job(sandbox):
         )
     async with h.pty() as p:
         seen = bytearray()
-        await p.send(b"sleep 30 && echo not-interrupted\n")
-        await asyncio.sleep(0.5)
+        await p.send(b"sleep 30.25 && echo not-interrupted\n")
+        # ^C only once the job runs (a ^C that races the shell's read of the line is eaten).
+        for _ in range(300):
+            _, out = await h.request("exec", {"command": _JOB_RUNNING})
+            if out.strip() == b"0":
+                break
+            await asyncio.sleep(0.05)
+        assert out.strip() == b"0", "the foreground job never started"
         await p.send(b"\x03")
         await p.send(b"echo alive-$((1+1))\n")
         await _expect(p, b"alive-2", seen, timeout=10)  # well before the sleep ends
