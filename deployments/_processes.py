@@ -21,19 +21,17 @@ Auth, namespaces and audit as every sandbox route: the routes go through the Adm
 # No "from __future__ import annotations": FastAPI reads these annotations at include time.
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import stream
+from rock_serve.deployments._relays import ndjson
 from rock_serve.deployments._trace import logged_stream
-from rock_serve.errors import RockError, to_body
 from rock_serve.protocol.processes import (
     ProcessInfo,
     ProcessInputBody,
@@ -213,23 +211,6 @@ def _admin() -> Any:
     return serve.get_replica_context().servable_object
 
 
-async def _ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
-    """NDJSON of ``items``; an error before the first one is a normal error response."""
-    first = await items.__anext__()
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield first.model_dump_json().encode() + b"\n"
-            async for item in items:
-                yield item.model_dump_json().encode() + b"\n"
-        except RockError as exc:
-            yield json.dumps(to_body(exc)).encode() + b"\n"
-        finally:
-            await items.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(body(), media_type=_NDJSON)
-
-
 @router.post(_BASE, status_code=201, response_model=ProcessInfo)
 async def start_process(
     sandbox_id: str, req: ProcessStartRequest, request: Request, principal: Auth
@@ -291,7 +272,7 @@ async def process_output(
     """
     worker = await _admin()._worker(sandbox_id)
     items = stream(worker, "stream_process_output", sandbox_id, pid, stream_, offset, follow)
-    return await _ndjson(items)
+    return await ndjson(items)
 
 
 @router.post(_BASE + "/{pid}/input", response_model=ProcessInfo)

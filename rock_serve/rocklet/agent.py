@@ -859,8 +859,10 @@ async def _pump(stream, capture, emit):
             emit(kept)
 
 
-@op("exec")
-async def op_exec(agent, rid, args, payload):
+def _exec_plan(args):
+    """``exec``'s arguments -> (argv, env, timeout, output cap): one home for the asyncio op and
+    the fast loop's :class:`_SyncExec`.
+    """
     command = args.get("command")
     shell = args.get("shell")
     if isinstance(command, str):
@@ -875,6 +877,12 @@ async def op_exec(agent, rid, args, payload):
     env.update(_env(args))
     if argv[0] == "bash" and _which("bash", env.get("PATH")) is None:
         argv[0] = "/bin/sh"
+    return argv, env, timeout, cap
+
+
+@op("exec")
+async def op_exec(agent, rid, args, payload):
+    argv, env, timeout, cap = _exec_plan(args)
     cwd = agent.path(args, "cwd") if args.get("cwd") else None
     stream = bool(args.get("stream"))
     started = time.monotonic()
@@ -2217,20 +2225,7 @@ class _SyncExec:
     def __init__(self, rid, args):
         self.rid = rid
         self.started = time.monotonic()
-        command = args.get("command")
-        shell = args.get("shell")
-        if isinstance(command, str):
-            argv = ["bash", "-c", command] if shell is not False else command.split()
-        elif isinstance(command, list) and command and all(isinstance(a, str) for a in command):
-            argv = ["bash", "-c", " ".join(command)] if shell else list(command)
-        else:
-            raise AgentError("invalid_request", "command must be a string or a non-empty argv list")
-        self.timeout = _number(args, "timeout", DEFAULT_TIMEOUT)
-        cap = int(_number(args, "max_output_bytes", DEFAULT_MAX_OUTPUT))
-        env = dict(os.environ)
-        env.update(_env(args))
-        if argv[0] == "bash" and _which("bash", env.get("PATH")) is None:
-            argv[0] = "/bin/sh"
+        argv, env, self.timeout, cap = _exec_plan(args)
         path = argv[0] if "/" in argv[0] else _which(argv[0], env.get("PATH"))
         self.argv, self.env, self.path = argv, env, path
         self.out, self.err = Capture(cap), Capture(cap)
