@@ -15,7 +15,9 @@ from rock_serve.rocklet import agent
 ROCKLET = Path(agent.__file__).parent
 #: Codes the agent puts on the wire: ``AgentError("code", ...)``, ``{"code": "..."}``, and
 #: the errno table of ``_os_error``.
-_CODE = re.compile(r'AgentError\(\s*"([a-z_]+)"|"code":\s*"([a-z_]+)"|errno\.E[A-Z]+:\s*"([a-z_]+)"')
+_CODE = re.compile(
+    r'AgentError\(\s*"([a-z_]+)"|"code":\s*"([a-z_]+)"|errno\.E[A-Z]+:\s*"([a-z_]+)"'
+)
 
 
 def _agent_codes() -> set[str]:
