@@ -152,6 +152,14 @@ def test_cli_shell_interactive_in_tmux(platform, api, tmp_path):
             assert time.monotonic() < deadline, f"no {pattern!r} on the screen:\n{screen()}"
             time.sleep(0.1)
 
+    def job_running() -> bool:
+        command = (
+            "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done"
+            " | grep -q '^sleep 30[.]5'"
+        )
+        reply = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": command})
+        return bool(reply.json()["exit_code"] == 0)
+
     def keys(*args: str) -> None:
         subprocess.run([*tmux, "send-keys", *args], check=True)
 
@@ -161,11 +169,17 @@ def test_cli_shell_interactive_in_tmux(platform, api, tmp_path):
         keys("stty size", "Enter")
         wait_for(r"\n30 100\n")
         subprocess.run([*tmux, "resize-window", "-x", "120", "-y", "40"], check=True)
-        time.sleep(0.5)  # SIGWINCH -> a resize message, before the next command
-        keys("stty size", "Enter")
-        wait_for(r"\n40 120\n")
-        keys("sleep 30", "Enter")
-        time.sleep(0.5)
+        # SIGWINCH -> a resize message: ask again until the shell has seen it (no fixed wait).
+        deadline = time.monotonic() + 30
+        while re.search(r"\n40 120\n", screen()) is None:
+            assert time.monotonic() < deadline, f"the resize never arrived:\n{screen()}"
+            keys("stty size", "Enter")
+            time.sleep(0.2)
+        keys("sleep 30.5", "Enter")
+        deadline = time.monotonic() + 30
+        while not job_running():  # ^C once the job runs (one racing the line is eaten)
+            assert time.monotonic() < deadline, screen()
+            time.sleep(0.1)
         keys("C-c")
         keys("echo int-$((1+1))", "Enter")
         wait_for(r"\nint-2\n", timeout=10)  # well before the sleep ends
