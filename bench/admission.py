@@ -20,26 +20,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import builtins
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from rock_serve.config import ServerArgs
-from rock_serve.deployments._registry import Registry, Usage, weights
-from rock_serve.deployments.scheduler import Scheduler
-from rock_serve.lifetime import Lifetime
-from rock_serve.protocol import (
-    CreateSandboxRequest,
-    Resources,
-    SandboxRecord,
-    SandboxState,
-    WorkerStatus,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def pct(samples: list[float], p: float) -> float:
-    xs = sorted(samples)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))] if xs else 0.0
+from bench._harness import pct  # noqa: E402
+from rock_serve.config import ServerArgs  # noqa: E402
+from rock_serve.deployments._registry import Registry, Usage, weights  # noqa: E402
+from rock_serve.deployments.scheduler import Scheduler  # noqa: E402
+from rock_serve.lifetime import Lifetime  # noqa: E402
+from rock_serve.protocol import CreateSandboxRequest, Resources  # noqa: E402
+from tests.unit.test_admission import FakeDirectory, FakeWorker  # noqa: E402
 
 
 class ScanRegistry(Registry):
@@ -56,68 +50,12 @@ class ScanRegistry(Registry):
         return usage
 
 
-class FakeWorker:
-    def __init__(self, name: str) -> None:
-        self.name, self.node_id = name, name * 4
-        self.records: dict[str, SandboxRecord] = {}
-
-    def _record(self, sid: str, namespace: str, ttl: float) -> SandboxRecord:
-        now = time.time()
-        return SandboxRecord(
-            id=sid,
-            state=SandboxState.RUNNING,
-            worker=self.name,
-            node_id=self.node_id,
-            created_at=now,
-            expires_at=now + ttl,
-            namespace=namespace,
-            resources=Resources(cpus=0.5),
-        )
-
-    async def create(
-        self, sid: str, req: CreateSandboxRequest, ttl: float, namespace: str
-    ) -> SandboxRecord:
-        record = self.records[sid] = self._record(sid, namespace, ttl)
-        return record
-
-    async def list(self) -> builtins.list[SandboxRecord]:
-        return builtins.list(self.records.values())
-
-    async def remove(self, sid: str) -> None:
-        self.records.pop(sid, None)
-
-    async def reap_ids(self, ids: builtins.list[str], reason: str) -> builtins.list[str]:
-        return []
-
-    async def reconfigure(self, args: ServerArgs) -> None:
-        pass
-
-    async def status(self) -> WorkerStatus:
-        return WorkerStatus(
-            name=self.name, node_id=self.node_id, alive=True, sandboxes=0, capacity=1, runtime="x"
-        )
-
-
-class FakeDirectory:
-    def __init__(self, workers: builtins.list[FakeWorker]) -> None:
-        self.workers = {w.node_id: w for w in workers}
-
-    async def alive_nodes(self) -> builtins.list[str]:
-        return builtins.list(self.workers)
-
-    async def ensure(self, node_id: str) -> FakeWorker:
-        return self.workers[node_id]
-
-    async def dead_jobs(self, job_ids: set[str]) -> set[str]:
-        return set()
-
-
 async def run(held: int, creates: int, n_workers: int, scan: bool) -> tuple[float, list[float]]:
-    workers = [FakeWorker(f"w{i:011d}") for i in range(n_workers)]
+    workers = [FakeWorker(f"w{i:011d}", time.time) for i in range(n_workers)]
     for i in range(held):
         w = workers[i % n_workers]
         sid = f"sb-{w.name}-held{i:07d}"
-        w.records[sid] = w._record(sid, "team" if i % 2 else "other", 3600)
+        w.records[sid] = w.record(sid, "team" if i % 2 else "other", 3600, Resources(cpus=0.5))
     args: dict[str, Any] = {
         "runtime": {"type": "fake"},
         "max_sandboxes_per_node": held + creates + 1,
