@@ -1,7 +1,8 @@
 """Benchmark: in-session ops/s at 1, 16 and 64 concurrent clients, churn, and the floors, one run.
 
 Usage: ``.venv/bin/python bench/throughput.py [--seconds 5] [--runtime bwrap|local]
-[--clients 1,16,64] [--churn-seconds 8] [--only floors,admin,direct,batch,ray,churn]``
+[--clients 1,16,64] [--churn-seconds 8] [--only floors,admin,direct,batch,ray,churn]
+[--warm-pool N] [--profile DIR]``
 
 Paths measured (each client owns one sandbox and runs ``echo hi`` in its session in a loop;
 clients are asyncio tasks of one process, as one rollout driver stepping many envs is):
@@ -13,7 +14,12 @@ clients are asyncio tasks of one process, as one rollout driver stepping many en
 - Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
 - the direct plane's batch op (``client.run_many``: N sandboxes stepped by one request);
 - churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray, and
-  create -> first command on its own (1 loop).
+  create -> first command on its own (1 loop);
+- paced: create -> first command over HTTP, one create every ``--pace`` s (a create on an
+  otherwise idle node; with ``--warm-pool N`` the pool refills between creates).
+
+``--profile DIR`` records each row's processes with py-spy (bench/_profile.py) and prints, per
+process, CPU ms per operation and the frames with the most self time.
 
 Floors measured in the same run:
 
@@ -39,10 +45,14 @@ import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import _harness as harness
 import httpx
 from latency import add_ping_app
+
+#: Where ``--profile`` writes py-spy recordings of each row (None: no profiling).
+PROFILE: Path | None = None
 
 Op = Callable[[], Awaitable[object]]
 
@@ -78,9 +88,16 @@ async def drive(path: str, ops: list[Op], seconds: float) -> Row:
             await op()
             row.samples.append(time.perf_counter() - t0)
 
+    recording = None
+    if PROFILE is not None:
+        import _profile
+
+        recording = _profile.start(PROFILE, f"{path} x{len(ops)}")
     t0 = time.perf_counter()
     await asyncio.gather(*(loop(op) for op in ops))
     row.seconds = time.perf_counter() - t0
+    if recording is not None:
+        recording.stop(row.seconds, len(row.samples) * row.weight)
     return row
 
 
@@ -247,6 +264,29 @@ async def churn(url: str | None, loops: list[int], seconds: float) -> list[Row]:
     return rows
 
 
+async def paced(url: str, seconds: float, pace: float) -> list[Row]:
+    """create -> first command over HTTP, one create every ``pace`` s after the last delete
+    (the latency of a create on an otherwise idle node: the warm pool, if any, refills).
+    """
+    from rock_serve.sdk import AsyncClient
+
+    row = Row(f"create->1st cmd HTTP, paced {pace:g}s", 1)
+    async with AsyncClient(base_url=url, timeout=120, dataplane="admin") as client:
+        stop = time.perf_counter() + seconds
+        first = True
+        while time.perf_counter() < stop or len(row.samples) < 5:
+            await asyncio.sleep(pace)
+            t0 = time.perf_counter()
+            record = await client.create_sandbox()
+            await client.exec(record.id, "echo hi")
+            if not first:  # the first one warms up connections
+                row.samples.append(time.perf_counter() - t0)
+            first = False
+            await client.delete_sandbox(record.id)
+    row.seconds = sum(row.samples)  # ops/s of this row: 1 / mean latency
+    return row
+
+
 def report(rows: list[Row], runtime: str) -> None:
     print(f"\n{'path':28} {'clients':>7} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs ping':>8}")
     ping = {r.clients: r for r in rows if r.path.startswith("bare Serve")}
@@ -285,11 +325,13 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
     if "churn" in only:
         rows += await churn(url, loops, opts.churn_seconds)
         rows += await churn(None, loops, opts.churn_seconds)
+    if "paced" in only:
+        rows += await paced(url, opts.churn_seconds, opts.pace)
     return rows
 
 
 #: The groups of rows ``--only`` can pick.
-PATHS = ("floors", "admin", "direct", "batch", "ray", "churn")
+PATHS = ("floors", "admin", "direct", "batch", "ray", "churn", "paced")
 
 
 async def floors(url: str, clients: list[int], seconds: float) -> list[Row]:
@@ -325,13 +367,29 @@ def main() -> None:
     parser.add_argument("--churn", default="1,8")
     parser.add_argument("--runtime", default="bwrap", choices=["local", "bwrap"])
     parser.add_argument("--only", default="", help=f"comma list of {','.join(PATHS)} (all)")
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="py-spy each row's processes (bench, Worker, Admin, Scheduler, proxy) into DIR "
+        "and print where their time goes",
+    )
+    parser.add_argument(
+        "--pace", type=float, default=0.3, help="seconds between the paced row's creates"
+    )
+    parser.add_argument(
+        "--warm-pool", type=int, default=0, help="the Worker's warm_pool_size (default 0)"
+    )
     opts = parser.parse_args()
+    global PROFILE
+    PROFILE = Path(opts.profile) if opts.profile else None
     capacity = max(int(c) for c in opts.clients.split(",")) + 16
     base = {
         "runtime": opts.runtime,
         "auth": {"mode": "disabled"},
         "max_sandboxes_per_node": capacity,
         "namespace": "rock-bench",
+        "warm_pool_size": opts.warm_pool,
     }
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with harness.platform({"/": base}, extra=add_ping_app) as urls:
