@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Process titles worth profiling (Ray workers set ``ray::<Class>[.<method>]``).
 _WANTED = re.compile(r"^ray::(Worker|ServeReplica:[^ ]*|Scheduler|ProxyActor|RayGate)")
@@ -63,7 +64,7 @@ class Recording:
     procs: list[subprocess.Popen[bytes]]
     cpu0: dict[str, float]
     pids: dict[str, int]
-    rest0: float
+    rest0: Counter[str]
 
     def stop(self, wall: float, ops: int) -> None:
         for p in self.procs:
@@ -78,11 +79,14 @@ class Recording:
         for name, path in self.files.items():
             used = cpu.get(name, 0.0) - self.cpu0.get(name, 0.0)
             summarize(name, path, wall, used, ops)
-        rest = _descendant_cpu() - self.rest0
-        print(
-            f"  all other processes of this run (rocklets, raylet, gcs...): {rest:.2f} s CPU, "
-            f"{rest / max(ops, 1) * 1e3:.2f} ms per op"
-        )
+        rest = _descendant_cpu()
+        rest.subtract(self.rest0)
+        for kind, used in rest.most_common(6):
+            if used > 0.005:
+                print(
+                    f"  {kind} (all such processes): {used:.2f} s CPU, "
+                    f"{used / max(ops, 1) * 1e3:.2f} ms per op"
+                )
 
 
 def start(out: Path, label: str) -> Recording:
@@ -107,19 +111,31 @@ def start(out: Path, label: str) -> Recording:
     return Recording(label, files, procs, _cpu(pids), pids, _descendant_cpu())
 
 
-def _descendant_cpu() -> float:
-    """CPU seconds of this run's processes other than the profiled ones (and py-spy)."""
+def _kind(proc: Any) -> str:
+    """A group name for a process: rocklet, sandbox shell, or its executable's name."""
+    cmd = proc.cmdline()
+    if any("import agent" in c for c in cmd):
+        return "rocklets"
+    name = proc.name()
+    if name.startswith("ray::"):
+        return "other ray workers"
+    return name
+
+
+def _descendant_cpu() -> Counter[str]:
+    """CPU seconds of this run's processes other than the profiled ones (and py-spy), by
+    kind (a process's reaped children count as its own)."""
     import psutil
 
     skip = set(targets().values())
-    total = 0.0
+    total: Counter[str] = Counter()
     for child in psutil.Process().children(recursive=True):
         try:
             if child.pid in skip or child.name() == "py-spy":
                 continue
             t = child.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.NoSuchProcess:
+            total[_kind(child)] += t.user + t.system + t.children_user + t.children_system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return total
 

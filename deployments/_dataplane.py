@@ -186,6 +186,7 @@ class _Server:
         self._kid = ""
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
+        self._tokens = dataplane_token.VerifiedTokens()  # signature checked once per token
 
     # ------------------------------------------------------------------ auth and audit
 
@@ -209,8 +210,8 @@ class _Server:
             header = request.headers.get("authorization", "")
             token = header[7:].strip() if header[:7].lower() == "bearer " else None
         try:
-            secret = await self._secret_for(dataplane_token.peek_kid(token) if token else None)
-            return dataplane_token.verify(secret, token, sandbox_id)
+            secret = await self._secret_for(self._tokens.kid(token) if token else None)
+            return self._tokens.verify(secret, token, sandbox_id)
         except RockError as exc:
             self._audit_event(
                 action="auth",

@@ -18,11 +18,12 @@ import hashlib
 import hmac
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from rock_serve.errors import PermissionDenied, Unauthorized
 
-__all__ = ["PREFIX", "TokenClaims", "key_id", "sign", "verify"]
+__all__ = ["PREFIX", "TokenClaims", "VerifiedTokens", "key_id", "sign", "verify"]
 
 PREFIX = "rdp1"
 #: Seconds of clock skew between the signing Admin and the verifying node that are tolerated.
@@ -105,6 +106,11 @@ def verify(
         Unauthorized: no token, a malformed or forged one, or an expired one (401).
         PermissionDenied: a valid token for another sandbox (403).
     """
+    return _check_use(_signed_claims(secret, token), sandbox_id, now)
+
+
+def _signed_claims(secret: bytes, token: str | None) -> TokenClaims:
+    """The claims of ``token`` once its signature is checked (not its expiry or sandbox)."""
     if not token:
         raise Unauthorized("the data plane needs a sandbox token (Authorization: Bearer ...)")
     parts = token.split(".")
@@ -125,8 +131,53 @@ def verify(
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise Unauthorized("malformed data-plane token") from exc
+    return claims
+
+
+def _check_use(claims: TokenClaims, sandbox_id: str, now: float | None) -> TokenClaims:
     if claims.expires_at + LEEWAY < (time.time() if now is None else now):
         raise Unauthorized("the data-plane token has expired")
     if claims.sandbox_id != sandbox_id:
         raise PermissionDenied("the data-plane token is for another sandbox")
     return claims
+
+
+class VerifiedTokens:
+    """:func:`verify` with the signature check done once per token and secret.
+
+    A client sends the same token on every call to a sandbox, so the data-plane server keeps
+    the claims of the last ``size`` tokens whose signature it checked (LRU), with the secret
+    they were checked against: a hit skips the HMAC and the JSON parse (most of a direct
+    call's token check), a changed secret is a miss. Expiry and sandbox are checked on every
+    call, as :func:`verify` does. A forged or malformed token is never kept.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._items: OrderedDict[str, tuple[bytes, TokenClaims]] = OrderedDict()
+
+    def kid(self, token: str) -> str | None:
+        """The key id ``token`` names (:func:`peek_kid`, from the cache when it is known)."""
+        hit = self._items.get(token)
+        return hit[1].kid if hit is not None else peek_kid(token)
+
+    def verify(
+        self, secret: bytes, token: str | None, sandbox_id: str, *, now: float | None = None
+    ) -> TokenClaims:
+        """As :func:`verify`.
+
+        Raises:
+            Unauthorized: no token, a malformed or forged one, or an expired one (401).
+            PermissionDenied: a valid token for another sandbox (403).
+        """
+        if not token:
+            return verify(secret, token, sandbox_id, now=now)  # raises
+        hit = self._items.get(token)
+        if hit is not None and hmac.compare_digest(hit[0], secret):
+            self._items.move_to_end(token)
+            return _check_use(hit[1], sandbox_id, now)
+        claims = _signed_claims(secret, token)
+        self._items[token] = (secret, claims)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return _check_use(claims, sandbox_id, now)

@@ -63,3 +63,39 @@ def test_a_token_of_another_sandbox_is_forbidden():
     with pytest.raises(PermissionDenied):
         dt.verify(SECRET, _token(), "sb-abc123-someoneelse")
     assert PermissionDenied.status == 403 and Unauthorized.status == 401
+
+
+def test_verified_tokens_check_expiry_and_sandbox_on_every_call():
+    cache = dt.VerifiedTokens()
+    token, expires = dt.sign(SECRET, SID, namespace="n", token_name="t", ttl=10, now=1000.0)
+    assert cache.verify(SECRET, token, SID, now=1001.0) == dt.verify(SECRET, token, SID, now=1001.0)
+    assert cache.kid(token) == dt.key_id(SECRET)
+    # The second call is a hit: still refused for another sandbox, and once expired.
+    with pytest.raises(PermissionDenied):
+        cache.verify(SECRET, token, "sb-abc123-other", now=1001.0)
+    with pytest.raises(Unauthorized, match="expired"):
+        cache.verify(SECRET, token, SID, now=expires + dt.LEEWAY + 0.1)
+
+
+def test_verified_tokens_recheck_the_signature_when_the_secret_changes():
+    cache = dt.VerifiedTokens()
+    token = _token()
+    cache.verify(SECRET, token, SID)
+    with pytest.raises(Unauthorized, match="signature"):
+        cache.verify(b"x" * 32, token, SID)  # the cached claims were checked with SECRET only
+    cache.verify(SECRET, token, SID)
+
+
+def test_verified_tokens_never_keep_a_forged_token_and_stay_bounded():
+    cache = dt.VerifiedTokens(size=2)
+    prefix, payload, signature = _token().split(".")
+    forged = f"{prefix}.{payload}.{signature[:-1]}{'A' if signature[-1] != 'A' else 'B'}"
+    for _ in range(2):  # refused the second time too: nothing was cached
+        with pytest.raises(Unauthorized):
+            cache.verify(SECRET, forged, SID)
+    with pytest.raises(Unauthorized):
+        cache.verify(SECRET, None, SID)
+    tokens = [_token(token_name=f"t{i}") for i in range(3)]
+    for token in tokens:
+        cache.verify(SECRET, token, SID)
+    assert len(cache._items) == 2 and tokens[0] not in cache._items
