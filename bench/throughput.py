@@ -25,7 +25,8 @@ Floors measured in the same run:
 
 - the rocklet itself through its ``RockletHandle`` (no Worker, no HTTP);
 - a bare Serve ``GET /ping`` (proxy -> replica -> reply);
-- a bare uvicorn echo route (a separate process; no Serve).
+- a bare uvicorn echo route (a separate process; no Serve);
+- a bare async Ray actor's echo method (the Ray transport's floor).
 
 Prints ops/s, p50 and p99 per path and concurrency, and each HTTP row's ratio to the bare Serve
 ping at the same concurrency. Targets (issue 13, ../shared/TARGETS.md): direct data plane >= 1,000
@@ -334,10 +335,36 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
 PATHS = ("floors", "admin", "direct", "batch", "ray", "churn", "paced")
 
 
+async def ray_floor(clients: list[int], seconds: float) -> list[Row]:
+    """A bare async Ray actor's echo method called from this process (no rock-serve code)."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_concurrency=1000)
+    class Echo:
+        async def echo(self, value: str) -> str:
+            return value
+
+    actor = Echo.remote()  # type: ignore[attr-defined]
+    rows = []
+    try:
+        for n in clients:
+
+            async def call() -> None:
+                await actor.echo.remote("echo hi")
+
+            rows.append(await drive("bare Ray actor call", [call] * n, seconds))
+    finally:
+        ray.kill(actor)
+    return rows
+
+
 async def floors(url: str, clients: list[int], seconds: float) -> list[Row]:
-    """The rocklet through its handle, a bare Serve ping and a bare uvicorn echo."""
+    """The rocklet through its handle, a bare Serve ping, a bare uvicorn echo and a bare Ray
+    actor call.
+    """
     rows: list[Row] = []
     rows += await rocklet_floor(clients, seconds)
+    rows += await ray_floor(clients, seconds)
     rows += await http_floor("bare Serve GET /ping", url, "GET", clients, seconds)
     port = harness.free_port()
     proc = subprocess.Popen([sys.executable, "-c", UVICORN_APP, str(port)])
