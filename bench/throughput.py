@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,9 @@ from pathlib import Path
 import _harness as harness
 import httpx
 from latency import add_ping_app
+
+#: The bench's own bwrap image store (kept between runs; ROCK_BENCH_IMAGES overrides).
+IMAGES = "/var/tmp/rock-bench-images"
 
 #: Where ``--profile`` writes py-spy recordings of each row (None: no profiling).
 PROFILE: Path | None = None
@@ -128,6 +132,7 @@ async def rocklet_floor(clients: list[int], seconds: float) -> list[Row]:
         finally:
             for h in handles:
                 await h.close()
+    shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
@@ -386,6 +391,22 @@ async def floors(url: str, clients: list[int], seconds: float) -> list[Row]:
     return rows
 
 
+def _unmount_leftovers(state: str) -> None:
+    """Lazily unmount what sandboxes the platform did not remove left mounted in ``state``
+    (and their root links), so that removing the dir never walks into an image layer.
+    """
+    from rock_serve.runtime.bwrap import mounts_under
+
+    points = mounts_under(state)
+    if os.path.isdir(state):
+        for name in os.listdir(state):
+            points += mounts_under(f"/run/rock-serve/roots/{name}")
+    for point in points:  # deepest first
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    if points:
+        print(f"(unmounted {len(points)} leftover mounts of sandboxes the run did not remove)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -411,16 +432,26 @@ def main() -> None:
     global PROFILE
     PROFILE = Path(opts.profile) if opts.profile else None
     capacity = max(int(c) for c in opts.clients.split(",")) + 16
+    # A bench-private state dir and (bwrap) image store: the node's shared store at
+    # /var/lib/rock-serve/images is also what tests evict from and unpack into.
+    state = tempfile.mkdtemp(prefix="rock-bench-state-")
+    runtime = harness.runtime_config(opts.runtime, state)
+    if opts.runtime == "bwrap":
+        runtime["images"] = {"root": os.environ.get("ROCK_BENCH_IMAGES", IMAGES)}
     base = {
-        "runtime": opts.runtime,
+        "runtime": runtime,
         "auth": {"mode": "disabled"},
         "max_sandboxes_per_node": capacity,
         "namespace": "rock-bench",
         "warm_pool_size": opts.warm_pool,
     }
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    with harness.platform({"/": base}, extra=add_ping_app) as urls:
-        rows = asyncio.run(measure(urls["/"], opts))
+    try:
+        with harness.platform({"/": base}, extra=add_ping_app) as urls:
+            rows = asyncio.run(measure(urls["/"], opts))
+    finally:
+        _unmount_leftovers(state)
+        shutil.rmtree(state, ignore_errors=True)
     report(rows, opts.runtime)
 
 
