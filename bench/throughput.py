@@ -290,7 +290,7 @@ async def paced(url: str, seconds: float, pace: float) -> list[Row]:
             first = False
             await client.delete_sandbox(record.id)
     row.seconds = sum(row.samples)  # ops/s of this row: 1 / mean latency
-    return row
+    return [row]
 
 
 def report(rows: list[Row], runtime: str) -> None:
