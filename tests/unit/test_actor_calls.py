@@ -106,3 +106,59 @@ def test_no_actor_method_takes_a_parameter_stream_keeps_for_itself(actor):
         and "backpressure" in getattr(inspect.signature(member), "parameters", {})
     ]
     assert taking == []
+
+
+class _Method:
+    """An actor method as Ray's handle shows it: ``.remote`` and ``.options``."""
+
+    def __init__(self, name: str, seen: list) -> None:
+        self.name, self.seen, self.opts = name, seen, {}
+
+    def options(self, **opts):
+        self.opts = opts
+        return self
+
+    def remote(self, *args, **kwargs):
+        self.seen.append((self.name, args, kwargs, self.opts))
+        if self.opts.get("num_returns") == "streaming":
+            return _refs([f"{self.name}-1", f"{self.name}-2"])
+        return _done(self.name)
+
+
+async def _done(value):
+    return value
+
+
+async def _refs(values):
+    for value in values:
+        yield _done(value)
+
+
+class _Actor:
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(name, self.seen)
+
+
+async def test_a_typed_call_sends_the_methods_name_and_its_arguments():
+    from rock_serve.deployments._ray import call, stream, stream_ahead
+    from rock_serve.protocol import ExecRequest
+
+    actor = _Actor()
+    assert await call(actor, Worker.remove, "sb-1", reason="gone") == "remove"
+    req = ExecRequest(command="true")
+    assert [x async for x in stream(actor, Worker.stream_exec, "sb-1", req)] == [
+        "stream_exec-1",
+        "stream_exec-2",
+    ]
+    ahead = stream_ahead(3, actor, Worker.stream_pty, "sb-1", "p1")
+    assert [x async for x in ahead] == ["stream_pty-1", "stream_pty-2"]
+    assert [(name, args, kwargs) for name, args, kwargs, _ in actor.seen] == [
+        ("remove", ("sb-1",), {"reason": "gone"}),
+        ("stream_exec", ("sb-1", req), {}),
+        ("stream_pty", ("sb-1", "p1"), {}),
+    ]
+    assert actor.seen[1][3] == {"num_returns": "streaming"}
+    assert actor.seen[2][3]["_generator_backpressure_num_objects"] == 3
