@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,13 +93,12 @@ def test_prepull_list_create_and_remove(bwrap_platform, registry):
 def test_create_errors_are_typed(bwrap_platform, registry):
     ref = registry.push(oci("nopython"), "private/err:v1")
     with Client(bwrap_platform.url) as client:
-        start = time.monotonic()
+        # not retried: tests/integration/test_images.py counts the store's skopeo runs
         with pytest.raises(errors.ImageNotFound):
             client.create_sandbox(
                 image=registry.ref("private/none:v1"),
                 registry_auth=RegistryAuth(username=USER, password=PASSWORD),
             )
-        assert time.monotonic() - start < 2.0
         with pytest.raises(errors.RegistryUnauthorized):
             client.create_sandbox(image=ref)
         with pytest.raises(errors.RegistryUnauthorized):

@@ -40,6 +40,7 @@ from rock_serve.sdk import Client
 from rock_serve.sdk import _base as sdk_base
 from tests._registry import (
     IMAGE_CACHE,
+    SKOPEO,
     Registry,
     SilentRegistry,
     free_port,
@@ -286,11 +287,15 @@ async def test_default_sandbox_sees_no_host_directory(bwrap):
 
 
 async def test_unknown_image_is_image_not_found_fast(tmp_path, registry):
-    store = store_at(tmp_path / "store")
-    start = time.monotonic()
+    # fast = asked once, never retried (counted by a skopeo that logs its runs: no clock)
+    runs = tmp_path / "skopeo-runs"
+    counting = tmp_path / "skopeo"
+    counting.write_text(f'#!/bin/sh\necho "$*" >> {runs}\nexec {SKOPEO} "$@"\n')
+    counting.chmod(0o755)
+    store = store_at(tmp_path / "store", pull_attempts=3, skopeo_path=str(counting))
     with pytest.raises(errors.ImageNotFound):
         await store.get(registry.ref("test/nothing-here:v1"))
-    assert time.monotonic() - start < 2.0
+    assert len(runs.read_text().splitlines()) == 1
     with pytest.raises(errors.ImageNotFound):
         await store.get(f"oci:{tmp_path}/no-layout:x")
     assert store.list() == []
