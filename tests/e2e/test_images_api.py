@@ -17,6 +17,7 @@ from rock_serve.protocol import CreateSandboxRequest, RegistryAuth
 from rock_serve.sdk import Client
 from tests._registry import Registry, SilentRegistry, oci, registry_skip_reason
 from tests._wait import wait_until
+from tests.unit.test_image_ref_backtracking import FUZZED
 
 _SKIP = registry_skip_reason()
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
@@ -122,6 +123,9 @@ def test_malformed_references_are_422_everywhere(bwrap_platform):
             ("POST", "/v1/images/pull", {"images": ["busybox", BAD]}, "body.images.1"),
             ("POST", "/v1/images/push", {"image": BAD, "destination": "a/b:c"}, "body.image"),
             ("POST", "/v1/images/push", {"image": "a/b:c", "destination": BAD}, "body.dest"),
+            # the fuzzer's: once minutes of regex backtracking in the Admin's event loop
+            # (tests/unit/test_image_ref_backtracking.py)
+            ("POST", "/v1/images/push", {"image": FUZZED, "destination": "a/b:c"}, "body.image"),
             ("POST", "/v1/sandboxes/sb-x/commit", {"image": "UPPER/case"}, "body.image"),
             ("DELETE", "/v1/images/Bad%20Ref!", None, "path.ref"),
         ]:
