@@ -154,11 +154,12 @@ class Client(ProcessClient):
         """A client that talks to the platform's actors over Ray instead of HTTP.
 
         For code running on the platform's own Ray cluster (a Ray job or actor, same Ray
-        version, ``ray.init`` done): control-plane calls go to the Scheduler actor and
-        data-plane calls straight to the sandbox's Worker actor, with no HTTP hop. The methods,
-        typed errors and retry policy are those of this class; archives need HTTP. Sandboxes
-        it creates belong to the calling Ray job and are reaped when its driver dies. The sync
-        client's twin runs the async one on a private event-loop thread.
+        version, ``ray.init`` done): this class over the Ray transport, whose control-plane
+        calls go to the Scheduler actor and whose operations go as models straight to the
+        sandbox's Worker actor, with no HTTP hop. The methods, typed errors and retry policy are
+        this class's own; images and ports need HTTP. Sandboxes it creates belong to the
+        calling Ray job and are reaped when its driver dies. The sync client's transport blocks
+        in ``ray.get`` on the caller's thread.
 
         Every call carries the platform token and is checked (namespaces, admin) and audited
         on the actors as over HTTP; no or a wrong token while auth is on: ``Unauthorized``.
