@@ -136,10 +136,10 @@ def gym_sync_rate(url: str, n: int, steps: int) -> float:
 
 
 async def run(url: str, sizes: list[int], steps: int, n_reset: int) -> None:
-    from rock_serve.deployments.client import AsyncRayClient
+    from rock_serve.deployments.client import platform_client
 
     http = AsyncClient(url)
-    ray_client = AsyncRayClient(NAMESPACE)
+    ray_client = platform_client(NAMESPACE)
     try:
         print(f"\nenv reset latency ({n_reset} envs, one after the other; p50 / p99 ms)")
         for label, client in (("HTTP", http), ("Ray", ray_client)):

@@ -6,7 +6,7 @@ Starts Ray + Serve with the rock-serve app, auth required (one token) and a JSON
 creates one sandbox and a session, then measures in-session ``echo hi`` p50/p99 (ms), rounds
 interleaved:
 
-- the floor: ``AsyncRayClient(gate=False)``, the actor methods called directly (what the
+- the floor: ``platform_client()`` (no gate), the actor methods called directly (what the
   platform's own routes do);
 - ``AsyncClient.from_ray(token=...)``: ``Worker.ray_call`` checks the token, the namespace and
   audits the call.
@@ -27,11 +27,11 @@ import _harness as harness
 
 
 async def _measure(n: int, namespace: str, token: str) -> dict[str, list[float]]:
-    from rock_serve.deployments.client import AsyncRayClient
+    from rock_serve.deployments.client import platform_client
     from rock_serve.sdk import AsyncClient
 
     gated = AsyncClient.from_ray(namespace=namespace, token=token)
-    floor = AsyncRayClient(namespace, tenant="bench")
+    floor = platform_client(namespace, tenant="bench")
     record = await gated.create_sandbox(ttl_seconds=600)
     await gated.create_session(record.id)
     samples: dict[str, list[float]] = {"floor": [], "gated": []}

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from rock_serve.deployments._auth import Auth
-from rock_serve.deployments.client import AsyncRayClient
+from rock_serve.deployments.client import platform_client as ray_platform_client
 from rock_serve.envs.integrations import RunCodeRequest, RunCodeResponse, run_code
 from rock_serve.errors import RuntimeUnavailable
 from rock_serve.runtime._sync import run_sync
@@ -56,7 +56,7 @@ async def platform_client(principal: Auth) -> AsyncClient:
             raise RuntimeUnavailable("the compat routes are not bound to a platform")
         # Looking the Scheduler actor up by name blocks: keep it off the event loop.
         client = await run_sync(
-            functools.partial(AsyncRayClient, namespace, tenant=principal.namespace)
+            functools.partial(ray_platform_client, namespace, tenant=principal.namespace)
         )
         _PLATFORM[key] = client
     return client

@@ -51,7 +51,7 @@ from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._episodes import EpisodeLog
 from rock_serve.deployments._ray import ActorHandle, call
 from rock_serve.deployments._trace import untraced_task
-from rock_serve.deployments.client import AsyncRayClient
+from rock_serve.deployments.client import AsyncRayTransport
 from rock_serve.envs import AsyncEnv, list_envs, make_async
 from rock_serve.envs.integrations import (
     GEM_PREFIX,
@@ -77,6 +77,7 @@ from rock_serve.lifetime import IdleLifetime
 from rock_serve.protocol import CreateSandboxRequest, SandboxRecord
 from rock_serve.protocol.trajectories import EpisodeList, EpisodeStepPage
 from rock_serve.runtime._sync import run_sync
+from rock_serve.sdk import AsyncClient
 
 __all__ = [
     "ENV_TABLE_NAME",
@@ -104,13 +105,15 @@ router = APIRouter(prefix=GEM_PREFIX, tags=["gem"])
 # ----------------------------------------------------------------------------- the table
 
 
-class _CallerClient(AsyncRayClient):
+class _CallerClient(AsyncClient):
     """The Ray-transport client of one caller namespace (its ``tenant``), whose sandboxes are
     labelled, leased, and owned by no Ray job.
     """
 
     def __init__(self, platform: str, caller: str, lease_seconds: Callable[[], float]) -> None:
-        super().__init__(platform, tenant=caller)
+        super().__init__(
+            transport=AsyncRayTransport(platform, tenant=caller, gate=False, job_owned=False)
+        )
         self._lease_seconds = lease_seconds
 
     async def create_sandbox(
@@ -127,8 +130,7 @@ class _CallerClient(AsyncRayClient):
         if request.lease_seconds is None:
             update["lease_seconds"] = self._lease_seconds()
         request = CreateSandboxRequest.model_validate({**request.model_dump(), **update})
-        record: SandboxRecord = await self._call(None, "create", request, self.tenant)
-        return record
+        return await super().create_sandbox(request)
 
 
 @dataclass
@@ -189,7 +191,7 @@ class EnvTable:
         self._instances: dict[str, _Instance] = {}
         #: Closed instances kept for their episodes (console), oldest first.
         self._ended: OrderedDict[str, _Instance] = OrderedDict()
-        self._clients: dict[str, AsyncRayClient] = {}
+        self._clients: dict[str, AsyncClient] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -426,7 +428,7 @@ class EnvTable:
             log.warning("gem: closing %s (%s) failed", instance.id, why, exc_info=True)
         log.info("gem: %s %s (%s)", why, instance.id, instance.env_id)
 
-    async def _client(self, caller: str) -> AsyncRayClient:
+    async def _client(self, caller: str) -> AsyncClient:
         client = self._clients.get(caller)
         if client is None:
             # Looking the Scheduler actor up by name blocks: keep it off the event loop.

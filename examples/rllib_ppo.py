@@ -72,7 +72,10 @@ def _sandboxes(runner: Any) -> list[dict[str, Any]]:
     """Each env of an env runner: its sandbox and the SDK client's transport."""
     envs = getattr(runner.env.unwrapped, "envs", [])
     return [
-        {"sandbox": env.unwrapped.sandbox_id, "client": type(env.unwrapped.client).__name__}
+        {
+            "sandbox": env.unwrapped.sandbox_id,
+            "client": type(env.unwrapped.client._transport).__name__,
+        }
         for env in envs
     ]
 

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import httpx
 
-from rock_serve.errors import RockError
+from rock_serve.errors import RockError, http_status
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -32,22 +32,37 @@ from rock_serve.protocol import (
     ImagePushRequest,
     ImagePushResult,
     ListDirResult,
-    MkdirRequest,
     OutputChunk,
     RegistryAuth,
-    RemoveRequest,
     SandboxList,
     SandboxRecord,
     SandboxState,
     SandboxStats,
-    SessionCreateRequest,
     SessionCreateResponse,
-    SessionRunBody,
     SessionRunResult,
-    SessionStdinBody,
 )
 from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.ops import (
+    OPS,
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    FileWriteOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    Streams,
+    TarDownloadOp,
+    TarUploadOp,
+)
 from rock_serve.protocol.snapshot import SnapshotList, SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base, _fork
 from rock_serve.sdk._async_process import AsyncProcessClient
@@ -138,11 +153,12 @@ class AsyncClient(AsyncProcessClient):
         """A client that talks to the platform's actors over Ray instead of HTTP.
 
         For code running on the platform's own Ray cluster (a Ray job or actor, same Ray
-        version, ``ray.init`` done): control-plane calls go to the Scheduler actor and
-        data-plane calls straight to the sandbox's Worker actor, with no HTTP hop. The methods,
-        typed errors and retry policy are those of this class; archives need HTTP. Sandboxes
-        it creates belong to the calling Ray job and are reaped when its driver dies. The sync
-        client's twin runs the async one on a private event-loop thread.
+        version, ``ray.init`` done): this class over the Ray transport, whose control-plane
+        calls go to the Scheduler actor and whose operations go as models straight to the
+        sandbox's Worker actor, with no HTTP hop. The methods, typed errors and retry policy are
+        this class's own; images and ports need HTTP. Sandboxes it creates belong to the
+        calling Ray job and are reaped when its driver dies. The sync client's transport blocks
+        in ``ray.get`` on the caller's thread.
 
         Every call carries the platform token and is checked (namespaces, admin) and audited
         on the actors as over HTTP; no or a wrong token while auth is on: ``Unauthorized``.
@@ -192,6 +208,12 @@ class AsyncClient(AsyncProcessClient):
                     raise
                 await _base.asleep(delay)
                 continue
+            except RockError as held:  # a transport that holds typed errors (Ray)
+                delay = state.after_error(http_status(held.code), held, call)
+                if delay is None:
+                    raise
+                await _base.asleep(delay)
+                continue
             if response.is_success:
                 return response
             try:
@@ -203,6 +225,20 @@ class AsyncClient(AsyncProcessClient):
             if delay is None:
                 raise error
             await _base.asleep(delay)
+
+    async def _op(self, sandbox_id: str, op: Op[_base.R_]) -> _base.R_:
+        """Run operation ``op`` on ``sandbox_id``: the one entry of every operation's method.
+
+        The transport gets the call with the model (:func:`_base.op_call`): over HTTP the
+        request is built from its ``OPS`` row; over Ray the model itself is sent.
+        """
+        return _base.op_result(await self._send(_base.op_call(sandbox_id, op)), op)
+
+    def _op_stream(self, sandbox_id: str, op: Streams[_base.I_]) -> AsyncIterator[_base.I_]:
+        """Stream a command operation's items: output chunks, then its result (NDJSON)."""
+        final: type[Any] = OPS[op.op].result  # type: ignore[attr-defined]
+        items = self._stream(_base.op_call(sandbox_id, cast(Op[Any], op), stream=True), final)
+        return cast(AsyncIterator[_base.I_], items)
 
     async def _stream(
         self, call: _base.Call, final: type[_base.R]
@@ -433,7 +469,7 @@ class AsyncClient(AsyncProcessClient):
         Returns:
             Its usage and limits, as seen from its cgroup.
         """
-        return _base.parse(await self._send(_base.stats(sandbox_id)), SandboxStats)
+        return await self._op(sandbox_id, StatsOp())
 
     # -----------------------------------------------------------------------------------------
     # One-shot commands
@@ -474,7 +510,7 @@ class AsyncClient(AsyncProcessClient):
             timeout=timeout,
             max_output_bytes=max_output_bytes,
         )
-        return _base.parse(await self._send(_base.exec_(sandbox_id, request)), ExecResult)
+        return await self._op(sandbox_id, ExecOp.of(request, _base.new_key()))
 
     def stream_exec(
         self,
@@ -506,7 +542,7 @@ class AsyncClient(AsyncProcessClient):
             timeout=timeout,
             max_output_bytes=max_output_bytes,
         )
-        return self._stream(_base.exec_(sandbox_id, request, stream=True), ExecResult)
+        return self._op_stream(sandbox_id, ExecOp.of(request))
 
     # -----------------------------------------------------------------------------------------
     # Sessions
@@ -535,14 +571,13 @@ class AsyncClient(AsyncProcessClient):
         Raises:
             SessionExists: A session with that name exists.
         """
-        request = SessionCreateRequest(
+        op = SessionCreateOp(
             session=session,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             startup_commands=list(startup_commands or []),
         )
-        call = _base.create_session(sandbox_id, request)
-        return _base.parse(await self._send(call), SessionCreateResponse)
+        return await self._op(sandbox_id, op)
 
     async def run(
         self,
@@ -568,8 +603,14 @@ class AsyncClient(AsyncProcessClient):
         Raises:
             SessionNotFound: The session does not exist.
         """
-        body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
-        return _base.parse(await self._send(_base.run(sandbox_id, session, body)), SessionRunResult)
+        op = SessionRunOp(
+            session=session,
+            command=command,
+            timeout=timeout,
+            max_output_bytes=max_output_bytes,
+            idempotency_key=_base.new_key(),
+        )
+        return await self._op(sandbox_id, op)
 
     def stream_run(
         self,
@@ -588,8 +629,10 @@ class AsyncClient(AsyncProcessClient):
             An iterator of :class:`~rock_serve.protocol.OutputChunk` items, ending with the
             :class:`~rock_serve.protocol.SessionRunResult`.
         """
-        body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
-        return self._stream(_base.run(sandbox_id, session, body, stream=True), SessionRunResult)
+        op = SessionRunOp(
+            session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
+        )
+        return self._op_stream(sandbox_id, op)
 
     async def run_many(
         self,
@@ -656,8 +699,7 @@ class AsyncClient(AsyncProcessClient):
             session: Session name.
             eof: Close stdin after writing.
         """
-        body = SessionStdinBody(data=data, eof=eof)
-        await self._send(_base.session_stdin(sandbox_id, session, body))
+        await self._op(sandbox_id, SessionStdinOp(session=session, data=data, eof=eof))
 
     async def interrupt(self, sandbox_id: str, *, session: str = "default") -> None:
         """Interrupt the command running in a session (like Ctrl-C).
@@ -666,7 +708,7 @@ class AsyncClient(AsyncProcessClient):
             sandbox_id: The sandbox id.
             session: Session name.
         """
-        await self._send(_base.interrupt(sandbox_id, session))
+        await self._op(sandbox_id, SessionInterruptOp(session=session))
 
     async def close_session(self, sandbox_id: str, *, session: str = "default") -> None:
         """Close a session and kill its processes.
@@ -675,7 +717,7 @@ class AsyncClient(AsyncProcessClient):
             sandbox_id: The sandbox id.
             session: Session name.
         """
-        await self._send(_base.close_session(sandbox_id, session))
+        await self._op(sandbox_id, SessionCloseOp(session=session))
 
     # -----------------------------------------------------------------------------------------
     # Files
@@ -693,7 +735,7 @@ class AsyncClient(AsyncProcessClient):
         Raises:
             FileNotFound: Nothing is at that path.
         """
-        return (await self._send(_base.read_file(sandbox_id, path))).content
+        return await self._op(sandbox_id, FileReadOp(path=path))
 
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None
@@ -709,8 +751,7 @@ class AsyncClient(AsyncProcessClient):
         Returns:
             The path and the number of bytes written.
         """
-        call = _base.write_file(sandbox_id, path, data, mode)
-        return _base.parse(await self._send(call), FileWritten)
+        return await self._op(sandbox_id, FileWriteOp(path=path, data=bytes(data), mode=mode))
 
     async def stat(self, sandbox_id: str, path: str) -> FileInfo:
         """Describe one file or directory.
@@ -722,7 +763,7 @@ class AsyncClient(AsyncProcessClient):
         Returns:
             Its type, size, mode and mtime.
         """
-        return _base.parse(await self._send(_base.stat(sandbox_id, path)), FileInfo)
+        return await self._op(sandbox_id, FileStatOp(path=path))
 
     async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
         """List a directory.
@@ -734,7 +775,7 @@ class AsyncClient(AsyncProcessClient):
         Returns:
             Its entries, sorted by name.
         """
-        return _base.parse(await self._send(_base.list_dir(sandbox_id, path)), ListDirResult)
+        return await self._op(sandbox_id, FileListOp(path=path))
 
     async def mkdir(
         self, sandbox_id: str, path: str, *, parents: bool = True, exist_ok: bool = True
@@ -747,8 +788,7 @@ class AsyncClient(AsyncProcessClient):
             parents: Create missing parents.
             exist_ok: No error if it exists.
         """
-        request = MkdirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        await self._send(_base.mkdir(sandbox_id, request))
+        await self._op(sandbox_id, MkdirOp(path=path, parents=parents, exist_ok=exist_ok))
 
     async def remove(
         self, sandbox_id: str, path: str, *, recursive: bool = False, missing_ok: bool = False
@@ -761,8 +801,8 @@ class AsyncClient(AsyncProcessClient):
             recursive: Remove directories and their contents.
             missing_ok: No error if it does not exist.
         """
-        request = RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
-        await self._send(_base.remove(sandbox_id, request))
+        op = RemoveOp(path=path, recursive=recursive, missing_ok=missing_ok)
+        await self._op(sandbox_id, op)
 
     async def download_archive(self, sandbox_id: str, path: str) -> bytes:
         """Download a file or directory tree as a tar archive.
@@ -774,7 +814,7 @@ class AsyncClient(AsyncProcessClient):
         Returns:
             The tar archive's bytes.
         """
-        return (await self._send(_base.download_archive(sandbox_id, path))).content
+        return await self._op(sandbox_id, TarDownloadOp(path=path))
 
     async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
         """Unpack a tar archive (plain or compressed) into a directory.
@@ -784,7 +824,7 @@ class AsyncClient(AsyncProcessClient):
             path: Directory inside the sandbox to unpack into.
             data: The archive's bytes.
         """
-        await self._send(_base.upload_archive(sandbox_id, path, data))
+        await self._op(sandbox_id, TarUploadOp(path=path, data=bytes(data)))
 
     # -----------------------------------------------------------------------------------------
     # Images

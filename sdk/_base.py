@@ -9,15 +9,17 @@ retry. The two clients only send, sleep and read; they differ in ``await`` alone
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import quote
 
 import anyio
@@ -43,16 +45,12 @@ from rock_serve.protocol import (
     ExecResult,
     ImagePullRequest,
     ImagePushRequest,
-    MkdirRequest,
     OutputChunk,
     RegistryAuth,
-    RemoveRequest,
     SandboxState,
-    SessionCreateRequest,
-    SessionRunBody,
     SessionRunResult,
-    SessionStdinBody,
 )
+from rock_serve.protocol.ops import OPS, Op
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -70,6 +68,8 @@ API_PREFIX = "/v1"
 
 Method = Literal["GET", "POST", "PUT", "DELETE"]
 M = TypeVar("M", bound=BaseModel)
+R_ = TypeVar("R_")
+I_ = TypeVar("I_")
 
 
 class ClientSettings(BaseModel):
@@ -255,6 +255,10 @@ class Call:
     #: The sandbox whose data-plane operation this is: such a call may go straight to the
     #: sandbox's node (the direct data plane, same path and body); None: through the Admin.
     sandbox: str | None = None
+    #: The operation model (:mod:`rock_serve.protocol.ops`) of a data-plane call made by
+    #: :func:`op_call`: an HTTP transport builds its query and body from it
+    #: (:func:`request_kwargs`), the Ray transport sends the model itself.
+    op: Op[Any] | None = field(default=None, compare=False)
 
 
 def new_key() -> str:
@@ -269,10 +273,6 @@ def _seg(value: str) -> str:
 
 def _sandbox(sandbox_id: str, *rest: str) -> str:
     return "/".join([f"{API_PREFIX}/sandboxes/{_seg(sandbox_id)}", *rest])
-
-
-def _session(sandbox_id: str, session: str, *rest: str) -> str:
-    return _sandbox(sandbox_id, "sessions", _seg(session), *rest)
 
 
 def command_read_timeout(timeout: float | None) -> float | None:
@@ -380,17 +380,95 @@ def renew(sandbox_id: str) -> Call:
     return Call("POST", f"{_sandbox(sandbox_id)}/renew", sandbox=sandbox_id)
 
 
-def exec_(sandbox_id: str, request: ExecRequest, *, stream: bool = False) -> Call:
-    """``POST /v1/sandboxes/{id}/exec[?stream=true]``."""
+def op_call(sandbox_id: str, op: Op[Any], *, stream: bool = False) -> Call:
+    """The REST call of operation ``op`` on ``sandbox_id``, generically from its ``OPS`` row.
+
+    The route's method and path template come from the row (``{sandbox_id}`` and any other
+    ``{field}`` filled from the model, each quoted as one segment); the model's key goes as
+    ``Idempotency-Key``; an operation with a ``timeout`` gets that plus a margin as its read
+    timeout. The query and body are built from the model when the call is sent over HTTP
+    (:func:`op_rest`), so a transport that takes models (Ray) never encodes them.
+    """
+    spec = OPS[op.op]  # type: ignore[attr-defined]
+    method, template = spec.route
+    segments = {name: _seg(getattr(op, name)) for name in _path_fields(template)}
+    read: float | None | Literal["default"] = "default"
+    if "timeout" in type(op).model_fields:
+        read = command_read_timeout(getattr(op, "timeout"))  # noqa: B009 - not every op has it
     return Call(
-        "POST",
-        _sandbox(sandbox_id, "exec"),
+        cast(Method, method),
+        template.format(sandbox_id=_seg(sandbox_id), **segments),
         params=(("stream", "true"),) if stream else (),
-        json=_dump(request),
-        read_timeout=command_read_timeout(request.timeout),
-        idempotency_key=None if stream else new_key(),
+        read_timeout=read,
+        idempotency_key=None if stream else getattr(op, "idempotency_key", None),
         sandbox=sandbox_id,
+        op=op,
     )
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+#: Fields of an operation that never go on the wire as such (the tag is the route; the key is
+#: the ``Idempotency-Key`` header).
+_NOT_SENT = frozenset({"op", "idempotency_key"})
+#: How a query parameter is written when ``str`` is not it (``mode``: octal, as routes read it).
+QUERY_FORMAT: dict[str, Callable[[Any], str]] = {"mode": lambda value: format(value, "o")}
+
+
+def _query_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@functools.cache
+def _path_fields(template: str) -> tuple[str, ...]:
+    return tuple(name for name in _FIELD.findall(template) if name != "sandbox_id")
+
+
+@functools.cache
+def op_wire(tag: str) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+    """Where each field of operation ``tag`` goes over HTTP: (path fields, query-or-JSON
+    fields, raw-body field). The rule, from the ``OPS`` row alone: fields named in the path
+    template fill it; a ``bytes`` field is the raw body; the rest is the query of a
+    GET/PUT/DELETE route and the JSON body of a POST one.
+    """
+    spec = OPS[tag]
+    path = _path_fields(spec.route[1])
+    raw = [n for n, f in spec.model.model_fields.items() if f.annotation is bytes]
+    rest = tuple(
+        n for n in spec.model.model_fields if n not in _NOT_SENT and n not in path and n not in raw
+    )
+    return path, rest, raw[0] if raw else None
+
+
+def op_rest(call: Call) -> tuple[tuple[tuple[str, str], ...], Any, bytes | None]:
+    """(query, JSON body, raw body) of an operation's call (see :func:`op_wire`)."""
+    op = call.op
+    if op is None:
+        return call.params, call.json, call.content
+    path, rest, raw = op_wire(op.op)  # type: ignore[attr-defined]
+    content = bytes(getattr(op, raw)) if raw is not None else None
+    if call.method == "POST":
+        body = op.model_dump(mode="json", include=set(rest), exclude_unset=True)
+        return call.params, body or None, content
+    params = list(call.params)
+    for name in rest:
+        value = getattr(op, name)
+        if value is None:
+            continue
+        fmt = QUERY_FORMAT.get(name, _query_str)
+        params.append((name, fmt(value)))
+    return tuple(params), None, content
+
+
+def op_result(response: httpx.Response, op: Op[R_]) -> R_:
+    """The reply of an operation's call as its result type (``OPS``: a model, bytes or none)."""
+    result = OPS[op.op].result  # type: ignore[attr-defined]
+    if result is bytes:
+        return cast(R_, response.content)
+    if result is type(None):
+        return cast(R_, None)
+    return cast(R_, parse(response, result))
 
 
 def exec_request(
@@ -417,123 +495,9 @@ def exec_request(
     )
 
 
-def create_session(sandbox_id: str, request: SessionCreateRequest) -> Call:
-    """``POST /v1/sandboxes/{id}/sessions``."""
-    return Call("POST", _sandbox(sandbox_id, "sessions"), json=_dump(request), sandbox=sandbox_id)
-
-
-def run(sandbox_id: str, session: str, body: SessionRunBody, *, stream: bool = False) -> Call:
-    """``POST /v1/sandboxes/{id}/sessions/{name}/run[?stream=true]``."""
-    return Call(
-        "POST",
-        _session(sandbox_id, session, "run"),
-        params=(("stream", "true"),) if stream else (),
-        json=body.model_dump(mode="json"),
-        read_timeout=command_read_timeout(body.timeout),
-        idempotency_key=None if stream else new_key(),
-        sandbox=sandbox_id,
-    )
-
-
-def session_stdin(sandbox_id: str, session: str, body: SessionStdinBody) -> Call:
-    """``POST /v1/sandboxes/{id}/sessions/{name}/stdin``."""
-    return Call(
-        "POST",
-        _session(sandbox_id, session, "stdin"),
-        json=body.model_dump(mode="json"),
-        sandbox=sandbox_id,
-    )
-
-
-def interrupt(sandbox_id: str, session: str) -> Call:
-    """``POST /v1/sandboxes/{id}/sessions/{name}/interrupt``."""
-    return Call("POST", _session(sandbox_id, session, "interrupt"), sandbox=sandbox_id)
-
-
-def close_session(sandbox_id: str, session: str) -> Call:
-    """``DELETE /v1/sandboxes/{id}/sessions/{name}``."""
-    return Call("DELETE", _session(sandbox_id, session), sandbox=sandbox_id)
-
-
-def read_file(sandbox_id: str, path: str) -> Call:
-    """``GET /v1/sandboxes/{id}/files?path=``."""
-    return Call("GET", _sandbox(sandbox_id, "files"), params=(("path", path),), sandbox=sandbox_id)
-
-
-def write_file(sandbox_id: str, path: str, data: bytes, mode: int | None = None) -> Call:
-    """``PUT /v1/sandboxes/{id}/files?path=&mode=`` with the raw bytes as the body."""
-    params = [("path", path)]
-    if mode is not None:
-        params.append(("mode", format(mode, "o")))  # octal, as the route reads it
-    return Call(
-        "PUT",
-        _sandbox(sandbox_id, "files"),
-        params=tuple(params),
-        content=bytes(data),
-        sandbox=sandbox_id,
-    )
-
-
-def stat(sandbox_id: str, path: str) -> Call:
-    """``GET /v1/sandboxes/{id}/files/stat?path=``."""
-    return Call(
-        "GET", _sandbox(sandbox_id, "files", "stat"), params=(("path", path),), sandbox=sandbox_id
-    )
-
-
-def list_dir(sandbox_id: str, path: str) -> Call:
-    """``GET /v1/sandboxes/{id}/files/list?path=``."""
-    return Call(
-        "GET", _sandbox(sandbox_id, "files", "list"), params=(("path", path),), sandbox=sandbox_id
-    )
-
-
-def mkdir(sandbox_id: str, request: MkdirRequest) -> Call:
-    """``POST /v1/sandboxes/{id}/files/mkdir``."""
-    return Call(
-        "POST",
-        _sandbox(sandbox_id, "files", "mkdir"),
-        json=request.model_dump(),
-        sandbox=sandbox_id,
-    )
-
-
-def remove(sandbox_id: str, request: RemoveRequest) -> Call:
-    """``POST /v1/sandboxes/{id}/files/remove``."""
-    return Call(
-        "POST",
-        _sandbox(sandbox_id, "files", "remove"),
-        json=request.model_dump(),
-        sandbox=sandbox_id,
-    )
-
-
-def download_archive(sandbox_id: str, path: str) -> Call:
-    """``GET /v1/sandboxes/{id}/archive?path=`` (a tar stream)."""
-    return Call(
-        "GET", _sandbox(sandbox_id, "archive"), params=(("path", path),), sandbox=sandbox_id
-    )
-
-
-def upload_archive(sandbox_id: str, path: str, data: bytes) -> Call:
-    """``PUT /v1/sandboxes/{id}/archive?path=`` with a (possibly compressed) tar as the body."""
-    return Call(
-        "PUT",
-        _sandbox(sandbox_id, "archive"),
-        params=(("path", path),),
-        content=data,
-        sandbox=sandbox_id,
-    )
-
-
 def dataplane_grant(sandbox_id: str) -> Call:
     """``POST /v1/sandboxes/{id}/dataplane``: the node's address and a token for this sandbox."""
     return Call("POST", _sandbox(sandbox_id, "dataplane"))
-
-
-def stats(sandbox_id: str) -> Call:
-    """``GET /v1/sandboxes/{id}/stats``."""
-    return Call("GET", _sandbox(sandbox_id, "stats"), sandbox=sandbox_id)
 
 
 def ray_transport() -> Callable[..., Any]:
@@ -583,13 +547,14 @@ def default_headers(settings: ClientSettings) -> dict[str, str]:
 def request_kwargs(call: Call, settings: ClientSettings) -> dict[str, Any]:
     """Keyword arguments of ``httpx.Client.build_request`` (same for the async client)."""
     kwargs: dict[str, Any] = {"method": call.method, "url": call.path}
-    if call.params:
-        kwargs["params"] = list(call.params)
-    if call.json is not None:
-        kwargs["json"] = call.json
+    params, body, content = op_rest(call)
+    if params:
+        kwargs["params"] = list(params)
+    if body is not None:
+        kwargs["json"] = body
     headers: dict[str, str] = {}
-    if call.content is not None:
-        kwargs["content"] = call.content
+    if content is not None:
+        kwargs["content"] = content
         headers["Content-Type"] = "application/octet-stream"
     if call.idempotency_key is not None:
         headers["Idempotency-Key"] = call.idempotency_key

@@ -69,15 +69,15 @@ def trajectory(sandbox_id: str) -> Call:
 
 
 def is_ray(client: Any) -> bool:
-    """Whether ``client`` is the Ray transport (``AsyncClient.from_ray`` / ``Client.from_ray``)."""
-    return hasattr(client, "_workers") or hasattr(client, "_async")
+    """Whether ``client`` is over the Ray transport (``AsyncClient.from_ray`` / ``from_ray``)."""
+    return bool(getattr(getattr(client, "_transport", None), "ray", False))
 
 
 async def ray_data_async(client: Any, sandbox_id: str, method: str, *args: Any) -> Any:
-    """A Worker data-plane call through an :class:`AsyncRayClient`."""
-    return await client._data(sandbox_id, method, *args)
+    """A named Worker call through the async client's Ray transport."""
+    return await client._transport.data(sandbox_id, method, *args)
 
 
 def ray_data_sync(client: Any, sandbox_id: str, method: str, *args: Any) -> Any:
-    """A Worker data-plane call through a ``RayClient`` (blocking in ``ray.get``)."""
-    return client._data(sandbox_id, method, *args)
+    """A named Worker call through the sync client's Ray transport (blocking in ``ray.get``)."""
+    return client._transport.data(sandbox_id, method, *args)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import httpx
 
-from rock_serve.errors import RockError
+from rock_serve.errors import RockError, http_status
 from rock_serve.protocol import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
@@ -33,22 +33,37 @@ from rock_serve.protocol import (
     ImagePushRequest,
     ImagePushResult,
     ListDirResult,
-    MkdirRequest,
     OutputChunk,
     RegistryAuth,
-    RemoveRequest,
     SandboxList,
     SandboxRecord,
     SandboxState,
     SandboxStats,
-    SessionCreateRequest,
     SessionCreateResponse,
-    SessionRunBody,
     SessionRunResult,
-    SessionStdinBody,
 )
 from rock_serve.protocol.dataplane import BatchRunItem
 from rock_serve.protocol.fork import ForkRequest, ForkResult
+from rock_serve.protocol.ops import (
+    OPS,
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    FileWriteOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
+    Streams,
+    TarDownloadOp,
+    TarUploadOp,
+)
 from rock_serve.protocol.snapshot import SnapshotList, SnapshotRecord, SnapshotRequest
 from rock_serve.sdk import _base, _fork
 from rock_serve.sdk._sync_process import ProcessClient
@@ -139,11 +154,12 @@ class Client(ProcessClient):
         """A client that talks to the platform's actors over Ray instead of HTTP.
 
         For code running on the platform's own Ray cluster (a Ray job or actor, same Ray
-        version, ``ray.init`` done): control-plane calls go to the Scheduler actor and
-        data-plane calls straight to the sandbox's Worker actor, with no HTTP hop. The methods,
-        typed errors and retry policy are those of this class; archives need HTTP. Sandboxes
-        it creates belong to the calling Ray job and are reaped when its driver dies. The sync
-        client's twin runs the async one on a private event-loop thread.
+        version, ``ray.init`` done): this class over the Ray transport, whose control-plane
+        calls go to the Scheduler actor and whose operations go as models straight to the
+        sandbox's Worker actor, with no HTTP hop. The methods, typed errors and retry policy are
+        this class's own; images and ports need HTTP. Sandboxes it creates belong to the
+        calling Ray job and are reaped when its driver dies. The sync client's transport blocks
+        in ``ray.get`` on the caller's thread.
 
         Every call carries the platform token and is checked (namespaces, admin) and audited
         on the actors as over HTTP; no or a wrong token while auth is on: ``Unauthorized``.
@@ -193,6 +209,12 @@ class Client(ProcessClient):
                     raise
                 _base.sleep(delay)
                 continue
+            except RockError as held:  # a transport that holds typed errors (Ray)
+                delay = state.after_error(http_status(held.code), held, call)
+                if delay is None:
+                    raise
+                _base.sleep(delay)
+                continue
             if response.is_success:
                 return response
             try:
@@ -204,6 +226,20 @@ class Client(ProcessClient):
             if delay is None:
                 raise error
             _base.sleep(delay)
+
+    def _op(self, sandbox_id: str, op: Op[_base.R_]) -> _base.R_:
+        """Run operation ``op`` on ``sandbox_id``: the one entry of every operation's method.
+
+        The transport gets the call with the model (:func:`_base.op_call`): over HTTP the
+        request is built from its ``OPS`` row; over Ray the model itself is sent.
+        """
+        return _base.op_result(self._send(_base.op_call(sandbox_id, op)), op)
+
+    def _op_stream(self, sandbox_id: str, op: Streams[_base.I_]) -> Iterator[_base.I_]:
+        """Stream a command operation's items: output chunks, then its result (NDJSON)."""
+        final: type[Any] = OPS[op.op].result  # type: ignore[attr-defined]
+        items = self._stream(_base.op_call(sandbox_id, cast(Op[Any], op), stream=True), final)
+        return cast(Iterator[_base.I_], items)
 
     def _stream(self, call: _base.Call, final: type[_base.R]) -> Iterator[OutputChunk | _base.R]:
         """Yield the NDJSON items of a streamed call, ending with its final result."""
@@ -432,7 +468,7 @@ class Client(ProcessClient):
         Returns:
             Its usage and limits, as seen from its cgroup.
         """
-        return _base.parse(self._send(_base.stats(sandbox_id)), SandboxStats)
+        return self._op(sandbox_id, StatsOp())
 
     # -----------------------------------------------------------------------------------------
     # One-shot commands
@@ -473,7 +509,7 @@ class Client(ProcessClient):
             timeout=timeout,
             max_output_bytes=max_output_bytes,
         )
-        return _base.parse(self._send(_base.exec_(sandbox_id, request)), ExecResult)
+        return self._op(sandbox_id, ExecOp.of(request, _base.new_key()))
 
     def stream_exec(
         self,
@@ -505,7 +541,7 @@ class Client(ProcessClient):
             timeout=timeout,
             max_output_bytes=max_output_bytes,
         )
-        return self._stream(_base.exec_(sandbox_id, request, stream=True), ExecResult)
+        return self._op_stream(sandbox_id, ExecOp.of(request))
 
     # -----------------------------------------------------------------------------------------
     # Sessions
@@ -534,14 +570,13 @@ class Client(ProcessClient):
         Raises:
             SessionExists: A session with that name exists.
         """
-        request = SessionCreateRequest(
+        op = SessionCreateOp(
             session=session,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             startup_commands=list(startup_commands or []),
         )
-        call = _base.create_session(sandbox_id, request)
-        return _base.parse(self._send(call), SessionCreateResponse)
+        return self._op(sandbox_id, op)
 
     def run(
         self,
@@ -567,8 +602,14 @@ class Client(ProcessClient):
         Raises:
             SessionNotFound: The session does not exist.
         """
-        body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
-        return _base.parse(self._send(_base.run(sandbox_id, session, body)), SessionRunResult)
+        op = SessionRunOp(
+            session=session,
+            command=command,
+            timeout=timeout,
+            max_output_bytes=max_output_bytes,
+            idempotency_key=_base.new_key(),
+        )
+        return self._op(sandbox_id, op)
 
     def stream_run(
         self,
@@ -587,8 +628,10 @@ class Client(ProcessClient):
             An iterator of :class:`~rock_serve.protocol.OutputChunk` items, ending with the
             :class:`~rock_serve.protocol.SessionRunResult`.
         """
-        body = SessionRunBody(command=command, timeout=timeout, max_output_bytes=max_output_bytes)
-        return self._stream(_base.run(sandbox_id, session, body, stream=True), SessionRunResult)
+        op = SessionRunOp(
+            session=session, command=command, timeout=timeout, max_output_bytes=max_output_bytes
+        )
+        return self._op_stream(sandbox_id, op)
 
     def run_many(
         self,
@@ -655,8 +698,7 @@ class Client(ProcessClient):
             session: Session name.
             eof: Close stdin after writing.
         """
-        body = SessionStdinBody(data=data, eof=eof)
-        self._send(_base.session_stdin(sandbox_id, session, body))
+        self._op(sandbox_id, SessionStdinOp(session=session, data=data, eof=eof))
 
     def interrupt(self, sandbox_id: str, *, session: str = "default") -> None:
         """Interrupt the command running in a session (like Ctrl-C).
@@ -665,7 +707,7 @@ class Client(ProcessClient):
             sandbox_id: The sandbox id.
             session: Session name.
         """
-        self._send(_base.interrupt(sandbox_id, session))
+        self._op(sandbox_id, SessionInterruptOp(session=session))
 
     def close_session(self, sandbox_id: str, *, session: str = "default") -> None:
         """Close a session and kill its processes.
@@ -674,7 +716,7 @@ class Client(ProcessClient):
             sandbox_id: The sandbox id.
             session: Session name.
         """
-        self._send(_base.close_session(sandbox_id, session))
+        self._op(sandbox_id, SessionCloseOp(session=session))
 
     # -----------------------------------------------------------------------------------------
     # Files
@@ -692,7 +734,7 @@ class Client(ProcessClient):
         Raises:
             FileNotFound: Nothing is at that path.
         """
-        return (self._send(_base.read_file(sandbox_id, path))).content
+        return self._op(sandbox_id, FileReadOp(path=path))
 
     def write_file(
         self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None
@@ -708,8 +750,7 @@ class Client(ProcessClient):
         Returns:
             The path and the number of bytes written.
         """
-        call = _base.write_file(sandbox_id, path, data, mode)
-        return _base.parse(self._send(call), FileWritten)
+        return self._op(sandbox_id, FileWriteOp(path=path, data=bytes(data), mode=mode))
 
     def stat(self, sandbox_id: str, path: str) -> FileInfo:
         """Describe one file or directory.
@@ -721,7 +762,7 @@ class Client(ProcessClient):
         Returns:
             Its type, size, mode and mtime.
         """
-        return _base.parse(self._send(_base.stat(sandbox_id, path)), FileInfo)
+        return self._op(sandbox_id, FileStatOp(path=path))
 
     def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
         """List a directory.
@@ -733,7 +774,7 @@ class Client(ProcessClient):
         Returns:
             Its entries, sorted by name.
         """
-        return _base.parse(self._send(_base.list_dir(sandbox_id, path)), ListDirResult)
+        return self._op(sandbox_id, FileListOp(path=path))
 
     def mkdir(
         self, sandbox_id: str, path: str, *, parents: bool = True, exist_ok: bool = True
@@ -746,8 +787,7 @@ class Client(ProcessClient):
             parents: Create missing parents.
             exist_ok: No error if it exists.
         """
-        request = MkdirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        self._send(_base.mkdir(sandbox_id, request))
+        self._op(sandbox_id, MkdirOp(path=path, parents=parents, exist_ok=exist_ok))
 
     def remove(
         self, sandbox_id: str, path: str, *, recursive: bool = False, missing_ok: bool = False
@@ -760,8 +800,8 @@ class Client(ProcessClient):
             recursive: Remove directories and their contents.
             missing_ok: No error if it does not exist.
         """
-        request = RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
-        self._send(_base.remove(sandbox_id, request))
+        op = RemoveOp(path=path, recursive=recursive, missing_ok=missing_ok)
+        self._op(sandbox_id, op)
 
     def download_archive(self, sandbox_id: str, path: str) -> bytes:
         """Download a file or directory tree as a tar archive.
@@ -773,7 +813,7 @@ class Client(ProcessClient):
         Returns:
             The tar archive's bytes.
         """
-        return (self._send(_base.download_archive(sandbox_id, path))).content
+        return self._op(sandbox_id, TarDownloadOp(path=path))
 
     def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
         """Unpack a tar archive (plain or compressed) into a directory.
@@ -783,7 +823,7 @@ class Client(ProcessClient):
             path: Directory inside the sandbox to unpack into.
             data: The archive's bytes.
         """
-        self._send(_base.upload_archive(sandbox_id, path, data))
+        self._op(sandbox_id, TarUploadOp(path=path, data=bytes(data)))
 
     # -----------------------------------------------------------------------------------------
     # Images

@@ -413,7 +413,7 @@ async def test_default_client_is_the_ray_transport_in_the_cluster(platform, api,
     monkeypatch.delenv("ROCK_URL", raising=False)
     monkeypatch.setenv("ROCK_NAMESPACE", NAMESPACE)
     async with envs.make_async("rock/GuessNumber-v0") as env:
-        assert type(env.unwrapped.client).__name__ == "AsyncRayClient"
+        assert type(env.unwrapped.client._transport).__name__ == "AsyncRayTransport"
         _, info = await env.reset(seed=2)
         assert (await env.step("50"))[4]["valid"] is True
         assert _ids(api) == [info["sandbox_id"]]

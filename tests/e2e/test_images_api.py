@@ -167,9 +167,7 @@ def test_malformed_references_are_422_everywhere(bwrap_platform):
         refused = _rock(url, *argv, check=False)
         assert refused.returncode == 1 and "invalid_image_reference" in refused.stderr, refused
     # the Ray transport: the gate checks a request that skipped its validators (model_copy)
-    from rock_serve.deployments.client import RayClient
-
-    with RayClient("rock-e2e-bwrap") as ray_client:
+    with Client.from_ray("rock-e2e-bwrap") as ray_client:
         with pytest.raises(errors.InvalidImageReference):
             ray_client.create_sandbox(CreateSandboxRequest(), image=BAD)
         with pytest.raises(errors.InvalidImageReference):

@@ -102,6 +102,13 @@ def test_sync_ray_transport_and_job_ownership(platform, api):
             assert sb.run("echo $((X*2))").output == "10\n"
             items = list(sb.stream_exec("echo one; echo two"))
             assert items[-1].exit_code == 0  # type: ignore[union-attr]
+            # A stream left early is closed (its Ray generator cancelled); the sandbox goes on.
+            long = sb.stream_exec("echo first; sleep 5")
+            assert next(long).data == "first\n"  # type: ignore[union-attr]
+            long.close()  # type: ignore[attr-defined]
+            # Background processes and their output stream, blocking in ray.get.
+            p = sb.process.start("echo p1; echo p2 >&2")
+            assert list(p.stdout) == ["p1"] and p.wait(timeout=60).exit_code == 0
             sb.files.write("f.bin", b"x" * (2 << 20))
             assert len(sb.files.read("f.bin")) == 2 << 20
             before = sb.record.lease_expires_at

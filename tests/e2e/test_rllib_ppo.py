@@ -89,7 +89,7 @@ def test_rllib_ppo_trains_on_sandboxes(jobs_head, tmp_path):
     # The env runner's env made its sandbox over the Ray transport.
     (line,) = [x for x in submit.stdout.splitlines() if x.startswith("SANDBOXES ")]
     (env,) = json.loads(line.removeprefix("SANDBOXES "))
-    assert env["client"] == "RayClient" and env["sandbox"].startswith("sb-"), env
+    assert env["client"] == "SyncRayTransport" and env["sandbox"].startswith("sb-"), env
     # Nothing is left behind: stopping the algorithm closed its envs and their sandboxes.
     assert httpx.get(f"{ray_head.url}/v1/sandboxes", timeout=10).json()["items"] == []
     assert list(state_dir.iterdir()) == []

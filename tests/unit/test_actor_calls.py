@@ -33,16 +33,16 @@ GemApi = {
 #: The entry points that send a method to an actor: (function name, index of the method arg).
 TYPED = {"call": 1, "stream": 1, "stream_ahead": 2}
 
-#: Dispatchers whose method is a name chosen at run time (the SDK's Ray client forwards its
-#: own method names; the GEM routes call the same name on ``GemApi`` or on ``EnvTable``):
+#: Dispatchers whose method is a name chosen at run time (the SDK's Ray transport maps a REST
+#: call to a name in its ROUTES table; the GEM routes call the same name on ``GemApi`` or on
+#: ``EnvTable``):
 #: (file, function, index of the name, actor classes that must all have it).
 DYNAMIC = [
-    ("client.py", "_data", 1, (Worker,)),
-    ("client.py", "_ray_stream", 1, (Worker,)),
-    ("client.py", "_blocking_stream", 1, (Worker,)),
-    ("client.py", "_call", 1, (Scheduler,)),
-    ("_processes_ray.py", "_data", 1, (Worker,)),
-    ("_gem.py", "_call", 1, (Scheduler,)),  # _CallerClient._call(None, name)
+    # the Ray transport's ROUTES: ActorCall(None, name) is the Scheduler's, (sandbox, name) a
+    # Worker's
+    ("client.py", "ActorCall", 1, (Scheduler,)),
+    ("client.py", "ActorCall", 1, (Worker,)),
+    ("client.py", "_proc", 0, (Worker,)),
     ("_gem.py", "_call", 0, (EnvTable, GemApi)),  # the routes' _call(name, caller, body)
     ("_gem_app.py", "table_call", 0, (EnvTable,)),
 ]
@@ -85,6 +85,11 @@ def test_the_names_forwarded_at_run_time_exist_on_their_actors(file, function, i
             first = node.args[0] if node.args else None
             is_scheduler_call = isinstance(first, ast.Constant) and first.value is None
             if is_scheduler_call != (index == 1):
+                continue
+        if function == "ActorCall":  # the first argument None: a Scheduler call
+            first = node.args[0] if node.args else None
+            is_scheduler_call = isinstance(first, ast.Constant) and first.value is None
+            if is_scheduler_call != (actors == (Scheduler,)):
                 continue
         if literal is not None:
             names.add(literal)

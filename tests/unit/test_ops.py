@@ -22,10 +22,9 @@ from pydantic import ValidationError
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._dataplane import make_app
 from rock_serve.deployments._ops import HANDLERS, STREAM_HANDLERS
-from rock_serve.deployments.client import AsyncRayClient, RayClient
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import Conflict, InvalidRequest
-from rock_serve.protocol import CreateSandboxRequest, ExecRequest, OutputChunk
+from rock_serve.protocol import DEFAULT_TIMEOUT, CreateSandboxRequest, ExecRequest, OutputChunk
 from rock_serve.protocol.ops import (
     OPS,
     ExecOp,
@@ -50,6 +49,8 @@ from rock_serve.protocol.ops import (
 )
 from rock_serve.rocklet.agent import OPS as AGENT_OPS
 from rock_serve.sdk import AsyncClient, Client
+from rock_serve.sdk._async_transport import AsyncTransport
+from rock_serve.sdk._sync_transport import Transport
 from tests._wait import async_wait_until
 
 with warnings.catch_warnings():  # Ray Serve's own models warn on import (pydantic 2.x)
@@ -122,9 +123,8 @@ def test_every_operation_has_its_four_places(tag):
     # ... and on the node's direct data plane (same path and method)
     direct = {(r.path, m) for r in _direct_routes() for m in (r.methods or ())}
     assert (path, method) in direct, f"{tag}: no {method} {path} on the direct data plane"
-    # 4. the SDK method, on both clients and both Ray clients (which must not override it
-    # with a string-named actor call)
-    for client in (AsyncClient, Client, AsyncRayClient, RayClient):
+    # 4. the SDK method, on both clients (the Ray transport plugs in beneath them)
+    for client in (AsyncClient, Client):
         assert callable(getattr(client, spec.sdk, None)), f"{tag}: no {client.__name__}.{spec.sdk}"
 
 
@@ -270,60 +270,259 @@ async def test_streaming_operations_stream(worker):
         await w.op(sid, ExecRequest(command="true"))  # type: ignore[arg-type]
 
 
-def _calls(sid: str) -> dict[str, Any]:
-    """The SDK's own call for each operation (as ``AsyncClient`` builds it)."""
-    from rock_serve.protocol import MkdirRequest, RemoveRequest, SessionRunBody, SessionStdinBody
-    from rock_serve.protocol.commands import SessionCreateRequest
-    from rock_serve.sdk import _base
+SID = "sb-w1-0123456789abcdef"
 
-    return {
-        "exec": _base.exec_(sid, ExecRequest(command="echo hi", env={"A": "1"})),
-        "session.create": _base.create_session(sid, SessionCreateRequest(session="s.1")),
-        "session.run": _base.run(sid, "s.1", SessionRunBody(command="pwd")),
-        "session.stdin": _base.session_stdin(sid, "s.1", SessionStdinBody(data="y\n", eof=True)),
-        "session.interrupt": _base.interrupt(sid, "s.1"),
-        "session.close": _base.close_session(sid, "s.1"),
-        "file.read": _base.read_file(sid, "/a b?c"),
-        "file.write": _base.write_file(sid, "/a", b"\x00\xff", 0o640),
-        "file.stat": _base.stat(sid, "/a"),
-        "file.list": _base.list_dir(sid, "/"),
-        "file.mkdir": _base.mkdir(sid, MkdirRequest(path="/d", parents=False)),
-        "file.remove": _base.remove(sid, RemoveRequest(path="/d", recursive=True)),
-        "tar.download": _base.download_archive(sid, "/d"),
-        "tar.upload": _base.upload_archive(sid, "/d", b"tar"),
-        "stats": _base.stats(sid),
-    }
+#: Per operation: how its SDK method is called (args after the sandbox id, keywords).
+SDK_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "exec": (("echo hi",), {"env": {"A": "1"}}),
+    "session.create": ((), {"session": "s.1"}),
+    "session.run": (("pwd",), {"session": "s.1"}),
+    "session.stdin": (("y\n",), {"session": "s.1", "eof": True}),
+    "session.interrupt": ((), {"session": "s.1"}),
+    "session.close": ((), {"session": "s.1"}),
+    "file.read": (("/a b?c",), {}),
+    "file.write": (("/a", b"\x00\xff"), {"mode": 0o640}),
+    "file.stat": (("/a",), {}),
+    "file.list": (("/",), {}),
+    "file.mkdir": (("/d",), {"parents": False}),
+    "file.remove": (("/d",), {"recursive": True}),
+    "tar.download": (("/d",), {}),
+    "tar.upload": (("/d", b"tar"), {}),
+    "stats": ((), {}),
+}
 
 
-def test_the_ray_transport_maps_each_sdk_call_to_its_operation():
-    """Over Ray the SDK's own calls become operations (no Ray-client method per operation)."""
-    from rock_serve.deployments._ray_ops import operation_of, reply
-    from rock_serve.protocol import FileWritten
-    from rock_serve.sdk import _base
+class _Recorder(AsyncTransport):
+    """Records the call, then refuses it (so no reply needs making up)."""
 
-    sid = "sb-w1-0123456789abcdef"
-    calls = _calls(sid)
-    assert sorted(calls) == sorted(OPS), "a new operation needs its SDK call here"
-    ops = {}
-    for tag, call in calls.items():
-        mapped = operation_of(call)
-        assert mapped is not None, tag
-        assert mapped[0] == sid and type(mapped[1]) is OPS[tag].model and not mapped[2]
-        ops[tag] = mapped[1]
-    assert ops["exec"].env == {"A": "1"} and ops["exec"].idempotency_key is None
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    async def send(self, call: Any, *, stream: bool = False) -> Any:
+        self.calls.append(call)
+        raise InvalidRequest("recorded")
+
+
+class _SyncRecorder(Transport):
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def send(self, call: Any, *, stream: bool = False) -> Any:
+        self.calls.append(call)
+        raise InvalidRequest("recorded")
+
+
+def _sdk_calls() -> dict[str, Any]:
+    """The call each operation's SDK method hands its transport (async and sync alike)."""
+    assert sorted(SDK_CALLS) == sorted(OPS), "a new operation needs its SDK call here"
+    recorder, sync_recorder = _Recorder(), _SyncRecorder()
+    client = AsyncClient("http://127.0.0.1:9", transport=recorder)
+    sync = Client("http://127.0.0.1:9", transport=sync_recorder)
+    calls = {}
+    for tag, (args, kwargs) in SDK_CALLS.items():
+        with pytest.raises(InvalidRequest, match="recorded"):
+            asyncio.run(getattr(client, OPS[tag].sdk)(SID, *args, **kwargs))
+        with pytest.raises(InvalidRequest, match="recorded"):
+            getattr(sync, OPS[tag].sdk)(SID, *args, **kwargs)
+        (call,), (twin,) = recorder.calls, sync_recorder.calls
+        recorder.calls.clear()
+        sync_recorder.calls.clear()
+        assert type(call.op) is OPS[tag].model, f"{tag}: the SDK method sends no {tag} model"
+        keyless = {"idempotency_key": None}
+        assert twin.op.model_copy(update=keyless) == call.op.model_copy(update=keyless), tag
+        calls[tag] = call
+    return calls
+
+
+def test_every_sdk_method_hands_its_operation_model_to_the_transport():
+    calls = _sdk_calls()
+    ops = {tag: call.op for tag, call in calls.items()}
+    assert all(call.sandbox == SID for call in calls.values())
+    assert ops["exec"].env == {"A": "1"} and ops["exec"].idempotency_key is not None
     assert ops["session.run"].session == "s.1" and ops["session.run"].command == "pwd"
+    assert ops["session.run"].idempotency_key is not None  # commands are resent safely
     assert (ops["session.stdin"].data, ops["session.stdin"].eof) == ("y\n", True)
     assert ops["file.read"].path == "/a b?c"
     assert (ops["file.write"].data, ops["file.write"].mode) == (b"\x00\xff", 0o640)
     assert (ops["file.mkdir"].parents, ops["file.remove"].recursive) == (False, True)
     assert ops["tar.upload"].data == b"tar"
-    streamed = operation_of(_base.exec_(sid, ExecRequest(command="x"), stream=True))
-    assert streamed is not None and streamed[2] and streamed[1].idempotency_key is None
-    # Not data-plane operations: left to the other paths.
-    assert operation_of(_base.get_sandbox(sid)) is None
-    assert operation_of(_base.renew(sid)) is None
-    # The reply parses as the Admin's would.
-    written = FileWritten(path="/a", size=2)
-    assert _base.parse(reply(calls["file.write"], written), FileWritten) == written
-    assert reply(calls["file.read"], b"\x00").content == b"\x00"
-    assert reply(calls["file.mkdir"], None).status_code == 204
+
+
+def test_the_http_transport_sends_each_operation_on_its_route():
+    """The REST request is built from the OPS row alone, and is the wire the Admin reads."""
+    from rock_serve.sdk import _base
+
+    settings = _base.ClientSettings(timeout=5.0)
+    wire = {}
+    for tag, call in _sdk_calls().items():
+        kw = _base.request_kwargs(call, settings)
+        method, template = OPS[tag].route
+        path = template.replace("{sandbox_id}", SID).replace("{session}", "s.1")
+        assert (kw["method"], kw["url"]) == (method, path), tag
+        key = kw["headers"].get("Idempotency-Key")
+        assert key == getattr(call.op, "idempotency_key", None), f"{tag}: Idempotency-Key"
+        wire[tag] = (kw.get("params", []), kw.get("json"), kw.get("content"))
+    assert wire["exec"][1] == {
+        "command": "echo hi",
+        "env": {"A": "1"},
+        "shell": None,
+        "cwd": None,
+        "stdin": None,
+        "timeout": DEFAULT_TIMEOUT,
+        "max_output_bytes": wire["exec"][1]["max_output_bytes"],
+    }
+    assert wire["session.run"][1] == {
+        "command": "pwd",
+        "timeout": DEFAULT_TIMEOUT,
+        "max_output_bytes": wire["session.run"][1]["max_output_bytes"],
+    }
+    assert wire["session.create"][1]["session"] == "s.1"
+    assert wire["session.stdin"] == ([], {"data": "y\n", "eof": True}, None)
+    assert wire["session.interrupt"] == wire["session.close"] == wire["stats"] == ([], None, None)
+    assert wire["file.read"] == ([("path", "/a b?c")], None, None)
+    assert wire["file.write"] == ([("path", "/a"), ("mode", "640")], None, b"\x00\xff")
+    assert wire["file.mkdir"] == ([], {"path": "/d", "parents": False, "exist_ok": True}, None)
+    assert wire["file.remove"][1] == {"path": "/d", "recursive": True, "missing_ok": False}
+    assert wire["tar.upload"] == ([("path", "/d")], None, b"tar")
+    # A command's read waits for its own timeout; a streamed one asks for the stream.
+    assert (
+        _base.request_kwargs(_sdk_calls()["exec"], settings)["timeout"].read == DEFAULT_TIMEOUT + 30
+    )
+    streamed = _base.op_call(SID, ExecOp(command="x"), stream=True)
+    assert streamed.params == (("stream", "true"),) and streamed.idempotency_key is None
+    # A session name is one quoted path segment.
+    odd = _base.op_call("sb-w1-x", SessionCloseOp(session="a.b_c"))
+    assert odd.path == "/v1/sandboxes/sb-w1-x/sessions/a.b_c"
+
+
+def test_the_ray_transport_sends_each_operation_model_to_the_worker():
+    """Over Ray the model itself goes to ``Worker.ray_op`` (no REST encoding), keyless."""
+    from rock_serve.deployments.client import ActorCall, entry, route
+
+    for tag, call in _sdk_calls().items():
+        target = route(call)
+        assert (target.sandbox, target.method, target.streams) == (SID, "op", False), tag
+        (op,) = target.args
+        assert type(op) is OPS[tag].model and getattr(op, "idempotency_key", None) is None
+        assert op.model_copy(update={"idempotency_key": None}) == call.op.model_copy(
+            update={"idempotency_key": None}
+        )
+        assert entry(target, gate=True, token="t") == ("ray_op", ("t", SID, op))
+        assert entry(target, gate=False, token="t") == ("op", (SID, op))
+    streamed = route(_base_call_streamed(), stream=True)
+    assert streamed == ActorCall(SID, "op_stream", streamed.args, streams=True)
+    assert entry(streamed, gate=True, token=None)[0] == "ray_op_stream"
+
+
+def _base_call_streamed() -> Any:
+    from rock_serve.sdk import _base
+
+    return _base.op_call(SID, SessionRunOp(command="x"), stream=True)
+
+
+def test_the_ray_transport_maps_each_control_plane_call_to_one_actor_method():
+    from rock_serve.deployments.client import ROUTES, actor_call, entry
+    from rock_serve.protocol.fork import ForkRequest
+    from rock_serve.protocol.processes import ProcessSignalBody, ProcessStartRequest
+    from rock_serve.protocol.snapshot import SnapshotList, SnapshotRequest
+    from rock_serve.sdk import _base, _fork, _processes
+
+    request = CreateSandboxRequest(ray_job_id="0a0b", labels={"k": "v"})
+    expected: dict[str, tuple[Any, str, tuple[Any, ...]]] = {
+        "health": (_base.health(), "health", ()),
+        "create": (_base.create_sandbox(request), "create", ("<request>", "ns")),
+        "list": (
+            _base.list_sandboxes(owner="o", state="running", labels={"a": "b=c"}),
+            "list",
+            ("o", "running", {"a": "b=c"}),
+        ),
+        "by-token": (_base.delete_by_token("ct"), "delete_by_token", ("ct", "ns")),
+        "get": (_base.get_sandbox(SID), "get", (SID,)),
+        "delete": (_base.delete_sandbox(SID), "delete", (SID,)),
+        "renew": (_base.renew(SID), "renew", ()),
+        "fork": (_fork.fork_sandbox(SID, ForkRequest(count=2)), "fork", (SID, "<fork>", "ns")),
+        "pause": (_fork.pause_sandbox(SID), "pause", (SID, "ns")),
+        "resume": (_fork.resume_sandbox(SID), "resume", (SID, "ns")),
+        "snapshot": (
+            _fork.snapshot_sandbox(SID, SnapshotRequest()),
+            "snapshot",
+            (SID, SnapshotRequest(), "ns"),
+        ),
+        "snapshots": (_fork.list_snapshots(), "snapshots", ("ns",)),
+        "get_snapshot": (_fork.get_snapshot("sn-1"), "get_snapshot", ("sn-1", "ns")),
+        "delete_snapshot": (_fork.delete_snapshot("sn-1"), "delete_snapshot", ("sn-1", "ns")),
+        "start": (
+            _processes.start(SID, ProcessStartRequest(command="sleep 1")),
+            "start_process",
+            (ProcessStartRequest(command="sleep 1"),),
+        ),
+        "procs": (_processes.list_(SID), "list_processes", ()),
+        "status": (_processes.status(SID, 7), "process_status", (7,)),
+        "kill": (_processes.kill(SID, 7), "kill_process", (7,)),
+        "signal": (
+            _processes.signal(SID, 7, ProcessSignalBody(signal="SIGINT")),
+            "signal_process",
+            (7, ProcessSignalBody(signal="SIGINT")),
+        ),
+        "wait": (_processes.wait(SID, 7, 2.5), "wait_process", (7, 2.5)),
+        "input": (
+            _processes.send_input(SID, 7, _processes.input_body(b"\x00", True)),
+            "process_input",
+            (7, _processes.input_body(b"\x00", True)),
+        ),
+        "output": (
+            _processes.output(SID, 7, "stderr", 5, True),
+            "stream_process_output",
+            (7, "stderr", 5, True),
+        ),
+    }
+    seen = set()
+    for name, (call, method, args) in expected.items():
+        target = actor_call(call, tenant="ns")
+        assert target.method == method, name
+        got = target.args
+        if name == "create":
+            assert got[0].ray_job_id == "0a0b" and got[0].labels == {"k": "v"}
+            got = ("<request>", *got[1:])
+        if name == "fork":
+            assert got[1].count == 2
+            got = (got[0], "<fork>", got[2])
+        assert got == args, name
+        assert (target.sandbox is None) == (name in _SCHEDULER), name
+        assert target.streams == (name == "output"), name
+        gated = entry(target, gate=True, token="t")
+        assert gated[0] == ("ray_stream" if target.streams else "ray_call"), name
+        seen.add(next(k for k in ROUTES if k[0] == call.method and _matches(k[1], call.path)))
+    assert seen == set(ROUTES), "a ROUTES row without its case here"
+    snaps = actor_call(_fork.list_snapshots(), tenant="ns")
+    assert snaps.wrap is not None and snaps.wrap([]) == SnapshotList(items=[])
+    with pytest.raises(InvalidRequest, match="needs HTTP"):  # images go over HTTP
+        actor_call(_base.list_images())
+    from rock_serve.errors import SandboxNotFound
+
+    with pytest.raises(SandboxNotFound):
+        actor_call(_base.get_sandbox("not-an-id"))
+
+
+_SCHEDULER = {
+    "health",
+    "create",
+    "list",
+    "by-token",
+    "get",
+    "delete",
+    "fork",
+    "pause",
+    "resume",
+    "snapshot",
+    "snapshots",
+    "get_snapshot",
+    "delete_snapshot",
+}
+
+
+def _matches(template: str, path: str) -> bool:
+    import re
+
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"[^/]+", re.escape(template))
+    return re.fullmatch(pattern, path) is not None

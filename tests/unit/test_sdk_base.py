@@ -20,11 +20,18 @@ from rock_serve.errors import (
 )
 from rock_serve.protocol import (
     CreateSandboxRequest,
-    ExecRequest,
     ExecResult,
     OutputChunk,
-    SessionRunBody,
-    SessionStdinBody,
+)
+from rock_serve.protocol.ops import (
+    ExecOp,
+    FileReadOp,
+    FileWriteOp,
+    SessionCloseOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    SessionStdinOp,
+    StatsOp,
 )
 from rock_serve.sdk import Client, ClientSettings, RetryPolicy, _base
 
@@ -153,10 +160,11 @@ def test_only_safe_calls_are_resent_after_connection_errors():
     state = _base.RetryState(RetryPolicy())
     get, create = _base.health(), _base.create_sandbox(CreateSandboxRequest())
     assert create.idempotency_key == create.json["client_token"]  # a resend is the same create
-    run = _base.run("sb-a-00000000", "s", SessionRunBody(command="true"))
-    assert run.idempotency_key is not None
-    streamed = _base.run("sb-a-00000000", "s", SessionRunBody(command="true"), stream=True)
-    stdin = _base.session_stdin("sb-a-00000000", "s", SessionStdinBody(data="x"))
+    run_op = SessionRunOp(session="s", command="true", idempotency_key=_base.new_key())
+    run = _base.op_call("sb-a-00000000", run_op)
+    assert run.idempotency_key == run_op.idempotency_key  # the model's key is the header's
+    streamed = _base.op_call("sb-a-00000000", run_op, stream=True)
+    stdin = _base.op_call("sb-a-00000000", SessionStdinOp(session="s", data="x"))
     assert state.after_transport_error(get, httpx.ConnectError("x")) is not None
     assert state.after_transport_error(create, httpx.ConnectError("x")) is not None
     assert state.after_transport_error(run, httpx.ConnectError("x")) is not None
@@ -187,16 +195,16 @@ def test_every_route_of_the_table():
         ("GET", "/v1/sandboxes"): _base.list_sandboxes(),
         ("GET", f"/v1/sandboxes/{sid}"): _base.get_sandbox(sid),
         ("DELETE", f"/v1/sandboxes/{sid}"): _base.delete_sandbox(sid),
-        ("POST", f"/v1/sandboxes/{sid}/exec"): _base.exec_(sid, ExecRequest(command="x")),
-        ("GET", f"/v1/sandboxes/{sid}/files"): _base.read_file(sid, "/a"),
-        ("PUT", f"/v1/sandboxes/{sid}/files"): _base.write_file(sid, "/a", b""),
-        ("GET", f"/v1/sandboxes/{sid}/files/stat"): _base.stat(sid, "/a"),
-        ("GET", f"/v1/sandboxes/{sid}/files/list"): _base.list_dir(sid, "/a"),
-        ("GET", f"/v1/sandboxes/{sid}/archive"): _base.download_archive(sid, "/a"),
-        ("PUT", f"/v1/sandboxes/{sid}/archive"): _base.upload_archive(sid, "/a", b""),
-        ("GET", f"/v1/sandboxes/{sid}/stats"): _base.stats(sid),
-        ("POST", f"/v1/sandboxes/{sid}/sessions/s/interrupt"): _base.interrupt(sid, "s"),
-        ("DELETE", f"/v1/sandboxes/{sid}/sessions/s"): _base.close_session(sid, "s"),
+        ("POST", f"/v1/sandboxes/{sid}/exec"): _base.op_call(sid, ExecOp(command="x")),
+        ("GET", f"/v1/sandboxes/{sid}/files"): _base.op_call(sid, FileReadOp(path="/a")),
+        ("PUT", f"/v1/sandboxes/{sid}/files"): _base.op_call(sid, FileWriteOp(path="/a", data=b"")),
+        ("GET", f"/v1/sandboxes/{sid}/stats"): _base.op_call(sid, StatsOp()),
+        ("POST", f"/v1/sandboxes/{sid}/sessions/s/interrupt"): _base.op_call(
+            sid, SessionInterruptOp(session="s")
+        ),
+        ("DELETE", f"/v1/sandboxes/{sid}/sessions/s"): _base.op_call(
+            sid, SessionCloseOp(session="s")
+        ),
     }
     for (method, path), call in calls.items():
         assert (call.method, call.path) == (method, path)
@@ -204,7 +212,7 @@ def test_every_route_of_the_table():
 
 def test_command_calls_wait_for_the_command():
     settings = ClientSettings(timeout=5.0)
-    no_limit = _base.exec_("sb-a-b", ExecRequest(command="x", timeout=None))
+    no_limit = _base.op_call("sb-a-b", ExecOp(command="x", timeout=None))
     kwargs = _base.request_kwargs(no_limit, settings)
     assert kwargs["timeout"] == httpx.Timeout(5.0, read=None)
     assert "timeout" not in _base.request_kwargs(_base.health(), settings)
