@@ -28,7 +28,7 @@ from rock_serve.deployments._trace import SPANS, TRACE_ID, install_logging
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import RockError
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest
-from rock_serve.protocol.ops import ExecOp
+from rock_serve.protocol.ops import ExecOp, FileReadOp
 from rock_serve.rocklet import AGENT_PATH
 from rock_serve.rocklet.agent import encode_frame, read_frame
 from tests._wait import async_wait_until
@@ -84,9 +84,9 @@ async def test_an_op_carries_the_callers_trace_id_into_the_rocklet_its_log_and_e
     handle = Handle(worker)
     token = TRACE_ID.set(TRACE)
     try:
-        result = await call(handle, "exec", sid, ExecRequest(command="echo hi"))
+        result = await call(handle, "op", sid, ExecOp(command="echo hi"))
         with pytest.raises(RockError) as failed:
-            await call(handle, "read_file", sid, "/no/such/file")
+            await call(handle, "op", sid, FileReadOp(path="/no/such/file"))
     finally:
         TRACE_ID.reset(token)
     assert result.stdout == "hi\n"
@@ -247,7 +247,7 @@ async def test_a_stream_over_ray_runs_under_the_callers_trace_id(
     handle = StreamHandle(worker)
     token = TRACE_ID.set(TRACE)
     try:
-        items = [x async for x in stream(handle, "stream_exec", sid, ExecRequest(command="echo a"))]
+        items = [x async for x in stream(handle, "op_stream", sid, ExecOp(command="echo a"))]
     finally:
         TRACE_ID.reset(token)
     assert handle.calls == ["rock_traced_stream"]

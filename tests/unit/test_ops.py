@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._dataplane import make_app
-from rock_serve.deployments._ops import HANDLERS, STREAM_HANDLERS
+from rock_serve.deployments._ops import LIMITS
 from rock_serve.deployments.client import AsyncRayClient, RayClient
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import Conflict, InvalidRequest
@@ -112,9 +112,13 @@ def test_every_operation_has_its_four_places(tag):
     spec = OPS[tag]
     # 1. the agent's handler (the tag is the rocklet's own operation name)
     assert tag in AGENT_OPS, f"{tag}: no handler in rock_serve/rocklet/agent.py"
-    # 2. the Worker's dispatch row (and its streaming twin exactly when it streams)
-    assert spec.model in HANDLERS, f"{tag}: no row in deployments/_ops.py HANDLERS"
-    assert (spec.model in STREAM_HANDLERS) == (spec.item is not None), f"{tag}: stream row"
+    # 2. no Worker code: its policies come from the model's traits, which must be known
+    model = spec.model
+    assert set(model.limits) <= set(LIMITS), f"{tag}: a limit the Worker does not know"
+    assert model.payload is None or model.payload in model.model_fields, f"{tag}: payload"
+    assert not model.upload or model.payload is not None, f"{tag}: upload without payload"
+    assert not model.idempotent or "idempotency_key" in model.model_fields, f"{tag}: key"
+    assert not model.output_capped or "max_output_bytes" in model.model_fields, f"{tag}: cap"
     # 3. the REST route, in the Admin's OpenAPI schema
     method, path = spec.route
     paths = _schema()["paths"]
@@ -126,11 +130,6 @@ def test_every_operation_has_its_four_places(tag):
     # with a string-named actor call)
     for client in (AsyncClient, Client, AsyncRayClient, RayClient):
         assert callable(getattr(client, spec.sdk, None)), f"{tag}: no {client.__name__}.{spec.sdk}"
-
-
-def test_no_dispatch_row_without_an_operation():
-    assert set(HANDLERS) == set(UNION)
-    assert set(STREAM_HANDLERS) <= set(UNION)
 
 
 def test_operations_parse_by_tag():
