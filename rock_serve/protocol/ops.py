@@ -6,11 +6,12 @@ streamed item. :data:`Operation` is the discriminated union of all of them (tag:
 rocklet's own operation name), and :data:`OPS` says, per tag, the model, its result and stream
 item types, its audit action, its REST route and the SDK method that sends it.
 
-The Worker takes them at one entry point (``Worker.op`` / ``Worker.op_stream``, dispatching on
-the model's type), which the Admin routes, the direct data plane and the Ray transport all call.
-Adding an operation touches four places (see ``docs/operations.md``): the model here (and its
-:data:`OPS` row), the agent's handler, the Worker's handler (plus its REST route), and the SDK
-method; ``tests/unit/test_ops.py`` fails when one is missing.
+The Worker takes them at one entry point (``Worker.op`` / ``Worker.op_stream``), sending the
+model to the rocklet as one frame with its policies taken from the model's traits (see
+:class:`Op`); the Admin and the direct data plane serve each operation's route from its
+:data:`OPS` row (``deployments/_op_routes.py``). Adding an operation touches four places (see
+``docs/operations.md``): the model here, the agent's handler, its route (the :data:`OPS` row),
+and the SDK method; ``tests/unit/test_ops.py`` fails when one is missing or a fifth appears.
 
 Models that extend a request model (``ExecOp`` is an :class:`ExecRequest` with a tag) carry the
 same fields and defaults; :meth:`Op.request` gives the plain request back without copying.
