@@ -446,6 +446,25 @@ def mount_fastapi(
 # ---------------------------------------------------------------------------- the data plane
 
 
+def _json_body(route: OpRoute, data: bytes) -> dict[str, Any]:
+    """The JSON body's fields, validated once, with the operation (see :meth:`OpRoute.build`).
+
+    Raises:
+        InvalidRequest: not a JSON object, or a field the body does not have.
+    """
+    try:
+        body = json.loads(data or b"{}")
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    assert route.body is not None
+    unknown = set(body) - set(route.body.model_fields)
+    if unknown:
+        raise InvalidRequest(f"unknown fields in the body: {', '.join(sorted(unknown))}")
+    return body
+
+
 #: ``(route, request, sandbox_id, claims) -> reply``: the data plane's own audit and sending.
 DirectServe = Callable[[OpRoute, Any, str, Op[Any], bool, Any], Awaitable[Response]]
 
@@ -466,13 +485,7 @@ def starlette_routes(
             body: Any = None
             raw: bytes | None = None
             if route.body is not None:
-                data = await request.body()
-                try:
-                    body = route.body.model_validate_json(data or b"{}").model_dump()
-                except ValidationError as exc:
-                    raise InvalidRequest(
-                        f"invalid {route.body.__name__}: {_problems(exc)}"
-                    ) from None
+                body = _json_body(route, await request.body())
             elif route.raw is not None:
                 raw = await request.body()
             operation, streamed = route.build(

@@ -11,6 +11,8 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
+from pydantic import BaseModel
+
 from rock_serve._tracing import SPANS, traced, untraced_task
 from rock_serve.errors import RockletUnavailable, TooLarge, error_class
 from rock_serve.protocol import (
@@ -406,37 +408,43 @@ class RockletHandle(ProcessOps):
 
     # ------------------------------------------------------------------ operations
 
+    @staticmethod
     def _frame(
-        self, operation: Op[Any], extra: dict[str, Any] | None
+        kind: type[Op[Any]], model: BaseModel, extra: dict[str, Any] | None
     ) -> tuple[dict[str, Any], bytes, AsyncIterable[bytes] | None]:
-        """The frame of ``operation``: its fields as the arguments (plus ``extra``), its
-        payload field as the payload (chunked past one frame when it is an upload).
+        """The frame of an operation of type ``kind`` whose fields ``model`` holds: its fields
+        as the arguments (plus ``extra``), its payload field as the payload (chunked past one
+        frame when it is an upload).
         """
-        kind = type(operation)
-        skip = _SKIP.get(kind)
-        if skip is None:
-            skip = _SKIP[kind] = frozenset(
-                name for name in ("op", "idempotency_key", kind.payload) if name is not None
-            )
-        args = operation.model_dump(mode="json", exclude=cast(Any, skip))
+        plan = _PLANS.get(kind)
+        if plan is None:
+            skip = {name for name in ("op", "idempotency_key", kind.payload) if name is not None}
+            plan = _PLANS[kind] = (skip, kind.payload, kind.upload is not None)
+        skip, field, upload = plan
+        args = model.model_dump(mode="json", exclude=skip, exclude_defaults=True)
         if extra:
             args.update(extra)
         payload = b""
-        if kind.payload is not None:
-            value = getattr(operation, kind.payload)
+        if field is not None:
+            value = getattr(model, field)
             payload = value.encode() if isinstance(value, str) else bytes(value or b"")
-        if kind.upload and len(payload) > CHUNK:
+        if upload and len(payload) > CHUNK:
             return args, b"", _chunks(payload)
         return args, payload, None
+
+    async def _op(
+        self, kind: type[Op[Any]], model: BaseModel, extra: dict[str, Any] | None = None
+    ) -> Any:
+        tag = _tag(kind)
+        args, payload, upload = self._frame(kind, model, extra)
+        data, out = await self.request(tag, args, payload, upload=upload)
+        return read_result(OPS[tag].result, model, data, out)
 
     async def op(self, operation: Op[R], extra: dict[str, Any] | None = None) -> R:
         """Send one operation (see :class:`~rock_serve.protocol.ops.Op`); its result, read
         back by the result type's shape. ``extra``: arguments the caller adds (limits).
         """
-        tag: str = cast(Any, operation).op
-        args, payload, upload = self._frame(operation, extra)
-        data, out = await self.request(tag, args, payload, upload=upload)
-        return cast(R, read_result(OPS[tag].result, operation, data, out))
+        return cast(R, await self._op(type(operation), operation, extra))
 
     async def op_stream(
         self, operation: Streams[ItemT], extra: dict[str, Any] | None = None
@@ -444,9 +452,10 @@ class RockletHandle(ProcessOps):
         """Send one operation asking for its output as it comes: raw chunks when it streams
         bytes, else :class:`OutputChunk` items and then the result.
         """
-        tag: str = cast(Any, operation).op
+        kind = cast(type[Op[Any]], type(operation))
+        tag = _tag(kind)
         spec = OPS[tag]
-        args, payload, upload = self._frame(cast(Op[Any], operation), extra)
+        args, payload, upload = self._frame(kind, cast(BaseModel, operation), extra)
         if spec.item is bytes:
             async for _, data in self._stream(tag, args, payload, upload=upload):
                 if data:
@@ -479,11 +488,15 @@ class RockletHandle(ProcessOps):
         sandbox has ``max_sessions`` already; None = the rocklet's default bound).
         """
         extra = None if max_sessions is None else {"max_sessions": max_sessions}
-        return await self.op(SessionCreateOp.of(req or SessionCreateRequest()), extra)
+        result: SessionCreateResponse = await self._op(
+            SessionCreateOp, req or SessionCreateRequest(), extra
+        )
+        return result
 
     async def run_in_session(self, req: SessionRunRequest) -> SessionRunResult:
         """Run a command in a session and wait for it (or its timeout)."""
-        return await self.op(SessionRunOp.of(req))
+        result: SessionRunResult = await self._op(SessionRunOp, req)
+        return result
 
     async def stream_in_session(
         self, req: SessionRunRequest
@@ -511,7 +524,8 @@ class RockletHandle(ProcessOps):
 
     async def exec(self, req: ExecRequest) -> ExecResult:
         """Run one command to completion in a fresh process."""
-        return await self.op(ExecOp.of(req))
+        result: ExecResult = await self._op(ExecOp, req)
+        return result
 
     async def stream_exec(self, req: ExecRequest) -> AsyncIterator[OutputChunk | ExecResult]:
         """Run one command, yielding stdout/stderr chunks as they come, then the result."""
@@ -738,8 +752,21 @@ class PtyProcess:
             self._finish()
 
 
-#: Per operation model: the fields that are not frame arguments.
-_SKIP: dict[type, frozenset[str]] = {}
+#: Per operation model: (the fields that are not frame arguments, its payload field, whether
+#: that is an upload).
+_PLANS: dict[type, tuple[set[str], str | None, bool]] = {}
+#: Per operation model: its tag.
+_TAGS: dict[type, str] = {}
+#: Per (result type, model type): the result's fields that the model may fill, and how the
+#: payload becomes its ``output`` ("encoded", "text" or None: it has none).
+_FILL: dict[tuple[Any, type], tuple[tuple[str, ...], str | None]] = {}
+
+
+def _tag(kind: type[Op[Any]]) -> str:
+    tag = _TAGS.get(kind)
+    if tag is None:
+        tag = _TAGS[kind] = str(kind.model_fields["op"].default)
+    return tag
 
 
 def read_result(result: Any, operation: Any, data: dict[str, Any], payload: bytes) -> Any:
@@ -755,16 +782,23 @@ def read_result(result: Any, operation: Any, data: dict[str, Any], payload: byte
         return None
     if result is bytes:
         return payload
-    fields = result.model_fields
-    for name in fields:
-        if name not in data and name in type(operation).model_fields:
+    key = (result, type(operation))
+    plan = _FILL.get(key)
+    if plan is None:
+        fields = result.model_fields
+        fill = tuple(name for name in fields if name in type(operation).model_fields)
+        output = ("encoded" if "encoding" in fields else "text") if "output" in fields else None
+        plan = _FILL[key] = (fill, output)
+    fill, output = plan
+    for name in fill:
+        if name not in data:
             data[name] = getattr(operation, name)
     if "stdout_len" in data:
         n = data.pop("stdout_len")
         (stdout, stderr), encoding = encode_bytes(payload[:n], payload[n:])
         return result(stdout=stdout, stderr=stderr, encoding=encoding, **data)
-    if "output" in fields and "output" not in data:
-        if "encoding" in fields:
+    if output is not None and "output" not in data:
+        if output == "encoded":
             (text,), encoding = encode_bytes(payload)
             return result(output=text, encoding=encoding, **data)
         return result(output=payload.decode("utf-8", "replace"), **data)

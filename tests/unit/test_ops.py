@@ -407,7 +407,8 @@ class _EchoOp(Op[_Echoed]):
 
 
 async def _op_test_echo(agent: Any, rid: int, args: dict[str, Any], payload: bytes) -> Any:
-    return {"text": args["text"] * args["times"]}
+    times = args.get("times", 1)  # a field at its default is not sent
+    return {"text": args["text"] * times, "times": times}
 
 
 class _RealAgentRuntime(FakeRuntime):
