@@ -30,7 +30,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError, create_model
 from starlette.routing import Route
 
-from rock_serve.errors import InvalidRequest, RockError, to_body
+from rock_serve.errors import InvalidRequest, RockError, RuntimeUnavailable, to_body
 from rock_serve.protocol._base import WireModel
 from rock_serve.protocol.ops import OPS, Op, OpSpec, Streams
 
@@ -39,6 +39,7 @@ __all__ = [
     "OpRoute",
     "Sender",
     "audit_fields",
+    "bind_admin",
     "reply",
     "serve_op",
     "mount_fastapi",
@@ -321,6 +322,27 @@ async def serve_op(
 AdminServe = Callable[[OpRoute, Request, Any, str, Op[Any], bool], Awaitable[Response]]
 
 
+#: The Admin of this replica (``bind_admin``); its routes serve through it.
+_ADMIN: list[AdminServe] = []
+
+
+def bind_admin(serve: AdminServe) -> None:
+    """Serve the Admin app's operation routes through ``serve`` (the replica's Admin).
+
+    A module-level binding, as the other routers' ``bind``: Serve pickles the app and the Admin
+    class to the replica, and this module is the one both see by reference.
+    """
+    _ADMIN[:] = [serve]
+
+
+async def _admin_serve(
+    route: OpRoute, request: Request, principal: Any, sandbox_id: str, op: Op[Any], streamed: bool
+) -> Response:
+    if not _ADMIN:  # pragma: no cover - the replica builds its Admin before serving
+        raise RuntimeUnavailable("the Admin is starting")
+    return await _ADMIN[0](route, request, principal, sandbox_id, op, streamed)
+
+
 def _query_param(route: OpRoute, name: str) -> inspect.Parameter:
     info = route.spec.model.model_fields[name]
     required = info.is_required()
@@ -401,9 +423,15 @@ def _admin_endpoint(route: OpRoute, serve: AdminServe, auth: Any) -> Callable[..
 
 
 def mount_fastapi(
-    app: FastAPI, serve: AdminServe, auth: Any, errors: dict[int | str, dict[str, Any]]
+    app: FastAPI,
+    auth: Any,
+    errors: dict[int | str, dict[str, Any]],
+    serve: AdminServe | None = None,
 ) -> None:
-    """Add every operation's route to the Admin's app (``auth``: its caller dependency)."""
+    """Add every operation's route to the Admin's app (``auth``: its caller dependency);
+    they serve through ``serve``, else through the Admin bound with :func:`bind_admin`.
+    """
+    serve = serve or _admin_serve
     for route in routes():
         responses: dict[int | str, dict[str, Any]] = dict(errors)
         kwargs: dict[str, Any] = {}

@@ -87,7 +87,6 @@ from rock_serve.errors import (
     ErrorCode,
     InvalidRequest,
     RockError,
-    RuntimeUnavailable,
     SandboxNotFound,
     http_status,
 )
@@ -206,28 +205,9 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- operations
 
-_ADMIN: Any = None
-
-
-async def _serve_op(
-    route: _op_routes.OpRoute,
-    request: Request,
-    principal: Principal,
-    sandbox_id: str,
-    operation: Op[Any],
-    streamed: bool,
-) -> Response:
-    if _ADMIN is None:  # pragma: no cover - the replica builds its Admin before serving
-        raise RuntimeUnavailable("the Admin is starting")
-    reply: Response = await _ADMIN._serve_op(
-        route, request, principal, sandbox_id, operation, streamed
-    )
-    return reply
-
-
 # Every sandbox operation's REST route, from its one declaration (``_op_routes``); the
 # direct data plane mounts the same ones.
-_op_routes.mount_fastapi(app, _serve_op, Auth, _ERRORS)
+_op_routes.mount_fastapi(app, Auth, _ERRORS)
 
 
 # ----------------------------------------------------------------------------- deployment
@@ -257,8 +237,7 @@ class Admin:
         self._scheduler.ready.remote()
         self.authenticator = Authenticator(self.args.auth)
         self._sender: _op_routes.Sender = self
-        global _ADMIN
-        _ADMIN = self  # the operations' routes (mounted on the app below) serve through it
+        _op_routes.bind_admin(self._serve_op)  # the operations' routes serve through it
         self._guard = NamespaceGuard(self._lookup)
         self._audit = AuditLog(self.args.audit, on_error=_admin_metrics().audit_error)
         if not self.authenticator.required:

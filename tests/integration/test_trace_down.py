@@ -105,9 +105,7 @@ async def test_an_op_carries_the_callers_trace_id_into_the_rocklet_its_log_and_e
     # Untraced ops (the create's own ping, the watchdog's pings) are not logged.
     assert all(line.get("trace") == TRACE for line in _agent_lines(tmp_path / "state", sid))
     # The Worker's line for the failed call has the same id.
-    assert f"call op failed: {code}: {failed.value.message}" in _traced_records(
-        caplog, TRACE
-    )
+    assert f"call op failed: {code}: {failed.value.message}" in _traced_records(caplog, TRACE)
 
 
 async def test_the_rocklet_puts_the_trace_id_in_its_errors_and_ignores_a_bad_one(

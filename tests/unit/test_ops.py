@@ -489,7 +489,7 @@ async def test_a_new_operation_needs_only_its_model_handler_and_route(
             return await _op_routes.serve_op(route, w, sandbox_id, operation, streamed)
 
         anyone = Annotated[None, Depends(lambda: None)]  # the Admin's Auth needs its replica
-        _op_routes.mount_fastapi(admin, serve, anyone, {})
+        _op_routes.mount_fastapi(admin, anyone, {}, serve)
         path = _schema_of(admin)["paths"]["/v1/sandboxes/{sandbox_id}/test-echo"]["post"]
         assert "requestBody" in path and "200" in path["responses"]
         transport = httpx.ASGITransport(app=admin)
