@@ -207,6 +207,9 @@ def audit_fields(operation: Op[Any], streamed: bool = False) -> dict[str, Any]:
     for name in ("command", "session", "path"):
         if name in names:
             fields[name] = getattr(operation, name)
+    startup: list[str] | None = getattr(operation, "startup_commands", None)
+    if startup:  # what a session's creation runs
+        fields["command"] = "\n".join(startup)
     if "env" in names:
         fields["env_keys"] = sorted(getattr(operation, "env", None) or {})
     detail: dict[str, Any] = {}
@@ -343,6 +346,16 @@ async def _admin_serve(
     return await _ADMIN[0](route, request, principal, sandbox_id, op, streamed)
 
 
+def _constraints(info: Any) -> dict[str, Any]:
+    """A string field's constraints (pattern, lengths), for its path or query parameter."""
+    out: dict[str, Any] = {}
+    for constraint in info.metadata:
+        for attr in ("pattern", "min_length", "max_length"):
+            if getattr(constraint, attr, None) is not None:
+                out[attr] = getattr(constraint, attr)
+    return out
+
+
 def _query_param(route: OpRoute, name: str) -> inspect.Parameter:
     info = route.spec.model.model_fields[name]
     required = info.is_required()
@@ -350,10 +363,7 @@ def _query_param(route: OpRoute, name: str) -> inspect.Parameter:
     if name in _OCTAL:
         meta["pattern"] = r"^[0-7]{1,4}$"
         meta["description"] = f"{info.description} Octal, e.g. 644."
-    for constraint in info.metadata:
-        for attr in ("min_length", "max_length"):
-            if getattr(constraint, attr, None) is not None:
-                meta[attr] = getattr(constraint, attr)
+    meta.update(_constraints(info))
     annotation: Any = Annotated[str if required else str | None, Query(**meta)]
     default = inspect.Parameter.empty if required else None
     return inspect.Parameter(
@@ -382,11 +392,8 @@ def _admin_endpoint(route: OpRoute, serve: AdminServe, auth: Any) -> Callable[..
     ]
     for name in route.path_params:
         info = route.spec.model.model_fields[name]
-        params.append(
-            inspect.Parameter(
-                name, kw, annotation=Annotated[str, PathParam(description=info.description)]
-            )
-        )
+        param = PathParam(description=info.description, **_constraints(info))
+        params.append(inspect.Parameter(name, kw, annotation=Annotated[str, param]))
     params += [_query_param(route, name) for name in route.query]
     if route.body is not None:
         params.append(inspect.Parameter("body", kw, annotation=route.body))

@@ -506,3 +506,18 @@ def _schema_of(app: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore", UserWarning)
         schema: dict[str, Any] = app.openapi()
     return schema
+
+
+def test_audit_fields_come_from_the_model_and_carry_no_values():
+    from rock_serve.deployments._op_routes import audit_fields
+
+    fields = audit_fields(ExecOp(command="x", env={"K": "secret"}, stdin="pw", cwd="/w"), True)
+    assert (fields["command"], fields["env_keys"]) == ("x", ["K"])
+    assert fields["detail"] == {"stream": True, "cwd": "/w", "stdin_bytes": 2}
+    assert "secret" not in repr(fields) and "pw" not in repr(fields)
+    created = audit_fields(SessionCreateOp(session="s", startup_commands=["cd /", "ls"]))
+    assert (created["session"], created["command"]) == ("s", "cd /\nls")
+    written = audit_fields(FileWriteOp(path="p", data=b"abc", mode=0o600))
+    assert written["path"] == "p" and written["detail"] == {"mode": 0o600, "bytes": 3}
+    removed = audit_fields(RemoveOp(path="d", recursive=True))
+    assert removed["detail"] == {"recursive": True, "missing_ok": False}
