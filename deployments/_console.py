@@ -55,6 +55,7 @@ from rock_serve.deployments._trace import (
     untraced_task,
     with_ids,
 )
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import NotFound, PermissionDenied, RockError
 from rock_serve.protocol import (
     ConsoleEvent,
@@ -381,12 +382,12 @@ def _start_sampler() -> None:
             reaped: dict[str, int] = {}
             processes: int | None = None
             with contextlib.suppress(RockError):
-                health: Health = await call(scheduler, "health")
+                health: Health = await call(scheduler, Scheduler.health)
                 reaped = reaps.step(health.workers)
                 processes = sum(w.processes_running for w in health.workers if w.alive)
             by_ns: dict[str, dict[str, int]] = {}
             with contextlib.suppress(RockError):
-                result: SandboxList = await call(scheduler, "list", None, None, {}, None)
+                result: SandboxList = await call(scheduler, Scheduler.list, None, None, {}, None)
                 for record in result.items:
                     states = by_ns.setdefault(record.namespace, {})
                     states[record.state.value] = states.get(record.state.value, 0) + 1
@@ -532,7 +533,7 @@ async def ui_events(request: Request, principal: Auth) -> StreamingResponse:
         quiet_since = time.monotonic()
         while not await request.is_disconnected():
             try:
-                result: SandboxList = await call(scheduler, "list", None, None, {}, only)
+                result: SandboxList = await call(scheduler, Scheduler.list, None, None, {}, only)
             except RockError as exc:
                 yield f"event: problem\ndata: {json.dumps(str(exc))}\n\n".encode()
                 await asyncio.sleep(interval)
@@ -582,8 +583,8 @@ async def ui_metrics(principal: Auth) -> ConsoleMetrics:
 async def ui_workers(principal: Auth) -> ConsoleWorkers:
     """Workers (capacity, warm pools), the admission queue and the 429 rate."""
     scheduler = _scheduler()
-    health: Health = await call(scheduler, "health")
-    admission: dict[str, int] = await call(scheduler, "admission")
+    health: Health = await call(scheduler, Scheduler.health)
+    admission: dict[str, int] = await call(scheduler, Scheduler.admission)
     series = _samples(_STATE.get("interval", 10.0)).series().samples
     rate = series[-1].rate_limited / max(series[-1].interval, 1e-9) if series else 0.0
     return ConsoleWorkers(
@@ -601,7 +602,7 @@ async def ui_envs(principal: Auth) -> EnvInstances:
     from rock_serve.deployments import _gem
 
     table = await _gem.env_table()
-    rows: list[dict[str, Any]] = await call(table, "describe", principal)
+    rows: list[dict[str, Any]] = await call(table, _gem.EnvTable.describe, principal)
     return EnvInstances(items=[EnvInstance(**row) for row in rows])
 
 

@@ -64,7 +64,9 @@ async def ui_env_episodes(
     from rock_serve.deployments import _gem
 
     table = await _gem.env_table()
-    result: EpisodeList = await call(table, "episodes", principal, instance_id, offset, limit)
+    result: EpisodeList = await call(
+        table, _gem.EnvTable.episodes, principal, instance_id, offset, limit
+    )
     return result
 
 
@@ -82,7 +84,7 @@ async def ui_env_episode(
 
     table = await _gem.env_table()
     result: EpisodeStepPage = await call(
-        table, "episode_steps", principal, instance_id, index, offset, limit
+        table, _gem.EnvTable.episode_steps, principal, instance_id, index, offset, limit
     )
     return result
 
@@ -116,8 +118,10 @@ async def ui_trajectory(
     """
     _enabled()
     admin = _admin()
+    from rock_serve.deployments._llm import LLMWorker
+
     try:
-        trajectory: Trajectory = await admin._data(sandbox_id, "llm_trajectory")
+        trajectory: Trajectory = await admin._data(sandbox_id, LLMWorker.llm_trajectory)
     except SandboxNotFound:
         if not principal.all_namespaces:
             raise  # a gone sandbox's namespace is unknown: only platform-wide callers read it

@@ -93,10 +93,11 @@ async def cluster_secret(args: ServerArgs) -> bytes:
     if secret is not None:
         return secret
     from rock_serve.deployments._ray import call, get_scheduler
+    from rock_serve.deployments.scheduler import Scheduler
     from rock_serve.runtime._sync import run_sync
 
     scheduler = await run_sync(get_scheduler, args.namespace)
-    value: bytes = await call(scheduler, "dataplane_secret")
+    value: bytes = await call(scheduler, Scheduler.dataplane_secret)
     return value
 
 

@@ -19,8 +19,9 @@ from fastapi import APIRouter
 from rock_serve import dataplane_token
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._auth import Auth
-from rock_serve.deployments._dataplane import cluster_secret
+from rock_serve.deployments._dataplane import DataPlaneWorker, cluster_secret
 from rock_serve.deployments._ray import WorkerHandles, call, get_scheduler
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import NotFound, PermissionDenied, RuntimeUnavailable, SandboxNotFound
 from rock_serve.protocol import SandboxRecord
 from rock_serve.protocol.api import SANDBOX_ID
@@ -58,7 +59,7 @@ async def _endpoint(short: str) -> str | None:
     if known is not None and time.monotonic() - known[1] < _SECRET_SECONDS:
         return known[0]
     worker = await _PLATFORM["workers"].get(short)
-    endpoint: str | None = await call(worker, "dataplane_endpoint")
+    endpoint: str | None = await call(worker, DataPlaneWorker.dataplane_endpoint)
     endpoints[short] = (endpoint, time.monotonic())
     return endpoint
 
@@ -80,7 +81,7 @@ async def grant(sandbox_id: str, principal: Auth) -> DataPlaneGrant:
     if not principal.may_act:
         raise PermissionDenied(f"token {principal.name!r} is read-only: use the Admin routes")
     scheduler = await run_sync(get_scheduler, args.namespace)
-    record: SandboxRecord = await call(scheduler, "get", sandbox_id)
+    record: SandboxRecord = await call(scheduler, Scheduler.get, sandbox_id)
     if not principal.may_see(record.namespace):
         raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
     endpoint = await _endpoint(sandbox_id.split("-")[1])

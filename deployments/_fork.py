@@ -24,6 +24,9 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from rock_serve.deployments._worker_table import LABEL_RECORD, LABEL_WORKER
+from rock_serve.deployments._worker_table import Box as _Box
+from rock_serve.deployments._worker_table import step as _step
 from rock_serve.errors import (
     RateLimited,
     RockError,
@@ -42,7 +45,7 @@ from rock_serve.protocol.fork import ForkRequest, ForkResult
 
 if TYPE_CHECKING:
     from rock_serve.deployments.scheduler import Scheduler
-    from rock_serve.deployments.worker import Worker, _Box
+    from rock_serve.deployments.worker import Worker
 
 __all__ = ["ForkScheduler", "ForkWorker", "SESSION_PROBE", "parse_session_probe"]
 
@@ -72,11 +75,6 @@ def parse_session_probe(output: str) -> tuple[str, dict[str, str]] | None:
         if name not in _SHELL_OWN:
             env[name] = value.decode(errors="replace")
     return lines[0], env
-
-
-def _step(record: SandboxRecord, state: SandboxState, at: float, reason: str | None = None) -> None:
-    record.state = state
-    record.history.append(StateChange(state=state, at=at, reason=reason))
 
 
 class ForkWorker:
@@ -112,8 +110,6 @@ class ForkWorker:
             RateLimited: the node has no room for ``len(child_ids)`` more sandboxes.
             NotSupported: the parent's runtime cannot fork.
         """
-        from rock_serve.deployments.worker import LABEL_RECORD, LABEL_WORKER, _Box
-
         w = cast("Worker", self)
         await w._ready()
         box = w._box(parent_id)

@@ -17,6 +17,7 @@ from fastapi import APIRouter
 
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import call
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import SandboxNotFound
 from rock_serve.protocol import SandboxRecord
 from rock_serve.protocol.fork import ForkRequest, ForkResult
@@ -51,7 +52,7 @@ async def fork_sandbox(sandbox_id: str, req: ForkRequest, principal: Auth) -> Fo
     """
     admin = _admin()
     namespace = await _namespace(admin, principal, sandbox_id)
-    result: ForkResult = await call(admin._scheduler, "fork", sandbox_id, req, namespace)
+    result: ForkResult = await call(admin._scheduler, Scheduler.fork, sandbox_id, req, namespace)
     for record in result.items:
         admin._guard.remember(record.id, record.namespace)
     return result
@@ -65,7 +66,7 @@ async def pause_sandbox(sandbox_id: str, principal: Auth) -> SandboxRecord:
     """
     admin = _admin()
     namespace = await _namespace(admin, principal, sandbox_id)
-    record: SandboxRecord = await call(admin._scheduler, "pause", sandbox_id, namespace)
+    record: SandboxRecord = await call(admin._scheduler, Scheduler.pause, sandbox_id, namespace)
     return record
 
 
@@ -79,6 +80,6 @@ async def resume_sandbox(sandbox_id: str, principal: Auth) -> SandboxRecord:
         namespace = await _namespace(admin, principal, sandbox_id)
     except SandboxNotFound:  # archived? The Scheduler looks in the caller's namespace.
         namespace = principal.namespace
-    record: SandboxRecord = await call(admin._scheduler, "resume", sandbox_id, namespace)
+    record: SandboxRecord = await call(admin._scheduler, Scheduler.resume, sandbox_id, namespace)
     admin._guard.remember(record.id, record.namespace)
     return record

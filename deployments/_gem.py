@@ -511,7 +511,7 @@ async def env_table() -> ActorHandle:
         config: GemConfig = _PLATFORM["config"]
         actor = await run_sync(get_or_create_env_table, namespace, config)
         # An existing table (made before a redeploy) takes this deploy's config.
-        await call(actor, "configure", config.model_dump())
+        await call(actor, EnvTable.configure, config.model_dump())
         _PLATFORM["table"] = actor
     return actor
 

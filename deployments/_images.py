@@ -34,6 +34,7 @@ from rock_serve.deployments._ray import (
     get_scheduler,
     stream,
 )
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import (
     Conflict,
     ImageNotFound,
@@ -79,7 +80,7 @@ async def _workers(names: list[str] | None) -> list[tuple[str, ActorHandle]]:
     namespace = _PLATFORM.get("namespace")
     if namespace is None:
         raise RuntimeUnavailable("the image routes are not bound to a platform")
-    health: Health = await call(await run_sync(get_scheduler, namespace), "health")
+    health: Health = await call(await run_sync(get_scheduler, namespace), Scheduler.health)
     alive = [w.name.removeprefix(WORKER_PREFIX) for w in health.workers if w.alive]
     if names is not None:
         unknown = sorted(set(names) - set(alive))
@@ -112,9 +113,9 @@ async def pull_images(req: ImagePullRequest, principal: Auth) -> StreamingRespon
 
     async def one(name: str, actor: ActorHandle, ref: str) -> None:
         try:
-            async for event in stream(actor, "image_pull_events", ref, req.auth):
+            async for event in stream(actor, ImagesWorker.image_pull_events, ref, req.auth):
                 if event.phase == "done":
-                    await call(scheduler, "note_image", name, ref)
+                    await call(scheduler, Scheduler.note_image, name, ref)
                 await queue.put(event.model_copy(update={"node": name}))
         except RockError as exc:
             error = {"code": exc.code.value, "message": exc.message}
@@ -154,7 +155,9 @@ async def push_image(req: ImagePushRequest, principal: Auth) -> ImagePushResult:
     workers = await _workers([req.node] if req.node is not None else None)
     for name, actor in workers:
         try:
-            digest: str = await call(actor, "image_push", req.image, req.destination, req.auth)
+            digest: str = await call(
+                actor, ImagesWorker.image_push, req.image, req.destination, req.auth
+            )
         except ImageNotFound:
             continue
         return ImagePushResult(destination=str(dest), digest=digest, node=name)
@@ -168,7 +171,7 @@ async def list_images(principal: Auth) -> ImageList:
     disk: dict[str, int] = {}
     pulls: list[ImagePullEvent] = []
     for name, actor in await _workers(None):
-        infos, used, inflight = await call(actor, "images_list")
+        infos, used, inflight = await call(actor, ImagesWorker.images_list)
         images += [i.model_copy(update={"node": name}) for i in infos]
         pulls += [p.model_copy(update={"node": name}) for p in inflight]
         disk[name] = used
@@ -190,10 +193,10 @@ async def remove_image(
     busy: list[str] = []
     for name, actor in await _workers(None):
         try:
-            await call(actor, "image_remove", ref)
+            await call(actor, ImagesWorker.image_remove, ref)
             removed += 1
             scheduler = await run_sync(get_scheduler, _PLATFORM["namespace"])
-            await call(scheduler, "note_image", name, ref, False)
+            await call(scheduler, Scheduler.note_image, name, ref, False)
         except ImageNotFound:
             continue
         except Conflict:
@@ -214,7 +217,7 @@ async def commit_sandbox(sandbox_id: str, req: CommitRequest, principal: Auth) -
 
     admin: Any = serve.get_replica_context().servable_object
     worker = await admin._worker(sandbox_id)  # checks the caller may use that sandbox
-    ref: str = await call(worker, "commit_sandbox", sandbox_id, req.image)
+    ref: str = await call(worker, ImagesWorker.commit_sandbox, sandbox_id, req.image)
     return CommitResult(image=ref, node=sandbox_id.split("-")[1])
 
 

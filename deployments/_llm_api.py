@@ -20,11 +20,13 @@ Namespaces as for every data-plane route (the Admin's guard). Wiring: ``admin.py
 # No "from __future__ import annotations": FastAPI reads these annotations at include time.
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Concatenate, ParamSpec
 
 from fastapi import APIRouter, Query, Request, Response
 
 from rock_serve.deployments._auth import Auth
+from rock_serve.deployments._llm import LLMWorker
 from rock_serve.deployments._ray import call
 from rock_serve.errors import SandboxNotFound
 from rock_serve.protocol.llm import (
@@ -37,6 +39,8 @@ from rock_serve.protocol.llm import (
 )
 
 __all__ = ["router"]
+
+P = ParamSpec("P")
 
 router = APIRouter(tags=["llm"])
 
@@ -52,12 +56,18 @@ def _release(worker: Any, calls: list[LLMCall]) -> None:
     for c in calls:
         by_sandbox.setdefault(c.sandbox_id, []).append(c.call_id)
     for sandbox_id, ids in by_sandbox.items():
-        asyncio.ensure_future(call(worker, "llm_release", sandbox_id, ids))
+        asyncio.ensure_future(call(worker, LLMWorker.llm_release, sandbox_id, ids))
 
 
-async def _poll(worker: Any, method: str, *args: Any) -> list[LLMCall]:
+async def _poll(
+    worker: Any,
+    method: Callable[Concatenate[Any, P], Awaitable[list[LLMCall]]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> list[LLMCall]:
     """A Worker poll whose calls go back to the queue if this request is cancelled."""
-    task = asyncio.ensure_future(call(worker, method, *args))
+    task = asyncio.ensure_future(call(worker, method, *args, **kwargs))
     try:
         result: list[LLMCall] = await asyncio.shield(task)
         return result
@@ -88,7 +98,7 @@ async def llm_poll(body: LLMPollRequest, principal: Auth) -> LLMCallList:
         raise SandboxNotFound("none of the sandboxes is live")
     results = await asyncio.gather(
         *(
-            _poll(handles[key], "llm_poll_many", ids, body.wait, body.max_calls)
+            _poll(handles[key], LLMWorker.llm_poll_many, ids, body.wait, body.max_calls)
             for key, ids in groups.items()
         ),
         return_exceptions=True,
@@ -112,13 +122,13 @@ async def llm_calls(
 ) -> LLMCallList:
     """Wait up to ``wait`` s for the sandbox's relayed model calls."""
     worker = await _admin()._worker(sandbox_id)
-    return LLMCallList(calls=await _poll(worker, "llm_poll", sandbox_id, wait, max_calls))
+    return LLMCallList(calls=await _poll(worker, LLMWorker.llm_poll, sandbox_id, wait, max_calls))
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/llm/release", status_code=204)
 async def llm_release(sandbox_id: str, body: LLMRelease, principal: Auth) -> Response:
     """Hand polled calls that will not be answered back to the queue."""
-    await _admin()._data(sandbox_id, "llm_release", body.call_ids)
+    await _admin()._data(sandbox_id, LLMWorker.llm_release, body.call_ids)
     return Response(status_code=204)
 
 
@@ -129,12 +139,12 @@ async def llm_answer(
     """Answer one relayed call with a chat.completion object (or fail it)."""
     admin = _admin()
     async with admin._audited(request, principal, "llm.answer", sandbox_id):
-        await admin._data(sandbox_id, "llm_answer", call_id, body)
+        await admin._data(sandbox_id, LLMWorker.llm_answer, call_id, body)
     return Response(status_code=204)
 
 
 @router.get("/v1/sandboxes/{sandbox_id}/llm/trajectory", response_model=Trajectory)
 async def llm_trajectory(sandbox_id: str, principal: Auth) -> Trajectory:
     """The sandbox's recorded model calls (request/response pairs) so far."""
-    trajectory: Trajectory = await _admin()._data(sandbox_id, "llm_trajectory")
+    trajectory: Trajectory = await _admin()._data(sandbox_id, LLMWorker.llm_trajectory)
     return trajectory

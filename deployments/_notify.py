@@ -36,6 +36,7 @@ from rock_serve.config import NotifyConfig, ServerArgs
 from rock_serve.deployments._metrics import Metrics, metrics
 from rock_serve.deployments._ray import ActorHandle, call, get_or_create_scheduler
 from rock_serve.deployments._trace import untraced_task
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import RockError
 from rock_serve.protocol import ConsoleRow, Health, SandboxList, SandboxState, WebhookEvent
 from rock_serve.runtime._sync import run_sync
@@ -145,15 +146,15 @@ class _ActorView:
         self._actor = actor
 
     async def list(self) -> SandboxList:
-        result: SandboxList = await call(self._actor, "list", None, None, {}, None)
+        result: SandboxList = await call(self._actor, Scheduler.list, None, None, {}, None)
         return result
 
     async def health(self) -> Health:
-        result: Health = await call(self._actor, "health")
+        result: Health = await call(self._actor, Scheduler.health)
         return result
 
     async def admission(self) -> dict[str, int]:
-        result: dict[str, int] = await call(self._actor, "admission")
+        result: dict[str, int] = await call(self._actor, Scheduler.admission)
         return result
 
 

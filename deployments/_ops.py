@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from rock_serve.deployments._ray import ActorHandle, call, stream
+from rock_serve.deployments._ray import ActorHandle, call, stream_ahead
 from rock_serve.deployments._trace import logged_stream
 from rock_serve.errors import InvalidRequest
 from rock_serve.protocol.ops import OPS, Op, Streams
@@ -143,7 +143,7 @@ class OpsWorker:
 
 async def worker_op(actor: ActorHandle, sandbox_id: str, operation: Op[R]) -> R:
     """``Worker.op`` on a Worker actor (typed errors re-raised, traced as ``call`` is)."""
-    return cast(R, await call(actor, "op", sandbox_id, operation))
+    return cast(R, await call(actor, OpsWorker.op, sandbox_id, operation))
 
 
 def worker_op_stream(
@@ -156,5 +156,5 @@ def worker_op_stream(
     """``Worker.op_stream`` on a Worker actor, item by item (see ``_ray.stream``)."""
     return cast(
         AsyncIterator[ItemT],
-        stream(actor, "op_stream", sandbox_id, operation, backpressure=backpressure),
+        stream_ahead(backpressure, actor, OpsWorker.op_stream, sandbox_id, operation),
     )

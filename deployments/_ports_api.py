@@ -56,7 +56,8 @@ from rock_serve.deployments._auth import (
     request_token,
     set_caller,
 )
-from rock_serve.deployments._ray import ActorHandle, call, stream
+from rock_serve.deployments._ports import PortsWorker
+from rock_serve.deployments._ray import ActorHandle, call, stream_ahead
 from rock_serve.errors import InvalidRequest, PortClosed, RockError, to_body
 from rock_serve.protocol.ports import TUNNEL_EOF, PortTunnelOpen
 
@@ -118,14 +119,14 @@ class _Tunnel:
 
     async def open(self, first: bytes = b"") -> None:
         """Connect; ``first`` is sent right after (saves a round trip for small requests)."""
-        self._items = stream(
+        self._items = stream_ahead(
+            _READ_AHEAD,
             self.worker,
-            "port_stream",
+            PortsWorker.port_stream,
             self.sandbox_id,
             self.conn_id,
             self.port,
             first,
-            backpressure=_READ_AHEAD,
         )
         self.sent += len(first)
         try:
@@ -153,16 +154,16 @@ class _Tunnel:
     async def write(self, data: bytes) -> None:
         for i in range(0, len(data), _WRITE_CHUNK):
             piece = data[i : i + _WRITE_CHUNK]
-            await call(self.worker, "port_write", self.conn_id, piece)
+            await call(self.worker, PortsWorker.port_write, self.conn_id, piece)
             self.sent += len(piece)
 
     async def write_eof(self) -> None:
-        await call(self.worker, "port_write_eof", self.conn_id)
+        await call(self.worker, PortsWorker.port_write_eof, self.conn_id)
 
     async def close(self) -> None:
         """Reset what is left of the connection and end the Worker's stream."""
         with contextlib.suppress(Exception):
-            await call(self.worker, "port_close", self.conn_id)
+            await call(self.worker, PortsWorker.port_close, self.conn_id)
         if self._items is not None:
             with contextlib.suppress(Exception):
                 await self._items.aclose()  # type: ignore[attr-defined]

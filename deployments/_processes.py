@@ -227,7 +227,7 @@ async def start_process(
         env_keys=sorted(req.env or {}),
         detail={"cwd": req.cwd, "stdin": req.stdin},
     ) as event:
-        info: ProcessInfo = await admin._data(sandbox_id, "start_process", req)
+        info: ProcessInfo = await admin._data(sandbox_id, ProcessesWorker.start_process, req)
         event["detail"]["pid"] = info.pid
     return info
 
@@ -235,14 +235,14 @@ async def start_process(
 @router.get(_BASE, response_model=ProcessList)
 async def list_processes(sandbox_id: str, principal: Auth) -> ProcessList:
     """Running and recently ended background processes, oldest first."""
-    result: ProcessList = await _admin()._data(sandbox_id, "list_processes")
+    result: ProcessList = await _admin()._data(sandbox_id, ProcessesWorker.list_processes)
     return result
 
 
 @router.get(_BASE + "/{pid}", response_model=ProcessInfo)
 async def process_status(sandbox_id: str, pid: Pid, principal: Auth) -> ProcessInfo:
     """A background process's status (running, exit code, signal, output sizes)."""
-    info: ProcessInfo = await _admin()._data(sandbox_id, "process_status", pid)
+    info: ProcessInfo = await _admin()._data(sandbox_id, ProcessesWorker.process_status, pid)
     return info
 
 
@@ -271,7 +271,9 @@ async def process_output(
     gone, ``data`` lines with their offsets, last ``end`` with ``next`` (resume from there).
     """
     worker = await _admin()._worker(sandbox_id)
-    items = stream(worker, "stream_process_output", sandbox_id, pid, stream_, offset, follow)
+    items = stream(
+        worker, ProcessesWorker.stream_process_output, sandbox_id, pid, stream_, offset, follow
+    )
     return await ndjson(items)
 
 
@@ -289,7 +291,7 @@ async def process_input(
         sandbox_id,
         detail={"pid": pid, "bytes": size, "eof": body.eof},  # never the data: may be secret
     ):
-        info: ProcessInfo = await admin._data(sandbox_id, "process_input", pid, body)
+        info: ProcessInfo = await admin._data(sandbox_id, ProcessesWorker.process_input, pid, body)
     return info
 
 
@@ -306,7 +308,7 @@ async def signal_process(
         sandbox_id,
         detail={"pid": pid, "signal": body.signal, "group": body.group},
     ):
-        info: ProcessInfo = await admin._data(sandbox_id, "signal_process", pid, body)
+        info: ProcessInfo = await admin._data(sandbox_id, ProcessesWorker.signal_process, pid, body)
     return info
 
 
@@ -315,7 +317,7 @@ async def kill_process(sandbox_id: str, pid: Pid, request: Request, principal: A
     """SIGKILL the process's group and descendants; its final status (a no-op once ended)."""
     admin = _admin()
     async with admin._audited(request, principal, "process.kill", sandbox_id, detail={"pid": pid}):
-        info: ProcessInfo = await admin._data(sandbox_id, "kill_process", pid)
+        info: ProcessInfo = await admin._data(sandbox_id, ProcessesWorker.kill_process, pid)
     return info
 
 
@@ -331,5 +333,5 @@ async def wait_process(
 ) -> ProcessInfo:
     """Wait until the process ended; its final status."""
     wait = MAX_WAIT if timeout is None else timeout
-    info: ProcessInfo = await _admin()._data(sandbox_id, "wait_process", pid, wait)
+    info: ProcessInfo = await _admin()._data(sandbox_id, ProcessesWorker.wait_process, pid, wait)
     return info

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from rock_serve.deployments._ray import WorkerHandles, stream
+from rock_serve.deployments._ray import WorkerHandles, stream, worker_class
 from rock_serve.protocol.processes import (
     DEFAULT_PROCESS_BUFFER,
     ProcessInfo,
@@ -117,4 +117,4 @@ def _stream_gated(
     worker: Any, token: str | None, method: str, args: tuple[Any, ...]
 ) -> AsyncIterator[Any]:
     sandbox_id, rest = args[0], args[1:]
-    return stream(worker, "ray_stream", token, method, sandbox_id, *rest)
+    return stream(worker, worker_class().ray_stream, token, method, sandbox_id, *rest)

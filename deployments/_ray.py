@@ -16,8 +16,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
@@ -36,6 +36,9 @@ from rock_serve.protocol import CreateSandboxRequest, SandboxRecord, WorkerStatu
 from rock_serve.protocol.fork import ForkRequest
 from rock_serve.runtime._sync import run_sync
 
+if TYPE_CHECKING:
+    from rock_serve.deployments.worker import Worker
+
 __all__ = [
     "SCHEDULER_NAME",
     "WORKER_PREFIX",
@@ -50,10 +53,15 @@ __all__ = [
     "put",
     "short_name",
     "stream",
+    "stream_ahead",
+    "worker_class",
     "worker_actor_name",
 ]
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: Actor name of the Scheduler (in ``ServerArgs.namespace``).
 SCHEDULER_NAME = "rock-scheduler"
@@ -96,31 +104,115 @@ def _translate(exc: BaseException, what: str) -> RockError:
     return InternalError(f"{what} failed")
 
 
-async def call(actor: ActorHandle, method: str, *args: Any, **kwargs: Any) -> Any:
+@overload
+async def call(
+    actor: ActorHandle,
+    method: Callable[Concatenate[Any, P], Awaitable[R]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R: ...
+
+
+@overload
+async def call(actor: ActorHandle, method: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+async def call(actor: ActorHandle, method: Any, /, *args: Any, **kwargs: Any) -> Any:
     """Await ``actor.method.remote(*args, **kwargs)`` and re-raise errors as typed errors.
+
+    ``method`` is the actor class's method (``call(worker, Worker.remove, sid)``: the type
+    checker checks the arguments and the result), or its name where the method is chosen at run
+    time (a forwarded call: the names are checked in ``tests/unit/test_actor_calls.py``).
 
     Under a trace id (``_trace.TRACE_ID``) the call to an actor that has ``rock_traced``
     (a ``_trace.TracedActor``: the Scheduler and the Worker) goes through it, which runs
     ``method`` with that trace id set in the actor; other actors are called directly.
     """
+    name = _name(method)
     trace_id = parent()
     try:
         if trace_id is not None and hasattr(actor, TRACED_METHOD):
-            return await getattr(actor, TRACED_METHOD).remote(trace_id, method, *args, **kwargs)
-        return await getattr(actor, method).remote(*args, **kwargs)
+            return await getattr(actor, TRACED_METHOD).remote(trace_id, name, *args, **kwargs)
+        return await getattr(actor, name).remote(*args, **kwargs)
     except _RAY_ERRORS as exc:
-        raise _translate(exc, method) from None
+        raise _translate(exc, name) from None
 
 
-async def stream(
-    actor: ActorHandle, method: str, *args: Any, backpressure: int | None = None, **kwargs: Any
+def _name(method: Callable[..., Any] | str) -> str:
+    return method if isinstance(method, str) else method.__name__
+
+
+@overload
+def stream(
+    actor: ActorHandle,
+    method: Callable[Concatenate[Any, P], AsyncIterator[R]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> AsyncIterator[R]: ...
+
+
+@overload
+def stream(
+    actor: ActorHandle,
+    method: str,
+    /,
+    *args: Any,
+    backpressure: int | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[Any]: ...
+
+
+# The first overload's **P.kwargs could hold a "backpressure" this signature takes: no actor
+# method has a parameter of that name (tests/unit/test_actor_calls.py checks it).
+def stream(  # type: ignore[misc]
+    actor: ActorHandle, method: Any, /, *args: Any, backpressure: int | None = None, **kwargs: Any
 ) -> AsyncIterator[Any]:
-    """Iterate over an async-generator actor method's items as they come.
+    """Iterate over an async-generator actor method's items as they come (``method`` as for
+    :func:`call`).
 
     If the consumer stops early (a client went away), the actor task is cancelled. With
-    ``backpressure`` the actor's generator pauses while that many items are unconsumed.
-    Under a trace id the stream goes through ``rock_traced_stream`` (as :func:`call` does).
+    ``backpressure`` (by name: :func:`stream_ahead` for a typed method) the actor's generator
+    pauses while that many items are unconsumed. Under a trace id the stream goes through
+    ``rock_traced_stream`` (as :func:`call` does).
     """
+    return _stream(actor, _name(method), args, kwargs, backpressure)
+
+
+@overload
+def stream_ahead(
+    backpressure: int | None,
+    actor: ActorHandle,
+    method: Callable[Concatenate[Any, P], AsyncIterator[R]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> AsyncIterator[R]: ...
+
+
+@overload
+def stream_ahead(
+    backpressure: int | None, actor: ActorHandle, method: str, /, *args: Any, **kwargs: Any
+) -> AsyncIterator[Any]: ...
+
+
+def stream_ahead(
+    backpressure: int | None, actor: ActorHandle, method: Any, /, *args: Any, **kwargs: Any
+) -> AsyncIterator[Any]:
+    """:func:`stream` whose actor generator pauses while ``backpressure`` items are unconsumed
+    (None: no bound).
+    """
+    return _stream(actor, _name(method), args, kwargs, backpressure)
+
+
+async def _stream(
+    actor: ActorHandle,
+    method: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    backpressure: int | None,
+) -> AsyncIterator[Any]:
     options: dict[str, Any] = {"num_returns": "streaming"}
     if backpressure is not None:
         options["_generator_backpressure_num_objects"] = backpressure
@@ -155,6 +247,13 @@ async def stream(
 # --------------------------------------------------------------------------- Workers
 
 
+def worker_class() -> type[Worker]:
+    """The Worker class (imported on first use: ``worker`` imports this module)."""
+    from rock_serve.deployments.worker import Worker
+
+    return Worker
+
+
 class RayWorker:
     """The Scheduler's wrapper around one Worker actor (see ``scheduler.WorkerRef``)."""
 
@@ -172,33 +271,31 @@ class RayWorker:
         snapshot: Any = None,
     ) -> SandboxRecord:
         """Create and start a sandbox on this Worker (over ``snapshot``'s files when given)."""
-        extra = () if snapshot is None else (snapshot,)
-        record: SandboxRecord = await call(
-            self.actor, "create", sandbox_id, req, ttl, namespace, *extra
+        return await call(
+            self.actor, worker_class().create, sandbox_id, req, ttl, namespace, snapshot
         )
-        return record
 
     async def reap_ids(self, ids: list[str], reason: str) -> list[str]:
         """Remove these sandboxes."""
-        removed: list[str] = await call(self.actor, "reap_ids", ids, reason)
+        removed: list[str] = await call(self.actor, worker_class().reap_ids, ids, reason)
         return removed
 
     async def reconfigure(self, args: ServerArgs) -> None:
         """Hand the Worker a redeploy's args."""
-        await call(self.actor, "reconfigure", args)
+        await call(self.actor, worker_class().reconfigure, args)
 
     async def remove(self, sandbox_id: str) -> None:
         """Remove a sandbox."""
-        await call(self.actor, "remove", sandbox_id)
+        await call(self.actor, worker_class().remove, sandbox_id)
 
     async def list(self) -> list[SandboxRecord]:
         """Every sandbox the Worker owns."""
-        records: builtins.list[SandboxRecord] = await call(self.actor, "list")
+        records: builtins.list[SandboxRecord] = await call(self.actor, worker_class().list)
         return records
 
     async def status(self) -> WorkerStatus:
         """The Worker's load and capacity."""
-        status: WorkerStatus = await call(self.actor, "status")
+        status: WorkerStatus = await call(self.actor, worker_class().status)
         return status
 
     async def fork(
@@ -211,33 +308,33 @@ class RayWorker:
     ) -> builtins.list[SandboxRecord]:
         """Fork a sandbox of this Worker (issue 16)."""
         records: builtins.list[SandboxRecord] = await call(
-            self.actor, "fork", parent_id, child_ids, req, ttl, namespace
+            self.actor, worker_class().fork, parent_id, child_ids, req, ttl, namespace
         )
         return records
 
     async def pause(self, sandbox_id: str) -> SandboxRecord:
         """Pause a sandbox (issue 16)."""
-        record: SandboxRecord = await call(self.actor, "pause", sandbox_id)
+        record: SandboxRecord = await call(self.actor, worker_class().pause, sandbox_id)
         return record
 
     async def resume(self, sandbox_id: str) -> SandboxRecord:
         """Resume a paused sandbox (issue 16)."""
-        record: SandboxRecord = await call(self.actor, "resume", sandbox_id)
+        record: SandboxRecord = await call(self.actor, worker_class().resume, sandbox_id)
         return record
 
     async def snapshot(self, sandbox_id: str) -> dict[str, Any]:
         """Snapshot a sandbox of this Worker into its node store and S3 (issue 16)."""
-        made: dict[str, Any] = await call(self.actor, "snapshot", sandbox_id)
+        made: dict[str, Any] = await call(self.actor, worker_class().snapshot, sandbox_id)
         return made
 
     async def take_archived(self) -> builtins.list[dict[str, Any]]:
         """Sandboxes this Worker archived on lease expiry since the last call."""
-        items: builtins.list[dict[str, Any]] = await call(self.actor, "take_archived")
+        items: builtins.list[dict[str, Any]] = await call(self.actor, worker_class().take_archived)
         return items
 
     async def drop_snapshot(self, archive: str, digest: str, s3: bool = False) -> None:
         """Delete a snapshot archive from this node (and S3)."""
-        await call(self.actor, "drop_snapshot", archive, digest, s3)
+        await call(self.actor, worker_class().drop_snapshot, archive, digest, s3)
 
 
 class RayWorkerDirectory:
@@ -269,8 +366,8 @@ class RayWorkerDirectory:
             max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         ).remote(self.args, short, node_id)
-        await call(actor, "reconfigure", self.args)  # an existing actor may have older args
-        await call(actor, "ready")
+        await call(actor, Worker.reconfigure, self.args)  # an existing actor may have older args
+        await call(actor, Worker.ready)
         return RayWorker(short, node_id, actor)
 
     async def dead_jobs(self, job_ids: set[str]) -> set[str]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketState
 
 from rock_serve.deployments._ops import worker_op
-from rock_serve.deployments._ray import ActorHandle, call
+from rock_serve.deployments._ray import ActorHandle, call, worker_class
 from rock_serve.errors import InvalidRequest, NotFound, RockError, TooLarge, to_body
 from rock_serve.protocol import PtyResize
 from rock_serve.protocol.ops import OPS, Op
@@ -116,7 +116,7 @@ async def pty_input(ws: WebSocket, worker: ActorHandle, pty_id: str) -> None:
             return
         try:
             if message.get("bytes") is not None:
-                await call(worker, "pty_input", pty_id, message["bytes"])
+                await call(worker, worker_class().pty_input, pty_id, message["bytes"])
             elif message.get("text") is not None:
                 try:
                     resize = PtyResize.model_validate_json(message["text"])
@@ -124,7 +124,7 @@ async def pty_input(ws: WebSocket, worker: ActorHandle, pty_id: str) -> None:
                     problem = InvalidRequest(f"bad control message: {exc.errors()[0]['msg']}")
                     await ws.send_text(json.dumps(to_body(problem)))
                     continue
-                await call(worker, "pty_resize", pty_id, resize.cols, resize.rows)
+                await call(worker, worker_class().pty_resize, pty_id, resize.cols, resize.rows)
         except NotFound:
             pass  # the pty just ended: the output side sends the exit code
 
@@ -158,19 +158,23 @@ async def upload(
         whole = operation.model_copy(update={kind.payload: data})
         return await worker_op(worker, sandbox_id, whole), len(data)
     path, mode = getattr(operation, "path", ""), getattr(operation, "mode", None)
-    upload_id: str = await call(worker, "upload_open", sandbox_id, kind.upload, path, mode)
+    upload_id: str = await call(
+        worker, worker_class().upload_open, sandbox_id, kind.upload, path, mode
+    )
     try:
         async for chunk in body:
             buffer += chunk
             while len(buffer) >= UPLOAD_CHUNK:
-                await call(worker, "upload_chunk", upload_id, bytes(buffer[:UPLOAD_CHUNK]))
+                await call(
+                    worker, worker_class().upload_chunk, upload_id, bytes(buffer[:UPLOAD_CHUNK])
+                )
                 del buffer[:UPLOAD_CHUNK]
         if buffer:
-            await call(worker, "upload_chunk", upload_id, bytes(buffer))
-        written: int = await call(worker, "upload_close", upload_id)
+            await call(worker, worker_class().upload_chunk, upload_id, bytes(buffer))
+        written: int = await call(worker, worker_class().upload_close, upload_id)
         spec = OPS[str(getattr(operation, "op", ""))]
         return read_result(spec.result, operation, {"size": written}, b""), written
     except BaseException:
         with contextlib.suppress(Exception):
-            await call(worker, "upload_abort", upload_id)
+            await call(worker, worker_class().upload_abort, upload_id)
         raise

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Response
 
 from rock_serve.deployments._auth import Auth
 from rock_serve.deployments._ray import call
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.protocol.snapshot import SnapshotList, SnapshotRecord, SnapshotRequest
 
 __all__ = ["router"]
@@ -49,7 +50,7 @@ async def snapshot_sandbox(
     await admin._guard.check(principal, sandbox_id)  # 404 for another namespace's sandbox
     namespace = await admin._guard.namespace_of(sandbox_id)
     snap: SnapshotRecord = await call(
-        admin._scheduler, "snapshot", sandbox_id, req or SnapshotRequest(), namespace
+        admin._scheduler, Scheduler.snapshot, sandbox_id, req or SnapshotRequest(), namespace
     )
     return snap
 
@@ -57,7 +58,7 @@ async def snapshot_sandbox(
 @router.get("/v1/snapshots", response_model=SnapshotList)
 async def list_snapshots(principal: Auth) -> SnapshotList:
     """The caller's namespace's snapshots, newest first."""
-    items = await call(_admin()._scheduler, "snapshots", _scope(principal))
+    items = await call(_admin()._scheduler, Scheduler.snapshots, _scope(principal))
     return SnapshotList(items=items)
 
 
@@ -65,7 +66,7 @@ async def list_snapshots(principal: Auth) -> SnapshotList:
 async def get_snapshot(snapshot_id: str, principal: Auth) -> SnapshotRecord:
     """One snapshot (404 ``not_found`` for an unknown one or another namespace's)."""
     snap: SnapshotRecord = await call(
-        _admin()._scheduler, "get_snapshot", snapshot_id, _scope(principal)
+        _admin()._scheduler, Scheduler.get_snapshot, snapshot_id, _scope(principal)
     )
     return snap
 
@@ -73,5 +74,5 @@ async def get_snapshot(snapshot_id: str, principal: Auth) -> SnapshotRecord:
 @router.delete("/v1/snapshots/{snapshot_id}", status_code=204)
 async def delete_snapshot(snapshot_id: str, principal: Auth) -> Response:
     """Delete a snapshot; its archive goes from the node stores and S3 once unused."""
-    await call(_admin()._scheduler, "delete_snapshot", snapshot_id, _scope(principal))
+    await call(_admin()._scheduler, Scheduler.delete_snapshot, snapshot_id, _scope(principal))
     return Response(status_code=204)

@@ -24,8 +24,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.openapi.utils import get_openapi
@@ -78,11 +78,13 @@ from rock_serve.deployments._ray import (
     get_or_create_scheduler,
     pin_replica_grpc,
     stream,
+    worker_class,
 )
 from rock_serve.deployments._relays import pty_dimension as _pty_dimension
 from rock_serve.deployments._relays import pty_input as _pty_input
 from rock_serve.deployments._relays import pty_output as _pty_output
 from rock_serve.deployments._relays import ws_error as _ws_error
+from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import (
     ErrorCode,
     InvalidRequest,
@@ -106,6 +108,8 @@ __all__ = ["Admin", "app"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+R_ = TypeVar("R_")
+P = ParamSpec("P")
 
 _ID = re.compile(SANDBOX_ID)
 
@@ -250,7 +254,7 @@ class Admin:
         await self._audit.aclose()
 
     async def _lookup(self, sandbox_id: str) -> SandboxRecord:
-        record: SandboxRecord = await call(self._scheduler, "get", sandbox_id)
+        record: SandboxRecord = await call(self._scheduler, Scheduler.get, sandbox_id)
         return record
 
     async def _worker(self, sandbox_id: str) -> ActorHandle:
@@ -290,8 +294,18 @@ class Admin:
         ) as event:
             yield event
 
-    async def _data(self, sandbox_id: str, method: str, *args: Any) -> Any:
-        return await call(await self._worker(sandbox_id), method, sandbox_id, *args)
+    async def _data(
+        self,
+        sandbox_id: str,
+        method: Callable[Concatenate[Any, str, P], Awaitable[R_]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R_:
+        """Call a Worker method of the sandbox (``method(self, sandbox_id, *args)``) on the
+        Worker that holds it.
+        """
+        return await call(await self._worker(sandbox_id), method, sandbox_id, *args, **kwargs)
 
     async def op(self, sandbox_id: str, operation: Op[R]) -> R:
         """Run one sandbox operation on the Worker that holds the sandbox."""
@@ -323,7 +337,7 @@ class Admin:
             if token or not self.authenticator.required
             else None
         )
-        result: Health = await call(self._scheduler, "health")
+        result: Health = await call(self._scheduler, Scheduler.health)
         if principal is None or not principal.all_namespaces:
             return result.model_copy(update={"workers": []})
         return result
@@ -338,7 +352,9 @@ class Admin:
             request, principal, "create", status=201, env_keys=sorted(req.env), detail=detail
         ) as event:
             check_spec_privileges(principal, req)
-            record: SandboxRecord = await call(self._scheduler, "create", req, principal.namespace)
+            record: SandboxRecord = await call(
+                self._scheduler, Scheduler.create, req, principal.namespace
+            )
             event["sandbox_id"] = record.id
         self._guard.remember(record.id, record.namespace)
         return record
@@ -361,7 +377,9 @@ class Admin:
         """Sandboxes matching every filter, newest first (admins: every namespace's)."""
         only = NamespaceGuard.check_namespace_filter(principal, namespace)
         labels = _parse_labels(label or [])
-        result: SandboxList = await call(self._scheduler, "list", owner, state, labels, only)
+        result: SandboxList = await call(
+            self._scheduler, Scheduler.list, owner, state, labels, only
+        )
         for record in result.items:
             self._guard.remember(record.id, record.namespace)
         return result
@@ -370,7 +388,7 @@ class Admin:
     async def get_sandbox(self, sandbox_id: str, principal: Auth) -> SandboxRecord:
         """One sandbox."""
         _worker_of(sandbox_id)
-        record: SandboxRecord = await call(self._scheduler, "get", sandbox_id)
+        record: SandboxRecord = await call(self._scheduler, Scheduler.get, sandbox_id)
         self._guard.remember(record.id, record.namespace)
         if not principal.may_see(record.namespace):
             raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
@@ -382,13 +400,13 @@ class Admin:
         async with self._audited(request, principal, "delete", sandbox_id, status=204):
             _worker_of(sandbox_id)
             await self._guard.check(principal, sandbox_id)
-            await call(self._scheduler, "delete", sandbox_id)
+            await call(self._scheduler, Scheduler.delete, sandbox_id)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/renew", response_model=SandboxRecord, responses=_ERRORS)
     async def renew(self, sandbox_id: str, principal: Auth) -> SandboxRecord:
         """Renew the sandbox's lease (a heartbeat; any call naming the sandbox also renews)."""
-        record: SandboxRecord = await self._data(sandbox_id, "renew")
+        record: SandboxRecord = await self._data(sandbox_id, worker_class().renew)
         return record
 
     @app.delete("/v1/sandboxes", status_code=204, responses=_ERRORS)
@@ -407,7 +425,7 @@ class Admin:
             request, principal, "delete", status=204, detail={"by": "client_token"}
         ) as event:
             event["sandbox_id"] = await call(
-                self._scheduler, "delete_by_token", client_token, principal.namespace
+                self._scheduler, Scheduler.delete_by_token, client_token, principal.namespace
             )
         return Response(status_code=204)
 
@@ -475,7 +493,7 @@ class Admin:
                 cols = _pty_dimension(ws.query_params.get("cols", "80"), "cols")
                 rows = _pty_dimension(ws.query_params.get("rows", "24"), "rows")
                 worker = await self._worker(sandbox_id)
-                items = stream(worker, "stream_pty", sandbox_id, pty_id, cols, rows)
+                items = stream(worker, worker_class().stream_pty, sandbox_id, pty_id, cols, rows)
                 await items.__anext__()  # registered: input may flow
         except (RockError, StopAsyncIteration) as exc:
             await _ws_error(ws, exc, 1008)
@@ -505,7 +523,7 @@ class Admin:
             await asyncio.gather(output, inputs, return_exceptions=True)
             await items.aclose()  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
-                await call(worker, "pty_close", pty_id)
+                await call(worker, worker_class().pty_close, pty_id)
             if self._audit.enabled:
                 self._audit.record(
                     AuditEvent(

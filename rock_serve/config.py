@@ -278,6 +278,12 @@ class ImageStoreConfig(_Config):
     pull_timeout_seconds: float = Field(
         default=1800, gt=0, description="Longest one skopeo transfer may take."
     )
+    registry_answer_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description="Longest a push's destination registry may take to answer its first "
+        "request (GET /v2/, checked before anything is sent): else 502 registry_unavailable.",
+    )
     skopeo_path: str = Field(default="skopeo", description="The skopeo binary (name or path).")
     local_sources: list[str] = Field(
         default_factory=lambda: ["/var/cache/rock-serve/"],

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -172,3 +173,57 @@ class Registry:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+class SilentRegistry:
+    """A loopback "registry" that accepts connections and never answers until released.
+
+    What an unreachable destination looks like to skopeo when a firewall or a hung server
+    holds the connection: ``accepted`` counts the connections held; :meth:`release` closes
+    them and every later one at once (the client then sees the server go away).
+
+        with SilentRegistry() as reg:
+            ... push to reg.ref("x/y:v1") ...; wait_until(lambda: reg.accepted); reg.release()
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._released = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def ref(self, name: str) -> str:
+        return f"127.0.0.1:{self.port}/{name}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed: stop
+                return
+            with self._lock:
+                if self._released:
+                    conn.close()
+                    continue
+                self._held.append(conn)
+                self.accepted += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            for conn in self._held:
+                conn.close()
+
+    def __enter__(self) -> SilentRegistry:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(5)

@@ -37,8 +37,14 @@ __all__ = [
     "parse_image_ref",
 ]
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
-_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?"  # noqa: E501
+# Every repeat starts with a separator that the piece before it cannot end with, so a failing
+# match backtracks linearly: with the distribution spec's ``[-]*`` (may be empty) a name like
+# ``a-b-c-...-z*`` took exponential time in Python's re, in the Admin's event loop (a pushed
+# reference held the request and every other one behind it). The same names match.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[a-zA-Z0-9]+(?:-+[a-zA-Z0-9]+)*"
+_LOWER_LABEL = r"[a-z0-9]+(?:-+[a-z0-9]+)*"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?"
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}"
 _REF = re.compile(
@@ -133,8 +139,6 @@ def parse_image_ref(text: str) -> ImageRef:
     return ImageRef("docker", name, domain)
 
 
-_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
-_LOWER_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
 #: The domains parse_image_ref accepts, written so a schema can state them: a lone label is a
 #: repository component (lowercase); a registry has a dot, a port or brackets.
 _SCHEMA_DOMAIN = (

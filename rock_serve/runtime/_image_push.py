@@ -15,6 +15,11 @@ Credentials go to a 0600 authfile in a private temp dir (deleted after the copy)
 argv, logs or records; a bearer token has no authfile form in skopeo 1.9 and goes in
 ``--dest-registry-token``. Plain HTTP only for loopback registries (and the configured
 ``insecure_registries``), as for pulls.
+
+Before any of that, :func:`probe_registry` asks the registry's ``/v2/`` once, bounded by
+``registry_answer_timeout_seconds``: skopeo 1.9 waits for a registry that accepts the
+connection but never answers (or a dead route) until the whole transfer's timeout (30 min by
+default), so an unreachable destination would hold the request that long.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
+import httpx
+
+from rock_serve.errors import RegistryUnavailable
 from rock_serve.protocol.images import ImageRef, RegistryAuth
 from rock_serve.runtime._image_commit import upper_to_layer
 from rock_serve.runtime._image_pull import _authfile, classify, run_skopeo
 
-__all__ = ["export_layout", "skopeo_push"]
+__all__ = ["export_layout", "probe_registry", "skopeo_push"]
 
 _LAYER = "application/vnd.oci.image.layer.v1.tar"
 _LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -110,6 +119,36 @@ def export_layout(
     }
     with open(os.path.join(layout, "index.json"), "w") as f:
         json.dump(index, f)
+
+
+async def probe_registry(dest: ImageRef, *, insecure: bool, timeout: float) -> None:
+    """Raise RegistryUnavailable unless ``dest``'s registry answers ``GET /v2/`` in ``timeout``.
+
+    Any HTTP answer counts (401 asks for credentials: skopeo deals with those); HTTPS first,
+    then plain HTTP where allowed (``insecure``), as skopeo tries them; ``timeout`` bounds
+    each step (name lookup and connect, sending, the answer) and the tries together. The
+    certificate is not checked here (skopeo checks it); no proxy from the environment
+    (skopeo gets none either).
+    """
+    host = "registry-1.docker.io" if dest.registry == "docker.io" else dest.registry
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    # httpx's own timeouts, not a cancellation from outside: one cancelled in the middle of a
+    # TLS handshake leaves its transport open
+    async with httpx.AsyncClient(verify=False, trust_env=False) as client:
+        for scheme in ("https", "http") if insecure else ("https",):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await client.get(f"{scheme}://{host}/v2/", timeout=left)
+                return
+            except httpx.TimeoutException:
+                last = f"no answer in {timeout:g}s"
+                break
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"[:300]
+    raise RegistryUnavailable(f"registry {host} of {dest} does not answer: {last}", retry_after=5.0)
 
 
 async def skopeo_push(

@@ -38,6 +38,7 @@ _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_IDMAP = 0x00100000
+_MOUNT_ATTR_RDONLY = 0x00000001
 
 
 class _MountAttr(ctypes.Structure):
@@ -66,8 +67,13 @@ def _fail(what: str) -> OSError:
 
 
 def idmapped_mount(source: str, target: str, userns_path: str) -> None:
-    """Mount a clone of the mount at ``source`` (not its submounts) at ``target``, its ids
-    mapped through the user namespace file ``userns_path``.
+    """Mount a read-only clone of the mount at ``source`` (not its submounts) at ``target``,
+    its ids mapped through the user namespace file ``userns_path``.
+
+    Read-only because the clone is of a whole file system (an image layer's, or the host's
+    root for the default root): a host process that deletes a tree with the clone still
+    mounted in it (``rm -rf`` of a state dir after a crash) must get EROFS, not delete the
+    layer or the host's files through it.
 
     Raises:
         OSError: the kernel or the file system refuses (no idmapped mount support).
@@ -79,7 +85,7 @@ def idmapped_mount(source: str, target: str, userns_path: str) -> None:
         if fd < 0:
             raise _fail(f"open_tree {source}")
         try:
-            attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, ns)
+            attr = _MountAttr(_MOUNT_ATTR_IDMAP | _MOUNT_ATTR_RDONLY, 0, 0, ns)
             size = ctypes.sizeof(attr)
             if libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), size):
                 raise _fail(f"mount_setattr(MOUNT_ATTR_IDMAP) {source}")

@@ -611,23 +611,33 @@ class BwrapRuntime(Runtime):
     def _mount(self, path: str, lower: list[str], uid_base: int | None = None) -> None:
         merged = os.path.join(path, "merged")
         rw = self._rw_dir(path)
-        if uid_base is not None:
-            # Each lower layer through an idmapped mount: ids 0..65535 of the rootfs appear
-            # as the sandbox's range, so files keep their owners inside.
+        if uid_base is not None and not os.path.ismount(merged):
+            # Each lower layer through an idmapped, read-only mount: ids 0..65535 of the
+            # rootfs appear as the sandbox's range, so files keep their owners inside. The
+            # overlay keeps private clones of its layers, so the mounts are detached as soon
+            # as it is up: no clone of an image layer (or of the host's root) stays mounted in
+            # the state dir for a later ``rm -rf`` to reach.
             ns = self._userns(uid_base)
             mapped = []
-            for i, layer in enumerate(lower):
-                target = os.path.join(path, f"lower{i}")
-                if not os.path.isdir(target):
-                    os.mkdir(target, 0o700)
-                if not os.path.ismount(target):
-                    try:
-                        idmapped_mount(layer, target, ns)
-                    except OSError as exc:
-                        raise RuntimeUnavailable(f"cannot idmap {layer}: {exc}") from None
-                mapped.append(target)
-            lower = mapped
-        self._overlay(merged, lower, rw)
+            try:
+                for i, layer in enumerate(lower):
+                    target = os.path.join(path, f"lower{i}")
+                    if not os.path.isdir(target):
+                        os.mkdir(target, 0o700)
+                    if not os.path.ismount(target):
+                        try:
+                            idmapped_mount(layer, target, ns)
+                        except OSError as exc:
+                            raise RuntimeUnavailable(f"cannot idmap {layer}: {exc}") from None
+                    mapped.append(target)
+                self._overlay(merged, mapped, rw)
+            finally:
+                for target in mapped:
+                    with contextlib.suppress(OSError):
+                        _sys_umount(target, _MNT_DETACH)
+                        os.rmdir(target)
+        else:
+            self._overlay(merged, lower, rw)
         if uid_base is not None:
             link = self._root_link(os.path.basename(path))
             if not os.path.isdir(link):

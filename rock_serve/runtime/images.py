@@ -57,7 +57,7 @@ from rock_serve.protocol.images import (
 )
 from rock_serve.runtime._image_commit import upper_to_layer
 from rock_serve.runtime._image_pull import skopeo_copy
-from rock_serve.runtime._image_push import export_layout, skopeo_push
+from rock_serve.runtime._image_push import export_layout, probe_registry, skopeo_push
 from rock_serve.runtime._image_unpack import LayerEscape, unpack_layer
 from rock_serve.runtime._sync import run_sync
 
@@ -698,10 +698,13 @@ class ImageStore:
                 "User": img.user,
                 "Labels": img.labels,
             }
+            insecure = target.loopback or (target.registry in self.config.insecure_registries)
+            # before writing anything out: an unreachable registry is a fast typed error
+            timeout = self.config.registry_answer_timeout_seconds
+            await probe_registry(target, insecure=insecure, timeout=timeout)
             layout = os.path.join(work, "oci")
             kept = [self.kept_blob(lid) for lid in img.layers]
             await run_sync(export_layout, self.layer_dirs(img), config, layout, kept)
-            insecure = target.loopback or (target.registry in self.config.insecure_registries)
             digest = await skopeo_push(
                 self.skopeo,
                 layout,

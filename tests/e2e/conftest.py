@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+from rock_serve.auth import generate_token, hash_token
 from rock_serve.config import BwrapRuntimeConfig, LocalRuntimeConfig
-from tests.e2e._head import BIN, Head
+from tests.e2e._head import BIN, Head, deploy
 from tests.e2e._head import ray_head as start_ray_head
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -219,3 +220,62 @@ def ray_head() -> Iterator[Head]:
         pytest.skip("the ray CLI is not installed")
     with start_ray_head() as head:
         yield head
+
+
+@dataclass
+class JobsHead:
+    """The Ray-job modules' head: serve_config.yaml deployed twice on it (see ``jobs_head``)."""
+
+    head: Head
+    #: The open platform (auth disabled, no audit file) and its local runtime's state dir.
+    namespace: str
+    state_dir: Path
+    #: The same YAML with a token per caller and an audit log, under ``/rayauth``.
+    auth_namespace: str
+    tokens: dict[str, str]
+    audit: Path
+
+
+@pytest.fixture(scope="session")
+def jobs_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobsHead]:
+    """One `ray start --head` for the modules that submit Ray jobs (test_ray_job,
+    test_rllib_ppo, test_ray_transport_auth): each deployed serve_config.yaml on a head of its
+    own, with one of these two configs; a head and a deploy cost ~25 s each in CI. Nothing is
+    redeployed, so the Workers' "keep their first runtime" gap (``ray_head``) does not apply;
+    each module leaves no sandbox behind (they check it)."""
+    if shutil.which("ray", path=str(BIN)) is None:
+        pytest.skip("the ray CLI is not installed")
+    tmp = tmp_path_factory.mktemp("jobs-head")
+    tokens = {name: generate_token() for name in ("team-a", "team-b", "root")}
+    entries = [
+        {"name": "team-a", "namespace": "team-a", "sha256": hash_token(tokens["team-a"])},
+        {"name": "team-b", "namespace": "team-b", "sha256": hash_token(tokens["team-b"])},
+        {
+            "name": "root",
+            "namespace": "default",
+            "sha256": hash_token(tokens["root"]),
+            "admin": True,
+        },
+    ]
+    audit = tmp / "audit-ray.jsonl"
+
+    def open_platform(app: dict[str, Any]) -> None:
+        app["args"]["auth"] = {"mode": "disabled"}
+        app["args"]["audit"] = {}
+
+    def with_auth(app: dict[str, Any]) -> None:
+        app["args"]["runtime"] = {"type": "local", "state_dir": str(tmp / "state-rayauth")}
+        app["args"]["auth"] = {"tokens": entries}
+        app["args"]["audit"] = {"path": str(audit)}
+
+    namespace = "rock-e2e-jobs"
+    with start_ray_head() as head:
+        state_dir = deploy(head, tmp, namespace, open_platform, also={"/rayauth": with_auth})
+        yield JobsHead(
+            head=head,
+            namespace=namespace,
+            state_dir=state_dir,
+            auth_namespace=f"{namespace}-rayauth",
+            tokens=tokens,
+            audit=audit,
+        )

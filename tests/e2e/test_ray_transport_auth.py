@@ -1,7 +1,8 @@
 """The Ray transport carries the caller's platform token and is audited like HTTP.
 
 A platform deployed with auth required (three tokens: team-a, team-b, an admin) and an audit
-log; ``jobs/ray_auth_job.py`` is submitted with `ray job submit` and calls the actors through
+log (``jobs_head`` in conftest: the second app on the Ray-job modules' shared head);
+``jobs/ray_auth_job.py`` is submitted with `ray job submit` and calls the actors through
 ``AsyncClient.from_ray`` with no token, a forged one, and each real one. It must see exactly
 what the same callers see over HTTP, and the audit log must hold the Ray calls.
 """
@@ -18,35 +19,17 @@ from typing import Any
 
 import pytest
 
-from rock_serve.auth import generate_token, hash_token
-
-from ._head import BIN, deploy, wait_for
+from ._head import BIN, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 JOB = Path(__file__).resolve().parent / "jobs" / "ray_auth_job.py"
-NAMESPACE = "rock-e2e-ray-auth"
 
 
-def test_ray_transport_checks_the_token_and_audits(ray_head, tmp_path):
-    tokens = {name: generate_token() for name in ("team-a", "team-b", "root")}
-    entries = [
-        {"name": "team-a", "namespace": "team-a", "sha256": hash_token(tokens["team-a"])},
-        {"name": "team-b", "namespace": "team-b", "sha256": hash_token(tokens["team-b"])},
-        {
-            "name": "root",
-            "namespace": "default",
-            "sha256": hash_token(tokens["root"]),
-            "admin": True,
-        },
-    ]
-    audit = tmp_path / "audit-ray.jsonl"
-
-    def edit(app: dict[str, Any]) -> None:
-        app["args"]["auth"] = {"tokens": entries}
-        app["args"]["audit"] = {"path": str(audit)}
-
-    deploy(ray_head, tmp_path, NAMESPACE, edit=edit)
+def test_ray_transport_checks_the_token_and_audits(jobs_head, tmp_path):
+    # the platform: the jobs head's second app (conftest), with these tokens and audit log
+    ray_head, namespace = jobs_head.head, jobs_head.auth_namespace
+    tokens, audit = jobs_head.tokens, jobs_head.audit
     secrets = tmp_path / "tokens.json"
     fd = os.open(secrets, os.O_WRONLY | os.O_CREAT, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -62,7 +45,7 @@ def test_ray_transport_checks_the_token_and_audits(ray_head, tmp_path):
             "--",
             sys.executable,
             str(JOB),
-            NAMESPACE,
+            namespace,
             str(secrets),
         ],
         env=ray_head.env,

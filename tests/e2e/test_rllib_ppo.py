@@ -1,9 +1,10 @@
 """RLlib PPO on a sandbox-backed env, submitted with `ray job submit` to the platform's cluster.
 
-The head is a separate `ray start --head` (``_head.py``); the platform is serve_config.yaml
-deployed with `serve deploy` on the local runtime, with auth disabled (loopback) and no audit
-file. ``examples/rllib_ppo.py`` is submitted with ``examples/`` as its working dir; its env
-runner (a Ray actor) makes its sandbox over the Ray transport. The test checks the two
+The head is the session's separate `ray start --head` for Ray jobs (``jobs_head`` in conftest,
+shared with test_ray_job and test_ray_transport_auth); the platform is serve_config.yaml
+deployed there with `serve deploy` on the local runtime, with auth disabled (loopback) and no
+audit file. ``examples/rllib_ppo.py`` is submitted with ``examples/`` as its working dir; its
+env runner (a Ray actor) makes its sandbox over the Ray transport. The test checks the two
 iterations' results and that no sandbox is left, in the API and in the runtime's state dir.
 """
 
@@ -19,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e._head import BIN, ROOT, deploy
+from tests.e2e._head import BIN, ROOT
 
 #: What the job needs in the venv (looked up, not imported: torch is slow to import).
 _MISSING = [name for name in ("ray.rllib", "torch") if importlib.util.find_spec(name) is None]
@@ -32,17 +33,10 @@ pytestmark = [
     pytest.mark.skipif(bool(_MISSING), reason=f"needs ray[rllib] and torch: {_MISSING}"),
 ]
 
-NAMESPACE = "rock-e2e-rllib"
-
-
-def _no_auth(app: dict) -> None:
-    app["args"]["auth"] = {"mode": "disabled"}
-    app["args"]["audit"] = {}
-
 
 @pytest.mark.timeout(420)
-def test_rllib_ppo_trains_on_sandboxes(ray_head, tmp_path):
-    state_dir = deploy(ray_head, tmp_path, NAMESPACE, edit=_no_auth)
+def test_rllib_ppo_trains_on_sandboxes(jobs_head, tmp_path):
+    ray_head, namespace, state_dir = jobs_head.head, jobs_head.namespace, jobs_head.state_dir
     submission_id = f"rock-rllib-ppo-{os.getpid()}"
     started = time.monotonic()
     submit = subprocess.run(
@@ -60,7 +54,7 @@ def test_rllib_ppo_trains_on_sandboxes(ray_head, tmp_path):
             sys.executable,
             "rllib_ppo.py",
             "--namespace",
-            NAMESPACE,
+            namespace,
             "--iterations",
             "2",
         ],

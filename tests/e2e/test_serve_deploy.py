@@ -1,4 +1,6 @@
-"""`serve deploy serve_config.yaml` on a cluster started with `ray start --head` (see _head.py)."""
+"""`serve deploy serve_config.yaml` on a cluster started with `ray start --head` (see _head.py),
+then a redeploy of an edited copy: Admin args, runtime config and autoscaling change; the
+sandboxes of the first deploy survive it."""
 
 from __future__ import annotations
 
@@ -14,25 +16,18 @@ from tests.e2e._head import BIN, deploy, wait_for
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_serve_deploy_serve_config_yaml(ray_head, tmp_path):
-    state_dir = deploy(ray_head, tmp_path, "rock-e2e-deploy")
-    url = ray_head.url
-    with httpx.Client(base_url=url, timeout=60) as api:
-        resp = api.post("/v1/sandboxes", json={"ttl_seconds": 120})
-        assert resp.status_code == 201, resp.text
-        sid = resp.json()["id"]
-        out = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo deployed"}).json()
-        assert out["stdout"] == "deployed\n"
-        assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
-    assert list(state_dir.iterdir()) == []
-
-
-def test_an_edited_yaml_redeployed_changes_behaviour_and_sandboxes_survive(ray_head, tmp_path):
+@pytest.mark.timeout(600)  # the head's start and two deploys
+def test_serve_deploy_then_an_edited_yaml_redeployed_changes_behaviour(ray_head, tmp_path):
+    # One test, one head, two deploys: serve_config.yaml as shipped (it serves sandboxes), then
+    # the edited YAML over it (was two tests, the first deploy made twice: ~30 s of CI).
     first = deploy(ray_head, tmp_path, "rock-e2e-redeploy", state="first")
     with httpx.Client(base_url=ray_head.url, timeout=60) as api:
         resp = api.post("/v1/sandboxes", json={"ttl_seconds": 300})
         assert resp.status_code == 201, resp.text
         old = resp.json()["id"]
+        out = api.post(f"/v1/sandboxes/{old}/exec", json={"command": "echo deployed"}).json()
+        assert out["stdout"] == "deployed\n"
+        assert [p.name for p in first.iterdir()] == [old]
         api.put(f"/v1/sandboxes/{old}/files", params={"path": "kept.txt"}, content=b"kept")
 
         def edit(app):

@@ -167,15 +167,10 @@ async def test_rocklet_killed_mid_request_fails_every_waiter_at_once(handle):
 
 async def test_cancelled_call_is_cancelled_in_the_agent(handle):
     await handle.create_session(SessionCreateRequest())
-    slow = asyncio.ensure_future(handle.request("exec", {"command": "sleep 30", "timeout": 60}))
-    await asyncio.sleep(0.2)
-    slow.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await slow
-    # The agent kills the process: soon nothing named 'sleep 30' is left under it.
     agent_pid = handle.process.pid
 
-    def no_sleep_child():
+    def sleeping() -> bool:
+        """A child of the agent named 'sleep 30' runs."""
         children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
         cmdlines = []
         for child in children:
@@ -183,9 +178,16 @@ async def test_cancelled_call_is_cancelled_in_the_agent(handle):
                 cmdlines.append(Path(f"/proc/{child}/cmdline").read_bytes())
             except FileNotFoundError:
                 pass  # exited between the two reads
-        return not any(b"sleep\x0030" in c for c in cmdlines)
+        return any(b"sleep\x0030" in c for c in cmdlines)
 
-    await async_wait_until(no_sleep_child, what="the cancelled command to be killed")
+    slow = asyncio.ensure_future(handle.request("exec", {"command": "sleep 30", "timeout": 60}))
+    # cancel once the command runs (a cancel before it started would prove nothing)
+    await async_wait_until(sleeping, what="the command to start")
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    # The agent kills the process: soon nothing named 'sleep 30' is left under it.
+    await async_wait_until(lambda: not sleeping(), what="the cancelled command to be killed")
     assert (await handle.ping())["version"]
 
 

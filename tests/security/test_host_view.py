@@ -141,3 +141,42 @@ async def test_image_cannot_name_another_sandbox(runtime):
     for image in (merged, runtime.state_dir, os.path.dirname(runtime.state_dir)):
         with pytest.raises(errors.ImageNotFound):
             await runtime.create(new_id(), SandboxSpec(image=image))
+
+
+async def test_no_writable_clone_of_a_layer_or_the_host_root_stays_mounted(runtime, tmp_path):
+    """A host ``rm -rf`` of a sandbox's state dir cannot delete its lower layers through it.
+
+    Before: with userns each lower layer (an image's, or the host's ``/`` under the default
+    root) stayed mounted read-write at ``<state>/<id>/lower<i>`` for the sandbox's life, so
+    deleting a leftover state dir (pytest cleaning a basetemp after a killed run did) emptied
+    the image store's bookworm layer through it, and could have reached the host's root.
+    """
+    if runtime.name != "bwrap" or runtime.slots is None:
+        pytest.skip("idmapped lower layers are the bwrap runtime's (userns: true)")
+    from rock_serve.runtime._state import read_meta
+    from rock_serve.runtime._userns import idmapped_mount
+    from rock_serve.runtime.bwrap import _MNT_DETACH, _sys_umount, mounts_under
+
+    sid = new_id()
+    await runtime.create(sid, SandboxSpec())
+    h = await runtime.start(sid)
+    path = os.path.join(runtime.state_dir, sid)
+    # Only the sandbox's own upper side is mounted in its dir: the merged root (and a disk).
+    left = {os.path.relpath(m, path) for m in mounts_under(path)}
+    assert left <= {"merged", "disk"}, left
+    assert (await sh(h, "test -x /usr/bin/env && echo ok")).stdout == "ok\n"  # still served
+    # And an idmapped clone, while it exists, is read-only.
+    layer, target = tmp_path / "layer", tmp_path / "clone"
+    layer.mkdir()
+    (layer / "canary").write_text("x")
+    target.mkdir()
+    meta = read_meta(path)
+    assert meta is not None and meta.uid_base is not None
+    idmapped_mount(str(layer), str(target), runtime._userns(meta.uid_base))
+    try:
+        with pytest.raises(OSError) as err:
+            (target / "canary").unlink()
+        assert err.value.errno == 30, err.value  # EROFS
+        assert (layer / "canary").read_text() == "x"
+    finally:
+        _sys_umount(str(target), _MNT_DETACH)

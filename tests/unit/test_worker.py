@@ -164,7 +164,7 @@ async def test_a_command_runs_once_per_idempotency_key(made, tmp_path):
     assert (await worker.op(record.id, ExecOp.of(once, "key-3"))).stdout == "1\n"
     assert (await worker.op(record.id, ExecOp.of(once, "key-3"))).stdout == "1\n"
     assert (await worker.op(record.id, ExecOp.of(once))).stdout == "2\n"
-    assert len(worker._done_keys) == 3
+    assert len(worker._keys) == 3
 
 
 async def _pool(worker: Worker, size: int) -> None:
