@@ -41,6 +41,7 @@ from rock_serve.config import (  # noqa: E402
     ServerArgs,
 )
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest, SandboxSpec  # noqa: E402
+from rock_serve.protocol.ops import ExecOp
 from rock_serve.runtime.images import ImageStore  # noqa: E402
 from tests._registry import Registry, oci  # noqa: E402
 
@@ -94,7 +95,7 @@ async def worker_latency(
             sid = f"sb-bench-{uuid.uuid4().hex[:12]}"
             t0 = time.perf_counter()
             rec = await worker.create(sid, CreateSandboxRequest(image=ref), ttl=600)
-            out = await worker.exec(rec.id, ExecRequest(command="echo hi"))
+            out = await worker.op(rec.id, ExecOp.of(ExecRequest(command="echo hi")))
             dt = (time.perf_counter() - t0) * 1000
             assert out.stdout == "hi\n", out
             if pool or i >= 3:  # warm-up: the first creates load the agent and caches

@@ -32,6 +32,7 @@ from rock_serve.protocol import (  # noqa: E402
     SessionCreateRequest,
     SessionRunRequest,
 )
+from rock_serve.protocol.ops import ExecOp, SessionCreateOp, SessionRunOp  # noqa: E402
 
 
 async def _measure(runtime: str, interval: float | None, n: int, idle: int) -> dict[str, object]:
@@ -54,22 +55,22 @@ async def _measure(runtime: str, interval: float | None, n: int, idle: int) -> d
             record = await worker.create(
                 f"sb-bench-{uuid.uuid4().hex[:16]}", CreateSandboxRequest(), 600
             )
-            await worker.exec(record.id, ExecRequest(command="echo hi"))
+            await worker.op(record.id, ExecOp.of(ExecRequest(command="echo hi")))
             creates.append((time.perf_counter() - started) * 1000)
             await worker.remove(record.id)
         out["create -> first command"] = creates
         sid = (
             await worker.create(f"sb-bench-{uuid.uuid4().hex[:16]}", CreateSandboxRequest(), 600)
         ).id
-        await worker.create_session(sid, SessionCreateRequest())
+        await worker.op(sid, SessionCreateOp.of(SessionCreateRequest()))
         echo: list[float] = []
         execs: list[float] = []
         for _ in range(n):
             started = time.perf_counter()
-            await worker.run_in_session(sid, SessionRunRequest(command="echo hi"))
+            await worker.op(sid, SessionRunOp.of(SessionRunRequest(command="echo hi")))
             echo.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
-            await worker.exec(sid, ExecRequest(command="echo hi"))
+            await worker.op(sid, ExecOp.of(ExecRequest(command="echo hi")))
             execs.append((time.perf_counter() - started) * 1000)
         out["in-session echo"] = echo
         out["one-shot exec"] = execs

@@ -31,6 +31,7 @@ from rock_serve.deployments._snapshot import snapshot_dir
 from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.deployments.worker import Worker
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest
+from rock_serve.protocol.ops import ExecOp
 from rock_serve.protocol.snapshot import SnapshotRequest
 
 
@@ -54,7 +55,7 @@ class _Directory:
 
 
 async def sh(worker: Worker, sid: str, command: str) -> None:
-    result = await worker.exec(sid, ExecRequest(command=command, timeout=300))
+    result = await worker.op(sid, ExecOp.of(ExecRequest(command=command, timeout=300)))
     assert result.exit_code == 0, result
 
 

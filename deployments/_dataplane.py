@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,12 +39,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from rock_serve import dataplane_token
 from rock_serve.auth import Principal
 from rock_serve.config import DataPlaneConfig, ServerArgs
+from rock_serve.deployments import _op_routes
 from rock_serve.deployments._audit import AuditEvent
 from rock_serve.deployments._trace import TraceMiddleware, untraced_task
 from rock_serve.errors import (
@@ -56,39 +56,14 @@ from rock_serve.errors import (
     TooLarge,
     to_body,
 )
-from rock_serve.protocol import (
-    ExecRequest,
-    MkdirRequest,
-    RemoveRequest,
-    SessionCreateRequest,
-    SessionRunBody,
-    SessionRunRequest,
-    SessionStdinBody,
-)
-from rock_serve.protocol.commands import SESSION_NAME
+from rock_serve.protocol import SessionRunRequest
 from rock_serve.protocol.dataplane import (
     BatchRunItem,
     BatchRunOutcome,
     BatchRunReply,
     BatchRunRequest,
 )
-from rock_serve.protocol.ops import (
-    ExecOp,
-    FileListOp,
-    FileReadOp,
-    FileStatOp,
-    FileWriteOp,
-    MkdirOp,
-    RemoveOp,
-    SessionCloseOp,
-    SessionCreateOp,
-    SessionInterruptOp,
-    SessionRunOp,
-    SessionStdinOp,
-    StatsOp,
-    TarDownloadOp,
-    TarUploadOp,
-)
+from rock_serve.protocol.ops import Op, SessionRunOp
 
 if TYPE_CHECKING:
     from rock_serve.deployments.worker import Worker
@@ -97,8 +72,6 @@ __all__ = ["DataPlaneWorker", "cluster_secret", "make_app"]
 
 log = logging.getLogger(__name__)
 
-_SESSION = re.compile(SESSION_NAME)
-_NDJSON = "application/x-ndjson"
 _JSON = "application/json"
 #: Seconds between two secret refreshes asked for by tokens naming an unknown key id.
 _REFETCH_EVERY = 5.0
@@ -149,33 +122,6 @@ def _parse(model: type[Any], body: bytes) -> Any:
             f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors()
         )
         raise InvalidRequest(f"invalid {model.__name__}: {problems}") from None
-
-
-def _path(request: Request) -> str:
-    path = request.query_params.get("path")
-    if not path or len(path) > 4096:
-        raise InvalidRequest("query parameter 'path' is required (1 to 4096 characters)")
-    return path
-
-
-def _session(request: Request) -> str:
-    name = str(request.path_params["session"])
-    if not _SESSION.match(name):
-        raise InvalidRequest(f"invalid session name {name[:80]!r}")
-    return name
-
-
-def _mode(request: Request) -> int | None:
-    raw = request.query_params.get("mode")
-    if raw is None or raw == "":
-        return None
-    try:
-        mode = int(raw, 8)  # octal permission bits, as the Admin's route reads them
-    except ValueError:
-        raise InvalidRequest(f"invalid mode {raw!r}") from None
-    if not 0 <= mode <= 0o7777:
-        raise InvalidRequest(f"invalid mode {raw!r}")
-    return mode
 
 
 class _Server:
@@ -278,149 +224,23 @@ class _Server:
 
         return endpoint
 
-    async def exec(self, request: Request, sid: str, claims: Any) -> Response:
-        req: ExecRequest = _parse(ExecRequest, await request.body())
-        streamed = request.query_params.get("stream") == "true"
-        fields: dict[str, Any] = {"command": req.command, "env_keys": sorted(req.env or {})}
-        detail = {"stream": streamed, "cwd": req.cwd, "stdin_bytes": len(req.stdin or "")}
-        if streamed:
-            return await self._stream(
-                request, claims, "exec", fields, detail, self.worker.op_stream(sid, ExecOp.of(req))
-            )
-        async with self.audited(request, claims, "exec", **fields, detail=detail) as event:
-            key = request.headers.get("idempotency-key")
-            result = await self.worker.op(sid, ExecOp.of(req, key))
-            event["detail"]["exit_code"] = result.exit_code
-        return _model(result)
-
-    async def run(self, request: Request, sid: str, claims: Any) -> Response:
-        session = _session(request)
-        body: SessionRunBody = _parse(SessionRunBody, await request.body())
-        req = SessionRunRequest(session=session, **body.model_dump())
-        streamed = request.query_params.get("stream") == "true"
-        fields: dict[str, Any] = {"command": body.command, "session": session}
-        if streamed:
-            return await self._stream(
-                request,
-                claims,
-                "session.run",
-                fields,
-                {"stream": True},
-                self.worker.op_stream(sid, SessionRunOp.of(req)),
-            )
-        async with self.audited(
-            request, claims, "session.run", **fields, detail={"stream": False}
-        ) as event:
-            key = request.headers.get("idempotency-key")
-            result = await self.worker.op(sid, SessionRunOp.of(req, key))
-            event["detail"]["exit_code"] = result.exit_code
-        return _model(result)
-
-    async def _stream(
+    async def serve(
         self,
+        route: _op_routes.OpRoute,
         request: Request,
+        sid: str,
+        operation: Op[Any],
+        streamed: bool,
         claims: Any,
-        action: str,
-        fields: dict[str, Any],
-        detail: dict[str, Any],
-        items: AsyncIterator[BaseModel],
     ) -> Response:
-        """NDJSON of ``items``; an error after the first line becomes an error line."""
-        iterator = aiter(items)
-        first: BaseModel | None = None
-        with contextlib.suppress(StopAsyncIteration):
-            first = await anext(iterator)  # errors before any output: a plain error reply
-
-        async def body() -> AsyncIterator[bytes]:
-            async with self.audited(request, claims, action, **fields, detail=detail):
-                try:
-                    if first is not None:
-                        yield first.model_dump_json().encode() + b"\n"
-                    async for item in iterator:
-                        yield item.model_dump_json().encode() + b"\n"
-                except RockError as exc:
-                    yield json.dumps(to_body(exc)).encode() + b"\n"
-                    raise
-
-        return StreamingResponse(body(), media_type=_NDJSON)
-
-    async def create_session(self, request: Request, sid: str, claims: Any) -> Response:
-        req: SessionCreateRequest = _parse(SessionCreateRequest, await request.body())
-        async with self.audited(
-            request,
-            claims,
-            "session.create",
-            session=req.session,
-            command="\n".join(req.startup_commands) if req.startup_commands else None,
-            env_keys=sorted(req.env or {}),
-        ):
-            result = await self.worker.op(sid, SessionCreateOp.of(req))
-        return _model(result)
-
-    async def stdin(self, request: Request, sid: str, claims: Any) -> Response:
-        session = _session(request)
-        body: SessionStdinBody = _parse(SessionStdinBody, await request.body())
-        detail = {"bytes": len(body.data.encode("utf-8")), "eof": body.eof}
-        op = SessionStdinOp(session=session, data=body.data, eof=body.eof)
-        async with self.audited(request, claims, "session.stdin", session=session, detail=detail):
-            await self.worker.op(sid, op)
-        return _model(None)
-
-    async def interrupt(self, request: Request, sid: str, claims: Any) -> Response:
-        session = _session(request)
-        async with self.audited(request, claims, "session.interrupt", session=session):
-            await self.worker.op(sid, SessionInterruptOp(session=session))
-        return _model(None)
-
-    async def close_session(self, request: Request, sid: str, claims: Any) -> Response:
-        session = _session(request)
-        async with self.audited(request, claims, "session.close", session=session):
-            await self.worker.op(sid, SessionCloseOp(session=session))
-        return _model(None)
-
-    async def files(self, request: Request, sid: str, claims: Any) -> Response:
-        path = _path(request)
-        if request.method == "GET":
-            data = await self.worker.op(sid, FileReadOp(path=path))
-            return Response(data, media_type="application/octet-stream")
-        mode = _mode(request)
-        data = await request.body()
-        detail = {"bytes": len(data)}
-        async with self.audited(request, claims, "file.write", path=path, detail=detail):
-            written = await self.worker.op(sid, FileWriteOp(path=path, data=data, mode=mode))
-        return _model(written)
-
-    async def archive(self, request: Request, sid: str, claims: Any) -> Response:
-        path = _path(request)
-        if request.method == "GET":
-            data = await self.worker.op(sid, TarDownloadOp(path=path))
-            return Response(data, media_type="application/x-tar")
-        data = await request.body()
-        detail = {"bytes": len(data)}
-        async with self.audited(request, claims, "archive.upload", path=path, detail=detail):
-            await self.worker.op(sid, TarUploadOp(path=path, data=data))
-        return _model(None)
-
-    async def stat(self, request: Request, sid: str, claims: Any) -> Response:
-        return _model(await self.worker.op(sid, FileStatOp(path=_path(request))))
-
-    async def list_dir(self, request: Request, sid: str, claims: Any) -> Response:
-        return _model(await self.worker.op(sid, FileListOp(path=_path(request))))
-
-    async def mkdir(self, request: Request, sid: str, claims: Any) -> Response:
-        req: MkdirRequest = _parse(MkdirRequest, await request.body())
-        async with self.audited(request, claims, "file.mkdir", path=req.path):
-            await self.worker.op(sid, MkdirOp.model_validate(req.model_dump()))
-        return _model(None)
-
-    async def remove(self, request: Request, sid: str, claims: Any) -> Response:
-        req: RemoveRequest = _parse(RemoveRequest, await request.body())
-        async with self.audited(request, claims, "file.remove", path=req.path):
-            await self.worker.op(sid, RemoveOp.model_validate(req.model_dump()))
-        return _model(None)
-
-    async def stats(self, request: Request, sid: str, claims: Any) -> Response:
-        return _model(await self.worker.op(sid, StatsOp()))
+        """One operation's route (see ``_op_routes``), audited as the Admin audits it."""
+        action = route.spec.audit
+        if action is None:
+            return await _op_routes.serve_op(route, self.worker, sid, operation, streamed)
+        fields = _op_routes.audit_fields(operation, streamed)
+        detail = fields.pop("detail", {})
+        async with self.audited(request, claims, action, **fields, detail=detail) as event:
+            return await _op_routes.serve_op(route, self.worker, sid, operation, streamed, event)
 
     async def renew(self, request: Request, sid: str, claims: Any) -> Response:
         return _model(await self.worker.renew(sid))
@@ -475,20 +295,11 @@ def make_app(worker: Worker) -> Starlette:
     routes = [
         Route("/v1/dataplane/ping", _ping, methods=["GET"]),
         Route("/v1/dataplane/batch", functools.partial(_batch, s), methods=["POST"]),
-        Route(f"{sb}/exec", s.route(s.exec), methods=["POST"]),
-        Route(f"{sb}/sessions", s.route(s.create_session), methods=["POST"]),
-        Route(f"{sb}/sessions/{{session}}/run", s.route(s.run), methods=["POST"]),
-        Route(f"{sb}/sessions/{{session}}/stdin", s.route(s.stdin), methods=["POST"]),
-        Route(f"{sb}/sessions/{{session}}/interrupt", s.route(s.interrupt), methods=["POST"]),
-        Route(f"{sb}/sessions/{{session}}", s.route(s.close_session), methods=["DELETE"]),
-        Route(f"{sb}/files", s.route(s.files, **files), methods=["GET", "PUT"]),
-        Route(f"{sb}/files/stat", s.route(s.stat), methods=["GET"]),
-        Route(f"{sb}/files/list", s.route(s.list_dir), methods=["GET"]),
-        Route(f"{sb}/files/mkdir", s.route(s.mkdir), methods=["POST"]),
-        Route(f"{sb}/files/remove", s.route(s.remove), methods=["POST"]),
-        Route(f"{sb}/archive", s.route(s.archive, **files), methods=["GET", "PUT"]),
-        Route(f"{sb}/stats", s.route(s.stats), methods=["GET"]),
         Route(f"{sb}/renew", s.route(s.renew), methods=["POST"]),
+        # every sandbox operation, from its one route declaration (as the Admin serves it)
+        *_op_routes.starlette_routes(
+            s.serve, lambda handler, raw: s.route(handler, **(files if raw else {}))
+        ),
     ]
     return Starlette(
         routes=routes,

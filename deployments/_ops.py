@@ -2,8 +2,9 @@
 
 ``Worker.op(sandbox_id, operation)`` runs any :data:`~rock_serve.protocol.ops.Operation`;
 ``Worker.op_stream`` runs the ones that stream (:class:`~rock_serve.protocol.ops.Streams`).
-Both dispatch through a table keyed by the operation's model type; each row is registered with
-:func:`_row`, which makes a type checker match the handler's parameter to the model. The Admin's
+Both send the model to the sandbox's rocklet as one frame, applying the Worker's policies from
+the model's declared traits (``Op.idempotent``, ``output_capped``, ``upload``, ``limits``,
+``metric``): no Worker code per operation. The Admin's
 data-plane routes (through :func:`worker_op` / :func:`worker_op_stream`), the direct data plane
 and the Ray gate (``ray_op`` / ``ray_op_stream``) all come in here, so no caller names a Worker
 method by a string for these operations.
@@ -11,196 +12,81 @@ method by a string for these operations.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from rock_serve.deployments._ray import ActorHandle, call, stream_ahead
+from rock_serve.deployments._trace import logged_stream
 from rock_serve.errors import InvalidRequest
-from rock_serve.protocol import (
-    ExecRequest,
-    ExecResult,
-    FileInfo,
-    FileWritten,
-    ListDirResult,
-    MkdirRequest,
-    OutputChunk,
-    RemoveRequest,
-    SandboxStats,
-    SessionCreateRequest,
-    SessionCreateResponse,
-    SessionRunRequest,
-    SessionRunResult,
-)
-from rock_serve.protocol.ops import (
-    ExecOp,
-    FileListOp,
-    FileReadOp,
-    FileStatOp,
-    FileWriteOp,
-    MkdirOp,
-    Op,
-    RemoveOp,
-    SessionCloseOp,
-    SessionCreateOp,
-    SessionInterruptOp,
-    SessionRunOp,
-    SessionStdinOp,
-    StatsOp,
-    Streams,
-    TarDownloadOp,
-    TarUploadOp,
-)
+from rock_serve.protocol.ops import OPS, Op, Streams
 
 if TYPE_CHECKING:
     from rock_serve.deployments.worker import Worker
 
-__all__ = ["HANDLERS", "STREAM_HANDLERS", "OpsWorker", "worker_op", "worker_op_stream"]
+__all__ = ["LIMITS", "OpsWorker", "worker_op", "worker_op_stream"]
+
+log = logging.getLogger(__name__)
 
 OpT = TypeVar("OpT", bound=Op[Any])
-StreamT = TypeVar("StreamT", bound=Streams[Any])
 R = TypeVar("R")
 ItemT = TypeVar("ItemT")
 
-Handler = Callable[["Worker", str, Any], Awaitable[Any]]
-StreamHandler = Callable[["Worker", str, Any], AsyncIterator[Any]]
+
+def _read_limit(w: Worker, streamed: bool) -> int:
+    # A whole read is held in memory: also within max_file_bytes; a stream only max_read_bytes.
+    return int(w.args.max_read_bytes) if streamed else w._read_limit()
 
 
-def _row(
-    kind: type[OpT], handler: Callable[[Worker, str, OpT], Awaitable[Any]]
-) -> tuple[type, Handler]:
-    return kind, cast(Handler, handler)
+#: The frame arguments a Worker adds from its config (``Op.limits``): name -> value.
+LIMITS: dict[str, Any] = {
+    "max_bytes": _read_limit,
+    "max_sessions": lambda w, streamed: w.args.max_sessions_per_sandbox,
+}
 
 
-def _stream_row(
-    kind: type[StreamT], handler: Callable[[Worker, str, StreamT], AsyncIterator[Any]]
-) -> tuple[type, StreamHandler]:
-    return kind, cast(StreamHandler, handler)
+def _checked(operation: Any, streamed: bool) -> type[Op[Any]]:
+    """The operation's model, if it is a registered operation (one that streams, if asked).
+
+    Raises:
+        InvalidRequest: not an operation model, or it does not stream.
+    """
+    kind = type(operation)
+    spec = OPS.get(str(getattr(operation, "op", ""))) if isinstance(operation, Op) else None
+    if spec is None or spec.model is not kind:
+        raise InvalidRequest(f"unknown operation {kind.__name__}")
+    if streamed and spec.item is None:
+        raise InvalidRequest(f"operation {kind.__name__} does not stream")
+    return kind
 
 
-# ---------------------------------------------------------------------------- handlers
+def _policed(w: Worker, kind: type[Op[Any]], operation: OpT) -> OpT:
+    """``operation`` with the Worker's generic policies applied (see the traits of ``Op``)."""
+    if kind.output_capped:
+        operation = cast(OpT, w._capped(cast(Any, operation)))
+    if kind.upload and kind.payload is not None:
+        size = len(getattr(operation, kind.payload))
+        w._check_size(size, str(getattr(operation, "path", kind.__name__)))
+    return operation
 
 
-async def _exec(w: Worker, sid: str, o: ExecOp) -> ExecResult:
-    return await w.exec(sid, o.request(ExecRequest), o.idempotency_key)
-
-
-async def _session_create(w: Worker, sid: str, o: SessionCreateOp) -> SessionCreateResponse:
-    return await w.create_session(sid, o.request(SessionCreateRequest))
-
-
-async def _session_run(w: Worker, sid: str, o: SessionRunOp) -> SessionRunResult:
-    return await w.run_in_session(sid, o.request(SessionRunRequest), o.idempotency_key)
-
-
-async def _session_stdin(w: Worker, sid: str, o: SessionStdinOp) -> None:
-    await w.session_stdin(sid, o.session, o.data.encode(), eof=o.eof)
-
-
-async def _session_interrupt(w: Worker, sid: str, o: SessionInterruptOp) -> None:
-    await w.interrupt_session(sid, o.session)
-
-
-async def _session_close(w: Worker, sid: str, o: SessionCloseOp) -> None:
-    await w.close_session(sid, o.session)
-
-
-async def _file_read(w: Worker, sid: str, o: FileReadOp) -> bytes:
-    return await w.read_file(sid, o.path)
-
-
-async def _file_write(w: Worker, sid: str, o: FileWriteOp) -> FileWritten:
-    size = await w.write_file(sid, o.path, o.data, o.mode)
-    return FileWritten(path=o.path, size=size)
-
-
-async def _file_stat(w: Worker, sid: str, o: FileStatOp) -> FileInfo:
-    return await w.stat(sid, o.path)
-
-
-async def _file_list(w: Worker, sid: str, o: FileListOp) -> ListDirResult:
-    return await w.list_dir(sid, o.path)
-
-
-async def _mkdir(w: Worker, sid: str, o: MkdirOp) -> None:
-    await w.mkdir(sid, o.request(MkdirRequest))
-
-
-async def _remove(w: Worker, sid: str, o: RemoveOp) -> None:
-    await w.remove_path(sid, o.request(RemoveRequest))
-
-
-async def _tar_download(w: Worker, sid: str, o: TarDownloadOp) -> bytes:
-    return await w.download_archive(sid, o.path)
-
-
-async def _tar_upload(w: Worker, sid: str, o: TarUploadOp) -> None:
-    await w.upload_archive(sid, o.path, o.data)
-
-
-async def _stats(w: Worker, sid: str, o: StatsOp) -> SandboxStats:
-    return await w.stats(sid)
-
-
-HANDLERS: dict[type, Handler] = dict(
-    [
-        _row(ExecOp, _exec),
-        _row(SessionCreateOp, _session_create),
-        _row(SessionRunOp, _session_run),
-        _row(SessionStdinOp, _session_stdin),
-        _row(SessionInterruptOp, _session_interrupt),
-        _row(SessionCloseOp, _session_close),
-        _row(FileReadOp, _file_read),
-        _row(FileWriteOp, _file_write),
-        _row(FileStatOp, _file_stat),
-        _row(FileListOp, _file_list),
-        _row(MkdirOp, _mkdir),
-        _row(RemoveOp, _remove),
-        _row(TarDownloadOp, _tar_download),
-        _row(TarUploadOp, _tar_upload),
-        _row(StatsOp, _stats),
-    ]
-)
-"""Operation model -> the Worker's handler."""
-
-
-async def _stream_exec(w: Worker, sid: str, o: ExecOp) -> AsyncIterator[OutputChunk | ExecResult]:
-    async for item in w.stream_exec(sid, o.request(ExecRequest)):
-        yield item
-
-
-async def _stream_session_run(
-    w: Worker, sid: str, o: SessionRunOp
-) -> AsyncIterator[OutputChunk | SessionRunResult]:
-    async for item in w.stream_in_session(sid, o.request(SessionRunRequest)):
-        yield item
-
-
-async def _stream_file_read(w: Worker, sid: str, o: FileReadOp) -> AsyncIterator[bytes]:
-    async for chunk in w.iter_file(sid, o.path):
-        yield chunk
-
-
-async def _stream_tar_download(w: Worker, sid: str, o: TarDownloadOp) -> AsyncIterator[bytes]:
-    async for chunk in w.iter_archive(sid, o.path):
-        yield chunk
-
-
-STREAM_HANDLERS: dict[type, StreamHandler] = dict(
-    [
-        _stream_row(ExecOp, _stream_exec),
-        _stream_row(SessionRunOp, _stream_session_run),
-        _stream_row(FileReadOp, _stream_file_read),
-        _stream_row(TarDownloadOp, _stream_tar_download),
-    ]
-)
-"""Streaming operation model -> the Worker's streaming handler."""
+def _limits(w: Worker, kind: type[Op[Any]], streamed: bool) -> dict[str, Any] | None:
+    if not kind.limits:
+        return None
+    return {name: LIMITS[name](w, streamed) for name in kind.limits}
 
 
 # ---------------------------------------------------------------------------- the Worker's side
 
 
 class OpsWorker:
-    """The Worker's entry points for operations (the Worker class inherits it)."""
+    """The Worker's entry points for operations (the Worker class inherits it).
+
+    Every operation takes the same path: the sandbox's rocklet handle sends the model as one
+    frame (``RockletHandle.op``), with the Worker's policies applied from the model's traits
+    (output cap, upload size, read and session limits, idempotency key, latency metric).
+    """
 
     async def op(self, sandbox_id: str, operation: Op[R]) -> R:
         """Run one operation on sandbox ``sandbox_id``; returns its result.
@@ -208,10 +94,20 @@ class OpsWorker:
         Raises:
             InvalidRequest: ``operation`` is not an operation model.
         """
-        handler = HANDLERS.get(type(operation))
-        if handler is None:
-            raise InvalidRequest(f"unknown operation {type(operation).__name__}")
-        return cast(R, await handler(cast("Worker", self), sandbox_id, operation))
+        w = cast("Worker", self)
+        kind = _checked(operation, False)
+        operation = _policed(w, kind, operation)
+        box = w._box(sandbox_id)
+        started = time.perf_counter()
+        work = box.handle.op(operation, _limits(w, kind, False))
+        if kind.idempotent:
+            key = cast(Any, operation).idempotency_key
+            result: R = await w._once(sandbox_id, key, work)
+        else:
+            result = await work
+        if kind.metric is not None:
+            w._metrics.op(kind.metric, time.perf_counter() - started, box.record.namespace)
+        return result
 
     async def op_stream(self, sandbox_id: str, operation: Streams[ItemT]) -> AsyncIterator[ItemT]:
         """Run one streaming operation, yielding its items (see :class:`Streams`).
@@ -219,10 +115,13 @@ class OpsWorker:
         Raises:
             InvalidRequest: ``operation`` does not stream.
         """
-        handler = STREAM_HANDLERS.get(type(operation))
-        if handler is None:
-            raise InvalidRequest(f"operation {type(operation).__name__} does not stream")
-        async for item in handler(cast("Worker", self), sandbox_id, operation):
+        w = cast("Worker", self)
+        kind = _checked(operation, True)
+        policed = _policed(w, kind, cast(Op[Any], operation))
+        items = w._box(sandbox_id).handle.op_stream(
+            cast(Streams[ItemT], policed), _limits(w, kind, True)
+        )
+        async for item in logged_stream(kind.model_fields["op"].default, sandbox_id, items, log):
             yield item
 
     async def ray_op(self, token: str | None, sandbox_id: str, operation: Op[R]) -> R:

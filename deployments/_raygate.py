@@ -36,6 +36,7 @@ from rock_serve.auth import Authenticator, Principal
 from rock_serve.config import ServerArgs
 from rock_serve.deployments._audit import AuditEvent, AuditLog
 from rock_serve.deployments._auth import check_spec_privileges
+from rock_serve.deployments._op_routes import audit_fields
 from rock_serve.deployments._trace import TRACE_ID, new_trace_id, traced
 from rock_serve.errors import (
     InvalidRequest,
@@ -44,20 +45,7 @@ from rock_serve.errors import (
     SandboxNotFound,
 )
 from rock_serve.protocol import SandboxRecord, validate_image_ref
-from rock_serve.protocol.ops import (
-    OPS,
-    ExecOp,
-    FileWriteOp,
-    MkdirOp,
-    Op,
-    RemoveOp,
-    SessionCloseOp,
-    SessionCreateOp,
-    SessionInterruptOp,
-    SessionRunOp,
-    SessionStdinOp,
-    TarUploadOp,
-)
+from rock_serve.protocol.ops import OPS, Op
 
 __all__ = ["CONTROL_METHODS", "DATA_METHODS", "STREAM_METHODS", "RayGate"]
 
@@ -90,23 +78,6 @@ DATA_METHODS: dict[str, str | None] = {
 STREAM_METHODS: dict[str, str] = {
     "stream_process_output": "process.output",
 }
-
-
-def _op_fields(operation: Any) -> dict[str, Any]:
-    """The audit fields of an operation (command, env keys, session, path; no values)."""
-    if isinstance(operation, ExecOp):
-        return {"command": operation.command, "env_keys": sorted(operation.env or {})}
-    if isinstance(operation, SessionRunOp):
-        return {"command": operation.command, "session": operation.session}
-    if isinstance(operation, SessionCreateOp):
-        return {"session": operation.session, "env_keys": sorted(operation.env or {})}
-    if isinstance(operation, SessionStdinOp | SessionInterruptOp | SessionCloseOp):
-        return {"session": operation.session}
-    if isinstance(operation, MkdirOp | RemoveOp):
-        return {"path": operation.path}
-    if isinstance(operation, FileWriteOp | TarUploadOp):
-        return {"path": operation.path, "detail": {"bytes": len(operation.data)}}
-    return {}
 
 
 def _fields(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
@@ -366,7 +337,9 @@ class RayGate:
         if spec.audit is None:
             await self._check(worker, principal, sandbox_id)
             return await worker.op(sandbox_id, operation)
-        async with self.audited(principal, spec.audit, sandbox_id, **_op_fields(operation)):
+        async with self.audited(
+            principal, spec.audit, sandbox_id, **audit_fields(operation, streamed=False)
+        ):
             await self._check(worker, principal, sandbox_id)
             return await worker.op(sandbox_id, operation)
 
@@ -384,7 +357,9 @@ class RayGate:
             async for item in worker.op_stream(sandbox_id, operation):
                 yield item
             return
-        async with self.audited(principal, spec.audit, sandbox_id, **_op_fields(operation)):
+        async with self.audited(
+            principal, spec.audit, sandbox_id, **audit_fields(operation, streamed=True)
+        ):
             await self._check(worker, principal, sandbox_id)
             async for item in worker.op_stream(sandbox_id, operation):
                 yield item

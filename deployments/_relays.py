@@ -27,7 +27,8 @@ from rock_serve.deployments._ops import worker_op
 from rock_serve.deployments._ray import ActorHandle, call, worker_class
 from rock_serve.errors import InvalidRequest, NotFound, RockError, TooLarge, to_body
 from rock_serve.protocol import PtyResize
-from rock_serve.protocol.ops import FileWriteOp, TarUploadOp
+from rock_serve.protocol.ops import OPS, Op
+from rock_serve.rocklet.handle import read_result
 
 __all__ = [
     "NDJSON",
@@ -133,13 +134,15 @@ async def upload(
     limit: int,
     sandbox_id: str,
     request: Request,
-    kind: str,
-    path: str,
-    mode: int | None = None,
-) -> int:
+    operation: Op[Any],
+) -> tuple[Any, int]:
     """Send the request body to the Worker (``worker_of(sandbox_id)``, which checks the
-    caller): one call when small, else chunk by chunk; over ``limit`` bytes is ``too_large``.
+    caller) as the payload of ``operation`` (an upload, see ``Op.upload``): one call when
+    small, else chunk by chunk; over ``limit`` bytes is ``too_large``. Returns the operation's
+    result and the bytes received.
     """
+    kind = type(operation)
+    assert kind.payload is not None and kind.upload is not None
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body of {declared} bytes is over the {limit}-byte limit", limit=limit)
@@ -152,12 +155,12 @@ async def upload(
             break
     else:  # the whole body fits one chunk: one call
         data = bytes(buffer)
-        if kind == "file":
-            op = FileWriteOp(path=path, data=data, mode=mode)
-            return (await worker_op(worker, sandbox_id, op)).size
-        await worker_op(worker, sandbox_id, TarUploadOp(path=path, data=data))
-        return len(data)
-    upload_id: str = await call(worker, worker_class().upload_open, sandbox_id, kind, path, mode)
+        whole = operation.model_copy(update={kind.payload: data})
+        return await worker_op(worker, sandbox_id, whole), len(data)
+    path, mode = getattr(operation, "path", ""), getattr(operation, "mode", None)
+    upload_id: str = await call(
+        worker, worker_class().upload_open, sandbox_id, kind.upload, path, mode
+    )
     try:
         async for chunk in body:
             buffer += chunk
@@ -169,7 +172,8 @@ async def upload(
         if buffer:
             await call(worker, worker_class().upload_chunk, upload_id, bytes(buffer))
         written: int = await call(worker, worker_class().upload_close, upload_id)
-        return written
+        spec = OPS[str(getattr(operation, "op", ""))]
+        return read_result(spec.result, operation, {"size": written}, b""), written
     except BaseException:
         with contextlib.suppress(Exception):
             await call(worker, worker_class().upload_abort, upload_id)

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
-from fastapi import Path as PathParam
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import StringConstraints
@@ -49,6 +48,7 @@ from rock_serve.deployments import (
     _images,
     _llm_api,
     _notify,
+    _op_routes,
     _ports_api,
     _processes,
     _relays,
@@ -80,12 +80,9 @@ from rock_serve.deployments._ray import (
     stream,
     worker_class,
 )
-from rock_serve.deployments._relays import NDJSON as _NDJSON
-from rock_serve.deployments._relays import ndjson as _ndjson
 from rock_serve.deployments._relays import pty_dimension as _pty_dimension
 from rock_serve.deployments._relays import pty_input as _pty_input
 from rock_serve.deployments._relays import pty_output as _pty_output
-from rock_serve.deployments._relays import relay as _relay
 from rock_serve.deployments._relays import ws_error as _ws_error
 from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.errors import (
@@ -98,44 +95,14 @@ from rock_serve.errors import (
 from rock_serve.protocol import (
     CreateSandboxRequest,
     ErrorBody,
-    ExecRequest,
-    ExecResult,
-    FileInfo,
-    FileWritten,
     Health,
-    ListDirResult,
-    MkdirRequest,
     PtyExit,
-    RemoveRequest,
     SandboxList,
     SandboxRecord,
     SandboxState,
-    SandboxStats,
-    SessionCreateRequest,
-    SessionCreateResponse,
-    SessionRunBody,
-    SessionRunRequest,
-    SessionRunResult,
-    SessionStdinBody,
 )
 from rock_serve.protocol.api import SANDBOX_ID
-from rock_serve.protocol.commands import SESSION_NAME
-from rock_serve.protocol.ops import (
-    ExecOp,
-    FileListOp,
-    FileReadOp,
-    FileStatOp,
-    MkdirOp,
-    Op,
-    RemoveOp,
-    SessionCloseOp,
-    SessionCreateOp,
-    SessionInterruptOp,
-    SessionRunOp,
-    SessionStdinOp,
-    StatsOp,
-    TarDownloadOp,
-)
+from rock_serve.protocol.ops import Op, Streams
 
 __all__ = ["Admin", "app"]
 
@@ -164,19 +131,11 @@ app.add_middleware(BodyLimit)
 
 # ----------------------------------------------------------------------------- helpers
 
-SessionName = Annotated[str, PathParam(pattern=SESSION_NAME, description="Session name.")]
 LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=")]
-PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Path in sandbox.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": 'Error body `{"error": {"code", "message"}}`.'}
     # Every status the error table can answer (501 not_supported, 502 port_closed, ...).
     for status in sorted({http_status(code) for code in ErrorCode})
-}
-#: The 200 reply of exec and session run with ``?stream=true``.
-_STREAMED: dict[str, Any] = {
-    "description": "JSON; with `stream=true` NDJSON: OutputChunk lines, then the result "
-    "(or an error body line).",
-    "content": {_NDJSON: {"schema": {"type": "string"}}},
 }
 #: /v1/health needs no token (a wrong one is still refused).
 _HEALTH_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -248,26 +207,11 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
     return out
 
 
-def _parse_mode(mode: str | None) -> int | None:
-    if mode is None:
-        return None
-    try:
-        value = int(mode, 8)
-    except ValueError:
-        raise InvalidRequest(f"mode {mode!r} is not octal permission bits") from None
-    if not 0 <= value <= 0o7777:
-        raise InvalidRequest(f"mode {mode!r} is out of range")
-    return value
+# ----------------------------------------------------------------------------- operations
 
-
-def _idem(request: Request) -> str | None:
-    """The request's ``Idempotency-Key`` (1-128 printable characters), if any."""
-    key = request.headers.get("idempotency-key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= 128 or not key.isprintable():
-        raise InvalidRequest("Idempotency-Key must be 1 to 128 printable characters")
-    return key
+# Every sandbox operation's REST route, from its one declaration (``_op_routes``); the
+# direct data plane mounts the same ones.
+_op_routes.mount_fastapi(app, Auth, _ERRORS)
 
 
 # ----------------------------------------------------------------------------- deployment
@@ -296,6 +240,8 @@ class Admin:
         self._scheduler.configure.remote(self.args)
         self._scheduler.ready.remote()
         self.authenticator = Authenticator(self.args.auth)
+        self._sender: _op_routes.Sender = self
+        _op_routes.bind_admin(self._serve_op)  # the operations' routes serve through it
         self._guard = NamespaceGuard(self._lookup)
         self._audit = AuditLog(self.args.audit, on_error=_admin_metrics().audit_error)
         if not self.authenticator.required:
@@ -361,9 +307,21 @@ class Admin:
         """
         return await call(await self._worker(sandbox_id), method, sandbox_id, *args, **kwargs)
 
-    async def _op(self, sandbox_id: str, operation: Op[R]) -> R:
+    async def op(self, sandbox_id: str, operation: Op[R]) -> R:
         """Run one sandbox operation on the Worker that holds the sandbox."""
         return await worker_op(await self._worker(sandbox_id), sandbox_id, operation)
+
+    async def op_stream(self, sandbox_id: str, operation: Streams[Any]) -> AsyncIterator[Any]:
+        """Run one streaming operation on the Worker that holds the sandbox, item by item."""
+        worker = await self._worker(sandbox_id)
+        items = worker_op_stream(worker, sandbox_id, operation)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     # ---------------------------------------------------------------- control plane
 
@@ -471,259 +429,37 @@ class Admin:
             )
         return Response(status_code=204)
 
-    # ---------------------------------------------------------------- commands
+    # ---------------------------------------------------------------- operations
 
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/exec",
-        response_model=ExecResult,
-        responses={200: _STREAMED, **_ERRORS},
-    )
-    async def exec(
+    async def _serve_op(
         self,
-        sandbox_id: str,
-        req: ExecRequest,
+        route: _op_routes.OpRoute,
         request: Request,
-        principal: Auth,
-        stream_: bool = Query(
-            False, alias="stream", description="Stream NDJSON OutputChunk lines, then the result."
-        ),
-    ) -> Any:
-        """Run one command to completion (optionally streaming its output).
-
-        An ``Idempotency-Key`` header makes a resend safe: the command runs once per key and a
-        resend gets the first run's result.
-        """
-        async with self._audited(
-            request,
-            principal,
-            "exec",
-            sandbox_id,
-            command=req.command,
-            env_keys=sorted(req.env or {}),
-            detail={"stream": stream_, "cwd": req.cwd, "stdin_bytes": len(req.stdin or "")},
-        ) as event:
-            if stream_:
-                worker = await self._worker(sandbox_id)
-                return await _ndjson(worker_op_stream(worker, sandbox_id, ExecOp.of(req)))
-            result = await self._op(sandbox_id, ExecOp.of(req, _idem(request)))
-            event["detail"]["exit_code"] = result.exit_code
-            return result
-
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/sessions",
-        response_model=SessionCreateResponse,
-        responses=_ERRORS,
-    )
-    async def create_session(
-        self, sandbox_id: str, req: SessionCreateRequest, request: Request, principal: Auth
-    ) -> SessionCreateResponse:
-        """Start a persistent bash session."""
-        async with self._audited(
-            request,
-            principal,
-            "session.create",
-            sandbox_id,
-            session=req.session,
-            command="\n".join(req.startup_commands) if req.startup_commands else None,
-            env_keys=sorted(req.env or {}),
-        ):
-            result = await self._op(sandbox_id, SessionCreateOp.of(req))
-        return result
-
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/sessions/{session}/run",
-        response_model=SessionRunResult,
-        responses={200: _STREAMED, **_ERRORS},
-    )
-    async def run_in_session(
-        self,
+        principal: Principal,
         sandbox_id: str,
-        session: SessionName,
-        body: SessionRunBody,
-        request: Request,
-        principal: Auth,
-        stream_: bool = Query(False, alias="stream", description="Stream NDJSON output."),
-    ) -> Any:
-        """Run a command in a session (cwd, env and functions persist).
-
-        An ``Idempotency-Key`` header makes a resend safe (see ``exec``).
-        """
-        req = SessionRunRequest(session=session, **body.model_dump())
-        async with self._audited(
-            request,
-            principal,
-            "session.run",
-            sandbox_id,
-            session=session,
-            command=body.command,
-            detail={"stream": stream_},
-        ) as event:
-            if stream_:
-                worker = await self._worker(sandbox_id)
-                return await _ndjson(worker_op_stream(worker, sandbox_id, SessionRunOp.of(req)))
-            result = await self._op(sandbox_id, SessionRunOp.of(req, _idem(request)))
-            event["detail"]["exit_code"] = result.exit_code
-            return result
-
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/sessions/{session}/stdin", status_code=204, responses=_ERRORS
-    )
-    async def session_stdin(
-        self,
-        sandbox_id: str,
-        session: SessionName,
-        body: SessionStdinBody,
-        request: Request,
-        principal: Auth,
+        operation: Op[Any],
+        streamed: bool,
     ) -> Response:
-        """Write to the stdin of the command running in a session."""
-        data = body.data.encode()
+        """One operation's route (see ``_op_routes``): checked by ``_worker``, audited with
+        the action of its ``OPS`` row, sent to the Worker actor (an upload chunk by chunk).
+        """
+        action = route.spec.audit
+        if action is None:
+            return await _op_routes.serve_op(route, self._sender, sandbox_id, operation, streamed)
+        fields = _op_routes.audit_fields(operation, streamed)
         async with self._audited(
-            request,
-            principal,
-            "session.stdin",
-            sandbox_id,
-            status=204,
-            session=session,
-            detail={"bytes": len(data), "eof": body.eof},  # never the data: it may be a secret
-        ):
-            await self._op(
-                sandbox_id, SessionStdinOp(session=session, data=body.data, eof=body.eof)
+            request, principal, action, sandbox_id, status=route.status, **fields
+        ) as event:
+            if route.spec.model.upload is not None:
+                limit = self.args.max_file_bytes
+                result, size = await _relays.upload(
+                    self._worker, limit, sandbox_id, request, operation
+                )
+                event["detail"]["bytes"] = size
+                return _op_routes.reply(route, result)
+            return await _op_routes.serve_op(
+                route, self._sender, sandbox_id, operation, streamed, event
             )
-        return Response(status_code=204)
-
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/sessions/{session}/interrupt",
-        status_code=204,
-        responses=_ERRORS,
-    )
-    async def interrupt_session(
-        self, sandbox_id: str, session: SessionName, request: Request, principal: Auth
-    ) -> Response:
-        """Interrupt (SIGINT) the command running in a session."""
-        async with self._audited(
-            request, principal, "session.interrupt", sandbox_id, status=204, session=session
-        ):
-            await self._op(sandbox_id, SessionInterruptOp(session=session))
-        return Response(status_code=204)
-
-    @app.delete("/v1/sandboxes/{sandbox_id}/sessions/{session}", status_code=204, responses=_ERRORS)
-    async def close_session(
-        self, sandbox_id: str, session: SessionName, request: Request, principal: Auth
-    ) -> Response:
-        """Close a session and kill its processes."""
-        async with self._audited(
-            request, principal, "session.close", sandbox_id, status=204, session=session
-        ):
-            await self._op(sandbox_id, SessionCloseOp(session=session))
-        return Response(status_code=204)
-
-    # ---------------------------------------------------------------- files
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/files",
-        response_class=Response,
-        responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
-    )
-    async def read_file(self, sandbox_id: str, path: PathQuery, principal: Auth) -> Response:
-        """A file's raw bytes, streamed (any size)."""
-        worker = await self._worker(sandbox_id)
-        return await _relay(
-            worker_op_stream(worker, sandbox_id, FileReadOp(path=path)), "application/octet-stream"
-        )
-
-    @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=FileWritten, responses=_ERRORS)
-    async def write_file(
-        self,
-        sandbox_id: str,
-        request: Request,
-        path: PathQuery,
-        principal: Auth,
-        mode: Annotated[
-            str | None, Query(pattern=r"^[0-7]{1,4}$", description="Octal bits, e.g. 644.")
-        ] = None,
-    ) -> FileWritten:
-        """Write a file atomically from the raw request body (up to ``max_file_bytes``)."""
-        async with self._audited(
-            request, principal, "file.write", sandbox_id, path=path, detail={"mode": mode}
-        ) as event:
-            written = await self._upload(sandbox_id, request, "file", path, _parse_mode(mode))
-            event["detail"]["bytes"] = written
-        return FileWritten(path=path, size=written)
-
-    async def _upload(
-        self, sandbox_id: str, request: Request, kind: str, path: str, mode: int | None = None
-    ) -> int:
-        """Send the request body to the Worker (see ``_relays.upload``)."""
-        limit = self.args.max_file_bytes
-        return await _relays.upload(self._worker, limit, sandbox_id, request, kind, path, mode)
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/archive",
-        response_class=Response,
-        responses={200: {"content": {"application/x-tar": {}}}, **_ERRORS},
-    )
-    async def download_archive(self, sandbox_id: str, path: PathQuery, principal: Auth) -> Response:
-        """An uncompressed tar of a file or directory, streamed (any size)."""
-        worker = await self._worker(sandbox_id)
-        items = worker_op_stream(worker, sandbox_id, TarDownloadOp(path=path))
-        return await _relay(items, "application/x-tar")
-
-    @app.put("/v1/sandboxes/{sandbox_id}/archive", status_code=204, responses=_ERRORS)
-    async def upload_archive(
-        self, sandbox_id: str, request: Request, path: PathQuery, principal: Auth
-    ) -> Response:
-        """Extract a tar (plain or compressed) from the request body into directory ``path``."""
-        async with self._audited(
-            request, principal, "archive.upload", sandbox_id, status=204, path=path
-        ) as event:
-            event["detail"]["bytes"] = await self._upload(sandbox_id, request, "archive", path)
-        return Response(status_code=204)
-
-    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfo, responses=_ERRORS)
-    async def stat(self, sandbox_id: str, path: PathQuery, principal: Auth) -> FileInfo:
-        """Stat a path (symlinks are not followed)."""
-        return await self._op(sandbox_id, FileStatOp(path=path))
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/files/list", response_model=ListDirResult, responses=_ERRORS
-    )
-    async def list_dir(self, sandbox_id: str, path: PathQuery, principal: Auth) -> ListDirResult:
-        """List a directory."""
-        return await self._op(sandbox_id, FileListOp(path=path))
-
-    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
-    async def mkdir(
-        self, sandbox_id: str, req: MkdirRequest, request: Request, principal: Auth
-    ) -> Response:
-        """Create a directory."""
-        async with self._audited(
-            request, principal, "file.mkdir", sandbox_id, status=204, path=req.path
-        ):
-            await self._op(sandbox_id, MkdirOp.model_validate(req.model_dump()))
-        return Response(status_code=204)
-
-    @app.post("/v1/sandboxes/{sandbox_id}/files/remove", status_code=204, responses=_ERRORS)
-    async def remove_path(
-        self, sandbox_id: str, req: RemoveRequest, request: Request, principal: Auth
-    ) -> Response:
-        """Remove a file, or a directory with ``recursive``."""
-        async with self._audited(
-            request,
-            principal,
-            "file.remove",
-            sandbox_id,
-            status=204,
-            path=req.path,
-            detail={"recursive": req.recursive},
-        ):
-            await self._op(sandbox_id, RemoveOp.model_validate(req.model_dump()))
-        return Response(status_code=204)
-
-    @app.get("/v1/sandboxes/{sandbox_id}/stats", response_model=SandboxStats, responses=_ERRORS)
-    async def stats(self, sandbox_id: str, principal: Auth) -> SandboxStats:
-        """CPU, memory and process usage and limits of a sandbox."""
-        return await self._op(sandbox_id, StatsOp())
 
     # ---------------------------------------------------------------- pty
 

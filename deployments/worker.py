@@ -67,22 +67,12 @@ from rock_serve.lifetime import Lifetime
 from rock_serve.protocol import (
     CreateSandboxRequest,
     ExecRequest,
-    ExecResult,
     FailureReason,
-    FileInfo,
-    ListDirResult,
-    MkdirRequest,
-    OutputChunk,
-    RemoveRequest,
     SandboxInfo,
     SandboxRecord,
     SandboxSpec,
     SandboxState,
-    SandboxStats,
-    SessionCreateRequest,
-    SessionCreateResponse,
     SessionRunRequest,
-    SessionRunResult,
     StateChange,
     WorkerStatus,
 )
@@ -566,137 +556,14 @@ class Worker(
             return req
         return req.model_copy(update={"max_output_bytes": self.args.max_output_bytes})
 
-    async def exec(
-        self, sandbox_id: str, req: ExecRequest, idempotency_key: str | None = None
-    ) -> ExecResult:
-        """Run one command to completion (once per ``idempotency_key``, when given)."""
-        started = time.perf_counter()
-        box = self._box(sandbox_id)
-        result = await self._once(sandbox_id, idempotency_key, box.handle.exec(self._capped(req)))
-        self._metrics.op("exec", time.perf_counter() - started, box.record.namespace)
-        return result
-
-    async def stream_exec(
-        self, sandbox_id: str, req: ExecRequest
-    ) -> AsyncIterator[OutputChunk | ExecResult]:
-        """Run one command, yielding output chunks and then the result."""
-        items = self._box(sandbox_id).handle.stream_exec(self._capped(req))
-        async for item in logged_stream("exec", sandbox_id, items, log):
-            yield item
-
-    async def create_session(
-        self, sandbox_id: str, req: SessionCreateRequest
-    ) -> SessionCreateResponse:
-        """Start a bash session (at most ``max_sessions_per_sandbox`` at once).
-
-        Raises:
-            ResourceExhausted: the sandbox is at its session (or process) limit.
-        """
-        return await self._box(sandbox_id).handle.create_session(
-            req, max_sessions=self.args.max_sessions_per_sandbox
-        )
-
-    async def run_in_session(
-        self, sandbox_id: str, req: SessionRunRequest, idempotency_key: str | None = None
-    ) -> SessionRunResult:
-        """Run a command in a session (once per ``idempotency_key``, when given)."""
-        started = time.perf_counter()
-        box = self._box(sandbox_id)
-        result = await self._once(
-            sandbox_id, idempotency_key, box.handle.run_in_session(self._capped(req))
-        )
-        self._metrics.op("session_run", time.perf_counter() - started, box.record.namespace)
-        return result
-
-    async def stream_in_session(
-        self, sandbox_id: str, req: SessionRunRequest
-    ) -> AsyncIterator[OutputChunk | SessionRunResult]:
-        """Run a command in a session, yielding output chunks and then the result."""
-        items = self._box(sandbox_id).handle.stream_in_session(self._capped(req))
-        async for item in logged_stream("session.run", sandbox_id, items, log):
-            yield item
-
-    async def session_stdin(
-        self, sandbox_id: str, session: str, data: bytes, eof: bool = False
-    ) -> None:
-        """Write to a session's running command's stdin."""
-        await self._box(sandbox_id).handle.session_stdin(session, data, eof=eof)
-
-    async def interrupt_session(self, sandbox_id: str, session: str) -> None:
-        """Interrupt a session's running command."""
-        await self._box(sandbox_id).handle.interrupt_session(session)
-
-    async def close_session(self, sandbox_id: str, session: str) -> None:
-        """Close a session."""
-        await self._box(sandbox_id).handle.close_session(session)
-
     def _read_limit(self) -> int:
         return min(self.args.max_file_bytes, self.args.max_read_bytes)
-
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """A whole file, up to ``max_read_bytes`` (and ``max_file_bytes``).
-
-        Raises:
-            TooLarge: the file is larger.
-        """
-        handle = self._box(sandbox_id).handle
-        return await handle.read_file(path, max_bytes=self._read_limit())
-
-    async def write_file(
-        self, sandbox_id: str, path: str, data: bytes, mode: int | None = None
-    ) -> int:
-        """Write a file atomically; returns its size.
-
-        Raises:
-            TooLarge: ``data`` is larger than ``max_file_bytes`` (the Admin checks this
-                too; the Ray transport reaches the Worker directly).
-        """
-        self._check_size(len(data), path)
-        return await self._box(sandbox_id).handle.write_file(path, data, mode=mode)
 
     def _check_size(self, size: int, what: str) -> None:
         if size > self.args.max_file_bytes:
             raise TooLarge(
                 f"{what}: {size} bytes is over the {self.args.max_file_bytes}-byte limit"
             )
-
-    async def download_archive(self, sandbox_id: str, path: str) -> bytes:
-        """A tar of ``path``, up to ``max_read_bytes`` (and ``max_file_bytes``).
-
-        Raises:
-            TooLarge: the tar is larger.
-        """
-        parts: list[bytes] = []
-        handle = self._box(sandbox_id).handle
-        async for chunk in handle.download_tar(path, max_bytes=self._read_limit()):
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def upload_archive(self, sandbox_id: str, path: str, data: bytes) -> None:
-        """Extract a tar stream into directory ``path``."""
-        self._check_size(len(data), path)
-        await self._box(sandbox_id).handle.upload_tar(path, data)
-
-    async def iter_file(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        """Yield a file's bytes in chunks (nothing is held whole), up to ``max_read_bytes``.
-
-        Raises:
-            TooLarge: at once for a regular file over the limit; once the limit is passed for
-                a stream of unknown size (a device, a growing file).
-        """
-        handle = self._box(sandbox_id).handle
-        async for chunk in handle.iter_file(path, max_bytes=self.args.max_read_bytes):
-            yield chunk
-
-    async def iter_archive(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        """Yield an uncompressed tar of ``path`` in chunks, up to ``max_read_bytes``.
-
-        Raises:
-            TooLarge: once the tar passes the limit.
-        """
-        handle = self._box(sandbox_id).handle
-        async for chunk in handle.download_tar(path, max_bytes=self.args.max_read_bytes):
-            yield chunk
 
     async def upload_open(
         self, sandbox_id: str, kind: str, path: str, mode: int | None = None
@@ -720,30 +587,6 @@ class Worker(
     async def upload_abort(self, upload_id: str) -> None:
         """Abandon an upload (the client went away); nothing partial is kept for files."""
         await self._uploads.abort(upload_id)
-
-    async def stat(self, sandbox_id: str, path: str) -> FileInfo:
-        """Stat a path."""
-        return await self._box(sandbox_id).handle.stat(path)
-
-    async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
-        """List a directory."""
-        return await self._box(sandbox_id).handle.list_dir(path)
-
-    async def mkdir(self, sandbox_id: str, req: MkdirRequest) -> None:
-        """Create a directory."""
-        await self._box(sandbox_id).handle.mkdir(
-            req.path, parents=req.parents, exist_ok=req.exist_ok
-        )
-
-    async def remove_path(self, sandbox_id: str, req: RemoveRequest) -> None:
-        """Remove a file or directory."""
-        await self._box(sandbox_id).handle.remove(
-            req.path, recursive=req.recursive, missing_ok=req.missing_ok
-        )
-
-    async def stats(self, sandbox_id: str) -> SandboxStats:
-        """Usage and limits of a sandbox."""
-        return await self._box(sandbox_id).handle.stats()
 
     # ------------------------------------------------------------------ pty
 

@@ -6,11 +6,12 @@ streamed item. :data:`Operation` is the discriminated union of all of them (tag:
 rocklet's own operation name), and :data:`OPS` says, per tag, the model, its result and stream
 item types, its audit action, its REST route and the SDK method that sends it.
 
-The Worker takes them at one entry point (``Worker.op`` / ``Worker.op_stream``, dispatching on
-the model's type), which the Admin routes, the direct data plane and the Ray transport all call.
-Adding an operation touches four places (see ``docs/operations.md``): the model here (and its
-:data:`OPS` row), the agent's handler, the Worker's handler (plus its REST route), and the SDK
-method; ``tests/unit/test_ops.py`` fails when one is missing.
+The Worker takes them at one entry point (``Worker.op`` / ``Worker.op_stream``), sending the
+model to the rocklet as one frame with its policies taken from the model's traits (see
+:class:`Op`); the Admin and the direct data plane serve each operation's route from its
+:data:`OPS` row (``deployments/_op_routes.py``). Adding an operation touches four places (see
+``docs/operations.md``): the model here, the agent's handler, its route (the :data:`OPS` row),
+and the SDK method; ``tests/unit/test_ops.py`` fails when one is missing or a fifth appears.
 
 Models that extend a request model (``ExecOp`` is an :class:`ExecRequest` with a tag) carry the
 same fields and defaults; :meth:`Op.request` gives the plain request back without copying.
@@ -19,7 +20,7 @@ same fields and defaults; :meth:`Op.request` gives the plain request back withou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -79,7 +80,32 @@ _KEY = Field(
 
 
 class Op(WireModel, Generic[R_co]):
-    """An operation on one sandbox whose result is an ``R_co``."""
+    """An operation on one sandbox whose result is an ``R_co``.
+
+    The Worker sends it to the rocklet as one frame: the model's fields are the frame's
+    arguments (the agent's handler of the tag takes exactly those names), except ``op``,
+    ``idempotency_key`` and the :attr:`payload` field, which is the frame's payload. The reply
+    is read back into the result type by its shape (see ``RockletHandle.op``). What the Worker
+    does besides sending it is declared here, as traits, never as per-operation code:
+    """
+
+    #: The field sent as the frame's payload (its bytes; a str is UTF-8 encoded), if any.
+    payload: ClassVar[str | None] = None
+    #: The payload is a file-sized body (REST: the raw request body): held to
+    #: ``max_file_bytes`` and sent in chunks when it does not fit one frame (the agent reads it
+    #: as a stream). The value names it to the Worker's chunked uploads (``upload_open``).
+    upload: ClassVar[str | None] = None
+    #: The content type of its bytes when it streams them (REST replies).
+    media_type: ClassVar[str] = "application/octet-stream"
+    #: Run once per ``idempotency_key`` (a resend gets the first run's result).
+    idempotent: ClassVar[bool] = False
+    #: ``max_output_bytes`` is held to the server's ``max_output_bytes``.
+    output_capped: ClassVar[bool] = False
+    #: Frame arguments the Worker adds from its config: ``max_bytes`` (the read limit),
+    #: ``max_sessions`` (``max_sessions_per_sandbox``).
+    limits: ClassVar[tuple[str, ...]] = ()
+    #: The Worker's latency metric of this operation (``rock_op_seconds{op=...}``), if any.
+    metric: ClassVar[str | None] = None
 
     def request(self, model: type[Q]) -> Q:
         """The operation as the plain request model ``model`` (its fields, no tag, no copy)."""
@@ -101,6 +127,11 @@ class ExecOp(ExecRequest, Op[ExecResult], Streams[OutputChunk | ExecResult]):
     op: Literal["exec"] = "exec"
     idempotency_key: str | None = _KEY
 
+    payload: ClassVar[str | None] = "stdin"
+    idempotent: ClassVar[bool] = True
+    output_capped: ClassVar[bool] = True
+    metric: ClassVar[str | None] = "exec"
+
     @classmethod
     def of(cls, req: ExecRequest, idempotency_key: str | None = None) -> ExecOp:
         """The operation of a validated request (no second validation)."""
@@ -114,6 +145,8 @@ class SessionCreateOp(SessionCreateRequest, Op[SessionCreateResponse]):
     """Start a persistent bash session."""
 
     op: Literal["session.create"] = "session.create"
+
+    limits: ClassVar[tuple[str, ...]] = ("max_sessions",)
 
     @classmethod
     def of(cls, req: SessionCreateRequest) -> SessionCreateOp:
@@ -130,6 +163,10 @@ class SessionRunOp(
     op: Literal["session.run"] = "session.run"
     idempotency_key: str | None = _KEY
 
+    idempotent: ClassVar[bool] = True
+    output_capped: ClassVar[bool] = True
+    metric: ClassVar[str | None] = "session_run"
+
     @classmethod
     def of(cls, req: SessionRunRequest, idempotency_key: str | None = None) -> SessionRunOp:
         """The operation of a validated request (no second validation)."""
@@ -143,6 +180,8 @@ class SessionStdinOp(SessionStdinRequest, Op[None]):
     """Write to the stdin of the command running in a session."""
 
     op: Literal["session.stdin"] = "session.stdin"
+
+    payload: ClassVar[str | None] = "data"
 
 
 class SessionInterruptOp(SessionInterruptRequest, Op[None]):
@@ -166,6 +205,8 @@ class FileReadOp(Op[bytes], Streams[bytes]):
     op: Literal["file.read"] = "file.read"
     path: str = _PATH
 
+    limits: ClassVar[tuple[str, ...]] = ("max_bytes",)
+
 
 class FileWriteOp(Op[FileWritten]):
     """Write a whole file atomically (up to ``max_file_bytes``)."""
@@ -174,6 +215,9 @@ class FileWriteOp(Op[FileWritten]):
     path: str = _PATH
     data: bytes = Field(description="The file's bytes (REST: the raw request body).")
     mode: int | None = Field(default=None, ge=0, le=0o7777, description="Permission bits.")
+
+    payload: ClassVar[str | None] = "data"
+    upload: ClassVar[str | None] = "file"
 
 
 class FileStatOp(Op[FileInfo]):
@@ -208,6 +252,9 @@ class TarDownloadOp(Op[bytes], Streams[bytes]):
     op: Literal["tar.download"] = "tar.download"
     path: str = _PATH
 
+    limits: ClassVar[tuple[str, ...]] = ("max_bytes",)
+    media_type: ClassVar[str] = "application/x-tar"
+
 
 class TarUploadOp(Op[None]):
     """Extract a tar (plain or compressed) into directory ``path``."""
@@ -215,6 +262,9 @@ class TarUploadOp(Op[None]):
     op: Literal["tar.upload"] = "tar.upload"
     path: str = _PATH
     data: bytes = Field(description="The tar's bytes (REST: the raw request body).")
+
+    payload: ClassVar[str | None] = "data"
+    upload: ClassVar[str | None] = "archive"
 
 
 # ---------------------------------------------------------------------------- sandbox

@@ -230,9 +230,11 @@ def _error_body(exc):
 
 
 def _require(args, key, kind, default=None, optional=False):
-    value = args.get(key, default)
-    if value is None and optional:
-        return None
+    value = args.get(key)
+    if value is None:  # absent or null: the host sends an operation's unset fields as null
+        if optional:
+            return None
+        value = default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise AgentError("invalid_request", "field %r must be %s" % (key, kind.__name__))
     return value

@@ -9,7 +9,9 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar, cast
+
+from pydantic import BaseModel
 
 from rock_serve._tracing import SPANS, traced, untraced_task
 from rock_serve.errors import RockletUnavailable, TooLarge, error_class
@@ -26,12 +28,36 @@ from rock_serve.protocol import (
     SessionRunResult,
     encode_bytes,
 )
+from rock_serve.protocol.ops import (
+    OPS,
+    ExecOp,
+    FileListOp,
+    FileReadOp,
+    FileStatOp,
+    MkdirOp,
+    Op,
+    RemoveOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionInterruptOp,
+    SessionRunOp,
+    StatsOp,
+    Streams,
+    TarDownloadOp,
+)
 from rock_serve.rocklet import agent as _agent
 from rock_serve.rocklet._processes import ProcessOps
 from rock_serve.rocklet.agent import CHUNK, HEADER, MAX_HEADER, MAX_PAYLOAD, FrameError
 from rock_serve.rocklet.agent import read_frame as _read_frame
 
-__all__ = ["AGENT_PATH", "PtyProcess", "RockletHandle", "agent_argv", "install_agent"]
+__all__ = [
+    "AGENT_PATH",
+    "PtyProcess",
+    "RockletHandle",
+    "agent_argv",
+    "install_agent",
+    "read_result",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +102,8 @@ def install_agent(target_dir: str) -> str:
 
 
 Frame = tuple[dict[str, Any], bytes]
+R = TypeVar("R")
+ItemT = TypeVar("ItemT")
 
 
 class _Call:
@@ -380,6 +408,74 @@ class RockletHandle(ProcessOps):
 
     # ------------------------------------------------------------------ operations
 
+    @staticmethod
+    def _frame(
+        kind: type[Op[Any]], model: BaseModel, extra: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], bytes, AsyncIterable[bytes] | None]:
+        """The frame of an operation of type ``kind`` whose fields ``model`` holds: its fields
+        as the arguments (plus ``extra``), its payload field as the payload (chunked past one
+        frame when it is an upload).
+        """
+        plan = _PLANS.get(kind)
+        if plan is None:
+            skip = {name for name in ("op", "idempotency_key", kind.payload) if name is not None}
+            plan = _PLANS[kind] = (skip, kind.payload, kind.upload is not None)
+        skip, field, upload = plan
+        args = model.model_dump(mode="json", exclude=skip, exclude_defaults=True)
+        if extra:
+            args.update(extra)
+        payload = b""
+        if field is not None:
+            value = getattr(model, field)
+            payload = value.encode() if isinstance(value, str) else bytes(value or b"")
+        if upload and len(payload) > CHUNK:
+            return args, b"", _chunks(payload)
+        return args, payload, None
+
+    async def _op(
+        self, kind: type[Op[Any]], model: BaseModel, extra: dict[str, Any] | None = None
+    ) -> Any:
+        tag = _tag(kind)
+        args, payload, upload = self._frame(kind, model, extra)
+        data, out = await self.request(tag, args, payload, upload=upload)
+        return read_result(OPS[tag].result, model, data, out)
+
+    async def op(self, operation: Op[R], extra: dict[str, Any] | None = None) -> R:
+        """Send one operation (see :class:`~rock_serve.protocol.ops.Op`); its result, read
+        back by the result type's shape. ``extra``: arguments the caller adds (limits).
+        """
+        return cast(R, await self._op(type(operation), operation, extra))
+
+    async def op_stream(
+        self, operation: Streams[ItemT], extra: dict[str, Any] | None = None
+    ) -> AsyncIterator[ItemT]:
+        """Send one operation asking for its output as it comes: raw chunks when it streams
+        bytes, else :class:`OutputChunk` items and then the result.
+        """
+        kind = cast(type[Op[Any]], type(operation))
+        tag = _tag(kind)
+        spec = OPS[tag]
+        args, payload, upload = self._frame(kind, cast(BaseModel, operation), extra)
+        if spec.item is bytes:
+            async for _, data in self._stream(tag, args, payload, upload=upload):
+                if data:
+                    yield cast(ItemT, data)
+            return
+        args["stream"] = True
+        async for header, data in self._stream(tag, args, payload, upload=upload):
+            if header.get("type") == "result":
+                result = read_result(spec.result, operation, header.get("data") or {}, b"")
+                yield cast(ItemT, result)
+            else:
+                (text,), encoding = encode_bytes(data)
+                chunk = OutputChunk(
+                    stream=header.get("stream", "output"), data=text, encoding=encoding
+                )
+                yield cast(ItemT, chunk)
+
+    # Typed conveniences for code that holds a handle (the rocklet's HTTP mode, runtimes'
+    # tests, fork, benchmarks): each is the operation above; a new operation needs none.
+
     async def ping(self) -> dict[str, Any]:
         """Round trip to the rocklet; returns its version, pid and python."""
         data, _ = await self.request("ping")
@@ -391,31 +487,23 @@ class RockletHandle(ProcessOps):
         """Start a persistent bash session (refused with ``resource_exhausted`` when the
         sandbox has ``max_sessions`` already; None = the rocklet's default bound).
         """
-        req = req or SessionCreateRequest()
-        args = req.model_dump(exclude_none=True)
-        if max_sessions is not None:
-            args["max_sessions"] = max_sessions
-        data, out = await self.request("session.create", args)
-        return SessionCreateResponse(session=data["session"], output=out.decode("utf-8", "replace"))
+        extra = None if max_sessions is None else {"max_sessions": max_sessions}
+        result: SessionCreateResponse = await self._op(
+            SessionCreateOp, req or SessionCreateRequest(), extra
+        )
+        return result
 
     async def run_in_session(self, req: SessionRunRequest) -> SessionRunResult:
         """Run a command in a session and wait for it (or its timeout)."""
-        data, out = await self.request("session.run", req.model_dump())
-        (text,), encoding = encode_bytes(out)
-        return SessionRunResult(output=text, encoding=encoding, **data)
+        result: SessionRunResult = await self._op(SessionRunOp, req)
+        return result
 
     async def stream_in_session(
         self, req: SessionRunRequest
     ) -> AsyncIterator[OutputChunk | SessionRunResult]:
         """Run a command in a session, yielding output chunks as they come, then the result."""
-        args = req.model_dump()
-        args["stream"] = True
-        async for header, data in self._stream("session.run", args):
-            if header.get("type") == "result":
-                yield SessionRunResult(output="", **header["data"])
-            else:
-                (text,), encoding = encode_bytes(data)
-                yield OutputChunk(stream="output", data=text, encoding=encoding)
+        async for item in self.op_stream(SessionRunOp.of(req)):
+            yield item
 
     async def session_stdin(self, session: str, data: bytes, *, eof: bool = False) -> None:
         """Write to the stdin of the command running in ``session``."""
@@ -423,46 +511,26 @@ class RockletHandle(ProcessOps):
 
     async def interrupt_session(self, session: str = "default") -> None:
         """Send SIGINT to the command running in ``session``."""
-        await self.request("session.interrupt", {"session": session})
+        await self.op(SessionInterruptOp(session=session))
 
     async def close_session(self, session: str = "default") -> None:
         """Close ``session`` and kill its processes."""
-        await self.request("session.close", {"session": session})
+        await self.op(SessionCloseOp(session=session))
 
     async def list_sessions(self) -> list[str]:
         """Names of the open sessions."""
         data, _ = await self.request("session.list")
         return list(data["sessions"])
 
-    @staticmethod
-    def _exec_args(req: ExecRequest) -> tuple[dict[str, Any], bytes]:
-        args = req.model_dump(exclude={"stdin"}, exclude_none=True)
-        if req.timeout is None:
-            args["timeout"] = None
-        return args, (req.stdin or "").encode()
-
     async def exec(self, req: ExecRequest) -> ExecResult:
         """Run one command to completion in a fresh process."""
-        args, stdin = self._exec_args(req)
-        data, out = await self.request("exec", args, stdin)
-        n = data.pop("stdout_len")
-        (stdout, stderr), encoding = encode_bytes(out[:n], out[n:])
-        return ExecResult(stdout=stdout, stderr=stderr, encoding=encoding, **data)
+        result: ExecResult = await self._op(ExecOp, req)
+        return result
 
     async def stream_exec(self, req: ExecRequest) -> AsyncIterator[OutputChunk | ExecResult]:
         """Run one command, yielding stdout/stderr chunks as they come, then the result."""
-        args, stdin = self._exec_args(req)
-        args["stream"] = True
-        async for header, data in self._stream("exec", args, stdin):
-            if header.get("type") == "result":
-                result = dict(header["data"])
-                result.pop("stdout_len", None)
-                yield ExecResult(stdout="", stderr="", **result)
-            else:
-                (text,), encoding = encode_bytes(data)
-                yield OutputChunk(
-                    stream=header.get("stream", "stdout"), data=text, encoding=encoding
-                )
+        async for item in self.op_stream(ExecOp.of(req)):
+            yield item
 
     async def read_file(
         self,
@@ -488,9 +556,8 @@ class RockletHandle(ProcessOps):
             TooLarge: at once for a regular file over ``max_bytes``; for anything else (a
                 device, a growing file) once ``max_bytes`` have come.
         """
-        async for _, data in self._stream("file.read", {"path": path, "max_bytes": max_bytes}):
-            if data:
-                yield data
+        async for chunk in self.op_stream(FileReadOp(path=path), {"max_bytes": max_bytes}):
+            yield chunk
 
     async def write_file(
         self,
@@ -513,22 +580,19 @@ class RockletHandle(ProcessOps):
 
     async def stat(self, path: str) -> FileInfo:
         """Stat a path (symlinks are not followed)."""
-        data, _ = await self.request("file.stat", {"path": path})
-        return FileInfo(**data)
+        return await self.op(FileStatOp(path=path))
 
     async def list_dir(self, path: str) -> ListDirResult:
         """List a directory."""
-        data, _ = await self.request("file.list", {"path": path})
-        return ListDirResult(**data)
+        return await self.op(FileListOp(path=path))
 
     async def mkdir(self, path: str, *, parents: bool = True, exist_ok: bool = True) -> None:
         """Create a directory."""
-        await self.request("file.mkdir", {"path": path, "parents": parents, "exist_ok": exist_ok})
+        await self.op(MkdirOp(path=path, parents=parents, exist_ok=exist_ok))
 
     async def remove(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> None:
         """Remove a file, or a directory with ``recursive=True``."""
-        args = {"path": path, "recursive": recursive, "missing_ok": missing_ok}
-        await self.request("file.remove", args)
+        await self.op(RemoveOp(path=path, recursive=recursive, missing_ok=missing_ok))
 
     async def download_tar(
         self, path: str, *, max_bytes: int | None = None
@@ -538,9 +602,8 @@ class RockletHandle(ProcessOps):
         Raises:
             TooLarge: once the tar passes ``max_bytes`` (None = no bound).
         """
-        async for _, data in self._stream("tar.download", {"path": path, "max_bytes": max_bytes}):
-            if data:
-                yield data
+        async for chunk in self.op_stream(TarDownloadOp(path=path), {"max_bytes": max_bytes}):
+            yield chunk
 
     async def upload_tar(self, path: str, data: bytes | AsyncIterable[bytes]) -> None:
         """Extract a tar stream (plain or compressed) into directory ``path``."""
@@ -549,8 +612,7 @@ class RockletHandle(ProcessOps):
 
     async def stats(self) -> SandboxStats:
         """CPU, memory and process usage and limits as the sandbox sees them."""
-        data, _ = await self.request("stats")
-        return SandboxStats(**data)
+        return await self.op(StatsOp())
 
     def pty(
         self,
@@ -688,6 +750,62 @@ class PtyProcess:
                 with contextlib.suppress(Exception):
                     h._send({"id": self._rid, "type": "cancel"})
             self._finish()
+
+
+#: Per operation model: (the fields that are not frame arguments, its payload field, whether
+#: that is an upload).
+_PLANS: dict[type, tuple[set[str], str | None, bool]] = {}
+#: Per operation model: its tag.
+_TAGS: dict[type, str] = {}
+#: Per (result type, model type): the result's fields that the model may fill, and how the
+#: payload becomes its ``output`` ("encoded", "text" or None: it has none).
+_FILL: dict[tuple[Any, type], tuple[tuple[str, ...], str | None]] = {}
+
+
+def _tag(kind: type[Op[Any]]) -> str:
+    tag = _TAGS.get(kind)
+    if tag is None:
+        tag = _TAGS[kind] = str(kind.model_fields["op"].default)
+    return tag
+
+
+def read_result(result: Any, operation: Any, data: dict[str, Any], payload: bytes) -> Any:
+    """A reply (result data + payload) as ``result``, read by the result type's shape.
+
+    - no result: None; ``bytes``: the payload;
+    - data with ``stdout_len``: the payload is stdout then stderr (``stdout``, ``stderr``,
+      ``encoding``); else a model with an ``output`` field: the payload is that output;
+    - a result field the rocklet does not send is the operation's own field of that name
+      (``FileWritten.path``).
+    """
+    if result is _NONE:
+        return None
+    if result is bytes:
+        return payload
+    key = (result, type(operation))
+    plan = _FILL.get(key)
+    if plan is None:
+        fields = result.model_fields
+        fill = tuple(name for name in fields if name in type(operation).model_fields)
+        output = ("encoded" if "encoding" in fields else "text") if "output" in fields else None
+        plan = _FILL[key] = (fill, output)
+    fill, output = plan
+    for name in fill:
+        if name not in data:
+            data[name] = getattr(operation, name)
+    if "stdout_len" in data:
+        n = data.pop("stdout_len")
+        (stdout, stderr), encoding = encode_bytes(payload[:n], payload[n:])
+        return result(stdout=stdout, stderr=stderr, encoding=encoding, **data)
+    if output is not None and "output" not in data:
+        if output == "encoded":
+            (text,), encoding = encode_bytes(payload)
+            return result(output=text, encoding=encoding, **data)
+        return result(output=payload.decode("utf-8", "replace"), **data)
+    return result(**data)
+
+
+_NONE = type(None)
 
 
 def _error(header: dict[str, Any]) -> Exception:

@@ -36,6 +36,7 @@ from rock_serve.protocol import (
     SessionRunRequest,
 )
 from rock_serve.protocol.fork import ForkRequest
+from rock_serve.protocol.ops import ExecOp, SessionCreateOp, SessionRunOp
 from rock_serve.runtime._fork import FROZEN_DIR
 from rock_serve.runtime.bwrap import mounts_under
 from tests._wait import async_wait_until
@@ -68,15 +69,17 @@ class _Platform:
         return await self.scheduler.create(CreateSandboxRequest(**fields), namespace)  # type: ignore[arg-type]
 
     async def sh(self, sandbox_id: str, command: str) -> str:
-        result = await self.worker.exec(sandbox_id, ExecRequest(command=command, timeout=60))
+        result = await self.worker.op(
+            sandbox_id, ExecOp.of(ExecRequest(command=command, timeout=60))
+        )
         assert result.exit_code == 0, (command, result)
         return result.stdout
 
     async def run(self, sandbox_id: str, command: str) -> str:
         with contextlib.suppress(SessionExists):
-            await self.worker.create_session(sandbox_id, SessionCreateRequest())
+            await self.worker.op(sandbox_id, SessionCreateOp.of(SessionCreateRequest()))
         req = SessionRunRequest(command=command, timeout=60)
-        result = await self.worker.run_in_session(sandbox_id, req)
+        result = await self.worker.op(sandbox_id, SessionRunOp.of(req))
         assert result.exit_code == 0, (command, result)
         return result.output
 
@@ -236,7 +239,7 @@ async def test_pause_freezes_and_resume_continues(platform: _Platform) -> None:
     await async_wait_until(lambda: platform.sh(parent.id, "cat /root/n 2>/dev/null || true"))
     await platform.scheduler.pause(parent.id)
     with pytest.raises(SandboxNotRunning, match="paused"):
-        await platform.worker.exec(parent.id, ExecRequest(command="true"))
+        await platform.worker.op(parent.id, ExecOp.of(ExecRequest(command="true")))
     rt = platform.worker._runtime
     assert rt is not None and rt.paused(parent.id)  # type: ignore[attr-defined]
     upper = os.path.join(platform.state_dir, parent.id, "disk", "upper", "root", "n")

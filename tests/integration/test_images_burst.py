@@ -17,6 +17,7 @@ import pytest
 
 from rock_serve.config import BwrapRuntimeConfig, ImageStoreConfig, ServerArgs
 from rock_serve.protocol import CreateSandboxRequest, ExecRequest, SandboxState, parse_image_ref
+from rock_serve.protocol.ops import ExecOp
 from tests._registry import Registry, oci, registry_skip_reason
 from tests.contract.conftest import _BWRAP_SKIP, TEST_CGROUP_PARENT
 
@@ -90,7 +91,7 @@ async def test_concurrent_creates_of_an_uncached_image_pull_once(tmp_path, regis
         assert img is not None and store.in_use(img.id) == N
         # every sandbox answers (a few sampled: they all passed the same start)
         for r in results[:: N // 4]:
-            out = await worker.exec(r.id, ExecRequest(command="cat /etc/os-release"))  # type: ignore[union-attr]
+            out = await worker.op(r.id, ExecOp.of(ExecRequest(command="cat /etc/os-release")))  # type: ignore[union-attr]
             assert "rock-nopython" in out.stdout
     finally:
         await worker.shutdown()

@@ -27,8 +27,8 @@ from rock_serve.deployments._ray import call, stream
 from rock_serve.deployments._trace import SPANS, TRACE_ID, install_logging
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import RockError
-from rock_serve.protocol import CreateSandboxRequest, ExecRequest
-from rock_serve.protocol.ops import ExecOp
+from rock_serve.protocol import CreateSandboxRequest
+from rock_serve.protocol.ops import ExecOp, FileReadOp
 from rock_serve.rocklet import AGENT_PATH
 from rock_serve.rocklet.agent import encode_frame, read_frame
 from tests._wait import async_wait_until
@@ -84,9 +84,9 @@ async def test_an_op_carries_the_callers_trace_id_into_the_rocklet_its_log_and_e
     handle = Handle(worker)
     token = TRACE_ID.set(TRACE)
     try:
-        result = await call(handle, "exec", sid, ExecRequest(command="echo hi"))
+        result = await call(handle, "op", sid, ExecOp(command="echo hi"))
         with pytest.raises(RockError) as failed:
-            await call(handle, "read_file", sid, "/no/such/file")
+            await call(handle, "op", sid, FileReadOp(path="/no/such/file"))
     finally:
         TRACE_ID.reset(token)
     assert result.stdout == "hi\n"
@@ -105,9 +105,7 @@ async def test_an_op_carries_the_callers_trace_id_into_the_rocklet_its_log_and_e
     # Untraced ops (the create's own ping, the watchdog's pings) are not logged.
     assert all(line.get("trace") == TRACE for line in _agent_lines(tmp_path / "state", sid))
     # The Worker's line for the failed call has the same id.
-    assert f"call read_file failed: {code}: {failed.value.message}" in _traced_records(
-        caplog, TRACE
-    )
+    assert f"call op failed: {code}: {failed.value.message}" in _traced_records(caplog, TRACE)
 
 
 async def test_the_rocklet_puts_the_trace_id_in_its_errors_and_ignores_a_bad_one(
@@ -247,7 +245,7 @@ async def test_a_stream_over_ray_runs_under_the_callers_trace_id(
     handle = StreamHandle(worker)
     token = TRACE_ID.set(TRACE)
     try:
-        items = [x async for x in stream(handle, "stream_exec", sid, ExecRequest(command="echo a"))]
+        items = [x async for x in stream(handle, "op_stream", sid, ExecOp(command="echo a"))]
     finally:
         TRACE_ID.reset(token)
     assert handle.calls == ["rock_traced_stream"]
@@ -319,7 +317,7 @@ async def test_spans_of_the_worker_and_the_rocklet_call_are_children_of_the_admi
     handle = Handle(worker)
 
     async def exec_route(request: Request) -> JSONResponse:  # the Admin's exec, in short
-        result = await call(handle, "exec", sid, ExecRequest(command="echo span"))
+        result = await call(handle, "op", sid, ExecOp(command="echo span"))
         return JSONResponse({"stdout": result.stdout})
 
     app = RequestContext(Starlette(routes=[Route("/exec", exec_route, methods=["POST"])]))
@@ -334,7 +332,7 @@ async def test_spans_of_the_worker_and_the_rocklet_call_are_children_of_the_admi
     assert resp.status_code == 200 and resp.json() == {"stdout": "span\n"}
     assert resp.headers["x-trace-id"] == TRACE
     spans = {span.name: span for span in exporter.get_finished_spans()}
-    admin, worker_span, rocklet = spans["POST /exec"], spans["Worker.exec"], spans["rocklet exec"]
+    admin, worker_span, rocklet = spans["POST /exec"], spans["Worker.op"], spans["rocklet exec"]
     assert {s.context.trace_id for s in spans.values()} == {int(TRACE, 16)}
     assert admin.parent is not None and admin.parent.span_id == int(PARENT, 16)
     assert worker_span.parent is not None

@@ -41,6 +41,14 @@ from rock_serve.protocol import (
     SessionCreateRequest,
     SessionRunRequest,
 )
+from rock_serve.protocol.ops import (
+    ExecOp,
+    FileReadOp,
+    SessionCloseOp,
+    SessionCreateOp,
+    SessionRunOp,
+    TarDownloadOp,
+)
 from rock_serve.rocklet.agent import MAX_HEADER, MAX_PAYLOAD
 from tests._wait import async_wait_until
 from tests.contract.conftest import RUNTIMES, make_config
@@ -84,7 +92,7 @@ async def _sandbox(worker: Worker, **resources: int | float) -> SandboxRecord:
 
 
 async def _sh(worker: Worker, sandbox_id: str, command: str) -> str:
-    result = await worker.exec(sandbox_id, ExecRequest(command=command, timeout=60))
+    result = await worker.op(sandbox_id, ExecOp.of(ExecRequest(command=command, timeout=60)))
     assert result.exit_code == 0, (command, result)
     return result.stdout
 
@@ -140,12 +148,12 @@ async def test_file_reads_over_the_cap_are_refused_before_any_byte(worker: Worke
         worker, sid, f"head -c {READ_CAP + 1} /dev/zero > big; head -c {READ_CAP} /dev/zero > fits"
     )
     with pytest.raises(TooLarge) as info:
-        await worker.read_file(sid, "big")
+        await worker.op(sid, FileReadOp(path="big"))
     assert http_status(info.value.code) == 413
-    chunks = worker.iter_file(sid, "big")
+    chunks = worker.op_stream(sid, FileReadOp(path="big"))
     with pytest.raises(TooLarge):
         await chunks.__anext__()  # refused before the first chunk: the REST reply is a 413
-    assert len(await worker.read_file(sid, "fits")) == READ_CAP
+    assert len(await worker.op(sid, FileReadOp(path="fits"))) == READ_CAP
     handle = worker._box(sid).handle  # a length past the end is no reason to refuse
     assert len(await handle.read_file("fits", length=4 * READ_CAP, max_bytes=READ_CAP)) == READ_CAP
     await _still_works(worker, sid)
@@ -161,12 +169,12 @@ async def test_an_endless_stream_is_cut_at_the_cap(worker: Worker):
     await _sh(worker, sid, feed)
     received = 0
     with pytest.raises(TooLarge):
-        async for chunk in worker.iter_file(sid, "endless"):
+        async for chunk in worker.op_stream(sid, FileReadOp(path="endless")):
             received += len(chunk)
     assert 0 < received <= READ_CAP
     await _sh(worker, sid, feed)
     with pytest.raises(TooLarge):
-        await worker.read_file(sid, "endless")
+        await worker.op(sid, FileReadOp(path="endless"))
     await _still_works(worker, sid)
 
 
@@ -175,7 +183,7 @@ async def test_reading_dev_zero_stops_at_the_cap(worker: Worker):
     sid = (await _sandbox(worker)).id
     received = 0
     with pytest.raises(TooLarge):
-        async for chunk in worker.iter_file(sid, "/dev/zero"):
+        async for chunk in worker.op_stream(sid, FileReadOp(path="/dev/zero")):
             received += len(chunk)
     assert received <= READ_CAP
     await _still_works(worker, sid)
@@ -191,13 +199,13 @@ async def test_archives_over_the_cap_are_cut_with_too_large(worker: Worker):
         "head -c 600000 /dev/urandom > big/b && echo hi > small/x",
     )
     with pytest.raises(TooLarge):
-        await worker.download_archive(sid, "big")
+        await worker.op(sid, TarDownloadOp(path="big"))
     received = 0
     with pytest.raises(TooLarge):
-        async for chunk in worker.iter_archive(sid, "big"):
+        async for chunk in worker.op_stream(sid, TarDownloadOp(path="big")):
             received += len(chunk)
     assert received <= READ_CAP
-    assert len(await worker.download_archive(sid, "small")) > 0
+    assert len(await worker.op(sid, TarDownloadOp(path="small"))) > 0
     await _still_works(worker, sid)
 
 
@@ -205,16 +213,16 @@ async def test_archives_over_the_cap_are_cut_with_too_large(worker: Worker):
 async def test_command_output_is_capped_and_marked(worker: Worker):
     sid = (await _sandbox(worker)).id
     req = ExecRequest(command="head -c 5000000 /dev/zero", max_output_bytes=1000)
-    result = await worker.exec(sid, req)
+    result = await worker.op(sid, ExecOp.of(req))
     assert result.truncated and len(result.stdout_bytes()) == 1000
     # Asking for more than the server's cap gets the cap, marked truncated.
     cap = worker.args.max_output_bytes
     req = ExecRequest(command=f"head -c {cap + 10} /dev/zero", max_output_bytes=cap * 2)
-    result = await worker.exec(sid, req)
+    result = await worker.op(sid, ExecOp.of(req))
     assert result.truncated and len(result.stdout_bytes()) == cap
     run = SessionRunRequest(command=f"head -c {cap + 10} /dev/zero", max_output_bytes=cap * 2)
-    await worker.create_session(sid, SessionCreateRequest())
-    out = await worker.run_in_session(sid, run)
+    await worker.op(sid, SessionCreateOp.of(SessionCreateRequest()))
+    out = await worker.op(sid, SessionRunOp.of(run))
     assert out.truncated and len(out.output_bytes()) == cap
     await _still_works(worker, sid)
 
@@ -228,13 +236,13 @@ async def test_requests_over_the_frame_limit_never_reach_the_rocklet(worker: Wor
     pid = (await worker._box(sid).handle.ping())["pid"]
     big_command = ExecRequest(command="echo " + "x" * (60 << 20))  # the 60 MB exec body
     with pytest.raises(TooLarge, match="frame limit") as info:
-        await worker.exec(sid, big_command)
+        await worker.op(sid, ExecOp.of(big_command))
     assert info.value.details["limit"] == MAX_HEADER
     big_stdin = ExecRequest(command="wc -c", stdin="y" * (MAX_PAYLOAD + 1))
     with pytest.raises(TooLarge):
-        await worker.exec(sid, big_stdin)
+        await worker.op(sid, ExecOp.of(big_stdin))
     with pytest.raises(TooLarge):
-        await worker.run_in_session(sid, SessionRunRequest(command="x" * (MAX_HEADER + 1)))
+        await worker.op(sid, SessionRunOp.of(SessionRunRequest(command="x" * (MAX_HEADER + 1))))
     # The same rocklet answers: it was never sent the frame.
     assert (await worker._box(sid).handle.ping())["pid"] == pid
     await _still_works(worker, sid)
@@ -248,13 +256,13 @@ async def test_sessions_per_sandbox_are_bounded(worker: Worker):
     sid = (await _sandbox(worker)).id
     cap = worker.args.max_sessions_per_sandbox
     for i in range(cap):
-        await worker.create_session(sid, SessionCreateRequest(session=f"s{i}"))
+        await worker.op(sid, SessionCreateOp.of(SessionCreateRequest(session=f"s{i}")))
     with pytest.raises(ResourceExhausted) as info:
-        await worker.create_session(sid, SessionCreateRequest(session="one-more"))
+        await worker.op(sid, SessionCreateOp.of(SessionCreateRequest(session="one-more")))
     assert info.value.details == {"resource": "sessions", "limit": cap}
     assert http_status(info.value.code) == 409
-    await worker.close_session(sid, "s0")
-    await worker.create_session(sid, SessionCreateRequest(session="one-more"))
+    await worker.op(sid, SessionCloseOp(session="s0"))
+    await worker.op(sid, SessionCreateOp.of(SessionCreateRequest(session="one-more")))
     await _still_works(worker, sid)
 
 
@@ -265,13 +273,13 @@ async def test_a_fork_failure_under_the_pids_limit_is_a_typed_409(worker: Worker
     made = []
     with pytest.raises(ResourceExhausted) as info:
         for i in range(100):
-            await worker.create_session(sid, SessionCreateRequest(session=f"s{i}"))
+            await worker.op(sid, SessionCreateOp.of(SessionCreateRequest(session=f"s{i}")))
             made.append(f"s{i}")
     assert info.value.details["resource"] == "pids"
     assert http_status(info.value.code) == 409
     assert len(made) >= 8, "a session costs one pid (no waiter thread per child)"
     for name in made[:4]:
-        await worker.close_session(sid, name)
+        await worker.op(sid, SessionCloseOp(session=name))
     await _still_works(worker, sid)
 
 
@@ -309,7 +317,9 @@ async def test_a_stopped_rocklet_marks_its_sandbox_failed_not_running(worker: Wo
     pid = _rocklet_pid(worker, sid)
     os.kill(pid, signal.SIGSTOP)
     try:
-        waiting = asyncio.ensure_future(worker.exec(sid, ExecRequest(command="echo never")))
+        waiting = asyncio.ensure_future(
+            worker.op(sid, ExecOp.of(ExecRequest(command="echo never")))
+        )
         record = await async_wait_until(lambda: _failed(worker, sid), what="failed state")
         assert record.reason == FailureReason.AGENT_UNRESPONSIVE
         assert record.history[-1].reason == "agent_unresponsive"
@@ -317,7 +327,7 @@ async def test_a_stopped_rocklet_marks_its_sandbox_failed_not_running(worker: Wo
             await waiting  # the call in flight is not left hanging
         assert info.value.details["reason"] == "agent_unresponsive"
         with pytest.raises(SandboxFailed) as failed:
-            await worker.exec(sid, ExecRequest(command="echo again"))
+            await worker.op(sid, ExecOp.of(ExecRequest(command="echo again")))
         assert failed.value.details["reason"] == "agent_unresponsive"
         await _still_works(worker, other)  # the neighbour is untouched
     finally:
@@ -334,7 +344,7 @@ async def test_a_killed_rocklet_marks_its_sandbox_failed_at_once(worker: Worker)
     record = await async_wait_until(lambda: _failed(worker, sid), what="failed state")
     assert record.reason in (FailureReason.AGENT_EXITED, FailureReason.OOM_KILLED)
     with pytest.raises(SandboxFailed):
-        await worker.exec(sid, ExecRequest(command="echo again"))
+        await worker.op(sid, ExecOp.of(ExecRequest(command="echo again")))
     await worker.remove(sid)
     await _still_works(worker, (await _sandbox(worker)).id)
 

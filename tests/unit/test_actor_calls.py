@@ -147,20 +147,20 @@ class _Actor:
 
 async def test_a_typed_call_sends_the_methods_name_and_its_arguments():
     from rock_serve.deployments._ray import call, stream, stream_ahead
-    from rock_serve.protocol import ExecRequest
+    from rock_serve.protocol.ops import ExecOp
 
     actor = _Actor()
     assert await call(actor, Worker.remove, "sb-1", reason="gone") == "remove"
-    req = ExecRequest(command="true")
-    assert [x async for x in stream(actor, Worker.stream_exec, "sb-1", req)] == [
-        "stream_exec-1",
-        "stream_exec-2",
+    req = ExecOp(command="true")
+    assert [x async for x in stream(actor, Worker.op_stream, "sb-1", req)] == [
+        "op_stream-1",
+        "op_stream-2",
     ]
     ahead = stream_ahead(3, actor, Worker.stream_pty, "sb-1", "p1")
     assert [x async for x in ahead] == ["stream_pty-1", "stream_pty-2"]
     assert [(name, args, kwargs) for name, args, kwargs, _ in actor.seen] == [
         ("remove", ("sb-1",), {"reason": "gone"}),
-        ("stream_exec", ("sb-1", req), {}),
+        ("op_stream", ("sb-1", req), {}),
         ("stream_pty", ("sb-1", "p1"), {}),
     ]
     assert actor.seen[1][3] == {"num_returns": "streaming"}

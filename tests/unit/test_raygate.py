@@ -21,7 +21,7 @@ from rock_serve.protocol import (
     SessionRunRequest,
     SessionRunResult,
 )
-from rock_serve.protocol.ops import ExecOp, FileReadOp, SessionRunOp, StatsOp
+from rock_serve.protocol.ops import ExecOp, FileReadOp, SessionCreateOp, SessionRunOp, StatsOp
 from rock_serve.runtime.fake import FakeRuntime
 
 TOKENS = {name: generate_token() for name in ("alice", "bob", "root")}
@@ -60,7 +60,7 @@ async def _events(worker: Worker) -> list[dict]:
 async def test_the_token_decides_who_may_call(worker):
     sid = "sb-w1-0123456789abcdef"
     await worker.create(sid, CreateSandboxRequest(), ttl=600, namespace="team-a")
-    await worker.create_session(sid, SessionCreateRequest())
+    await worker.op(sid, SessionCreateOp.of(SessionCreateRequest()))
     run = SessionRunOp(command="echo hi")
 
     with pytest.raises(Unauthorized):

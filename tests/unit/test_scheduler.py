@@ -12,6 +12,7 @@ from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import InvalidRequest, RateLimited, RuntimeUnavailable, SandboxNotFound
 from rock_serve.protocol import CreateSandboxRequest
+from rock_serve.protocol.ops import StatsOp
 from rock_serve.runtime.fake import FakeRuntime
 
 
@@ -278,7 +279,7 @@ async def test_sandboxes_of_a_dead_ray_job_are_reaped_on_sync():
     assert [r.id for r in (await scheduler.list()).items] == [theirs.id]
     assert mine.id not in {info.id for info in await directory.runtimes[A].list()}
     with pytest.raises(SandboxNotFound, match="job_dead"):
-        await directory.workers[A].exec(mine.id, None)  # type: ignore[arg-type]
+        await directory.workers[A].op(mine.id, StatsOp())
 
 
 async def test_configure_reaches_the_workers_and_changes_limits():

@@ -17,6 +17,7 @@ from rock_serve.protocol import (
     SessionCreateRequest,
     SessionRunRequest,
 )
+from rock_serve.protocol.ops import ExecOp, FileReadOp, FileWriteOp, SessionCreateOp, SessionRunOp
 from rock_serve.runtime.fake import FakeRuntime
 
 
@@ -55,7 +56,7 @@ async def test_a_lease_is_renewed_by_calls_and_reaped_when_it_runs_out(made):
     assert record.lease_expires_at == 1010.0
     assert [h.state for h in record.history] == ["pending", "starting", "running"]
     clock.now += 8
-    await worker.exec(record.id, ExecRequest(command="echo hi"))  # renews
+    await worker.op(record.id, ExecOp.of(ExecRequest(command="echo hi")))  # renews
     clock.now += 8
     assert await worker.reap() == []
     assert (await worker.renew(record.id)).lease_expires_at == clock.now + 10
@@ -63,7 +64,7 @@ async def test_a_lease_is_renewed_by_calls_and_reaped_when_it_runs_out(made):
     assert await worker.reap() == [record.id]
     assert await runtime.list() == []
     with pytest.raises(SandboxNotFound) as gone:
-        await worker.exec(record.id, ExecRequest(command="echo hi"))
+        await worker.op(record.id, ExecOp.of(ExecRequest(command="echo hi")))
     assert gone.value.details["reason"] == "lease_expired"
     assert "lease_expired" in str(gone.value)
 
@@ -86,7 +87,7 @@ async def test_a_restarted_worker_adopts_running_sandboxes_with_their_files(made
     first = await _worker(made, runtime, clock)
     req = CreateSandboxRequest(owner="o", labels={"k": "v"}, trajectory_id="traj-1")
     record = await first.create("sb-w1-cccccccc", req, ttl=3600, namespace="team")
-    await first.write_file(record.id, "/tmp/f", b"kept")
+    await first.op(record.id, FileWriteOp(path="/tmp/f", data=b"kept"))
     made.remove(first)  # it "dies": its process and handles are gone, the sandbox is not
     stored = SandboxRecord.model_validate_json((await runtime.list())[0].labels[LABEL_RECORD])
     assert stored.namespace == "team" and stored.trajectory_id == "traj-1"
@@ -98,12 +99,10 @@ async def test_a_restarted_worker_adopts_running_sandboxes_with_their_files(made
     assert adopted.namespace == "team" and adopted.expires_at == record.expires_at
     assert adopted.history[-1].reason == "adopted"
     assert adopted.lease_expires_at == clock.now + 600
-    assert await second.read_file(record.id, "/tmp/f") == b"kept"
+    assert await second.op(record.id, FileReadOp(path="/tmp/f")) == b"kept"
     # Files survive; bash sessions lived in the old rocklet and start afresh.
-    await second.create_session(record.id, SessionCreateRequest(session="default"))
-    result = await second.run_in_session(
-        record.id, SessionRunRequest(session="default", command="echo again")
-    )
+    await second.op(record.id, SessionCreateOp(session="default"))
+    result = await second.op(record.id, SessionRunOp(session="default", command="echo again"))
     assert result.output == "again\n"
 
 
@@ -129,9 +128,9 @@ async def test_reconfigure_applies_limits_and_keeps_old_sandboxes_on_their_runti
     await worker.reconfigure(_args(runtime=local, max_sandboxes_per_node=5))
     assert worker.args.max_sandboxes_per_node == 5
     new = await worker.create("sb-w1-gggggggg", CreateSandboxRequest(), ttl=3600)
-    out = await worker.exec(new.id, ExecRequest(command="echo $((6*7))"))
+    out = await worker.op(new.id, ExecOp.of(ExecRequest(command="echo $((6*7))")))
     assert out.stdout == "42\n"  # a real bash: the local runtime
-    assert (await worker.exec(old.id, ExecRequest(command="echo hi"))).stdout == "hi\n"
+    assert (await worker.op(old.id, ExecOp.of(ExecRequest(command="echo hi")))).stdout == "hi\n"
     assert [i.id for i in await runtime.list()] == [old.id]
     await worker.remove(old.id)
     await worker.remove(new.id)
@@ -142,7 +141,7 @@ async def test_session_create_is_still_a_data_plane_call(made):
     clock, runtime = Clock(), FakeRuntime()
     worker = await _worker(made, runtime, clock)
     record = await worker.create("sb-w1-hhhhhhhh", CreateSandboxRequest(), ttl=3600)
-    await worker.create_session(record.id, SessionCreateRequest(session="s2"))
+    await worker.op(record.id, SessionCreateOp.of(SessionCreateRequest(session="s2")))
     assert (await worker.get(record.id)).state == SandboxState.RUNNING
 
 
@@ -152,19 +151,19 @@ async def test_a_command_runs_once_per_idempotency_key(made, tmp_path):
     runtime = LocalRuntimeConfig(state_dir=str(tmp_path / "local")).build()
     worker = await _worker(made, runtime, Clock())
     record = await worker.create("sb-w1-iiiiiiii", CreateSandboxRequest(), ttl=3600)
-    await worker.create_session(record.id, SessionCreateRequest(session="default"))
+    await worker.op(record.id, SessionCreateOp.of(SessionCreateRequest(session="default")))
     run = SessionRunRequest(session="default", command="echo x >> count; wc -l < count")
     first, again = await asyncio.gather(
-        worker.run_in_session(record.id, run, "key-1"),
-        worker.run_in_session(record.id, run, "key-1"),  # a resend racing the first
+        worker.op(record.id, SessionRunOp.of(run, "key-1")),
+        worker.op(record.id, SessionRunOp.of(run, "key-1")),  # a resend racing the first
     )
-    later = await worker.run_in_session(record.id, run, "key-1")
+    later = await worker.op(record.id, SessionRunOp.of(run, "key-1"))
     assert first == again == later and first.output == "1\n"
-    assert (await worker.run_in_session(record.id, run, "key-2")).output == "2\n"
+    assert (await worker.op(record.id, SessionRunOp.of(run, "key-2"))).output == "2\n"
     once = ExecRequest(command="echo y >> other; wc -l < other")
-    assert (await worker.exec(record.id, once, "key-3")).stdout == "1\n"
-    assert (await worker.exec(record.id, once, "key-3")).stdout == "1\n"
-    assert (await worker.exec(record.id, once)).stdout == "2\n"
+    assert (await worker.op(record.id, ExecOp.of(once, "key-3"))).stdout == "1\n"
+    assert (await worker.op(record.id, ExecOp.of(once, "key-3"))).stdout == "1\n"
+    assert (await worker.op(record.id, ExecOp.of(once))).stdout == "2\n"
     assert len(worker._keys) == 3
 
 
@@ -184,7 +183,7 @@ async def test_the_warm_pool_serves_default_creates_and_refills(made):
     record = await worker.create("sb-w1-jjjjjjjj", CreateSandboxRequest(owner="o"), ttl=60)
     assert record.id in warm_ids and record.owner == "o" and record.expires_at == 1060.0
     assert [h.reason for h in record.history] == [None, "warm_pool", "warm_pool"]
-    assert (await worker.exec(record.id, ExecRequest(command="echo hi"))).stdout == "hi\n"
+    assert (await worker.op(record.id, ExecOp.of(ExecRequest(command="echo hi")))).stdout == "hi\n"
     await _pool(worker, 2)  # refilled (3 places: 1 used, 2 warm)
     custom = await worker.create("sb-w1-kkkkkkkk", CreateSandboxRequest(image="img"), ttl=60)
     assert custom.id == "sb-w1-kkkkkkkk"  # not the default spec: made afresh
