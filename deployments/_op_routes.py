@@ -30,7 +30,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError, create_model
 from starlette.routing import Route
 
-from rock_serve.errors import InvalidRequest, RockError, RuntimeUnavailable, to_body
+from rock_serve.deployments._relays import ndjson, relay
+from rock_serve.errors import InvalidRequest, RuntimeUnavailable
 from rock_serve.protocol._base import WireModel
 from rock_serve.protocol.ops import OPS, Op, OpSpec, Streams
 
@@ -242,51 +243,6 @@ class Sender(Protocol):
         """Run one streaming operation, item by item."""
 
 
-async def _ndjson(items: AsyncIterator[Any]) -> Response:
-    """Models as NDJSON; an error before the first item is a normal error reply."""
-    from starlette.responses import StreamingResponse
-
-    iterator = aiter(items)
-    first = await anext(iterator)
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield first.model_dump_json().encode() + b"\n"
-            async for item in iterator:
-                yield item.model_dump_json().encode() + b"\n"
-        except RockError as exc:
-            yield json.dumps(to_body(exc)).encode() + b"\n"
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    return StreamingResponse(body(), media_type=NDJSON)
-
-
-async def _raw(chunks: AsyncIterator[bytes], media_type: str) -> Response:
-    """Bytes as they come; an error before the first chunk is a normal error reply."""
-    from starlette.responses import StreamingResponse
-
-    iterator = aiter(chunks)
-    try:
-        first = await anext(iterator)
-    except StopAsyncIteration:
-        return Response(content=b"", media_type=media_type)
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for chunk in iterator:
-                yield chunk
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    return StreamingResponse(body(), media_type=media_type)
-
-
 def reply(route: OpRoute, result: Any) -> Response:
     """The reply of a result that is not streamed (204 for none, raw bytes or JSON)."""
     if route.status == 204 or result is None:
@@ -308,9 +264,9 @@ async def serve_op(
     which gets the result's exit code).
     """
     if route.raw_stream:
-        return await _raw(sender.op_stream(sandbox_id, operation), route.media_type)
+        return await relay(sender.op_stream(sandbox_id, operation), route.media_type)
     if streamed:
-        return await _ndjson(sender.op_stream(sandbox_id, operation))
+        return await ndjson(sender.op_stream(sandbox_id, operation))
     result = await sender.op(sandbox_id, operation)
     if event is not None and hasattr(result, "exit_code"):
         event["detail"]["exit_code"] = result.exit_code

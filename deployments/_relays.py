@@ -47,9 +47,18 @@ NDJSON = "application/x-ndjson"
 UPLOAD_CHUNK = 1 << 20
 
 
+async def _aclose(items: AsyncIterator[Any]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 async def ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
-    """Stream models as NDJSON; an error before the first item is a normal error response."""
-    first = await items.__anext__()
+    """Stream models as NDJSON; an error before the first item is a normal error response.
+
+    The Admin's and the data plane's streamed operations and the processes routes answer here.
+    """
+    first = await anext(items)
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -59,7 +68,7 @@ async def ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
         except RockError as exc:
             yield json.dumps(to_body(exc)).encode() + b"\n"
         finally:
-            await items.aclose()  # type: ignore[attr-defined]
+            await _aclose(items)
 
     return StreamingResponse(body(), media_type=NDJSON)
 
@@ -67,7 +76,7 @@ async def ndjson(items: AsyncIterator[BaseModel]) -> StreamingResponse:
 async def relay(chunks: AsyncIterator[bytes], media_type: str) -> Response:
     """Relay a byte stream; an error before the first chunk is a normal error response."""
     try:
-        first = await chunks.__anext__()
+        first = await anext(chunks)
     except StopAsyncIteration:
         return Response(content=b"", media_type=media_type)
 
@@ -77,7 +86,7 @@ async def relay(chunks: AsyncIterator[bytes], media_type: str) -> Response:
             async for chunk in chunks:
                 yield chunk
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await _aclose(chunks)
 
     return StreamingResponse(body(), media_type=media_type)
 
