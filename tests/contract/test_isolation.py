@@ -212,7 +212,12 @@ async def test_sandboxes_do_not_see_each_other(runtime):
     ha, hb = await runtime.start(a), await runtime.start(b)
     # The background sleep must not hold the exec's output pipe (the exec would wait for it).
     await ha.exec(ExecRequest(command="echo a > /var/tmp/mine; sleep 30 >/dev/null 2>&1 &"))
-    assert "sleep" in (await ha.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
+
+    async def a_sees_its_sleep() -> bool:
+        # the background child may not have exec'd sleep yet when the exec returns
+        return "sleep" in (await ha.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
+
+    await async_wait_until(a_sees_its_sleep, what="the sandbox's own background sleep")
     assert (await hb.exec(ExecRequest(command="cat /proc/*/comm"))).exit_code == 0
     assert (await hb.exec(ExecRequest(command="cat /var/tmp/mine"))).exit_code != 0
     assert "sleep" not in (await hb.exec(ExecRequest(command="cat /proc/*/comm"))).stdout
