@@ -13,18 +13,23 @@ from rock_serve.rocklet.handle import PtyProcess
 pytestmark = pytest.mark.timeout(180)  # hang guards; a busy CPU slows a container start
 
 
-async def _expect(p: PtyProcess, needle: bytes, seen: bytearray, timeout: float = 60) -> None:
-    """Read output into ``seen`` until ``needle`` shows up."""
+async def _expect(
+    p: PtyProcess, needle: bytes | re.Pattern[bytes], seen: bytearray, timeout: float = 60
+) -> None:
+    """Read output into ``seen`` until ``needle`` (bytes, or a pattern) is in it."""
+
+    def found() -> bool:
+        return bool(needle.search(seen)) if isinstance(needle, re.Pattern) else needle in seen
 
     async def read() -> None:
-        if needle in seen:  # an earlier read may have brought it with what it waited for
-            return
         async for data in p:
             seen.extend(data)
-            if needle in seen:
+            if found():
                 return
         raise AssertionError(f"pty ended before {needle!r}: {bytes(seen)!r}")
 
+    if found():  # an earlier read may have brought it with what that one waited for
+        return
     try:
         await asyncio.wait_for(read(), timeout)
     except TimeoutError:
@@ -105,9 +110,7 @@ async def test_close_kills_the_process_tree(sandbox):
     await p.open()
     seen = bytearray()
     await p.send(b"sleep 300 & echo pid=$!.\n")
-    await _expect(p, b"pid=", seen)
-    while not re.search(rb"pid=(\d+)\.", seen):
-        await _expect(p, b".", seen)
+    await _expect(p, re.compile(rb"pid=(\d+)\."), seen)
     pid = int(re.findall(rb"pid=(\d+)\.", bytes(seen))[-1])
     await p.close()
     assert p.exit_code is not None and p.exit_code != 0
