@@ -50,7 +50,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import docker.errors
 from docker.types import Mount, Ulimit
@@ -64,6 +64,7 @@ from rock_serve.protocol import (
     SandboxState,
     SandboxStats,
 )
+from rock_serve.protocol.ops import Op, StatsOp
 from rock_serve.runtime._docker_node import exiting
 from rock_serve.runtime._docker_stream import ExecRocklet
 from rock_serve.runtime._seccomp import compile_profile
@@ -73,6 +74,8 @@ from rock_serve.runtime.docker import AGENT_MOUNT, DockerRuntime
 __all__ = ["HOST_TASKS_BASE", "HOST_TASKS_PER_PID", "GvisorRocklet", "GvisorRuntime", "host_stats"]
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 #: Host tasks allowed per sandbox process (ptrace platform: about 9 measured) ...
 HOST_TASKS_PER_PID = 16
@@ -245,9 +248,17 @@ class GvisorRocklet(ExecRocklet):
             task = asyncio.ensure_future(self._fail("the gVisor sandbox (runsc) exited"))
             task.add_done_callback(lambda _: self.abort())
 
+    async def op(self, operation: Op[R], extra: dict[str, Any] | None = None) -> R:
+        """Every operation as the rocklet runs it, except stats (see :meth:`stats`): the
+        Worker sends ``StatsOp`` through here, not through ``stats()``.
+        """
+        if isinstance(operation, StatsOp):
+            return cast(R, await self.stats())
+        return await super().op(operation, extra)
+
     async def stats(self) -> SandboxStats:
         """The rocklet's stats, with limits and usage from the container's host cgroups."""
-        mine = await super().stats()
+        mine = await super().op(StatsOp())
         update = await run_sync(host_stats, self.sentry_pid) if self.sentry_pid else {}
         if self.pids_limit is not None:
             update["pids_limit"] = self.pids_limit

@@ -22,7 +22,8 @@ from rock_serve.deployments._store import MemoryStore
 from rock_serve.deployments.scheduler import Scheduler
 from rock_serve.deployments.worker import Worker
 from rock_serve.errors import ArtifactCorrupt, NotFound, SandboxNotFound, http_status
-from rock_serve.protocol import CreateSandboxRequest, ExecRequest
+from rock_serve.protocol import CreateSandboxRequest
+from rock_serve.protocol.ops import ExecOp
 from rock_serve.protocol.snapshot import SnapshotRequest
 from rock_serve.runtime._fork import FROZEN_DIR
 from tests._s3 import use_test_credentials
@@ -58,9 +59,7 @@ class _Cluster:
         return self.a if name == self.a.name else self.b
 
     async def sh(self, worker_name: str, sandbox_id: str, command: str) -> str:
-        result = await self.worker(worker_name).exec(
-            sandbox_id, ExecRequest(command=command, timeout=60)
-        )
+        result = await self.worker(worker_name).op(sandbox_id, ExecOp(command=command, timeout=60))
         assert result.exit_code == 0, (command, result)
         return result.stdout
 
