@@ -7,7 +7,8 @@ A plain async class; ``_ray.py`` runs it as a detached, node-pinned Ray actor na
 A facade over its parts, each a module of its own: the table of sandboxes
 (``_worker_table``), the warm pool (``_warm_pool``), adoption of an earlier incarnation's
 sandboxes (``_adoption``), chunked uploads (``_uploads``), the idempotency cache
-(``_idempotency``) and open ptys (``_ptys``). What Ray calls are this class's methods.
+(``_idempotency``), open ptys (``_ptys``) and a sandbox's create/watch/remove
+(``_lifecycle``). What Ray calls are this class's methods.
 
 Every sandbox it makes carries the label ``rock.worker=<short>`` and, in ``rock.record``, the
 JSON of its record, so a restarted Worker adopts what it can and removes the rest (see
@@ -38,9 +39,10 @@ from rock_serve.deployments._dataplane import DataPlaneWorker
 from rock_serve.deployments._fork import ForkWorker
 from rock_serve.deployments._idempotency import KeyCache
 from rock_serve.deployments._images import ImagesWorker
+from rock_serve.deployments._lifecycle import LifecycleWorker
 from rock_serve.deployments._llm import LLMWorker
 from rock_serve.deployments._metrics import metrics
-from rock_serve.deployments._node import NodeCapacity, check_resources, effective_resources
+from rock_serve.deployments._node import NodeCapacity
 from rock_serve.deployments._ops import OpsWorker
 from rock_serve.deployments._ports import PortsWorker
 from rock_serve.deployments._processes import ProcessesWorker
@@ -57,27 +59,17 @@ from rock_serve.deployments._worker_table import (
     step,
 )
 from rock_serve.errors import (
-    Conflict,
-    RateLimited,
     RockError,
     SandboxNotFound,
     TooLarge,
 )
-from rock_serve.lifetime import Lifetime
 from rock_serve.protocol import (
-    CreateSandboxRequest,
     ExecRequest,
-    FailureReason,
     SandboxInfo,
     SandboxRecord,
-    SandboxSpec,
-    SandboxState,
     SessionRunRequest,
-    StateChange,
     WorkerStatus,
 )
-from rock_serve.protocol.api import LIFECYCLE_FIELDS
-from rock_serve.protocol.snapshot import SnapshotRecord
 from rock_serve.runtime.base import Runtime
 
 __all__ = ["LABEL_RECORD", "LABEL_WARM", "LABEL_WORKER", "Worker"]
@@ -93,6 +85,7 @@ _step = step
 
 
 class Worker(
+    LifecycleWorker,
     OpsWorker,
     ProcessesWorker,
     ImagesWorker,
@@ -281,209 +274,6 @@ class Worker(
         return len(ids)
 
     # ------------------------------------------------------------------ control plane
-
-    async def create(
-        self,
-        sandbox_id: str,
-        req: CreateSandboxRequest,
-        ttl: float,
-        namespace: str = "default",
-        snapshot: SnapshotRecord | None = None,
-    ) -> SandboxRecord:
-        """Create and start a sandbox (over ``snapshot``'s files when given). On any failure
-        nothing is left behind.
-
-        Raises:
-            RateLimited: the node is at ``max_sandboxes_per_node``.
-            Conflict: the id is taken.
-            ImageNotFound, InvalidConfig: the runtime refused the spec.
-        """
-        runtime = await self._ready()
-        if self._table.load() >= self.args.max_sandboxes_per_node:
-            raise RateLimited(
-                f"worker {self.name} is full", retry_after=self.args.create_retry_after_seconds
-            )
-        if self._table.taken(sandbox_id):
-            raise Conflict(f"sandbox {sandbox_id!r} exists already")
-        spec = SandboxSpec.model_validate(req.model_dump(exclude=set(LIFECYCLE_FIELDS)))
-        spec.registry_auth = req.registry_auth  # excluded from dumps: never stored
-        resources = effective_resources(req.resources, self.args.runtime)
-        check_resources(resources, self._node, self.args)
-        await self._llm_prepare(sandbox_id, req, spec)  # OPENAI_* env, reverse ports (15.3)
-        now = self._clock()
-        lease = Lifetime.of(self.args).lease(req.lease_seconds)
-        record = SandboxRecord(
-            id=sandbox_id,
-            state=SandboxState.PENDING,
-            owner=req.owner,
-            labels=dict(req.labels),
-            image=req.image,
-            resources=resources,
-            network=req.network,
-            egress=req.egress,
-            worker=self.name,
-            node_id=self.node_id,
-            created_at=now,
-            expires_at=Lifetime.expires_at(now, ttl),
-            namespace=namespace,
-            ray_job_id=req.ray_job_id,
-            trajectory_id=req.trajectory_id,
-            endpoint=self.dataplane_address(),
-            lease_seconds=lease,
-            archive_on_expiry=req.archive_on_expiry,
-            history=[StateChange(state=SandboxState.PENDING, at=now)],
-        )
-        spec.labels = {
-            **spec.labels,
-            LABEL_WORKER: self.name,
-            LABEL_RECORD: record.model_dump_json(exclude={"history"}),
-        }
-        warm = self._pool.take(spec) if snapshot is None else None
-        if warm is not None:
-            record.id = warm.record.id  # the pool's sandbox keeps its id
-            self._llm_rekey(sandbox_id, record.id)
-            try:
-                await self._llm_attach(record.id, warm.handle)
-            except BaseException:
-                await self._llm_close(record.id)
-                await self._pool.discard(warm)
-                raise
-            step(record, SandboxState.STARTING, now, "warm_pool")
-            step(record, SandboxState.RUNNING, now, "warm_pool")
-            box = Box(record, warm.handle, warm.runtime)
-            self._table.add(box, now)
-            self._watch(box)
-            self._metrics.created(0.0, ok=True, namespace=namespace)
-            self._publish()
-            log.info(
-                "worker %s: created sandbox %s from the warm pool owner=%r",
-                self.name,
-                record.id,
-                req.owner,
-                extra={"sandbox_id": record.id, "owner": req.owner, "namespace": namespace},
-            )
-            return record
-        self._creating.add(sandbox_id)
-        started = time.perf_counter()
-        try:
-            step(record, SandboxState.STARTING, self._clock())
-            if snapshot is None:
-                await runtime.create(sandbox_id, spec)
-            else:
-                await self._restore_snapshot(runtime, sandbox_id, spec, snapshot)
-            handle = await runtime.start(sandbox_id)
-            try:
-                await self._llm_attach(sandbox_id, handle)
-            except BaseException:
-                await handle.close()
-                raise
-            step(record, SandboxState.RUNNING, self._clock())
-            box = Box(record, handle, runtime)
-            self._table.add(box, self._clock())
-            self._watch(box)
-            self._pool.want()  # less room: the pool may have to shrink
-            self._metrics.created(time.perf_counter() - started, ok=True, namespace=namespace)
-            self._publish()
-            log.info(
-                "worker %s: created sandbox %s owner=%r in %.1f ms",
-                self.name,
-                sandbox_id,
-                req.owner,
-                (time.perf_counter() - started) * 1000,
-                extra={"sandbox_id": sandbox_id, "owner": req.owner, "namespace": namespace},
-            )
-            return record
-        except Conflict:
-            await self._llm_close(sandbox_id)
-            raise  # the id belongs to someone else: leave it alone
-        except BaseException as exc:
-            self._metrics.created(time.perf_counter() - started, ok=False, namespace=namespace)
-            code = exc.code.value if isinstance(exc, RockError) else "internal"
-            self._metrics.error("create", code)
-            # Removal is idempotent, so this also cleans up a half-made sandbox.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._llm_close(sandbox_id))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(runtime.remove(sandbox_id))
-            raise
-        finally:
-            self._creating.discard(sandbox_id)
-
-    async def remove(self, sandbox_id: str, reason: str = "deleted") -> None:
-        """Stop and remove a sandbox.
-
-        Raises:
-            SandboxNotFound: this Worker has no such sandbox.
-        """
-        box = self._table.pop(sandbox_id, reason)
-        if box.watcher is not None:
-            box.watcher.cancel()
-        if box.record.state == SandboxState.PAUSED:  # a frozen rocklet cannot exit
-            with contextlib.suppress(Exception):
-                await box.runtime.resume(sandbox_id)
-        with contextlib.suppress(Exception):
-            await self._llm_close(sandbox_id)  # its tunnels and pending model calls
-        with contextlib.suppress(Exception):
-            await box.handle.close()
-        try:
-            await box.runtime.remove(sandbox_id)
-        finally:
-            self._pool.want()
-            self._publish()
-            log.info(
-                "worker %s: removed sandbox %s (%s)",
-                self.name,
-                sandbox_id,
-                reason,
-                extra={"sandbox_id": sandbox_id, "owner": box.record.owner, "reason": reason},
-            )
-
-    # ------------------------------------------------------------------ liveness
-
-    def _watch(self, box: Box) -> None:
-        """Ping the box's rocklet when it is silent, and mark the sandbox failed (with the
-        reason) as soon as its rocklet exits or stops answering: never 'running' with a dead
-        agent.
-        """
-        interval = self.args.rocklet_ping_interval_seconds
-        if interval is not None:
-            box.handle.watch(interval, self.args.rocklet_ping_timeout_seconds)
-        box.watcher = untraced_task(self._await_failure(box))  # outlives the traced create
-
-    async def _await_failure(self, box: Box) -> None:
-        await box.handle.wait_closed()
-        if self._boxes.get(box.record.id) is not box or box.handle.failure is None:
-            return  # removed (its handle closed by us)
-        await self._mark_failed(box)
-
-    async def _mark_failed(self, box: Box) -> None:
-        record = box.record
-        if not self._still_running(box):
-            return
-        if box.handle.failure == FailureReason.AGENT_UNRESPONSIVE.value:
-            reason = FailureReason.AGENT_UNRESPONSIVE
-        else:
-            reason = FailureReason.AGENT_EXITED
-            with contextlib.suppress(RockError):  # the runtime may know better (OOM)
-                info = await box.runtime.inspect(record.id)
-                if info.reason is not None:
-                    reason = info.reason
-        if not self._still_running(box):  # removed or marked while we asked the runtime
-            return
-        record.reason = reason
-        step(record, SandboxState.FAILED, self._clock(), reason.value)
-        self._metrics.error("rocklet", reason.value)
-        self._publish()
-        log.warning(
-            "worker %s: sandbox %s failed (%s)",
-            self.name,
-            record.id,
-            reason.value,
-            extra={"sandbox_id": record.id, "owner": record.owner, "reason": reason.value},
-        )
-
-    def _still_running(self, box: Box) -> bool:
-        return self._table.still_running(box)
 
     def _not_found(self, sandbox_id: str) -> SandboxNotFound:
         return self._table.not_found(sandbox_id)

@@ -64,7 +64,7 @@ from rock_serve.protocol import (
     SandboxState,
     SandboxStats,
 )
-from rock_serve.protocol.ops import Op, StatsOp
+from rock_serve.protocol.ops import Op
 from rock_serve.runtime._docker_node import exiting
 from rock_serve.runtime._docker_stream import ExecRocklet
 from rock_serve.runtime._seccomp import compile_profile
@@ -249,16 +249,16 @@ class GvisorRocklet(ExecRocklet):
             task.add_done_callback(lambda _: self.abort())
 
     async def op(self, operation: Op[R], extra: dict[str, Any] | None = None) -> R:
-        """Every operation as the rocklet runs it, except stats (see :meth:`stats`): the
-        Worker sends ``StatsOp`` through here, not through ``stats()``.
+        """Every operation as the rocklet runs it; stats (whatever operation returns them:
+        the Worker sends its operations here, not through ``stats()``) with the limits and
+        usage of the container's host cgroups, which the Sentry's own view does not have.
         """
-        if isinstance(operation, StatsOp):
-            return cast(R, await self.stats())
-        return await super().op(operation, extra)
+        result = await super().op(operation, extra)
+        if isinstance(result, SandboxStats):
+            return cast(R, await self._with_host_view(result))
+        return result
 
-    async def stats(self) -> SandboxStats:
-        """The rocklet's stats, with limits and usage from the container's host cgroups."""
-        mine = await super().op(StatsOp())
+    async def _with_host_view(self, mine: SandboxStats) -> SandboxStats:
         update = await run_sync(host_stats, self.sentry_pid) if self.sentry_pid else {}
         if self.pids_limit is not None:
             update["pids_limit"] = self.pids_limit
