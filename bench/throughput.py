@@ -12,7 +12,8 @@ clients are asyncio tasks of one process, as one rollout driver stepping many en
 - the direct data plane (``AsyncClient(dataplane="direct")``: HTTP straight to the node's
   data-plane server in the Worker -> rocklet; one grant per sandbox from the Admin);
 - Ray transport (``AsyncClient.from_ray``: Worker actor -> rocklet);
-- the direct plane's batch op (``client.run_many``: N sandboxes stepped by one request);
+- the batch op (``client.run_many``: N sandboxes stepped by one request to the node's direct
+  plane, or by one Worker actor call over Ray);
 - churn: create -> first command -> delete, 1 and 8 loops at once, over HTTP and over Ray, and
   create -> first command on its own (1 loop);
 - paced: create -> first command over HTTP, one create every ``--pace`` s (a create on an
@@ -205,17 +206,24 @@ async def sessions(
     return rows
 
 
-async def batched(url: str, clients: list[int], seconds: float) -> list[Row]:
-    """The direct plane's batch op: all N sandboxes stepped by one request per round (a GRPO
-    group's step); ops/s counts commands, p50/p99 are per round.
+async def batched(url: str | None, clients: list[int], seconds: float) -> list[Row]:
+    """The batch op: all N sandboxes stepped by one call per round (a GRPO group's step): one
+    request to the node's direct plane (``url``), or one Worker actor call over Ray (None);
+    ops/s counts commands, p50/p99 are per round.
     """
     from rock_serve.sdk import AsyncClient
 
+    name = "direct batch (1 req/group)" if url else "Ray batch (1 call/group)"
     rows = []
     for n in clients:
         if n == 1:
             continue
-        async with AsyncClient(base_url=url, timeout=120, dataplane="direct") as client:
+        client = (
+            AsyncClient(base_url=url, timeout=120, dataplane="direct")
+            if url
+            else AsyncClient.from_ray(namespace="rock-bench")
+        )
+        async with client:
             boxes = [client.sandbox() for _ in range(n)]
             try:
                 for sb in boxes:
@@ -223,12 +231,14 @@ async def batched(url: str, clients: list[int], seconds: float) -> list[Row]:
                     await sb.run("true")  # its session
                 group = [(sb.id, "echo hi") for sb in boxes]
 
-                async def step(group: list[tuple[str, str]] = group) -> None:
+                async def step(
+                    group: list[tuple[str, str]] = group, client: AsyncClient = client
+                ) -> None:
                     for result in await client.run_many(group):
                         if isinstance(result, Exception):
                             raise result
 
-                row = await drive("direct batch (1 req/group)", [step], seconds)
+                row = await drive(name, [step], seconds)
                 row.clients, row.weight = n, n
                 rows.append(row)
             finally:
@@ -327,6 +337,8 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
         rows += await batched(url, clients, opts.seconds)
     if "ray" in only:
         rows += await sessions(None, clients, opts.seconds, opts.runtime)
+    if "raybatch" in only:
+        rows += await batched(None, clients, opts.seconds)
     loops = [int(c) for c in opts.churn.split(",")]
     if "churn" in only:
         rows += await churn(url, loops, opts.churn_seconds)
@@ -337,7 +349,7 @@ async def measure(url: str, opts: argparse.Namespace) -> list[Row]:
 
 
 #: The groups of rows ``--only`` can pick.
-PATHS = ("floors", "admin", "direct", "batch", "ray", "churn", "paced")
+PATHS = ("floors", "admin", "direct", "batch", "ray", "raybatch", "churn", "paced")
 
 
 async def ray_floor(clients: list[int], seconds: float) -> list[Row]:

@@ -47,6 +47,7 @@ from rock_serve.auth import Principal
 from rock_serve.config import DataPlaneConfig, ServerArgs
 from rock_serve.deployments import _op_routes
 from rock_serve.deployments._audit import AuditEvent
+from rock_serve.deployments._ops import batch_outcome
 from rock_serve.deployments._trace import TraceMiddleware, untraced_task
 from rock_serve.errors import (
     InvalidConfig,
@@ -56,14 +57,13 @@ from rock_serve.errors import (
     TooLarge,
     to_body,
 )
-from rock_serve.protocol import SessionRunRequest
+from rock_serve.protocol import SessionRunResult
 from rock_serve.protocol.dataplane import (
     BatchRunItem,
-    BatchRunOutcome,
     BatchRunReply,
     BatchRunRequest,
 )
-from rock_serve.protocol.ops import Op, SessionRunOp
+from rock_serve.protocol.ops import OPS, Op
 
 if TYPE_CHECKING:
     from rock_serve.deployments.worker import Worker
@@ -255,24 +255,16 @@ async def _batch(server: _Server, request: Request) -> Response:
     except Exception as exc:
         return _error(exc)
 
-    async def one(item: BatchRunItem) -> BatchRunOutcome:
-        try:
-            claims = await server.claims(request, item.sandbox_id, item.token)
-            req = SessionRunRequest(
-                session=item.session,
-                command=item.command,
-                timeout=item.timeout,
-                max_output_bytes=item.max_output_bytes,
-            )
-            fields = {"command": item.command, "session": item.session}
-            detail = {"stream": False, "batch": len(batch.items)}
-            async with server.audited(request, claims, "session.run", **fields, detail=detail):
-                result = await server.worker.op(item.sandbox_id, SessionRunOp.of(req))
-            return BatchRunOutcome(result=result)
-        except Exception as exc:
-            return BatchRunOutcome(error=to_body(exc)["error"])
+    async def one(item: BatchRunItem) -> SessionRunResult:
+        claims = await server.claims(request, item.sandbox_id, item.token)
+        operation = item.op()
+        fields = _op_routes.audit_fields(operation)
+        detail = {**fields.pop("detail", {}), "batch": len(batch.items)}
+        action = OPS[operation.op].audit or operation.op
+        async with server.audited(request, claims, action, **fields, detail=detail):
+            return await server.worker.op(item.sandbox_id, operation)
 
-    outcomes = await asyncio.gather(*(one(item) for item in batch.items))
+    outcomes = await asyncio.gather(*(batch_outcome(one(item)) for item in batch.items))
     return _model(BatchRunReply(outcomes=list(outcomes)))
 
 

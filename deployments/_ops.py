@@ -12,20 +12,23 @@ method by a string for these operations.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from rock_serve.deployments._ray import ActorHandle, call, stream_ahead
 from rock_serve.deployments._trace import logged_stream
-from rock_serve.errors import InvalidRequest
+from rock_serve.errors import InvalidRequest, to_body
+from rock_serve.protocol import SessionRunResult
+from rock_serve.protocol.dataplane import MAX_BATCH, BatchRunItem, BatchRunOutcome
 from rock_serve.protocol.ops import OPS, Op, Streams
 
 if TYPE_CHECKING:
     from rock_serve.deployments.worker import Worker
 
-__all__ = ["LIMITS", "OpsWorker", "worker_op", "worker_op_stream"]
+__all__ = ["LIMITS", "OpsWorker", "batch_outcome", "worker_op", "worker_op_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,20 @@ def _limits(w: Worker, kind: type[Op[Any]], streamed: bool) -> dict[str, Any] | 
     return {name: LIMITS[name](w, streamed) for name in kind.limits}
 
 
+async def batch_outcome(work: Awaitable[SessionRunResult]) -> BatchRunOutcome:
+    """One batch item's outcome: its result, or the error body of what it met (never raised)."""
+    try:
+        return BatchRunOutcome(result=await work)
+    except Exception as exc:
+        return BatchRunOutcome(error=to_body(exc)["error"])
+
+
+def _batch(items: list[BatchRunItem]) -> list[BatchRunItem]:
+    if len(items) > MAX_BATCH:
+        raise InvalidRequest(f"a batch carries at most {MAX_BATCH} commands, not {len(items)}")
+    return items
+
+
 # ---------------------------------------------------------------------------- the Worker's side
 
 
@@ -121,8 +138,32 @@ class OpsWorker:
         items = w._box(sandbox_id).handle.op_stream(
             cast(Streams[ItemT], policed), _limits(w, kind, True)
         )
-        async for item in logged_stream(kind.model_fields["op"].default, sandbox_id, items, log):
+        async for item in logged_stream(str(cast(Any, operation).op), sandbox_id, items, log):
             yield item
+
+    async def run_many(self, items: list[BatchRunItem]) -> list[BatchRunOutcome]:
+        """One command in each of many of this Worker's sandboxes, all at once (a GRPO group's
+        step in one actor call; ``items``' tokens are unused): per item, in order, its result
+        or its error body. The platform's own entry; callers come in through
+        :meth:`ray_run_many`.
+
+        Raises:
+            InvalidRequest: more than ``MAX_BATCH`` items.
+        """
+        runs = (batch_outcome(self.op(i.sandbox_id, i.op())) for i in _batch(items))
+        return list(await asyncio.gather(*runs))
+
+    async def ray_run_many(
+        self, token: str | None, items: list[BatchRunItem]
+    ) -> list[BatchRunOutcome]:
+        """:meth:`run_many` from the Ray transport: each item checked against the caller's
+        token and audited as one ``session.run``.
+        """
+        gate = cast("Worker", self)._ray_gate()
+        runs = (
+            batch_outcome(gate.data_op(self, token, i.sandbox_id, i.op())) for i in _batch(items)
+        )
+        return list(await asyncio.gather(*runs))
 
     async def ray_op(self, token: str | None, sandbox_id: str, operation: Op[R]) -> R:
         """:meth:`op` from the Ray transport: the caller's token checked, the call audited."""

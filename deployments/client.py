@@ -31,6 +31,7 @@ it through the ``rock_serve.sdk.transports`` entry point (``ray``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -43,6 +44,7 @@ import httpx
 import ray
 from pydantic import ValidationError
 
+from rock_serve.deployments._ops import OpsWorker
 from rock_serve.deployments._ray import (
     _RAY_ERRORS,
     ActorHandle,
@@ -55,9 +57,18 @@ from rock_serve.deployments._ray import (
     worker_actor_name,
 )
 from rock_serve.deployments._trace import TRACE_ID, new_trace_id, traced
-from rock_serve.errors import InvalidRequest, RockError, SandboxNotFound, from_validation, to_body
-from rock_serve.protocol import CreateSandboxRequest, SandboxState
+from rock_serve.errors import (
+    InternalError,
+    InvalidRequest,
+    RockError,
+    SandboxNotFound,
+    from_body,
+    from_validation,
+    to_body,
+)
+from rock_serve.protocol import CreateSandboxRequest, SandboxState, SessionRunResult
 from rock_serve.protocol.api import SANDBOX_ID
+from rock_serve.protocol.dataplane import BatchRunItem, BatchRunOutcome
 from rock_serve.protocol.fork import ForkRequest
 from rock_serve.protocol.ops import Op
 from rock_serve.protocol.processes import ProcessInputBody, ProcessSignalBody, ProcessStartRequest
@@ -268,6 +279,37 @@ def _ndjson(c: _base.Call, stream: httpx.SyncByteStream | httpx.AsyncByteStream)
     )
 
 
+def _by_worker(items: list[BatchRunItem]) -> dict[str, list[int]]:
+    """The indexes of ``items`` by the Worker that holds each one's sandbox."""
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(_worker_of(item.sandbox_id), []).append(index)
+    return groups
+
+
+def _outcomes(
+    n: int, groups: dict[str, list[int]], replies: list[Any]
+) -> list[SessionRunResult | RockError]:
+    """Per item, in order: its result or its typed error (a Worker's whole group shares the
+    error that call met).
+    """
+    out: list[SessionRunResult | RockError] = [InternalError("no outcome")] * n
+    for indexes, reply in zip(groups.values(), replies, strict=True):
+        if isinstance(reply, BaseException):
+            if not isinstance(reply, RockError):
+                raise reply
+            for index in indexes:
+                out[index] = reply
+            continue
+        for index, outcome in zip(indexes, reply, strict=True):
+            out[index] = (
+                outcome.result
+                if outcome.result is not None
+                else from_body({"error": outcome.error or {}})
+            )
+    return out
+
+
 class _Gate:
     """What both transports share: where a call goes, and the gated entry points."""
 
@@ -375,6 +417,24 @@ class AsyncRayTransport(_Gate, AsyncTransport):
                 TRACE_ID.reset(token)
         return _base.Held(target.wrap(value) if target.wrap is not None else value)
 
+    async def run_many(
+        self, items: list[BatchRunItem], timeout: float | None
+    ) -> list[SessionRunResult | RockError]:
+        """Run ``items`` with one actor call per Worker (``Worker.run_many``), all at once."""
+
+        async def group(short: str, batch: list[BatchRunItem]) -> list[BatchRunOutcome]:
+            actor = await self.workers.get(short)
+            if self.gate:
+                return await call(actor, OpsWorker.ray_run_many, self.settings.token, batch)
+            return await call(actor, OpsWorker.run_many, batch)
+
+        groups = _by_worker(items)
+        replies = await asyncio.gather(
+            *(group(short, [items[i] for i in ix]) for short, ix in groups.items()),
+            return_exceptions=True,
+        )
+        return _outcomes(len(items), groups, replies)
+
     async def data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         """A named Worker call on a sandbox (the model relay's), through the gate."""
         target = ActorCall(sandbox_id, method, args)
@@ -465,6 +525,32 @@ class SyncRayTransport(_Gate, Transport):
             return _ndjson(c, _SyncLines(gen, target.method))
         value = _get(getattr(actor, method).remote(*args), target.method)
         return _base.Held(target.wrap(value) if target.wrap is not None else value)
+
+    def run_many(
+        self, items: list[BatchRunItem], timeout: float | None
+    ) -> list[SessionRunResult | RockError]:
+        """Run ``items`` with one actor call per Worker (``Worker.run_many``), all at once."""
+        groups = _by_worker(items)
+        refs: dict[str, Any] = {}
+        replies: list[Any] = []
+        for short, ix in groups.items():
+            batch = [items[i] for i in ix]
+            try:
+                actor = self._actor(ActorCall(items[ix[0]].sandbox_id, "run_many", ()))
+            except RockError as exc:
+                refs[short] = exc
+                continue
+            if self.gate:
+                refs[short] = actor.ray_run_many.remote(self.settings.token, batch)
+            else:
+                refs[short] = actor.run_many.remote(batch)
+        for short in groups:
+            ref = refs[short]
+            try:
+                replies.append(ref if isinstance(ref, RockError) else _get(ref, "run_many"))
+            except RockError as exc:
+                replies.append(exc)
+        return _outcomes(len(items), groups, replies)
 
     def data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         """A named Worker call on a sandbox (the model relay's), through the gate."""

@@ -644,7 +644,8 @@ class AsyncClient(AsyncProcessClient):
     ) -> list[SessionRunResult | RockError]:
         """Run one command in each of many sandboxes (a GRPO group's step) at once.
 
-        Over the direct data plane this is one request per node; otherwise one call each.
+        Over the direct data plane this is one request per node, over Ray one actor call per
+        node; through the Admin one call each.
         The sessions must exist (``create_session``, or a first ``sandbox.run``).
 
         Args:
@@ -667,9 +668,8 @@ class AsyncClient(AsyncProcessClient):
             )
             for sandbox_id, command in commands
         ]
-        transport = getattr(self, "_transport", None)
-        if isinstance(transport, AsyncDirectTransport) and transport.mode != "admin" and items:
-            done = await transport.run_many(items, timeout)
+        if items:
+            done = await self._transport.run_many(items, timeout)
             if done is not None:
                 return done
         results: list[SessionRunResult | RockError] = []

@@ -77,6 +77,15 @@ class AsyncTransport:
         """Send ``call``; with ``stream`` the body is left unread (close the reply)."""
         raise NotImplementedError
 
+    async def run_many(
+        self, items: list[BatchRunItem], timeout: float | None
+    ) -> list[SessionRunResult | RockError] | None:
+        """Run ``items`` as a batch (one request or actor call per node) where this transport
+        can; None where it cannot: the client then runs them one by one. ``timeout`` is the
+        longest command timeout.
+        """
+        return None
+
     async def aclose(self) -> None:
         """Release connections."""
 
@@ -252,6 +261,8 @@ class AsyncDirectTransport(AsyncTransport):
         None when some sandbox has no usable grant or a node cannot be reached (the caller then
         goes through the Admin). ``timeout`` is the longest command timeout.
         """
+        if self.mode == "admin":
+            return None
         by_node: dict[str, list[int]] = {}
         filled: list[BatchRunItem] = []
         for index, item in enumerate(items):

@@ -643,7 +643,8 @@ class Client(ProcessClient):
     ) -> list[SessionRunResult | RockError]:
         """Run one command in each of many sandboxes (a GRPO group's step) at once.
 
-        Over the direct data plane this is one request per node; otherwise one call each.
+        Over the direct data plane this is one request per node, over Ray one actor call per
+        node; through the Admin one call each.
         The sessions must exist (``create_session``, or a first ``sandbox.run``).
 
         Args:
@@ -666,9 +667,8 @@ class Client(ProcessClient):
             )
             for sandbox_id, command in commands
         ]
-        transport = getattr(self, "_transport", None)
-        if isinstance(transport, DirectTransport) and transport.mode != "admin" and items:
-            done = transport.run_many(items, timeout)
+        if items:
+            done = self._transport.run_many(items, timeout)
             if done is not None:
                 return done
         results: list[SessionRunResult | RockError] = []

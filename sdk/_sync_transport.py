@@ -78,6 +78,15 @@ class Transport:
         """Send ``call``; with ``stream`` the body is left unread (close the reply)."""
         raise NotImplementedError
 
+    def run_many(
+        self, items: list[BatchRunItem], timeout: float | None
+    ) -> list[SessionRunResult | RockError] | None:
+        """Run ``items`` as a batch (one request or actor call per node) where this transport
+        can; None where it cannot: the client then runs them one by one. ``timeout`` is the
+        longest command timeout.
+        """
+        return None
+
     def close(self) -> None:
         """Release connections."""
 
@@ -253,6 +262,8 @@ class DirectTransport(Transport):
         None when some sandbox has no usable grant or a node cannot be reached (the caller then
         goes through the Admin). ``timeout`` is the longest command timeout.
         """
+        if self.mode == "admin":
+            return None
         by_node: dict[str, list[int]] = {}
         filled: list[BatchRunItem] = []
         for index, item in enumerate(items):

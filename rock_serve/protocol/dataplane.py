@@ -12,8 +12,20 @@ from rock_serve.protocol.commands import (
     SESSION_NAME,
     SessionRunResult,
 )
+from rock_serve.protocol.ops import SessionRunOp
 
-__all__ = ["BatchRunItem", "BatchRunOutcome", "BatchRunReply", "BatchRunRequest", "DataPlaneGrant"]
+__all__ = [
+    "MAX_BATCH",
+    "BatchRunItem",
+    "BatchRunOutcome",
+    "BatchRunReply",
+    "BatchRunRequest",
+    "DataPlaneGrant",
+]
+
+
+#: The most commands one batch carries (over HTTP and over Ray).
+MAX_BATCH = 4096
 
 
 class DataPlaneGrant(BaseModel):
@@ -45,6 +57,15 @@ class BatchRunItem(BaseModel):
     timeout: float | None = Field(default=DEFAULT_TIMEOUT, gt=0, description="Seconds.")
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0, description="Output cap.")
 
+    def op(self) -> SessionRunOp:
+        """The session run this item asks for."""
+        return SessionRunOp(
+            session=self.session,
+            command=self.command,
+            timeout=self.timeout,
+            max_output_bytes=self.max_output_bytes,
+        )
+
 
 class BatchRunRequest(BaseModel):
     """``POST /v1/dataplane/batch`` on a node: one command in each of many sandboxes (a GRPO
@@ -53,7 +74,7 @@ class BatchRunRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    items: list[BatchRunItem] = Field(max_length=4096, description="The commands.")
+    items: list[BatchRunItem] = Field(max_length=MAX_BATCH, description="The commands.")
 
 
 class BatchRunOutcome(BaseModel):

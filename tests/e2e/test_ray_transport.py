@@ -122,3 +122,50 @@ def test_sync_ray_transport_and_job_ownership(platform, api):
 
 # The Ray-vs-HTTP echo latency is measured by bench/latency.py and bench/throughput.py, not here:
 # a latency threshold in a functional test fails on a loaded machine and proves nothing.
+
+
+def test_ray_transport_steps_a_group_in_one_actor_call_per_worker(platform, monkeypatch):
+    from rock_serve.deployments.client import AsyncRayTransport, SyncRayTransport
+
+    sends: list[str] = []
+    for cls in (AsyncRayTransport, SyncRayTransport):
+        original = cls.send
+
+        def counted(self, c, *, stream=False, original=original):  # type: ignore[no-untyped-def]
+            sends.append(c.path)
+            return original(self, c, stream=stream)
+
+        monkeypatch.setattr(cls, "send", counted)
+    nowhere = "sb-nosuchworker-0123456789abcdef"
+
+    async def scenario() -> None:
+        client = AsyncClient.from_ray(namespace=NAMESPACE)
+        async with client, client.sandbox(ttl_seconds=300) as a, client.sandbox() as b:
+            await a.run("X=first")
+            await b.run("X=second")
+            sends.clear()
+            results = await client.run_many(
+                [(a.id, "echo $X"), (b.id, "echo $X; false"), (nowhere, "true")]
+            )
+            assert sends == []  # no call of its own per command: the batch went as one
+            first, second, missing = results
+            assert isinstance(first, SessionRunResult) and isinstance(second, SessionRunResult)
+            assert (first.output, second.output) == ("first\n", "second\n")
+            assert (first.exit_code, second.exit_code) == (0, 1)
+            assert isinstance(missing, SandboxNotFound)
+            (nope,) = await client.run_many([(a.id, "echo hi")], session="nope")
+            assert isinstance(nope, SessionNotFound)
+
+    asyncio.run(scenario())
+    client = Client.from_ray(namespace=NAMESPACE)
+    try:
+        with client.sandbox(ttl_seconds=300) as a, client.sandbox(ttl_seconds=300) as b:
+            a.run("Y=1")
+            b.run("Y=2")
+            sends.clear()
+            results = client.run_many([(b.id, "echo $Y"), (a.id, "echo $Y"), (nowhere, "true")])
+            assert sends == []
+            assert [r.output for r in results[:2]] == ["2\n", "1\n"]  # type: ignore[union-attr]
+            assert isinstance(results[2], SandboxNotFound)
+    finally:
+        client.close()

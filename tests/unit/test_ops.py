@@ -545,7 +545,8 @@ _HOMES = {
 _ALLOWED = {
     "rock_serve/rocklet/handle.py": "typed conveniences over RockletHandle.op for code that "
     "holds a handle (the rocklet's HTTP mode, runtimes' tests, fork); a new op needs none",
-    "deployments/_dataplane.py": "the batch route (one session.run on N sandboxes)",
+    "rock_serve/protocol/dataplane.py": "the batch item's session run (one command on N "
+    "sandboxes: the direct plane's batch route and Worker.run_many over Ray)",
 }
 _SOURCES = ("rock_serve", "deployments", "sdk", "envs")
 
