@@ -83,6 +83,7 @@ def _renewed_past(api: httpx.Client, owner: str, when: float) -> bool:
 
 
 def _wait(check, seconds: float, what: str):
+    """Wait until ``check()`` holds; ``seconds`` only bounds a hang (generous for busy CPUs)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = check()
@@ -119,14 +120,14 @@ def test_kill_9_of_an_http_trainer_holding_20_sandboxes_leaks_nothing(chaos: Pla
             assert len(ids) == 20
             # The heartbeats keep them alive past two leases: every lease deadline moves on.
             beyond = time.time() + 2 * LEASE
-            _wait(lambda: _renewed_past(api, "trainer-http", beyond), 4 * LEASE, "renewals")
+            _wait(lambda: _renewed_past(api, "trainer-http", beyond), 60, "renewals")
             assert sorted(_owned(api, "trainer-http")) == sorted(ids)
         finally:
             _kill(proc)
         killed = time.monotonic()
-        _wait(lambda: not _owned(api, "trainer-http"), LEASE + 5, "the leases to be reaped")
+        _wait(lambda: not _owned(api, "trainer-http"), 60, "the leases to be reaped")
         print(f"\n20 sandboxes reaped {time.monotonic() - killed:.1f} s after kill -9")
-        _wait(lambda: not set(ids) & set(chaos.runtime_ids()), 5, "the runtime to be empty")
+        _wait(lambda: not set(ids) & set(chaos.runtime_ids()), 30, "the runtime to be empty")
 
 
 def test_kill_9_of_a_ray_driver_reaps_its_sandboxes_by_job(chaos: Platform):
@@ -142,7 +143,7 @@ def test_kill_9_of_a_ray_driver_reaps_its_sandboxes_by_job(chaos: Platform):
         finally:
             _kill(proc)
         _wait(lambda: not _owned(api, "trainer-ray"), 30, "the dead job's sandboxes")
-        _wait(lambda: not set(ids) & set(chaos.runtime_ids()), 5, "the runtime to be empty")
+        _wait(lambda: not set(ids) & set(chaos.runtime_ids()), 30, "the runtime to be empty")
 
 
 def _worker_pid() -> int | None:
