@@ -23,7 +23,7 @@ from rock_serve.errors import RockError
 from rock_serve.sdk import Client, RetryPolicy
 from tests._redis import RedisServer, have_redis_server
 
-from .conftest import Platform, _wait_healthy
+from .conftest import Platform, _wait_healthy, delete_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.chaos, pytest.mark.slow]
 
@@ -69,7 +69,7 @@ def chaos(platform: Platform, redis_server: RedisServer, tmp_path_factory) -> It
     with httpx.Client(base_url=url, timeout=30) as api:
         for item in api.get("/v1/sandboxes").json().get("items", []):
             api.delete(f"/v1/sandboxes/{item['id']}")
-    serve.delete("chaos")
+    delete_app("chaos", NAMESPACE)
 
 
 def _owned(api: httpx.Client, owner: str) -> list[str]:

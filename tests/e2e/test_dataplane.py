@@ -25,7 +25,7 @@ from rock_serve.protocol.dataplane import DataPlaneGrant
 from rock_serve.sdk import Client, RetryPolicy
 from rock_serve.sdk._sync_transport import DirectTransport
 
-from .conftest import Platform, _wait_healthy
+from .conftest import Platform, _wait_healthy, delete_app
 
 pytestmark = pytest.mark.ray
 
@@ -75,7 +75,7 @@ def app(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         with App(url, tokens, audit).http(user) as client:
             for item in client.get("/v1/sandboxes").json().get("items", []):
                 client.delete(f"/v1/sandboxes/{item['id']}")
-    serve.delete("dataplane")
+    delete_app("dataplane", NAMESPACE)
 
 
 def _create(client: httpx.Client) -> str:

@@ -22,7 +22,7 @@ from rock_serve.config import DOCKER_TEST_IMAGE
 from rock_serve.protocol import ExecResult, Health, SandboxRecord, SessionRunResult
 from tests.contract.conftest import require_docker
 
-from .conftest import Platform, _wait_healthy
+from .conftest import Platform, _wait_healthy, delete_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.docker]
 
@@ -80,7 +80,7 @@ def docker_platform(platform: Platform, scope: str, tmp_path_factory) -> Iterato
             for item in api.get("/v1/sandboxes").json().get("items", []):
                 api.delete(f"/v1/sandboxes/{item['id']}")
         left = containers(scope)
-        serve.delete("rock-docker")
+        delete_app("rock-docker", NAMESPACE)
         if left:  # the safety net; a test below has failed already
             import docker
 

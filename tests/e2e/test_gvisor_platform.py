@@ -22,7 +22,7 @@ from rock_serve.config import DOCKER_TEST_IMAGE
 from rock_serve.protocol import ExecResult, Health, SandboxRecord
 from tests.contract.conftest import require_gvisor
 
-from .conftest import Platform, _wait_healthy
+from .conftest import Platform, _wait_healthy, delete_app
 from .test_docker_platform import containers
 
 pytestmark = [pytest.mark.ray, pytest.mark.docker, pytest.mark.gvisor]
@@ -70,7 +70,7 @@ def gvisor_platform(platform: Platform, scope: str, tmp_path_factory) -> Iterato
             for item in api.get("/v1/sandboxes").json().get("items", []):
                 api.delete(f"/v1/sandboxes/{item['id']}")
         left = containers(scope)
-        serve.delete("rock-gvisor")
+        delete_app("rock-gvisor", NAMESPACE)
         if left:  # the safety net; a test below has failed already
             import docker
 

@@ -20,7 +20,7 @@ import pytest
 from rock_serve.config import parse_runtime_config
 from rock_serve.rocklet.agent import MAX_HEADER
 
-from .conftest import Platform, _wait_healthy
+from .conftest import Platform, _wait_healthy, delete_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.bwrap]
 
@@ -52,14 +52,16 @@ def limited(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "max_read_bytes": READ_CAP,
         "max_request_bytes": BODY_CAP,
         "max_sessions_per_sandbox": SESSIONS,
+        # Short enough for the stopped-rocklet test, long enough that a busy CPU (CI) does not
+        # fail the other tests' sandboxes: 2 s did, at load 90.
         "rocklet_ping_interval_seconds": 0.5,
-        "rocklet_ping_timeout_seconds": 2.0,
+        "rocklet_ping_timeout_seconds": 8.0,
     }
     serve.run(build_app(args), name="limits", route_prefix="/limits")
     url = f"{platform.url}/limits"
     _wait_healthy(url, time.monotonic() + 60)
     yield Platform(url=url, state_dir=state_dir, runtime="bwrap")
-    serve.delete("limits")
+    delete_app("limits", "rock-e2e-limits")
     # The Worker actor dies without closing its runtime: release what it holds on the host
     # (bwrap's user-namespace mounts in the state dir) with a runtime of the same config.
     runtime = parse_runtime_config(args["runtime"]).build()
@@ -194,7 +196,7 @@ def test_a_stopped_rocklet_is_failed_over_rest(api):
     pid = _rocklet_pid(sid)
     os.kill(pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while api.get(f"/v1/sandboxes/{sid}").json()["state"] != "failed":
             assert time.monotonic() < deadline, "the sandbox stayed 'running' with a dead agent"
             time.sleep(0.1)

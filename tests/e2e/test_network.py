@@ -19,7 +19,7 @@ import pytest
 
 from rock_serve.protocol import ExecResult
 from rock_serve.runtime._netns import LEASE_ROOT
-from tests.e2e.conftest import Platform, _wait_healthy
+from tests.e2e.conftest import Platform, _wait_healthy, delete_app
 from tests.security._net import OUT_PORT, PROBE, host_servers, octet, outside
 
 pytestmark = [pytest.mark.ray, pytest.mark.bwrap, pytest.mark.slow]
@@ -59,7 +59,7 @@ def net_platform(platform: Platform, tmp_path_factory, octet):
         with platform.client() as api:
             for item in api.get("/net/v1/sandboxes").json().get("items", []):
                 api.delete(f"/net/v1/sandboxes/{item['id']}")
-        serve.delete("net")
+        delete_app("net", "rock-e2e-net")
         subprocess.run(["nft", "delete", "table", "inet", f"rock-{bridge}"], check=False)
         subprocess.run(["ip", "link", "del", bridge], check=False)
         with contextlib.suppress(OSError):

@@ -95,7 +95,7 @@ async def platform(tmp_path) -> AsyncIterator[_Platform]:
         runtime=make_config("bwrap", state_dir),  # type: ignore[arg-type]
         quotas={"small": Quota(max_sandboxes=3)},
         rocklet_ping_interval_seconds=0.5,
-        rocklet_ping_timeout_seconds=2.0,
+        rocklet_ping_timeout_seconds=5.0,  # 2 s failed idle sandboxes on a busy CPU
     )
     worker = Worker(args, "forkw", "node-fork")
     await worker.ready()

@@ -66,7 +66,7 @@ def _args(kind: str, state_dir: str, **extra: object) -> ServerArgs:
         "max_output_bytes": 64 << 10,
         "max_sessions_per_sandbox": 4,
         "rocklet_ping_interval_seconds": 0.5,
-        "rocklet_ping_timeout_seconds": 2.0,
+        "rocklet_ping_timeout_seconds": 8.0,  # 2 s failed idle sandboxes on a busy CPU
         **extra,
     }
     return ServerArgs(runtime=make_config(kind, state_dir), **fields)  # type: ignore[arg-type]
