@@ -24,6 +24,7 @@ import pytest
 
 from rock_serve.auth import generate_token, hash_token
 from rock_serve.config import BwrapRuntimeConfig, LocalRuntimeConfig
+from tests._wait import wait_until
 from tests.e2e._head import BIN, Head, deploy
 from tests.e2e._head import ray_head as start_ray_head
 
@@ -98,6 +99,10 @@ def delete_app(name: str, namespace: str) -> None:
     for _, actor in actors:
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)
+    left = lambda: [  # noqa: E731
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace
+    ]
+    wait_until(lambda: not left(), what=f"the actors of {namespace} to stop")
 
 
 def _wait_healthy(url: str, deadline: float) -> None:
