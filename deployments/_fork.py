@@ -180,10 +180,7 @@ class ForkWorker:
                 with contextlib.suppress(Exception):
                     await handle.close()
             for child_id in child_ids:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(w._llm_close(child_id))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(runtime.remove(child_id))
+                await w._undo_create(runtime, child_id)
             raise
         finally:
             w._creating.difference_update(child_ids)

@@ -26,6 +26,7 @@ from rock_serve.protocol import (
 )
 from rock_serve.protocol.api import LIFECYCLE_FIELDS
 from rock_serve.protocol.snapshot import SnapshotRecord
+from rock_serve.runtime.base import Runtime
 
 if TYPE_CHECKING:
     from rock_serve.deployments.worker import Worker
@@ -157,14 +158,21 @@ class LifecycleWorker:
             w._metrics.created(time.perf_counter() - started, ok=False, namespace=namespace)
             code = exc.code.value if isinstance(exc, RockError) else "internal"
             w._metrics.error("create", code)
-            # Removal is idempotent, so this also cleans up a half-made sandbox.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(w._llm_close(sandbox_id))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(runtime.remove(sandbox_id))
+            await w._undo_create(runtime, sandbox_id)
             raise
         finally:
             w._creating.discard(sandbox_id)
+
+    async def _undo_create(self, runtime: Runtime, sandbox_id: str) -> None:
+        """Remove what a failed create made of ``sandbox_id`` (its model service, the
+        runtime's sandbox), shielded from the caller's cancellation. Removal is idempotent, so
+        a half-made sandbox goes too.
+        """
+        w = cast("Worker", self)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(w._llm_close(sandbox_id))
+        with contextlib.suppress(Exception):
+            await asyncio.shield(runtime.remove(sandbox_id))
 
     async def remove(self, sandbox_id: str, reason: str = "deleted") -> None:
         """Stop and remove a sandbox.
