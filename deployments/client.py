@@ -279,21 +279,29 @@ def _ndjson(c: _base.Call, stream: httpx.SyncByteStream | httpx.AsyncByteStream)
     )
 
 
-def _by_worker(items: list[BatchRunItem]) -> dict[str, list[int]]:
-    """The indexes of ``items`` by the Worker that holds each one's sandbox."""
+def _by_worker(items: list[BatchRunItem]) -> tuple[dict[str, list[int]], dict[int, RockError]]:
+    """The indexes of ``items`` by the Worker that holds each one's sandbox, and the errors of
+    the items whose sandbox id names no Worker (malformed).
+    """
     groups: dict[str, list[int]] = {}
+    bad: dict[int, RockError] = {}
     for index, item in enumerate(items):
-        groups.setdefault(_worker_of(item.sandbox_id), []).append(index)
-    return groups
+        try:
+            groups.setdefault(_worker_of(item.sandbox_id), []).append(index)
+        except RockError as exc:
+            bad[index] = exc
+    return groups, bad
 
 
 def _outcomes(
-    n: int, groups: dict[str, list[int]], replies: list[Any]
+    n: int, groups: dict[str, list[int]], replies: list[Any], bad: dict[int, RockError]
 ) -> list[SessionRunResult | RockError]:
     """Per item, in order: its result or its typed error (a Worker's whole group shares the
     error that call met).
     """
     out: list[SessionRunResult | RockError] = [InternalError("no outcome")] * n
+    for index, error in bad.items():
+        out[index] = error
     for indexes, reply in zip(groups.values(), replies, strict=True):
         if isinstance(reply, BaseException):
             if not isinstance(reply, RockError):
@@ -428,12 +436,12 @@ class AsyncRayTransport(_Gate, AsyncTransport):
                 return await call(actor, OpsWorker.ray_run_many, self.settings.token, batch)
             return await call(actor, OpsWorker.run_many, batch)
 
-        groups = _by_worker(items)
+        groups, bad = _by_worker(items)
         replies = await asyncio.gather(
             *(group(short, [items[i] for i in ix]) for short, ix in groups.items()),
             return_exceptions=True,
         )
-        return _outcomes(len(items), groups, replies)
+        return _outcomes(len(items), groups, replies, bad)
 
     async def data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         """A named Worker call on a sandbox (the model relay's), through the gate."""
@@ -530,7 +538,7 @@ class SyncRayTransport(_Gate, Transport):
         self, items: list[BatchRunItem], timeout: float | None
     ) -> list[SessionRunResult | RockError]:
         """Run ``items`` with one actor call per Worker (``Worker.run_many``), all at once."""
-        groups = _by_worker(items)
+        groups, bad = _by_worker(items)
         refs: dict[str, Any] = {}
         replies: list[Any] = []
         for short, ix in groups.items():
@@ -550,7 +558,7 @@ class SyncRayTransport(_Gate, Transport):
                 replies.append(ref if isinstance(ref, RockError) else _get(ref, "run_many"))
             except RockError as exc:
                 replies.append(exc)
-        return _outcomes(len(items), groups, replies)
+        return _outcomes(len(items), groups, replies, bad)
 
     def data(self, sandbox_id: str, method: str, *args: Any) -> Any:
         """A named Worker call on a sandbox (the model relay's), through the gate."""

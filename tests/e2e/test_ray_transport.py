@@ -145,14 +145,14 @@ def test_ray_transport_steps_a_group_in_one_actor_call_per_worker(platform, monk
             await b.run("X=second")
             sends.clear()
             results = await client.run_many(
-                [(a.id, "echo $X"), (b.id, "echo $X; false"), (nowhere, "true")]
+                [(a.id, "echo $X"), (b.id, "echo $X; false"), (nowhere, "true"), ("bad", "true")]
             )
             assert sends == []  # no call of its own per command: the batch went as one
-            first, second, missing = results
+            first, second, missing, malformed = results
             assert isinstance(first, SessionRunResult) and isinstance(second, SessionRunResult)
             assert (first.output, second.output) == ("first\n", "second\n")
             assert (first.exit_code, second.exit_code) == (0, 1)
-            assert isinstance(missing, SandboxNotFound)
+            assert isinstance(missing, SandboxNotFound) and isinstance(malformed, SandboxNotFound)
             (nope,) = await client.run_many([(a.id, "echo hi")], session="nope")
             assert isinstance(nope, SessionNotFound)
 
