@@ -132,7 +132,8 @@ def test_who_did_what_to_which_sandbox_and_how_it_ended(audit_app, redis_server)
             "env": {"API_TOKEN": SECRETS["exec env value"]},
             "stdin": SECRETS["exec stdin"],
         }
-        assert alice.post(f"{base}/exec", json=exec_body).json()["exit_code"] == 0
+        ran = alice.post(f"{base}/exec", json=exec_body)
+        assert ran.status_code == 200 and ran.json()["exit_code"] == 0, ran.text
         session = {"session": "work", "env": {"PW": SECRETS["session env value"]}}
         session["startup_commands"] = ["cd /tmp"]
         assert alice.post(f"{base}/sessions", json=session).status_code == 200
