@@ -2,7 +2,8 @@
 `rock down` leaves no Ray process.
 
 One real `rock up` (its own Ray head on free ports, HOME, state file and temp dir in a temp
-dir, serve_config.yaml with the local runtime) for the module; the last test runs `rock down`.
+dir, serve_config.yaml with the local runtime, auth and audit as shipped) for the module; one
+test checks the admin token `rock up` makes and runs `rock up` again, the last runs `rock down`.
 The attacks of issue 11 item 6: Ray's ports from a non-loopback address (this machine's
 external address, and a network namespace behind a veth pair, "another machine"), the
 dashboard's job API without the token, ``ray.init("ray://...")`` without the token.
@@ -30,6 +31,8 @@ import httpx
 import pytest
 import yaml
 
+from rock_serve.auth import load_token_file, read_credentials
+from rock_serve.sdk import Client
 from rock_serve.sdk.cli._platform import _head_pids
 
 from ..e2e._head import ROOT, free_ports
@@ -45,6 +48,8 @@ class Up:
     env: dict[str, str]
     home: Path
     state_file: Path
+    state_dir: Path  # the runtime's
+    args: tuple[str, ...]  # of `rock up`
     dashboard: str
     api: str
     gcs: int
@@ -74,6 +79,10 @@ class Up:
     def token(self) -> str:
         return (self.home / ".ray" / "auth_token").read_text().strip()
 
+    @property
+    def credentials(self) -> Path:
+        return Path(self.env["ROCK_CREDENTIALS"])
+
 
 def _rock(
     env: dict[str, str], *args: str, timeout: float = 400
@@ -99,10 +108,13 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     config["http_options"] = {"host": "127.0.0.1", "port": http}
     config["grpc_options"]["port"] = grpc
     app = config["applications"][0]["args"]
+    # Auth and audit as shipped (a token file in ~/.rock, made by `rock up`), paths moved here.
+    assert config["http_options"]["host"] == "127.0.0.1"
+    assert app["auth"]["token_file"] == "~/.rock/tokens.yaml"
     app["runtime"] = {"type": "local", "state_dir": str(tmp / "state")}
     app["namespace"] = "rock-sec-ray"
-    app["auth"] = {"token_file": str(home / "tokens.yaml")}
-    app["audit"] = {"path": str(home / "audit.jsonl")}
+    app["auth"]["token_file"] = str(home / "tokens.yaml")
+    app["audit"]["path"] = str(home / "audit.jsonl")
     path = tmp / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {
@@ -142,6 +154,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
             env=env,
             home=home,
             state_file=state_file,
+            state_dir=tmp / "state",
+            args=tuple(args),
             dashboard=dashboard,
             api=f"http://127.0.0.1:{http}",
             gcs=gcs,
@@ -394,14 +408,53 @@ def test_ray_client_needs_the_token(up: Up, tmp_path):
     assert outcomes[-1] == "CONNECTED 42", outcomes
 
 
+def test_rock_up_bootstraps_an_admin_token_and_a_second_up_keeps_it(up: Up, monkeypatch):
+    """The shipped auth: `rock up` makes the token file (hashes) and the SDK's credentials."""
+    token_file = up.home / "tokens.yaml"
+    assert "admin token 'admin' saved" in up.stdout
+    for private in (token_file, up.credentials):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    token = read_credentials(up.credentials, up.api)
+    assert token is not None
+    assert token not in token_file.read_text()
+    (entry,) = load_token_file(token_file)
+    assert (entry.name, entry.namespace, entry.admin) == ("admin", "default", True)
+
+    # Anonymous callers are refused; the SDK finds the token in the credentials file.
+    assert httpx.post(f"{up.api}/v1/sandboxes", json={}, timeout=30).status_code == 401
+    monkeypatch.setenv("ROCK_CREDENTIALS", str(up.credentials))
+    monkeypatch.delenv("ROCK_TOKEN", raising=False)
+    with Client(up.api) as client:
+        with client.sandbox(ttl_seconds=300) as sb:
+            assert sb.run("echo with-auth").output == "with-auth\n"
+            status = _rock(up.env, "status", "--api", up.api)
+            assert status.returncode == 0, status.stdout + status.stderr
+            assert sb.id in status.stdout
+        client.create_sandbox(ttl_seconds=300)  # kept, for `rock down` to remove
+
+    # A second `rock up` finds the head, keeps the working token and the head it started.
+    again = _rock(up.env, *up.args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "saved" not in again.stdout
+    assert read_credentials(up.credentials, up.api) == token
+    assert up.state()["started_head"] is True
+    audit = (up.home / "audit.jsonl").read_text().splitlines()
+    assert [json.loads(x)["action"] for x in audit].count("create") == 2
+
+
 def test_rock_down_leaves_no_ray_process(up: Up):
     state = up.state()
     assert state["started_head"] is True
     before = up.pids()
     assert len(before) >= 8
+    headers = {"Authorization": f"Bearer {read_credentials(up.credentials, up.api)}"}
+    listed = httpx.get(f"{up.api}/v1/sandboxes", headers=headers, timeout=30).json()["items"]
     result = _rock(up.env, "down", "--dashboard", up.dashboard, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stopped the head rock up started" in result.stdout
+    if listed:  # the sandbox the token test kept: removed through the API, nothing left on disk
+        assert f"removed {len(listed)} sandbox(es)" in result.stdout
+    assert not up.state_dir.exists() or not any(up.state_dir.iterdir())
     left = _head_pids(
         int(state["session"]),  # type: ignore[call-overload]
         str(state["marker"]),
