@@ -70,6 +70,7 @@ from rock_serve.protocol import CreateSandboxRequest, SandboxState, SessionRunRe
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.dataplane import BatchRunItem, BatchRunOutcome
 from rock_serve.protocol.fork import ForkRequest
+from rock_serve.protocol.llm import LLMAnswer, LLMCallList, LLMRelease
 from rock_serve.protocol.ops import Op
 from rock_serve.protocol.processes import ProcessInputBody, ProcessSignalBody, ProcessStartRequest
 from rock_serve.protocol.snapshot import SnapshotList, SnapshotRequest
@@ -181,6 +182,12 @@ def _output(ctx: _Ctx, seg: dict[str, str], c: _base.Call) -> ActorCall:
     return ActorCall(_sb(seg), "stream_process_output", (*args, follow), streams=True)
 
 
+def _llm_poll(ctx: _Ctx, seg: dict[str, str], c: _base.Call) -> ActorCall:
+    p = _params(c)
+    args = (float(p.get("wait", "20")), int(p.get("max_calls", "256")))
+    return ActorCall(_sb(seg), "llm_poll", args, wrap=lambda calls: LLMCallList(calls=calls))
+
+
 _S = "/v1/sandboxes/{sandbox_id}"
 _P = _S + "/processes/{pid}"
 
@@ -224,6 +231,14 @@ ROUTES: dict[tuple[str, str], _Build] = {
     ("POST", _P + "/wait"): lambda ctx, seg, c: ActorCall(
         _sb(seg), "wait_process", (int(seg["pid"]), float(_params(c)["timeout"]))
     ),
+    ("GET", _S + "/llm/calls"): _llm_poll,
+    ("POST", _S + "/llm/calls/{call_id}"): lambda ctx, seg, c: ActorCall(
+        _sb(seg), "llm_answer", (seg["call_id"], LLMAnswer.model_validate(c.json))
+    ),
+    ("POST", _S + "/llm/release"): lambda ctx, seg, c: ActorCall(
+        _sb(seg), "llm_release", (LLMRelease.model_validate(c.json).call_ids,)
+    ),
+    ("GET", _S + "/llm/trajectory"): lambda ctx, seg, c: ActorCall(_sb(seg), "llm_trajectory", ()),
 }
 """Every non-operation call the Ray transport serves, by its REST route."""
 
@@ -443,13 +458,6 @@ class AsyncRayTransport(_Gate, AsyncTransport):
         )
         return _outcomes(len(items), groups, replies, bad)
 
-    async def data(self, sandbox_id: str, method: str, *args: Any) -> Any:
-        """A named Worker call on a sandbox (the model relay's), through the gate."""
-        target = ActorCall(sandbox_id, method, args)
-        actor = await self._actor(target)
-        name, full = self.entry(target)
-        return await call(actor, name, *full)
-
     async def aclose(self) -> None:
         """Nothing to close: actor handles need no connections of their own."""
 
@@ -559,12 +567,6 @@ class SyncRayTransport(_Gate, Transport):
             except RockError as exc:
                 replies.append(exc)
         return _outcomes(len(items), groups, replies, bad)
-
-    def data(self, sandbox_id: str, method: str, *args: Any) -> Any:
-        """A named Worker call on a sandbox (the model relay's), through the gate."""
-        target = ActorCall(sandbox_id, method, args)
-        name, full = self.entry(target)
-        return _get(getattr(self._actor(target), name).remote(*full), method)
 
     def close(self) -> None:
         """Nothing to close: actor handles need no connections of their own."""

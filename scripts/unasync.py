@@ -64,7 +64,6 @@ SUBS = {
     "asynchronous": "synchronous",
     "AsyncSandboxLLM": "SandboxLLM",
     "AsyncLLMCallHandle": "LLMCallHandle",
-    "ray_data_async": "ray_data_sync",
     "_async_llm": "_sync_llm",
 }
 _WORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, SUBS), key=len, reverse=True)) + r")\b")

@@ -31,33 +31,22 @@ __all__ = ["AsyncLLMCallHandle", "AsyncSandboxLLM", "answer_call", "poll_calls",
 async def poll_calls(
     client: AsyncClient, sandbox_id: str, wait: float, max_calls: int
 ) -> list[LLMCall]:
-    """One long poll for a sandbox's relayed calls (HTTP or Ray transport)."""
-    if _llm_base.is_ray(client):
-        calls: list[LLMCall] = await _llm_base.ray_data_async(
-            client, sandbox_id, "llm_poll", wait, max_calls
-        )
-        return calls
+    """One long poll for a sandbox's relayed calls."""
     response = await client._send(_llm_base.poll(sandbox_id, wait, max_calls))
     return _base.parse(response, LLMCallList).calls
 
 
 async def answer_call(client: AsyncClient, sandbox_id: str, call_id: str, body: LLMAnswer) -> None:
-    """Answer one relayed call (HTTP or Ray transport)."""
-    if _llm_base.is_ray(client):
-        await _llm_base.ray_data_async(client, sandbox_id, "llm_answer", call_id, body)
-    else:
-        await client._send(_llm_base.answer(sandbox_id, call_id, body))
+    """Answer one relayed call."""
+    await client._send(_llm_base.answer(sandbox_id, call_id, body))
 
 
 async def release_calls(client: AsyncClient, sandbox_id: str, call_ids: list[str]) -> None:
-    """Hand polled calls back to the queue (HTTP or Ray transport); a gone sandbox is fine."""
+    """Hand polled calls back to the queue; a gone sandbox is fine."""
     if not call_ids:
         return
     try:
-        if _llm_base.is_ray(client):
-            await _llm_base.ray_data_async(client, sandbox_id, "llm_release", call_ids)
-        else:
-            await client._send(_llm_base.release(sandbox_id, call_ids))
+        await client._send(_llm_base.release(sandbox_id, call_ids))
     except NotFound:
         pass
 
@@ -151,11 +140,6 @@ class AsyncSandboxLLM:
     async def trajectory_record(self) -> Trajectory:
         """The recorded calls with the trajectory id."""
         client = self._sandbox.client
-        if _llm_base.is_ray(client):
-            record: Trajectory = await _llm_base.ray_data_async(
-                client, self._sandbox.id, "llm_trajectory"
-            )
-            return record
         response = await client._send(_llm_base.trajectory(self._sandbox.id))
         return _base.parse(response, Trajectory)
 

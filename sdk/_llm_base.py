@@ -1,7 +1,8 @@
 """The sans-IO part of the SDK's model-service methods (``sb.llm``, :class:`AsyncLLMRelay`).
 
-Requests as :class:`~rock_serve.sdk._base.Call` objects and the Ray-transport calls; the
-async module and its generated sync twin only send them.
+Requests as :class:`~rock_serve.sdk._base.Call` objects, sent through the client's transport
+(HTTP, or the Ray transport, which maps each route to its Worker method); the async module and
+its generated sync twin only send them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ __all__ = [
     "poll",
     "poll_many",
     "release",
-    "ray_data_async",
-    "ray_data_sync",
     "trajectory",
 ]
 
@@ -71,13 +70,3 @@ def trajectory(sandbox_id: str) -> Call:
 def is_ray(client: Any) -> bool:
     """Whether ``client`` is over the Ray transport (``AsyncClient.from_ray`` / ``from_ray``)."""
     return bool(getattr(getattr(client, "_transport", None), "ray", False))
-
-
-async def ray_data_async(client: Any, sandbox_id: str, method: str, *args: Any) -> Any:
-    """A named Worker call through the async client's Ray transport."""
-    return await client._transport.data(sandbox_id, method, *args)
-
-
-def ray_data_sync(client: Any, sandbox_id: str, method: str, *args: Any) -> Any:
-    """A named Worker call through the sync client's Ray transport (blocking in ``ray.get``)."""
-    return client._transport.data(sandbox_id, method, *args)

@@ -24,6 +24,7 @@ from rock_serve.protocol.llm import LLMCall, LLMCallList
 from rock_serve.sdk import _base, _llm_base
 from rock_serve.sdk._async_llm import AsyncLLMCallHandle, poll_calls, release_calls
 from rock_serve.sdk._sync_llm import LLMCallHandle
+from rock_serve.sdk._sync_llm import poll_calls as poll_calls_sync
 from rock_serve.sdk._sync_llm import release_calls as release_calls_sync
 
 if TYPE_CHECKING:
@@ -155,9 +156,7 @@ class LLMRelay:
             wait = self.wait if len(self.sandbox_ids) == 1 else min(self.wait, 1.0)
             for sandbox_id in list(self.sandbox_ids):
                 try:
-                    calls: list[LLMCall] = _llm_base.ray_data_sync(
-                        client, sandbox_id, "llm_poll", wait, 4096
-                    )
+                    calls = poll_calls_sync(client, sandbox_id, wait, 4096)
                 except (SandboxNotFound, NotFound):
                     self.sandbox_ids.remove(sandbox_id)
                     continue

@@ -30,33 +30,22 @@ __all__ = ["LLMCallHandle", "SandboxLLM", "answer_call", "poll_calls", "release_
 
 
 def poll_calls(client: Client, sandbox_id: str, wait: float, max_calls: int) -> list[LLMCall]:
-    """One long poll for a sandbox's relayed calls (HTTP or Ray transport)."""
-    if _llm_base.is_ray(client):
-        calls: list[LLMCall] = _llm_base.ray_data_sync(
-            client, sandbox_id, "llm_poll", wait, max_calls
-        )
-        return calls
+    """One long poll for a sandbox's relayed calls."""
     response = client._send(_llm_base.poll(sandbox_id, wait, max_calls))
     return _base.parse(response, LLMCallList).calls
 
 
 def answer_call(client: Client, sandbox_id: str, call_id: str, body: LLMAnswer) -> None:
-    """Answer one relayed call (HTTP or Ray transport)."""
-    if _llm_base.is_ray(client):
-        _llm_base.ray_data_sync(client, sandbox_id, "llm_answer", call_id, body)
-    else:
-        client._send(_llm_base.answer(sandbox_id, call_id, body))
+    """Answer one relayed call."""
+    client._send(_llm_base.answer(sandbox_id, call_id, body))
 
 
 def release_calls(client: Client, sandbox_id: str, call_ids: list[str]) -> None:
-    """Hand polled calls back to the queue (HTTP or Ray transport); a gone sandbox is fine."""
+    """Hand polled calls back to the queue; a gone sandbox is fine."""
     if not call_ids:
         return
     try:
-        if _llm_base.is_ray(client):
-            _llm_base.ray_data_sync(client, sandbox_id, "llm_release", call_ids)
-        else:
-            client._send(_llm_base.release(sandbox_id, call_ids))
+        client._send(_llm_base.release(sandbox_id, call_ids))
     except NotFound:
         pass
 
@@ -148,9 +137,6 @@ class SandboxLLM:
     def trajectory_record(self) -> Trajectory:
         """The recorded calls with the trajectory id."""
         client = self._sandbox.client
-        if _llm_base.is_ray(client):
-            record: Trajectory = _llm_base.ray_data_sync(client, self._sandbox.id, "llm_trajectory")
-            return record
         response = client._send(_llm_base.trajectory(self._sandbox.id))
         return _base.parse(response, Trajectory)
 

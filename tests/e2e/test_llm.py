@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from rock_serve.errors import NotFound, SandboxNotFound
-from rock_serve.sdk import AsyncClient, Client, LLMRelay
+from rock_serve.sdk import AsyncClient, Client, LLMRelay, Sandbox
 from tests._wait import wait_until
 
 pytestmark = pytest.mark.ray
@@ -223,8 +223,15 @@ def test_sync_relay_over_ray(bwrap_host_tools_platform: Any) -> None:
             for call in LLMRelay(ray_client, [sb.id], wait=5).calls():
                 call.respond(completion(call.request["messages"][0]["content"][::-1]))
                 break
-        (reply,) = agent.result(timeout=120)
+            (reply,) = agent.result(timeout=120)
+            # The trajectory over Ray is the one over HTTP (same route, other transport).
+            over_ray = Sandbox(ray_client, sb.record, delete_on_exit=False, heartbeat=False)
+            steps = over_ray.llm.trajectory()
         assert json.loads(reply["body"])["choices"][0]["message"]["content"] == "yar revo cnys"
+        assert steps == sb.llm.trajectory()
+        assert [s["response"]["choices"][0]["message"]["content"] for s in steps] == [
+            "yar revo cnys"
+        ]
 
 
 # --------------------------------------------------------------------------- the openai package

@@ -427,9 +427,10 @@ def _base_call_streamed() -> Any:
 def test_the_ray_transport_maps_each_control_plane_call_to_one_actor_method():
     from rock_serve.deployments.client import ROUTES, actor_call, entry
     from rock_serve.protocol.fork import ForkRequest
+    from rock_serve.protocol.llm import LLMAnswer, LLMCallList
     from rock_serve.protocol.processes import ProcessSignalBody, ProcessStartRequest
     from rock_serve.protocol.snapshot import SnapshotList, SnapshotRequest
-    from rock_serve.sdk import _base, _fork, _processes
+    from rock_serve.sdk import _base, _fork, _llm_base, _processes
 
     request = CreateSandboxRequest(ray_job_id="0a0b", labels={"k": "v"})
     expected: dict[str, tuple[Any, str, tuple[Any, ...]]] = {
@@ -479,6 +480,14 @@ def test_the_ray_transport_maps_each_control_plane_call_to_one_actor_method():
             "stream_process_output",
             (7, "stderr", 5, True),
         ),
+        "llm_poll": (_llm_base.poll(SID, 2.5, 8), "llm_poll", (2.5, 8)),
+        "llm_answer": (
+            _llm_base.answer(SID, "c-1", LLMAnswer(error="no")),
+            "llm_answer",
+            ("c-1", LLMAnswer(error="no")),
+        ),
+        "llm_release": (_llm_base.release(SID, ["c-1", "c-2"]), "llm_release", (["c-1", "c-2"],)),
+        "llm_trajectory": (_llm_base.trajectory(SID), "llm_trajectory", ()),
     }
     seen = set()
     for name, (call, method, args) in expected.items():
@@ -500,6 +509,8 @@ def test_the_ray_transport_maps_each_control_plane_call_to_one_actor_method():
     assert seen == set(ROUTES), "a ROUTES row without its case here"
     snaps = actor_call(_fork.list_snapshots(), tenant="ns")
     assert snaps.wrap is not None and snaps.wrap([]) == SnapshotList(items=[])
+    polled = actor_call(_llm_base.poll(SID, 1.0, 4), tenant="ns")
+    assert polled.wrap is not None and polled.wrap([]) == LLMCallList(calls=[])
     with pytest.raises(InvalidRequest, match="needs HTTP"):  # images go over HTTP
         actor_call(_base.list_images())
     from rock_serve.errors import SandboxNotFound
