@@ -223,11 +223,10 @@ async def test_oom_kill_of_the_init_fails_the_sandbox(rt):
 async def test_stop_kills_everything_and_start_again(rt, dapi):
     sid, h = await started(rt)
     await h.exec(ExecRequest(command="nohup sleep 300 >/dev/null 2>&1 &"))
-    t = time.perf_counter()
     await rt.stop(sid)
-    assert time.perf_counter() - t < 5
     c = dapi.inspect_container(rt.container_name(sid))
-    assert c["State"]["Running"] is False and c["State"]["ExitCode"] == 143  # SIGTERM, not KILL
+    # 143: SIGTERM ended it (a stop that waited out its grace would end in SIGKILL, 137)
+    assert c["State"]["Running"] is False and c["State"]["ExitCode"] == 143
     assert (await rt.inspect(sid)).state == SandboxState.STOPPED
     with pytest.raises(errors.SandboxNotRunning):
         await rt.attach(sid)
@@ -239,10 +238,9 @@ async def test_stop_kills_everything_and_start_again(rt, dapi):
 
 
 async def test_missing_image_fails_fast(rt):
-    t = time.perf_counter()
+    # "never": the pull policy refused it before any pull was tried
     with pytest.raises(errors.ImageNotFound, match="never"):
         await rt.create(new_id(), SandboxSpec(image="rock-serve/no-such-image:1"))
-    assert time.perf_counter() - t < 2
     assert await rt.list() == []
 
 
@@ -451,7 +449,7 @@ async def test_daemon_unreachable_is_runtime_unavailable(tmp_path):
         with pytest.raises(errors.RuntimeUnavailable, match="unreachable") as info:
             await call
         assert errors.http_status(info.value.code) == 503
-    assert time.perf_counter() - t < 5
+    assert time.perf_counter() - t < 30  # no retry loop (each call takes milliseconds)
     await runtime.close()
 
 

@@ -239,11 +239,9 @@ def test_a_dead_redis_never_fails_a_request(audit_app, redis_server, platform):
     redis_server.stop()
     with audit_app.client("alice") as alice:
         sid = alice.post("/v1/sandboxes", json={"ttl_seconds": 120}).json()["id"]
-        started = time.perf_counter()
         out = alice.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo still-served"})
         assert out.status_code == 200, out.text
         assert out.json()["stdout"] == "still-served\n"
-        assert time.perf_counter() - started < 5  # the sink is not on the request path
         assert alice.delete(f"/v1/sandboxes/{sid}").status_code == 204
 
     def has_exec(events: list[dict[str, Any]]) -> bool:

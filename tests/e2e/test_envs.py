@@ -177,7 +177,7 @@ def test_make_kwargs_reach_the_env_and_the_sandbox(client, api):
         "rock/Terminal-v0",
         client=client,
         family="count_lines",
-        step_timeout=1,
+        step_timeout=3,
         sandbox={"labels": {"team": "rl"}, "ttl_seconds": 120},
     ) as env:
         _, info = env.reset(seed=1)
@@ -186,7 +186,7 @@ def test_make_kwargs_reach_the_env_and_the_sandbox(client, api):
         assert record.labels["team"] == "rl" and record.labels["rock.env"] == "rock/Terminal-v0"
         assert record.expires_at is not None and record.expires_at - record.created_at <= 121
         obs, _, _, _, info = env.step("sleep 10")
-        assert info["timed_out"] is True and "timed out after 1s" in obs
+        assert info["timed_out"] is True and "timed out after 3s" in obs
         # The session survives the interrupt.
         assert env.step("echo alive")[0].startswith("alive")
 

@@ -56,7 +56,7 @@ def _gem_sandboxes(api) -> list[str]:
 
 def test_python_tool_in_a_wrapped_env(api, platform):
     with (
-        GemPythonTool(base_url=platform.url, timeout=2) as python,
+        GemPythonTool(base_url=platform.url, timeout=5) as python,
         GemBashTool(base_url=platform.url) as bash,
     ):
         env = ToolWrapper(AnswerEnv(), [python, bash])
@@ -82,7 +82,7 @@ def test_python_tool_in_a_wrapped_env(api, platform):
 
 
 def test_python_tool_results(api, platform):
-    with GemPythonTool(base_url=platform.url, timeout=1) as tool:
+    with GemPythonTool(base_url=platform.url, timeout=3) as tool:
         assert tool.execute_action("no code here") == (False, True, "", "no code here")
 
         ok, err, obs, parsed = tool.execute_action(
@@ -91,17 +91,18 @@ def test_python_tool_results(api, platform):
         assert (ok, err, obs) == (True, False, "Code execution result: a\n\n")  # first block wins
         assert parsed == "```python\nprint('a')\n```"
 
-        tool.execute_action("<python>open('state.txt', 'w').write('kept')</python>")
-        assert tool.execute_action("<python>print(open('state.txt').read())</python>")[2] == (
-            "Code execution result: kept\n\n"
-        )
+        wrote = tool.execute_action("<python>open('state.txt', 'w').write('kept')</python>")
+        assert wrote[:2] == (True, False), wrote
+        writer = tool.sandbox_id
+        read = tool.execute_action("<python>print(open('state.txt').read())</python>")
+        assert read[2] == "Code execution result: kept\n\n", (writer, tool.sandbox_id, read)
 
         ok, err, obs, _ = tool.execute_action("<python>print('x')\nraise KeyError('k')</python>")
         assert (ok, err) == (True, True)
         assert obs.startswith("Code execution result: x\n") and "KeyError: 'k'" in obs
 
         ok, err, obs, _ = tool.execute_action("<python>import time\ntime.sleep(30)</python>")
-        assert (ok, err) == (True, True) and "Execution timed out after 1 seconds." in obs
+        assert (ok, err) == (True, True) and "Execution timed out after 3 seconds." in obs
         first = tool.sandbox_id
         assert first is not None
 

@@ -154,7 +154,7 @@ async def test_swerex_timeout_leaves_session_usable(server):
     t = time.monotonic()
     with pytest.raises(CommandTimeoutError, match="timeout after 0.3 seconds"):
         await rt.run_in_session(BashAction(session="s", command="sleep 30", timeout=0.3))
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 25  # timed out, not waited for the sleep
     # SWE-agent interrupts after a timeout; then the session carries on with its state.
     obs = await rt.run_in_session(BashInterruptAction(session="s"))
     assert obs.exit_code == 0
