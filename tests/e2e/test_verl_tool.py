@@ -208,7 +208,7 @@ def test_idle_reaper_deletes_abandoned_trajectories(api, platform):
 
 
 def test_python_kind_and_timeouts(api, platform):
-    tools = load_tools(platform.url, timeout=4)
+    tools = load_tools(platform.url, timeout=30)
     code = tools["code_interpreter"]
     assert code.get_openai_tool_schema().function.name == "code_interpreter"
     schema = code.get_openai_tool_schema().model_dump(exclude_unset=True, exclude_none=True)
@@ -229,10 +229,12 @@ def test_python_kind_and_timeouts(api, platform):
         assert resp.text == "kept\n"
         resp, _, _ = await call_tool(code, json.dumps({"code": "1/0"}), agent, {})
         assert "ZeroDivisionError" in resp.text and resp.text.endswith("[exit code 1]")
+        # A short limit for this call only: the others have time to spare on a busy host.
+        code.settings = code.settings.model_copy(update={"timeout": 1.0})
         resp, _, metrics = await call_tool(
             code, json.dumps({"code": "import time; time.sleep(30)"}), agent, {}
         )
-        assert resp.text.endswith("[timed out after 4s]") and metrics["timed_out"]
+        assert resp.text.endswith("[timed out after 1s]") and metrics["timed_out"]
         await code.aclose()
         await tools["bash"].aclose()
         assert _verl_sandboxes(api) == []
