@@ -30,6 +30,8 @@ from rock_serve.deployments._llm import LLMWorker
 from rock_serve.deployments._ray import call
 from rock_serve.errors import SandboxNotFound
 from rock_serve.protocol.llm import (
+    MAX_POLL_CALLS,
+    MAX_POLL_WAIT,
     LLMAnswer,
     LLMCall,
     LLMCallList,
@@ -117,8 +119,8 @@ async def llm_poll(body: LLMPollRequest, principal: Auth) -> LLMCallList:
 async def llm_calls(
     sandbox_id: str,
     principal: Auth,
-    wait: Annotated[float, Query(ge=0, le=60)] = 20.0,
-    max_calls: Annotated[int, Query(ge=1, le=4096)] = 256,
+    wait: Annotated[float, Query(ge=0, le=MAX_POLL_WAIT)] = 20.0,
+    max_calls: Annotated[int, Query(ge=1, le=MAX_POLL_CALLS)] = 256,
 ) -> LLMCallList:
     """Wait up to ``wait`` s for the sandbox's relayed model calls."""
     worker = await _admin()._worker(sandbox_id)

@@ -70,7 +70,7 @@ from rock_serve.protocol import CreateSandboxRequest, SandboxState, SessionRunRe
 from rock_serve.protocol.api import SANDBOX_ID
 from rock_serve.protocol.dataplane import BatchRunItem, BatchRunOutcome
 from rock_serve.protocol.fork import ForkRequest
-from rock_serve.protocol.llm import LLMAnswer, LLMCallList, LLMRelease
+from rock_serve.protocol.llm import LLMAnswer, LLMCallList, LLMPollRequest, LLMRelease
 from rock_serve.protocol.ops import Op
 from rock_serve.protocol.processes import ProcessInputBody, ProcessSignalBody, ProcessStartRequest
 from rock_serve.protocol.snapshot import SnapshotList, SnapshotRequest
@@ -183,9 +183,12 @@ def _output(ctx: _Ctx, seg: dict[str, str], c: _base.Call) -> ActorCall:
 
 
 def _llm_poll(ctx: _Ctx, seg: dict[str, str], c: _base.Call) -> ActorCall:
-    p = _params(c)
-    args = (float(p.get("wait", "20")), int(p.get("max_calls", "256")))
-    return ActorCall(_sb(seg), "llm_poll", args, wrap=lambda calls: LLMCallList(calls=calls))
+    """A long poll, bounded as the Admin's (``wait`` and ``max_calls`` of LLMPollRequest)."""
+    sandbox_id = _sb(seg)
+    bounds = {k: v for k, v in _params(c).items() if k in ("wait", "max_calls")}
+    poll = LLMPollRequest.model_validate({"sandbox_ids": [sandbox_id], **bounds})
+    args = (poll.wait, poll.max_calls)
+    return ActorCall(sandbox_id, "llm_poll", args, wrap=lambda calls: LLMCallList(calls=calls))
 
 
 _S = "/v1/sandboxes/{sandbox_id}"

@@ -25,6 +25,8 @@ __all__ = [
     "LLMCallList",
     "LLMPollRequest",
     "LLMRelease",
+    "MAX_POLL_CALLS",
+    "MAX_POLL_WAIT",
     "ModelServiceSpec",
     "ReversePort",
     "Trajectory",
@@ -33,6 +35,9 @@ __all__ = [
 
 #: The sandbox-side port of the model service unless ``model_service.port`` says otherwise.
 DEFAULT_LLM_PORT = 8765
+#: The longest one long poll for relayed calls may wait (seconds), and the most calls it takes.
+MAX_POLL_WAIT = 60.0
+MAX_POLL_CALLS = 4096
 
 
 class ReversePort(WireModel):
@@ -129,8 +134,12 @@ class LLMPollRequest(WireModel):
     """Wait for relayed calls of several sandboxes at once (one trainer connection)."""
 
     sandbox_ids: list[str] = Field(min_length=1, max_length=4096, description="Sandboxes.")
-    wait: float = Field(default=20.0, ge=0, le=60, description="Seconds to wait for a call.")
-    max_calls: int = Field(default=256, ge=1, le=4096, description="At most this many calls.")
+    wait: float = Field(
+        default=20.0, ge=0, le=MAX_POLL_WAIT, description="Seconds to wait for a call."
+    )
+    max_calls: int = Field(
+        default=256, ge=1, le=MAX_POLL_CALLS, description="At most this many calls."
+    )
 
 
 class LLMRelease(WireModel):

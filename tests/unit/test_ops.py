@@ -511,6 +511,9 @@ def test_the_ray_transport_maps_each_control_plane_call_to_one_actor_method():
     assert snaps.wrap is not None and snaps.wrap([]) == SnapshotList(items=[])
     polled = actor_call(_llm_base.poll(SID, 1.0, 4), tenant="ns")
     assert polled.wrap is not None and polled.wrap([]) == LLMCallList(calls=[])
+    for wait, max_calls in ((61.0, 4), (1.0, 0), (1.0, 4097)):  # the Admin's bounds
+        with pytest.raises(InvalidRequest):
+            actor_call(_llm_base.poll(SID, wait, max_calls), tenant="ns")
     with pytest.raises(InvalidRequest, match="needs HTTP"):  # images go over HTTP
         actor_call(_base.list_images())
     from rock_serve.errors import SandboxNotFound
