@@ -152,29 +152,36 @@ class SnapshotWorker:
             "image_digest": image_digest,
         }
 
-    async def _archive(self, sandbox_id: str) -> bool:
+    async def _archive(self, sandbox_id: str) -> dict[str, Any] | None:
         """Snapshot a sandbox whose lease ran out when its create asked for it (before the
-        reaper removes it); the Scheduler takes the result with :meth:`take_archived`.
+        reaper removes it); :meth:`_archived_after_removal` then publishes it.
 
         Returns:
-            True when it was archived; False when it was not asked for or failed (logged:
-            the sandbox is then reaped as usual).
+            The snapshot's fields and the sandbox's ``record``; None when it was not asked for
+            or failed (logged: the sandbox is then reaped as usual).
         """
         w = cast("Worker", self)
         box = w._boxes.get(sandbox_id)
         if box is None or not box.record.archive_on_expiry:
-            return False
+            return None
         try:
             if box.record.state == SandboxState.PAUSED:
                 await w.resume(sandbox_id)
             made = await self.snapshot(sandbox_id)
         except Exception as exc:
             log.error("worker %s: cannot archive %s: %s", w.name, sandbox_id, exc)
-            return False
+            return None
+        return {**made, "record": box.record.model_copy(deep=True)}
+
+    def _archived_after_removal(self, sandbox_id: str, entry: dict[str, Any]) -> None:
+        """Hand an archive to the Scheduler (:meth:`take_archived`) once its sandbox is gone.
+
+        Not before: a caller who sees the archive may resume it at once, and a resume while
+        the id is still taken here would be refused as a conflict.
+        """
         archived: dict[str, Any] = getattr(self, "_archived", None) or {}
-        archived[sandbox_id] = {**made, "record": box.record.model_copy(deep=True)}
+        archived[sandbox_id] = entry
         self._archived = archived
-        return True
 
     async def take_archived(self) -> list[dict[str, Any]]:
         """The sandboxes archived since the last call (each: the snapshot's fields and the

@@ -205,7 +205,8 @@ class Worker(
         await self._uploads.reap(now)
         expired = self._table.expired(now)
         for i, (sid, reason) in enumerate(expired):
-            if reason == "lease_expired" and await self._archive(sid):  # issue 16
+            archive = await self._archive(sid) if reason == "lease_expired" else None  # issue 16
+            if archive is not None:
                 expired[i] = (sid, reason := "archived")
             log.info(
                 "worker %s: reaping sandbox %s (%s)",
@@ -216,6 +217,8 @@ class Worker(
             )
             with contextlib.suppress(SandboxNotFound):
                 await self.remove(sid, reason=reason)
+            if archive is not None:
+                self._archived_after_removal(sid, archive)
             self._metrics.reaped(reason)
         return [sid for sid, _ in expired]
 

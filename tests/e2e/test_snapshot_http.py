@@ -79,10 +79,14 @@ async def test_snapshot_routes_sdk_and_cli(bwrap_platform):
 
 def test_archive_on_lease_expiry_and_resume_over_http(bwrap_platform):
     with httpx.Client(base_url=bwrap_platform.url, timeout=120) as api:
-        made = api.post("/v1/sandboxes", json={"archive_on_expiry": True, "lease_seconds": 1})
+        # 5 s: the create's reply and the write must land inside the first lease (checked
+        # below). A file there from birth (create over a snapshot) would make this free of
+        # timing, but that loses the file: see the xfail test below.
+        made = api.post("/v1/sandboxes", json={"archive_on_expiry": True, "lease_seconds": 5})
         assert made.status_code == 201, made.text
         sid = made.json()["id"]
-        api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo kept > /root/kept"})
+        wrote = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo kept > /root/kept"})
+        assert wrote.status_code == 200 and wrote.json()["exit_code"] == 0, wrote.text
 
         def archived() -> list[dict[str, object]]:
             items = api.get("/v1/snapshots").json()["items"]
@@ -99,6 +103,32 @@ def test_archive_on_lease_expiry_and_resume_over_http(bwrap_platform):
         assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
         missing = api.post("/v1/sandboxes/sb-abcdef123456-0000000000000000/resume")
         assert missing.status_code == 404
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: bwrap packs only a sandbox's upper layer, so a snapshot of a sandbox "
+    "made from a snapshot (or forked) loses the files it was made from",
+)
+def test_a_snapshot_of_a_sandbox_made_from_a_snapshot_keeps_its_files(bwrap_platform):
+    with httpx.Client(base_url=bwrap_platform.url, timeout=120) as api:
+        made: list[str] = []
+        snaps: list[str] = []
+        try:
+            made.append(api.post("/v1/sandboxes", json={"ttl_seconds": 300}).json()["id"])
+            wrote = api.post(f"/v1/sandboxes/{made[0]}/exec", json={"command": "echo a > /root/a"})
+            assert wrote.status_code == 200, wrote.text
+            snaps.append(api.post(f"/v1/sandboxes/{made[0]}/snapshot", json={}).json()["id"])
+            made.append(api.post("/v1/sandboxes", json={"snapshot": snaps[0]}).json()["id"])
+            snaps.append(api.post(f"/v1/sandboxes/{made[1]}/snapshot", json={}).json()["id"])
+            made.append(api.post("/v1/sandboxes", json={"snapshot": snaps[1]}).json()["id"])
+            out = api.post(f"/v1/sandboxes/{made[2]}/exec", json={"command": "cat /root/a"})
+            assert out.json()["stdout"] == "a\n", out.text
+        finally:
+            for sid in made:
+                api.delete(f"/v1/sandboxes/{sid}")
+            for snap in snaps:
+                api.delete(f"/v1/snapshots/{snap}")
 
 
 async def test_snapshots_over_the_ray_transport(bwrap_platform):
