@@ -15,13 +15,15 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 
 from rock_serve.errors import ArtifactCorrupt, RuntimeUnavailable
 
-__all__ = ["SnapshotCorrupt", "pack_layer", "sha256_of", "unpack_layer"]
+__all__ = ["SnapshotCorrupt", "pack_layer", "sha256_of", "squash_layers", "unpack_layer"]
 
 _CHUNK = 1 << 20
+_OPAQUE = "trusted.overlay.opaque"
 _TAR_OPTS = ["--xattrs", "--xattrs-include=trusted.overlay.*", "--numeric-owner"]
 
 
@@ -112,3 +114,98 @@ def unpack_layer(archive: str, sha256: str, dest: str) -> None:
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, _OPAQUE, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
+    """Owner, mode, xattrs (overlay's opaque marker among them) and times of a directory."""
+    os.lchown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src, follow_symlinks=False):
+        os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False))
+
+
+def _copy_node(src: str, dst: str) -> None:
+    """A file, symlink, whiteout or other non-directory, as ``cp -a`` copies it."""
+    done = subprocess.run(
+        ["cp", "-a", "--reflink=auto", "--", src, dst], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()
+        raise RuntimeUnavailable(f"cannot copy a layer's file: {err}")
+
+
+def _prune_whiteouts(layer: str, below: list[str] | tuple[str, ...]) -> None:
+    """Remove the whiteouts of ``layer`` that hide nothing in ``below``."""
+    for parent, _dirs, files in os.walk(layer):
+        for name in files:
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+                continue
+            rel = os.path.relpath(path, layer)
+            if not any(os.path.lexists(os.path.join(b, rel)) for b in below):
+                os.unlink(path)
+
+
+def squash_layers(layers: list[str], dest: str, below: list[str] | tuple[str, ...] = ()) -> None:
+    """Merge overlay layers, the lowest first, into one new layer at ``dest`` (made here).
+
+    What a layer deletes (a whiteout: a 0/0 character device) or makes opaque
+    (``trusted.overlay.opaque=y``) hides what the layers below it had. The result goes over
+    ``below`` (the image's layers) as the stack did: its opaque markers stay, and so do the
+    whiteouts of paths that ``below`` has; the others hide nothing any more and would show
+    as dangling names in a directory only this layer has, so they go. Owners are kept as
+    they are (see ``copy_layer``).
+    """
+    tmp = f"{dest}.{secrets.token_hex(4)}.tmp"
+    try:
+        done = subprocess.run(
+            ["cp", "-a", "--reflink=auto", "--", layers[0], tmp], capture_output=True, check=False
+        )
+        if done.returncode != 0:
+            err = done.stderr.decode(errors="replace").strip()
+            raise RuntimeUnavailable(f"cannot copy a layer: {err}")
+        for layer in layers[1:]:
+            times: list[tuple[str, os.stat_result]] = []
+            for parent, dirs, files in os.walk(layer):
+                into = os.path.join(tmp, os.path.relpath(parent, layer))
+                for name in list(dirs):
+                    src, dst = os.path.join(parent, name), os.path.join(into, name)
+                    st = os.lstat(src)
+                    if not stat.S_ISDIR(st.st_mode):  # a symlink to a directory
+                        dirs.remove(name)
+                        files.append(name)
+                        continue
+                    if _is_opaque(src) or (os.path.lexists(dst) and not os.path.isdir(dst)):
+                        _remove(dst)
+                    if os.path.islink(dst):
+                        _remove(dst)
+                    if not os.path.lexists(dst):
+                        os.mkdir(dst)
+                    _copy_meta(src, dst, st)
+                    times.append((dst, st))
+                for name in files:
+                    src, dst = os.path.join(parent, name), os.path.join(into, name)
+                    _remove(dst)
+                    _copy_node(src, dst)
+            for dst, st in reversed(times):  # children first: adding them moved the times
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        _prune_whiteouts(tmp, below)
+        os.rename(tmp, dest)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

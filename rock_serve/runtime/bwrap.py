@@ -80,7 +80,7 @@ from rock_serve.runtime._image_user import resolve_user
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
-from rock_serve.runtime._snapshot import pack_layer, unpack_layer
+from rock_serve.runtime._snapshot import pack_layer, squash_layers, unpack_layer
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -1072,12 +1072,25 @@ class BwrapRuntime(Runtime):
             SandboxNotRunning: the sandbox is not running.
         """
         meta = self._running_meta(sandbox_id)
+        layers = self._frozen_layers()
+        recorded = self._read_root(sandbox_id).get("lowers")
+        lowers = [str(x) for x in recorded] if isinstance(recorded, list) else []
+        # A sandbox made from a snapshot or by a fork has files in frozen lowers too: they are
+        # squashed with its upper, so the archive holds every file above the image.
+        inherited = [x for x in lowers if layers.owns(x)]
+        image = [x for x in lowers if not layers.owns(x)]
         async with self._fork_lock(sandbox_id):
             layer = await run_sync(self._freeze_copy, sandbox_id, meta.uid_base or 0)
+        squashed: str | None = None
         try:
-            return await run_sync(pack_layer, layer, dest_dir)
+            if inherited:
+                squashed = layers.new_path(sandbox_id)
+                await run_sync(squash_layers, [*reversed(inherited), layer], squashed, image)
+            return await run_sync(pack_layer, squashed or layer, dest_dir)
         finally:
-            await run_sync(self._frozen_layers().drop_unused, layer)
+            await run_sync(layers.drop_unused, layer)
+            if squashed is not None:
+                await run_sync(layers.drop_unused, squashed)
 
     async def restore(
         self, sandbox_id: str, spec: SandboxSpec, archive: str, sha256: str

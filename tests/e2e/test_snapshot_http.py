@@ -79,14 +79,17 @@ async def test_snapshot_routes_sdk_and_cli(bwrap_platform):
 
 def test_archive_on_lease_expiry_and_resume_over_http(bwrap_platform):
     with httpx.Client(base_url=bwrap_platform.url, timeout=120) as api:
-        # 5 s: the create's reply and the write must land inside the first lease (checked
-        # below). A file there from birth (create over a snapshot) would make this free of
-        # timing, but that loses the file: see the xfail test below.
-        made = api.post("/v1/sandboxes", json={"archive_on_expiry": True, "lease_seconds": 5})
+        # The file is there from birth (the sandbox is made over a snapshot of one that wrote
+        # it): a write after the create would race the 1 s lease on a busy host.
+        source = api.post("/v1/sandboxes", json={"ttl_seconds": 300}).json()["id"]
+        wrote = api.post(f"/v1/sandboxes/{source}/exec", json={"command": "echo kept > /root/kept"})
+        assert wrote.status_code == 200 and wrote.json()["exit_code"] == 0, wrote.text
+        seed = api.post(f"/v1/sandboxes/{source}/snapshot", json={}).json()["id"]
+        assert api.delete(f"/v1/sandboxes/{source}").status_code == 204
+        body = {"snapshot": seed, "archive_on_expiry": True, "lease_seconds": 1}
+        made = api.post("/v1/sandboxes", json=body)
         assert made.status_code == 201, made.text
         sid = made.json()["id"]
-        wrote = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "echo kept > /root/kept"})
-        assert wrote.status_code == 200 and wrote.json()["exit_code"] == 0, wrote.text
 
         def archived() -> list[dict[str, object]]:
             items = api.get("/v1/snapshots").json()["items"]
@@ -101,15 +104,11 @@ def test_archive_on_lease_expiry_and_resume_over_http(bwrap_platform):
         assert out.json()["stdout"] == "kept\n"
         assert api.get(f"/v1/snapshots/{snaps[0]['id']}").status_code == 404
         assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
+        assert api.delete(f"/v1/snapshots/{seed}").status_code == 204
         missing = api.post("/v1/sandboxes/sb-abcdef123456-0000000000000000/resume")
         assert missing.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: bwrap packs only a sandbox's upper layer, so a snapshot of a sandbox "
-    "made from a snapshot (or forked) loses the files it was made from",
-)
 def test_a_snapshot_of_a_sandbox_made_from_a_snapshot_keeps_its_files(bwrap_platform):
     with httpx.Client(base_url=bwrap_platform.url, timeout=120) as api:
         made: list[str] = []
