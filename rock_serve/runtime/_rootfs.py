@@ -29,6 +29,7 @@ import stat
 import threading
 
 from rock_serve.config import DEFAULT_ETC_ALLOW, DEFAULT_ROOT_ALLOW
+from rock_serve.runtime._snapshot import OVERLAY_OPAQUE
 
 __all__ = ["Skeleton"]
 
@@ -48,7 +49,6 @@ _OWN_DIRS: dict[str, int] = {
     "sys": 0o555,
     "dev": 0o755,
 }
-_OPAQUE = "trusted.overlay.opaque"
 #: Bumped when the skeleton's layout changes (part of its key).
 _FORMAT = 1
 
@@ -126,7 +126,7 @@ class Skeleton:
             os.mkdir(target, mode)
             os.chmod(target, mode)
             if "/" not in rel or os.path.lexists(os.path.join(self.host_root, rel)):
-                os.setxattr(target, _OPAQUE, b"y")
+                os.setxattr(target, OVERLAY_OPAQUE, b"y")
         for name in sorted(listing):
             if name in self.allow or name in _OWN_DIRS:
                 continue

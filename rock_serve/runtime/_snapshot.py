@@ -20,10 +20,18 @@ import subprocess
 
 from rock_serve.errors import ArtifactCorrupt, RuntimeUnavailable
 
-__all__ = ["SnapshotCorrupt", "pack_layer", "sha256_of", "squash_layers", "unpack_layer"]
+__all__ = [
+    "OVERLAY_OPAQUE",
+    "SnapshotCorrupt",
+    "pack_layer",
+    "sha256_of",
+    "squash_layers",
+    "unpack_layer",
+]
 
 _CHUNK = 1 << 20
-_OPAQUE = "trusted.overlay.opaque"
+#: The xattr overlayfs marks an opaque directory with (value ``y``).
+OVERLAY_OPAQUE = "trusted.overlay.opaque"
 _TAR_OPTS = ["--xattrs", "--xattrs-include=trusted.overlay.*", "--numeric-owner"]
 
 
@@ -118,7 +126,7 @@ def unpack_layer(archive: str, sha256: str, dest: str) -> None:
 
 def _is_opaque(path: str) -> bool:
     try:
-        return os.getxattr(path, _OPAQUE, follow_symlinks=False) == b"y"
+        return os.getxattr(path, OVERLAY_OPAQUE, follow_symlinks=False) == b"y"
     except OSError:
         return False
 
@@ -138,14 +146,14 @@ def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
         os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False))
 
 
-def _copy_node(src: str, dst: str) -> None:
-    """A file, symlink, whiteout or other non-directory, as ``cp -a`` copies it."""
+def _copy(src: str, dst: str) -> None:
+    """``cp -a`` a layer, or one of its non-directories (a file, symlink, whiteout)."""
     done = subprocess.run(
         ["cp", "-a", "--reflink=auto", "--", src, dst], capture_output=True, check=False
     )
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip()
-        raise RuntimeUnavailable(f"cannot copy a layer's file: {err}")
+        raise RuntimeUnavailable(f"cannot copy a layer: {err}")
 
 
 def _prune_whiteouts(layer: str, below: list[str] | tuple[str, ...]) -> None:
@@ -173,12 +181,7 @@ def squash_layers(layers: list[str], dest: str, below: list[str] | tuple[str, ..
     """
     tmp = f"{dest}.{secrets.token_hex(4)}.tmp"
     try:
-        done = subprocess.run(
-            ["cp", "-a", "--reflink=auto", "--", layers[0], tmp], capture_output=True, check=False
-        )
-        if done.returncode != 0:
-            err = done.stderr.decode(errors="replace").strip()
-            raise RuntimeUnavailable(f"cannot copy a layer: {err}")
+        _copy(layers[0], tmp)
         for layer in layers[1:]:
             times: list[tuple[str, os.stat_result]] = []
             for parent, dirs, files in os.walk(layer):
@@ -190,9 +193,8 @@ def squash_layers(layers: list[str], dest: str, below: list[str] | tuple[str, ..
                         dirs.remove(name)
                         files.append(name)
                         continue
-                    if _is_opaque(src) or (os.path.lexists(dst) and not os.path.isdir(dst)):
-                        _remove(dst)
-                    if os.path.islink(dst):
+                    replaced = os.path.islink(dst) or not os.path.isdir(dst)
+                    if _is_opaque(src) or (os.path.lexists(dst) and replaced):
                         _remove(dst)
                     if not os.path.lexists(dst):
                         os.mkdir(dst)
@@ -201,7 +203,7 @@ def squash_layers(layers: list[str], dest: str, below: list[str] | tuple[str, ..
                 for name in files:
                     src, dst = os.path.join(parent, name), os.path.join(into, name)
                     _remove(dst)
-                    _copy_node(src, dst)
+                    _copy(src, dst)
             for dst, st in reversed(times):  # children first: adding them moved the times
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         _prune_whiteouts(tmp, below)

@@ -80,7 +80,12 @@ from rock_serve.runtime._image_user import resolve_user
 from rock_serve.runtime._netns import check_network, enter, for_runtime
 from rock_serve.runtime._rootfs import Skeleton
 from rock_serve.runtime._seccomp import compile_profile
-from rock_serve.runtime._snapshot import pack_layer, squash_layers, unpack_layer
+from rock_serve.runtime._snapshot import (
+    OVERLAY_OPAQUE,
+    pack_layer,
+    squash_layers,
+    unpack_layer,
+)
 from rock_serve.runtime._state import (
     SandboxMeta,
     alive,
@@ -108,7 +113,6 @@ AGENT_MOUNT = "/.rock"
 #: Seconds to wait for a fresh rocklet's first reply.
 START_TIMEOUT = 30.0
 _MNT_DETACH = 2
-_OPAQUE = "trusted.overlay.opaque"
 #: A sandbox's root: its lower dirs (top first) and the image config the start honours.
 _ROOT_FILE = "root.json"
 #: Runs as the sandbox's host-side first process: joins the cgroups, then becomes bwrap with
@@ -238,7 +242,7 @@ class _Hide:
             os.mkdir(target, self.mode)
             os.chown(target, self.uid + shift, self.gid + shift)
             os.chmod(target, self.mode)
-            os.setxattr(target, _OPAQUE, b"y")
+            os.setxattr(target, OVERLAY_OPAQUE, b"y")
         else:
             os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
 
