@@ -181,15 +181,9 @@ async def sessions(
         ("HTTP via Admin" if mode == "admin" else "direct data plane") if url else "Ray transport"
     )
     rows = []
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     for n in clients:
-        if url:
-            client = AsyncClient(
-                base_url=url,
-                timeout=120,
-                transport=httpx.AsyncHTTPTransport(limits=limits),
-                dataplane=mode,  # type: ignore[arg-type]
-            )
+        if url:  # the SDK's own connection pools, as a user gets them
+            client = AsyncClient(base_url=url, timeout=120, dataplane=mode)  # type: ignore[arg-type]
         else:
             client = AsyncClient.from_ray(namespace="rock-bench")
         async with client:
