@@ -155,9 +155,12 @@ UVICORN_APP = textwrap.dedent(
 
 
 async def http_floor(name: str, url: str, method: str, clients: list[int], seconds: float):
+    from rock_serve.sdk._async_transport import LIMITS, AsyncSpreadTransport
+
     rows = []
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    # the SDK's connection pools, so the floor has the client stack the SDK rows have
+    spread = AsyncSpreadTransport(limits=LIMITS)
+    async with httpx.AsyncClient(base_url=url, transport=spread, timeout=60) as client:
         for n in clients:
 
             async def call() -> None:
