@@ -31,7 +31,7 @@ def _p(samples: list[float], q: float) -> float:
 
 
 def add_ping_app(serve: Any) -> None:
-    """The floor: a one-route FastAPI app under /bare."""
+    """The floor: a one-route FastAPI app under /bare, with the Admin's limit on requests."""
     from fastapi import FastAPI
 
     ping_app = FastAPI()
@@ -40,7 +40,8 @@ def add_ping_app(serve: Any) -> None:
     async def ping() -> dict[str, bool]:
         return {"ok": True}
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    # the Admin's limit: Serve's default (5 in flight per replica) makes the proxy back off
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=harness.MAX_ONGOING)
     @serve.ingress(ping_app)
     class Ping:
         pass
