@@ -26,13 +26,13 @@ import contextlib
 import os
 import secrets
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 
 from rock_serve.errors import RuntimeUnavailable
 from rock_serve.runtime._cgroup import Cgroup, CgroupLayout
+from rock_serve.runtime._snapshot import copy_tree
 
 __all__ = ["FROZEN_DIR", "Freezer", "FrozenLayers", "copy_layer", "freezer_mount"]
 
@@ -141,19 +141,15 @@ class Freezer:
 
 
 def copy_layer(upper: str, dest: str, shift: int) -> None:
-    """Copy an upper dir to ``dest`` (made here) with owners shifted down by ``shift``.
-
-    ``cp -a`` keeps modes, times, xattrs (overlay's opaque markers) and whiteouts (0/0
-    character devices); ``--reflink=auto`` shares extents where the file system can.
+    """Copy an upper dir to ``dest`` (made here) with owners shifted down by ``shift``
+    (:func:`~rock_serve.runtime._snapshot.copy_tree`: what ``cp -a`` keeps).
     """
     tmp = f"{dest}.{secrets.token_hex(4)}.tmp"
-    done = subprocess.run(
-        ["cp", "-a", "--reflink=auto", "--", upper, tmp], capture_output=True, check=False
-    )
-    if done.returncode != 0:
+    try:
+        copy_tree(upper, tmp, "the sandbox's layer")
+    except RuntimeUnavailable:
         shutil.rmtree(tmp, ignore_errors=True)
-        err = done.stderr.decode(errors="replace").strip()
-        raise RuntimeUnavailable(f"cannot copy the sandbox's layer: {err}")
+        raise
     if shift:
 
         def down(path: str) -> None:

@@ -23,6 +23,7 @@ from rock_serve.errors import ArtifactCorrupt, RuntimeUnavailable
 __all__ = [
     "OVERLAY_OPAQUE",
     "SnapshotCorrupt",
+    "copy_tree",
     "pack_layer",
     "sha256_of",
     "squash_layers",
@@ -139,21 +140,30 @@ def _remove(path: str) -> None:
 
 
 def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
-    """Owner, mode, xattrs (overlay's opaque marker among them) and times of a directory."""
+    """Owner, mode and xattrs (overlay's opaque marker among them) of a directory; its times
+    are set after its children (``squash_layers``).
+    """
     os.lchown(dst, st.st_uid, st.st_gid)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
     for name in os.listxattr(src, follow_symlinks=False):
         os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False))
 
 
-def _copy(src: str, dst: str) -> None:
-    """``cp -a`` a layer, or one of its non-directories (a file, symlink, whiteout)."""
+def copy_tree(src: str, dst: str, what: str = "a layer") -> None:
+    """``cp -a`` a layer, or one of its non-directories (a file, symlink, whiteout).
+
+    ``cp -a`` keeps modes, times, xattrs (overlay's opaque markers) and whiteouts (0/0
+    character devices); ``--reflink=auto`` shares extents where the file system can.
+
+    Raises:
+        RuntimeUnavailable: ``cp`` failed (``what`` names the copy in the message).
+    """
     done = subprocess.run(
         ["cp", "-a", "--reflink=auto", "--", src, dst], capture_output=True, check=False
     )
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip()
-        raise RuntimeUnavailable(f"cannot copy a layer: {err}")
+        raise RuntimeUnavailable(f"cannot copy {what}: {err}")
 
 
 def _prune_whiteouts(layer: str, below: list[str] | tuple[str, ...]) -> None:
@@ -181,7 +191,7 @@ def squash_layers(layers: list[str], dest: str, below: list[str] | tuple[str, ..
     """
     tmp = f"{dest}.{secrets.token_hex(4)}.tmp"
     try:
-        _copy(layers[0], tmp)
+        copy_tree(layers[0], tmp)
         for layer in layers[1:]:
             times: list[tuple[str, os.stat_result]] = []
             for parent, dirs, files in os.walk(layer):
@@ -203,7 +213,7 @@ def squash_layers(layers: list[str], dest: str, below: list[str] | tuple[str, ..
                 for name in files:
                     src, dst = os.path.join(parent, name), os.path.join(into, name)
                     _remove(dst)
-                    _copy(src, dst)
+                    copy_tree(src, dst)
             for dst, st in reversed(times):  # children first: adding them moved the times
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         _prune_whiteouts(tmp, below)
